@@ -1,0 +1,177 @@
+"""Measure a model against the device's roofs: :func:`analyze`.
+
+One forward pass counts every layer and block and captures its real input; then the whole
+model, every block and every leaf layer are timed in isolation on those inputs with the
+project's timing discipline (:mod:`convgap.timing`), under the requested thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import platform
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import hardware, timing
+from ..count import Call, Trace, check_input, run_trace
+from ..errors import ConvgapError
+from ..progress import make_progress
+from .report import Report, Row, Run
+
+__all__ = ["analyze", "LAYOUTS", "DTYPES", "WHOLE_MODEL", "PER_CALL"]
+
+LAYOUTS = ("nchw", "channels_last")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+WHOLE_MODEL = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=30, min_time=0.25)
+PER_CALL = timing.TimingConfig(warmup=1, min_repeats=5, max_repeats=30, min_time=0.02)
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or its name ('float32', 'bf16', ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConvgapError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+
+
+def _memory_format(layout: str) -> torch.memory_format:
+    if layout == "nchw":
+        return torch.contiguous_format
+    if layout == "channels_last":
+        return torch.channels_last
+    raise ConvgapError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+
+
+def _time_call(call: Call, cfg: timing.TimingConfig, device: str) -> float:
+    args = call.inputs
+    return timing.measure(lambda: call.module(*args), cfg, device).median
+
+
+def _rows(tr: Trace, layer_s: list[float], block_s: list[float], roofs: hardware.Roofs
+          ) -> tuple[list[Row], list[Row]]:
+    c = tr.counts
+    layers_total = sum(layer_s) or 1.0
+    layers = []
+    for lc, t in zip(c.layers, layer_s):
+        layers.append(Row(
+            name=lc.name, kind="layer", type=lc.type, input_shape=lc.input_shape,
+            output_shape=lc.output_shape, macs=lc.macs, params=lc.params, bytes=lc.min_bytes,
+            measured_s=t, ideal_s=roofs.ideal_latency(lc.flops),
+            roofline_s=roofs.roofline_latency(lc.flops, lc.min_bytes),
+            bound=roofs.bound(lc.flops, lc.min_bytes), share=t / layers_total, block=lc.block))
+    by_name = {r.name: r for r in layers}
+    blocks = []
+    for bc, t in zip(c.blocks, block_s):
+        inner = [by_name[n] for n in bc.layers]
+        blocks.append(Row(
+            name=bc.name, kind="block", type=bc.type, input_shape=bc.input_shape,
+            output_shape=bc.output_shape, macs=bc.macs, params=bc.params, bytes=bc.fused_bytes,
+            measured_s=t, ideal_s=roofs.ideal_latency(bc.flops),
+            roofline_s=roofs.roofline_latency(bc.flops, bc.fused_bytes),
+            bound=roofs.bound(bc.flops, bc.fused_bytes), block_kind=bc.kind,
+            layerwise_bytes=bc.layerwise_bytes,
+            layerwise_roofline_s=sum(r.roofline_s for r in inner),
+            layers_measured_s=sum(r.measured_s for r in inner)))
+    return layers, blocks
+
+
+def analyze(
+    model: nn.Module | str,
+    input_shape: Sequence[int] = (1, 3, 224, 224),
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    layout: str = "nchw",
+    *,
+    threads: int | None = None,
+    name: str | None = None,
+    per_layer: bool = True,
+    timing_config: timing.TimingConfig | None = None,
+    roofs: hardware.Roofs | None = None,
+    quiet: bool = False,
+    progress=None,
+) -> Report:
+    """Analyse ``model`` (an ``nn.Module`` or a zoo name) on one input shape.
+
+    Counts MACs and bytes per layer and block, measures the device's roofs (cached), times the
+    whole model, every block and every leaf layer in isolation on its real input, and returns
+    a :class:`Report` with one run. ``layout`` is 'nchw' or 'channels_last'; ``threads`` sets
+    ``torch.set_num_threads`` for the measurement (default: as is). ``per_layer=False``
+    skips timing layers and blocks (counts and whole-model latency only). The model is
+    copied, put in eval mode and moved to ``device``/``dtype``/``layout``; the caller's model
+    is not changed. Latencies are in seconds.
+    """
+    if isinstance(model, str):
+        from .. import models
+        name = name or model
+        model = models.load(model)
+    if not isinstance(model, nn.Module):
+        raise ConvgapError(f"model must be an nn.Module or a zoo name, got {type(model).__name__}")
+    dev = hardware.check_device(device)
+    dt = parse_dtype(dtype)
+    fmt = _memory_format(layout)
+    shape = check_input(model, input_shape)
+    if layout == "channels_last" and len(shape) != 4:
+        raise ConvgapError(f"layout 'channels_last' needs a 4-D input, got shape {shape}")
+    name = name or type(model).__name__
+    cfg_model = timing_config or WHOLE_MODEL
+    cfg_call = timing_config or PER_CALL
+
+    with timing.threads(threads if dev.type == "cpu" else None) as n_threads:
+        roof = roofs or hardware.roofs(dev, dt)
+        net = copy.deepcopy(model).eval().to(device=dev, dtype=dt, memory_format=fmt)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen).to(device=dev, dtype=dt)
+        x = x.contiguous(memory_format=fmt)
+        tr = run_trace(net, x, capture=per_layer)
+        calls = (tr.layer_calls + tr.block_calls) if per_layer else []
+        own = progress is None
+        prog = make_progress(quiet) if own else progress
+        if own:
+            prog.start()
+        try:
+            task = prog.add_task(f"{name} {tuple(shape)} {layout}", total=1 + len(calls))
+            whole = timing.measure(lambda: net(x), cfg_model, dev).median
+            prog.advance(task)
+            times = []
+            for call in calls:
+                times.append(_time_call(call, cfg_call, str(dev)))
+                prog.advance(task)
+        finally:
+            if own:
+                prog.stop()
+        layer_s = times[:len(tr.layer_calls)] if per_layer else [0.0] * len(tr.counts.layers)
+        block_s = times[len(tr.layer_calls):] if per_layer else [0.0] * len(tr.counts.blocks)
+        layers, blocks = _rows(tr, layer_s, block_s, roof)
+        for b in blocks:
+            b.share = b.measured_s / whole if whole else 0.0
+        c = tr.counts
+        total = Row(
+            name=name, kind="model", type=type(model).__name__, input_shape=c.input_shape,
+            output_shape=tr.counts.layers[-1].output_shape if c.layers else None,
+            macs=c.macs, params=c.params, bytes=c.min_bytes, measured_s=whole,
+            ideal_s=roof.ideal_latency(c.flops), roofline_s=roof.roofline_latency(c.flops,
+                                                                                 c.min_bytes),
+            bound=roof.bound(c.flops, c.min_bytes), share=1.0,
+            layerwise_bytes=c.layerwise_bytes,
+            layerwise_roofline_s=sum(r.roofline_s for r in layers),
+            layers_measured_s=sum(layer_s))
+        run = Run(model=name, batch=shape[0], input_shape=shape, layout=layout,
+                  dtype=str(dt).removeprefix("torch."), device=str(dev),
+                  device_name=roof.device_name, threads=n_threads, peak_flops=roof.peak_flops,
+                  bandwidth=roof.bandwidth, total=total, layers=layers, blocks=blocks,
+                  unattributed_macs=c.unattributed_macs)
+    return Report([run], meta=report_meta())
+
+
+def report_meta() -> dict:
+    """Versions and machine facts stamped on every report."""
+    from .. import __version__
+    return {"convgap": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,78 @@
+"""Terminal rendering of a :class:`~convgap.analysis.report.Report` with rich tables."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from .report import Report, Row, Run
+
+__all__ = ["tables", "summary_table", "layers_table", "blocks_table"]
+
+
+def _ms(s: float) -> str:
+    return f"{1e3 * s:.3g}"
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:.1f}%"
+
+
+def summary_table(report: Report) -> Table:
+    """One row per run: GMACs, measured / ideal / roofline ms, efficiency, layer-sum ratio."""
+    devices = sorted({f"{r.device_name}, {r.threads} threads, {r.dtype}" for r in report.runs})
+    t = Table(title=f"convgap analyze ({'; '.join(devices)})", title_justify="left")
+    for col in ("model", "batch", "layout", "GMACs", "params M", "measured ms", "ideal ms",
+                "roofline ms", "efficiency", "bound", "layers/model"):
+        t.add_column(col, justify="left" if col in ("model", "layout", "bound") else "right")
+    for r in report.runs:
+        m = r.total
+        t.add_row(r.model, str(r.batch), r.layout,
+                  f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s),
+                  _ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
+                  f"{r.layers_ratio:.2f}x" if r.layers else "-")
+    return t
+
+
+def _row_cells(row: Row) -> list[str]:
+    return [row.name, row.type, f"{row.macs / 1e6:.3g}", f"{row.intensity:.3g}",
+            _ms(row.measured_s), _ms(row.roofline_s), _pct(row.efficiency),
+            _pct(row.roofline_efficiency), row.bound, _pct(row.share)]
+
+
+def layers_table(run: Run, top: int = 10) -> Table:
+    """The ``top`` layers of ``run`` by share of the summed isolated layer time."""
+    t = Table(title=f"{run.label}: top {top} layers by time "
+                    f"({run.device_name}, {run.threads} threads, {run.dtype})",
+              title_justify="left")
+    for col in ("layer", "type", "MMACs", "FLOP/B", "measured ms", "roofline ms",
+                "efficiency", "of roofline", "bound", "share"):
+        t.add_column(col, justify="left" if col in ("layer", "type", "bound") else "right")
+    for row in sorted(run.layers, key=lambda r: -r.measured_s)[:top]:
+        t.add_row(*_row_cells(row))
+    return t
+
+
+def blocks_table(run: Run) -> Table:
+    """Waterline of every block: measured vs layer-wise roofline vs fused roofline vs ideal."""
+    t = Table(title=f"{run.label}: blocks (waterline)", title_justify="left")
+    for col in ("block", "kind", "MMACs", "measured ms", "layer-wise roofline ms",
+                "fused roofline ms", "ideal ms", "efficiency", "fusion could win ms"):
+        t.add_column(col, justify="left" if col in ("block", "kind") else "right")
+    for b in run.blocks:
+        lw = b.layerwise_roofline_s or 0.0
+        t.add_row(b.name, b.block_kind or "", f"{b.macs / 1e6:.3g}", _ms(b.measured_s),
+                  _ms(lw), _ms(b.roofline_s), _ms(b.ideal_s), _pct(b.efficiency),
+                  _ms(max(0.0, lw - b.roofline_s)))
+    return t
+
+
+def tables(report: Report, top: int = 10, blocks: bool = False) -> Group:
+    """The summary; then per run its top layers (and, with ``blocks``, its block table)."""
+    parts = [summary_table(report)]
+    for run in report.runs:
+        if run.layers:
+            parts.append(layers_table(run, top))
+        if blocks and run.blocks:
+            parts.append(blocks_table(run))
+    return Group(*parts)

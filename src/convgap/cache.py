@@ -1,0 +1,70 @@
+"""The convgap cache directory and atomic JSON files in it.
+
+Location: ``$CONVGAP_CACHE`` if set, else ``$XDG_CACHE_HOME/convgap``, else
+``~/.cache/convgap``. Files are written atomically (temporary file + rename), so a crash
+never leaves half a file; a file that cannot be parsed is reported by :class:`CacheWarning`
+and treated as empty, so the caller re-measures and overwrites it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CacheWarning", "cache_dir", "read_json", "write_json"]
+
+
+class CacheWarning(UserWarning):
+    """A cache file was unreadable and is being rebuilt."""
+
+
+def cache_dir() -> Path:
+    """The convgap cache directory (created on first write, not here)."""
+    if os.environ.get("CONVGAP_CACHE"):
+        return Path(os.environ["CONVGAP_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "convgap"
+    return Path.home() / ".cache" / "convgap"
+
+
+def read_json(name: str) -> dict[str, Any]:
+    """Contents of cache file ``name`` as a dict; ``{}`` if it is missing. A corrupt file
+    (not JSON, or not a JSON object) gives a :class:`CacheWarning` naming it and ``{}``."""
+    path = cache_dir() / name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        warnings.warn(f"cannot read cache file {path} ({exc}); rebuilding it", CacheWarning, 2)
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        warnings.warn(f"cache file {path} is corrupt ({exc}); rebuilding it", CacheWarning, 2)
+        return {}
+    if not isinstance(data, dict):
+        warnings.warn(f"cache file {path} is corrupt (not a JSON object); rebuilding it",
+                      CacheWarning, 2)
+        return {}
+    return data
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    """Write ``data`` to cache file ``name`` atomically; return its path."""
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,166 @@
+"""The ``convgap`` command line.
+
+``convgap analyze MODEL [MODEL ...]``: the efficiency-gap report (terminal table, JSON, HTML).
+``convgap roofs``: measured peak FLOP/s and bandwidth of this device (cached).
+``convgap models``: the names in the model zoo.
+
+Every user error prints one line ``convgap: error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import hardware, models
+from .analysis import Report, analyze
+from .analysis.analyze import DTYPES, LAYOUTS, parse_dtype
+from .analysis.render import tables
+from .errors import ConvgapError
+from .progress import make_progress
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]' (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="data type of weights and activations (default: float32)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (default: torch's current setting)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convgap",
+        description="Show where a CNN's latency departs from what its arithmetic costs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    a = sub.add_parser("analyze", help="efficiency-gap report per layer, block and model",
+                       description="Count, time and compare every layer, block and model "
+                                   "against the measured roofs of the device.")
+    a.add_argument("models", nargs="+", metavar="MODEL",
+                   help="zoo name (see `convgap models`) or package.module:factory")
+    a.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch sizes")
+    a.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
+    a.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
+    a.add_argument("--layout", nargs="+", default=["nchw"], choices=LAYOUTS,
+                   help="memory layouts to measure (default: nchw)")
+    a.add_argument("--num-classes", type=_positive, default=1000,
+                   help="classes of zoo models (1000)")
+    a.add_argument("--weights", type=Path, default=None,
+                   help="state_dict file for the (single) model, loaded with weights_only")
+    a.add_argument("--out", type=Path, default=None,
+                   help="directory for index.html, PNG plots and report.json")
+    a.add_argument("--json", type=Path, default=None, help="also write the report JSON here")
+    a.add_argument("--top", type=_positive, default=10, help="layers shown per run (10)")
+    a.add_argument("--blocks", action="store_true", help="also print the block table")
+    a.add_argument("--no-per-layer", action="store_true",
+                   help="time only whole models (faster; no layer or block latencies)")
+    _common(a)
+
+    r = sub.add_parser("roofs", help="measured peak FLOP/s and memory bandwidth",
+                       description="Measure (or read from the cache) the roofs of a device.")
+    r.add_argument("--refresh", action="store_true", help="re-measure even if cached")
+    _common(r)
+
+    sub.add_parser("models", help="list the model zoo")
+    return parser
+
+
+def _cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    if args.weights is not None and len(args.models) != 1:
+        raise ConvgapError("--weights applies to one model; analyze one model at a time")
+    dtype = parse_dtype(args.dtype)
+    hardware.check_device(args.device)
+    nets = []
+    for spec in args.models:  # load everything first: bad names fail before any timing
+        net = models.load(spec, num_classes=args.num_classes)
+        if args.weights is not None:
+            models.load_weights(net, args.weights)
+        nets.append((spec.split(":")[-1], net))
+    reports = []
+    progress = make_progress(args.quiet)
+    with progress:
+        for name, net in nets:
+            for batch in args.batch:
+                for layout in args.layout:
+                    shape = (batch, args.channels, args.image_size, args.image_size)
+                    reports.append(analyze(
+                        net, shape, device=args.device, dtype=dtype, layout=layout,
+                        threads=args.threads, name=name, per_layer=not args.no_per_layer,
+                        progress=progress))
+    report = Report.combine(reports)
+    console.print(tables(report, top=args.top, blocks=args.blocks))
+    if args.json is not None:
+        console.print(f"JSON: {report.to_json(args.json)}")
+    if args.out is not None:
+        console.print(f"report: {report.save_html(args.out)}")
+    return 0
+
+
+def _cmd_roofs(args: argparse.Namespace, console: Console) -> int:
+    dtype = parse_dtype(args.dtype)
+    with make_progress(args.quiet) as progress:
+        task = progress.add_task("measuring roofs" if args.refresh else "roofs", total=None)
+        roof = hardware.roofs(args.device, dtype, threads=args.threads, refresh=args.refresh)
+        progress.update(task, total=1, completed=1)
+    t = Table(title=f"roofs of {roof.device_name} ({roof.device}, {roof.threads} threads, "
+                    f"{roof.dtype}, torch {roof.torch_version})", title_justify="left")
+    t.add_column("roof")
+    t.add_column("value", justify="right")
+    t.add_row("peak GEMM", f"{roof.peak_flops / 1e9:.1f} GFLOP/s")
+    t.add_row("stream bandwidth", f"{roof.bandwidth / 1e9:.1f} GB/s")
+    t.add_row("ridge point", f"{roof.ridge:.1f} FLOP/byte")
+    t.add_row("measured at", roof.measured_at)
+    console.print(t)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace, console: Console) -> int:
+    for name in models.names():
+        console.print(name)
+    return 0
+
+
+COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``convgap`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if os.getcwd() not in sys.path:  # let `package.module:factory` find the user's code
+        sys.path.insert(0, os.getcwd())
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    warnings.simplefilter("default")
+    try:
+        return COMMANDS[args.command](args, console)
+    except ConvgapError as exc:
+        print(f"convgap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convgap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

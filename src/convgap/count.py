@@ -1,0 +1,397 @@
+"""Per-layer and per-block arithmetic and memory traffic of a network.
+
+:func:`count` runs one forward pass with hooks on every leaf module and every block
+(a module whose class has a ``block_kind`` attribute, or a well-known residual block class of
+torchvision/timm) and returns a :class:`Counts`: a :class:`LayerCount` per leaf-module
+*call*, a :class:`BlockCount` per block call, and model totals.
+
+Units: MACs are multiply-accumulates (FLOPs = 2 x MACs); bytes are bytes. MACs of
+convolutions (any groups, transposed too) and linear layers come from closed formulas;
+leaf types without a formula take torch's ``FlopCounterMode`` count, and work done by
+functional code outside leaf modules (a ``torch.matmul`` in a custom forward) is reported as
+``unattributed_macs`` so totals always equal what torch counts.
+
+Minimum bytes of a layer = its weights (parameters and floating buffers) + its tensor inputs +
+its tensor outputs, each moved once. A block's *fused* bytes = block input + all its weights +
+block output; its *layer-wise* bytes = the sum of its layers' minimum bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import ConvgapError
+
+__all__ = ["LayerCount", "BlockCount", "Counts", "count", "trace", "Trace", "block_kind",
+           "check_input"]
+
+# Residual-block classes of common third-party zoos, recognised without a ``block_kind``.
+KNOWN_BLOCKS = {
+    "BasicBlock": "basic", "Bottleneck": "bottleneck", "InvertedResidual": "inverted_residual",
+    "MBConv": "mbconv", "FusedMBConv": "fused_mbconv", "CNBlock": "convnext",
+    "ConvNeXtBlock": "convnext", "DepthwiseSeparableConv": "depthwise_separable",
+}
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Leaf types whose MACs are zero under torch's counter (elementwise, norm, pool, reshape).
+_ZERO_MAC = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+             nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+             nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Identity,
+             nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Unflatten,
+             nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+             nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+             nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+             nn.ReplicationPad2d, nn.ChannelShuffle, nn.PixelShuffle)
+
+
+def block_kind(module: nn.Module) -> str | None:
+    """The block kind of ``module`` ('bottleneck', 'inverted_residual', ...) or None."""
+    kind = getattr(type(module), "block_kind", None)
+    if isinstance(kind, str):
+        return kind
+    return KNOWN_BLOCKS.get(type(module).__name__)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _nbytes(ts: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _shape(obj: Any) -> tuple[int, ...] | list:
+    ts = _tensors(obj)
+    if len(ts) == 1:
+        return tuple(ts[0].shape)
+    return [tuple(t.shape) for t in ts]
+
+
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    own = list(module.parameters(recurse=True))
+    own += [b for b in module.buffers(recurse=True) if b.is_floating_point()]
+    return own
+
+
+def formula_macs(module: nn.Module, inputs: Sequence[Any], output: Any) -> int | None:
+    """MACs of one call of a leaf module by closed formula; None if its type has none."""
+    if isinstance(module, _CONVS):
+        out = _tensors(output)[0]
+        k = math.prod(module.kernel_size)
+        return out.numel() * (module.in_channels // module.groups) * k
+    if isinstance(module, _TCONVS):
+        x = _tensors(inputs)[0]
+        k = math.prod(module.kernel_size)
+        return x.numel() * (module.out_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        x = _tensors(inputs)[0]
+        return x.numel() * module.out_features
+    if isinstance(module, nn.Bilinear):
+        x = _tensors(inputs)[0]
+        rows = x.numel() // module.in1_features
+        return rows * module.in1_features * module.in2_features * module.out_features
+    if isinstance(module, _ZERO_MAC):
+        return 0
+    return None
+
+
+@dataclass
+class LayerCount:
+    """One call of a leaf module. MACs; bytes; ``params`` counts each parameter once per
+    model (0 on a module's repeated calls), ``weight_bytes`` what this call reads."""
+
+    name: str
+    type: str
+    input_shape: Any
+    output_shape: Any
+    macs: int
+    params: int
+    weight_bytes: int
+    act_in_bytes: int
+    act_out_bytes: int
+    block: str | None = None
+    macs_source: str = "formula"
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def min_bytes(self) -> int:
+        """Weights + inputs + outputs, each moved once (bytes)."""
+        return self.weight_bytes + self.act_in_bytes + self.act_out_bytes
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOP per byte of minimum traffic."""
+        return self.flops / self.min_bytes if self.min_bytes else 0.0
+
+
+@dataclass
+class BlockCount:
+    """One call of a block; ``layers`` are the names of the layer calls inside it."""
+
+    name: str
+    kind: str
+    type: str
+    input_shape: Any
+    output_shape: Any
+    macs: int
+    params: int
+    weight_bytes: int
+    act_in_bytes: int
+    act_out_bytes: int
+    layerwise_bytes: int
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def fused_bytes(self) -> int:
+        """Traffic of the block run as one kernel: input + weights + output (bytes)."""
+        return self.weight_bytes + self.act_in_bytes + self.act_out_bytes
+
+    min_bytes = fused_bytes
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.fused_bytes if self.fused_bytes else 0.0
+
+
+@dataclass
+class Counts:
+    """Counts of a whole model for one input shape. ``macs`` is torch's total (layers +
+    unattributed functional work); ``min_bytes`` is model input + all weights + output."""
+
+    input_shape: tuple[int, ...]
+    dtype: str
+    layers: list[LayerCount]
+    blocks: list[BlockCount]
+    macs: int
+    params: int
+    weight_bytes: int
+    act_in_bytes: int
+    act_out_bytes: int
+    unattributed_macs: int = 0
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def min_bytes(self) -> int:
+        return self.weight_bytes + self.act_in_bytes + self.act_out_bytes
+
+    @property
+    def layerwise_bytes(self) -> int:
+        """Sum of every layer's minimum bytes (traffic when each layer is its own kernel)."""
+        return sum(r.min_bytes for r in self.layers)
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.min_bytes if self.min_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("layers", "blocks")}
+        d.update(flops=self.flops, min_bytes=self.min_bytes, layerwise_bytes=self.layerwise_bytes,
+                 intensity=self.intensity)
+        d["layers"] = [dict(asdict(r), flops=r.flops, min_bytes=r.min_bytes,
+                            intensity=r.intensity) for r in self.layers]
+        d["blocks"] = [dict(asdict(b), flops=b.flops, fused_bytes=b.fused_bytes,
+                            intensity=b.intensity) for b in self.blocks]
+        return d
+
+
+@dataclass
+class Call:
+    """One module call seen by :func:`trace`: the module, its row name and (if captured) a
+    detached copy of its inputs, for re-running it in isolation."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple | None
+
+
+@dataclass
+class Trace:
+    counts: Counts
+    layer_calls: list[Call]
+    block_calls: list[Call]
+    output: Any
+
+
+def check_input(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Validate ``input_shape`` against the model's first convolution: rank and channels.
+    Returns it as a tuple; raises :class:`ConvgapError` naming the fix."""
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError) as exc:
+        raise ConvgapError(f"input shape must be a sequence of ints, got {input_shape!r}") from exc
+    if any(s < 1 for s in shape):
+        raise ConvgapError(f"input shape {shape} has a non-positive size")
+    first = next((m for m in model.modules() if isinstance(m, _CONVS + _TCONVS)), None)
+    if first is not None:
+        rank = first.weight.dim()  # (N, C, *spatial) has as many dims as the kernel
+        if len(shape) != rank:
+            raise ConvgapError(
+                f"input shape {shape} has rank {len(shape)}, but the model's first layer "
+                f"({type(first).__name__}) takes rank {rank} (N, C, *spatial): e.g. "
+                f"{(1, first.in_channels) + (224,) * (rank - 2)}")
+        if len(shape) >= 2 and shape[1] != first.in_channels:
+            raise ConvgapError(
+                f"input shape {shape} has {shape[1]} channels, but the model's first "
+                f"{type(first).__name__} expects {first.in_channels}: use "
+                f"({shape[0]}, {first.in_channels}, {', '.join(map(str, shape[2:]))})")
+    return shape
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone(memory_format=torch.preserve_format)
+    if isinstance(obj, tuple):
+        return tuple(_clone(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
+    """Run ``model(x)`` once with hooks and FlopCounterMode; count every leaf and block call.
+    With ``capture``, keep a copy of each call's inputs (for timing it in isolation)."""
+    names: dict[nn.Module, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(m, n)  # a shared module keeps its first name
+    leaves = {m for m in names if next(m.children(), None) is None}
+    blocks = {m for m in names if block_kind(m) is not None and m not in leaves}
+    seen_params: set[int] = set()
+    call_no: dict[str, int] = {}
+    layers: list[LayerCount] = []
+    block_rows: list[BlockCount] = []
+    layer_calls: list[Call] = []
+    block_calls: list[Call] = []
+    stack: list[tuple[BlockCount, int]] = []  # open blocks and their first layer index
+    pending: dict[int, list] = {}  # id(module) -> stack of captured inputs
+
+    def row_name(m: nn.Module) -> str:
+        base = names[m] or type(m).__name__
+        call_no[base] = call_no.get(base, 0) + 1
+        return base if call_no[base] == 1 else f"{base}#{call_no[base]}"
+
+    def new_params(m: nn.Module) -> int:
+        total = 0
+        for p in m.parameters():
+            if id(p) not in seen_params:
+                seen_params.add(id(p))
+                total += p.numel()
+        return total
+
+    def pre(m: nn.Module, args: tuple) -> None:
+        # inputs are copied before the call: in-place layers would change them
+        pending.setdefault(id(m), []).append((_clone(args) if capture else None,
+                                              _nbytes(_tensors(args)), _shape(args)))
+        if m in blocks:
+            row = BlockCount(name=row_name(m), kind=block_kind(m), type=type(m).__name__,
+                             input_shape=_shape(args), output_shape=None, macs=0, params=0,
+                             weight_bytes=_nbytes(_weights(m)),
+                             act_in_bytes=_nbytes(_tensors(args)), act_out_bytes=0,
+                             layerwise_bytes=0)
+            stack.append((row, len(layers)))
+
+    def post(m: nn.Module, args: tuple, out: Any) -> None:
+        saved, in_bytes, in_shape = pending[id(m)].pop()
+        if m in leaves:
+            macs = formula_macs(m, args, out)
+            name = row_name(m)
+            layers.append(LayerCount(
+                name=name, type=type(m).__name__, input_shape=in_shape,
+                output_shape=_shape(out), macs=macs or 0, params=new_params(m),
+                weight_bytes=_nbytes(_weights(m)), act_in_bytes=in_bytes,
+                act_out_bytes=_nbytes(_tensors(out)),
+                block=stack[-1][0].name if stack else None,
+                macs_source="formula" if macs is not None else "flop_counter"))
+            layer_calls.append(Call(name, m, saved))
+        if m in blocks:
+            row, first = stack.pop()
+            inner = layers[first:]
+            row.output_shape = _shape(out)
+            row.act_out_bytes = _nbytes(_tensors(out))
+            row.macs = sum(r.macs for r in inner)
+            row.params = sum(p.numel() for p in m.parameters())
+            row.layerwise_bytes = sum(r.min_bytes for r in inner)
+            row.layers = [r.name for r in inner]
+            block_rows.append(row)
+            block_calls.append(Call(row.name, m, saved))
+
+    handles = []
+    for m in names:
+        if m in leaves or m in blocks:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+    # Leaf types without a formula: torch's per-module count, split evenly over calls.
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    unknown = [r for r in layers if r.macs_source == "flop_counter"]
+    for r in unknown:
+        base = r.name.split("#")[0]
+        flops = sum(per_module.get(f"{root}.{base}", {}).values())
+        r.macs = flops // 2 // call_no.get(base, 1)
+    for b in block_rows:
+        b.macs = sum(r.macs for r in layers if r.name in set(b.layers))
+    total_macs = counter.get_total_flops() // 2
+    counts = Counts(
+        input_shape=tuple(x.shape), dtype=str(x.dtype).removeprefix("torch."),
+        layers=layers, blocks=block_rows, macs=total_macs,
+        params=sum(p.numel() for p in model.parameters()),
+        weight_bytes=_nbytes(_weights(model)), act_in_bytes=_nbytes([x]),
+        act_out_bytes=_nbytes(_tensors(out)),
+        unattributed_macs=total_macs - sum(r.macs for r in layers))
+    return Trace(counts, layer_calls, block_calls, out)
+
+
+def count(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "cpu") -> Counts:
+    """Count MACs, parameters and bytes of every layer and block of ``model`` for an input of
+    ``input_shape`` (N, C, H, W) and ``dtype``. The model is run once, in its current mode,
+    on random data; see :class:`Counts` for the fields and their units."""
+    shape = check_input(model, input_shape)
+    x = torch.randn(shape, device=device).to(dtype)
+    return run_trace(model, x).counts
+
+
+def run_trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
+    """:func:`trace`, turning a failing forward pass into a :class:`ConvgapError`."""
+    try:
+        return trace(model, x, capture=capture)
+    except ConvgapError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvgapError(
+            f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {first}. "
+            "Check the input shape (--image-size / input_shape) and dtype.") from exc

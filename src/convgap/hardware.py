@@ -1,0 +1,162 @@
+"""Roofs of a device: measured peak arithmetic throughput and memory bandwidth.
+
+``peak_flops`` (FLOP/s) is the best rate of large square GEMMs in the given dtype;
+``bandwidth`` (bytes/s) is the best of three large streaming kernels: a read-only sum,
+a copy (read + write) and an add (two reads + one write). Both are measured under the current (or given) thread count and
+cached per (device name, threads, dtype, torch version) in ``roofs.json`` in the convgap cache
+directory (see :mod:`convgap.cache`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import cache, timing
+from .errors import ConvgapError
+
+__all__ = ["Roofs", "roofs", "measure_roofs", "device_name", "check_device"]
+
+CACHE_FILE = "roofs.json"
+
+
+@dataclass(frozen=True)
+class Roofs:
+    """Measured roofs of one (device, threads, dtype).
+
+    peak_flops: FLOP/s of the best large GEMM. bandwidth: bytes/s of the best streaming
+    kernel. ``ridge`` (FLOP/byte) is the arithmetic intensity where the two roofs meet.
+    """
+
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    torch_version: str
+    peak_flops: float
+    bandwidth: float
+    measured_at: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity (FLOP/byte) at which compute and memory roofs meet."""
+        return self.peak_flops / self.bandwidth
+
+    def ideal_latency(self, flops: float) -> float:
+        """FLOPs / peak FLOP/s, in seconds (Lavin's ideal latency)."""
+        return flops / self.peak_flops
+
+    def roofline_latency(self, flops: float, nbytes: float) -> float:
+        """max(FLOPs / peak, bytes / bandwidth), in seconds."""
+        return max(flops / self.peak_flops, nbytes / self.bandwidth)
+
+    def bound(self, flops: float, nbytes: float) -> str:
+        """'compute' if the compute roof is the higher latency, else 'memory'."""
+        return "compute" if flops / self.peak_flops >= nbytes / self.bandwidth else "memory"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and check it exists here; :class:`ConvgapError` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConvgapError(f"unknown device {device!r}: use 'cpu' or 'cuda[:N]'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConvgapError(
+                f"device {device!r} requested but no CUDA GPU is available here "
+                "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConvgapError(f"device {device!r} does not exist: "
+                               f"{torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ConvgapError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def device_name(device: str | torch.device) -> str:
+    """Human-readable name of the device: the CPU model or the GPU name."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _key(dev: torch.device, dtype: torch.dtype, threads: int) -> str:
+    return f"{device_name(dev)}|{dev.type}|threads={threads}|{_dtype_name(dtype)}|torch={torch.__version__}"
+
+
+def _gemm_sizes(dev: torch.device) -> tuple[int, ...]:
+    return (4096, 8192) if dev.type == "cuda" else (1024, 2048, 3072)
+
+
+def measure_roofs(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  config: timing.TimingConfig | None = None,
+                  gemm_sizes: tuple[int, ...] | None = None,
+                  stream_mib: int | None = None) -> Roofs:
+    """Measure peak GEMM FLOP/s and streaming bandwidth now, under the current thread count
+    (no cache). ``gemm_sizes``: square GEMM sizes tried (best one wins); ``stream_mib``: size
+    of each streaming buffer in MiB. Defaults are large enough to leave the caches; this
+    takes a few seconds on CPU."""
+    dev = check_device(device)
+    cfg = config or timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
+    gemm: dict[str, float] = {}
+    for n in gemm_sizes or _gemm_sizes(dev):
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        c = torch.empty(n, n, device=dev, dtype=dtype)
+        t = timing.measure(lambda: torch.mm(a, b, out=c), cfg, dev)
+        gemm[str(n)] = 2 * n**3 / t.median
+        del a, b, c
+    numel = (stream_mib or (256 if dev.type == "cpu" else 1024)) * 2**20 // 4  # fp32 elements
+    x = torch.ones(numel, device=dev)
+    y = torch.ones(numel, device=dev)
+    z = torch.empty(numel, device=dev)
+    nbytes = numel * x.element_size()
+    stream = {
+        "read": nbytes / timing.measure(lambda: x.sum(), cfg, dev).median,
+        "copy": 2 * nbytes / timing.measure(lambda: z.copy_(x), cfg, dev).median,
+        "add": 3 * nbytes / timing.measure(lambda: torch.add(x, y, out=z), cfg, dev).median,
+    }
+    del x, y, z
+    return Roofs(
+        device=dev.type, device_name=device_name(dev), dtype=_dtype_name(dtype),
+        threads=torch.get_num_threads(), torch_version=torch.__version__,
+        peak_flops=max(gemm.values()), bandwidth=max(stream.values()),
+        measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        details={"gemm_flops_by_n": gemm, "stream_bytes_per_s": stream})
+
+
+def roofs(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+          threads: int | None = None, refresh: bool = False) -> Roofs:
+    """Roofs of ``device`` for ``dtype`` under ``threads`` (default: the current count):
+    from the cache if present (unless ``refresh``), else measured and cached."""
+    dev = check_device(device)
+    with timing.threads(threads if dev.type == "cpu" else None) as n:
+        key = _key(dev, dtype, n)
+        entries = cache.read_json(CACHE_FILE)
+        if not refresh and key in entries:
+            try:
+                return Roofs(**entries[key])
+            except TypeError:
+                pass  # an entry from an incompatible version: re-measure below
+        result = measure_roofs(dev, dtype)
+        entries = cache.read_json(CACHE_FILE)  # re-read: another process may have written
+        entries[key] = asdict(result)
+        cache.write_json(CACHE_FILE, entries)
+        return result

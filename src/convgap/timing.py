@@ -1,0 +1,140 @@
+"""One timing discipline for the whole project.
+
+Every latency convgap reports comes from :func:`measure` (one callable) or :func:`compare`
+(several callables interleaved round by round, so slow drifts of a shared machine hit all of
+them alike). Both warm up first, synchronise CUDA around every sample, and report the median
+in seconds together with the thread count they ran under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["Timing", "TimingConfig", "measure", "compare", "threads", "synchronize"]
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How hard to measure.
+
+    warmup: untimed calls before sampling.
+    min_repeats / max_repeats: bounds on the number of timed samples.
+    min_time: keep sampling (up to max_repeats) until this many seconds were spent timing.
+    """
+
+    warmup: int = 2
+    min_repeats: int = 5
+    max_repeats: int = 50
+    min_time: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+            raise ValueError(f"invalid timing config {self}")
+
+
+QUICK = TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Result of timing one callable: all samples in seconds, and the threads used."""
+
+    samples: tuple[float, ...]
+    threads: int
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def median(self) -> float:
+        """Median latency in seconds."""
+        return statistics.median(self.samples)
+
+    @property
+    def median_ms(self) -> float:
+        """Median latency in milliseconds."""
+        return 1e3 * self.median
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def iqr(self) -> float:
+        """Inter-quartile range in seconds (0 with fewer than 4 samples)."""
+        if len(self.samples) < 4:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4)
+        return q[2] - q[0]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued work on ``device`` (a no-op on CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[int]:
+    """Run the body with ``torch.set_num_threads(n)`` (``None``: leave as is); yield the count."""
+    old = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _one(fn: Callable[[], object], device: str) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def measure(
+    fn: Callable[[], object],
+    config: TimingConfig = TimingConfig(),
+    device: str | torch.device = "cpu",
+) -> Timing:
+    """Time ``fn()``: ``config.warmup`` untimed calls, then samples until both
+    ``config.min_repeats`` and ``config.min_time`` are reached (at most ``max_repeats``).
+    Runs under ``torch.no_grad``; returns a :class:`Timing` in seconds."""
+    return compare([fn], config, device)[0]
+
+
+@torch.no_grad()
+def compare(
+    fns: Sequence[Callable[[], object]],
+    config: TimingConfig = TimingConfig(),
+    device: str | torch.device = "cpu",
+) -> list[Timing]:
+    """Time several callables interleaved: each round runs every callable once, in turn, so
+    they share the machine's drifts. Stops once every callable has ``min_repeats`` samples
+    adding up to at least ``min_time`` seconds, or after ``max_repeats`` rounds."""
+    dev = str(torch.device(device))
+    for _ in range(config.warmup):
+        for fn in fns:
+            fn()
+    synchronize(dev)
+    samples: list[list[float]] = [[] for _ in fns]
+    rounds = 0
+    while rounds < config.max_repeats:
+        for i, fn in enumerate(fns):
+            samples[i].append(_one(fn, dev))
+        rounds += 1
+        if rounds >= config.min_repeats and min(sum(s) for s in samples) >= config.min_time:
+            break
+    n = torch.get_num_threads()
+    return [Timing(tuple(s), n, dev) for s in samples]

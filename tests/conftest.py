@@ -1,0 +1,36 @@
+"""Shared fixtures: every test gets its own convgap cache dir; cheap roofs."""
+
+import pytest
+import torch
+
+from convgap import hardware
+from convgap.hardware import Roofs
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVGAP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def fixed_roofs():
+    """Roofs with round numbers (100 GFLOP/s, 20 GB/s) so expected latencies are exact."""
+    return Roofs(device="cpu", device_name="test-cpu", dtype="float32",
+                 threads=torch.get_num_threads(), torch_version=torch.__version__,
+                 peak_flops=100e9, bandwidth=20e9)
+
+
+@pytest.fixture
+def small_roofs(monkeypatch):
+    """Make roofs() measure small sizes (fast), and record each time it measures."""
+    calls = []
+    real = hardware.measure_roofs
+
+    def small(device, dtype, **kw):
+        calls.append((str(device), dtype))
+        return real(device, dtype, gemm_sizes=(128,), stream_mib=4,
+                    config=hardware.timing.QUICK)
+
+    monkeypatch.setattr(hardware, "measure_roofs", small)
+    return calls

@@ -1,0 +1,140 @@
+"""The command line: a real run writes its report; every bad input is one line and exit 2."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from convgap import models
+from convgap.cli import main
+
+TINY = textwrap.dedent("""
+    import torch.nn as nn
+
+    def factory():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def big_kernel():
+        return nn.Conv2d(3, 4, 5)
+
+    def not_a_model():
+        return 42
+""")
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "tinynet.py").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tinynet"
+    sys.modules.pop("tinynet", None)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_the_zoo(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and out.split() == models.names()
+
+
+def test_analyze_user_model_writes_html_and_json(capsys, user_module, small_roofs, tmp_path):
+    code, out, err = run(capsys, "analyze", f"{user_module}:factory", "--batch", "1", "2",
+                         "--image-size", "16", "--layout", "nchw", "channels_last",
+                         "--threads", "1", "--out", str(tmp_path / "rep"),
+                         "--json", str(tmp_path / "r.json"), "--quiet", "--blocks")
+    assert code == 0, err
+    assert "factory" in out and "report:" in out
+    html = (tmp_path / "rep" / "index.html").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert "gap.png" in pngs and len(pngs) >= 3
+    assert all(name in html for name in pngs)
+    import json
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [(r["batch"], r["layout"]) for r in runs] == [
+        (1, "nchw"), (1, "channels_last"), (2, "nchw"), (2, "channels_last")]
+    assert all(r["threads"] == 1 for r in runs)
+
+
+def test_weights_round_trip(capsys, user_module, small_roofs, tmp_path):
+    from tinynet import factory
+    path = tmp_path / "w.pt"
+    torch.save(factory().state_dict(), path)
+    code, _, err = run(capsys, "analyze", f"{user_module}:factory", "--weights", str(path),
+                       "--image-size", "16", "--quiet", "--no-per-layer")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["analyze", "resnet5"], "unknown model 'resnet5'.*resnet50"),
+    (["analyze", "resnet18", "--channels", "1"], "1 channels.*expects 3"),
+    (["analyze", "tinynet:big_kernel", "--image-size", "3"], "failed on an input"),
+    (["analyze", "tinynet:nope"], "nope"),
+    (["analyze", "tinynet:not_a_model"], "nn.Module"),
+    (["analyze", "no_such_pkg.mod:f"], "no_such_pkg"),
+    (["analyze", "resnet18", "resnet50", "--weights", "w.pt"], "one model"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, user_module, argv, match):
+    import re
+    code, out, err = run(capsys, *argv, "--quiet")
+    assert code == 2
+    assert err.startswith("convgap: error: ") and err.count("\n") == 1
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu(capsys):
+    code, _, err = run(capsys, "analyze", "resnet18", "--device", "cuda", "--quiet")
+    assert code == 2 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x00garbage\xff" * 10, "cannot read|not a valid|could not"),
+    (None, "not found|no such|does not exist"),
+])
+def test_unreadable_weights(capsys, user_module, tmp_path, content, match):
+    import re
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run(capsys, "analyze", f"{user_module}:factory", "--weights", str(path),
+                       "--quiet")
+    assert code == 2 and re.search(match, err, re.I), err
+
+
+def test_mismatched_weights_name_a_key(capsys, user_module, tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save(models.create("resnet18").state_dict(), path)
+    code, _, err = run(capsys, "analyze", f"{user_module}:factory", "--weights", str(path),
+                       "--quiet")
+    assert code == 2 and ("conv1.weight" in err or "0.weight" in err), err
+
+
+def test_console_script_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "convgap.cli", "analyze", "nonet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown model 'nonet'" in proc.stderr
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "resnet18", "--batch", "0"])
+    assert exc.value.code == 2
+
+
+def test_roofs_command_uses_cache(capsys, small_roofs):
+    code, out, _ = run(capsys, "roofs", "--threads", "1", "--quiet")
+    assert code == 0 and "GFLOP/s" in out and "GB/s" in out
+    run(capsys, "roofs", "--threads", "1", "--quiet")
+    assert len(small_roofs) == 1
+    run(capsys, "roofs", "--threads", "1", "--quiet", "--refresh")
+    assert len(small_roofs) == 2

@@ -1,0 +1,52 @@
+"""The timing discipline: sample counts, interleaving, thread setting, statistics."""
+
+import time
+
+import pytest
+import torch
+
+from convgap import timing
+
+
+def test_measure_takes_min_repeats_and_warms_up():
+    calls = []
+    cfg = timing.TimingConfig(warmup=3, min_repeats=4, max_repeats=10, min_time=0.0)
+    t = timing.measure(lambda: calls.append(1), cfg)
+    assert len(t.samples) == 4 and len(calls) == 7
+
+
+def test_measure_respects_min_time_and_max_repeats():
+    cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=50, min_time=0.03)
+    t = timing.measure(lambda: time.sleep(0.005), cfg)
+    assert 6 <= len(t.samples) <= 10
+    assert t.median == pytest.approx(0.005, rel=0.8)
+    cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=3, min_time=10.0)
+    assert len(timing.measure(lambda: None, cfg).samples) == 3
+
+
+def test_compare_interleaves():
+    order = []
+    cfg = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=3, min_time=0.0)
+    ta, tb = timing.compare([lambda: order.append("a"), lambda: order.append("b")], cfg)
+    assert order == ["a", "b"] * 4
+    assert len(ta.samples) == len(tb.samples) == 3
+
+
+def test_threads_context_sets_and_restores():
+    before = torch.get_num_threads()
+    with timing.threads(1) as n:
+        assert n == 1 == torch.get_num_threads()
+        t = timing.measure(lambda: None, timing.QUICK)
+        assert t.threads == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        with timing.threads(0):
+            pass
+
+
+def test_statistics():
+    t = timing.Timing(samples=(3.0, 1.0, 2.0, 10.0), threads=2)
+    assert t.median == 2.5 and t.min == 1.0 and t.median_ms == 2500.0
+    assert t.iqr > 0
+    with pytest.raises(ValueError):
+        timing.TimingConfig(min_repeats=5, max_repeats=2)
