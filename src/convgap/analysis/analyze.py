@@ -123,12 +123,12 @@ def analyze(
     cfg_call = timing_config or PER_CALL
 
     with timing.threads(threads if dev.type == "cpu" else None) as n_threads:
-        roof = roofs or hardware.roofs(dev, dt)
         net = copy.deepcopy(model).eval().to(device=dev, dtype=dt, memory_format=fmt)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen).to(device=dev, dtype=dt)
         x = x.contiguous(memory_format=fmt)
-        tr = run_trace(net, x, capture=per_layer)
+        tr = run_trace(net, x, capture=per_layer)  # fails fast, before measuring roofs
+        roof = roofs or hardware.roofs(dev, dt)
         calls = (tr.layer_calls + tr.block_calls) if per_layer else []
         own = progress is None
         prog = make_progress(quiet) if own else progress
