@@ -207,7 +207,9 @@ _GAP_TEXT = (
     "(ideal / measured) of 100 %, 50 %, 25 % and 10 % on the roof named in the title: a "
     "measured point on the 25 % diagonal uses a quarter of the device's peak. Points further "
     "up and to the left are less efficient; two models at the same height have the same "
-    "latency however different their MACs. Nothing can lie below the 100 % diagonal.")
+    "latency however different their MACs. The peak is a measured large GEMM, not a datasheet "
+    "number, so a model whose convolutions beat that GEMM (fused, compiled) can sit slightly "
+    "below the 100 % diagonal.")
 
 
 def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
@@ -236,6 +238,10 @@ def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
 <ul>{items}</ul>
 <h3>Per-layer efficiency</h3>
 <img src="{_e(layers_png)}" alt="{_e('per-layer efficiency of ' + run.label)}">
+<p class="note">Bars: computational efficiency (ideal / measured; 0 for layers without
+MACs). Marks: roofline efficiency (roofline / measured). A memory-bound layer above 100 %
+kept its data in cache: its working set is smaller than the last-level cache, so DRAM
+bandwidth, which the roofline assumes, was not its limit.</p>
 <h3>Waterline</h3>
 <img src="{_e(waterline_png)}" alt="{_e('waterline of ' + run.label)}">
 <p class="note">Per block: measured latency, the sum of its layers' roofline latencies
