@@ -1,6 +1,7 @@
 """Roofs of a device: measured peak arithmetic throughput and memory bandwidth.
 
-``peak_flops`` (FLOP/s) is the best rate of large square GEMMs in the given dtype;
+``peak_flops`` (FLOP/s) is the best rate of large square GEMMs in the given dtype, each run
+both by ``torch.mm`` and as a 1x1 convolution (whichever library path is faster);
 ``bandwidth`` (bytes/s) is the best of three large streaming kernels: a read-only sum,
 a copy (read + write) and an add (two reads + one write). Both are measured under the current (or given) thread count and
 cached per (device name, threads, dtype, torch version) in ``roofs.json`` in the convgap cache
@@ -21,6 +22,7 @@ from .errors import ConvgapError
 __all__ = ["Roofs", "roofs", "measure_roofs", "device_name", "check_device"]
 
 CACHE_FILE = "roofs.json"
+MAX_GEMM_CALL_S = 0.5  # largest predicted time of one roof GEMM call (seconds)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,20 @@ def _key(dev: torch.device, dtype: torch.dtype, threads: int) -> str:
 
 
 def _gemm_sizes(dev: torch.device) -> tuple[int, ...]:
-    return (4096, 8192) if dev.type == "cuda" else (1024, 2048, 3072)
+    return (1024, 4096, 8192) if dev.type == "cuda" else (512, 1024, 2048, 3072)
+
+
+def _gemm_paths(n: int, dev: torch.device, dtype: torch.dtype) -> dict:
+    """The same n x n x n GEMM through torch.mm and as a 1x1 convolution (oneDNN / cuDNN):
+    libraries take different paths per dtype, and the roof is the best the device does."""
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    c = torch.empty(n, n, device=dev, dtype=dtype)
+    h = max(1, n // 32)
+    x = torch.randn(1, n, h, n // h, device=dev).to(dtype)   # n channels, n pixels
+    w = torch.randn(n, n, 1, 1, device=dev).to(dtype)
+    conv = torch.nn.functional.conv2d
+    return {"mm": lambda: torch.mm(a, b, out=c), "conv1x1_": lambda: conv(x, w)}
 
 
 def measure_roofs(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -117,12 +132,12 @@ def measure_roofs(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     cfg = config or timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
     gemm: dict[str, float] = {}
     for n in gemm_sizes or _gemm_sizes(dev):
-        a = torch.randn(n, n, device=dev).to(dtype)
-        b = torch.randn(n, n, device=dev).to(dtype)
-        c = torch.empty(n, n, device=dev, dtype=dtype)
-        t = timing.measure(lambda: torch.mm(a, b, out=c), cfg, dev)
-        gemm[str(n)] = 2 * n**3 / t.median
-        del a, b, c
+        # a dtype without a fast GEMM here (bf16 on some CPUs runs at ~1 GFLOP/s) must not
+        # take minutes: skip sizes whose one call would exceed the budget at the best rate
+        if gemm and 2 * n**3 / max(gemm.values()) > MAX_GEMM_CALL_S:
+            break
+        for path, fn in _gemm_paths(n, dev, dtype).items():
+            gemm[f"{path}{n}"] = 2 * n**3 / timing.measure(fn, cfg, dev).median
     numel = (stream_mib or (256 if dev.type == "cpu" else 1024)) * 2**20 // 4  # fp32 elements
     x = torch.ones(numel, device=dev)
     y = torch.ones(numel, device=dev)
