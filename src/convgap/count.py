@@ -108,22 +108,14 @@ def formula_macs(module: nn.Module, inputs: Sequence[Any], output: Any) -> int |
     return None
 
 
-@dataclass
-class LayerCount:
-    """One call of a leaf module. MACs; bytes; ``params`` counts each parameter once per
-    model (0 on a module's repeated calls), ``weight_bytes`` what this call reads."""
+class _Traffic:
+    """FLOPs, minimum bytes and intensity from ``macs``, ``weight_bytes``,
+    ``act_in_bytes`` and ``act_out_bytes`` (shared by layer, block and model counts)."""
 
-    name: str
-    type: str
-    input_shape: Any
-    output_shape: Any
     macs: int
-    params: int
     weight_bytes: int
     act_in_bytes: int
     act_out_bytes: int
-    block: str | None = None
-    macs_source: str = "formula"
 
     @property
     def flops(self) -> int:
@@ -141,7 +133,25 @@ class LayerCount:
 
 
 @dataclass
-class BlockCount:
+class LayerCount(_Traffic):
+    """One call of a leaf module. MACs; bytes; ``params`` counts each parameter once per
+    model (0 on a module's repeated calls), ``weight_bytes`` what this call reads."""
+
+    name: str
+    type: str
+    input_shape: Any
+    output_shape: Any
+    macs: int
+    params: int
+    weight_bytes: int
+    act_in_bytes: int
+    act_out_bytes: int
+    block: str | None = None
+    macs_source: str = "formula"
+
+
+@dataclass
+class BlockCount(_Traffic):
     """One call of a block; ``layers`` are the names of the layer calls inside it."""
 
     name: str
@@ -158,23 +168,13 @@ class BlockCount:
     layers: list[str] = field(default_factory=list)
 
     @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-    @property
     def fused_bytes(self) -> int:
         """Traffic of the block run as one kernel: input + weights + output (bytes)."""
-        return self.weight_bytes + self.act_in_bytes + self.act_out_bytes
-
-    min_bytes = fused_bytes
-
-    @property
-    def intensity(self) -> float:
-        return self.flops / self.fused_bytes if self.fused_bytes else 0.0
+        return self.min_bytes
 
 
 @dataclass
-class Counts:
+class Counts(_Traffic):
     """Counts of a whole model for one input shape. ``macs`` is torch's total (layers +
     unattributed functional work); ``min_bytes`` is model input + all weights + output."""
 
@@ -190,21 +190,9 @@ class Counts:
     unattributed_macs: int = 0
 
     @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-    @property
-    def min_bytes(self) -> int:
-        return self.weight_bytes + self.act_in_bytes + self.act_out_bytes
-
-    @property
     def layerwise_bytes(self) -> int:
         """Sum of every layer's minimum bytes (traffic when each layer is its own kernel)."""
         return sum(r.min_bytes for r in self.layers)
-
-    @property
-    def intensity(self) -> float:
-        return self.flops / self.min_bytes if self.min_bytes else 0.0
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("layers", "blocks")}
