@@ -2,6 +2,7 @@
 
 ``convgap analyze MODEL [MODEL ...]``: the efficiency-gap report (terminal table, JSON, HTML).
 ``convgap roofs``: measured peak FLOP/s and bandwidth of this device (cached).
+``convgap tune MODEL``: the fastest correct convolution algorithm per layer (cached).
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -82,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh", action="store_true", help="re-measure even if cached")
     _common(r)
 
+    t = sub.add_parser("tune", help="choose the fastest correct algorithm per convolution",
+                       description="Time every supported convolution algorithm on each layer's "
+                                   "real input, keep the fastest correct one (cached), and "
+                                   "compare the tuned model with the original.")
+    t.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory")
+    t.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
+    t.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
+    t.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
+    t.add_argument("--layout", default="nchw", choices=LAYOUTS, help="input layout (nchw)")
+    t.add_argument("--num-classes", type=_positive, default=1000)
+    t.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
+    t.add_argument("--algos", nargs="+", default=["auto"], metavar="NAME",
+                   help="'auto' (every registered algorithm) or the candidate names to try")
+    t.add_argument("--json", type=Path, default=None, help="write the decisions as JSON")
+    _common(t)
+
     sub.add_parser("models", help="list the model zoo")
     return parser
 
@@ -135,13 +152,33 @@ def _cmd_roofs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    from .transforms.tune import tune_model
+    dtype = parse_dtype(args.dtype)
+    hardware.check_device(args.device)
+    net = models.load(args.model, num_classes=args.num_classes)
+    if args.weights is not None:
+        models.load_weights(net, args.weights)
+    candidates = None if args.algos == ["auto"] else args.algos
+    shape = (args.batch, args.channels, args.image_size, args.image_size)
+    result = tune_model(net, shape, candidates=candidates, device=args.device, dtype=dtype,
+                        layout=args.layout, threads=args.threads, quiet=args.quiet)
+    console.print(result.table(title=f"convgap tune {args.model} {shape} {args.layout} "
+                                     f"{args.dtype}, {result.threads} threads"))
+    console.print(result.summary())
+    if args.json is not None:
+        console.print(f"JSON: {result.to_json(args.json)}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
     return 0
 
 
-COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "models": _cmd_models}
+COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
+            "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,146 @@
+"""AlgoConv2d: an ``nn.Conv2d`` that runs a chosen algorithm from the registry."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import registry
+from .spec import ConvSpec, explicit_padding, layout_of
+
+__all__ = ["AlgoConv2d", "AlgorithmFallbackWarning"]
+
+
+class AlgorithmFallbackWarning(UserWarning):
+    """A requested algorithm cannot run a layer; that layer runs ``torch`` instead."""
+
+
+def _exporting() -> bool:
+    """True under torch.jit tracing/scripting, ONNX export or torch.compile tracing."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+class AlgoConv2d(nn.Conv2d):
+    """A drop-in ``nn.Conv2d`` whose forward runs ``algorithm`` (a registry name, or
+    ``"auto"``: measure on the first input and keep the fastest correct one).
+
+    It is an ``nn.Conv2d`` subclass holding the *same* Parameter objects as the convolution it
+    replaces, so ``state_dict`` keys and values are unchanged. Prepared weights (Winograd
+    filters, packed weights) are computed once per (input spec, weight version) and rebuilt
+    when the weight changes. When gradients are needed and the algorithm is not
+    differentiable, or under jit.trace / ONNX export / torch.compile for an algorithm whose
+    ``exports`` is 'fallback', the call runs ``F.conv2d`` instead (same result).
+
+    Attributes: ``algorithm`` (current choice), ``requested`` (what the user asked for),
+    ``fallback`` (why the request could not be honoured, or None), ``tuning`` (for 'auto':
+    the measured candidates).
+    """
+
+    def __init__(self, conv: nn.Conv2d, algorithm: str = "torch") -> None:
+        nn.Module.__init__(self)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "transposed", "output_padding", "groups", "padding_mode",
+                     "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(conv, attr))
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.training = conv.training
+        if algorithm != "auto":
+            registry.get(algorithm)  # unknown names fail here, before anything runs
+        self.requested = algorithm
+        self.algorithm = algorithm
+        self.fallback: str | None = None
+        self.tuning: dict[str, Any] | None = None
+        self._states: dict[tuple, tuple[tuple, Any]] = {}
+        self._specs: dict[tuple, ConvSpec] = {}
+
+    # -- helpers -----------------------------------------------------------------------
+    def _pre_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply padding that is not symmetric zero padding, as nn.Conv2d does."""
+        left, right, top, bottom = explicit_padding(self)
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, (left, right, top, bottom), mode=mode)
+
+    def spec_for(self, x: torch.Tensor) -> ConvSpec:
+        """The :class:`ConvSpec` of this layer on input ``x`` (before padding)."""
+        key = (tuple(x.shape), x.dtype, x.device.type, layout_of(x))
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = ConvSpec.from_conv(self, x)
+        return spec
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _state(self, alg: registry.Algorithm, spec: ConvSpec) -> Any:
+        version = (self.weight._version, self.weight.data_ptr(),
+                   None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+        key = (alg.name, spec)
+        hit = self._states.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        with torch.no_grad():
+            state = alg.prepare(self.weight, self.bias, spec)
+        self._states[key] = (version, state)
+        return state
+
+    def set_algorithm(self, name: str, reason: str | None = None) -> None:
+        """Run ``name`` from now on (``reason``: why it differs from the request)."""
+        registry.get(name)
+        self.algorithm = name
+        self.fallback = reason
+        self._states.clear()
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.algorithm == "auto":
+            from .tuner import tune_layer
+            tune_layer(self, x)
+        if self.algorithm == "torch":
+            return self._torch(x)
+        alg = registry.get(self.algorithm)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if _exporting():
+            if alg.exports != "native":
+                return self._torch(x)
+            xp = self._pre_pad(x)
+            spec = ConvSpec.from_conv(self, x)
+            return alg.run(xp, alg.prepare(self.weight, self.bias, spec), spec)
+        if grad and not alg.differentiable:
+            return self._torch(x)
+        spec = self.spec_for(x)
+        reason = alg.supports(spec)
+        if reason is not None:  # a new input the algorithm cannot take (e.g. another device)
+            warnings.warn(f"{self.algorithm!r} cannot run {spec.short()}: {reason}; using "
+                          "torch for this call", AlgorithmFallbackWarning, stacklevel=2)
+            return self._torch(x)
+        xp = self._pre_pad(x)
+        if grad:  # prepare inside the graph, so gradients reach the weight
+            return alg.run(xp, alg.prepare(self.weight, self.bias, spec), spec)
+        return alg.run(xp, self._state(alg, spec), spec)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", algorithm={self.algorithm}"
+        if self.fallback:
+            s += f" (requested {self.requested}: {self.fallback})"
+        return s
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` sharing this layer's parameters (undo the swap)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        conv.train(self.training)
+        return conv

@@ -1,0 +1,155 @@
+"""Measured algorithm choice ('auto') and the persistent tuning cache.
+
+For a layer's real input, every registered algorithm that supports the spec is prepared,
+checked against ``F.conv2d`` (relative error max|y - ref| / max|ref| within the algorithm's
+``tolerance``), and timed interleaved with the others (medians). The fastest correct one
+wins, but a non-``torch`` algorithm must beat ``torch`` by ``MARGIN`` to be chosen, so noise
+never replaces the reference with something no faster.
+
+Decisions persist in ``tuning.json`` in the convgap cache directory, keyed by device name,
+torch version, threads and the full spec (which includes dtype, layout and input shape);
+writes are atomic; a corrupt file is reported and rebuilt; a hit times nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .. import cache, timing
+from ..hardware import device_name
+from . import registry
+from .spec import ConvSpec
+
+__all__ = ["tune_layer", "tune_spec", "cache_key", "TUNING_FILE", "TUNE_CONFIG", "MARGIN",
+           "relative_error", "tuning_progress"]
+
+TUNING_FILE = "tuning.json"
+TUNE_CONFIG = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.05)
+MARGIN = 0.03
+
+_memory: dict[tuple[str, str], dict] = {}  # (cache dir, key) -> decision, this process
+_progress: list[tuple[Any, Any]] = []  # (rich Progress, task) of the running swap
+
+
+def cache_key(spec: ConvSpec) -> str:
+    dev = "cpu" if spec.device == "cpu" else f"{spec.device}:{torch.cuda.current_device()}"
+    return (f"{device_name(dev)}|torch={torch.__version__}|threads={torch.get_num_threads()}"
+            f"|{spec.key()}")
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (inf on shape mismatch or non-finite values)."""
+    if y.shape != ref.shape:
+        return math.inf
+    scale = ref.abs().max().item() or 1.0
+    err = (y.float() - ref.float()).abs().max().item() / scale
+    return err if math.isfinite(err) else math.inf
+
+
+@contextlib.contextmanager
+def tuning_progress(progress: Any, task: Any) -> Iterator[None]:
+    """Advance ``task`` of a rich ``progress`` once per tuned layer inside the block."""
+    _progress.append((progress, task))
+    try:
+        yield
+    finally:
+        _progress.pop()
+
+
+def _lookup(key: str) -> dict | None:
+    mkey = (str(cache.cache_dir()), key)
+    if mkey in _memory:
+        return _memory[mkey]
+    entry = cache.read_json(TUNING_FILE).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
+        _memory[mkey] = entry
+        return entry
+    return None
+
+
+def _store(key: str, entry: dict) -> None:
+    _memory[(str(cache.cache_dir()), key)] = entry
+    entries = cache.read_json(TUNING_FILE)  # merge with what other processes wrote
+    entries[key] = entry
+    cache.write_json(TUNING_FILE, entries)
+
+
+def clear_memory() -> None:
+    """Forget this process's cached decisions (the file is left as is)."""
+    _memory.clear()
+
+
+@torch.no_grad()
+def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
+              config: timing.TimingConfig = TUNE_CONFIG) -> dict:
+    """Measure every candidate algorithm on ``layer`` (an AlgoConv2d) with input ``x``.
+
+    Returns ``{"choice", "times": {name: median_s}, "errors": {name: rel_err},
+    "rejected": {name: reason}}``."""
+    spec = layer.spec_for(x)
+    names = list(candidates) if candidates is not None else registry.names()
+    if "torch" not in names:
+        names.insert(0, "torch")
+    ref = layer._torch(x)
+    xp = layer._pre_pad(x)
+    fns, kept, errors, rejected = [], [], {}, {}
+    for name in names:
+        alg = registry.get(name)
+        reason = alg.supports(spec)
+        if reason is not None:
+            rejected[name] = f"unsupported: {reason}"
+            continue
+        if name == "torch":
+            fn = (lambda: layer._torch(x))
+        else:
+            try:
+                state = alg.prepare(layer.weight, layer.bias, spec)
+                y = alg.run(xp, state, spec)
+            except Exception as exc:  # a broken plug-in must not stop tuning
+                rejected[name] = f"failed: {type(exc).__name__}: {exc}"
+                continue
+            err = relative_error(y, ref)
+            errors[name] = err
+            if err > alg.tolerance:
+                rejected[name] = f"relative error {err:.2e} > tolerance {alg.tolerance:.0e}"
+                continue
+            fn = (lambda alg=alg, state=state: alg.run(xp, state, spec))
+        fns.append(fn)
+        kept.append(name)
+    results = timing.compare(fns, config, spec.device)
+    times = {name: t.median for name, t in zip(kept, results)}
+    best = min(times, key=times.get)
+    if best != "torch" and times[best] > (1 - MARGIN) * times["torch"]:
+        best = "torch"
+    return {"choice": best, "times": times, "errors": errors, "rejected": rejected,
+            "threads": torch.get_num_threads(),
+            "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def tune_layer(layer, x: torch.Tensor) -> None:
+    """Choose ``layer``'s algorithm for input ``x`` from the cache, or measure and cache it.
+    Called by AlgoConv2d.forward while its algorithm is 'auto'."""
+    spec = layer.spec_for(x)
+    key = cache_key(spec)
+    candidates = getattr(layer, "candidates", None)
+    entry = _lookup(key)
+    usable = (entry is not None and entry["choice"] in registry.names()
+              and registry.get(entry["choice"]).supports(spec) is None
+              and (candidates is None or entry["choice"] in candidates
+                   or entry["choice"] == "torch"))
+    if not usable:
+        entry = tune_spec(layer, x, candidates)
+        _store(key, entry)
+        entry = dict(entry, cached=False)
+    else:
+        entry = dict(entry, cached=True)
+    layer.set_algorithm(entry["choice"])
+    layer.tuning = dict(entry, spec=spec.short())
+    if _progress:
+        progress, task = _progress[-1]
+        progress.advance(task)

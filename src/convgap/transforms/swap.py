@@ -1,0 +1,198 @@
+"""swap: choose, per convolution, which algorithm runs (by name, list, dict, callable, 'auto')."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..algorithms import registry
+from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
+from ..algorithms.spec import ConvSpec
+from ..algorithms.tuner import tuning_progress
+from ..errors import ConvgapError
+from ..progress import make_progress
+
+__all__ = ["swap", "unswap", "choices", "Choice"]
+
+Algos = Union[str, Sequence[str], Mapping[Any, str], Callable[[nn.Module, Any], str]]
+
+
+@dataclass
+class Choice:
+    """The algorithm of one swapped layer. ``fallback``: why the request was not honoured."""
+
+    name: str
+    requested: str
+    algorithm: str
+    fallback: str | None
+    spec: str | None
+    tuning: dict | None
+
+
+def _convs_in_order(model: nn.Module, example_input) -> tuple[list[str], dict[str, tuple]]:
+    """Names of the Conv2d layers in forward order (module order without an input), and the
+    input of each conv's first call when ``example_input`` is given."""
+    names = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            names.setdefault(m, n)
+    if example_input is None:
+        return list(names.values()), {}
+    order: list[str] = []
+    inputs: dict[str, tuple] = {}
+
+    def hook(m, args):
+        n = names[m]
+        if n not in inputs:
+            order.append(n)
+            inputs[n] = args
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    except Exception as exc:
+        raise ConvgapError(f"the model failed on example_input of shape "
+                           f"{tuple(example_input.shape)}: {exc}") from exc
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    unused = [n for n in names.values() if n not in inputs]
+    return order + unused, inputs
+
+
+def _valid(name: Any, where: str) -> str:
+    if not isinstance(name, str):
+        raise ConvgapError(f"{where}: expected an algorithm name (str), got {name!r}; "
+                           f"available: {', '.join(registry.names())}, auto")
+    if name != "auto" and name not in registry.names():
+        raise ConvgapError(f"{where}: unknown algorithm {name!r}; available: "
+                           f"{', '.join(registry.names())}, auto")
+    return name
+
+
+def _requests(model: nn.Module, algos: Algos, order: list[str],
+              inputs: dict[str, tuple]) -> dict[str, str]:
+    """Layer name -> requested algorithm, validated before anything is swapped."""
+    modules = dict(model.named_modules())
+    if isinstance(algos, str):
+        return {n: _valid(algos, "algos") for n in order}
+    if isinstance(algos, Mapping):
+        out = {}
+        for key, name in algos.items():
+            if isinstance(key, type):
+                hits = [n for n in order if isinstance(modules[n], key)]
+            elif isinstance(key, str) and key in modules:
+                hits = [key] if key in order else []
+                if not hits:
+                    raise ConvgapError(f"algos[{key!r}]: that module is a "
+                                       f"{type(modules[key]).__name__}, not a Conv2d")
+            else:
+                raise ConvgapError(f"algos has key {key!r}, which is neither a module name "
+                                   f"of the model nor a module type; conv layers: "
+                                   f"{', '.join(order[:8])}{', ...' if len(order) > 8 else ''}")
+            for n in hits:
+                out[n] = _valid(name, f"algos[{key!r}]")
+        return out
+    if callable(algos):
+        out = {}
+        for n in order:
+            shape = tuple(inputs[n][0].shape) if n in inputs else None
+            out[n] = _valid(algos(modules[n], shape), f"algos({n!r}, {shape}) returned")
+        return out
+    if isinstance(algos, Sequence):
+        if len(algos) != len(order):
+            raise ConvgapError(f"algos is a list of {len(algos)} names but the model has "
+                               f"{len(order)} Conv2d layers (in forward order: "
+                               f"{', '.join(order[:6])}{', ...' if len(order) > 6 else ''})")
+        return {n: _valid(a, f"algos[{i}]") for i, (n, a) in enumerate(zip(order, algos))}
+    raise ConvgapError(f"algos must be a name, a list, a dict, a callable or 'auto'; got "
+                       f"{type(algos).__name__}")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = None, *,
+         inplace: bool = False, candidates: Sequence[str] | None = None,
+         quiet: bool = False) -> nn.Module:
+    """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
+    algorithms; returns the swapped model (a copy unless ``inplace``).
+
+    ``algos``: one algorithm name for every conv; a list of names, one per conv in forward
+    order (module order without ``example_input``); a dict mapping module names or module
+    types to names (other convs are left alone); a callable ``(module, input_shape) -> name``
+    (``input_shape`` is None without ``example_input``); or ``"auto"``: time every supported
+    algorithm on each layer's real input and keep the fastest correct one (needs
+    ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached).
+
+    Parameters are shared with the replaced convs: ``state_dict`` is unchanged. A requested
+    algorithm that cannot run a layer falls back to ``torch``, with an
+    :class:`AlgorithmFallbackWarning`; :func:`choices` lists every layer's outcome.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConvgapError(f"swap needs an nn.Module, got {type(model).__name__}")
+    if candidates is not None:
+        for c in candidates:
+            _valid(c, "candidates")
+    order, inputs = _convs_in_order(model, example_input)
+    requests = _requests(model, algos, order, inputs)
+    if "auto" in requests.values() and example_input is None:
+        raise ConvgapError("algos='auto' measures each layer on its real input: pass "
+                           "example_input (a batch of the shape you will run)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    fallbacks = []
+    for n, name in requests.items():
+        conv = modules[n]
+        layer = AlgoConv2d(conv, name)
+        if candidates is not None:
+            layer.candidates = list(candidates)
+        if name not in ("auto", "torch") and n in inputs:
+            spec = ConvSpec.from_conv(conv, inputs[n][0])
+            reason = registry.get(name).supports(spec)
+            if reason is not None:
+                layer.set_algorithm("torch", reason)
+                fallbacks.append(f"{n} ({spec.short()}): {reason}")
+        _replace(model, n, layer)
+    if fallbacks:
+        warnings.warn(f"{len(fallbacks)} layer(s) fall back to torch: " + "; ".join(fallbacks),
+                      AlgorithmFallbackWarning, stacklevel=2)
+    n_auto = sum(1 for v in requests.values() if v == "auto")
+    if n_auto:
+        was_training = model.training
+        model.eval()
+        with make_progress(quiet) as progress:
+            task = progress.add_task("tuning convolutions", total=n_auto)
+            with tuning_progress(progress, task), torch.no_grad():
+                model(example_input)
+        model.train(was_training)
+    return model
+
+
+def choices(model: nn.Module) -> list[Choice]:
+    """What each swapped layer runs, in module order."""
+    return [Choice(n, m.requested, m.algorithm, m.fallback,
+                   (m.tuning or {}).get("spec"), m.tuning)
+            for n, m in model.named_modules() if isinstance(m, AlgoConv2d)]
+
+
+def unswap(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn every AlgoConv2d back into a plain nn.Conv2d (parameters shared)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for n, m in list(model.named_modules()):
+        if isinstance(m, AlgoConv2d):
+            _replace(model, n, m.to_conv2d())
+    return model
