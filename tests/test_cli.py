@@ -138,3 +138,27 @@ def test_roofs_command_uses_cache(capsys, small_roofs):
     assert len(small_roofs) == 1
     run(capsys, "roofs", "--threads", "1", "--quiet", "--refresh")
     assert len(small_roofs) == 2
+
+
+def test_tune_prints_layers_and_writes_json(capsys, user_module, tmp_path):
+    import json
+    code, out, err = run(capsys, "tune", f"{user_module}:factory", "--image-size", "16",
+                         "--batch", "2", "--algos", "channels_last", "prepacked", "--threads",
+                         "1", "--quiet", "--json", str(tmp_path / "t.json"))
+    assert code == 0, err
+    assert "choice" in out and "model: original" in out and "0 " in out
+    data = json.loads((tmp_path / "t.json").read_text())
+    (layer,) = data["layers"]
+    assert layer["algorithm"] in layer["times"] and set(layer["times"]) <= {
+        "torch", "channels_last", "prepacked"}
+    assert data["threads"] == 1 and data["input_shape"] == [2, 3, 16, 16]
+    code, out, _ = run(capsys, "tune", f"{user_module}:factory", "--image-size", "16",
+                       "--batch", "2", "--algos", "channels_last", "prepacked", "--threads",
+                       "1", "--quiet")
+    import re
+    assert code == 0 and re.search(r"\byes\b", out)   # second run: from the tuning cache
+
+
+def test_tune_unknown_algorithm_lists_them(capsys):
+    code, _, err = run(capsys, "tune", "resnet18", "--algos", "winogradd", "--quiet")
+    assert code == 2 and "unknown algorithm 'winogradd'" in err and "prepacked" in err

@@ -62,15 +62,26 @@ class AlgoConv2d(nn.Conv2d):
         self.tuning: dict[str, Any] | None = None
         self._states: dict[tuple, tuple[tuple, Any]] = {}
         self._specs: dict[tuple, ConvSpec] = {}
+        self._support: dict[tuple, str | None] = {}
+        self._fast: tuple | None = None  # (input signature, bound call) of the last call
+        left, right, top, bottom = explicit_padding(self)
+        symmetric = self.padding_mode == "zeros" and left == right and top == bottom
+        self._pads = None if symmetric else (left, right, top, bottom)
+        self._pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+
+    def __getstate__(self) -> dict:
+        """Prepared states are a cache (and packed oneDNN tensors cannot be copied):
+        copies and pickles drop them; they are rebuilt on the next call."""
+        state = self.__dict__.copy()
+        state["_states"], state["_fast"] = {}, None
+        return state
 
     # -- helpers -----------------------------------------------------------------------
     def _pre_pad(self, x: torch.Tensor) -> torch.Tensor:
         """Apply padding that is not symmetric zero padding, as nn.Conv2d does."""
-        left, right, top, bottom = explicit_padding(self)
-        if self.padding_mode == "zeros" and left == right and top == bottom:
+        if self._pads is None:
             return x
-        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, (left, right, top, bottom), mode=mode)
+        return F.pad(x, self._pads, mode=self._pad_mode)
 
     def spec_for(self, x: torch.Tensor) -> ConvSpec:
         """The :class:`ConvSpec` of this layer on input ``x`` (before padding)."""
@@ -83,9 +94,18 @@ class AlgoConv2d(nn.Conv2d):
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
+    def _weight_version(self) -> tuple:
+        return (self.weight._version, self.weight.data_ptr(),
+                None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+
+    def _supported(self, alg: registry.Algorithm, spec: ConvSpec) -> str | None:
+        key = (alg.name, spec)
+        if key not in self._support:
+            self._support[key] = alg.supports(spec)
+        return self._support[key]
+
     def _state(self, alg: registry.Algorithm, spec: ConvSpec) -> Any:
-        version = (self.weight._version, self.weight.data_ptr(),
-                   None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+        version = self._weight_version()
         key = (alg.name, spec)
         hit = self._states.get(key)
         if hit is not None and hit[0] == version:
@@ -101,6 +121,7 @@ class AlgoConv2d(nn.Conv2d):
         self.algorithm = name
         self.fallback = reason
         self._states.clear()
+        self._fast = None
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,16 +140,27 @@ class AlgoConv2d(nn.Conv2d):
             return alg.run(xp, alg.prepare(self.weight, self.bias, spec), spec)
         if grad and not alg.differentiable:
             return self._torch(x)
+        if not grad:  # hot path: same input signature and weights as the last call
+            fast = self._fast
+            if fast is not None and fast[0] == (x.shape, x.dtype, x.device, x.stride(),
+                                                self.algorithm, self._weight_version()):
+                return fast[1](x)
         spec = self.spec_for(x)
-        reason = alg.supports(spec)
+        reason = self._supported(alg, spec)
         if reason is not None:  # a new input the algorithm cannot take (e.g. another device)
             warnings.warn(f"{self.algorithm!r} cannot run {spec.short()}: {reason}; using "
                           "torch for this call", AlgorithmFallbackWarning, stacklevel=2)
             return self._torch(x)
-        xp = self._pre_pad(x)
         if grad:  # prepare inside the graph, so gradients reach the weight
-            return alg.run(xp, alg.prepare(self.weight, self.bias, spec), spec)
-        return alg.run(xp, self._state(alg, spec), spec)
+            return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
+        state = self._state(alg, spec)
+        run, pre_pad = alg.run, self._pre_pad
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return run(pre_pad(x), state, spec)
+        self._fast = ((x.shape, x.dtype, x.device, x.stride(), self.algorithm,
+                       self._weight_version()), call)
+        return call(x)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", algorithm={self.algorithm}"

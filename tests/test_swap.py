@@ -1,0 +1,276 @@
+"""swap / AlgoConv2d / auto-tuning: agreement with the original model, gradients, state_dict,
+exports, the tuning cache, and every bad argument."""
+
+import io
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convgap import ConvgapError, cache, models, timing
+from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, get, names,
+                                register, unregister)
+from convgap.algorithms import tuner
+from convgap.transforms import choices, swap, unswap
+from convgap.transforms.tune import tune_model
+
+
+def rel(y, ref):
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),                     # depthwise
+        nn.Conv2d(8, 16, 1),
+        nn.Conv2d(16, 16, 3, stride=2, padding="valid", bias=False),
+        nn.Conv2d(16, 16, 4, padding="same", padding_mode="reflect"),  # asymmetric + reflect
+        nn.Conv2d(16, 4, 3, padding=2, dilation=2, padding_mode="circular"),
+    ).eval()
+
+
+@pytest.fixture
+def plugin():
+    """A user plug-in: im2col-like conv via unfold, groups=1 only."""
+    @register("test_unfold")
+    class Unfold(Algorithm):
+        def supports(self, spec):
+            return None if spec.groups == 1 else "groups=1 only"
+
+        def run(self, x, state, spec):
+            w, b = state
+            n, _, h, wd = x.shape
+            cols = F.unfold(x, spec.kernel_size, dilation=spec.dilation,
+                            padding=spec.padding, stride=spec.stride)
+            y = w.flatten(1) @ cols
+            if b is not None:
+                y = y + b[:, None]
+            _, _, oh, ow = spec.output_shape
+            return y.view(n, -1, oh, ow)
+    yield "test_unfold"
+    unregister("test_unfold")
+
+
+LAYOUTS = {
+    "nchw": lambda x: x,
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "sliced": lambda x: torch.cat([x, x], dim=3)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("algo", ["torch", "channels_last", "prepacked", "test_unfold"])
+def test_swapped_equals_original_any_layout(algo, layout, plugin):
+    net = small_net()
+    x = LAYOUTS[layout](torch.randn(2, 3, 12, 12))
+    ref = net(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = swap(net, algo, x)
+    with torch.no_grad():
+        y = s(x)
+    assert rel(y, ref) < 1e-5
+    layers = [m for m in s.modules() if isinstance(m, AlgoConv2d)]
+    assert len(layers) == 6 and all(m.requested == algo for m in layers)
+    if algo == "test_unfold":  # the depthwise layer falls back, with a warning
+        fell = [c for c in choices(s) if c.fallback]
+        assert [c.name for c in fell] == ["3"] and "groups=1 only" in fell[0].fallback
+        assert any(issubclass(w.category, AlgorithmFallbackWarning) for w in caught)
+
+
+def test_state_dict_unchanged_and_round_trip():
+    net = models.create("resnet18", num_classes=10).eval()
+    s = swap(net, "channels_last")
+    assert list(s.state_dict()) == list(net.state_dict())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, s.state_dict()[k])
+    fresh = swap(models.create("resnet18", num_classes=10).eval(), "prepacked")
+    fresh.load_state_dict(s.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(fresh(x), net(x)) < 1e-5
+    back = unswap(fresh)
+    assert not any(isinstance(m, AlgoConv2d) for m in back.modules())
+    with torch.no_grad():
+        assert rel(back(x), net(x)) < 1e-5
+
+
+def test_weights_change_invalidates_prepared_state():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    s = swap(nn.Sequential(conv), "prepacked")
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        s(x)
+        s[0].weight.mul_(2)  # in-place update: the packed weight must be rebuilt
+        assert rel(s(x), F.conv2d(x, s[0].weight, s[0].bias, padding=1)) < 1e-5
+
+
+@pytest.mark.parametrize("algo", ["channels_last", "prepacked", "test_unfold"])
+def test_backward_agrees(algo, plugin):
+    torch.manual_seed(0)
+    net = small_net().double().train()
+    s = swap(net, algo)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    net(x).square().sum().backward()
+    s(x).square().sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), s.named_parameters()):
+        assert q.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-10), n
+
+
+@pytest.mark.parametrize("algo", ["channels_last", "prepacked"])
+def test_trace_compile_onnx(algo, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = net(x)
+    s = swap(net, algo, x)
+    with torch.no_grad():
+        assert rel(torch.jit.trace(s, x)(x), ref) < 1e-5
+        assert rel(torch.compile(s)(x), ref) < 1e-5
+    buf = io.BytesIO()
+    torch.onnx.export(s, (x,), buf, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    (out,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    assert rel(torch.from_numpy(out), ref) < 1e-5
+
+
+def test_list_dict_callable_forms():
+    net = small_net()
+    x = torch.randn(1, 3, 12, 12)
+    algos = ["channels_last", "torch", "prepacked", "torch", "channels_last", "prepacked"]
+    s = swap(net, algos, x)
+    assert [c.algorithm for c in choices(s)] == algos
+    s = swap(net, {"0": "prepacked", nn.Conv2d: "channels_last"}, x)
+    assert choices(s)[0].algorithm == "channels_last"   # later keys win
+    s = swap(net, {"4": "prepacked"}, x)
+    assert [c.name for c in choices(s)] == ["4"]        # others left as nn.Conv2d
+    seen = []
+
+    def pick(module, shape):
+        seen.append(shape)
+        return "prepacked" if module.kernel_size == (1, 1) else "torch"
+    s = swap(net, pick, x)
+    assert seen[0] == (1, 3, 12, 12) and seen[1] == (1, 8, 12, 12)
+    assert choices(s)[2].algorithm == "prepacked"
+    with torch.no_grad():
+        assert rel(s(x), net(x)) < 1e-5
+
+
+@pytest.mark.parametrize("algos, match", [
+    ("winogradd", "unknown algorithm 'winogradd'.*torch"),
+    (["torch"] * 5, "list of 5 names but the model has 6 Conv2d"),
+    (["torch"] * 5 + [3], r"algos\[5\].*expected an algorithm name"),
+    ({"nope": "torch"}, "neither a module name"),
+    ({"2": "torch"}, "ReLU, not a Conv2d"),
+    (lambda m, s: 42, "returned.*expected an algorithm name"),
+    (lambda m, s: "fast", "unknown algorithm 'fast'"),
+    (3.5, "must be a name, a list"),
+])
+def test_bad_algos_fail_before_anything_runs(algos, match):
+    net = small_net()
+    before = [type(m) for m in net.modules()]
+    with pytest.raises(ConvgapError, match=match):
+        swap(net, algos, torch.randn(1, 3, 12, 12), inplace=True)
+    assert [type(m) for m in net.modules()] == before
+
+
+def test_auto_needs_example_input_and_plugins_register_cleanly(plugin):
+    with pytest.raises(ConvgapError, match="example_input"):
+        swap(small_net(), "auto")
+    with pytest.raises(ConvgapError, match="already registered"):
+        register("torch")(type("X", (Algorithm,), {}))
+    with pytest.raises(ConvgapError, match="subclass"):
+        register("not_an_alg")(int)
+    assert "test_unfold" in names() and get("test_unfold").name == "test_unfold"
+
+
+class Counter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = timing.compare
+
+        def counting(fns, *a, **kw):
+            self.calls += 1
+            return real(fns, *a, **kw)
+        monkeypatch.setattr(tuner.timing, "compare", counting)
+
+
+QUICK = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=3, min_time=0.0)
+
+
+def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
+    monkeypatch.setattr(tuner, "TUNE_CONFIG", QUICK)
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    counter = Counter(monkeypatch)
+    net = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    s = swap(net, "auto", x, quiet=True)
+    specs = {c.spec for c in choices(s)}
+    assert counter.calls == len(specs)
+    for c in choices(s):
+        assert c.requested == "auto" and c.algorithm in c.tuning["times"]
+        assert "torch" in c.tuning["times"]
+        if c.name == "3":  # the depthwise layer: the groups=1 plug-in is not a candidate
+            assert c.tuning["rejected"]["test_unfold"] == "unsupported: groups=1 only"
+        else:
+            assert "test_unfold" in c.tuning["times"]
+    with torch.no_grad():
+        assert rel(s(x), net(x)) < 1e-5
+    path = cache.cache_dir() / tuner.TUNING_FILE
+    entries = json.loads(path.read_text())
+    assert len(entries) == len(specs)
+    key = next(iter(entries))
+    assert f"threads={torch.get_num_threads()}" in key and torch.__version__ in key
+    assert "dtype=float32" in key and "layout=" in key
+    # a hit re-times nothing, in this process or a new one (memory cleared)
+    swap(net, "auto", x, quiet=True)
+    tuner.clear_memory()
+    s2 = swap(net, "auto", x, quiet=True)
+    assert counter.calls == len(specs)
+    assert all(c.tuning["cached"] for c in choices(s2))
+
+
+def test_auto_rejects_wrong_results(monkeypatch):
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+
+    @register("test_wrong")
+    class Wrong(Algorithm):
+        def run(self, x, state, spec):   # fast and wrong: must never be chosen
+            n, o, oh, ow = spec.output_shape
+            return torch.zeros(n, o, oh, ow)
+    try:
+        s = swap(nn.Sequential(nn.Conv2d(3, 4, 3)), "auto", torch.randn(1, 3, 8, 8),
+                 candidates=["test_wrong"], quiet=True)
+        (c,) = choices(s)
+        assert c.algorithm == "torch"
+        assert "relative error" in c.tuning["rejected"]["test_wrong"]
+    finally:
+        unregister("test_wrong")
+
+
+def test_corrupt_tuning_cache_is_reported_and_rebuilt(monkeypatch):
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    tuner.clear_memory()
+    path = cache.cache_dir() / tuner.TUNING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{truncated")
+    with pytest.warns(cache.CacheWarning, match="corrupt"):
+        swap(nn.Sequential(nn.Conv2d(3, 4, 3)), "auto", torch.randn(1, 3, 8, 8), quiet=True)
+    assert len(json.loads(path.read_text())) == 1
+    assert not list(path.parent.glob(".tuning.json.*"))  # no temporary files left behind
+
+
+def test_tune_model_reports_layers_and_model(monkeypatch):
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    result = tune_model(models.create("resnet18", num_classes=10), (1, 3, 32, 32),
+                        candidates=["channels_last", "prepacked"], quiet=True, config=QUICK)
+    assert len(result.choices) == 20
+    assert result.original_s > 0 and result.tuned_s > 0
+    assert set(result.algorithms) <= {"torch", "channels_last", "prepacked"}
+    d = result.to_dict()
+    assert len(d["layers"]) == 20 and d["speedup"] == pytest.approx(result.speedup)
