@@ -19,14 +19,13 @@ class AlgorithmFallbackWarning(UserWarning):
     """A requested algorithm cannot run a layer; that layer runs ``torch`` instead."""
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 def _exporting() -> bool:
-    """True under torch.jit tracing/scripting, ONNX export or torch.compile tracing."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    if torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    """True under torch.jit tracing (which the TorchScript ONNX exporter uses), or while
+    torch.compile / torch.export trace. Cheap: it runs on every call."""
+    return torch._C._get_tracing_state() is not None or _is_compiling()
 
 
 class AlgoConv2d(nn.Conv2d):
@@ -125,6 +124,15 @@ class AlgoConv2d(nn.Conv2d):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is not None and not torch.is_grad_enabled():  # hot path: as the last call
+            key, call = fast
+            w, b = self._parameters["weight"], self._parameters.get("bias")
+            if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
+                    and key[3] == x.device and key[4] is w and key[5] == w._version
+                    and key[6] is b and (b is None or key[7] == b._version)
+                    and not _exporting()):
+                return call(x)
         if self.algorithm == "auto":
             from .tuner import tune_layer
             tune_layer(self, x)
@@ -135,16 +143,10 @@ class AlgoConv2d(nn.Conv2d):
         if _exporting():
             if alg.exports != "native":
                 return self._torch(x)
-            xp = self._pre_pad(x)
             spec = ConvSpec.from_conv(self, x)
-            return alg.run(xp, alg.prepare(self.weight, self.bias, spec), spec)
+            return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
         if grad and not alg.differentiable:
             return self._torch(x)
-        if not grad:  # hot path: same input signature and weights as the last call
-            fast = self._fast
-            if fast is not None and fast[0] == (x.shape, x.dtype, x.device, x.stride(),
-                                                self.algorithm, self._weight_version()):
-                return fast[1](x)
         spec = self.spec_for(x)
         reason = self._supported(alg, spec)
         if reason is not None:  # a new input the algorithm cannot take (e.g. another device)
@@ -154,12 +156,18 @@ class AlgoConv2d(nn.Conv2d):
         if grad:  # prepare inside the graph, so gradients reach the weight
             return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
         state = self._state(alg, spec)
-        run, pre_pad = alg.run, self._pre_pad
+        run = alg.run
+        if self._pads is None:
+            def call(x: torch.Tensor) -> torch.Tensor:
+                return run(x, state, spec)
+        else:
+            pads, mode = self._pads, self._pad_mode
 
-        def call(x: torch.Tensor) -> torch.Tensor:
-            return run(pre_pad(x), state, spec)
-        self._fast = ((x.shape, x.dtype, x.device, x.stride(), self.algorithm,
-                       self._weight_version()), call)
+            def call(x: torch.Tensor) -> torch.Tensor:
+                return run(F.pad(x, pads, mode=mode), state, spec)
+        w, b = self.weight, self.bias
+        self._fast = ((x.shape, x.stride(), x.dtype, x.device, w, w._version, b,
+                       None if b is None else b._version), call)
         return call(x)
 
     def extra_repr(self) -> str:

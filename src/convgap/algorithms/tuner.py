@@ -23,6 +23,7 @@ import torch
 from .. import cache, timing
 from ..hardware import device_name
 from . import registry
+from .module import AlgoConv2d
 from .spec import ConvSpec
 
 __all__ = ["tune_layer", "tune_spec", "cache_key", "TUNING_FILE", "TUNE_CONFIG", "MARGIN",
@@ -96,7 +97,6 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
     if "torch" not in names:
         names.insert(0, "torch")
     ref = layer._torch(x)
-    xp = layer._pre_pad(x)
     fns, kept, errors, rejected = [], [], {}, {}
     for name in names:
         alg = registry.get(name)
@@ -104,12 +104,11 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
         if reason is not None:
             rejected[name] = f"unsupported: {reason}"
             continue
-        if name == "torch":
-            fn = (lambda: layer._torch(x))
-        else:
+        # each candidate is timed as it will run: an AlgoConv2d sharing the parameters
+        probe = AlgoConv2d(layer, name)
+        if name != "torch":
             try:
-                state = alg.prepare(layer.weight, layer.bias, spec)
-                y = alg.run(xp, state, spec)
+                y = probe(x)
             except Exception as exc:  # a broken plug-in must not stop tuning
                 rejected[name] = f"failed: {type(exc).__name__}: {exc}"
                 continue
@@ -118,8 +117,7 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
             if err > alg.tolerance:
                 rejected[name] = f"relative error {err:.2e} > tolerance {alg.tolerance:.0e}"
                 continue
-            fn = (lambda alg=alg, state=state: alg.run(xp, state, spec))
-        fns.append(fn)
+        fns.append(lambda probe=probe: probe(x))
         kept.append(name)
     results = timing.compare(fns, config, spec.device)
     times = {name: t.median for name, t in zip(kept, results)}
@@ -149,7 +147,7 @@ def tune_layer(layer, x: torch.Tensor) -> None:
     else:
         entry = dict(entry, cached=True)
     layer.set_algorithm(entry["choice"])
-    layer.tuning = dict(entry, spec=spec.short())
+    layer.tuning = dict(entry, spec=spec.short(), layout=spec.layout, spec_key=spec.key())
     if _progress:
         progress, task = _progress[-1]
         progress.advance(task)

@@ -1,0 +1,177 @@
+"""Benchmark: per-layer convolution algorithm choice on CPU.
+
+For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NCHW input):
+1. swap(model, "auto") in a fresh tuning cache: for every distinct conv spec, each
+   algorithm's median time, the choice and its speedup over torch (from the tuner);
+2. an independent check: each distinct layer's chosen algorithm re-timed against torch,
+   interleaved, through the real AlgoConv2d call (target: never > 5% slower);
+3. whole models, interleaved in one run: eager NCHW, eager channels_last, auto, and
+   torch.compile with inductor freezing; ratios against eager NCHW.
+
+    python benchmarks/algorithms.py [--threads 2] [--batch 1 8] [--models ...] [--no-compile]
+
+Prints tables and writes benchmarks/results/algorithms.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+LAYER_CHECK = None  # set in main (needs convgap.timing)
+
+
+def distinct_layers(tuned):
+    """One (AlgoConv2d, its captured input) per distinct spec key, in forward order."""
+    from convgap.algorithms import AlgoConv2d
+    seen, out, handles = set(), [], []
+
+    def hook(m, args):
+        key = m.tuning["spec_key"]
+        if key not in seen:
+            seen.add(key)
+            out.append((m, args[0].detach().clone(memory_format=torch.preserve_format)))
+    for m in tuned.modules():
+        if isinstance(m, AlgoConv2d):
+            handles.append(m.register_forward_pre_hook(hook))
+    return out, handles
+
+
+def run_model(name, batch, threads, do_compile, console):
+    from convgap import models, timing
+    from convgap.transforms import choices, swap
+
+    cfg_layer = timing.TimingConfig(warmup=3, min_repeats=9, max_repeats=40, min_time=0.1)
+    cfg_model = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=20, min_time=1.0)
+    with timing.threads(threads), torch.no_grad():
+        net = models.create(name).eval()
+        x = torch.randn(batch, 3, 224, 224)
+        t0 = time.time()
+        tuned = swap(net, "auto", x, quiet=True)
+        tune_s = time.time() - t0
+        layers, handles = distinct_layers(tuned)
+        tuned(x)
+        for h in handles:
+            h.remove()
+        rows = []
+        for m, xin in layers:
+            tun = m.tuning
+            chosen, ref = timing.compare([lambda: m(xin), lambda: m._torch(xin)], cfg_layer)
+            rows.append({
+                "spec": tun["spec"], "layout": tun["layout"], "times": tun["times"],
+                "rejected": tun["rejected"], "errors": tun["errors"], "choice": m.algorithm,
+                "speedup_tuner": tun["times"]["torch"] / tun["times"][m.algorithm],
+                "recheck_chosen_s": chosen.median, "recheck_torch_s": ref.median,
+                "recheck_ratio": chosen.median / ref.median})
+        counts = {}
+        for c in choices(tuned):
+            counts[c.algorithm] = counts.get(c.algorithm, 0) + 1
+        cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        fns = {"eager_nchw": lambda: net(x), "eager_channels_last": lambda: cl(xcl),
+               "auto": lambda: tuned(x)}
+        compile_s = None
+        if do_compile:
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+            compiled = torch.compile(copy.deepcopy(net))
+            t0 = time.time()
+            compiled(x)
+            compile_s = time.time() - t0
+            fns["compile_freezing"] = lambda: compiled(x)
+        timings = timing.compare(list(fns.values()), cfg_model)
+        whole = {k: t.median for k, t in zip(fns, timings)}
+    return {"model": name, "batch": batch, "threads": threads, "tune_s": tune_s,
+            "compile_s": compile_s, "choices": counts, "layers": rows, "whole_s": whole}
+
+
+def print_tables(results, console):
+    algos = []
+    for r in results:
+        for row in r["layers"]:
+            for a in row["times"]:
+                if a not in algos:
+                    algos.append(a)
+    for r in results:
+        t = Table(title=f"{r['model']} batch {r['batch']}, {r['threads']} threads: distinct "
+                        "conv specs (median ms; tuner) and the re-check", title_justify="left")
+        t.add_column("spec")
+        t.add_column("in")
+        for a in algos:
+            t.add_column(a, justify="right")
+        for col in ("choice", "speedup", "re-check chosen/torch"):
+            t.add_column(col, justify="right")
+        for row in r["layers"]:
+            cells = [f"{1e3 * row['times'][a]:.3g}" if a in row["times"] else "-"
+                     for a in algos]
+            flag = " !" if row["recheck_ratio"] > 1.05 else ""
+            t.add_row(row["spec"], row["layout"], *cells, row["choice"],
+                      f"{row['speedup_tuner']:.2f}x", f"{row['recheck_ratio']:.3f}{flag}")
+        console.print(t)
+    t = Table(title="whole models (median ms, interleaved; ratio = eager NCHW / variant)",
+              title_justify="left")
+    for col in ("model", "batch", "eager NCHW", "eager CL", "auto", "compile+freezing",
+                "auto speedup", "CL speedup", "compile speedup", "worst layer re-check",
+                "choices"):
+        t.add_column(col, justify="left" if col in ("model", "choices") else "right")
+    for r in results:
+        w = r["whole_s"]
+        base = w["eager_nchw"]
+        comp = w.get("compile_freezing")
+        t.add_row(r["model"], str(r["batch"]), f"{1e3 * base:.1f}",
+                  f"{1e3 * w['eager_channels_last']:.1f}", f"{1e3 * w['auto']:.1f}",
+                  f"{1e3 * comp:.1f}" if comp else "-", f"{base / w['auto']:.2f}x",
+                  f"{base / w['eager_channels_last']:.2f}x",
+                  f"{base / comp:.2f}x" if comp else "-",
+                  f"{max(row['recheck_ratio'] for row in r['layers']):.3f}",
+                  ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items(),
+                                                          key=lambda kv: -kv[1])))
+    console.print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "convnext_tiny"])
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile+freezing")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="use the normal tuning cache (default: a fresh one, so it measures)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
+    args = ap.parse_args()
+    if not args.keep_cache:
+        os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
+    import convgap
+    from convgap import algorithms
+    console = Console(width=220)
+    results = []
+    start = time.time()
+    for name in args.models:
+        for batch in args.batch:
+            console.print(f"[dim]{name} batch {batch} ...[/dim]")
+            results.append(run_model(name, batch, args.threads, not args.no_compile, console))
+    print_tables(results, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "algorithms", "threads": args.threads, "batches": args.batch,
+        "dtype": "float32", "image_size": 224, "layout_in": "nchw",
+        "algorithms": algorithms.names(), "torch": torch.__version__,
+        "convgap": convgap.__version__, "python": platform.python_version(),
+        "cpu": convgap.hardware.device_name("cpu"), "seconds": time.time() - start,
+        "results": results}, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
