@@ -60,6 +60,8 @@ class PrepackedConv(Algorithm):
             return "torch was built without oneDNN (mkldnn)"
         if spec.dtype not in ("float32", "bfloat16"):
             return f"oneDNN prepacked convolution does not take {spec.dtype}"
+        if spec.dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "this CPU lacks the instructions oneDNN needs for bf16 (avx512bw/vl/dq)"
         return None
 
     def prepare(self, weight, bias, spec):
