@@ -14,10 +14,13 @@ from ..algorithms import registry
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
 from ..algorithms.spec import ConvSpec
 from ..algorithms.tuner import tuning_progress
+from .. import timing
 from ..errors import ConvgapError
 from ..progress import make_progress
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
+
+VERIFY_CONFIG = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=30, min_time=0.5)
 
 Algos = Union[str, Sequence[str], Mapping[Any, str], Callable[[nn.Module, Any], str]]
 
@@ -125,7 +128,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = None, *,
          inplace: bool = False, candidates: Sequence[str] | None = None,
-         quiet: bool = False) -> nn.Module:
+         verify: bool = True, quiet: bool = False) -> nn.Module:
     """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
     algorithms; returns the swapped model (a copy unless ``inplace``).
 
@@ -134,7 +137,9 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     types to names (other convs are left alone); a callable ``(module, input_shape) -> name``
     (``input_shape`` is None without ``example_input``); or ``"auto"``: time every supported
     algorithm on each layer's real input and keep the fastest correct one (needs
-    ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached).
+    ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached;
+    with ``verify`` the tuned model is then timed against torch-everywhere and reverted to
+    torch if it is not faster).
 
     Parameters are shared with the replaced convs: ``state_dict`` is unchanged. A requested
     algorithm that cannot run a layer falls back to ``torch``, with an
@@ -177,8 +182,42 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
             task = progress.add_task("tuning convolutions", total=n_auto)
             with tuning_progress(progress, task), torch.no_grad():
                 model(example_input)
+            if verify:
+                _verify_model(model, example_input)
         model.train(was_training)
     return model
+
+
+def _verify_model(model: nn.Module, x: torch.Tensor) -> None:
+    """Model-level guard for 'auto': per-layer wins can turn into a whole-model loss (a
+    layout one layer prefers slows the layers after it). Time the tuned model against the
+    same model running torch everywhere; if it is not faster, keep torch everywhere."""
+    layers = [m for m in model.modules() if isinstance(m, AlgoConv2d) and m.requested == "auto"]
+    chosen = [m.algorithm for m in layers]
+    if all(a == "torch" for a in chosen):
+        return
+
+    def with_algorithms(algos):
+        for m, a in zip(layers, algos):
+            if m.algorithm != a:
+                m.set_algorithm(a)
+    with torch.no_grad():
+        def tuned():
+            with_algorithms(chosen)
+            return model(x)
+
+        def reference():
+            with_algorithms(["torch"] * len(layers))
+            return model(x)
+        t_tuned, t_ref = timing.compare([tuned, reference], VERIFY_CONFIG,
+                                        x.device.type)
+    with_algorithms(chosen)
+    if t_tuned.median > t_ref.median:
+        reason = (f"model-level check: the tuned model took {1e3 * t_tuned.median:.3g} ms, "
+                  f"torch everywhere {1e3 * t_ref.median:.3g} ms; kept torch")
+        for m in layers:
+            m.set_algorithm("torch", reason)
+        warnings.warn(reason, AlgorithmFallbackWarning, stacklevel=3)
 
 
 def choices(model: nn.Module) -> list[Choice]:
