@@ -190,28 +190,16 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
 
 def _verify_model(model: nn.Module, x: torch.Tensor) -> None:
     """Model-level guard for 'auto': per-layer wins can turn into a whole-model loss (a
-    layout one layer prefers slows the layers after it). Time the tuned model against the
-    same model running torch everywhere; if it is not faster, keep torch everywhere."""
+    layout one layer prefers slows the layers after it). Time the tuned model against a copy
+    running torch everywhere; if it is not faster, keep torch everywhere."""
     layers = [m for m in model.modules() if isinstance(m, AlgoConv2d) and m.requested == "auto"]
-    chosen = [m.algorithm for m in layers]
-    if all(a == "torch" for a in chosen):
+    if all(m.algorithm == "torch" for m in layers):
         return
-
-    def with_algorithms(algos):
-        for m, a in zip(layers, algos):
-            if m.algorithm != a:
-                m.set_algorithm(a)
+    reference = unswap(model)  # plain nn.Conv2d everywhere; the tuned layers keep their state
     with torch.no_grad():
-        def tuned():
-            with_algorithms(chosen)
-            return model(x)
-
-        def reference():
-            with_algorithms(["torch"] * len(layers))
-            return model(x)
-        t_tuned, t_ref = timing.compare([tuned, reference], VERIFY_CONFIG,
-                                        x.device.type)
-    with_algorithms(chosen)
+        t_tuned, t_ref = timing.compare([lambda: model(x), lambda: reference(x)],
+                                        VERIFY_CONFIG, x.device.type)
+    del reference
     if t_tuned.median > t_ref.median:
         reason = (f"model-level check: the tuned model took {1e3 * t_tuned.median:.3g} ms, "
                   f"torch everywhere {1e3 * t_ref.median:.3g} ms; kept torch")
