@@ -125,10 +125,22 @@ def depthwise_cases(draw):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=depthwise_cases(), layout=layouts, dtype=dtypes)
-def test_depthwise_matches_conv2d(case, layout, dtype):
+@given(case=depthwise_cases(), layout=layouts, dtype=dtypes,
+       internal=st.sampled_from([None, "nhwc", "nchw"]))
+def test_depthwise_matches_conv2d(case, layout, dtype, internal):
+    """Both internal layouts (the automatic choice and each one forced)."""
     conv, shape = case
-    check("depthwise", conv.to(dtype), make_input(*shape, layout, dtype))
+    depthwise._INTERNAL = internal
+    try:
+        check("depthwise", conv.to(dtype), make_input(*shape, layout, dtype))
+    finally:
+        depthwise._INTERNAL = None
+
+
+def test_depthwise_wide_nchw_map_stays_nchw():
+    conv = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+    y = check("depthwise", conv, torch.randn(2, 3, 5, 40))     # OW >= 32: NCHW path
+    assert y.is_contiguous()
 
 
 # -- larger reductions: the fp32 error bounds the tolerances are set from ------------------
@@ -244,3 +256,59 @@ def test_fft_input_size_other_than_prepared():
     x = torch.randn(1, 3, 9, 11)
     with torch.no_grad():
         assert rel(alg.run(x, state, spec), conv(x)) < 1e-4
+
+
+# -- exports: the algorithms marked exports='native' trace and export to ONNX -------------
+@pytest.mark.parametrize("name", ["im2col", "winograd_f2", "winograd_f4", "depthwise"])
+def test_native_algorithms_trace_and_export_to_onnx(name):
+    import io
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    alg = registry.get(name)
+    assert alg.exports == "native"
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4 if name == "depthwise" else 1)
+    conv = conv.eval().requires_grad_(False)
+    x = torch.randn(1, 4, 9, 10)   # 9x10: a partial last Winograd tile
+    spec = ConvSpec.from_conv(conv, x)
+
+    class Run(nn.Module):
+        def forward(self, x):
+            return alg.run(x, alg.prepare(conv.weight, conv.bias, spec), spec)
+
+    ref = conv(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rel(torch.jit.trace(Run(), x)(x), ref) < 1e-4
+        buf = io.BytesIO()
+        torch.onnx.export(Run(), (x,), buf, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    (out,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    assert rel(torch.from_numpy(out), ref) < 1e-4
+
+
+def test_fft_is_marked_fallback_for_export():
+    assert registry.get("fft").exports == "fallback"   # no rfft2 in the TorchScript exporter
+
+
+# -- the Winograd eager path reuses per-thread scratch buffers ---------------------------
+@pytest.mark.parametrize("name", ["winograd_f2", "winograd_f4"])
+def test_winograd_scratch_reuse_is_safe(name):
+    """Same buffer shapes, other padding (the padding buffer's zero border must not carry
+    data over), other weights, inference_mode then no_grad (inference tensors cannot be
+    written outside inference mode)."""
+    torch.manual_seed(0)
+    a = nn.Conv2d(4, 5, 3, padding=1)    # 8x8 input, padding 1
+    b = nn.Conv2d(4, 5, 3, padding=0)    # 10x10 input, padding 0: same padded size
+    xa, xb = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 10, 10)
+    with torch.inference_mode():
+        check(name, a, xa)
+        check(name, b, xb)
+    for _ in range(2):
+        check(name, a, xa)
+        check(name, b, xb)
+        check(name, a, xa.contiguous(memory_format=torch.channels_last))
+    winograd.clear_workspace()
+    check(name, b, xb)

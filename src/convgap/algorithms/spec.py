@@ -42,6 +42,9 @@ def explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
+FLOATING_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """A 2-D convolution on a given input. ``padding`` is symmetric zero padding (ph, pw).
@@ -82,6 +85,19 @@ class ConvSpec:
     def depthwise(self) -> bool:
         """One input channel per group (out_channels a multiple of in_channels)."""
         return self.groups == self.in_channels and self.groups > 1
+
+    def empty_output(self) -> str | None:
+        """Why no algorithm can run this spec (its output would be empty), else None."""
+        _, _, oh, ow = self.output_shape
+        if oh < 1 or ow < 1:
+            return "the output would be empty (input smaller than the kernel)"
+        return None
+
+    def not_floating(self, what: str) -> str | None:
+        """Why ``what`` (e.g. 'FFT convolution') cannot run a non-floating dtype, else None."""
+        if self.dtype not in FLOATING_DTYPES:
+            return f"{what} needs a floating-point input, got {self.dtype}"
+        return None
 
     def is_3x3_s1(self) -> bool:
         """A 3x3, stride-1, dilation-1 convolution (Winograd's territory)."""

@@ -10,29 +10,45 @@ so a whole tile costs alpha^2 multiplications per (input, output) channel pair i
 fewer). Summing over input channels turns the element-wise product into alpha^2 independent
 GEMMs ``M[a] = V[a] @ U[a]`` of shape (tiles x C) @ (C x O), done here as ONE ``torch.bmm``.
 
-Pipeline of :meth:`_Winograd.run` (pure torch ops: autograd and torch.compile work):
+Pipeline of :meth:`_Winograd.run` (pure torch ops, no loops over pixels or channels):
 
-1. zero-pad ``x`` into an NHWC buffer whose height/width are ``m * tiles + 2`` (the bottom /
-   right get the extra zeros needed when the output size is not a multiple of m);
-2. view the overlapping alpha x alpha tiles (``Tensor.unfold`` twice, stride m) and gather
-   them, tap-major, into a (alpha^2, tiles * C) matrix -- the only input copy;
-3. input transform ``B^T d B`` for all tiles and channels as one small GEMM with
-   ``kron(B^T, B^T)`` (alpha^2 x alpha^2);
-4. the alpha^2 batched GEMMs (one ``torch.bmm``), tiles flattened together with the batch;
-5. output transform ``A^T m A`` as one GEMM with ``kron(A^T, A^T)`` (m^2 x alpha^2);
-6. re-assembly of the m x m tiles into the (cropped) output, with the bias added in the same
-   pass. The output is channels_last when the input was, NCHW otherwise.
+1. zero-pad ``x`` into an NHWC buffer (one copy, also for NCHW inputs: tiles x channels GEMM
+   operands measured faster than channels x tiles ones) whose height / width are
+   ``m * tiles + 2``: the bottom / right get the extra zeros of a last partial tile;
+2. input transform V = B^T d B of every tile and channel, separably: B^T along H as
+   element-wise combinations of the alpha strided row slices of the buffer (common
+   subexpressions shared, results written in place), then B along W the same way, straight
+   into the GEMM operand V (alpha^2, tiles, C) -- no gathered copy of the overlapping tiles;
+3. the alpha^2 GEMMs (tiles x C) @ (C x O) as ONE ``torch.bmm``, tiles of all images together;
+4. output transform A^T M A: one GEMM with A^T over the row frequencies, one ``bmm`` over the
+   column frequencies;
+5. re-assembly of the m x m tiles into the (cropped) output with the bias added, one strided
+   pass (plus one per partial tile row / column). The output is channels_last when the input
+   was, NCHW otherwise.
+
+Scratch buffers of the eager path (padding buffer, row-transformed rows, V, M, the
+transformed outputs) are kept per thread and reused by the next call with the same shapes
+(LRU, at most 256 MiB per thread; :func:`clear_workspace` frees them): fresh multi-MB
+temporaries page-fault on every call with glibc malloc, which cost 2x on a 64-channel
+56x56 layer at batch 8. The padding buffer's zero border then needs no refill.
+
+When autograd records a graph, or under jit.trace / ONNX export / torch.compile, step 2 is
+instead a gather of the tiles (alpha^2 strided slices, stacked) and one GEMM with
+kron(B^T, B^T), and step 5 a permute/reshape/crop, all out-of-place (in-place ``out=`` ops
+cannot be differentiated); same numbers up to rounding.
 
 Matrices (standard Lavin-Gray). F(2x2,3x3) uses interpolation points 0, 1, -1 (and infinity);
 F(4x4,3x3) uses 0, 1, -1, 2, -2 (and infinity). The filter transform is computed in float64
-and cast to the input dtype; the constant transform matrices are exact in any float type
-(their entries are small integers), so the only rounding is in the GEMMs.
+and cast to the compute dtype; the B^T and A^T entries are small integers (exact in any
+float type). bfloat16 / float16 inputs are computed in float32 and only the output is
+rounded back (F(4x4,3x3) entirely in bfloat16 is ~10% off).
 
-Accuracy (fp32; max |y - ref| / max |ref| against ``F.conv2d``, random normal inputs and
-``nn.Conv2d`` default init, C up to 512, measured by ``python -m convgap.algorithms.winograd``):
-F(2x2,3x3) stays below ~3e-6, tolerance 1e-4; F(4x4,3x3) stays below ~1e-4 (its B^T / A^T
-entries reach 5 and 8, which amplifies the rounding of the transformed values); its tolerance
-is set to 5e-4.
+Accuracy (fp32; max |y - ref| / max |ref|; 2 x 20 x 20 inputs, 64 outputs, C = 16 ... 512,
+normal / ReLU / uniform / DC-dominated / heavy-tailed inputs and weights; also C = 1024, 2048):
+F(2x2,3x3) <= 6e-7 against a float64 reference (<= 5e-6 against fp32 ``F.conv2d``, which
+itself is ~3e-6 off); F(4x4,3x3) <= 9.2e-6 against float64, <= 1.5e-5 against fp32
+``F.conv2d``. Its larger transform entries (5 in B^T, 8 in A^T) cost ~20x F(2x2,3x3)'s error
+but stay an order of magnitude inside the 1e-4 tolerance both are given.
 
 Why only 3x3 / stride 1 / dilation 1 / groups 1: the tile algebra is derived for a dense 3x3
 correlation with unit stride; a strided or dilated convolution is not a sliding-window
@@ -42,6 +58,8 @@ little channel reduction per tile to amortise the transforms (they are memory bo
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from fractions import Fraction as Fr
 
 import torch
@@ -50,7 +68,7 @@ import torch.nn.functional as F
 from .registry import Algorithm, register
 from .spec import ConvSpec
 
-__all__ = ["WinogradF2", "WinogradF4", "winograd_matrices"]
+__all__ = ["WinogradF2", "WinogradF4", "winograd_matrices", "clear_workspace"]
 
 # --- the standard Lavin-Gray matrices (exact rationals) ---------------------------------
 _MATRICES = {
@@ -94,8 +112,6 @@ def winograd_matrices(m: int) -> dict[str, torch.Tensor]:
             for k, rows in _MATRICES[m].items()}
 
 
-_INTERNAL: str | None = None  # benchmark override: 'nhwc' / 'nchw'
-
 _CONSTS: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -105,10 +121,11 @@ def _consts(m: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch
     hit = _CONSTS.get(key)
     if hit is None:
         mats = winograd_matrices(m)
-        hit = _CONSTS[key] = {
-            "BT": mats["BT"].to(device, dtype), "AT": mats["AT"].to(device, dtype),
-            "KB": torch.kron(mats["BT"], mats["BT"]).to(device, dtype),
-            "KA": torch.kron(mats["AT"], mats["AT"]).to(device, dtype)}
+        hit = {"BT": mats["BT"].to(device, dtype), "AT": mats["AT"].to(device, dtype),
+               "KB": torch.kron(mats["BT"], mats["BT"]).to(device, dtype),
+               "KA": torch.kron(mats["AT"], mats["AT"]).to(device, dtype)}
+        if not torch.jit.is_tracing():  # a trace must record the same ops on every call
+            _CONSTS[key] = hit
     return hit
 
 
@@ -116,6 +133,44 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half types run in float32: the transforms amplify rounding (F(4x4,3x3) in bfloat16
     would be ~10% off); only the output is rounded back."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers of the eager path, reused across calls (LRU, at most
+    ``limit`` bytes). Fresh multi-MB temporaries cost a page fault per 4 KiB on every call
+    with glibc malloc (it hands big blocks back to the OS): ~5000 faults, 2x the run time of
+    a 64-channel 56x56 layer at batch 8."""
+
+    limit = 256 * 2**20
+
+    def __init__(self) -> None:
+        self.buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, tag: str, shape: tuple[int, ...], like: torch.Tensor,
+            zero: bool = False) -> torch.Tensor:
+        """A contiguous buffer for ``tag`` of ``shape`` (zero-filled when ``zero`` and newly
+        made; a reused one holds what the last call left in it)."""
+        key = (tag, tuple(shape), like.dtype, like.device, torch.is_inference_mode_enabled())
+        buf = self.buffers.pop(key, None)
+        if buf is None:
+            buf = like.new_zeros(shape) if zero else like.new_empty(shape)
+        self.buffers[key] = buf
+        total = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        while total > self.limit and len(self.buffers) > 1:
+            _, old = self.buffers.popitem(last=False)
+            total -= old.numel() * old.element_size()
+        return buf
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+_WORKSPACE = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's cached Winograd scratch buffers (at most 256 MiB per thread)."""
+    _WORKSPACE.clear()
 
 
 def _eager(*tensors: torch.Tensor | None) -> bool:
@@ -130,34 +185,27 @@ def _eager(*tensors: torch.Tensor | None) -> bool:
 
 
 # --- element-wise input transforms B^T d along one axis (common subexpressions shared) ---
-def _bt2(d: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+def _bt2(d: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor | None) -> None:
     torch.sub(d[0], d[2], out=out[0])
     torch.add(d[1], d[2], out=out[1])
     torch.sub(d[2], d[1], out=out[2])
     torch.sub(d[1], d[3], out=out[3])
 
 
-def _bt4(d: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+def _bt4(d: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor | None) -> None:
+    """``tmp``: scratch shaped like one d[j]; out[4] / out[5] double as scratch."""
     torch.add(d[4], d[2], alpha=-5, out=out[0]).add_(d[0], alpha=4)       # 4d0 - 5d2 + d4
-    s12 = d[1] + d[2]
-    torch.add(d[3], d[4], out=out[1]).add_(s12, alpha=-4)                 # d3 + d4 - 4(d1 + d2)
-    s12 = torch.sub(d[1], d[2], out=s12)
-    torch.sub(d[4], d[3], out=out[2]).add_(s12, alpha=4)                  # d4 - d3 + 4(d1 - d2)
-    e, f = d[4] - d[2], d[3] - d[1]
+    torch.add(d[1], d[2], out=tmp)
+    torch.add(d[3], d[4], out=out[1]).add_(tmp, alpha=-4)                 # d3 + d4 - 4(d1 + d2)
+    torch.sub(d[1], d[2], out=tmp)
+    torch.sub(d[4], d[3], out=out[2]).add_(tmp, alpha=4)                  # d4 - d3 + 4(d1 - d2)
+    e, f = torch.sub(d[4], d[2], out=out[4]), torch.sub(d[3], d[1], out=out[5])
     torch.add(e, f, alpha=2, out=out[3])                                  # d4 - d2 + 2(d3 - d1)
-    torch.add(e, f, alpha=-2, out=out[4])                                 # d4 - d2 - 2(d3 - d1)
+    e.add_(f, alpha=-2)                                                   # d4 - d2 - 2(d3 - d1)
     torch.add(d[5], d[3], alpha=-5, out=out[5]).add_(d[1], alpha=4)       # 4d1 - 5d3 + d5
 
 
 _BT_ELEMENTWISE = {2: _bt2, 4: _bt4}
-
-
-def _empty(x: torch.Tensor, shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised tensor of logical ``shape`` whose memory holds the dims in ``order``
-    (outermost first)."""
-    buf = x.new_empty([shape[i] for i in order])
-    inverse = [order.index(i) for i in range(len(shape))]
-    return buf.permute(inverse)
 
 
 def assemble_tiles(y6: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -200,12 +248,7 @@ class _Winograd(Algorithm):
         if spec.groups != 1:
             return ("Winograd runs dense (groups=1) convolutions only: grouped / depthwise "
                     "layers have too little channel reduction to amortise the transforms")
-        _, _, oh, ow = spec.output_shape
-        if oh < 1 or ow < 1:
-            return "the output would be empty (input smaller than the kernel)"
-        if spec.dtype not in ("float32", "float64", "bfloat16", "float16"):
-            return f"Winograd needs a floating-point input, got {spec.dtype}"
-        return None
+        return spec.empty_output() or spec.not_floating("Winograd")
 
     def prepare(self, weight, bias, spec):
         """Filter transform U = G g G^T in float64, stored as (alpha^2, C, O) in the compute
@@ -223,49 +266,47 @@ class _Winograd(Algorithm):
         n, c, h, w = x.shape
         ph, pw = spec.padding
         oh, ow = h + 2 * ph - 2, w + 2 * pw - 2
-        th, tw = -(-oh // m), -(-ow // m)
-        hp, wp = th * m + 2, tw * m + 2
+        th, tw = (oh + m - 1) // m, (ow + m - 1) // m
         out_dtype = x.dtype
         x = x.to(u.dtype)
-        consts = _consts(m, x.dtype, x.device)
         o = u.shape[2]
-        tiles = n * th * tw
         channels_last = not x.is_contiguous() and \
             x.is_contiguous(memory_format=torch.channels_last)
-        # zero padding, with extra zeros bottom/right for a last partial tile
-        pads = (pw, wp - w - pw, ph, hp - h - ph)
-        if not _eager(x, u, bias):
-            y = self._run_functional(x, u, bias, pads, consts, channels_last, oh, ow)
-            return y.to(out_dtype)
-        nhwc = channels_last if _INTERNAL is None else _INTERNAL == 'nhwc'
-        if nhwc:
-            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0) + pads).permute(0, 3, 1, 2)
-        else:
-            xp = F.pad(x, pads)
-        bt = _BT_ELEMENTWISE[m]
-        # 1. row transform (B^T along H) straight from strided row slices of xp
-        r = _empty(x, (alpha, n, c, th, wp), (0, 1, 3, 4, 2) if nhwc else (0, 1, 2, 3, 4))
-        bt([xp[:, :, j:j + m * th:m] for j in range(alpha)], list(r))
-        # 2. column transform (B along W) into V[i, k], laid out for the batched GEMM
-        v = _empty(x, (alpha, alpha, n, c, th, tw),
-                   (0, 1, 2, 4, 5, 3) if nhwc else (0, 1, 3, 2, 4, 5))
-        bt([r[..., l:l + m * tw:m] for l in range(alpha)], list(v.transpose(0, 1)))
-        # 3. alpha^2 GEMMs in one call, tiles of all images together
-        if nhwc:
-            vm = v.permute(0, 1, 2, 4, 5, 3).reshape(alpha * alpha, tiles, c)
-            mm = torch.bmm(vm, u)                                        # a^2, tiles, O
-        else:
-            vm = v.permute(0, 1, 3, 2, 4, 5).reshape(alpha * alpha, c, tiles)
-            mm = torch.bmm(u.transpose(1, 2), vm)                         # a^2, O, tiles
+        eager = _eager(x, u, bias)
+        # 1. zero-padded NHWC copy, extra zeros bottom/right for a last partial tile (NHWC
+        # for NCHW inputs too: (tiles x C) GEMM operands measured faster than (C x tiles));
+        # 2. input transform V = B^T d B of every tile and channel: (a^2, tiles, C);
+        # 3. the alpha^2 GEMMs (tiles x C) @ (C x O) in one call, tiles of all images;
         # 4. output transform A^T M A: A^T along i (one GEMM), then along k (one bmm)
-        at = consts["AT"]
-        y = torch.mm(at, mm.view(alpha, -1)).view(m, alpha, -1)
-        y = torch.bmm(at.expand(m, m, alpha), y)                          # p, q, ...
-        if nhwc:
-            y6 = y.view(m, m, n, th, tw, o)
-        else:
-            y6 = y.view(m, m, o, n, th, tw).permute(0, 1, 3, 4, 5, 2)
+        hp, wp = th * m + 2, tw * m + 2
+        at = _consts(m, x.dtype, x.device)["AT"]
+        tiles = n * th * tw
+        if not eager:
+            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, wp - w - pw, ph, hp - h - ph))
+            v = self._input_gemm(xp, th, tw)
+            mm = torch.bmm(v, u)
+            y = torch.mm(at, mm.view(alpha, -1)).view(m, alpha, -1)
+            y = torch.bmm(at.expand(m, m, alpha), y)
+        else:  # same steps, into reused per-thread buffers
+            ws = _WORKSPACE
+            # the zero border of a reused padding buffer is still zero: copy the interior
+            xp = ws.get(f"xp{ph},{pw},{h},{w}", (n, hp, wp, c), x, zero=True)
+            xp[:, ph:ph + h, pw:pw + w].copy_(x.permute(0, 2, 3, 1))
+            v = self._input_elementwise(xp, th, tw, ws)
+            mm = torch.bmm(v, u, out=ws.get("mm", (alpha * alpha, tiles, o), x))
+            y = torch.mm(at, mm.view(alpha, -1), out=ws.get("y1", (m, alpha * tiles * o), x))
+            y = torch.bmm(at.expand(m, m, alpha), y.view(m, alpha, -1),
+                          out=ws.get("y", (m, m, tiles * o), x))
+        y6 = y.view(m, m, n, th, tw, o)
         # 5. re-assemble (and crop) the tiles, adding the bias
+        if not eager:
+            full = y6.permute(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, o)[:, :oh, :ow]
+            if bias is not None:
+                full = full + bias
+            res = full.permute(0, 3, 1, 2).to(out_dtype)
+            if channels_last:
+                return res.contiguous(memory_format=torch.channels_last)
+            return res.contiguous()
         if channels_last:
             out = x.new_empty((n, oh, ow, o), dtype=out_dtype)
             res = out.permute(0, 3, 1, 2)
@@ -275,32 +316,37 @@ class _Winograd(Algorithm):
         assemble_tiles(y6, bias, out)
         return res
 
-    def _run_functional(self, x, u, bias, pads, consts, channels_last, oh, ow):
-        """The same algorithm with out-of-place ops only (autograd, tracing, compile):
-        2-D transforms as single GEMMs with kron(B^T, B^T) and kron(A^T, A^T)."""
+    def _input_gemm(self, xp, th, tw):
+        """Gather the overlapping tiles tap-major (alpha^2 strided slices of the NHWC buffer
+        ``xp``, stacked: one copy), then B^T d B as one GEMM with kron(B^T, B^T). Purely
+        functional: autograd, jit.trace, ONNX export (slices, not Tensor.unfold), compile."""
         m, alpha = self.m, self.m + 2
-        n, c = x.shape[:2]
-        o = u.shape[2]
-        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0) + pads)                # N, Hp, Wp, C
-        th, tw = (xp.shape[1] - 2) // m, (xp.shape[2] - 2) // m
-        d = xp.unfold(1, alpha, m).unfold(2, alpha, m)                   # N, tH, tW, C, a, a
-        d = d.permute(4, 5, 0, 1, 2, 3).reshape(alpha * alpha, -1)
-        v = torch.mm(consts["KB"], d).view(alpha * alpha, n * th * tw, c)
-        mm = torch.bmm(v, u)
-        y = torch.mm(consts["KA"], mm.view(alpha * alpha, -1)).view(m, m, n, th, tw, o)
-        full = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, o)[:, :oh, :ow]
-        if bias is not None:
-            full = full + bias
-        res = full.permute(0, 3, 1, 2)
-        if channels_last:
-            return res.contiguous(memory_format=torch.channels_last)
-        return res.contiguous()
+        n, c = xp.shape[0], xp.shape[3]
+        kb = _consts(m, xp.dtype, xp.device)["KB"]
+        d = torch.stack([xp[:, j:j + m * th:m, l:l + m * tw:m]
+                         for j in range(alpha) for l in range(alpha)])
+        return torch.mm(kb, d.view(alpha * alpha, -1)).view(alpha * alpha, n * th * tw, c)
+
+    def _input_elementwise(self, xp, th, tw, ws):
+        """B^T along H from the alpha strided row slices of the NHWC buffer ``xp``, then B
+        along W, as element-wise ops written in place into the GEMM operand (no tile
+        gather; eager only; buffers from workspace ``ws``)."""
+        m, alpha = self.m, self.m + 2
+        n, _, wp, c = xp.shape
+        bt = _BT_ELEMENTWISE[m]
+        r = ws.get("r", (alpha, n, th, wp, c), xp)
+        tmp = ws.get("tmp_r", (n, th, wp, c), xp) if m == 4 else None
+        bt([xp[:, j:j + m * th:m] for j in range(alpha)], list(r), tmp)
+        v = ws.get("v", (alpha, alpha, n, th, tw, c), xp)
+        tmp = ws.get("tmp_v", (alpha, n, th, tw, c), xp) if m == 4 else None
+        bt([r[:, :, :, l:l + m * tw:m] for l in range(alpha)], list(v.transpose(0, 1)), tmp)
+        return v.view(alpha * alpha, n * th * tw, c)
 
 
 @register("winograd_f2")
 class WinogradF2(_Winograd):
     """Winograd F(2x2, 3x3): 2.25x fewer multiplications than direct 3x3 convolution;
-    fp32 error comparable to direct convolution."""
+    fp32 error no larger than direct convolution's (measured <= 6e-7 vs float64)."""
 
     m = 2
     tolerance = 1e-4
@@ -309,7 +355,8 @@ class WinogradF2(_Winograd):
 @register("winograd_f4")
 class WinogradF4(_Winograd):
     """Winograd F(4x4, 3x3): 4x fewer multiplications than direct 3x3 convolution; its
-    larger transforms cost accuracy (fp32 error up to ~1e-4 relative, tolerance 5e-4)."""
+    larger transforms cost accuracy (fp32 error measured <= 1.5e-5 relative, C up to 2048;
+    tolerance 1e-4)."""
 
     m = 4
-    tolerance = 5e-4
+    tolerance = 1e-4
