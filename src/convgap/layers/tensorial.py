@@ -1,0 +1,176 @@
+"""TensorialConv2d: a convolution whose kernel is stored factorized and whose forward is a
+conv_einsum expression evaluated on its cheapest path (never the rebuilt dense kernel)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.modules.utils import _pair
+
+from .. import einsum as ce
+from ..errors import ConvgapError
+from .factorizations import Family, family, rebuild
+
+__all__ = ["TensorialConv2d"]
+
+RankArg = Union[int, Sequence[int], None]
+
+
+def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]):
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ConvgapError(f"padding must be an int, a pair, 'same' or 'valid'; got "
+                               f"{padding!r}")
+        return padding
+    ph, pw = _pair(padding)
+    return (int(ph), int(pw))
+
+
+class TensorialConv2d(nn.Module):
+    """A 2-D convolution with a factorized kernel (CP, Tucker-2, tensor train, tensor ring,
+    reshaped CP; see :mod:`convgap.layers.factorizations`).
+
+    Give either ``rank`` (an int, or one int per bond of the family) or ``compression``
+    (dense weight parameters / factor parameters; the largest ranks that meet it are used).
+    Forward evaluates the family's conv_einsum expression pairwise in the MAC-optimal order
+    (:func:`convgap.einsum_path`), honouring stride, padding (int, pair, 'same', 'valid';
+    zeros) and dilation. ``bias`` is added after. Attributes: ``factorization``, ``ranks``,
+    ``expression``, ``factors`` (a ParameterList in expression order).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, factorization: str =
+                 "cp", rank: RankArg = None, compression: float | None = None, stride=1,
+                 padding=0, dilation=1, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        fam = family(factorization)
+        if (rank is None) == (compression is None):
+            raise ConvgapError("TensorialConv2d needs exactly one of rank= or compression=")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = _padding(padding, self.kernel_size, self.dilation)
+        if self.padding == "same" and self.stride != (1, 1):
+            raise ConvgapError("padding='same' needs stride 1")
+        o, s, (h, w) = self.out_channels, self.in_channels, self.kernel_size
+        self.factorization = fam.name
+        self.ranks = (fam.ranks(rank, o, s, h, w) if rank is not None
+                      else fam.rank_for(compression, o, s, h, w))
+        self.expression = fam.expression
+        kw = {"device": device, "dtype": dtype}
+        shapes = fam.shapes(self.ranks, o, s, h, w)
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(sh, **kw)) for sh in shapes])
+        self.bias = nn.Parameter(torch.empty(o, **kw)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def family(self) -> Family:
+        return family(self.factorization)
+
+    def reset_parameters(self) -> None:
+        """Factors drawn so the rebuilt kernel has about the variance of nn.Conv2d's
+        default init (kaiming-uniform with a=sqrt(5): var = 1 / (3 fan_in))."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        target = 1.0 / (3 * fan_in)
+        # each output element of the rebuilt kernel sums prod(bond ranks) products of one
+        # entry per factor: per-factor variance v gives target = (prod ranks) * v^n
+        n = len(self.factors)
+        bonds = math.prod(self.ranks) if self.factorization != "tucker" else \
+            self.ranks[0] * self.ranks[1]
+        v = (target / bonds) ** (1.0 / n)
+        with torch.no_grad():
+            for f in self.factors:
+                f.normal_(0.0, math.sqrt(v))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    @property
+    def weight_params(self) -> int:
+        """Parameters in the factors (bias excluded)."""
+        return sum(f.numel() for f in self.factors)
+
+    @property
+    def compression(self) -> float:
+        """Dense kernel parameters / factor parameters."""
+        o, s, (h, w) = self.out_channels, self.in_channels, self.kernel_size
+        return o * s * h * w / self.weight_params
+
+    def _conv_args(self) -> dict:
+        pad = self.padding
+        if not isinstance(pad, str):
+            pad = {"h": pad[0], "w": pad[1]}
+        return {"stride": {"h": self.stride[0], "w": self.stride[1]}, "padding": pad,
+                "dilation": {"h": self.dilation[0], "w": self.dilation[1]}}
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ConvgapError(f"TensorialConv2d expects (N, {self.in_channels}, H, W) input, "
+                               f"got {tuple(x.shape)}")
+        split = self.family.input_split
+        if split is None:
+            return x
+        s1, s2 = split(self.out_channels, self.in_channels)
+        return x.reshape(x.shape[0], s1, s2, *x.shape[2:])
+
+    def path(self, input_shape: Sequence[int]) -> ce.PathInfo:
+        """The contraction path (and its MACs) for an input of ``input_shape``."""
+        x = torch.empty(tuple(input_shape), device="meta")
+        shapes = [tuple(self._input(x).shape)] + [tuple(f.shape) for f in self.factors]
+        return ce.einsum_path(self.expression, *shapes, **self._conv_args())
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of one forward on ``input_shape`` (bias excluded)."""
+        return self.path(input_shape).macs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ce.einsum(self.expression, self._input(x), *self.factors, **self._conv_args())
+        if self.family.input_split is not None:
+            y = y.reshape(y.shape[0], self.out_channels, *y.shape[-2:])
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (O, S, kh, kw) kernel the factors stand for (for checks; forward never
+        builds it)."""
+        return rebuild(self.family, list(self.factors), self.out_channels, self.in_channels)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, factorization: str = "cp", rank: RankArg = None,
+                  compression: float | None = None) -> "TensorialConv2d":
+        """Factorize a trained ``nn.Conv2d`` (groups=1, zeros padding) with TensorLy:
+        parafac (cp, rcp), partial_tucker (tucker), tensor_train (tt), tensor_ring (tr),
+        computed in float64. At full rank (``family.full_rank``) the result reproduces the
+        conv to rounding."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ConvgapError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ConvgapError(f"from_conv factorizes dense convolutions; this one has "
+                               f"groups={conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ConvgapError(f"from_conv supports zeros padding; this conv pads with "
+                               f"{conv.padding_mode!r}")
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, factorization,
+                    rank=rank, compression=compression, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation,
+                    bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+        dense = w.detach().to("cpu", torch.float64).numpy()
+        factors = layer.family.decompose(dense, layer.ranks)
+        with torch.no_grad():
+            for p, f in zip(layer.factors, factors):
+                p.copy_(torch.as_tensor(np.ascontiguousarray(f), dtype=w.dtype))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"factorization={self.factorization}, ranks={self.ranks}, "
+                f"compression={self.compression:.3g}x, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}")
