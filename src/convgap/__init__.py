@@ -7,6 +7,10 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
 - :func:`count` -- per-layer MACs, params, bytes and arithmetic intensity, no timing.
 - :func:`swap` -- run each convolution with a chosen algorithm, or ``"auto"``: measured
   per layer, cached; :mod:`algorithms` holds the registry (add your own with ``register``).
+- :func:`einsum` / :func:`einsum_path` -- einsum with convolved modes (``"bshw,oshw->bohw|hw"``),
+  exact MAC counts per pairwise step, the optimal contraction order.
+- :class:`TensorialConv2d` (CP, Tucker, TT, TR, reshaped CP) and :class:`FlattenedConv2d`;
+  :func:`factorize` -- replace a trained model's convolutions by them.
 - :mod:`models` -- the model zoo: ``models.create(name)``, ``models.names()``.
 - :mod:`hardware` -- measured roofs: ``hardware.roofs(device, dtype)``.
 - :mod:`timing` -- the timing discipline used for every number convgap reports.
@@ -14,11 +18,14 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
 
 __version__ = "0.1.0"
 
-from . import algorithms, hardware, models, timing, transforms
+from . import algorithms, hardware, layers, models, timing, transforms
 from .analysis import Report, analyze
 from .count import Counts, count
+from .einsum import einsum, einsum_path
 from .errors import ConvgapError
-from .transforms import swap
+from .layers import FlattenedConv2d, TensorialConv2d
+from .transforms import factorize, swap
 
-__all__ = ["analyze", "count", "swap", "Counts", "Report", "ConvgapError", "algorithms",
-           "hardware", "models", "timing", "transforms", "__version__"]
+__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize",
+           "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
+           "algorithms", "hardware", "layers", "models", "timing", "transforms", "__version__"]

@@ -3,6 +3,7 @@
 ``convgap analyze MODEL [MODEL ...]``: the efficiency-gap report (terminal table, JSON, HTML).
 ``convgap roofs``: measured peak FLOP/s and bandwidth of this device (cached).
 ``convgap tune MODEL``: the fastest correct convolution algorithm per layer (cached).
+``convgap factorize MODEL``: factorized convolutions; params, MACs, latency before and after.
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -99,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", type=Path, default=None, help="write the decisions as JSON")
     _common(t)
 
+    f = sub.add_parser("factorize", help="factorize convolutions; params, MACs, latency "
+                       "before and after",
+                       description="Decompose the model's dense convolutions (default: every "
+                                   "non-1x1 conv with groups=1) into factorized layers run by "
+                                   "conv_einsum on their optimal path, and time each layer and "
+                                   "the whole model before and after.")
+    f.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory")
+    f.add_argument("--factorization", "-f", default="cp",
+                   help="cp, tucker, tt, tr, rcp or flattened (cp)")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--compression", type=float, default=None,
+                   help="dense / factorized weight parameters per layer (default 10)")
+    g.add_argument("--rank", type=_positive, nargs="+", default=None,
+                   help="rank(s) instead of --compression (one int, or one per bond)")
+    f.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="module names to factorize (default: dense non-1x1 convs)")
+    f.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
+    f.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
+    f.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
+    f.add_argument("--num-classes", type=_positive, default=1000)
+    f.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
+    f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
+    _common(f)
+
     sub.add_parser("models", help="list the model zoo")
     return parser
 
@@ -171,6 +196,38 @@ def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    import torch
+
+    from .transforms.factorize import compare, factorize
+    dtype = parse_dtype(args.dtype)
+    dev = hardware.check_device(args.device)
+    net = models.load(args.model, num_classes=args.num_classes)
+    if args.weights is not None:
+        models.load_weights(net, args.weights)
+    net = net.eval().to(device=dev, dtype=dtype)
+    shape = (args.batch, args.channels, args.image_size, args.image_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    compression = args.compression
+    if args.factorization != "flattened" and args.rank is None and compression is None:
+        compression = 10.0
+    rank = None if args.rank is None else (args.rank[0] if len(args.rank) == 1 else args.rank)
+    fact = factorize(net, args.factorization, compression=compression, rank=rank,
+                     layers=args.layers, quiet=args.quiet)
+    result = compare(net, fact, x, threads=args.threads, quiet=args.quiet)
+    what = args.factorization + (f", {compression:g}x" if compression else "") + \
+        (f", rank {rank}" if rank else "")
+    console.print(result.table(title=f"convgap factorize {args.model} ({what}) {shape} "
+                                     f"{args.dtype}, {result.threads} threads"))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=1))
+        console.print(f"JSON: {args.json}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
@@ -178,7 +235,7 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
-            "models": _cmd_models}
+            "factorize": _cmd_factorize, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,8 @@ class FlattenedConv2d(nn.Module):
         ver = np.zeros((dense.shape[0], dense.shape[2]))
         hor = np.zeros((dense.shape[0], dense.shape[3]))
         for o in range(dense.shape[0]):
+            if not np.any(dense[o]):  # a dead (all-zero) filter: zero 1-D filters
+                continue
             wts, (a, b, c) = parafac(dense[o], 1, n_iter_max=200, init="svd", tol=1e-12)
             lat[o], ver[o], hor[o] = a[:, 0] * wts[0], b[:, 0], c[:, 0]
         with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .. import einsum as ce
+from ..einsum import PathInfo, einsum, einsum_path
 from ..errors import ConvgapError
 from .factorizations import Family, family, rebuild
 
@@ -116,18 +116,18 @@ class TensorialConv2d(nn.Module):
         s1, s2 = split(self.out_channels, self.in_channels)
         return x.reshape(x.shape[0], s1, s2, *x.shape[2:])
 
-    def path(self, input_shape: Sequence[int]) -> ce.PathInfo:
+    def path(self, input_shape: Sequence[int]) -> PathInfo:
         """The contraction path (and its MACs) for an input of ``input_shape``."""
         x = torch.empty(tuple(input_shape), device="meta")
         shapes = [tuple(self._input(x).shape)] + [tuple(f.shape) for f in self.factors]
-        return ce.einsum_path(self.expression, *shapes, **self._conv_args())
+        return einsum_path(self.expression, *shapes, **self._conv_args())
 
     def macs(self, input_shape: Sequence[int]) -> int:
         """Multiply-accumulates of one forward on ``input_shape`` (bias excluded)."""
         return self.path(input_shape).macs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ce.einsum(self.expression, self._input(x), *self.factors, **self._conv_args())
+        y = einsum(self.expression, self._input(x), *self.factors, **self._conv_args())
         if self.family.input_split is not None:
             y = y.reshape(y.shape[0], self.out_channels, *y.shape[-2:])
         if self.bias is not None:

@@ -1,5 +1,6 @@
-"""Model rewrites: swap (per-layer convolution algorithms)."""
+"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs)."""
 
+from .factorize import FactorizedLayer, compare, factorize
 from .swap import Choice, choices, swap, unswap
 
-__all__ = ["swap", "unswap", "choices", "Choice"]
+__all__ = ["swap", "unswap", "choices", "Choice", "factorize", "compare", "FactorizedLayer"]

@@ -1,0 +1,257 @@
+"""factorize: replace a model's dense convolutions by factorized (TensorialConv2d) or
+flattened (FlattenedConv2d) ones decomposed from the trained kernels, and measure what that
+bought per layer and for the whole model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn as nn
+from rich.table import Table
+
+from .. import timing
+from ..errors import ConvgapError
+from ..layers import FAMILIES, FlattenedConv2d, TensorialConv2d, family
+from ..progress import make_progress
+
+__all__ = ["factorize", "FactorizedLayer", "compare", "Comparison", "FACTORIZATIONS",
+           "default_layers"]
+
+FACTORIZATIONS = (*FAMILIES, "flattened")
+LAYER_CONFIG = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=30, min_time=0.2)
+MODEL_CONFIG = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=30, min_time=0.5)
+
+Layers = Union[None, Sequence[str], type, Callable[[str, nn.Module], bool]]
+
+
+def default_layers(name: str, module: nn.Module) -> bool:
+    """The convolutions factorized by default: dense (groups=1), zeros padding, a spatial
+    kernel (not 1x1)."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and tuple(module.kernel_size) != (1, 1))
+
+
+@dataclass
+class FactorizedLayer:
+    """One replaced layer: its name, the factorization, ranks and weight parameters."""
+
+    name: str
+    factorization: str
+    ranks: tuple[int, ...] | None
+    dense_params: int
+    params: int
+
+    @property
+    def compression(self) -> float:
+        return self.dense_params / self.params
+
+
+def _select(model: nn.Module, layers: Layers) -> list[str]:
+    modules = dict(model.named_modules())
+    if layers is None:
+        return [n for n, m in modules.items() if default_layers(n, m)]
+    if isinstance(layers, type):
+        return [n for n, m in modules.items() if isinstance(m, layers)
+                and isinstance(m, nn.Conv2d)]
+    if callable(layers):
+        return [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and layers(n, m)]
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(layers)
+    for n in names:
+        if n not in modules:
+            convs = [k for k, m in modules.items() if isinstance(m, nn.Conv2d)]
+            raise ConvgapError(f"layers: the model has no module {n!r}; its Conv2d layers: "
+                               f"{', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''}")
+        if not isinstance(modules[n], nn.Conv2d):
+            raise ConvgapError(f"layers: {n!r} is a {type(modules[n]).__name__}, not a Conv2d")
+    return names
+
+
+def _check(name: str, conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise ConvgapError(f"{name}: factorize needs dense convolutions; it has groups="
+                           f"{conv.groups}")
+    if conv.padding_mode != "zeros":
+        raise ConvgapError(f"{name}: factorize needs zeros padding, not {conv.padding_mode!r}")
+    if isinstance(conv.padding, str):
+        raise ConvgapError(f"{name}: factorize needs numeric padding, not {conv.padding!r}")
+
+
+def factorize(model: nn.Module, factorization: str, *, compression: float | None = None,
+              rank: int | Sequence[int] | None = None, layers: Layers = None,
+              inplace: bool = False, quiet: bool = False) -> nn.Module:
+    """Replace convolutions of ``model`` by factorized ones decomposed from their weights.
+
+    ``factorization``: 'cp', 'tucker', 'tt', 'tr', 'rcp' (:class:`TensorialConv2d`) or
+    'flattened' (:class:`FlattenedConv2d`, one rank-1 repeat per output channel; takes
+    neither rank nor compression). Give ``compression`` (dense / factor weight
+    parameters, per layer) or ``rank``. ``layers``: None (every dense, non-1x1 conv), module
+    names, a module type, or a callable ``(name, module) -> bool``. Every layer's ranks are
+    checked before anything is replaced (an impossible compression raises ConvgapError
+    naming the layer). Returns the model (a copy unless ``inplace``) with
+    ``model.factorized``: a list of :class:`FactorizedLayer`.
+    """
+    if factorization not in FACTORIZATIONS:
+        raise ConvgapError(f"unknown factorization {factorization!r}; available: "
+                           f"{', '.join(FACTORIZATIONS)}")
+    flattened = factorization == "flattened"
+    if flattened and (rank is not None or compression is not None):
+        raise ConvgapError("'flattened' has a fixed structure: give neither rank nor "
+                           "compression")
+    if not flattened and (rank is None) == (compression is None):
+        raise ConvgapError("factorize needs exactly one of compression= or rank=")
+    names = _select(model, layers)
+    if not names:
+        raise ConvgapError("no convolution matches `layers` (by default: dense, non-1x1 "
+                           "Conv2d layers)")
+    modules = dict(model.named_modules())
+    plans = []
+    for n in names:  # validate every layer before touching the model
+        conv = modules[n]
+        _check(n, conv)
+        o, s, (h, w) = conv.out_channels, conv.in_channels, conv.kernel_size
+        if flattened:
+            plans.append((n, None))
+            continue
+        fam = family(factorization)
+        try:
+            ranks = (fam.ranks(rank, o, s, h, w) if rank is not None
+                     else fam.rank_for(compression, o, s, h, w))
+        except ConvgapError as exc:
+            raise ConvgapError(f"{n}: {exc}") from None
+        plans.append((n, ranks))
+    if not inplace:
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+    done: list[FactorizedLayer] = []
+    with make_progress(quiet) as progress:
+        task = progress.add_task(f"factorizing ({factorization})", total=len(plans))
+        for n, ranks in plans:
+            conv = modules[n]
+            if flattened:
+                new = FlattenedConv2d.from_conv(conv)
+            else:
+                new = TensorialConv2d.from_conv(conv, factorization, rank=ranks)
+            new.train(conv.training)
+            dense = conv.weight.numel()
+            done.append(FactorizedLayer(n, factorization, None if flattened else new.ranks,
+                                        dense, new.weight_params))
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            progress.advance(task)
+    model.factorized = done
+    return model
+
+
+# -- measurement ---------------------------------------------------------------------------
+@dataclass
+class LayerComparison:
+    name: str
+    factorization: str
+    dense_params: int
+    params: int
+    dense_macs: int
+    macs: int
+    dense_s: float
+    factorized_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.factorized_s
+
+    @property
+    def mac_reduction(self) -> float:
+        return self.dense_macs / self.macs
+
+
+@dataclass
+class Comparison:
+    """Per-layer and whole-model params, MACs and latency (seconds) before and after."""
+
+    input_shape: tuple[int, ...]
+    threads: int
+    layers: list[LayerComparison]
+    model_params: tuple[int, int]
+    model_s: tuple[float, float]
+    extra: dict = field(default_factory=dict)
+
+    def table(self, title: str = "convgap factorize") -> Table:
+        t = Table(title=title, title_justify="left")
+        for col in ("layer", "params", "MACs", "ms", "MAC cut", "speedup"):
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for r in self.layers:
+            t.add_row(r.name, f"{r.dense_params:,} -> {r.params:,}",
+                      f"{r.dense_macs / 1e6:,.1f}M -> {r.macs / 1e6:,.1f}M",
+                      f"{1e3 * r.dense_s:.3g} -> {1e3 * r.factorized_s:.3g}",
+                      f"{r.mac_reduction:.2f}x", f"{r.speedup:.2f}x")
+        dm = sum(r.dense_macs for r in self.layers)
+        fm = sum(r.macs for r in self.layers)
+        t.add_row("factorized layers", f"{sum(r.dense_params for r in self.layers):,} -> "
+                  f"{sum(r.params for r in self.layers):,}",
+                  f"{dm / 1e6:,.1f}M -> {fm / 1e6:,.1f}M",
+                  f"{1e3 * sum(r.dense_s for r in self.layers):.3g} -> "
+                  f"{1e3 * sum(r.factorized_s for r in self.layers):.3g}",
+                  f"{dm / fm:.2f}x",
+                  f"{sum(r.dense_s for r in self.layers) / sum(r.factorized_s for r in self.layers):.2f}x",
+                  style="bold")
+        (p0, p1), (t0, t1) = self.model_params, self.model_s
+        t.add_row("whole model", f"{p0:,} -> {p1:,}", "", f"{1e3 * t0:.4g} -> {1e3 * t1:.4g}",
+                  "", f"{t0 / t1:.2f}x", style="bold")
+        return t
+
+    def to_dict(self) -> dict:
+        return {"input_shape": list(self.input_shape), "threads": self.threads,
+                "model_params": list(self.model_params), "model_s": list(self.model_s),
+                "layers": [dict(vars(r), speedup=r.speedup, mac_reduction=r.mac_reduction)
+                           for r in self.layers], **self.extra}
+
+
+def _dense_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
+    n, o, oh, ow = out.shape
+    return n * o * oh * ow * (conv.in_channels // conv.groups) * \
+        conv.kernel_size[0] * conv.kernel_size[1]
+
+
+@torch.no_grad()
+def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
+            threads: int | None = None, quiet: bool = False) -> Comparison:
+    """Time each factorized layer against the conv it replaced, on the conv's real input
+    (interleaved medians), and the two whole models; params and MACs beside."""
+    rows = getattr(factorized, "factorized", None)
+    if rows is None:
+        raise ConvgapError("compare needs a model returned by factorize()")
+    orig_modules = dict(original.named_modules())
+    new_modules = dict(factorized.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [orig_modules[r.name].register_forward_pre_hook(
+        lambda m, a, n=r.name: inputs.setdefault(n, a[0])) for r in rows]
+    original.eval()
+    factorized.eval()
+    try:
+        original(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out: list[LayerComparison] = []
+    with timing.threads(threads) as n_threads, make_progress(quiet) as progress:
+        task = progress.add_task("timing layers", total=len(rows) + 1)
+        for r in rows:
+            conv, new = orig_modules[r.name], new_modules[r.name]
+            xi = inputs[r.name]
+            y = conv(xi)
+            t_dense, t_new = timing.compare([lambda: conv(xi), lambda: new(xi)], LAYER_CONFIG,
+                                            xi.device.type)
+            out.append(LayerComparison(r.name, r.factorization, r.dense_params, r.params,
+                                       _dense_macs(conv, y), new.macs(tuple(xi.shape)),
+                                       t_dense.median, t_new.median))
+            progress.advance(task)
+        t0, t1 = timing.compare([lambda: original(x), lambda: factorized(x)], MODEL_CONFIG,
+                                x.device.type)
+        progress.advance(task)
+    params = (sum(p.numel() for p in original.parameters()),
+              sum(p.numel() for p in factorized.parameters()))
+    return Comparison(tuple(x.shape), n_threads, out, params, (t0.median, t1.median))
