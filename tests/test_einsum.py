@@ -742,9 +742,6 @@ def test_path_cache_returns_identical_object_and_clear_cache_forgets():
     assert einsum_path(CONV, X, W, padding={"h": (1, 0)}) is d
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: the plan cache key compares True == 1 and "
-                   "1.0 == 1, so a cached valid plan is returned for an invalid stride / "
-                   "padding that raises ConvgapError on a cold cache")
 def test_cache_does_not_bypass_validation():
     clear_cache()
     einsum_path(CONV, X, W, stride=1, padding=1)
@@ -754,10 +751,6 @@ def test_cache_does_not_bypass_validation():
         einsum_path(CONV, X, W, stride=1, padding=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: greedy takes the cheapest pair even when it "
-                   "leads to a dead end (two intermediates whose only remaining step convolves "
-                   "one mode with the signal on each side) and then raises 'no contraction "
-                   "order can run it', although left-to-right and optimal orders run it")
 def test_greedy_avoids_dead_ends():
     # r, f, z convolved; greedy's cheapest first step (0, 2) convolves r and leaves
     # f: signal in {0, 2}, kernel in {1}; z: signal in {1}, kernel in {0, 2}

@@ -46,17 +46,18 @@ def _shapes(operands) -> list[tuple[int, ...]]:
 
 
 def _freeze(v):
+    """A hashable cache key that keeps types apart (True, 1 and 1.0 validate differently)."""
     if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
-    return v
+        return ("dict", tuple(sorted((str(k), _freeze(x)) for k, x in v.items())))
+    if isinstance(v, (list, tuple)):
+        return ("seq", tuple(_freeze(x) for x in v))
+    return (type(v).__name__, v)
 
 
 def _plan(expr: str, shapes, stride, padding, dilation, objective: str, path: PathSpec
           ) -> tuple[Problem, PathInfo]:
     key = (expr, tuple(shapes), _freeze(stride), _freeze(padding), _freeze(dilation),
-           objective, _freeze(path) if not isinstance(path, str) else path)
+           objective, _freeze(path))
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)

@@ -192,7 +192,13 @@ def search(p: Problem, objective: str = "flops", method: str = "auto") -> tuple[
     if method == "optimal":
         return (_optimal(p, objective) if p.n > 1 else []), method
     if method == "greedy":
-        return _greedy(p, objective), method
+        try:
+            return _greedy(p, objective), method
+        except ConvgapError:  # greedy can paint itself into a corner (mixed signal sides)
+            for a, b in left_plan(p.n):  # left to right keeps every signal on the left
+                if not p.step(a, b).feasible:
+                    raise
+            return left_plan(p.n), "left (greedy found no runnable order)"
     if method == "left":
         plan = left_plan(p.n)
         for a, b in plan:
