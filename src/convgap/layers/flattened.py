@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from ..einsum.evaluate import per_channel_conv
 from ..errors import ConvgapError
 
 __all__ = ["FlattenedConv2d"]
@@ -26,8 +27,9 @@ class FlattenedConv2d(nn.Module):
     dilation in every repeat's. Parameters per repeat: C_in*C_out + 3*C_out + k_h*C_out +
     k_w*C_out (vs C_in*C_out*k_h*k_w for the dense conv).
 
-    Forward runs the vertical and horizontal filters as ONE depthwise k_h x k_w convolution
-    with the rank-1 kernel v h^T (one pass over the feature map instead of two), and adds
+    Forward runs the lateral filter as a GEMM over positions and the vertical and
+    horizontal filters as ONE per-channel k_h x k_w convolution with the rank-1 kernel v h^T
+    (shifted multiply-adds, one pass over the feature map instead of two), and adds
     the vertical bias as the exact per-column map it becomes after the zero-padded
     horizontal filter; ``fuse=False`` runs the three convolutions as written (same result).
     """
@@ -89,7 +91,10 @@ class FlattenedConv2d(nn.Module):
         o, (kh, kw) = self.out_channels, self.kernel_size
         for r in range(self.repeats):
             (sh, sw), (ph, pw), (dh, dw) = self._geometry(r)
-            x = F.conv2d(x, self.lateral[r][:, :, None, None], self._bias(r, 0))
+            n, c, hgt, wid = x.shape  # lateral 1x1: a GEMM over positions
+            x = torch.matmul(self.lateral[r], x.reshape(n, c, hgt * wid)).view(n, o, hgt, wid)
+            if self.biases is not None:
+                x = x + self._bias(r, 0).view(1, -1, 1, 1)
             v, h = self.vertical[r], self.horizontal[r]
             if not self.fuse:
                 x = F.conv2d(x, v[:, None, :, None], self._bias(r, 1), (sh, 1), (ph, 0),
@@ -98,7 +103,9 @@ class FlattenedConv2d(nn.Module):
                              (1, dw), o)
                 continue
             kernel = (v[:, :, None] * h[:, None, :])[:, None]  # (o, 1, kh, kw), rank 1
-            y = F.conv2d(x, kernel, self._bias(r, 2), (sh, sw), (ph, pw), (dh, dw), o)
+            y = per_channel_conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), (dh, dw))
+            if self.biases is not None:
+                y = y + self._bias(r, 2).view(1, -1, 1, 1)
             if self.biases is not None:
                 y = y + self._vertical_bias_map(r, x.shape[-1], y.shape[-1])
             x = y

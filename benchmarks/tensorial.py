@@ -1,0 +1,210 @@
+"""Benchmark: factorized convolutions on CPU, where do the saved MACs become saved time?
+
+On resnet50's stride-1 3x3 convolutions of stages 2-4 (128 ch @ 28x28, 256 @ 14x14,
+512 @ 7x7), batch 1 and 8, fp32, NCHW:
+1. dense (nn.Conv2d) vs TensorialConv2d cp / tucker / tt / tr / rcp at 5x and 10x fewer
+   weight parameters, and FlattenedConv2d: params, MACs, median latency (each variant timed
+   interleaved with the dense layer), achieved GFLOP/s, latency reduction vs MAC reduction
+   (target at 10x: latency reduction >= 0.7 x MAC reduction; FlattenedConv2d >= 2x faster
+   than dense);
+2. convgap's contraction path vs left-to-right order (same factors, interleaved);
+3. tltorch ``FactorizedConv`` (``implementation="factorized"``) where tensorly-torch is
+   importable (a bench-only install; convgap does not depend on it);
+4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
+
+    python benchmarks/tensorial.py [--threads 2] [--batch 1 8]
+
+Prints tables and writes benchmarks/results/tensorial.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+SPECS = [(128, 28), (256, 14), (512, 7)]  # resnet50 layer2-4 3x3 convs: channels @ size
+FAMILIES = ["cp", "tucker", "tt", "tr", "rcp"]
+COMPRESSIONS = [5, 10]
+PLAN_EXPRESSIONS = [
+    ("bshw,oshw->bohw|hw", [(8, 256, 14, 14), (256, 256, 3, 3)]),
+    ("bshw,sk,akhw,oa->bohw|hw", [(8, 256, 14, 14), (256, 64), (64, 64, 3, 3), (256, 64)]),
+    ("bshw,sr,rh,rw,or->bohw|hw", [(8, 256, 14, 14), (256, 64), (64, 3), (64, 3), (256, 64)]),
+    ("bshw,zsa,ahc,cwd,doz->bohw|hw", [(8, 256, 14, 14), (8, 256, 8), (8, 3, 8), (8, 3, 8),
+                                       (8, 256, 8)]),
+    ("bshw,zsa,ahc,cwd,dey,eoz->boyhw|hw",
+     [(8, 256, 14, 14), (8, 256, 8), (8, 3, 8), (8, 3, 8), (8, 2, 8), (8, 256, 8)]),
+]
+
+
+def tltorch_conv(c: int, compression: float, factorization: str):
+    try:
+        import tltorch
+    except ImportError:
+        return None
+    rank = 1.0 / compression  # tltorch: a float rank is the fraction of dense parameters
+    try:
+        layer = tltorch.FactorizedConv.from_conv(
+            nn.Conv2d(c, c, 3, padding=1, bias=False), rank=rank,
+            factorization=factorization, implementation="factorized", decompose_weights=False)
+    except Exception as exc:  # pragma: no cover - depends on the bench-only install
+        return f"failed: {type(exc).__name__}: {exc}"
+    return layer
+
+
+def measure(layer, dense, x, cfg, timing):
+    with torch.no_grad():
+        t_dense, t_layer = timing.compare([lambda: dense(x), lambda: layer(x)], cfg)
+    return t_dense.median, t_layer.median
+
+
+def run_spec(c: int, size: int, batch: int, cfg, console) -> dict:
+    from convgap import timing
+    from convgap.layers import FlattenedConv2d, TensorialConv2d
+    torch.manual_seed(0)
+    dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
+    x = torch.randn(batch, c, size, size)
+    dense_macs = batch * c * c * 9 * size * size
+    dense_params = dense.weight.numel()
+    rows = []
+    for comp in COMPRESSIONS:
+        for fam in FAMILIES:
+            layer = TensorialConv2d(c, c, 3, fam, compression=comp, padding=1,
+                                    bias=False).eval()
+            info = layer.path(tuple(x.shape))
+            t_dense, t_layer = measure(layer, dense, x, cfg, timing)
+            # convgap's path vs left-to-right, same factors, interleaved
+            from convgap.einsum import einsum
+            xi = layer._input(x)
+            args = layer._conv_args()
+            with torch.no_grad():
+                t_best, t_left = timing.compare(
+                    [lambda: einsum(layer.expression, xi, *layer.factors, **args),
+                     lambda: einsum(layer.expression, xi, *layer.factors, path="left",
+                                    **args)], cfg)
+            left_macs = info.naive_macs
+            row = {"variant": fam, "target_compression": comp, "ranks": list(layer.ranks),
+                   "params": layer.weight_params, "macs": info.macs, "dense_s": t_dense,
+                   "s": t_layer, "path": info.path, "left_macs": left_macs,
+                   "path_s": t_best.median, "left_s": t_left.median}
+            tl = tltorch_conv(c, comp, fam) if fam in ("cp", "tucker", "tt") else None
+            if isinstance(tl, nn.Module):
+                tl.eval()
+                _, t_tl = measure(tl, dense, x, cfg, timing)
+                row["tltorch_s"] = t_tl
+            elif isinstance(tl, str):
+                row["tltorch"] = tl
+            rows.append(row)
+    flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval()
+    t_dense, t_flat = measure(flat, dense, x, cfg, timing)
+    rows.append({"variant": "flattened", "target_compression": None, "ranks": None,
+                 "params": flat.weight_params, "macs": flat.macs(tuple(x.shape)),
+                 "dense_s": t_dense, "s": t_flat})
+    for r in rows:
+        r["param_reduction"] = dense_params / r["params"]
+        r["mac_reduction"] = dense_macs / r["macs"]
+        r["speedup"] = r["dense_s"] / r["s"]
+        r["gflops"] = 2 * r["macs"] / r["s"] / 1e9
+        r["dense_gflops"] = 2 * dense_macs / r["dense_s"] / 1e9
+        r["speedup_over_mac_reduction"] = r["speedup"] / r["mac_reduction"]
+    return {"channels": c, "size": size, "batch": batch, "dense_params": dense_params,
+            "dense_macs": dense_macs, "rows": rows}
+
+
+def plan_times() -> list[dict]:
+    from convgap.einsum import clear_cache, einsum_path
+    out = []
+    for expr, shapes in PLAN_EXPRESSIONS:
+        samples = []
+        for _ in range(20):
+            clear_cache()
+            t0 = time.perf_counter()
+            info = einsum_path(expr, *shapes, padding=1)
+            samples.append(time.perf_counter() - t0)
+        out.append({"expression": expr, "operands": len(shapes),
+                    "plan_ms": 1e3 * statistics.median(samples), "macs": info.macs,
+                    "left_macs": info.naive_macs})
+    return out
+
+
+def print_tables(results, plans, console) -> None:
+    for r in results:
+        t = Table(title=f"resnet50 3x3 {r['channels']}->{r['channels']} @ {r['size']}x"
+                        f"{r['size']}, batch {r['batch']} (dense: {r['dense_params']:,} "
+                        f"params, {r['dense_macs'] / 1e6:.0f}M MACs, "
+                        f"{1e3 * r['rows'][0]['dense_s']:.3g} ms)", title_justify="left")
+        for col in ("variant", "x", "ranks", "params", "MACs", "ms", "dense ms", "GFLOP/s",
+                    "param cut", "MAC cut", "speedup", "speedup/MAC cut", "path ms",
+                    "left ms", "left MACs", "tltorch ms"):
+            t.add_column(col, justify="left" if col in ("variant", "ranks") else "right")
+        for row in r["rows"]:
+            t.add_row(row["variant"], str(row["target_compression"] or "-"),
+                      str(row["ranks"] or "-"), f"{row['params']:,}",
+                      f"{row['macs'] / 1e6:.1f}M", f"{1e3 * row['s']:.3g}",
+                      f"{1e3 * row['dense_s']:.3g}", f"{row['gflops']:.0f}",
+                      f"{row['param_reduction']:.1f}x", f"{row['mac_reduction']:.1f}x",
+                      f"{row['speedup']:.2f}x", f"{row['speedup_over_mac_reduction']:.2f}",
+                      f"{1e3 * row['path_s']:.3g}" if "path_s" in row else "-",
+                      f"{1e3 * row['left_s']:.3g}" if "left_s" in row else "-",
+                      f"{row['left_macs'] / 1e6:.1f}M" if "left_macs" in row else "-",
+                      f"{1e3 * row['tltorch_s']:.3g}" if "tltorch_s" in row else
+                      ("err" if "tltorch" in row else "n/a"))
+        console.print(t)
+    t = Table(title="planning time (einsum_path, cold cache, median of 20)",
+              title_justify="left")
+    for col in ("expression", "operands", "ms", "MACs", "left-to-right MACs"):
+        t.add_column(col, justify="left" if col == "expression" else "right")
+    for p in plans:
+        t.add_row(p["expression"], str(p["operands"]), f"{p['plan_ms']:.2f}",
+                  f"{p['macs']:,}", f"{p['left_macs']:,}")
+    console.print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", type=Path, default=RESULTS / "tensorial.json")
+    args = ap.parse_args()
+    import convgap
+    from convgap import timing
+    cfg = timing.TimingConfig(warmup=3, min_repeats=9, max_repeats=40, min_time=0.2)
+    console = Console(width=240)
+    start = time.time()
+    results = []
+    try:
+        import tltorch  # noqa: F401
+        tl_version = getattr(tltorch, "__version__", "?")
+    except ImportError:
+        tl_version = None
+        console.print("[dim]tltorch not importable: its column stays n/a (install "
+                      "tensorly-torch in a bench-only environment to compare)[/dim]")
+    with timing.threads(args.threads):
+        for batch in args.batch:
+            for c, size in SPECS:
+                console.print(f"[dim]{c} ch @ {size}, batch {batch} ...[/dim]")
+                results.append(run_spec(c, size, batch, cfg, console))
+        plans = plan_times()
+    print_tables(results, plans, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "tensorial", "threads": args.threads, "batches": args.batch,
+        "dtype": "float32", "layout": "nchw", "torch": torch.__version__,
+        "tltorch": tl_version, "convgap": convgap.__version__,
+        "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
+        "seconds": time.time() - start, "results": results, "planning": plans},
+        indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
