@@ -1,0 +1,135 @@
+"""factorize: which layers are replaced, exactness at full rank, errors before any change,
+and the `convgap factorize` command."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convgap
+from convgap.errors import ConvgapError
+from convgap.layers import FAMILIES, FlattenedConv2d, TensorialConv2d
+from convgap.transforms.factorize import compare, factorize
+
+from test_cli import run, user_module  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1), nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(12, 12, 3, padding=1, groups=3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).double()
+
+
+def test_default_layers_are_dense_spatial_convs_and_state_is_kept():
+    net = small_net()
+    fact = factorize(net, "cp", compression=2, quiet=True)
+    assert [r.name for r in fact.factorized] == ["0", "4"]
+    assert isinstance(fact[0], TensorialConv2d) and isinstance(fact[4], TensorialConv2d)
+    assert type(fact[2]) is nn.Conv2d and type(fact[6]) is nn.Conv2d  # 1x1, grouped
+    assert type(net[0]) is nn.Conv2d  # the original is untouched (a copy by default)
+    for r in fact.factorized:
+        assert r.params == fact.get_submodule(r.name).weight_params
+        assert r.compression >= 2
+    assert torch.equal(fact[0].bias, net[0].bias)
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_full_rank_model_reproduces_original(fam):
+    net = small_net().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    full = {n: FAMILIES[fam].full_rank(m.out_channels, m.in_channels, *m.kernel_size)
+            for n, m in net.named_modules() if n in ("0", "4")}
+    fact = factorize(net, fam, rank=max(max(r) for r in full.values()),
+                     layers=["0", "4"], quiet=True) if fam in ("cp", "rcp") else None
+    if fact is None:  # multi-bond families: full rank per layer
+        fact = net
+        for n, r in full.items():
+            fact = factorize(fact, fam, rank=r, layers=[n], quiet=True)
+    ref = net(x)
+    assert ((fact(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9
+
+
+def test_layers_by_type_callable_and_flattened():
+    net = small_net()
+    by_type = factorize(net, "tucker", compression=1.5, quiet=True,
+                        layers=lambda n, m: isinstance(m, nn.Conv2d) and m.groups == 1)
+    assert {r.name for r in by_type.factorized} == {"0", "2", "4"}
+    flat = factorize(net, "flattened", layers=lambda n, m: n == "4", quiet=True)
+    assert isinstance(flat[4], FlattenedConv2d) and type(flat[0]) is nn.Conv2d
+
+
+def test_grouped_conv_by_type_is_an_error_naming_it():
+    with pytest.raises(ConvgapError, match="6: .*groups=3"):
+        factorize(small_net(), "tucker", compression=1.5, layers=nn.Conv2d, quiet=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"factorization": "cpx", "compression": 2}, "unknown factorization 'cpx'.*tucker"),
+    ({"factorization": "cp"}, "exactly one of"),
+    ({"factorization": "cp", "compression": 2, "rank": 3}, "exactly one of"),
+    ({"factorization": "flattened", "compression": 2}, "neither rank nor compression"),
+    ({"factorization": "cp", "compression": 20, "layers": ["4", "0"]}, "^0: cp cannot compress"),
+    ({"factorization": "cp", "compression": 2, "layers": ["nope"]}, "no module 'nope'"),
+    ({"factorization": "cp", "compression": 2, "layers": ["1"]}, "ReLU, not a Conv2d"),
+    ({"factorization": "cp", "compression": 2, "layers": lambda n, m: False}, "no convolution"),
+])
+def test_bad_requests_raise_before_anything_changes(kwargs, match):
+    net = small_net()
+    fam = kwargs.pop("factorization")
+    with pytest.raises(ConvgapError, match=match):
+        factorize(net, fam, inplace=True, quiet=True, **kwargs)
+    assert all(type(m) is not TensorialConv2d for m in net.modules())
+
+
+def test_compare_counts_and_times_each_layer():
+    net = small_net().float().eval()
+    fact = factorize(net, "cp", compression=2, quiet=True)
+    x = torch.randn(2, 3, 16, 16)
+    res = compare(net, fact, x, threads=1, quiet=True)
+    assert [r.name for r in res.layers] == ["0", "4"]
+    first = res.layers[0]
+    assert first.dense_macs == 2 * 8 * 16 * 16 * 3 * 9
+    assert first.macs == fact[0].macs((2, 3, 16, 16))
+    assert first.dense_s > 0 and first.factorized_s > 0 and res.model_s[0] > 0
+    assert res.model_params == (sum(p.numel() for p in net.parameters()),
+                                sum(p.numel() for p in fact.parameters()))
+    assert "whole model" in str(res.table().columns[0]._cells)
+
+
+def test_public_api():
+    assert convgap.factorize is factorize
+    assert convgap.TensorialConv2d is TensorialConv2d
+
+
+def test_cli_factorize_prints_and_writes_json(capsys, user_module, tmp_path):  # noqa: F811
+    code, out, err = run(capsys, "factorize", f"{user_module}:factory", "-f", "tucker",
+                         "--compression", "1.2", "--image-size", "16", "--threads", "1",
+                         "--quiet", "--json", str(tmp_path / "f.json"))
+    assert code == 0, err
+    assert "whole model" in out and "MAC cut" in out
+    data = json.loads((tmp_path / "f.json").read_text())
+    (layer,) = data["layers"]
+    assert layer["name"] == "0" and layer["dense_macs"] == 8 * 3 * 9 * 16 * 16
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["-f", "cpx"], "unknown factorization"),
+    (["--compression", "100000"], "cannot compress"),
+    (["--layers", "missing"], "no module 'missing'"),
+])
+def test_cli_factorize_errors_exit_2(capsys, user_module, argv, match):  # noqa: F811
+    code, _, err = run(capsys, "factorize", f"{user_module}:factory", "--image-size", "16",
+                       "--quiet", *argv)
+    assert code == 2 and match in err and "Traceback" not in err
