@@ -197,7 +197,7 @@ def test_forward_never_rebuilds_the_dense_kernel(monkeypatch):
 @pytest.mark.parametrize("fam", NAMES)
 def test_compression_picks_largest_ranks_within_budget(fam, c):
     o, s, kh, kw = 18, 12, 3, 3
-    layer = TensorialConv2d(s, o, 3, fam, compression=c)
+    layer = TensorialConv2d(s, o, 3, fam, compression=c, rank_multiple=1)
     dense = o * s * kh * kw
     fam_ = FAMILIES[fam]
     assert layer.weight_params == fam_.params(layer.ranks, o, s, kh, kw)
@@ -210,11 +210,36 @@ def test_compression_picks_largest_ranks_within_budget(fam, c):
         assert fam_.params((t + 1,) * fam_.n_ranks, o, s, kh, kw) > dense / c
 
 
+@pytest.mark.parametrize("fam", NAMES)
+@pytest.mark.parametrize("multiple", [4, 8, 16])
+def test_rank_multiple_rounds_channel_ranks_down(fam, multiple):
+    o, s, c = 96, 64, 4
+    free = TensorialConv2d(s, o, 3, fam, compression=c, rank_multiple=1)
+    layer = TensorialConv2d(s, o, 3, fam, compression=c, rank_multiple=multiple)
+    assert layer.compression >= c
+    if fam in ("cp", "tucker", "tt"):  # ranks are channel counts: aligned
+        for r, r0 in zip(layer.ranks, free.ranks):
+            if r0 >= 2 * multiple:
+                assert r % multiple == 0 and r0 - multiple < r <= r0
+            else:
+                assert r == r0
+    else:  # tr bonds multiply, rcp ranks are not channels: untouched
+        assert layer.ranks == free.ranks
+    assert TensorialConv2d(s, o, 3, fam, rank=free.ranks, rank_multiple=multiple).ranks == \
+        free.ranks  # an explicit rank is taken as given
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True])
+def test_bad_rank_multiple_raises(bad):
+    with pytest.raises(ConvgapError, match="rank_multiple"):
+        TensorialConv2d(64, 64, 3, "tucker", compression=4, rank_multiple=bad)
+
+
 @pytest.mark.parametrize("fam", ["cp", "rcp"])
 def test_compression_single_rank_families_exact_boundary(fam):
     o, s, kh, kw = 16, 8, 3, 3
     for c in (2, 4, 8):
-        r = TensorialConv2d(s, o, 3, fam, compression=c).ranks[0]
+        r = TensorialConv2d(s, o, 3, fam, compression=c, rank_multiple=1).ranks[0]
         shapes = FAMILIES[fam].shapes((r,), o, s, kh, kw)
         per_rank = sum(math.prod(sh) for sh in shapes) // r  # params are linear in rank
         assert r * per_rank <= o * s * kh * kw / c < (r + 1) * per_rank

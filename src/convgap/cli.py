@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense / factorized weight parameters per layer (default 10)")
     g.add_argument("--rank", type=_positive, nargs="+", default=None,
                    help="rank(s) instead of --compression (one int, or one per bond)")
+    f.add_argument("--rank-multiple", type=_positive, default=8, metavar="N",
+                   help="with --compression, round CP/Tucker/TT ranks >= 2N down to a "
+                        "multiple of N (vector-friendly channel counts; 1: off; default 8)")
     f.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="module names to factorize (default: dense non-1x1 convs)")
     f.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
@@ -215,7 +218,7 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
         compression = 10.0
     rank = None if args.rank is None else (args.rank[0] if len(args.rank) == 1 else args.rank)
     fact = factorize(net, args.factorization, compression=compression, rank=rank,
-                     layers=args.layers, quiet=args.quiet)
+                     layers=args.layers, rank_multiple=args.rank_multiple, quiet=args.quiet)
     result = compare(net, fact, x, threads=args.threads, quiet=args.quiet)
     what = args.factorization + (f", {compression:g}x" if compression else "") + \
         (f", rank {rank}" if rank else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from .cost import Problem
 from .path import Plan
 
-__all__ = ["run_plan", "per_channel_conv", "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
+__all__ = ["run_plan", "Program", "per_channel_conv", "channels_innermost", "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
 
 FFT_MIN_KERNEL = 32  # kernel elements below which a step never runs by FFT
 FFT_ADVANTAGE = 4.0  # FFT must be estimated this many times cheaper (its constants are big)
@@ -32,45 +33,100 @@ SHIFT_MAX_TAPS = 32  # per-channel filters up to this many taps run as shifted m
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _sum_private(x: torch.Tensor, modes: str, keep: dict[str, int]) -> tuple[torch.Tensor, str]:
-    drop = [i for i, m in enumerate(modes) if m not in keep]
-    if not drop:
-        return x, modes
-    return x.sum(dim=drop), "".join(m for m in modes if m in keep)
-
-
 def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto"
              ) -> torch.Tensor:
     """Evaluate ``p`` on ``operands`` in the order ``plan``; the result has ``p``'s output
-    modes in order."""
+    modes in order.
+
+    The first call for a (plan, fft, layout) works out every step's permutations, shapes
+    and torch op from the modes and sizes and keeps them on ``p`` (a :class:`Program`);
+    later calls only run the ops, so a small layer pays microseconds, not the planning
+    arithmetic, per call. Intermediates are written channels innermost (the layout
+    oneDNN's convolutions and the per-position GEMMs run fastest in); the result keeps the
+    first operand's layout."""
     dtype = operands[0].dtype
     for t in operands[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    live: dict[int, tuple[torch.Tensor, str]] = {}
-    for i, (t, ops) in enumerate(zip(operands, p.expr.inputs)):
-        live[1 << i] = _sum_private(t.to(dtype), ops, p.modes(1 << i))
-    if p.n == 1:
-        x, modes = live[1]
-        return _to_output(x, modes, p.expr.output)
-    for a, b in plan:
-        (xa, ma), (xb, mb) = live.pop(a), live.pop(b)
-        convolved = [m for m in ma if m in mb and m in p.conv]
-        keep = p.modes(a | b)
-        final = (a | b) == p.full
-        spatial_a = any(m in p.conv for m in ma)
-        spatial_b = any(m in p.conv for m in mb)
-        if convolved or spatial_a != spatial_b:
-            # a convolution, or a contraction of a feature map with a weight: as a conv
-            # with length-1 kernels it keeps the (batch, channels, spatial) layout
-            if (not a >> p.signal[convolved[0]] & 1) if convolved else spatial_b:
-                xa, ma, xb, mb = xb, mb, xa, ma
-            x, modes = _conv_step(p, xa, ma, xb, mb, convolved, keep, fft)
-        else:
-            out = p.expr.output if final else _natural(ma, mb, keep)
-            x, modes = torch.einsum(f"{ma},{mb}->{out}", xa, xb), out
-        live[a | b] = (x, modes)
-    x, modes = live[p.full]
-    return _to_output(x, modes, p.expr.output)
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    channels_last = channels_innermost(operands[0])
+    key = (tuple(tuple(s) for s in plan), fft, channels_last)
+    programs = p.__dict__.setdefault("programs", {})
+    program = programs.get(key)
+    if program is None:
+        program = Program(p, plan, fft, channels_last)
+        y = program.run(operands, dtype)  # compiles its steps as it goes
+        programs[key] = program
+        return y
+    return program.run(operands, dtype)
+
+
+class Program:
+    """A plan turned into ready steps: per operand the private modes to sum, then per step
+    the two live intermediates it takes and a function running it on torch ops. Steps are
+    compiled from the tensors' sizes on the first run."""
+
+    def __init__(self, p: Problem, plan: Plan, fft, channels_last: bool) -> None:
+        self.p, self.plan, self.fft, self.channels_last = p, [tuple(s) for s in plan], fft, \
+            channels_last
+        self.prep: list[tuple[int, ...]] = []
+        self.modes: dict[int, str] = {}
+        for i, ops in enumerate(p.expr.inputs):
+            keep = p.modes(1 << i)
+            self.prep.append(tuple(j for j, m in enumerate(ops) if m not in keep))
+            self.modes[1 << i] = "".join(m for m in ops if m in keep)
+        self.steps: list[tuple[int, int, bool, Callable]] | None = None
+        self.out_perm: list[int] | None = None
+
+    def run(self, operands: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        live: dict[int, torch.Tensor] = {}
+        for i, (t, drop) in enumerate(zip(operands, self.prep)):
+            if t.dtype != dtype:
+                t = t.to(dtype)
+            live[1 << i] = t.sum(dim=drop) if drop else t
+        if self.steps is None:
+            return self._compile_and_run(live)
+        for a, b, swap, fn in self.steps:
+            xa, xb = live.pop(a), live.pop(b)
+            live[a | b] = fn(xb, xa) if swap else fn(xa, xb)
+        y = live[self.p.full]
+        return y if self.out_perm is None else y.permute(self.out_perm)
+
+    def _compile_and_run(self, live: dict[int, torch.Tensor]) -> torch.Tensor:
+        p, modes, steps = self.p, dict(self.modes), []
+        for a, b in self.plan if p.n > 1 else []:
+            (xa, ma), (xb, mb) = (live.pop(a), modes.pop(a)), (live.pop(b), modes.pop(b))
+            convolved = [m for m in ma if m in mb and m in p.conv]
+            keep = p.modes(a | b)
+            final = (a | b) == p.full
+            spatial_a = any(m in p.conv for m in ma)
+            spatial_b = any(m in p.conv for m in mb)
+            swap = False
+            if convolved or spatial_a != spatial_b:
+                # a convolution, or a contraction of a feature map with a weight: as a conv
+                # with length-1 kernels it keeps the (batch, channels, spatial) layout
+                swap = (not a >> p.signal[convolved[0]] & 1) if convolved else spatial_b
+                if swap:
+                    xa, ma, xb, mb = xb, mb, xa, ma
+                fn, out = _conv_step(p, tuple(xa.shape), ma, tuple(xb.shape), mb, convolved,
+                                     keep, self.fft, final, self.channels_last)
+            else:
+                out = p.expr.output if final else _natural(ma, mb, keep)
+                fn = _einsum_step(f"{ma},{mb}->{out}")
+            x = fn(xa, xb)
+            live[a | b], modes[a | b] = x, out
+            steps.append((a, b, swap, fn))
+        out = modes[p.full]
+        if out != p.expr.output:
+            self.out_perm = [out.index(m) for m in p.expr.output]
+        self.steps = steps
+        y = live[p.full]
+        return y if self.out_perm is None else y.permute(self.out_perm)
+
+
+def _einsum_step(equation: str) -> Callable:
+    def run(xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(equation, xa, xb)
+    return run
 
 
 def _natural(ma: str, mb: str, keep: dict[str, int]) -> str:
@@ -80,15 +136,14 @@ def _natural(ma: str, mb: str, keep: dict[str, int]) -> str:
     return "".join(out)
 
 
-def _to_output(x: torch.Tensor, modes: str, output: str) -> torch.Tensor:
-    if modes == output:
-        return x
-    return x.permute([modes.index(m) for m in output])
-
-
-def _conv_step(p: Problem, xs: torch.Tensor, ms: str, xk: torch.Tensor, mk: str,
-               convolved: list[str], keep: dict[str, int], fft) -> tuple[torch.Tensor, str]:
-    """One convolution step: ``xs`` holds the signal of every mode in ``convolved``."""
+def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
+               convolved: list[str], keep: dict[str, int], fft, final: bool = False,
+               channels_last: bool = False) -> tuple[Callable, str]:
+    """Compile one convolution step: the signal (sizes ``shape_s``, modes ``ms``) holds the
+    signal of every mode in ``convolved``; the other operand is the kernel. ``final``: it
+    produces the result; ``channels_last``: the caller's feature map came channels
+    innermost, so a final GEMM step keeps that layout. Returns ``(run(xs, xk), modes of
+    the result)``."""
     shared = [m for m in ms if m in mk and m not in convolved]
     groups = [m for m in shared if m in keep]
     chans = [m for m in shared if m not in keep]
@@ -100,46 +155,124 @@ def _conv_step(p: Problem, xs: torch.Tensor, ms: str, xk: torch.Tensor, mk: str,
     spatial = [m for m in ms if m in convolved or m in extra]
     batch = [m for m in sig_only if m not in extra]
     outs = [m for m in mk if m not in ms and m in keep]
-    xk, mk = _sum_private(xk, mk, {m: 0 for m in (*shared, *convolved, *outs)})
-    size = dict(zip(ms, xs.shape))
-    ksize = dict(zip(mk, xk.shape))
+    kkeep = (*shared, *convolved, *outs)
+    kdrop = tuple(j for j, m in enumerate(mk) if m not in kkeep)  # the kernel's private modes
+    ksize = {m: n for m, n in zip(mk, shape_k) if m in kkeep}
+    mk = "".join(m for m in mk if m in kkeep)
+    size = dict(zip(ms, shape_s))
     g, c = math.prod(size[m] for m in groups), math.prod(size[m] for m in chans)
     o = math.prod(ksize[m] for m in outs)
     nb = math.prod(size[m] for m in batch)
     order = batch + groups + chans + spatial
-    x = xs.permute([ms.index(m) for m in order]).reshape(nb, g * c, *[size[m] for m in spatial])
+    xperm = [ms.index(m) for m in order]
+    xshape = (nb, g * c, *[size[m] for m in spatial])
     kperm = [mk.index(m) for m in groups + outs + chans + [m for m in spatial if m in mk]]
-    w = xk.permute(kperm).reshape(g * o, c, *[ksize[m] if m in ksize else 1 for m in spatial])
+    wshape = (g * o, c, *[ksize[m] if m in ksize else 1 for m in spatial])
     stride, dilation, pads = [], [], []
     for m in spatial:
-        if m in convolved:
-            s, pad, d = p.params.of(m)
-        else:
-            s, pad, d = 1, (0, 0), 1
+        s, pad, d = p.params.of(m) if m in convolved else (1, (0, 0), 1)
         stride.append(s)
         dilation.append(d)
         pads.append(pad)
-    if not convolved:  # weight x feature map: a (grouped) batched GEMM over positions
-        y = torch.matmul(w.reshape(g, o, c), x.reshape(nb, g, c, -1))
-        y = y.reshape(nb, g * o, *x.shape[2:])
-    elif c == 1 and o == 1 and math.prod(w.shape[2:]) <= SHIFT_MAX_TAPS:
-        y = per_channel_conv(x, w, stride, pads, dilation)  # one filter per channel
-    elif _use_fft(fft, x, w, stride, dilation, g):
-        y = _fft_conv(x, w, pads, g)
-    else:
-        if any(lo != hi for lo, hi in pads):
-            x = F.pad(x, [v for pad in reversed(pads) for v in pad])
-            pads = [(0, 0)] * len(pads)
-        y = _CONV[len(spatial)](x, w, None, stride, [lo for lo, _ in pads], dilation, g)
-    sizes_out = [size[m] for m in batch] + [size[m] for m in groups] + \
-                [ksize[m] for m in outs] + list(y.shape[2:])
+    xperm = None if xperm == list(range(len(ms))) else xperm
+    kperm = None if kperm == list(range(len(mk))) else kperm
+    # which reshapes change anything (each torch call costs microseconds on small layers)
+    x_reshape = [size[m] for m in order] != list(xshape)
+    k_order = groups + outs + chans + [m for m in spatial if m in mk]
     modes = "".join(batch + groups + outs + spatial)
-    y = y.reshape(sizes_out)
     dropped = [i for i, m in enumerate(modes) if m not in keep]  # convolved, then summed
-    if dropped:
-        y = y.sum(dim=dropped)
-        modes = "".join(m for m in modes if m in keep)
-    return y, modes
+    head = [size[m] for m in batch] + [size[m] for m in groups] + [ksize[m] for m in outs]
+    y_reshape = head != [nb, g * o]
+    out_modes = "".join(m for m in modes if m in keep)
+
+    def operands(wshape: tuple) -> Callable:
+        """(xs, xk) -> (x in (N, G*C, *spatial), kernel reshaped to ``wshape``)."""
+        w_reshape = [ksize[m] for m in k_order] != list(wshape)
+
+        def prepare(xs: torch.Tensor, xk: torch.Tensor) -> tuple:
+            if kdrop:
+                xk = xk.sum(dim=kdrop)
+            x = xs if xperm is None else xs.permute(xperm)
+            if x_reshape:
+                x = x.reshape(xshape)
+            w = xk if kperm is None else xk.permute(kperm)
+            if w_reshape:
+                w = w.reshape(wshape)
+            return x, w
+        return prepare
+
+    def finish(y: torch.Tensor) -> torch.Tensor:
+        if y_reshape:
+            y = y.reshape(*head, *y.shape[2:])
+        return y.sum(dim=dropped) if dropped else y
+
+    if not convolved:  # weight x feature map: a (grouped) batched GEMM over positions
+        gemm_cl = not final or channels_last
+        prepare = operands((g, o, c) if g > 1 else (o, c))
+
+        def run(xs: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+            x, w = prepare(xs, xk)
+            return finish(_gemm_step(x, w, g, gemm_cl))
+        return run, out_modes
+    if c == 1 and o == 1 and math.prod(wshape[2:]) <= SHIFT_MAX_TAPS:
+        def op(x, w):  # one filter per channel
+            return per_channel_conv(x, w, stride, pads, dilation)
+    elif _use_fft(fft, xshape, wshape, stride, dilation, g):
+        def op(x, w):
+            return _fft_conv(x, w, pads, g)
+    else:
+        conv = _CONV[len(spatial)]
+        pre = [v for pad in reversed(pads) for v in pad] \
+            if any(lo != hi for lo, hi in pads) else None
+        cpad = [0] * len(pads) if pre else [lo for lo, _ in pads]
+
+        def op(x, w):
+            if pre:
+                x = F.pad(x, pre)
+            return conv(x, w, None, stride, cpad, dilation, g)
+
+    prepare = operands(wshape)
+
+    def run(xs: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+        x, w = prepare(xs, xk)
+        return finish(op(x, w))
+    return run, out_modes
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """True if ``x`` (N, C, *spatial) is stored with channels innermost (channels_last /
+    channels_last_3d, or any dense equivalent) and is not plainly contiguous."""
+    if x.dim() < 3 or x.shape[1] == 1:
+        return False
+    return x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
+
+
+def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool) -> torch.Tensor:
+    """``w`` ((G, O, C), or (O, C) when G = 1) applied to ``x`` (N, G*C, *spatial) at every
+    position: (N, G*O, *spatial). Without groups this is one GEMM whose operands are read
+    in the layout they have (a transposed operand costs BLAS nothing; torch.matmul would
+    fold a transposed batch into rows by copying it, so bmm is explicit) and whose result
+    is written channels innermost when ``channels_last`` (the layout the next convolution
+    step runs fastest in) or channels-major otherwise. With groups, a batched GEMM over
+    (N, G)."""
+    nb, spatial = x.shape[0], x.shape[2:]
+    if g > 1:
+        o, c = w.shape[1], w.shape[2]
+        y = torch.matmul(w, x.reshape(nb, g, c, -1))
+        return y.reshape(nb, g * o, *spatial)
+    o, c = w.shape
+    if x.stride(1) == 1 and c > 1:  # channels innermost
+        xp = x.movedim(1, -1)
+        if channels_last:
+            y = torch.mm(xp.reshape(-1, c), w.t())  # (N*P, O): one large GEMM
+            return y.view(nb, *spatial, o).movedim(-1, 1)
+        y = torch.bmm(w.expand(nb, o, c), xp.reshape(nb, -1, c).transpose(1, 2))
+        return y.view(nb, o, *spatial)
+    xc = x.reshape(nb, c, -1)  # (N, C, P)
+    if channels_last:
+        y = torch.bmm(xc.transpose(1, 2), w.t().expand(nb, c, o))  # (N, P, O)
+        return y.view(nb, *spatial, o).movedim(-1, 1)
+    return torch.bmm(w.expand(nb, o, c), xc).view(nb, o, *spatial)
 
 
 def per_channel_conv(x: torch.Tensor, w: torch.Tensor, stride, pads, dilation) -> torch.Tensor:
@@ -166,18 +299,20 @@ def per_channel_conv(x: torch.Tensor, w: torch.Tensor, stride, pads, dilation) -
     return y
 
 
-def _use_fft(fft, x, w, stride, dilation, groups) -> bool:
+def _use_fft(fft, xshape, wshape, stride, dilation, groups) -> bool:
+    """Whether a convolution of an input of ``xshape`` (N, C, *spatial, before padding)
+    with a kernel of ``wshape`` runs by FFT under the ``fft`` option."""
     if fft is False or any(s != 1 for s in stride) or any(d != 1 for d in dilation):
         return False
-    taps = math.prod(w.shape[2:])
+    taps = math.prod(wshape[2:])
     if fft is True:
         return True
     if taps < FFT_MIN_KERNEL:
         return False
-    n, cin = x.shape[:2]
-    o = w.shape[0]
-    points = math.prod(s + k - 1 for s, k in zip(x.shape[2:], w.shape[2:]))
-    out_pts = math.prod(s - k + 1 for s, k in zip(x.shape[2:], w.shape[2:]))
+    n, cin = xshape[:2]
+    o = wshape[0]
+    points = math.prod(s + k - 1 for s, k in zip(xshape[2:], wshape[2:]))
+    out_pts = math.prod(s - k + 1 for s, k in zip(xshape[2:], wshape[2:]))
     direct = n * o * (cin // groups) * max(out_pts, 1) * taps
     log = max(1.0, math.log2(points))
     spectral = (n * cin + o * (cin // groups)) * points * log + \

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from ..einsum import PathInfo, einsum, einsum_path
+from ..einsum import PathInfo, _plan, einsum_path
+from ..einsum.evaluate import run_plan
 from ..errors import ConvgapError
 from .factorizations import Family, family, rebuild
 
@@ -35,7 +36,10 @@ class TensorialConv2d(nn.Module):
     reshaped CP; see :mod:`convgap.layers.factorizations`).
 
     Give either ``rank`` (an int, or one int per bond of the family) or ``compression``
-    (dense weight parameters / factor parameters; the largest ranks that meet it are used).
+    (dense weight parameters / factor parameters; the largest ranks that meet it are used,
+    then, for CP, Tucker and TT, whose ranks are channel counts of intermediate feature maps,
+    each rank of at least 2 x ``rank_multiple`` is rounded down to a multiple of it: the
+    layer stays within the budget and runs on full vector blocks; 1 turns that off).
     Forward evaluates the family's conv_einsum expression pairwise in the MAC-optimal order
     (:func:`convgap.einsum_path`), honouring stride, padding (int, pair, 'same', 'valid';
     zeros) and dilation. ``bias`` is added after. Attributes: ``factorization``, ``ranks``,
@@ -44,7 +48,8 @@ class TensorialConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, factorization: str =
                  "cp", rank: RankArg = None, compression: float | None = None, stride=1,
-                 padding=0, dilation=1, bias: bool = True, device=None, dtype=None) -> None:
+                 padding=0, dilation=1, bias: bool = True, rank_multiple: int = 8,
+                 device=None, dtype=None) -> None:
         super().__init__()
         fam = family(factorization)
         if (rank is None) == (compression is None):
@@ -58,13 +63,21 @@ class TensorialConv2d(nn.Module):
         o, s, (h, w) = self.out_channels, self.in_channels, self.kernel_size
         self.factorization = fam.name
         self.ranks = (fam.ranks(rank, o, s, h, w) if rank is not None
-                      else fam.rank_for(compression, o, s, h, w))
+                      else fam.rank_for(compression, o, s, h, w, rank_multiple))
         self.expression = fam.expression
         kw = {"device": device, "dtype": dtype}
         shapes = fam.shapes(self.ranks, o, s, h, w)
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(sh, **kw)) for sh in shapes])
         self.bias = nn.Parameter(torch.empty(o, **kw)) if bias else None
+        self._split = None if fam.input_split is None else tuple(fam.input_split(o, s))
+        self._plans: dict = {}  # input shape -> (Problem, PathInfo)
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        """Cached plans hold compiled steps (closures): copies and pickles drop them."""
+        state = super().__getstate__()
+        state["_plans"] = {}
+        return state
 
     @property
     def family(self) -> Family:
@@ -127,11 +140,26 @@ class TensorialConv2d(nn.Module):
         return self.path(input_shape).macs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = einsum(self.expression, self._input(x), *self.factors, **self._conv_args())
-        if self.family.input_split is not None:
+        # the plan for this input shape is looked up once; a call then only runs the steps
+        # (parsing, validation and the plan-cache key cost more than a small layer's ops)
+        plan = self._plans.get(x.shape)
+        if plan is None:
+            xi = self._input(x)
+            shapes = [tuple(xi.shape)] + [tuple(f.shape) for f in self.factors]
+            args = self._conv_args()
+            plan = _plan(self.expression, shapes, args["stride"], args["padding"],
+                         args["dilation"], "flops", "auto")
+            self._plans[x.shape] = plan
+        problem, info = plan
+        split = self._split
+        xi = x if split is None else x.reshape(x.shape[0], *split, *x.shape[2:])
+        y = run_plan(problem, info.plan, [xi, *self.factors._parameters.values()])
+        if split is not None:
             y = y.reshape(y.shape[0], self.out_channels, *y.shape[-2:])
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+            # in place: y is this call's own fresh result (no step's backward needs it),
+            # and a second full-size allocation costs as much as the add here
+            y = y.add_(self.bias.view(1, -1, 1, 1))
         return y
 
     def dense_weight(self) -> torch.Tensor:
@@ -141,7 +169,8 @@ class TensorialConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, factorization: str = "cp", rank: RankArg = None,
-                  compression: float | None = None) -> "TensorialConv2d":
+                  compression: float | None = None, rank_multiple: int = 8
+                  ) -> "TensorialConv2d":
         """Factorize a trained ``nn.Conv2d`` (groups=1, zeros padding) with TensorLy:
         parafac (cp, rcp), partial_tucker (tucker), tensor_train (tt), tensor_ring (tr),
         computed in float64. At full rank (``family.full_rank``) the result reproduces the
@@ -158,7 +187,8 @@ class TensorialConv2d(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, factorization,
                     rank=rank, compression=compression, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation,
-                    bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+                    bias=conv.bias is not None, rank_multiple=rank_multiple,
+                    device=w.device, dtype=w.dtype)
         dense = w.detach().to("cpu", torch.float64).numpy()
         factors = layer.family.decompose(dense, layer.ranks)
         with torch.no_grad():

@@ -83,13 +83,16 @@ def _check(name: str, conv: nn.Conv2d) -> None:
 
 def factorize(model: nn.Module, factorization: str, *, compression: float | None = None,
               rank: int | Sequence[int] | None = None, layers: Layers = None,
-              inplace: bool = False, quiet: bool = False) -> nn.Module:
+              rank_multiple: int = 8, inplace: bool = False, quiet: bool = False
+              ) -> nn.Module:
     """Replace convolutions of ``model`` by factorized ones decomposed from their weights.
 
     ``factorization``: 'cp', 'tucker', 'tt', 'tr', 'rcp' (:class:`TensorialConv2d`) or
     'flattened' (:class:`FlattenedConv2d`, one rank-1 repeat per output channel; takes
     neither rank nor compression). Give ``compression`` (dense / factor weight
-    parameters, per layer) or ``rank``. ``layers``: None (every dense, non-1x1 conv), module
+    parameters, per layer) or ``rank``; with ``compression``, CP / Tucker / TT ranks of at
+    least 2 x ``rank_multiple`` are rounded down to a multiple of it (see
+    :class:`TensorialConv2d`; 1: off). ``layers``: None (every dense, non-1x1 conv), module
     names, a module type, or a callable ``(name, module) -> bool``. Every layer's ranks are
     checked before anything is replaced (an impossible compression raises ConvgapError
     naming the layer). Returns the model (a copy unless ``inplace``) with
@@ -120,7 +123,7 @@ def factorize(model: nn.Module, factorization: str, *, compression: float | None
         fam = family(factorization)
         try:
             ranks = (fam.ranks(rank, o, s, h, w) if rank is not None
-                     else fam.rank_for(compression, o, s, h, w))
+                     else fam.rank_for(compression, o, s, h, w, rank_multiple))
         except ConvgapError as exc:
             raise ConvgapError(f"{n}: {exc}") from None
         plans.append((n, ranks))
