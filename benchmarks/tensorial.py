@@ -4,7 +4,8 @@ On resnet50's stride-1 3x3 convolutions of stages 2-4 (128 ch @ 28x28, 256 @ 14x
 512 @ 7x7), batch 1 and 8, fp32, NCHW:
 1. dense (nn.Conv2d) vs TensorialConv2d cp / tucker / tt / tr / rcp at 5x and 10x fewer
    weight parameters, and FlattenedConv2d: params, MACs, median latency (each variant timed
-   interleaved with the dense layer), achieved GFLOP/s, latency reduction vs MAC reduction
+   interleaved with the dense layer; speedup = median of the per-round paired ratios),
+   achieved GFLOP/s, latency reduction vs MAC reduction
    (target at 10x: latency reduction >= 0.7 x MAC reduction; FlattenedConv2d >= 2x faster
    than dense);
 2. convgap's contraction path vs left-to-right order (same factors, interleaved);
@@ -62,9 +63,12 @@ def tltorch_conv(c: int, compression: float, factorization: str):
 
 
 def measure(layer, dense, x, cfg, timing):
+    """(dense median s, layer median s, speedup): the speedup is the median of the per-round
+    ratios (each round runs both back to back, so the shared machine's drifts cancel)."""
     with torch.no_grad():
         t_dense, t_layer = timing.compare([lambda: dense(x), lambda: layer(x)], cfg)
-    return t_dense.median, t_layer.median
+    paired = statistics.median(d / t for d, t in zip(t_dense.samples, t_layer.samples))
+    return t_dense.median, t_layer.median, paired
 
 
 def run_spec(c: int, size: int, batch: int, cfg, console) -> dict:
@@ -81,7 +85,7 @@ def run_spec(c: int, size: int, batch: int, cfg, console) -> dict:
             layer = TensorialConv2d(c, c, 3, fam, compression=comp, padding=1,
                                     bias=False).eval()
             info = layer.path(tuple(x.shape))
-            t_dense, t_layer = measure(layer, dense, x, cfg, timing)
+            t_dense, t_layer, speedup = measure(layer, dense, x, cfg, timing)
             # convgap's path vs left-to-right, same factors, interleaved
             from convgap.einsum import einsum
             xi = layer._input(x)
@@ -94,25 +98,25 @@ def run_spec(c: int, size: int, batch: int, cfg, console) -> dict:
             left_macs = info.naive_macs
             row = {"variant": fam, "target_compression": comp, "ranks": list(layer.ranks),
                    "params": layer.weight_params, "macs": info.macs, "dense_s": t_dense,
-                   "s": t_layer, "path": info.path, "left_macs": left_macs,
+                   "s": t_layer, "speedup": speedup, "path": info.path, "left_macs": left_macs,
                    "path_s": t_best.median, "left_s": t_left.median}
             tl = tltorch_conv(c, comp, fam) if fam in ("cp", "tucker", "tt") else None
             if isinstance(tl, nn.Module):
                 tl.eval()
-                _, t_tl = measure(tl, dense, x, cfg, timing)
+                _, t_tl, _ = measure(tl, dense, x, cfg, timing)
                 row["tltorch_s"] = t_tl
             elif isinstance(tl, str):
                 row["tltorch"] = tl
             rows.append(row)
     flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval()
-    t_dense, t_flat = measure(flat, dense, x, cfg, timing)
+    t_dense, t_flat, speedup = measure(flat, dense, x, cfg, timing)
     rows.append({"variant": "flattened", "target_compression": None, "ranks": None,
                  "params": flat.weight_params, "macs": flat.macs(tuple(x.shape)),
-                 "dense_s": t_dense, "s": t_flat})
+                 "dense_s": t_dense, "s": t_flat, "speedup": speedup})
     for r in rows:
         r["param_reduction"] = dense_params / r["params"]
         r["mac_reduction"] = dense_macs / r["macs"]
-        r["speedup"] = r["dense_s"] / r["s"]
+        r["speedup_of_medians"] = r["dense_s"] / r["s"]
         r["gflops"] = 2 * r["macs"] / r["s"] / 1e9
         r["dense_gflops"] = 2 * dense_macs / r["dense_s"] / 1e9
         r["speedup_over_mac_reduction"] = r["speedup"] / r["mac_reduction"]
@@ -177,7 +181,7 @@ def main() -> None:
     args = ap.parse_args()
     import convgap
     from convgap import timing
-    cfg = timing.TimingConfig(warmup=3, min_repeats=9, max_repeats=40, min_time=0.2)
+    cfg = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.3)
     console = Console(width=240)
     start = time.time()
     results = []
