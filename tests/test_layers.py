@@ -177,6 +177,38 @@ def test_gradients_match_dense_reference(fam, geom):
         assert rel(a, b) <= 1e-10
 
 
+@pytest.mark.parametrize("fam", ["cp", "tucker", "tt", "tr"])
+def test_result_keeps_the_input_layout(fam):
+    """Intermediates run channels innermost; the result has the input's memory layout (so a
+    later .view() on an NCHW result still works), and equals the dense reference both ways."""
+    layer = TensorialConv2d(8, 12, 3, fam, rank=3, padding=1, stride=(1, 2), dtype=F64)
+    x = torch.randn(2, 8, 9, 10, dtype=F64)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, ycl = layer(x), layer(xcl)
+        want = reference(layer, x)
+    assert y.is_contiguous()
+    assert ycl.is_contiguous(memory_format=torch.channels_last) and not ycl.is_contiguous()
+    assert rel(y, want) <= 1e-12 and rel(ycl, want) <= 1e-12
+    y.view(2, -1)  # would raise on a channels_last result
+
+
+@pytest.mark.parametrize("fam", NAMES)
+def test_compiled_plan_reused_across_dtypes_and_layouts(fam):
+    """The plan is compiled on the first call for a shape; later calls with another dtype or
+    layout of the same shape still give the reference result."""
+    layer = TensorialConv2d(6, 6, 3, fam, rank=2, padding=1)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        first = layer(x)
+        again = layer(x)
+        assert torch.equal(first, again)
+        layer64 = layer.double()
+        x64 = x.double().contiguous(memory_format=torch.channels_last)
+        assert rel(layer64(x64), reference(layer64, x64)) <= 1e-12
+        assert rel(layer64(x.double()), reference(layer64, x.double())) <= 1e-12
+
+
 def test_forward_never_rebuilds_the_dense_kernel(monkeypatch):
     layers = [TensorialConv2d(4, 6, 3, fam, rank=2, padding=1) for fam in NAMES]
     x = torch.randn(1, 4, 6, 6)
@@ -498,6 +530,38 @@ def test_flattened_fused_equals_unfused(geom, repeats):
         plain = layer(inp)
         assert fused.shape == plain.shape
         assert rel(fused, plain) <= 1e-12
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_flattened_result_keeps_the_input_layout(fuse):
+    layer = FlattenedConv2d(4, 6, 3, 1, 1, 1, 1, dtype=F64, fuse=fuse)
+    with torch.no_grad():
+        for b in layer.biases:
+            b.normal_()
+        x = torch.randn(2, 4, 9, 8, dtype=F64)
+        y = layer(x)
+        ycl = layer(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous()
+    assert ycl.is_contiguous(memory_format=torch.channels_last)
+    assert rel(y, ycl) <= 1e-12
+
+
+def test_flattened_gradients_with_biases():
+    """Forward adds biases in place on its own intermediates: gradients must still equal
+    those of the three plain convolutions."""
+    layer = FlattenedConv2d(3, 4, 3, 2, 1, 1, 1, dtype=F64)
+    with torch.no_grad():
+        for b in layer.biases:
+            b.normal_()
+    x = torch.randn(2, 3, 7, 6, dtype=F64, requires_grad=True)
+    params = [x, *layer.parameters()]
+    g = torch.randn(2, 4, 7, 6, dtype=F64)
+    layer.fuse = True
+    got = torch.autograd.grad((layer(x) * g).sum(), params)
+    layer.fuse = False
+    want = torch.autograd.grad((layer(x) * g).sum(), params)
+    for a, b in zip(got, want):
+        assert rel(a, b) <= 1e-10
 
 
 def test_flattened_unfused_is_the_three_convolutions():

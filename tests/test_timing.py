@@ -24,12 +24,22 @@ def test_measure_respects_min_time_and_max_repeats():
     assert len(timing.measure(lambda: None, cfg).samples) == 3
 
 
-def test_compare_interleaves():
+def test_compare_interleaves_alternating_order():
+    """Warm-up in order, then rounds alternate forward / reversed so neither callable always
+    runs first (the first of a round reads slower); samples go to the right callable."""
     order = []
-    cfg = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=3, min_time=0.0)
-    ta, tb = timing.compare([lambda: order.append("a"), lambda: order.append("b")], cfg)
-    assert order == ["a", "b"] * 4
-    assert len(ta.samples) == len(tb.samples) == 3
+    cfg = timing.TimingConfig(warmup=1, min_repeats=4, max_repeats=4, min_time=0.0)
+    fns = [lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")]
+    ta, tb, tc = timing.compare(fns, cfg)
+    assert order == list("abc") + list("abc" "cba" "abc" "cba")
+    assert len(ta.samples) == len(tb.samples) == len(tc.samples) == 4
+
+
+def test_compare_assigns_samples_to_their_callable():
+    import time as _time
+    cfg = timing.TimingConfig(warmup=0, min_repeats=4, max_repeats=4, min_time=0.0)
+    fast, slow = timing.compare([lambda: None, lambda: _time.sleep(0.005)], cfg)
+    assert max(fast.samples) < 0.004 < min(slow.samples)
 
 
 def test_threads_context_sets_and_restores():

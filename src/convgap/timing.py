@@ -120,7 +120,8 @@ def compare(
     config: TimingConfig = TimingConfig(),
     device: str | torch.device = "cpu",
 ) -> list[Timing]:
-    """Time several callables interleaved: each round runs every callable once, in turn, so
+    """Time several callables interleaved: each round runs every callable once, in turn
+    (forward in even rounds, reversed in odd ones, so no callable always runs first), so
     they share the machine's drifts. Stops once every callable has ``min_repeats`` samples
     adding up to at least ``min_time`` seconds, or after ``max_repeats`` rounds."""
     dev = str(torch.device(device))
@@ -130,9 +131,12 @@ def compare(
     synchronize(dev)
     samples: list[list[float]] = [[] for _ in fns]
     rounds = 0
+    order = list(range(len(fns)))
     while rounds < config.max_repeats:
-        for i, fn in enumerate(fns):
-            samples[i].append(_one(fn, dev))
+        # every other round runs in reverse: whoever runs first in a round reads a few
+        # percent slower (measured up to 4% on a 0.1 ms layer against itself)
+        for i in (order if rounds % 2 == 0 else order[::-1]):
+            samples[i].append(_one(fns[i], dev))
         rounds += 1
         if rounds >= config.min_repeats and min(sum(s) for s in samples) >= config.min_time:
             break
