@@ -3,8 +3,9 @@
 For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NCHW input):
 1. swap(model, "auto") in a fresh tuning cache: for every distinct conv spec, each
    algorithm's median time, the choice and its speedup over torch (from the tuner);
-2. an independent check: each distinct layer's chosen algorithm re-timed against torch,
-   interleaved, through the real AlgoConv2d call; the ratio is the median of the per-round
+2. an independent check: each distinct layer's chosen algorithm, called as the swapped
+   AlgoConv2d, re-timed against the plain nn.Conv2d it replaced (both through
+   Module.__call__), interleaved; the ratio is the median of the per-round
    paired ratios over at least 0.25 s of samples (target: never > 5% slower);
 3. whole models, interleaved in one run: eager NCHW, eager channels_last, auto, and
    torch.compile with inductor freezing; ratios against eager NCHW.
@@ -70,7 +71,8 @@ def run_model(name, batch, threads, do_compile, console):
         rows = []
         for m, xin in layers:
             tun = m.tuning
-            chosen, ref = timing.compare([lambda: m(xin), lambda: m._torch(xin)], cfg_layer)
+            plain = m.to_conv2d()  # what the user had: nn.Conv2d sharing the parameters
+            chosen, ref = timing.compare([lambda: m(xin), lambda: plain(xin)], cfg_layer)
             # paired ratios (the two calls of one round share the machine's state), median
             paired = statistics.median(a / b for a, b in zip(chosen.samples, ref.samples))
             rows.append({

@@ -446,7 +446,7 @@ def _outlen(layer, hw):
 def test_macs_equal_optimal_order_and_executed_ops(fam, case):
     i, o, k, st, pad, dil, r, hw = case
     layer = TensorialConv2d(i, o, k, fam, rank=r, stride=st, padding=pad, dilation=dil,
-                            bias=False)
+                            bias=False, objective="flops")
     shape = (2, i, *hw)
     info = layer.path(shape)
     macs = layer.macs(shape)
@@ -471,10 +471,37 @@ def test_macs_equal_optimal_order_and_executed_ops(fam, case):
     assert y.shape[-2:] == tuple(_outlen(layer, hw).values())
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 9, 11), (1, 8, 32, 32)], ids=str)
+@pytest.mark.parametrize("fam", NAMES)
+def test_auto_objective_takes_combo_within_the_mac_slack(fam, shape):
+    """The default objective ('auto') runs einsum_path's combo optimum when it costs at most
+    AUTO_MAC_SLACK more MACs than the flops optimum, else the flops optimum; either way
+    the result equals the dense reference."""
+    from convgap import einsum_path
+    from convgap.layers.tensorial import AUTO_MAC_SLACK
+    layer = TensorialConv2d(8, 10, 3, fam, rank=3, padding=1, stride=(2, 1), dtype=F64)
+    assert layer.objective == "auto"
+    info = layer.path(shape)
+    x = torch.randn(shape, dtype=F64)
+    operands = [layer._input(x), *layer.factors]
+    combo = einsum_path(layer.expression, *operands, objective="combo", **layer._conv_args())
+    flops = einsum_path(layer.expression, *operands, objective="flops", **layer._conv_args())
+    want = combo if combo.macs <= (1 + AUTO_MAC_SLACK) * flops.macs else flops
+    assert info.path == want.path and info.macs == want.macs >= flops.macs
+    with torch.no_grad():
+        assert rel(layer(x), reference(layer, x)) <= 1e-12
+
+
+def test_bad_objective_raises():
+    with pytest.raises(ConvgapError, match="objective must be one of"):
+        TensorialConv2d(4, 4, 3, "cp", rank=2, objective="speed")
+
+
 def test_cp_macs_hand_formula():
     B, S, O, R, H, W = 2, 16, 24, 4, 15, 17
     (kh, kw), (sh, sw), (ph, pw) = (3, 5), (2, 2), (1, 2)
-    layer = TensorialConv2d(S, O, (kh, kw), "cp", rank=R, stride=(sh, sw), padding=(ph, pw))
+    layer = TensorialConv2d(S, O, (kh, kw), "cp", rank=R, stride=(sh, sw), padding=(ph, pw),
+                            objective="flops")
     OH, OW = out_len(H, kh, sh, ph, 1), out_len(W, kw, sw, pw, 1)
     assert (OH, OW) == (8, 9)
     h_first = B * R * OH * W * kh + B * R * OH * OW * kw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -20,7 +21,7 @@ from ..progress import make_progress
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
 
-VERIFY_CONFIG = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=30, min_time=0.5)
+VERIFY_CONFIG = timing.TimingConfig(warmup=2, min_repeats=11, max_repeats=40, min_time=1.0)
 
 Algos = Union[str, Sequence[str], Mapping[Any, str], Callable[[nn.Module, Any], str]]
 
@@ -191,7 +192,9 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
 def _verify_model(model: nn.Module, x: torch.Tensor) -> None:
     """Model-level guard for 'auto': per-layer wins can turn into a whole-model loss (a
     layout one layer prefers slows the layers after it). Time the tuned model against a copy
-    running torch everywhere; if it is not faster, keep torch everywhere."""
+    running torch everywhere, interleaved; if the median of the per-round ratios says it is
+    not faster, keep torch everywhere. (Paired ratios, not a ratio of medians: a shared
+    machine's drifts of several percent would otherwise revert real wins at random.)"""
     layers = [m for m in model.modules() if isinstance(m, AlgoConv2d) and m.requested == "auto"]
     if all(m.algorithm == "torch" for m in layers):
         return
@@ -200,9 +203,11 @@ def _verify_model(model: nn.Module, x: torch.Tensor) -> None:
         t_tuned, t_ref = timing.compare([lambda: model(x), lambda: reference(x)],
                                         VERIFY_CONFIG, x.device.type)
     del reference
-    if t_tuned.median > t_ref.median:
+    ratio = statistics.median(a / b for a, b in zip(t_tuned.samples, t_ref.samples))
+    if ratio > 1.0:
         reason = (f"model-level check: the tuned model took {1e3 * t_tuned.median:.3g} ms, "
-                  f"torch everywhere {1e3 * t_ref.median:.3g} ms; kept torch")
+                  f"torch everywhere {1e3 * t_ref.median:.3g} ms (paired ratio "
+                  f"{ratio:.3f}); kept torch")
         for m in layers:
             m.set_algorithm("torch", reason)
         warnings.warn(reason, AlgorithmFallbackWarning, stacklevel=3)
