@@ -306,3 +306,82 @@ def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
         assert all(c.algorithm == "torch" and "model-level" in c.fallback for c in choices(s))
     finally:
         unregister("test_slow")
+
+
+def _fake_compare(monkeypatch, speeds):
+    """Make the model-level check read ``speeds[i]`` seconds for callable i (tuned, torch,
+    variant); record how many callables each check timed."""
+    import importlib
+    swap_module = importlib.import_module("convgap.transforms.swap")
+    calls = []
+    real = timing.compare
+
+    def compare(fns, config=None, device="cpu"):
+        if config is not swap_module.VERIFY_CONFIG:  # the tuner's per-layer timing
+            return real(fns, config, device)
+        calls.append(len(fns))
+        for f in fns:
+            f()  # the models still run (they must work), only the clock is fake
+        return [timing.Timing((speeds[i],) * 5, 1) for i in range(len(fns))]
+    monkeypatch.setattr(swap_module.timing, "compare", compare)
+    return calls
+
+
+def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
+    """If the model with its first conv on channels_last (and every layer after it tuned
+    for that layout) times fastest, its choices are taken: first conv channels_last, the
+    others tuned on channels_last inputs, results unchanged."""
+    calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    net = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    s = swap(net, "auto", x, quiet=True, candidates=["channels_last", "prepacked"])
+    assert calls == [3]
+    made = choices(s)
+    assert made[0].algorithm == "channels_last"
+    assert "layout variant" in made[0].tuning["variant"]
+    assert all(c.tuning["layout"] == "channels_last" for c in made[1:])
+    with torch.no_grad():
+        assert rel(s(x), net(x)) < 1e-5
+
+
+@pytest.mark.parametrize("speeds, expect", [
+    ([0.5, 1.0, 0.8], "per_layer"),   # the per-layer tuned model wins: its choices stay
+    ([1.2, 1.0, 1.1], "torch"),       # neither beats torch: torch everywhere, warned
+])
+def test_layout_variant_loses(monkeypatch, speeds, expect):
+    calls = _fake_compare(monkeypatch, speeds)
+    fake = {"choice": "channels_last", "times": {"torch": 1.0, "channels_last": 0.5},
+            "errors": {}, "rejected": {}, "confirm": None}
+    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))  # never all torch
+    net = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    s_plain = swap(net, "auto", x, quiet=True, verify=False)  # the per-layer choices
+    if expect == "torch":
+        with pytest.warns(AlgorithmFallbackWarning, match="layout variant 1.100"):
+            s = swap(net, "auto", x, quiet=True)
+    else:
+        s = swap(net, "auto", x, quiet=True)
+    assert calls == [3]
+    made = choices(s)
+    assert not any((c.tuning or {}).get("variant") for c in made)
+    if expect == "torch":
+        assert all(c.algorithm == "torch" for c in made)
+    else:
+        assert [c.algorithm for c in made] == [c.algorithm for c in choices(s_plain)]
+
+
+@pytest.mark.parametrize("case", ["channels_last_input", "no_verify", "candidates"])
+def test_layout_variant_only_for_nchw_input_with_verify(monkeypatch, case):
+    calls = _fake_compare(monkeypatch, [0.5, 1.0, 0.1])
+    net = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    kw = {"quiet": True}
+    if case == "channels_last_input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "no_verify":
+        kw["verify"] = False
+    else:
+        kw["candidates"] = ["prepacked"]
+    s = swap(net, "auto", x, **kw)
+    assert all(n == 2 for n in calls)  # never a third (variant) callable
+    assert not any((c.tuning or {}).get("variant") for c in choices(s))

@@ -47,9 +47,10 @@ class TensorialConv2d(nn.Module):
     path when it costs at most ``AUTO_MAC_SLACK`` (5%) more MACs than the fewest, else the
     flops path: for CP and TR the combo path first multiplies the two 1-D filters into one
     k_h x k_w kernel, one pass over the feature map instead of two, 1.02-1.35x faster here
-    for 0.6% more MACs; for reshaped CP it can cost more MACs than the dense conv. honouring stride, padding (int, pair, 'same', 'valid';
-    zeros) and dilation. ``bias`` is added after. Attributes: ``factorization``, ``ranks``,
-    ``expression``, ``factors`` (a ParameterList in expression order).
+    for 0.6% more MACs. (Reshaped CP's path can cost more MACs than the dense conv.)
+    Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
+    ``bias`` is added after. Attributes: ``factorization``, ``ranks``, ``expression``,
+    ``factors`` (a ParameterList in expression order).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, factorization: str =

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..algorithms import registry
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
-from ..algorithms.spec import ConvSpec
+from ..algorithms.spec import ConvSpec, layout_of
 from ..algorithms.tuner import tuning_progress
 from .. import timing
 from ..errors import ConvgapError
@@ -138,9 +138,13 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     types to names (other convs are left alone); a callable ``(module, input_shape) -> name``
     (``input_shape`` is None without ``example_input``); or ``"auto"``: time every supported
     algorithm on each layer's real input and keep the fastest correct one (needs
-    ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached;
-    with ``verify`` the tuned model is then timed against torch-everywhere and reverted to
-    torch if it is not faster).
+    ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached).
+    With ``verify``, when the first conv receives a plain NCHW batch, 'auto' also tunes a
+    *layout variant*: the first conv runs ``channels_last``, so it and every layer after it
+    see channels_last maps (BN, activations and adds included), and the other convs are
+    tuned for that layout. The per-layer tuned model, the variant and torch-everywhere are
+    then timed interleaved; the fastest wins, by the median of per-round ratios against
+    torch-everywhere; if neither tuned model is faster, every layer runs torch.
 
     Parameters are shared with the replaced convs: ``state_dict`` is unchanged. A requested
     algorithm that cannot run a layer falls back to ``torch``, with an
@@ -179,36 +183,88 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if n_auto:
         was_training = model.training
         model.eval()
+        first = _layout_variant_head(model, order, requests, inputs, candidates, verify)
+        variant = copy.deepcopy(model) if first else None  # swapped, not yet tuned
         with make_progress(quiet) as progress:
-            task = progress.add_task("tuning convolutions", total=n_auto)
+            task = progress.add_task("tuning convolutions",
+                                     total=n_auto if variant is None else 2 * n_auto)
             with tuning_progress(progress, task), torch.no_grad():
                 model(example_input)
+                if variant is not None:
+                    variant.get_submodule(first).set_algorithm(LAYOUT_VARIANT)
+                    progress.advance(task)
+                    variant(example_input)
             if verify:
-                _verify_model(model, example_input)
+                _verify_model(model, example_input, variant, first)
         model.train(was_training)
     return model
 
 
-def _verify_model(model: nn.Module, x: torch.Tensor) -> None:
+LAYOUT_VARIANT = "channels_last"  # what the first conv runs in the layout variant
+
+
+def _layout_variant_head(model: nn.Module, order: list[str], requests: dict[str, str],
+                         inputs: dict[str, tuple], candidates, verify: bool) -> str | None:
+    """The first conv (forward order) if 'auto' should also try the layout variant: it is
+    tuned automatically, receives a plain NCHW 4-D input and can run channels_last; else
+    None."""
+    first = next((n for n in order if n in inputs), None)
+    if not verify or first is None or requests.get(first) != "auto":
+        return None
+    if candidates is not None and LAYOUT_VARIANT not in candidates:
+        return None
+    x = inputs[first][0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or layout_of(x) != "nchw" \
+            or x.shape[1] == 1:
+        return None
+    conv = model.get_submodule(first)
+    spec = ConvSpec.from_conv(conv, x)
+    return first if registry.get(LAYOUT_VARIANT).supports(spec) is None else None
+
+
+def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None = None,
+                  first: str | None = None) -> None:
     """Model-level guard for 'auto': per-layer wins can turn into a whole-model loss (a
-    layout one layer prefers slows the layers after it). Time the tuned model against a copy
-    running torch everywhere, interleaved; if the median of the per-round ratios says it is
-    not faster, keep torch everywhere. (Paired ratios, not a ratio of medians: a shared
-    machine's drifts of several percent would otherwise revert real wins at random.)"""
-    layers = [m for m in model.modules() if isinstance(m, AlgoConv2d) and m.requested == "auto"]
-    if all(m.algorithm == "torch" for m in layers):
+    layout one layer prefers slows the layers after it), and a layout no single layer
+    gains from can win for the whole model. Time the tuned model (and the layout
+    ``variant``, whose conv ``first`` runs channels_last) against a copy running torch
+    everywhere, interleaved. The variant's choices are adopted if its median per-round
+    ratio against torch is the lowest and below 1; else, if the tuned model's is not below
+    1, every layer runs torch. (Paired ratios, not a ratio of medians: a shared machine's
+    drifts of several percent would otherwise revert real wins at random.)"""
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, AlgoConv2d) and m.requested == "auto"}
+    if variant is None and all(m.algorithm == "torch" for m in layers.values()):
         return
     reference = unswap(model)  # plain nn.Conv2d everywhere; the tuned layers keep their state
+    fns = [lambda: model(x), lambda: reference(x)]
+    if variant is not None:
+        fns.append(lambda: variant(x))
     with torch.no_grad():
-        t_tuned, t_ref = timing.compare([lambda: model(x), lambda: reference(x)],
-                                        VERIFY_CONFIG, x.device.type)
+        timings = timing.compare(fns, VERIFY_CONFIG, x.device.type)
     del reference
-    ratio = statistics.median(a / b for a, b in zip(t_tuned.samples, t_ref.samples))
-    if ratio > 1.0:
-        reason = (f"model-level check: the tuned model took {1e3 * t_tuned.median:.3g} ms, "
-                  f"torch everywhere {1e3 * t_ref.median:.3g} ms (paired ratio "
-                  f"{ratio:.3f}); kept torch")
-        for m in layers:
+    ref = timings[1].samples
+    ratios = [statistics.median(a / b for a, b in zip(t.samples, ref)) for t in timings]
+    ms = [1e3 * t.median for t in timings]
+    if variant is not None and ratios[2] < min(ratios[0], 1.0):
+        note = (f"layout variant: {first} runs channels_last and so does everything after "
+                f"it; whole model {ms[2]:.3g} ms against {ms[0]:.3g} ms tuned per layer and "
+                f"{ms[1]:.3g} ms torch everywhere (paired ratios {ratios[2]:.3f} and "
+                f"{ratios[0]:.3f} against torch)")
+        for n, m in layers.items():
+            v = variant.get_submodule(n)
+            m.set_algorithm(v.algorithm, v.fallback)
+            if n == first:
+                m.tuning = dict(m.tuning or {}, choice=v.algorithm, variant=note)
+            else:
+                m.tuning = v.tuning
+        return
+    if ratios[0] > 1.0 and any(m.algorithm != "torch" for m in layers.values()):
+        reason = (f"model-level check: the tuned model took {ms[0]:.3g} ms, torch "
+                  f"everywhere {ms[1]:.3g} ms (paired ratio {ratios[0]:.3f}"
+                  + (f"; layout variant {ratios[2]:.3f}" if variant is not None else "")
+                  + "); kept torch")
+        for m in layers.values():
             m.set_algorithm("torch", reason)
         warnings.warn(reason, AlgorithmFallbackWarning, stacklevel=3)
 

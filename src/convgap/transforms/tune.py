@@ -37,6 +37,13 @@ class TuneResult:
     algorithms: list[str] = field(default_factory=list)
 
     @property
+    def layout_variant(self) -> str | None:
+        """Why the layout variant (first conv channels_last, every layer after it in that
+        layout) was adopted, or None if the per-layer choices were kept."""
+        return next(((c.tuning or {}).get("variant") for c in self.choices
+                     if (c.tuning or {}).get("variant")), None)
+
+    @property
     def speedup(self) -> float:
         """Original latency / tuned latency (timed interleaved)."""
         return self.original_s / self.tuned_s
@@ -64,14 +71,16 @@ class TuneResult:
         for c in self.choices:
             counts[c.algorithm] = counts.get(c.algorithm, 0) + 1
         picked = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return (f"model: original {1e3 * self.original_s:.2f} ms, tuned "
-                f"{1e3 * self.tuned_s:.2f} ms ({self.speedup:.2f}x, interleaved medians, "
-                f"{self.threads} threads); choices: {picked}")
+        s = (f"model: original {1e3 * self.original_s:.2f} ms, tuned "
+             f"{1e3 * self.tuned_s:.2f} ms ({self.speedup:.2f}x, interleaved medians, "
+             f"{self.threads} threads); choices: {picked}")
+        return s if self.layout_variant is None else f"{s}\n{self.layout_variant}"
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "layout": self.layout,
                 "threads": self.threads, "original_s": self.original_s,
                 "tuned_s": self.tuned_s, "speedup": self.speedup,
+                "layout_variant": self.layout_variant,
                 "layers": [{"name": c.name, "spec": c.spec, "requested": c.requested,
                             "algorithm": c.algorithm, "fallback": c.fallback,
                             "times": (c.tuning or {}).get("times"),
