@@ -332,6 +332,9 @@ def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
     for that layout) times fastest, its choices are taken: first conv channels_last, the
     others tuned on channels_last inputs, results unchanged."""
     calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    fake = {"choice": "torch", "times": {"torch": 1.0, "channels_last": 1.0}, "errors": {},
+            "rejected": {}, "confirm": None}
+    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True, candidates=["channels_last", "prepacked"])
@@ -340,6 +343,28 @@ def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
     assert made[0].algorithm == "channels_last"
     assert "layout variant" in made[0].tuning["variant"]
     assert all(c.tuning["layout"] == "channels_last" for c in made[1:])
+    with torch.no_grad():
+        assert rel(s(x), net(x)) < 1e-5
+
+
+def test_layout_variant_switches_where_channels_last_costs_nothing(monkeypatch):
+    """The variant's switch to channels_last skips convs measured slower in that layout
+    (a 3-channel stem): it happens at the first conv where it costs nothing."""
+    calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+
+    def fake(layer, x, candidates=None):
+        cl = 1.5 if layer.in_channels == 3 else 1.0  # the stem: slower in channels_last
+        return {"choice": "torch", "times": {"torch": 1.0, "channels_last": cl},
+                "errors": {}, "rejected": {}, "confirm": None}
+    monkeypatch.setattr(tuner, "tune_spec", fake)
+    net = small_net()
+    x = torch.randn(2, 3, 12, 12)
+    s = swap(net, "auto", x, quiet=True)
+    assert calls == [3]
+    made = choices(s)
+    assert made[0].algorithm == "torch" and made[0].tuning["layout"] == "nchw"
+    assert made[1].algorithm == "channels_last" and "variant" in made[1].tuning
+    assert all(c.tuning["layout"] == "channels_last" for c in made[2:])
     with torch.no_grad():
         assert rel(s(x), net(x)) < 1e-5
 
