@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..algorithms import registry
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
-from ..algorithms.spec import ConvSpec
+from ..algorithms.spec import ConvSpec, layout_of
 from ..algorithms.tuner import tuning_progress
 from .. import timing
 from ..errors import ConvgapError
@@ -142,9 +142,10 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     With ``verify``, 'auto' also tunes a *layout variant*: the first conv that was tuned on
     a plain NCHW input and measured no slower in ``channels_last`` runs that, so every
     layer after it sees channels_last maps (BN, activations and adds included), and the
-    later convs are tuned for that layout. The per-layer tuned model, the variant and torch-everywhere are
-    then timed interleaved; the fastest wins, by the median of per-round ratios against
-    torch-everywhere; if neither tuned model is faster, every layer runs torch.
+    later convs are tuned for that layout. The per-layer tuned model, the variant and
+    torch-everywhere are then timed interleaved; the fastest wins, by the median of
+    per-round ratios against torch-everywhere; if neither tuned model is faster, every
+    layer runs torch.
 
     Parameters are shared with the replaced convs: ``state_dict`` is unchanged. A requested
     algorithm that cannot run a layer falls back to ``torch``, with an
@@ -183,7 +184,10 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if n_auto:
         was_training = model.training
         model.eval()
-        try_variant = verify and (candidates is None or LAYOUT_VARIANT in candidates)
+        # the variant needs a conv tuned on a plain NCHW input; copy only if one can be
+        try_variant = verify and (candidates is None or LAYOUT_VARIANT in candidates) and \
+            any(requests.get(n) == "auto" and layout_of(args[0]) == "nchw"
+                for n, args in inputs.items())
         variant = copy.deepcopy(model) if try_variant else None  # swapped, not yet tuned
         first = None
         with make_progress(quiet) as progress:
