@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from convgap import ConvgapError, Report, analyze, count, models, timing
+from convgap import ConvgapError, Report, allocator, analyze, count, models, timing
 
 SHAPE = (1, 3, 64, 64)
 
@@ -59,7 +59,35 @@ def test_json_fields_and_round_trip(resnet18_report, tmp_path):
         assert key in run["layers"][0] and key in run["blocks"][0] and key in run["total"]
     back = Report.from_json(path)
     assert back.runs[0].total == report.runs[0].total
+    assert back.runs[0].allocation == report.runs[0].allocation
+    assert back.runs[0].faults_per_call == report.runs[0].faults_per_call
     assert [r.name for r in back.runs[0].layers] == [r.name for r in report.runs[0].layers]
+
+
+@pytest.mark.skipif(not allocator.available(), reason="needs glibc malloc")
+def test_allocation_cost_of_the_whole_model(resnet18_report):
+    """On CPU the run carries what glibc's default malloc costs per call, measured under
+    both policies, and the policy it was measured under."""
+    _, report = resnet18_report
+    (run,) = report.runs
+    a = run.allocation
+    assert a["default_s"] > 0 and a["retain_s"] > 0
+    assert a["overhead_s"] == pytest.approx(a["default_s"] - a["retain_s"])
+    assert a["share"] == pytest.approx(a["overhead_s"] / a["default_s"])
+    assert a["faults_retain"] <= a["faults_default"]
+    assert run.malloc == allocator.policy() and run.faults_per_call >= 0
+    assert run.allocation_overhead_s == a["overhead_s"]
+
+
+def test_allocation_cost_can_be_skipped_and_policy_chosen(fixed_roofs):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    before = allocator.policy()
+    report = analyze(net, (1, 3, 16, 16), roofs=fixed_roofs, timing_config=timing.QUICK,
+                     quiet=True, allocation=False, malloc="retain", per_layer=False)
+    (run,) = report.runs
+    assert run.allocation is None and run.allocation_overhead_s is None
+    assert run.malloc == ("retain" if allocator.available() else before)
+    assert allocator.policy() == before  # restored
 
 
 def test_channels_last_and_callers_model_untouched(fixed_roofs):
@@ -92,6 +120,7 @@ def test_zoo_name_and_combine(fixed_roofs):
     (dict(input_shape=(1, 1, 32, 32)), "channels"),
     (dict(input_shape=(3, 32, 32)), "rank"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "cuda|device"),
+    (dict(malloc="huge"), "unknown malloc policy"),
 ])
 def test_bad_arguments(kwargs, match, fixed_roofs):
     kwargs.setdefault("input_shape", (1, 3, 32, 32))

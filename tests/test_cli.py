@@ -61,6 +61,10 @@ def test_analyze_user_model_writes_html_and_json(capsys, user_module, small_roof
     assert [(r["batch"], r["layout"]) for r in runs] == [
         (1, "nchw"), (1, "channels_last"), (2, "nchw"), (2, "channels_last")]
     assert all(r["threads"] == 1 for r in runs)
+    from convgap import allocator
+    if allocator.available():  # what glibc's default malloc costs each run, both policies
+        assert all(r["allocation"]["default_s"] > 0 and r["allocation"]["retain_s"] > 0
+                   for r in runs)
 
 
 def test_weights_round_trip(capsys, user_module, small_roofs, tmp_path):
@@ -88,6 +92,13 @@ def test_bad_input_is_one_line_exit_2(capsys, user_module, argv, match):
     assert err.startswith("convgap: error: ") and err.count("\n") == 1
     assert re.search(match, err), err
     assert "Traceback" not in err
+
+
+def test_bad_malloc_policy_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "resnet18", "--malloc", "huge"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -152,6 +163,8 @@ def test_tune_prints_layers_and_writes_json(capsys, user_module, tmp_path):
     assert layer["algorithm"] in layer["times"] and set(layer["times"]) <= {
         "torch", "channels_last", "prepacked"}
     assert data["threads"] == 1 and data["input_shape"] == [2, 3, 16, 16]
+    from convgap import allocator
+    assert data["malloc"] == ("retain" if allocator.available() else None)
     code, out, _ = run(capsys, "tune", f"{user_module}:factory", "--image-size", "16",
                        "--batch", "2", "--algos", "channels_last", "prepacked", "--threads",
                        "1", "--quiet")

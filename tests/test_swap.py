@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convgap import ConvgapError, cache, models, timing
+from convgap import ConvgapError, allocator, cache, models, timing
 from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, get, names,
                                 register, unregister)
 from convgap.algorithms import tuner
@@ -237,6 +237,34 @@ def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
     s2 = swap(net, "auto", x, quiet=True, verify=False)
     assert counter.calls == first
     assert all(c.tuning["cached"] for c in choices(s2))
+
+
+@pytest.mark.skipif(not allocator.available(), reason="needs glibc malloc")
+def test_auto_tunes_under_the_malloc_policy_and_restores_it(monkeypatch):
+    """Tuning measures under the requested policy (restored afterwards); the policy is part
+    of the cache key, so a decision made under one does not serve the other."""
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    seen = []
+    real = tuner.timing.compare
+
+    def spy(*args, **kwargs):
+        seen.append(allocator.policy())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tuner.timing, "compare", spy)
+    tuner.clear_memory()
+    net, x = nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)
+    before = allocator.policy()
+    for policy in ("retain", "default"):
+        s = swap(net, "auto", x, quiet=True, verify=False, malloc=policy)
+        assert seen and set(seen) == {policy}
+        seen.clear()
+        assert allocator.policy() == before
+        (c,) = choices(s)
+        assert c.tuning["malloc"] == policy and not c.tuning["cached"]
+    keys = list(json.loads((cache.cache_dir() / tuner.TUNING_FILE).read_text()))
+    assert sorted(k.split("|")[3] for k in keys) == ["malloc=default", "malloc=retain"]
+    with pytest.raises(ConvgapError, match="unknown malloc policy"):
+        swap(net, "auto", x, quiet=True, malloc="huge")
 
 
 def test_auto_rejects_wrong_results(monkeypatch):

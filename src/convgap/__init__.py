@@ -14,11 +14,13 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
 - :mod:`models` -- the model zoo: ``models.create(name)``, ``models.names()``.
 - :mod:`hardware` -- measured roofs: ``hardware.roofs(device, dtype)``.
 - :mod:`timing` -- the timing discipline used for every number convgap reports.
+- :mod:`allocator` -- the CPU malloc policy (``allocator.set_policy("retain")`` stops large
+  activations from page-faulting on every call) and what the default one costs.
 """
 
 __version__ = "0.1.0"
 
-from . import algorithms, hardware, layers, models, timing, transforms
+from . import algorithms, allocator, hardware, layers, models, timing, transforms
 from .analysis import Report, analyze
 from .count import Counts, count
 from .einsum import einsum, einsum_path
@@ -28,4 +30,4 @@ from .transforms import factorize, swap
 
 __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize",
            "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
-           "algorithms", "hardware", "layers", "models", "timing", "transforms", "__version__"]
+           "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "__version__"]

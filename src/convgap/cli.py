@@ -49,6 +49,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _malloc(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument("--malloc", default=default, choices=("asis", "default", "retain"),
+                   help=f"CPU malloc policy to {what} under: 'retain' keeps freed memory for "
+                        "reuse (no page faults on large activations), 'default' is glibc's, "
+                        f"'asis' leaves the process as it is (default: {default})")
+
+
+def _policy(args: argparse.Namespace) -> str | None:
+    return None if args.malloc == "asis" else args.malloc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convgap",
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", type=Path, default=None, help="also write the report JSON here")
     a.add_argument("--top", type=_positive, default=10, help="layers shown per run (10)")
     a.add_argument("--blocks", action="store_true", help="also print the block table")
+    _malloc(a, default="asis", what="measure")
+    a.add_argument("--no-malloc-cost", action="store_true",
+                   help="skip timing the whole model under both malloc policies")
     a.add_argument("--no-per-layer", action="store_true",
                    help="time only whole models (faster; no layer or block latencies)")
     _common(a)
@@ -98,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--algos", nargs="+", default=["auto"], metavar="NAME",
                    help="'auto' (every registered algorithm) or the candidate names to try")
     t.add_argument("--json", type=Path, default=None, help="write the decisions as JSON")
+    _malloc(t, default="retain", what="tune and compare")
     _common(t)
 
     f = sub.add_parser("factorize", help="factorize convolutions; params, MACs, latency "
@@ -152,7 +167,8 @@ def _cmd_analyze(args: argparse.Namespace, console: Console) -> int:
                     reports.append(analyze(
                         net, shape, device=args.device, dtype=dtype, layout=layout,
                         threads=args.threads, name=name, per_layer=not args.no_per_layer,
-                        progress=progress))
+                        progress=progress, malloc=_policy(args),
+                        allocation=not args.no_malloc_cost))
     report = Report.combine(reports)
     console.print(tables(report, top=args.top, blocks=args.blocks))
     if args.json is not None:
@@ -190,7 +206,8 @@ def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
     candidates = None if args.algos == ["auto"] else args.algos
     shape = (args.batch, args.channels, args.image_size, args.image_size)
     result = tune_model(net, shape, candidates=candidates, device=args.device, dtype=dtype,
-                        layout=args.layout, threads=args.threads, quiet=args.quiet)
+                        layout=args.layout, threads=args.threads, quiet=args.quiet,
+                        malloc=_policy(args))
     console.print(result.table(title=f"convgap tune {args.model} {shape} {args.layout} "
                                      f"{args.dtype}, {result.threads} threads"))
     console.print(result.summary())

@@ -10,8 +10,8 @@ cache pollution of a heavy neighbour in the round-robin replaces the reference w
 something no faster.
 
 Decisions persist in ``tuning.json`` in the convgap cache directory, keyed by device name,
-torch version, threads and the full spec (which includes dtype, layout and input shape);
-writes are atomic; a corrupt file is reported and rebuilt; a hit times nothing.
+torch version, threads, the malloc policy on CPU (:mod:`convgap.allocator`) and the full
+spec (which includes dtype, layout and input shape); writes are atomic; a corrupt file is reported and rebuilt; a hit times nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .. import cache, timing
+from .. import allocator, cache, timing
 from ..hardware import device_name
 from . import registry
 from .module import AlgoConv2d
@@ -43,9 +43,12 @@ _progress: list[tuple[Any, Any]] = []  # (rich Progress, task) of the running sw
 
 
 def cache_key(spec: ConvSpec) -> str:
+    """Tuning-cache key: device name, torch version, threads, (CPU) the malloc policy in
+    force, and the full spec."""
     dev = "cpu" if spec.device == "cpu" else f"{spec.device}:{torch.cuda.current_device()}"
+    malloc = f"|malloc={allocator.policy()}" if spec.device == "cpu" else ""
     return (f"{device_name(dev)}|torch={torch.__version__}|threads={torch.get_num_threads()}"
-            f"|{spec.key()}")
+            f"{malloc}|{spec.key()}")
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,6 +145,7 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
     return {"choice": best, "times": times, "errors": errors, "rejected": rejected,
             "confirm": confirm,
             "threads": torch.get_num_threads(),
+            "malloc": allocator.policy() if spec.device == "cpu" else None,
             "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .. import hardware, timing
+from .. import allocator, hardware, timing
 from ..count import Call, Trace, check_input, run_trace
 from ..errors import ConvgapError
 from ..progress import make_progress
@@ -29,6 +29,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 WHOLE_MODEL = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=30, min_time=0.25)
 PER_CALL = timing.TimingConfig(warmup=1, min_repeats=5, max_repeats=30, min_time=0.02)
+ALLOCATION = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -95,6 +96,8 @@ def analyze(
     roofs: hardware.Roofs | None = None,
     quiet: bool = False,
     progress=None,
+    malloc: str | None = None,
+    allocation: bool = True,
 ) -> Report:
     """Analyse ``model`` (an ``nn.Module`` or a zoo name) on one input shape.
 
@@ -102,7 +105,13 @@ def analyze(
     whole model, every block and every leaf layer in isolation on its real input, and returns
     a :class:`Report` with one run. ``layout`` is 'nchw' or 'channels_last'; ``threads`` sets
     ``torch.set_num_threads`` for the measurement (default: as is). ``per_layer=False``
-    skips timing layers and blocks (counts and whole-model latency only). The model is
+    skips timing layers and blocks (counts and whole-model latency only).
+
+    On CPU, ``malloc`` sets the malloc policy everything is measured under ('default' or
+    'retain', see :mod:`convgap.allocator`; None: as the process is; restored afterwards),
+    and ``allocation`` also times the whole model under both policies, alternating, to
+    report what glibc's default allocator costs per call (``Run.allocation``: seconds and
+    page faults per call; None where the policy cannot be set). The model is
     copied, put in eval mode and moved to ``device``/``dtype``/``layout``; the caller's model
     is not changed. Latencies are in seconds.
     """
@@ -122,7 +131,12 @@ def analyze(
     cfg_model = timing_config or WHOLE_MODEL
     cfg_call = timing_config or PER_CALL
 
-    with timing.threads(threads if dev.type == "cpu" else None) as n_threads:
+    if malloc is not None and malloc not in allocator.POLICIES:
+        raise ConvgapError(f"unknown malloc policy {malloc!r}: use one of "
+                           f"{', '.join(allocator.POLICIES)} or None")
+    on_cpu = dev.type == "cpu"
+    with timing.threads(threads if on_cpu else None) as n_threads, \
+            allocator.use(malloc if on_cpu else None) as policy:
         net = copy.deepcopy(model).eval().to(device=dev, dtype=dt, memory_format=fmt)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen).to(device=dev, dtype=dt)
@@ -135,13 +149,19 @@ def analyze(
         if own:
             prog.start()
         try:
-            task = prog.add_task(f"{name} {tuple(shape)} {layout}", total=1 + len(calls))
-            whole = timing.measure(lambda: net(x), cfg_model, dev).median
+            alloc_steps = int(allocation and on_cpu and allocator.available())
+            task = prog.add_task(f"{name} {tuple(shape)} {layout}",
+                                 total=1 + len(calls) + alloc_steps)
+            measured = timing.measure(lambda: net(x), cfg_model, dev)
+            whole = measured.median
             prog.advance(task)
             times = []
             for call in calls:
                 times.append(_time_call(call, cfg_call, str(dev)))
                 prog.advance(task)
+            # last: switching policies leaves the process at glibc's fixed steady state
+            cost = allocator.allocation_cost(lambda: net(x), ALLOCATION) if alloc_steps else None
+            prog.advance(task, alloc_steps)
         finally:
             if own:
                 prog.stop()
@@ -165,7 +185,10 @@ def analyze(
                   dtype=str(dt).removeprefix("torch."), device=str(dev),
                   device_name=roof.device_name, threads=n_threads, peak_flops=roof.peak_flops,
                   bandwidth=roof.bandwidth, total=total, layers=layers, blocks=blocks,
-                  unattributed_macs=c.unattributed_macs)
+                  unattributed_macs=c.unattributed_macs,
+                  malloc=policy if on_cpu else None,
+                  faults_per_call=measured.faults_per_call if on_cpu else None,
+                  allocation=cost.to_dict() if cost is not None else None)
     return Report([run], meta=report_meta())
 
 

@@ -228,6 +228,14 @@ def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
                      "the whole model")
     if t.layerwise_roofline_s is not None:
         facts.append(f"whole model: layer-wise roofline {_e(_ms(t.layerwise_roofline_s))} ms")
+    if run.allocation:
+        a = run.allocation
+        facts.append(
+            f"malloc (policy {_e(run.malloc)}, {_e(fmt(run.faults_per_call or 0))} page faults "
+            f"per call): {_e(_ms(a['default_s']))} ms under glibc's default policy, "
+            f"{_e(_ms(a['retain_s']))} ms with freed memory retained; the default costs "
+            f"{_e(_ms(a['overhead_s']))} ms ({_e(_pct(a['share']))} %) per call "
+            "(<code>convgap.allocator.set_policy('retain')</code> removes it)")
     if run.unattributed_macs:
         facts.append(f"<strong>{_e(fmt(run.unattributed_macs / 1e6))} MMACs not attributed "
                      "to any layer</strong>")

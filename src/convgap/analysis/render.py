@@ -18,19 +18,47 @@ def _pct(f: float) -> str:
     return f"{100 * f:.1f}%"
 
 
+ALLOCATION_NOTE_SHARE = 0.05  # explain the malloc column once some run loses this much
+
+
+def allocation_cell(run: Run) -> str:
+    """What glibc's default malloc policy costs the run per call: 'ms (share)', or '-'."""
+    a = run.allocation
+    if not a:
+        return "-"
+    return f"{_ms(a['overhead_s'])} ({_pct(a['share'])})"
+
+
 def summary_table(report: Report) -> Table:
-    """One row per run: GMACs, measured / ideal / roofline ms, efficiency, layer-sum ratio."""
+    """One row per run: GMACs, measured / ideal / roofline ms, efficiency, layer-sum ratio,
+    and on CPU the page faults per call and what the default malloc policy costs."""
     devices = sorted({f"{r.device_name}, {r.threads} threads, {r.dtype}" for r in report.runs})
-    t = Table(title=f"convgap analyze ({'; '.join(devices)})", title_justify="left")
-    for col in ("model", "batch", "layout", "GMACs", "params M", "measured ms", "ideal ms",
-                "roofline ms", "efficiency", "bound", "layers/model"):
+    alloc = any(r.allocation for r in report.runs)
+    caption = None
+    if any(r.allocation and r.allocation["share"] > ALLOCATION_NOTE_SHARE for r in report.runs):
+        caption = ("malloc cost: latency under glibc's default malloc minus latency with freed "
+                   "memory retained (activations above 32 MiB are mmapped and page-faulted "
+                   "afresh every call). Remove it: convgap.allocator.set_policy('retain'), or "
+                   "MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647, or "
+                   "LD_PRELOAD jemalloc/tcmalloc.")
+    t = Table(title=f"convgap analyze ({'; '.join(devices)})", title_justify="left",
+              caption=caption, caption_justify="left")
+    cols = ["model", "batch", "layout", "GMACs", "params M", "measured ms", "ideal ms",
+            "roofline ms", "efficiency", "bound", "layers/model"]
+    if alloc:
+        cols += ["faults/call", "malloc cost ms"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("model", "layout", "bound") else "right")
     for r in report.runs:
         m = r.total
-        t.add_row(r.model, str(r.batch), r.layout,
-                  f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s),
-                  _ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
-                  f"{r.layers_ratio:.2f}x" if r.layers else "-")
+        cells = [r.model, str(r.batch), r.layout,
+                 f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s),
+                 _ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
+                 f"{r.layers_ratio:.2f}x" if r.layers else "-"]
+        if alloc:
+            cells += [f"{r.faults_per_call:.0f}" if r.faults_per_call is not None else "-",
+                      allocation_cell(r)]
+        t.add_row(*cells)
     return t
 
 

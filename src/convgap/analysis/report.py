@@ -106,6 +106,15 @@ class Run:
     layers: list[Row] = field(default_factory=list)
     blocks: list[Row] = field(default_factory=list)
     unattributed_macs: int = 0
+    malloc: str | None = None              # CPU: the malloc policy measured under
+    faults_per_call: float | None = None   # CPU: median minor page faults per forward pass
+    allocation: dict | None = None         # CPU: convgap.allocator.AllocationCost.to_dict()
+
+    @property
+    def allocation_overhead_s(self) -> float | None:
+        """What glibc's default malloc policy costs per forward pass against retaining
+        freed memory (seconds; None if not measured)."""
+        return self.allocation["overhead_s"] if self.allocation else None
 
     @property
     def label(self) -> str:
@@ -128,6 +137,8 @@ class Run:
             "device_name": self.device_name, "threads": self.threads,
             "peak_flops": self.peak_flops, "bandwidth": self.bandwidth,
             "unattributed_macs": self.unattributed_macs,
+            "malloc": self.malloc, "faults_per_call": self.faults_per_call,
+            "allocation": self.allocation,
             "layers_sum_s": self.layers_sum_s, "layers_ratio": self.layers_ratio,
             "total": self.total.to_dict(),
             "blocks": [r.to_dict() for r in self.blocks],
@@ -143,7 +154,8 @@ class Run:
             bandwidth=d["bandwidth"], total=Row.from_dict(d["total"]),
             layers=[Row.from_dict(r) for r in d["layers"]],
             blocks=[Row.from_dict(r) for r in d["blocks"]],
-            unattributed_macs=d.get("unattributed_macs", 0))
+            unattributed_macs=d.get("unattributed_macs", 0), malloc=d.get("malloc"),
+            faults_per_call=d.get("faults_per_call"), allocation=d.get("allocation"))
 
 
 @dataclass

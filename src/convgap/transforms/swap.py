@@ -15,7 +15,7 @@ from ..algorithms import registry
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
 from ..algorithms.spec import ConvSpec, layout_of
 from ..algorithms.tuner import tuning_progress
-from .. import timing
+from .. import allocator, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
 
@@ -129,7 +129,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = None, *,
          inplace: bool = False, candidates: Sequence[str] | None = None,
-         verify: bool = True, quiet: bool = False) -> nn.Module:
+         verify: bool = True, quiet: bool = False,
+         malloc: str | None = "retain") -> nn.Module:
     """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
     algorithms; returns the swapped model (a copy unless ``inplace``).
 
@@ -156,6 +157,9 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if candidates is not None:
         for c in candidates:
             _valid(c, "candidates")
+    if malloc is not None and malloc not in allocator.POLICIES:
+        raise ConvgapError(f"unknown malloc policy {malloc!r}: use one of "
+                           f"{', '.join(allocator.POLICIES)} or None")
     order, inputs = _convs_in_order(model, example_input)
     requests = _requests(model, algos, order, inputs)
     if "auto" in requests.values() and example_input is None:
@@ -190,7 +194,8 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                 for n, args in inputs.items())
         variant = copy.deepcopy(model) if try_variant else None  # swapped, not yet tuned
         first = None
-        with make_progress(quiet) as progress:
+        on_cpu = isinstance(example_input, torch.Tensor) and example_input.device.type == "cpu"
+        with allocator.use(malloc if on_cpu else None), make_progress(quiet) as progress:
             task = progress.add_task("tuning convolutions", total=n_auto)
             with tuning_progress(progress, task), torch.no_grad():
                 model(example_input)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from rich.table import Table
 
-from .. import hardware, timing
+from .. import allocator, hardware, timing
 from ..analysis.analyze import _memory_format, parse_dtype
 from ..count import check_input
 from .swap import Choice, choices, swap
@@ -35,6 +35,7 @@ class TuneResult:
     original_s: float
     tuned_s: float
     algorithms: list[str] = field(default_factory=list)
+    malloc: str | None = None  # the malloc policy everything was measured under (CPU)
 
     @property
     def layout_variant(self) -> str | None:
@@ -73,12 +74,14 @@ class TuneResult:
         picked = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         s = (f"model: original {1e3 * self.original_s:.2f} ms, tuned "
              f"{1e3 * self.tuned_s:.2f} ms ({self.speedup:.2f}x, interleaved medians, "
-             f"{self.threads} threads); choices: {picked}")
+             f"{self.threads} threads"
+             + (f", malloc policy {self.malloc!r}" if self.malloc else "")
+             + f"); choices: {picked}")
         return s if self.layout_variant is None else f"{s}\n{self.layout_variant}"
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "layout": self.layout,
-                "threads": self.threads, "original_s": self.original_s,
+                "threads": self.threads, "malloc": self.malloc, "original_s": self.original_s,
                 "tuned_s": self.tuned_s, "speedup": self.speedup,
                 "layout_variant": self.layout_variant,
                 "layers": [{"name": c.name, "spec": c.spec, "requested": c.requested,
@@ -100,10 +103,12 @@ def tune_model(model: nn.Module, input_shape: Sequence[int], *,
                candidates: Sequence[str] | None = None, device: str = "cpu",
                dtype: torch.dtype | str = torch.float32, layout: str = "nchw",
                threads: int | None = None, quiet: bool = False,
+               malloc: str | None = "retain",
                config: timing.TimingConfig = MODEL_CONFIG) -> TuneResult:
     """Tune every convolution of (a copy of) ``model`` for ``input_shape`` in ``layout`` and
     time the original and the tuned model interleaved. The original runs the same input in
-    the same layout, in eval mode."""
+    the same layout, in eval mode. On CPU everything is measured under malloc policy
+    ``malloc`` (see :func:`convgap.swap`)."""
     dev = hardware.check_device(device)
     dt = parse_dtype(dtype)
     shape = check_input(model, input_shape)
@@ -112,12 +117,15 @@ def tune_model(model: nn.Module, input_shape: Sequence[int], *,
         original = copy.deepcopy(model).eval().to(device=dev, dtype=dt)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         x = x.to(device=dev, dtype=dt).contiguous(memory_format=fmt)
-        tuned = swap(original, "auto", x, candidates=candidates, quiet=quiet)
-        t_orig, t_tuned = timing.compare([lambda: original(x), lambda: tuned(x)], config, dev)
+        tuned = swap(original, "auto", x, candidates=candidates, quiet=quiet, malloc=malloc)
+        with allocator.use(malloc if dev.type == "cpu" else None) as policy:
+            t_orig, t_tuned = timing.compare([lambda: original(x), lambda: tuned(x)], config,
+                                             dev)
     made = choices(tuned)
     algos: list[str] = []
     for c in made:
         for a in (c.tuning or {}).get("times", {}):
             if a not in algos:
                 algos.append(a)
-    return TuneResult(tuned, made, shape, layout, n, t_orig.median, t_tuned.median, algos)
+    return TuneResult(tuned, made, shape, layout, n, t_orig.median, t_tuned.median, algos,
+                      malloc=policy if dev.type == "cpu" else None)
