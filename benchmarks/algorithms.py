@@ -1,10 +1,11 @@
 """Benchmark: per-layer convolution algorithm choice on CPU.
 
 For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NCHW input):
-1. swap(model, "auto") in a fresh tuning cache: for every distinct conv spec, each
+1. swap(model, "auto") in a fresh tuning cache: for every distinct conv spec (and every
+   nn.Linear spec: pointwise convolutions on channels-last maps, as in ConvNeXt), each
    algorithm's median time, the choice and its speedup over torch (from the tuner);
 2. an independent check: each distinct layer's chosen algorithm, called as the swapped
-   AlgoConv2d, re-timed against the plain nn.Conv2d it replaced (both through
+   AlgoConv2d / AlgoLinear, re-timed against the plain layer it replaced (both through
    Module.__call__), interleaved; the ratio is the median of the per-round
    paired ratios over at least 0.25 s of samples (target: never > 5% slower);
 3. whole models, interleaved in one run: eager NCHW, eager channels_last, auto, and
@@ -12,7 +13,12 @@ For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NC
    the per-round paired ratios (this machine drifts 10-15% between minutes: ratios of
    separate medians read a 1.15x win as a 0.91x loss once).
 
+Everything runs under one malloc policy (``--malloc``, default 'retain': freed memory is
+reused, so nothing page-faults; under glibc's default a layer's time depends on the heap's
+history, see convgap.allocator).
+
     python benchmarks/algorithms.py [--threads 2] [--batch 1 8] [--models ...] [--no-compile]
+                                    [--malloc retain|default]
 
 Prints tables and writes benchmarks/results/algorithms.json.
 """
@@ -39,7 +45,7 @@ LAYER_CHECK = None  # set in main (needs convgap.timing)
 
 def distinct_layers(tuned):
     """One (AlgoConv2d, its captured input) per distinct spec key, in forward order."""
-    from convgap.algorithms import AlgoConv2d
+    from convgap.algorithms import AlgoConv2d, AlgoLinear
     seen, out, handles = set(), [], []
 
     def hook(m, args):
@@ -48,12 +54,12 @@ def distinct_layers(tuned):
             seen.add(key)
             out.append((m, args[0].detach().clone(memory_format=torch.preserve_format)))
     for m in tuned.modules():
-        if isinstance(m, AlgoConv2d):
+        if isinstance(m, (AlgoConv2d, AlgoLinear)):
             handles.append(m.register_forward_pre_hook(hook))
     return out, handles
 
 
-def run_model(name, batch, threads, do_compile, console):
+def run_model(name, batch, threads, do_compile, console, malloc):
     from convgap import models, timing
     from convgap.transforms import choices, swap
 
@@ -64,7 +70,7 @@ def run_model(name, batch, threads, do_compile, console):
         net = models.create(name).eval()
         x = torch.randn(batch, 3, 224, 224)
         t0 = time.time()
-        tuned = swap(net, "auto", x, quiet=True)
+        tuned = swap(net, "auto", x, quiet=True, malloc=malloc)
         tune_s = time.time() - t0
         layers, handles = distinct_layers(tuned)
         tuned(x)
@@ -73,7 +79,8 @@ def run_model(name, batch, threads, do_compile, console):
         rows = []
         for m, xin in layers:
             tun = m.tuning
-            plain = m.to_conv2d()  # what the user had: nn.Conv2d sharing the parameters
+            # what the user had: nn.Conv2d / nn.Linear sharing the parameters
+            plain = m.to_linear() if hasattr(m, "to_linear") else m.to_conv2d()
             chosen, ref = timing.compare([lambda: m(xin), lambda: plain(xin)], cfg_layer)
             # paired ratios (the two calls of one round share the machine's state), median
             paired = statistics.median(a / b for a, b in zip(chosen.samples, ref.samples))
@@ -86,7 +93,8 @@ def run_model(name, batch, threads, do_compile, console):
                 "recheck_samples": len(chosen.samples), "recheck_ratio": paired})
         counts = {}
         for c in choices(tuned):
-            counts[c.algorithm] = counts.get(c.algorithm, 0) + 1
+            key = ("linear " if (c.spec or "").startswith("linear") else "") + c.algorithm
+            counts[key] = counts.get(key, 0) + 1
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
         fns = {"eager_nchw": lambda: net(x), "eager_channels_last": lambda: cl(xcl),
@@ -162,24 +170,31 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile+freezing")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use the normal tuning cache (default: a fresh one, so it measures)")
+    ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
+                    help="malloc policy for the whole run (retain)")
     ap.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
     args = ap.parse_args()
     if not args.keep_cache:
         os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
     import convgap
-    from convgap import algorithms
+    from convgap import algorithms, allocator
+    if allocator.available():
+        allocator.set_policy(args.malloc)
     console = Console(width=220)
     results = []
     start = time.time()
     for name in args.models:
         for batch in args.batch:
             console.print(f"[dim]{name} batch {batch} ...[/dim]")
-            results.append(run_model(name, batch, args.threads, not args.no_compile, console))
+            results.append(run_model(name, batch, args.threads, not args.no_compile, console,
+                                     args.malloc))
     print_tables(results, console)
+    console.print(f"threads {args.threads}, fp32, 224x224, malloc policy {allocator.policy()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "algorithms", "threads": args.threads, "batches": args.batch,
         "dtype": "float32", "image_size": 224, "layout_in": "nchw",
+        "malloc": allocator.policy(),
         "algorithms": algorithms.names(), "torch": torch.__version__,
         "convgap": convgap.__version__, "python": platform.python_version(),
         "cpu": convgap.hardware.device_name("cpu"), "seconds": time.time() - start,

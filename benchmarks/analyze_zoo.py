@@ -3,7 +3,10 @@
 For each model and batch size: GMACs, measured / ideal / roofline latency (ms),
 computational efficiency, and the sum of isolated per-layer latencies over the whole-model
 latency, for both layouts (each from convgap.analyze). Then the two layouts' whole-model
-latencies are timed again interleaved in one run, and their ratio is reported.
+latencies are timed again interleaved in one run, and their ratio is reported. On CPU
+each run also reports the page faults per forward pass and what glibc's default malloc
+policy costs against retaining freed memory (convgap.allocator; both policies timed in
+alternating blocks). The main numbers are measured as the process is (glibc's default).
 
     python benchmarks/analyze_zoo.py [--threads 2] [--batch 1 8] [--models ...] [--quick]
 
@@ -41,6 +44,12 @@ def layout_ratio(name: str, batch: int, threads: int, cfg: timing.TimingConfig) 
     return t_cl.median / t_nchw.median
 
 
+def _alloc(a: dict | None) -> str:
+    if not a:
+        return "-"
+    return f"{1e3 * a['overhead_s']:.1f} ({100 * a['share']:.0f}%)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -73,6 +82,8 @@ def main() -> None:
                         "roofline_ms": 1e3 * t.roofline_s, "efficiency": t.efficiency,
                         "bound": t.bound, "layers_ratio": run.layers_ratio,
                         "worst_layer": max(run.layers, key=lambda r: r.measured_s).name,
+                        "malloc": run.malloc, "faults_per_call": run.faults_per_call,
+                        "allocation": run.allocation,
                     })
                 ratio = layout_ratio(name, batch, args.threads, ratio_cfg)
                 rows[-1]["cl_over_nchw_interleaved"] = rows[-2]["cl_over_nchw_interleaved"] = ratio
@@ -81,13 +92,16 @@ def main() -> None:
                         f"224x224; roofs {roofs.peak_flops / 1e9:.0f} GFLOP/s, "
                         f"{roofs.bandwidth / 1e9:.0f} GB/s", title_justify="left")
     for col in ("model", "batch", "layout", "GMACs", "measured ms", "ideal ms", "roofline ms",
-                "efficiency", "layers/model", "CL/NCHW (interleaved)"):
+                "efficiency", "layers/model", "CL/NCHW (interleaved)", "faults/call",
+                "malloc cost ms"):
         table.add_column(col, justify="left" if col in ("model", "layout") else "right")
     for r in rows:
         table.add_row(r["model"], str(r["batch"]), r["layout"], f"{r['gmacs']:.2f}",
                       f"{r['measured_ms']:.1f}", f"{r['ideal_ms']:.1f}", f"{r['roofline_ms']:.1f}",
                       f"{100 * r['efficiency']:.1f}%", f"{r['layers_ratio']:.2f}",
-                      f"{r['cl_over_nchw_interleaved']:.2f}")
+                      f"{r['cl_over_nchw_interleaved']:.2f}",
+                      f"{r['faults_per_call']:.0f}" if r["faults_per_call"] is not None else "-",
+                      _alloc(r["allocation"]))
     Console(width=200).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

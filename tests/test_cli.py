@@ -159,9 +159,10 @@ def test_tune_prints_layers_and_writes_json(capsys, user_module, tmp_path):
     assert code == 0, err
     assert "choice" in out and "model: original" in out and "0 " in out
     data = json.loads((tmp_path / "t.json").read_text())
-    (layer,) = data["layers"]
+    layer, head = data["layers"]  # the conv, then the classifier's Linear
     assert layer["algorithm"] in layer["times"] and set(layer["times"]) <= {
         "torch", "channels_last", "prepacked"}
+    assert head["spec"].startswith("linear 8->4") and head["algorithm"] in head["times"]
     assert data["threads"] == 1 and data["input_shape"] == [2, 3, 16, 16]
     from convgap import allocator
     assert data["malloc"] == ("retain" if allocator.available() else None)

@@ -301,11 +301,12 @@ def test_tune_model_reports_layers_and_model(monkeypatch):
     monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
     result = tune_model(models.create("resnet18", num_classes=10), (1, 3, 32, 32),
                         candidates=["channels_last", "prepacked"], quiet=True, config=QUICK)
-    assert len(result.choices) == 20
+    assert len(result.choices) == 21  # 20 convs and the classifier's Linear
+    assert result.choices[-1].name == "fc" and result.choices[-1].spec.startswith("linear")
     assert result.original_s > 0 and result.tuned_s > 0
     assert set(result.algorithms) <= {"torch", "channels_last", "prepacked"}
     d = result.to_dict()
-    assert len(d["layers"]) == 20 and d["speedup"] == pytest.approx(result.speedup)
+    assert len(d["layers"]) == 21 and d["speedup"] == pytest.approx(result.speedup)
 
 
 def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):

@@ -168,6 +168,11 @@ def tune_layer(layer, x: torch.Tensor) -> None:
         entry = dict(entry, cached=True)
     layer.set_algorithm(entry["choice"])
     layer.tuning = dict(entry, spec=spec.short(), layout=spec.layout, spec_key=spec.key())
+    advance_progress()
+
+
+def advance_progress() -> None:
+    """One layer tuned: advance the running swap's progress bar, if any."""
     if _progress:
         progress, task = _progress[-1]
         progress.advance(task)

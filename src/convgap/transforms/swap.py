@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..algorithms import registry
+from ..algorithms.linear import AlgoLinear, LinearSpec, check_linear, supports_prepacked
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
 from ..algorithms.spec import ConvSpec, layout_of
 from ..algorithms.tuner import tuning_progress
@@ -38,12 +39,19 @@ class Choice:
     tuning: dict | None
 
 
-def _convs_in_order(model: nn.Module, example_input) -> tuple[list[str], dict[str, tuple]]:
-    """Names of the Conv2d layers in forward order (module order without an input), and the
-    input of each conv's first call when ``example_input`` is given."""
+def _is_linear(m: nn.Module) -> bool:
+    # exact nn.Linear only: subclasses (attention's out_proj) may never call forward
+    return type(m) is nn.Linear or isinstance(m, AlgoLinear)
+
+
+def _convs_in_order(model: nn.Module, example_input, linear: bool = False
+                    ) -> tuple[list[str], dict[str, tuple]]:
+    """Names of the Conv2d layers (and, with ``linear``, nn.Linear layers) in forward order
+    (module order without an input), and the input of each one's first call when
+    ``example_input`` is given."""
     names = {}
     for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) or (linear and _is_linear(m)):
             names.setdefault(m, n)
     if example_input is None:
         return list(names.values()), {}
@@ -130,7 +138,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = None, *,
          inplace: bool = False, candidates: Sequence[str] | None = None,
          verify: bool = True, quiet: bool = False,
-         malloc: str | None = "retain") -> nn.Module:
+         malloc: str | None = "retain", linear: str | None = None) -> nn.Module:
     """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
     algorithms; returns the swapped model (a copy unless ``inplace``).
 
@@ -148,7 +156,14 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     per-round ratios against torch-everywhere; if neither tuned model is faster, every
     layer runs torch.
 
-    Parameters are shared with the replaced convs: ``state_dict`` is unchanged. A requested
+    ``linear``: what ``nn.Linear`` layers run (pointwise convolutions on channels-last maps,
+    as in ConvNeXt, and classifier heads), as :class:`~convgap.algorithms.AlgoLinear`:
+    'torch', 'prepacked' (oneDNN, CPU; 2.4x MKL's sgemm on this AMD CPU) or 'auto'
+    (measured, cached, and part of the model-level check); 'keep' leaves them alone;
+    None (default) means 'auto' when ``algos`` is 'auto', else 'keep'. With an
+    ``example_input`` only layers that the forward pass calls are swapped.
+
+    Parameters are shared with the replaced layers: ``state_dict`` is unchanged. A requested
     algorithm that cannot run a layer falls back to ``torch``, with an
     :class:`AlgorithmFallbackWarning`; :func:`choices` lists every layer's outcome.
     """
@@ -160,10 +175,21 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if malloc is not None and malloc not in allocator.POLICIES:
         raise ConvgapError(f"unknown malloc policy {malloc!r}: use one of "
                            f"{', '.join(allocator.POLICIES)} or None")
-    order, inputs = _convs_in_order(model, example_input)
+    if linear is None:
+        linear = "auto" if isinstance(algos, str) and algos == "auto" else "keep"
+    if linear != "keep":
+        check_linear(linear, "linear")
+    found, inputs = _convs_in_order(model, example_input, linear=linear != "keep")
+    modules = dict(model.named_modules())
+    order = [n for n in found if isinstance(modules[n], nn.Conv2d)]
+    linears = [n for n in found if n not in order
+               and (example_input is None or n in inputs)]
     requests = _requests(model, algos, order, inputs)
     if "auto" in requests.values() and example_input is None:
         raise ConvgapError("algos='auto' measures each layer on its real input: pass "
+                           "example_input (a batch of the shape you will run)")
+    if example_input is None and (linear == "auto" and linears):
+        raise ConvgapError("linear='auto' measures each layer on its real input: pass "
                            "example_input (a batch of the shape you will run)")
     if not inplace:
         model = copy.deepcopy(model)
@@ -181,10 +207,20 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                 layer.set_algorithm("torch", reason)
                 fallbacks.append(f"{n} ({spec.short()}): {reason}")
         _replace(model, n, layer)
+    for n in linears:
+        layer = AlgoLinear(modules[n], linear)
+        if linear == "prepacked" and n in inputs:
+            spec = LinearSpec.from_linear(modules[n], inputs[n][0])
+            reason = supports_prepacked(spec)
+            if reason is not None:
+                layer.set_algorithm("torch", reason)
+                fallbacks.append(f"{n} ({spec.short()}): {reason}")
+        _replace(model, n, layer)
     if fallbacks:
         warnings.warn(f"{len(fallbacks)} layer(s) fall back to torch: " + "; ".join(fallbacks),
                       AlgorithmFallbackWarning, stacklevel=2)
-    n_auto = sum(1 for v in requests.values() if v == "auto")
+    n_auto = sum(1 for v in requests.values() if v == "auto") + \
+        (len(linears) if linear == "auto" else 0)
     if n_auto:
         was_training = model.training
         model.eval()
@@ -245,7 +281,7 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
     1, every layer runs torch. (Paired ratios, not a ratio of medians: a shared machine's
     drifts of several percent would otherwise revert real wins at random.)"""
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, AlgoConv2d) and m.requested == "auto"}
+              if isinstance(m, (AlgoConv2d, AlgoLinear)) and m.requested == "auto"}
     if variant is None and all(m.algorithm == "torch" for m in layers.values()):
         return
     reference = unswap(model)  # plain nn.Conv2d everywhere; the tuned layers keep their state
@@ -285,14 +321,17 @@ def choices(model: nn.Module) -> list[Choice]:
     """What each swapped layer runs, in module order."""
     return [Choice(n, m.requested, m.algorithm, m.fallback,
                    (m.tuning or {}).get("spec"), m.tuning)
-            for n, m in model.named_modules() if isinstance(m, AlgoConv2d)]
+            for n, m in model.named_modules() if isinstance(m, (AlgoConv2d, AlgoLinear))]
 
 
 def unswap(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Turn every AlgoConv2d back into a plain nn.Conv2d (parameters shared)."""
+    """Turn every AlgoConv2d / AlgoLinear back into a plain nn.Conv2d / nn.Linear
+    (parameters shared)."""
     if not inplace:
         model = copy.deepcopy(model)
     for n, m in list(model.named_modules()):
         if isinstance(m, AlgoConv2d):
             _replace(model, n, m.to_conv2d())
+        elif isinstance(m, AlgoLinear):
+            _replace(model, n, m.to_linear())
     return model
