@@ -398,6 +398,46 @@ def test_layout_variant_switches_where_channels_last_costs_nothing(monkeypatch):
         assert rel(s(x), net(x)) < 1e-5
 
 
+@pytest.mark.parametrize("ratios, head", [
+    ([1.2, 0.9], 1),              # the first nominee loses head to head: the next one
+    ([1.2, 1.1, 1.05], None),     # three nominees lose: no variant at all
+])
+def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head):
+    """Nominated by the tuner's medians, a head must also be no slower than torch in a
+    paired comparison of that layer alone (channels_last probe first, plain conv second)."""
+    import importlib
+    swap_module = importlib.import_module("convgap.transforms.swap")
+    verify_calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    faked = swap_module.timing.compare
+    seen = []
+
+    def compare(fns, config=None, device="cpu"):
+        if config is not tuner.CONFIRM_CONFIG:
+            return faked(fns, config, device)
+        r = ratios[len(seen)]
+        seen.append(r)
+        for f in fns:
+            f()
+        return [timing.Timing((r,) * 5, 1), timing.Timing((1.0,) * 5, 1)]
+    monkeypatch.setattr(swap_module.timing, "compare", compare)
+    fake = {"choice": "torch", "times": {"torch": 1.0, "channels_last": 1.0}, "errors": {},
+            "rejected": {}, "confirm": None}
+    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))
+    net, x = small_net(), torch.randn(2, 3, 12, 12)
+    s = swap(net, "auto", x, quiet=True)
+    made = choices(s)
+    assert seen == ratios[:len(seen)] and len(seen) == len(ratios)
+    if head is None:
+        assert verify_calls == [] and not any(c.tuning.get("variant") for c in made)  # all torch
+    else:
+        assert verify_calls == [3]
+        assert made[head].algorithm == "channels_last" and "variant" in made[head].tuning
+        assert made[head].tuning["variant_head_ratio"] == pytest.approx(0.9)
+        assert all(c.algorithm == "torch" for c in made[:head])
+    with torch.no_grad():
+        assert rel(s(x), net(x)) < 1e-5
+
+
 @pytest.mark.parametrize("speeds, expect", [
     ([0.5, 1.0, 0.8], "per_layer"),   # the per-layer tuned model wins: its choices stay
     ([1.2, 1.0, 1.1], "torch"),       # neither beats torch: torch everywhere, warned
