@@ -7,6 +7,9 @@ latencies are timed again interleaved in one run, and their ratio is reported. O
 each run also reports the page faults per forward pass and what glibc's default malloc
 policy costs against retaining freed memory (convgap.allocator; both policies timed in
 alternating blocks). The main numbers are measured as the process is (glibc's default).
+Each model runs in a fresh process: the default policy's cost depends on the heap's history
+(a free chunk left by an earlier model serves a large request without faults), and a
+process serving one model is what a deployment looks like.
 
     python benchmarks/analyze_zoo.py [--threads 2] [--batch 1 8] [--models ...] [--quick]
 
@@ -19,6 +22,9 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,20 +56,12 @@ def _alloc(a: dict | None) -> str:
     return f"{1e3 * a['overhead_s']:.1f} ({100 * a['share']:.0f}%)"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--models", nargs="+", default=models.names())
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "analyze_zoo.json")
-    args = ap.parse_args()
-
+def collect(args) -> list[dict]:
+    """The rows of ``args.models`` (analyzed in this process)."""
     cfg = timing.QUICK if args.quick else None
     ratio_cfg = timing.QUICK if args.quick else timing.TimingConfig(2, 5, 15, 1.0)
     roofs = hardware.roofs("cpu", torch.float32, threads=args.threads)
     rows = []
-    start = time.time()
     with make_progress() as progress:
         for name in args.models:
             model = models.create(name)
@@ -87,6 +85,36 @@ def main() -> None:
                     })
                 ratio = layout_ratio(name, batch, args.threads, ratio_cfg)
                 rows[-1]["cl_over_nchw_interleaved"] = rows[-2]["cl_over_nchw_interleaved"] = ratio
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--models", nargs="+", default=models.names())
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "analyze_zoo.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        rows = collect(args)
+        args.out.write_text(json.dumps(rows))
+        return
+    roofs = hardware.roofs("cpu", torch.float32, threads=args.threads)
+    rows = []
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:  # one fresh process per model
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, __file__, "--child", "--models", name, "--threads",
+                   str(args.threads), "--batch", *map(str, args.batch), "--out", str(out)]
+            if args.quick:
+                cmd.append("--quick")
+            print(f"{name} ...", flush=True)
+            subprocess.run(cmd, check=True)
+            rows += json.loads(out.read_text())
 
     table = Table(title=f"analyze_zoo: CPU {roofs.device_name}, {args.threads} threads, fp32, "
                         f"224x224; roofs {roofs.peak_flops / 1e9:.0f} GFLOP/s, "

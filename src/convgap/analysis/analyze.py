@@ -111,7 +111,10 @@ def analyze(
     'retain', see :mod:`convgap.allocator`; None: as the process is; restored afterwards),
     and ``allocation`` also times the whole model under both policies, alternating, to
     report what glibc's default allocator costs per call (``Run.allocation``: seconds and
-    page faults per call; None where the policy cannot be set). The model is
+    page faults per call; None where the policy cannot be set). That cost depends on the
+    heap's history: a large request is served without faults whenever a big enough free
+    chunk lies in the heap, so the first model analysed in a fresh process shows what a
+    process serving only that model pays, and later ones may read less. The model is
     copied, put in eval mode and moved to ``device``/``dtype``/``layout``; the caller's model
     is not changed. Latencies are in seconds.
     """
@@ -155,13 +158,16 @@ def analyze(
             measured = timing.measure(lambda: net(x), cfg_model, dev)
             whole = measured.median
             prog.advance(task)
+            # right after the whole model, before per-layer timing fragments the heap (a
+            # free chunk left in the heap serves a large request without faults: the
+            # default policy's cost depends on what ran before in this process)
+            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3)
+                    if alloc_steps else None)
+            prog.advance(task, alloc_steps)
             times = []
             for call in calls:
                 times.append(_time_call(call, cfg_call, str(dev)))
                 prog.advance(task)
-            # last: switching policies leaves the process at glibc's fixed steady state
-            cost = allocator.allocation_cost(lambda: net(x), ALLOCATION) if alloc_steps else None
-            prog.advance(task, alloc_steps)
         finally:
             if own:
                 prog.stop()
