@@ -771,3 +771,31 @@ def test_path_info_renders():
     assert len(info.steps) == 4 and info.steps[-1].shape == (2, 16, 10, 10)
     assert info.speedup == info.naive_macs / info.macs
     assert info.table().row_count == 4
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("o", [16, 48])
+def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layout, o):
+    """Weight x feature-map steps run on oneDNN's linear kernel in inference (fp32 CPU),
+    on torch.mm/bmm when autograd needs them; both agree with einsum."""
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    used = []
+    real = evaluate._linear
+    monkeypatch.setattr(evaluate, "_linear", lambda x, w: used.append(1) or real(x, w))
+    x = torch.randn(3, 24, 5, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(o, 24)
+    ref = torch.einsum("nchw,oc->nohw", x, w)
+    with torch.no_grad():
+        y = evaluate._gemm_step(x, w, 1, True)
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
+    expect = layout == "channels_last" or o >= evaluate.ONEDNN_MIN_OUT
+    assert len(used) == int(expect)
+    wg = w.clone().requires_grad_()
+    y = evaluate._gemm_step(x, wg, 1, True)  # autograd: torch ops, gradients flow
+    y.sum().backward()
+    assert len(used) == int(expect) and wg.grad is not None
+    assert torch.allclose(y.detach(), ref, rtol=1e-4, atol=1e-4)
