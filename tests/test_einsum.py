@@ -774,28 +774,54 @@ def test_path_info_renders():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("o", [16, 48])
-def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layout, o):
-    """Weight x feature-map steps run on oneDNN's linear kernel in inference (fp32 CPU),
-    on torch.mm/bmm when autograd needs them; both agree with einsum."""
+@pytest.mark.parametrize("out_layout", [False, True])
+@pytest.mark.parametrize("measured", [False, True])
+def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layout, out_layout,
+                                                             measured):
+    """Weight x feature-map steps run on oneDNN's linear kernel in inference (fp32 CPU):
+    always where no layout copy is needed (channels innermost in and out), else where it
+    measured faster; on torch.mm/bmm when autograd needs them. All agree with einsum."""
     from convgap.einsum import evaluate
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
     used = []
     real = evaluate._linear
     monkeypatch.setattr(evaluate, "_linear", lambda x, w: used.append(1) or real(x, w))
+    monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: measured)
     x = torch.randn(3, 24, 5, 7)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(o, 24)
+    w = torch.randn(40, 24)
     ref = torch.einsum("nchw,oc->nohw", x, w)
     with torch.no_grad():
-        y = evaluate._gemm_step(x, w, 1, True)
+        y = evaluate._gemm_step(x, w, 1, out_layout)
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
-    expect = layout == "channels_last" or o >= evaluate.ONEDNN_MIN_OUT
+    expect = (layout == "channels_last" and out_layout) or \
+        (measured and layout != "channels_last" and out_layout) or \
+        (measured and layout == "channels_last" and not out_layout)
     assert len(used) == int(expect)
+    if not out_layout:  # the result is channels-major whichever kernel ran
+        assert y.is_contiguous()
     wg = w.clone().requires_grad_()
-    y = evaluate._gemm_step(x, wg, 1, True)  # autograd: torch ops, gradients flow
+    y = evaluate._gemm_step(x, wg, 1, out_layout)  # autograd: torch ops, gradients flow
     y.sum().backward()
     assert len(used) == int(expect) and wg.grad is not None
     assert torch.allclose(y.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_measured_gemm_choice_is_timed_once_per_key(monkeypatch):
+    from convgap.einsum import evaluate
+    monkeypatch.setattr(evaluate, "_GEMM_CHOICE", {})
+    calls = {"a": 0, "b": 0}
+
+    def fast():
+        calls["a"] += 1
+
+    def slow():
+        calls["b"] += 1
+        import time
+        time.sleep(0.003)
+    assert evaluate._measured_onednn(("k",), fast, slow) is True
+    assert evaluate._measured_onednn(("k",), slow, fast) is True   # remembered, not re-timed
+    assert calls == {"a": 4, "b": 4}  # warm-up 1 + 3 samples each, once
+    assert evaluate._measured_onednn(("k2",), slow, fast) is False
