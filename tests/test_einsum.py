@@ -823,5 +823,7 @@ def test_measured_gemm_choice_is_timed_once_per_key(monkeypatch):
         time.sleep(0.003)
     assert evaluate._measured_onednn(("k",), fast, slow) is True
     assert evaluate._measured_onednn(("k",), slow, fast) is True   # remembered, not re-timed
-    assert calls == {"a": 4, "b": 4}  # warm-up 1 + 3 samples each, once
+    assert calls["a"] == calls["b"] >= 9  # warm-up 2 + at least 7 samples each, once
+    before = dict(calls)
+    assert calls == before
     assert evaluate._measured_onednn(("k2",), slow, fast) is False

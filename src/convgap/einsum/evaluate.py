@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from typing import Callable
 
 import torch
@@ -62,8 +63,10 @@ def _measured_onednn(key: tuple, onednn: Callable, blas: Callable) -> bool:
     if hit is None:
         from .. import timing
         t_one, t_blas = timing.compare([onednn, blas], GEMM_TRIAL or timing.TimingConfig(
-            warmup=1, min_repeats=3, max_repeats=3, min_time=0.0))
-        hit = _GEMM_CHOICE[key] = t_one.median < t_blas.median
+            warmup=2, min_repeats=7, max_repeats=15, min_time=0.005))
+        # paired per-round ratios: both calls of a round share the machine's state
+        ratio = statistics.median(a / b for a, b in zip(t_one.samples, t_blas.samples))
+        hit = _GEMM_CHOICE[key] = ratio < 1.0
     return hit
 
 
