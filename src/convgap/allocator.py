@@ -13,10 +13,10 @@ memory happens to lie at its top, so the same layer reads 4 ms or 18 ms by what 
 
 Two policies, process-wide (``mallopt``):
 
-* ``"default"``: glibc's steady state (mmap threshold 32 MiB, trim threshold 64 MiB, top pad
-  128 KiB). glibc starts with a dynamic threshold that rises toward 32 MiB as large blocks
-  are freed; once a policy was set it stays fixed, which is where a forward-pass loop
-  settles anyway.
+* ``"default"``: glibc's fixed steady state (mmap threshold 32 MiB, trim threshold 64 MiB,
+  top pad 128 KiB). A process starts with dynamic thresholds instead (the mmap threshold
+  follows the largest block freed, the trim threshold twice that), which trims the heap
+  more often and costs more faults; ``mallopt`` cannot bring that state back once left.
 * ``"retain"``: no ``mmap`` below 2 GiB, no trimming, 64 MiB top pad: after the first call
   every buffer is reused from the heap and nothing faults. The price is that the process
   keeps its peak heap (the largest forward pass's working set) instead of returning it.
@@ -162,49 +162,65 @@ def use(name: str | None) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class AllocationCost:
-    """One callable timed under both malloc policies, in alternating blocks.
+    """One callable timed as the process is and under the 'retain' policy.
 
-    default_s / retain_s: median latency (seconds) under each policy. faults_default /
-    faults_retain: median minor page faults per call. ``overhead_s`` is what glibc's default
-    policy costs per call; ``share`` that as a fraction of the default latency."""
+    current_s / retain_s: median latency (seconds) under the policy in force before
+    (``policy``) and with freed memory retained. faults_current / faults_retain: median
+    minor page faults per call. ``overhead_s`` is what the process's own policy costs per
+    call; ``share`` that as a fraction of ``current_s``."""
 
-    default_s: float
+    current_s: float
     retain_s: float
-    faults_default: float
+    faults_current: float
     faults_retain: float
+    policy: str = "default"
 
     @property
     def overhead_s(self) -> float:
-        return self.default_s - self.retain_s
+        return self.current_s - self.retain_s
 
     @property
     def share(self) -> float:
-        return self.overhead_s / self.default_s if self.default_s > 0 else 0.0
+        return self.overhead_s / self.current_s if self.current_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {"default_s": self.default_s, "retain_s": self.retain_s,
-                "faults_default": self.faults_default, "faults_retain": self.faults_retain,
+        return {"policy": self.policy, "current_s": self.current_s, "retain_s": self.retain_s,
+                "faults_current": self.faults_current, "faults_retain": self.faults_retain,
                 "overhead_s": self.overhead_s, "share": self.share}
 
 
+START_UP = "glibc start-up (dynamic thresholds)"
+
+
 def allocation_cost(fn: Callable[[], object], config: timing.TimingConfig = timing.QUICK,
-                    blocks: int = 2) -> AllocationCost | None:
-    """Time ``fn`` (a CPU callable) under the 'default' and the 'retain' policy, ``blocks``
-    blocks each, alternating (each block warms up first: a policy switch leaves the heap in
-    the other policy's state for a call or two); restores the policy in force before.
-    ``None`` where the policy cannot be set."""
+                    blocks: int = 2, current: timing.Timing | None = None
+                    ) -> AllocationCost | None:
+    """Time ``fn`` (a CPU callable) as the process is, then in ``blocks`` blocks under
+    'retain' (each block warms up first), and restore the policy setting in force before.
+    ``current``: a :class:`~convgap.timing.Timing` of ``fn`` just taken as the process
+    is, used instead of timing it again.
+
+    The two cannot alternate: after a 'retain' block the heap holds large free chunks
+    that serve later requests without faults under any policy (switching back hands their
+    pages to the kernel once, nothing more), so the process's own policy is timed first.
+    glibc's start-up state (a dynamic mmap threshold that follows the largest block freed,
+    with a trim threshold twice that; on mobilenet_v2 at batch 8 it faulted twice as much
+    as the fixed 32 MiB steady state) cannot be set again once left: afterwards the
+    process stays at the fixed 'default', and ``policy`` in the result says which was
+    measured. ``None`` where the policy cannot be set."""
     if not available():
         return None
     if blocks < 1:
         raise ValueError(f"blocks must be >= 1, got {blocks}")
-    samples: dict[str, list[float]] = {p: [] for p in POLICIES}
-    faults: dict[str, list[int]] = {p: [] for p in POLICIES}
-    for i in range(blocks):
-        for name in (POLICIES if i % 2 == 0 else POLICIES[::-1]):
-            with use(name):
-                t = timing.measure(fn, config)
-            samples[name] += t.samples
-            faults[name] += t.faults
-    med = {p: statistics.median(samples[p]) for p in POLICIES}
-    flt = {p: statistics.median(faults[p]) if faults[p] else 0.0 for p in POLICIES}
-    return AllocationCost(med["default"], med["retain"], flt["default"], flt["retain"])
+    name = policy() if (_current is not None or policy() == "env") else START_UP
+    cur = current if current is not None else timing.measure(fn, config)
+    ret: list[float] = []
+    ret_faults: list[int] = []
+    with use("retain"):
+        for _ in range(blocks):
+            t = timing.measure(fn, config)
+            ret += t.samples
+            ret_faults += t.faults
+    return AllocationCost(
+        cur.median, statistics.median(ret), cur.faults_per_call,
+        float(statistics.median(ret_faults)) if ret_faults else 0.0, name)

@@ -109,9 +109,10 @@ def analyze(
 
     On CPU, ``malloc`` sets the malloc policy everything is measured under ('default' or
     'retain', see :mod:`convgap.allocator`; None: as the process is; restored afterwards),
-    and ``allocation`` also times the whole model under both policies, alternating, to
-    report what glibc's default allocator costs per call (``Run.allocation``: seconds and
-    page faults per call; None where the policy cannot be set). That cost depends on the
+    and ``allocation`` also times the whole model with freed memory retained, to report
+    what the process's malloc policy costs per call against that (``Run.allocation``:
+    seconds and page faults per call, see :func:`convgap.allocator.allocation_cost`; None
+    where the policy cannot be set). That cost depends on the
     heap's history: a large request is served without faults whenever a big enough free
     chunk lies in the heap, so the first model analysed in a fresh process shows what a
     process serving only that model pays, and later ones may read less. The model is
@@ -161,8 +162,8 @@ def analyze(
             # right after the whole model, before per-layer timing fragments the heap (a
             # free chunk left in the heap serves a large request without faults: the
             # default policy's cost depends on what ran before in this process)
-            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3)
-                    if alloc_steps else None)
+            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3,
+                                              current=measured) if alloc_steps else None)
             prog.advance(task, alloc_steps)
             times = []
             for call in calls:

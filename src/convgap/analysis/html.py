@@ -153,7 +153,7 @@ def _summary(runs: Sequence[Run], slugs: Sequence[str]) -> str:
                      _t(run.layout), _t(run.dtype), _n(fmt(t.macs / 1e9)),
                      _n(fmt(t.params / 1e6)), _n(_ms(t.measured_s)), _n(_ms(t.ideal_s)),
                      _n(_ms(t.roofline_s)), _n(_pct(t.efficiency)), _bound(t.bound),
-                     _n(fmt(run.layers_ratio) + "×" if run.layers else "–")])
+                     _n(fmt(run.layers_ratio) + "×" if run.layers_timed else "–")])
     return _table(SUMMARY_HEADERS, rows, "summary")
 
 
@@ -222,7 +222,7 @@ def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
              f"measured {_e(_ms(t.measured_s))} ms, ideal {_e(_ms(t.ideal_s))} ms, "
              f"roofline {_e(_ms(t.roofline_s))} ms, "
              f"computational efficiency {_e(_pct(t.efficiency))} %"]
-    if run.layers:
+    if run.layers_timed:
         facts.append(f"sum of {len(run.layers)} isolated layer calls "
                      f"{_e(_ms(run.layers_sum_s))} ms = {_e(fmt(run.layers_ratio))}× "
                      "the whole model")
@@ -231,10 +231,10 @@ def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
     if run.allocation:
         a = run.allocation
         facts.append(
-            f"malloc (policy {_e(run.malloc)}, {_e(fmt(run.faults_per_call or 0))} page faults "
-            f"per call): {_e(_ms(a['default_s']))} ms under glibc's default policy, "
-            f"{_e(_ms(a['retain_s']))} ms with freed memory retained; the default costs "
-            f"{_e(_ms(a['overhead_s']))} ms ({_e(_pct(a['share']))} %) per call "
+            f"malloc ({_e(a.get('policy', run.malloc))}, {_e(fmt(run.faults_per_call or 0))} "
+            f"page faults per call): {_e(_ms(a['current_s']))} ms as measured, "
+            f"{_e(_ms(a['retain_s']))} ms with freed memory retained; the process's malloc "
+            f"policy costs {_e(_ms(a['overhead_s']))} ms ({_e(_pct(a['share']))} %) per call "
             "(<code>convgap.allocator.set_policy('retain')</code> removes it)")
     if run.unattributed_macs:
         facts.append(f"<strong>{_e(fmt(run.unattributed_macs / 1e6))} MMACs not attributed "

@@ -26,7 +26,7 @@ def allocation_cell(run: Run) -> str:
     a = run.allocation
     if not a:
         return "-"
-    return f"{_ms(a['overhead_s'])} ({_pct(a['share'])})"
+    return f"{1e3 * a['overhead_s']:.1f} ({100 * a['share']:.0f}%)"
 
 
 def summary_table(report: Report) -> Table:
@@ -36,9 +36,10 @@ def summary_table(report: Report) -> Table:
     alloc = any(r.allocation for r in report.runs)
     caption = None
     if any(r.allocation and r.allocation["share"] > ALLOCATION_NOTE_SHARE for r in report.runs):
-        caption = ("malloc cost: latency under glibc's default malloc minus latency with freed "
-                   "memory retained (activations above 32 MiB are mmapped and page-faulted "
-                   "afresh every call). Remove it: convgap.allocator.set_policy('retain'), or "
+        caption = ("malloc cost: latency as measured minus latency with freed memory retained "
+                   "(glibc mmaps large activations and returns freed heap to the kernel, so "
+                   "they page-fault afresh every call). Remove it: "
+                   "convgap.allocator.set_policy('retain'), or "
                    "MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647, or "
                    "LD_PRELOAD jemalloc/tcmalloc.")
     t = Table(title=f"convgap analyze ({'; '.join(devices)})", title_justify="left",
@@ -54,7 +55,7 @@ def summary_table(report: Report) -> Table:
         cells = [r.model, str(r.batch), r.layout,
                  f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s),
                  _ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
-                 f"{r.layers_ratio:.2f}x" if r.layers else "-"]
+                 f"{r.layers_ratio:.2f}x" if r.layers_timed else "-"]
         if alloc:
             cells += [f"{r.faults_per_call:.0f}" if r.faults_per_call is not None else "-",
                       allocation_cell(r)]
@@ -99,7 +100,7 @@ def tables(report: Report, top: int = 10, blocks: bool = False) -> Group:
     """The summary; then per run its top layers (and, with ``blocks``, its block table)."""
     parts = [summary_table(report)]
     for run in report.runs:
-        if run.layers:
+        if run.layers_timed:
             parts.append(layers_table(run, top))
         if blocks and run.blocks:
             parts.append(blocks_table(run))

@@ -112,13 +112,18 @@ class Run:
 
     @property
     def allocation_overhead_s(self) -> float | None:
-        """What glibc's default malloc policy costs per forward pass against retaining
+        """What the process's malloc policy costs per forward pass against retaining
         freed memory (seconds; None if not measured)."""
         return self.allocation["overhead_s"] if self.allocation else None
 
     @property
     def label(self) -> str:
         return f"{self.model} b{self.batch} {self.layout}"
+
+    @property
+    def layers_timed(self) -> bool:
+        """False when the layers were counted but not timed (``per_layer=False``)."""
+        return any(r.measured_s > 0 for r in self.layers)
 
     @property
     def layers_sum_s(self) -> float:
