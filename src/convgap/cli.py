@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--blocks", action="store_true", help="also print the block table")
     _malloc(a, default="asis", what="measure")
     a.add_argument("--no-malloc-cost", action="store_true",
-                   help="skip timing the whole model under both malloc policies")
+                   help="skip timing the whole model again with freed memory retained")
     a.add_argument("--no-per-layer", action="store_true",
                    help="time only whole models (faster; no layer or block latencies)")
     _common(a)

@@ -159,16 +159,15 @@ def analyze(
             measured = timing.measure(lambda: net(x), cfg_model, dev)
             whole = measured.median
             prog.advance(task)
-            # right after the whole model, before per-layer timing fragments the heap (a
-            # free chunk left in the heap serves a large request without faults: the
-            # default policy's cost depends on what ran before in this process)
-            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3,
-                                              current=measured) if alloc_steps else None)
-            prog.advance(task, alloc_steps)
             times = []
             for call in calls:
                 times.append(_time_call(call, cfg_call, str(dev)))
                 prog.advance(task)
+            # last: 'retain' leaves free chunks in the heap that serve later requests
+            # without faults under any policy; the process as it was is ``measured``
+            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3,
+                                              current=measured) if alloc_steps else None)
+            prog.advance(task, alloc_steps)
         finally:
             if own:
                 prog.stop()
