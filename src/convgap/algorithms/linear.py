@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import statistics
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConvgapError
-from .module import AlgorithmFallbackWarning, _exporting
+from .module import AlgorithmFallbackWarning, _exporting, choice_repr
 
 __all__ = ["AlgoLinear", "LinearSpec", "LINEAR_ALGORITHMS", "tune_linear", "check_linear"]
 
@@ -163,17 +164,13 @@ class AlgoLinear(nn.Linear):
         if reason is False:
             reason = self._support[skey] = supports_prepacked(self.spec_for(x))
         if reason is not None:
-            import warnings
             warnings.warn(f"'prepacked' cannot run {self.spec_for(x).short()}: {reason}; "
                           "using torch for this call", AlgorithmFallbackWarning, stacklevel=2)
             return self._torch(x)
         return self._prepacked(x)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + f", algorithm={self.algorithm}"
-        if self.fallback:
-            s += f" (requested {self.requested}: {self.fallback})"
-        return s
+        return super().extra_repr() + choice_repr(self)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this layer's parameters (undo the swap)."""

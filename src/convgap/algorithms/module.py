@@ -22,6 +22,14 @@ class AlgorithmFallbackWarning(UserWarning):
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
+def choice_repr(layer: Any) -> str:
+    """', algorithm=NAME' plus why it differs from the request, for ``extra_repr``."""
+    s = f", algorithm={layer.algorithm}"
+    if layer.fallback:
+        s += f" (requested {layer.requested}: {layer.fallback})"
+    return s
+
+
 def _exporting() -> bool:
     """True under torch.jit tracing (which the TorchScript ONNX exporter uses), or while
     torch.compile / torch.export trace. Cheap: it runs on every call."""
@@ -171,10 +179,7 @@ class AlgoConv2d(nn.Conv2d):
         return call(x)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + f", algorithm={self.algorithm}"
-        if self.fallback:
-            s += f" (requested {self.requested}: {self.fallback})"
-        return s
+        return super().extra_repr() + choice_repr(self)
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` sharing this layer's parameters (undo the swap)."""
