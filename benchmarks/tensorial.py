@@ -1,7 +1,8 @@
 """Benchmark: factorized convolutions on CPU, where do the saved MACs become saved time?
 
 On resnet50's stride-1 3x3 convolutions of stages 2-4 (128 ch @ 28x28, 256 @ 14x14,
-512 @ 7x7), batch 1 and 8, fp32, NCHW:
+512 @ 7x7), batch 1 and 8, fp32, NCHW (or ``--layout channels_last``: NHWC maps and a
+channels_last dense weight):
 1. dense (nn.Conv2d) vs TensorialConv2d cp / tucker / tt / tr / rcp at 5x and 10x fewer
    weight parameters, and FlattenedConv2d: params, MACs, median latency (each variant timed
    interleaved with the dense layer; speedup = median of the per-round paired ratios),
@@ -13,9 +14,9 @@ On resnet50's stride-1 3x3 convolutions of stages 2-4 (128 ch @ 28x28, 256 @ 14x
    importable (a bench-only install; convgap does not depend on it);
 4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
 
-    python benchmarks/tensorial.py [--threads 2] [--batch 1 8]
+    python benchmarks/tensorial.py [--threads 2] [--batch 1 8] [--layout nchw|channels_last]
 
-Prints tables and writes benchmarks/results/tensorial.json.
+Prints tables and writes benchmarks/results/tensorial.json (tensorial_channels_last.json).
 """
 
 from __future__ import annotations
@@ -71,12 +72,15 @@ def measure(layer, dense, x, cfg, timing):
     return t_dense.median, t_layer.median, paired
 
 
-def run_spec(c: int, size: int, batch: int, cfg, console) -> dict:
+def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw") -> dict:
     from convgap import timing
     from convgap.layers import FlattenedConv2d, TensorialConv2d
     torch.manual_seed(0)
     dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
     x = torch.randn(batch, c, size, size)
+    if layout == "channels_last":  # dense and factorized layers both get NHWC maps
+        x = x.contiguous(memory_format=torch.channels_last)
+        dense = dense.to(memory_format=torch.channels_last)
     dense_macs = batch * c * c * 9 * size * size
     dense_params = dense.weight.numel()
     rows = []
@@ -177,7 +181,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", type=Path, default=RESULTS / "tensorial.json")
+    ap.add_argument("--layout", default="nchw", choices=("nchw", "channels_last"),
+                    help="memory layout of the input maps (and the dense weight)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default: results/tensorial.json, or "
+                         "tensorial_channels_last.json for --layout channels_last)")
     args = ap.parse_args()
     import convgap
     from convgap import timing
@@ -197,12 +205,15 @@ def main() -> None:
         for batch in args.batch:
             for c, size in SPECS:
                 console.print(f"[dim]{c} ch @ {size}, batch {batch} ...[/dim]")
-                results.append(run_spec(c, size, batch, cfg, console))
+                results.append(run_spec(c, size, batch, cfg, console, args.layout))
     print_tables(results, plans, console)
+    if args.out is None:
+        args.out = RESULTS / ("tensorial.json" if args.layout == "nchw"
+                              else f"tensorial_{args.layout}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "tensorial", "threads": args.threads, "batches": args.batch,
-        "dtype": "float32", "layout": "nchw", "torch": torch.__version__,
+        "dtype": "float32", "layout": args.layout, "torch": torch.__version__,
         "tltorch": tl_version, "convgap": convgap.__version__,
         "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
         "seconds": time.time() - start, "results": results, "planning": plans},
