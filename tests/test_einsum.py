@@ -827,3 +827,26 @@ def test_measured_gemm_choice_is_timed_once_per_key(monkeypatch):
     assert evaluate._measured_onednn(("k",), slow, fast) is True   # remembered, not re-timed
     assert calls == before
     assert evaluate._measured_onednn(("k2",), slow, fast) is False
+
+
+@pytest.mark.parametrize("measured", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, measured, layout):
+    """A step that convolves two spatial modes runs on oneDNN's convolution or on
+    F.conv2d, whichever measured faster for its shapes; both agree with the dense conv."""
+    from convgap import TensorialConv2d
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    keys = []
+    monkeypatch.setattr(evaluate, "_measured_onednn",
+                        lambda key, a, b: keys.append(key[0]) or measured)
+    layer = TensorialConv2d(12, 10, 3, "tucker", rank=(6, 5), padding=1, stride=2).eval()
+    x = torch.randn(2, 12, 9, 9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = layer(x)
+        ref = F.conv2d(x, layer.dense_weight(), layer.bias, stride=2, padding=1)
+    assert "conv" in keys  # the core convolution asked for the measured choice
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -273,6 +273,18 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
         def op(x, w):
             if pre:
                 x = F.pad(x, pre)
+            if len(cpad) == 2 and _onednn_gemm(x, w):
+                # torch sends small batch-1 convs to its slow reference kernel and oneDNN
+                # reorders a plain weight on every call: which is faster depends on sizes
+                def onednn():
+                    return torch.ops.mkldnn._convolution_pointwise(
+                        x, w, None, cpad, stride, dilation, g, "none", [], "")
+
+                def native():
+                    return conv(x, w, None, stride, cpad, dilation, g)
+                key = ("conv", x.shape, x.stride(), w.shape, w.stride(), tuple(stride),
+                       tuple(cpad), tuple(dilation), g)
+                return onednn() if _measured_onednn(key, onednn, native) else native()
             return conv(x, w, None, stride, cpad, dilation, g)
 
     prepare = operands(wshape)
