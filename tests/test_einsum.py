@@ -786,7 +786,7 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
         pytest.skip("torch without oneDNN")
     used = []
     real = evaluate._linear
-    monkeypatch.setattr(evaluate, "_linear", lambda x, w: used.append(1) or real(x, w))
+    monkeypatch.setattr(evaluate, "_linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
     monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: measured)
     x = torch.randn(3, 24, 5, 7)
     if layout == "channels_last":
@@ -850,3 +850,43 @@ def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, measured, layout):
         ref = F.conv2d(x, layer.dense_weight(), layer.bias, stride=2, padding=1)
     assert "conv" in keys  # the core convolution asked for the measured choice
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch):
+    """A GEMM step packs its weight once for oneDNN and reuses it; an in-place change or a
+    replaced factor repacks (the result follows the new weight); a step whose weight is
+    new every call stops packing."""
+    from convgap import TensorialConv2d
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    reorders = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(evaluate.torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, rows: reorders.append(rows) or real(w, rows),
+                        raising=False)
+    layer = TensorialConv2d(16, 12, 3, "cp", rank=8, padding=1).eval()
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def check():
+        with torch.no_grad():
+            y = layer(x)
+        ref = F.conv2d(x, layer.dense_weight().detach(), layer.bias.detach(), padding=1)
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    check()
+    first = len(reorders)
+    assert first >= 1
+    check()
+    check()
+    assert len(reorders) == first  # reused
+    with torch.no_grad():
+        layer.factors[0].mul_(2.0)  # in place: version bump
+    check()
+    assert len(reorders) > first
+    packed = {}
+    w = torch.randn(5, 7)
+    xs = torch.randn(4, 7)
+    for _ in range(4):  # a weight built afresh each call
+        y = evaluate._linear(xs, w.clone(), packed)
+        assert torch.allclose(y, xs @ w.t(), atol=1e-5)
+    assert packed["misses"] == evaluate.PACK_MAX_MISSES

@@ -32,6 +32,7 @@ FFT_ADVANTAGE = 4.0  # FFT must be estimated this many times cheaper (its consta
 SHIFT_MAX_TAPS = 32  # per-channel filters up to this many taps run as shifted multiply-adds
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+PACK_MAX_MISSES = 2  # a step whose weight changed this often stops packing it
 GEMM_TRIAL = None  # set below: the timing config of a measured GEMM choice
 _GEMM_CHOICE: dict[tuple, bool] = {}  # (shapes, strides, branch) -> oneDNN measured faster
 
@@ -49,8 +50,22 @@ def _onednn_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
             and torch._C._get_tracing_state() is None and not _is_compiling())
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.t()`` by oneDNN (x: (..., C) in any strides, w: (O, C))."""
+def _linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
+    """``x @ w.t()`` by oneDNN (x: (..., C) in any strides, w: (O, C)). With a ``packed``
+    cache (one per compiled step), the weight is reordered once for the row count and
+    reused while ``w`` is unchanged (25% off a 6272-row GEMM here)."""
+    if packed is not None and packed.get("misses", 0) < PACK_MAX_MISSES:
+        rows = x.numel() // x.shape[-1]
+        sig = (w.data_ptr(), w._version, w.shape, w.stride(), rows)
+        hit = packed.get("w")
+        if hit is None or hit[0] != sig:
+            if hit is not None:  # a weight built afresh each call never hits: stop trying
+                packed["misses"] = packed.get("misses", 0) + 1
+            # the entry holds ``w`` itself, so its memory cannot be reused by another
+            # tensor that would match the signature
+            hit = (sig, w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
+            packed["w"] = hit
+        return torch.ops.mkldnn._linear_pointwise(x, hit[2], None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
@@ -246,10 +261,11 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
     if not convolved:  # weight x feature map: a (grouped) batched GEMM over positions
         gemm_cl = not final or channels_last
         prepare = operands((g, o, c) if g > 1 else (o, c))
+        packed: dict = {}  # this step's oneDNN-packed weight
 
         def run(xs: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
             x, w = prepare(xs, xk)
-            return finish(_gemm_step(x, w, g, gemm_cl))
+            return finish(_gemm_step(x, w, g, gemm_cl, packed))
         return run, out_modes
     if c == 1 and o == 1 and math.prod(wshape[2:]) <= SHIFT_MAX_TAPS:
         symmetric = len(spatial) == 2 and all(lo == hi for lo, hi in pads)
@@ -303,7 +319,8 @@ def channels_innermost(x: torch.Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
 
 
-def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool) -> torch.Tensor:
+def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
+               packed: dict | None = None) -> torch.Tensor:
     """``w`` ((G, O, C), or (O, C) when G = 1) applied to ``x`` (N, G*C, *spatial) at every
     position: (N, G*O, *spatial). Without groups this is one GEMM whose operands are read
     in the layout they have (a transposed operand costs BLAS nothing; torch.matmul would
@@ -322,10 +339,10 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool) ->
         if channels_last:
             x2 = xp.reshape(-1, c)
             # (N*P, O): one large GEMM
-            y = _linear(x2, w) if _onednn_gemm(x2, w) else torch.mm(x2, w.t())
+            y = _linear(x2, w, packed) if _onednn_gemm(x2, w) else torch.mm(x2, w.t())
             return y.view(nb, *spatial, o).movedim(-1, 1)
         def onednn():  # channels innermost, then one copy to NCHW
-            y = _linear(xp.reshape(-1, c), w).view(nb, *spatial, o).movedim(-1, 1)
+            y = _linear(xp.reshape(-1, c), w, packed).view(nb, *spatial, o).movedim(-1, 1)
             return y.contiguous()
 
         def blas():
@@ -340,7 +357,7 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool) ->
         xt = xc.transpose(1, 2)  # (N, P, C)
 
         def onednn():  # oneDNN copies the transposed input first
-            return _linear(xt, w).view(nb, *spatial, o).movedim(-1, 1)
+            return _linear(xt, w, packed).view(nb, *spatial, o).movedim(-1, 1)
 
         def blas():
             y = torch.bmm(xt, w.t().expand(nb, c, o))  # (N, P, O)
