@@ -30,7 +30,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,7 +82,7 @@ def run_model(name, batch, threads, do_compile, console, malloc):
             plain = m.to_linear() if hasattr(m, "to_linear") else m.to_conv2d()
             chosen, ref = timing.compare([lambda: m(xin), lambda: plain(xin)], cfg_layer)
             # paired ratios (the two calls of one round share the machine's state), median
-            paired = statistics.median(a / b for a, b in zip(chosen.samples, ref.samples))
+            paired = timing.paired_ratio(chosen, ref)
             rows.append({
                 "spec": tun["spec"], "layout": tun["layout"], "times": tun["times"],
                 "rejected": tun["rejected"], "errors": tun["errors"], "choice": m.algorithm,
@@ -110,12 +109,10 @@ def run_model(name, batch, threads, do_compile, console, malloc):
             fns["compile_freezing"] = lambda: compiled(x)
         timings = timing.compare(list(fns.values()), cfg_model)
         whole = {k: t.median for k, t in zip(fns, timings)}
-        base = timings[0].samples
-        speedup = {k: statistics.median(a / b for a, b in zip(base, t.samples))
-                   for k, t in zip(fns, timings)}
+        speedup = {k: timing.paired_ratio(timings[0], t) for k, t in zip(fns, timings)}
     return {"model": name, "batch": batch, "threads": threads, "tune_s": tune_s,
             "compile_s": compile_s, "choices": counts, "layers": rows, "whole_s": whole,
-            "whole_speedup": speedup, "whole_samples": len(base)}
+            "whole_speedup": speedup, "whole_samples": len(timings[0].samples)}
 
 
 def print_tables(results, console):

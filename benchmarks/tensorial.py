@@ -68,7 +68,7 @@ def measure(layer, dense, x, cfg, timing):
     ratios (each round runs both back to back, so the shared machine's drifts cancel)."""
     with torch.no_grad():
         t_dense, t_layer = timing.compare([lambda: dense(x), lambda: layer(x)], cfg)
-    paired = statistics.median(d / t for d, t in zip(t_dense.samples, t_layer.samples))
+    paired = timing.paired_ratio(t_dense, t_layer)
     return t_dense.median, t_layer.median, paired
 
 

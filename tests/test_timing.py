@@ -60,3 +60,18 @@ def test_statistics():
     assert t.iqr > 0
     with pytest.raises(ValueError):
         timing.TimingConfig(min_repeats=5, max_repeats=2)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """Not a ratio of medians: a round where both ran slow cancels out."""
+    a = timing.Timing((1.0, 2.0, 10.0), 1)
+    b = timing.Timing((2.0, 2.0, 5.0), 1)
+    assert timing.paired_ratio(a, b) == 1.0          # rounds: 0.5, 1.0, 2.0
+    assert a.median / b.median == 1.0
+    c = timing.Timing((1.0, 1.1, 4.0), 1)
+    d = timing.Timing((2.0, 2.0, 4.0), 1)            # rounds: 0.5, 0.55, 1.0
+    assert timing.paired_ratio(c, d) == pytest.approx(0.55)
+    assert c.median / d.median == pytest.approx(0.55)
+    e = timing.Timing((1.0, 3.0, 3.0), 1)
+    f = timing.Timing((1.0, 1.0, 6.0), 1)            # rounds: 1, 3, 0.5 -> 1; medians: 3
+    assert timing.paired_ratio(e, f) == 1.0 and e.median / f.median == 3.0

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 from . import timing
 from .errors import ConvgapError
 
-__all__ = ["POLICIES", "available", "policy", "set_policy", "use",
+__all__ = ["POLICIES", "available", "policy", "check_policy", "set_policy", "use",
            "AllocationCost", "allocation_cost"]
 
 POLICIES = ("default", "retain")
@@ -116,14 +116,22 @@ def _env_settings() -> dict[int, int]:
     return out
 
 
+def check_policy(name: str) -> str:
+    """``name`` if it is a policy convgap can set ('default', 'retain'); else
+    :class:`ConvgapError` naming them."""
+    if name not in POLICIES:
+        raise ConvgapError(f"unknown malloc policy {name!r}: use one of {', '.join(POLICIES)}")
+    return name
+
+
 def set_policy(name: str) -> str:
     """Set the process's malloc policy to ``name`` ('default' or 'retain', see the module
     docstring; 'env' re-applies the ``MALLOC_*_`` start-up variables). Returns the policy
     that was in force before. Switching to 'default' also hands retained memory back to the
     kernel (``malloc_trim``). :class:`ConvgapError` for an unknown name or where the policy
     cannot be set (see :func:`available`)."""
-    if name not in POLICIES and name != "env":
-        raise ConvgapError(f"unknown malloc policy {name!r}: use one of {', '.join(POLICIES)}")
+    if name != "env":
+        check_policy(name)
     if not available():
         raise ConvgapError(
             f"cannot set the malloc policy here ({policy()}): it needs glibc malloc; use the "
@@ -153,11 +161,11 @@ def use(name: str | None) -> Iterator[str]:
     if name is None or not available() or name == policy():
         yield policy()
         return
-    before = set_policy(name)
+    before = set_policy(name)  # 'default', 'retain' or 'env': available() holds here
     try:
         yield name
     finally:
-        set_policy(before if before in POLICIES or before == "env" else "default")
+        set_policy(before)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ keeps ``prepacked`` only if it is correct (relative error <= 1e-4 in fp32) and a
 from __future__ import annotations
 
 import datetime as _dt
-import statistics
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConvgapError
-from .module import AlgorithmFallbackWarning, _exporting, choice_repr
+from ..tracing import exporting
+from .module import AlgorithmFallbackWarning, choice_repr
 
 __all__ = ["AlgoLinear", "LinearSpec", "LINEAR_ALGORITHMS", "tune_linear", "check_linear"]
 
@@ -155,7 +155,7 @@ class AlgoLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.algorithm == "auto":
             tune_linear(self, x)
-        if self.algorithm == "torch" or _exporting():
+        if self.algorithm == "torch" or exporting():
             return self._torch(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return self._torch(x)
@@ -224,7 +224,7 @@ def _measure(layer: AlgoLinear, x: torch.Tensor, spec: LinearSpec, tuner) -> dic
         t_packed, t_torch = timing.compare([lambda: layer._prepacked(x),
                                             lambda: layer._torch(x)],
                                            tuner.CONFIRM_CONFIG, spec.device)
-        ratio = statistics.median(a / b for a, b in zip(t_packed.samples, t_torch.samples))
+        ratio = timing.paired_ratio(t_packed, t_torch)
         times = {"torch": t_torch.median, "prepacked": t_packed.median}
         confirm = {"chosen_s": t_packed.median, "torch_s": t_torch.median, "ratio": ratio}
         choice = "prepacked" if ratio <= 1 - tuner.MARGIN else "torch"

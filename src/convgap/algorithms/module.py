@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..tracing import exporting
 from . import registry
 from .spec import ConvSpec, explicit_padding, layout_of
 
@@ -19,21 +20,12 @@ class AlgorithmFallbackWarning(UserWarning):
     """A requested algorithm cannot run a layer; that layer runs ``torch`` instead."""
 
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-
-
 def choice_repr(layer: Any) -> str:
     """', algorithm=NAME' plus why it differs from the request, for ``extra_repr``."""
     s = f", algorithm={layer.algorithm}"
     if layer.fallback:
         s += f" (requested {layer.requested}: {layer.fallback})"
     return s
-
-
-def _exporting() -> bool:
-    """True under torch.jit tracing (which the TorchScript ONNX exporter uses), or while
-    torch.compile / torch.export trace. Cheap: it runs on every call."""
-    return torch._C._get_tracing_state() is not None or _is_compiling()
 
 
 class AlgoConv2d(nn.Conv2d):
@@ -139,7 +131,7 @@ class AlgoConv2d(nn.Conv2d):
             if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
                     and key[3] == x.device and key[4] is w and key[5] == w._version
                     and key[6] is b and (b is None or key[7] == b._version)
-                    and not _exporting()):
+                    and not exporting()):
                 return call(x)
         if self.algorithm == "auto":
             from .tuner import tune_layer
@@ -148,7 +140,7 @@ class AlgoConv2d(nn.Conv2d):
             return self._torch(x)
         alg = registry.get(self.algorithm)
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if _exporting():
+        if exporting():
             if alg.exports != "native":
                 return self._torch(x)
             spec = ConvSpec.from_conv(self, x)

@@ -11,7 +11,8 @@ something no faster.
 
 Decisions persist in ``tuning.json`` in the convgap cache directory, keyed by device name,
 torch version, threads, the malloc policy on CPU (:mod:`convgap.allocator`) and the full
-spec (which includes dtype, layout and input shape); writes are atomic; a corrupt file is reported and rebuilt; a hit times nothing.
+spec (which includes dtype, layout and input shape); writes are atomic; a corrupt file is
+reported and rebuilt; a hit times nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
-import statistics
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -136,9 +136,7 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
         # (im2col, fft): confirm the winner head-to-head against torch alone.
         pair = [fns[kept.index(best)], fns[kept.index("torch")]]
         t_best, t_torch = timing.compare(pair, CONFIRM_CONFIG, spec.device)
-        # the median of per-round ratios: each round times both back to back, so the
-        # machine's drifts cancel (a ratio of medians let a 7% loss pass on a 0.6 ms layer)
-        ratio = statistics.median(a / b for a, b in zip(t_best.samples, t_torch.samples))
+        ratio = timing.paired_ratio(t_best, t_torch)
         confirm = {"chosen_s": t_best.median, "torch_s": t_torch.median, "ratio": ratio}
         if ratio > 1 - MARGIN:
             best = "torch"

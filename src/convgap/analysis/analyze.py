@@ -135,9 +135,8 @@ def analyze(
     cfg_model = timing_config or WHOLE_MODEL
     cfg_call = timing_config or PER_CALL
 
-    if malloc is not None and malloc not in allocator.POLICIES:
-        raise ConvgapError(f"unknown malloc policy {malloc!r}: use one of "
-                           f"{', '.join(allocator.POLICIES)} or None")
+    if malloc is not None:
+        allocator.check_policy(malloc)
     on_cpu = dev.type == "cpu"
     with timing.threads(threads if on_cpu else None) as n_threads, \
             allocator.use(malloc if on_cpu else None) as policy:

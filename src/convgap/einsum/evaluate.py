@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .. import timing
+from ..tracing import exporting
 from .cost import Problem
 from .path import Plan
 
@@ -33,10 +34,10 @@ SHIFT_MAX_TAPS = 32  # per-channel filters up to this many taps run as shifted m
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PACK_MAX_MISSES = 2  # a step whose weight changed this often stops packing it
-GEMM_TRIAL = None  # set below: the timing config of a measured GEMM choice
+# timing of a measured kernel choice (once per shape; the layer's first call pays it)
+CHOICE_TRIAL = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=15, min_time=0.005)
 _GEMM_CHOICE: dict[tuple, bool] = {}  # (shapes, strides, branch) -> oneDNN measured faster
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
@@ -47,7 +48,7 @@ def _onednn_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (_ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu"
             and x.dtype == torch.float32 and w.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and torch._C._get_tracing_state() is None and not _is_compiling())
+            and not exporting())
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
@@ -76,12 +77,8 @@ def _measured_onednn(key: tuple, onednn: Callable, blas: Callable) -> bool:
     a 512-channel 7x7 map: oneDNN 1.8x faster)."""
     hit = _GEMM_CHOICE.get(key)
     if hit is None:
-        from .. import timing
-        t_one, t_blas = timing.compare([onednn, blas], GEMM_TRIAL or timing.TimingConfig(
-            warmup=2, min_repeats=7, max_repeats=15, min_time=0.005))
-        # paired per-round ratios: both calls of a round share the machine's state
-        ratio = statistics.median(a / b for a, b in zip(t_one.samples, t_blas.samples))
-        hit = _GEMM_CHOICE[key] = ratio < 1.0
+        hit = _GEMM_CHOICE[key] = timing.paired_ratio(
+            *timing.compare([onednn, blas], CHOICE_TRIAL)) < 1.0
     return hit
 
 

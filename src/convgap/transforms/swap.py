@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -173,9 +172,8 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if candidates is not None:
         for c in candidates:
             _valid(c, "candidates")
-    if malloc is not None and malloc not in allocator.POLICIES:
-        raise ConvgapError(f"unknown malloc policy {malloc!r}: use one of "
-                           f"{', '.join(allocator.POLICIES)} or None")
+    if malloc is not None:
+        allocator.check_policy(malloc)
     if linear is None:
         linear = "auto" if isinstance(algos, str) and algos == "auto" else "keep"
     if linear != "keep":
@@ -183,7 +181,7 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     found, inputs = _convs_in_order(model, example_input, linear=linear != "keep")
     modules = dict(model.named_modules())
     order = [n for n in found if isinstance(modules[n], nn.Conv2d)]
-    linears = [n for n in found if n not in order
+    linears = [n for n in found if _is_linear(modules[n])
                and (example_input is None or n in inputs)]
     requests = _requests(model, algos, order, inputs)
     if "auto" in requests.values() and example_input is None:
@@ -287,7 +285,7 @@ def _layout_variant_head(model: nn.Module, order: list[str],
         with torch.no_grad():
             t_cl, t_torch = timing.compare([lambda: probe(x), lambda: plain(x)],
                                            tuner.CONFIRM_CONFIG, x.device.type)
-        ratio = statistics.median(a / b for a, b in zip(t_cl.samples, t_torch.samples))
+        ratio = timing.paired_ratio(t_cl, t_torch)
         if ratio <= 1.0:
             m.tuning = dict(tun, variant_head_ratio=ratio)
             return n
@@ -315,8 +313,7 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
     with torch.no_grad():
         timings = timing.compare(fns, VERIFY_CONFIG, x.device.type)
     del reference
-    ref = timings[1].samples
-    ratios = [statistics.median(a / b for a, b in zip(t.samples, ref)) for t in timings]
+    ratios = [timing.paired_ratio(t, timings[1]) for t in timings]
     ms = [1e3 * t.median for t in timings]
     if variant is not None and ratios[2] < min(ratios[0], 1.0):
         note = (f"layout variant: {first} runs channels_last and so does everything after "
