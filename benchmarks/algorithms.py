@@ -1,6 +1,7 @@
-"""Benchmark: per-layer convolution algorithm choice on CPU.
+"""Benchmark: per-layer convolution algorithm choice (CPU, or a CUDA GPU with --device cuda).
 
-For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NCHW input):
+For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NCHW input;
+``--device``, ``--dtype`` and ``--batch`` change that):
 1. swap(model, "auto") in a fresh tuning cache: for every distinct conv spec (and every
    nn.Linear spec: pointwise convolutions on channels-last maps, as in ConvNeXt), each
    algorithm's median time, the choice and its speedup over torch (from the tuner);
@@ -13,14 +14,18 @@ For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NC
    the per-round paired ratios (this machine drifts 10-15% between minutes: ratios of
    separate medians read a 1.15x win as a 0.91x loss once).
 
-Everything runs under one malloc policy (``--malloc``, default 'retain': freed memory is
-reused, so nothing page-faults; under glibc's default a layer's time depends on the heap's
-history, see convgap.allocator).
+On CPU everything runs under one malloc policy (``--malloc``, default 'retain': freed
+memory is reused, so nothing page-faults; under glibc's default a layer's time depends on
+the heap's history, see convgap.allocator). On CUDA, fp32 runs with torch's defaults
+(cuDNN may multiply in TF32, and the implicit-GEMM kernel follows the same switch) unless
+``--no-tf32``; every sample is synchronised, so host launch overhead is part of the time.
 
     python benchmarks/algorithms.py [--threads 2] [--batch 1 8] [--models ...] [--no-compile]
-                                    [--malloc retain|default]
+                                    [--malloc retain|default] [--device cuda]
+                                    [--dtype float32|float16|bfloat16] [--no-tf32]
 
-Prints tables and writes benchmarks/results/algorithms.json.
+Prints tables and writes benchmarks/results/algorithms.json (algorithms_cuda_<dtype>.json
+on a GPU).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def distinct_layers(tuned):
     return out, handles
 
 
-def run_model(name, batch, threads, do_compile, console, malloc):
+def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
+              dtype=torch.float32):
     from convgap import models, timing
     from convgap.transforms import choices, swap
 
@@ -66,8 +72,8 @@ def run_model(name, batch, threads, do_compile, console, malloc):
     cfg_layer = timing.TimingConfig(warmup=5, min_repeats=30, max_repeats=600, min_time=0.25)
     cfg_model = timing.TimingConfig(warmup=2, min_repeats=15, max_repeats=30, min_time=2.0)
     with timing.threads(threads), torch.no_grad():
-        net = models.create(name).eval()
-        x = torch.randn(batch, 3, 224, 224)
+        net = models.create(name).eval().to(device=device, dtype=dtype)
+        x = torch.randn(batch, 3, 224, 224).to(device=device, dtype=dtype)
         t0 = time.time()
         tuned = swap(net, "auto", x, quiet=True, malloc=malloc)
         tune_s = time.time() - t0
@@ -80,7 +86,8 @@ def run_model(name, batch, threads, do_compile, console, malloc):
             tun = m.tuning
             # what the user had: nn.Conv2d / nn.Linear sharing the parameters
             plain = m.to_linear() if hasattr(m, "to_linear") else m.to_conv2d()
-            chosen, ref = timing.compare([lambda: m(xin), lambda: plain(xin)], cfg_layer)
+            chosen, ref = timing.compare([lambda: m(xin), lambda: plain(xin)], cfg_layer,
+                                         device)
             # paired ratios (the two calls of one round share the machine's state), median
             paired = timing.paired_ratio(chosen, ref)
             rows.append({
@@ -107,10 +114,11 @@ def run_model(name, batch, threads, do_compile, console, malloc):
             compiled(x)
             compile_s = time.time() - t0
             fns["compile_freezing"] = lambda: compiled(x)
-        timings = timing.compare(list(fns.values()), cfg_model)
+        timings = timing.compare(list(fns.values()), cfg_model, device)
         whole = {k: t.median for k, t in zip(fns, timings)}
         speedup = {k: timing.paired_ratio(timings[0], t) for k, t in zip(fns, timings)}
-    return {"model": name, "batch": batch, "threads": threads, "tune_s": tune_s,
+    return {"model": name, "batch": batch, "threads": threads, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "tune_s": tune_s,
             "compile_s": compile_s, "choices": counts, "layers": rows, "whole_s": whole,
             "whole_speedup": speedup, "whole_samples": len(timings[0].samples)}
 
@@ -123,7 +131,9 @@ def print_tables(results, console):
                 if a not in algos:
                     algos.append(a)
     for r in results:
-        t = Table(title=f"{r['model']} batch {r['batch']}, {r['threads']} threads: distinct "
+        where = (f"{r['threads']} threads" if r.get("device", "cpu") == "cpu"
+                 else f"{r['device']} {r['dtype']}")
+        t = Table(title=f"{r['model']} batch {r['batch']}, {where}: distinct "
                         "conv specs (median ms; tuner) and the re-check", title_justify="left")
         t.add_column("spec")
         t.add_column("in")
@@ -169,8 +179,23 @@ def main() -> None:
                     help="use the normal tuning cache (default: a fresh one, so it measures)")
     ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
                     help="malloc policy for the whole run (retain)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
+    ap.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]' (cpu)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--no-tf32", action="store_true",
+                    help="CUDA fp32: IEEE products everywhere (torch's default allows TF32 "
+                         "in cuDNN convolutions)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default: results/algorithms.json on CPU, "
+                         "results/algorithms_cuda_<dtype>.json on a GPU)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    on_cpu = torch.device(args.device).type == "cpu"
+    if args.out is None:
+        args.out = RESULTS / ("algorithms.json" if on_cpu and args.dtype == "float32" else
+                              f"algorithms_{torch.device(args.device).type}_{args.dtype}.json")
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if not args.keep_cache:
         os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
     import convgap
@@ -184,13 +209,18 @@ def main() -> None:
         for batch in args.batch:
             console.print(f"[dim]{name} batch {batch} ...[/dim]")
             results.append(run_model(name, batch, args.threads, not args.no_compile, console,
-                                     args.malloc))
+                                     args.malloc, args.device, dtype))
     print_tables(results, console)
-    console.print(f"threads {args.threads}, fp32, 224x224, malloc policy {allocator.policy()}")
+    dev_name = convgap.hardware.device_name(args.device)
+    where = (f"threads {args.threads}, malloc policy {allocator.policy()}" if on_cpu else
+             f"{dev_name}, cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
+    console.print(f"{where}, {args.dtype}, 224x224")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "algorithms", "threads": args.threads, "batches": args.batch,
-        "dtype": "float32", "image_size": 224, "layout_in": "nchw",
+        "device": args.device, "device_name": dev_name, "dtype": args.dtype,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if not on_cpu else None,
+        "image_size": 224, "layout_in": "nchw",
         "malloc": allocator.policy(),
         "algorithms": algorithms.names(), "torch": torch.__version__,
         "convgap": convgap.__version__, "python": platform.python_version(),

@@ -1,4 +1,5 @@
-"""Benchmark: factorized convolutions on CPU, where do the saved MACs become saved time?
+"""Benchmark: factorized convolutions on CPU (or a GPU: --device cuda), where do the saved
+MACs become saved time?
 
 On resnet50's stride-1 3x3 convolutions of stages 2-4 (128 ch @ 28x28, 256 @ 14x14,
 512 @ 7x7), batch 1 and 8, fp32, NCHW (or ``--layout channels_last``: NHWC maps and a
@@ -15,6 +16,7 @@ channels_last dense weight):
 4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
 
     python benchmarks/tensorial.py [--threads 2] [--batch 1 8] [--layout nchw|channels_last]
+                                   [--device cuda]
 
 Prints tables and writes benchmarks/results/tensorial.json (tensorial_channels_last.json).
 """
@@ -63,21 +65,22 @@ def tltorch_conv(c: int, compression: float, factorization: str):
     return layer
 
 
-def measure(layer, dense, x, cfg, timing):
+def measure(layer, dense, x, cfg, timing, device="cpu"):
     """(dense median s, layer median s, speedup): the speedup is the median of the per-round
     ratios (each round runs both back to back, so the shared machine's drifts cancel)."""
     with torch.no_grad():
-        t_dense, t_layer = timing.compare([lambda: dense(x), lambda: layer(x)], cfg)
+        t_dense, t_layer = timing.compare([lambda: dense(x), lambda: layer(x)], cfg, device)
     paired = timing.paired_ratio(t_dense, t_layer)
     return t_dense.median, t_layer.median, paired
 
 
-def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw") -> dict:
+def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
+             device: str = "cpu") -> dict:
     from convgap import timing
     from convgap.layers import FlattenedConv2d, TensorialConv2d
     torch.manual_seed(0)
-    dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
-    x = torch.randn(batch, c, size, size)
+    dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval().to(device)
+    x = torch.randn(batch, c, size, size, device=device)
     if layout == "channels_last":  # dense and factorized layers both get NHWC maps
         x = x.contiguous(memory_format=torch.channels_last)
         dense = dense.to(memory_format=torch.channels_last)
@@ -87,9 +90,9 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw") 
     for comp in COMPRESSIONS:
         for fam in FAMILIES:
             layer = TensorialConv2d(c, c, 3, fam, compression=comp, padding=1,
-                                    bias=False).eval()
+                                    bias=False).eval().to(device)
             info = layer.path(tuple(x.shape))
-            t_dense, t_layer, speedup = measure(layer, dense, x, cfg, timing)
+            t_dense, t_layer, speedup = measure(layer, dense, x, cfg, timing, device)
             # convgap's path vs left-to-right, same factors, interleaved
             from convgap.einsum import einsum
             xi = layer._input(x)
@@ -98,7 +101,7 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw") 
                 t_best, t_left = timing.compare(
                     [lambda: einsum(layer.expression, xi, *layer.factors, **args),
                      lambda: einsum(layer.expression, xi, *layer.factors, path="left",
-                                    **args)], cfg)
+                                    **args)], cfg, device)
             left_macs = info.naive_macs
             row = {"variant": fam, "target_compression": comp, "ranks": list(layer.ranks),
                    "params": layer.weight_params, "macs": info.macs, "dense_s": t_dense,
@@ -106,14 +109,14 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw") 
                    "path_s": t_best.median, "left_s": t_left.median}
             tl = tltorch_conv(c, comp, fam) if fam in ("cp", "tucker", "tt") else None
             if isinstance(tl, nn.Module):
-                tl.eval()
-                _, t_tl, _ = measure(tl, dense, x, cfg, timing)
+                tl.eval().to(device)
+                _, t_tl, _ = measure(tl, dense, x, cfg, timing, device)
                 row["tltorch_s"] = t_tl
             elif isinstance(tl, str):
                 row["tltorch"] = tl
             rows.append(row)
-    flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval()
-    t_dense, t_flat, speedup = measure(flat, dense, x, cfg, timing)
+    flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval().to(device)
+    t_dense, t_flat, speedup = measure(flat, dense, x, cfg, timing, device)
     rows.append({"variant": "flattened", "target_compression": None, "ranks": None,
                  "params": flat.weight_params, "macs": flat.macs(tuple(x.shape)),
                  "dense_s": t_dense, "s": t_flat, "speedup": speedup})
@@ -183,10 +186,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--layout", default="nchw", choices=("nchw", "channels_last"),
                     help="memory layout of the input maps (and the dense weight)")
+    ap.add_argument("--device", default="cpu",
+                    help="'cpu' or 'cuda[:N]' (cpu); on CUDA fp32 runs with IEEE products "
+                         "everywhere (TF32 off in cuDNN and matmul), so dense and factorized "
+                         "layers do the same arithmetic")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default: results/tensorial.json, or "
                          "tensorial_channels_last.json for --layout channels_last)")
     args = ap.parse_args()
+    on_cpu = torch.device(args.device).type == "cpu"
+    if not on_cpu:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     import convgap
     from convgap import timing
     cfg = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.3)
@@ -205,17 +216,19 @@ def main() -> None:
         for batch in args.batch:
             for c, size in SPECS:
                 console.print(f"[dim]{c} ch @ {size}, batch {batch} ...[/dim]")
-                results.append(run_spec(c, size, batch, cfg, console, args.layout))
+                results.append(run_spec(c, size, batch, cfg, console, args.layout,
+                                        args.device))
     print_tables(results, plans, console)
     if args.out is None:
-        args.out = RESULTS / ("tensorial.json" if args.layout == "nchw"
-                              else f"tensorial_{args.layout}.json")
+        args.out = RESULTS / ("tensorial" + ("" if on_cpu else "_cuda")
+                              + ("" if args.layout == "nchw" else f"_{args.layout}") + ".json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "tensorial", "threads": args.threads, "batches": args.batch,
         "dtype": "float32", "layout": args.layout, "torch": torch.__version__,
         "tltorch": tl_version, "convgap": convgap.__version__,
         "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
+        "device": args.device, "device_name": convgap.hardware.device_name(args.device),
         "seconds": time.time() - start, "results": results, "planning": plans},
         indent=1, default=str))
     print(f"wrote {args.out}")

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convgap import ConvgapError, allocator, cache, models, timing
-from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, get, names,
-                                register, unregister)
+from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, ConvSpec,
+                                get, names, register, unregister)
 from convgap.algorithms import tuner
 from convgap.transforms import choices, swap, unswap
 from convgap.transforms.tune import tune_model
@@ -283,6 +283,43 @@ def test_auto_rejects_wrong_results(monkeypatch):
         assert "relative error" in c.tuning["rejected"]["test_wrong"]
     finally:
         unregister("test_wrong")
+
+
+def test_tolerance_widens_to_the_references_own_rounding(monkeypatch):
+    alg = get("torch")
+    spec = dict(in_channels=3, out_channels=4, kernel_size=(3, 3), stride=(1, 1),
+                padding=(0, 0), dilation=(1, 1), groups=1, bias=False,
+                input_shape=(1, 3, 8, 8))
+    assert tuner.tolerance(alg, ConvSpec(**spec)) == alg.tolerance
+    assert tuner.tolerance(alg, ConvSpec(**spec, dtype="float16")) == 2e-3
+    assert tuner.tolerance(alg, ConvSpec(**spec, dtype="bfloat16")) == 1.6e-2
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert tuner.tolerance(alg, ConvSpec(**spec, device="cuda")) == 2e-3
+    assert tuner.tolerance(alg, ConvSpec(**spec, device="cpu")) == alg.tolerance
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert tuner.tolerance(alg, ConvSpec(**spec, device="cuda")) == alg.tolerance
+
+
+@pytest.mark.parametrize("dtype,accepted", [(torch.float32, False), (torch.bfloat16, True)])
+def test_auto_accepts_reduced_precision_rounding_only_in_reduced_precision(
+        monkeypatch, dtype, accepted):
+    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    tuner.clear_memory()
+
+    @register("test_off_by_4e3")
+    class Off(Algorithm):
+        def run(self, x, state, spec):  # within bf16's rounding, far outside fp32's
+            weight, bias = state
+            return F.conv2d(x, weight, bias) * (1 + 4e-3)
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False)).to(dtype)
+        s = swap(net, "auto", torch.randn(1, 3, 8, 8, dtype=dtype),
+                 candidates=["test_off_by_4e3"], quiet=True)
+        (c,) = choices(s)
+        assert ("test_off_by_4e3" in c.tuning["errors"])
+        assert ("test_off_by_4e3" in c.tuning["rejected"]) is not accepted
+    finally:
+        unregister("test_off_by_4e3")
 
 
 def test_corrupt_tuning_cache_is_reported_and_rebuilt(monkeypatch):

@@ -130,6 +130,20 @@ _SCRIPT = textwrap.dedent("""
                             "channels_last": y.is_contiguous(
                                 memory_format=torch.channels_last),
                             "err": rel(y, ref)}
+    # a fixed block configuration instead of the autotuner's (block sizes other than the
+    # interpreter's 16x16x16, so the tails of M, N and K are masked differently)
+    x = torch.randn(2, 24, 7, 9)
+    weight, bias = torch.randn(40, 24, 3, 3), torch.randn(40)
+    spec = ConvSpec(24, 40, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, (2, 24, 7, 9),
+                    "float32", "cpu", "nchw")
+    y = conv2d_implicit_gemm(x, pack_weight(weight, 1), bias, spec, flat_k=False,
+                             config={"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16,
+                                     "num_warps": 8})
+    out["cases"]["fixed_config"] = {"reason": None, "dtype": str(y.dtype),
+                                    "shape_ok": tuple(y.shape) == (2, 40, 7, 9),
+                                    "channels_last": y.is_contiguous(
+                                        memory_format=torch.channels_last),
+                                    "err": rel(y, F.conv2d(x, weight, bias, padding=1))}
     # end to end through AlgoConv2d: 'same' with an even kernel and reflect padding are
     # pre-padded by the module, the kernel only sees symmetric zero padding
     from convgap.algorithms import AlgoConv2d
@@ -172,7 +186,29 @@ def results() -> dict:
 def test_runs_under_the_interpreter(results):
     assert results["interpreting"] is True
     assert set(results["cases"]) == {c[0] for c in CASES} | {"float16", "bfloat16"} | {
-        "algoconv_same", "algoconv_reflect"}
+        "algoconv_same", "algoconv_reflect", "fixed_config"}
+
+
+def test_fixed_block_config(results):
+    r = results["cases"]["fixed_config"]
+    assert r["shape_ok"] and r["channels_last"] and r["err"] <= TOL
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_M": 32, "BLOCK_N": 32},                       # BLOCK_K missing
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 24},        # not a power of two
+    {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 16},         # below tl.dot's 16
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 0},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "BLOCK_Q": 16},
+])
+def test_bad_block_config_raises(config):
+    import torch
+
+    from convgap.kernels.triton import conv2d_implicit_gemm, pack_weight
+    w = torch.randn(16, 16, 3, 3)
+    with pytest.raises(ValueError, match="config needs BLOCK_M"):
+        conv2d_implicit_gemm(torch.randn(1, 16, 8, 8), pack_weight(w, 1), None, _spec(),
+                             config=config)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..kernels.triton import implicit_gemm as _kernel
 from .registry import Algorithm, register
 from .spec import ConvSpec
@@ -22,7 +24,8 @@ _DTYPES = ("float32", "float16", "bfloat16")
 class ImplicitGemmConv(Algorithm):
     """Implicit GEMM in Triton on NHWC activations: M = N*OH*OW pixels, N = O/groups output
     channels, K = KH*KW*C/groups, the im2col matrix never materialised; weight packed once
-    as (groups, K, O/groups); fp32 accumulation (IEEE products for fp32 inputs); fused bias;
+    as (groups, K, O/groups); fp32 accumulation; fp32 inputs multiply in IEEE fp32, or in
+    TF32 on CUDA while ``torch.backends.cudnn.allow_tf32`` is on (as F.conv2d); fused bias;
     output in channels_last. Any stride / padding / dilation / groups."""
 
     tolerance = 1e-4
@@ -54,4 +57,6 @@ class ImplicitGemmConv(Algorithm):
 
     def run(self, x, state, spec):
         packed, bias = state
-        return _kernel.conv2d_implicit_gemm(x, packed, bias, spec)
+        # fp32 on CUDA multiplies in TF32 exactly when F.conv2d (cuDNN) does
+        tf32 = x.is_cuda and torch.backends.cudnn.allow_tf32
+        return _kernel.conv2d_implicit_gemm(x, packed, bias, spec, allow_tf32=tf32)

@@ -2,7 +2,7 @@
 
 For a layer's real input, every registered algorithm that supports the spec is prepared,
 checked against ``F.conv2d`` (relative error max|y - ref| / max|ref| within the algorithm's
-``tolerance``), and timed interleaved with the others (medians). The fastest correct one
+``tolerance``, widened to the reference's own rounding in fp16 / bf16 / TF32: :func:`tolerance`), and timed interleaved with the others (medians). The fastest correct one
 wins, but a non-``torch`` algorithm must then beat ``torch`` by ``MARGIN`` again in a
 head-to-head confirmation (two callables interleaved, more repeats, judged on the median of
 the per-round ratios), so neither noise nor the
@@ -31,12 +31,17 @@ from .module import AlgoConv2d
 from .spec import ConvSpec
 
 __all__ = ["tune_layer", "tune_spec", "cache_key", "TUNING_FILE", "TUNE_CONFIG", "MARGIN",
-           "relative_error", "tuning_progress"]
+           "relative_error", "tuning_progress", "tolerance", "PRECISION_TOLERANCE"]
 
 TUNING_FILE = "tuning.json"
 TUNE_CONFIG = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.05)
 CONFIRM_CONFIG = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.2)
 MARGIN = 0.03
+# Accepted relative error where the reference itself is computed in reduced precision:
+# the fp16 / bf16 output rounding (unit roundoff 4.9e-4 / 3.9e-3, with room for accumulation
+# order), and fp32 on CUDA while ``torch.backends.cudnn.allow_tf32`` lets F.conv2d multiply
+# in TF32 (10 mantissa bits, as fp16). An algorithm's own ``tolerance`` is a floor.
+PRECISION_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "tf32": 2e-3}
 
 _memory: dict[tuple[str, str], dict] = {}  # (cache dir, key) -> decision, this process
 _progress: list[tuple[Any, Any]] = []  # (rich Progress, task) of the running swap
@@ -49,6 +54,17 @@ def cache_key(spec: ConvSpec) -> str:
     malloc = f"|malloc={allocator.policy()}" if spec.device == "cpu" else ""
     return (f"{device_name(dev)}|torch={torch.__version__}|threads={torch.get_num_threads()}"
             f"{malloc}|{spec.key()}")
+
+
+def tolerance(alg: registry.Algorithm, spec: ConvSpec) -> float:
+    """Relative error accepted from ``alg`` against ``F.conv2d`` on ``spec``: the algorithm's
+    own ``tolerance``, widened to the rounding of the reference's precision
+    (:data:`PRECISION_TOLERANCE`)."""
+    precision = spec.dtype
+    if (spec.device == "cuda" and spec.dtype == "float32"
+            and torch.backends.cudnn.allow_tf32):
+        precision = "tf32"
+    return max(alg.tolerance, PRECISION_TOLERANCE.get(precision, 0.0))
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,8 +138,9 @@ def tune_spec(layer, x: torch.Tensor, candidates: Sequence[str] | None = None,
                 continue
             err = relative_error(y, ref)
             errors[name] = err
-            if err > alg.tolerance:
-                rejected[name] = f"relative error {err:.2e} > tolerance {alg.tolerance:.0e}"
+            tol = tolerance(alg, spec)
+            if err > tol:
+                rejected[name] = f"relative error {err:.2e} > tolerance {tol:.0e}"
                 continue
         fns.append(lambda probe=probe: probe(x))
         kept.append(name)

@@ -223,26 +223,44 @@ def _kernel(interpret: bool):
     return _KERNELS[interpret]
 
 
+def _check_config(config: dict) -> tuple[dict, dict]:
+    """(block sizes, launch options) of a user-given ``config``; ValueError when malformed."""
+    blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    launch = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
+    ok = set(blocks) == {"BLOCK_M", "BLOCK_N", "BLOCK_K"} and all(
+        isinstance(v, int) and v >= 16 and not v & (v - 1) for v in blocks.values())
+    ok = ok and all(isinstance(v, int) and v >= 1 for v in launch.values())
+    if not ok:
+        raise ValueError("config needs BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16) and "
+                         f"optionally num_warps, num_stages (>= 1); got {config}")
+    return blocks, launch
+
+
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def conv2d_implicit_gemm(x: torch.Tensor, w_kxo: torch.Tensor, bias: torch.Tensor | None,
                          spec, *, allow_tf32: bool = False,
-                         flat_k: bool | None = None) -> torch.Tensor:
+                         flat_k: bool | None = None,
+                         config: dict | None = None) -> torch.Tensor:
     """Forward convolution of ``x`` (N, C, H, W, any layout) with the packed weight ``w_kxo``
     (groups, KH*KW*C/groups, O/groups) from :func:`pack_weight`, plus ``bias`` (O,) or None.
 
     ``spec`` supplies kernel_size, stride, padding (symmetric zero), dilation and groups
     (a :class:`convgap.algorithms.ConvSpec` or anything with those attributes). Returns
     (N, O, OH, OW) in ``x``'s dtype, ``channels_last`` memory format. ``flat_k`` forces
-    the K-loop variant (None: flat when C/groups is not a multiple of 16)."""
+    the K-loop variant (None: flat when C/groups is not a multiple of 16). ``config`` skips
+    the autotuner and launches one block configuration: ``BLOCK_M``, ``BLOCK_N``,
+    ``BLOCK_K`` (powers of two >= 16) and optionally ``num_warps`` (4), ``num_stages`` (3);
+    under the interpreter the block sizes are used and the launch options ignored."""
     if not AVAILABLE:
         raise RuntimeError("triton is not installed: the implicit-GEMM kernel cannot run")
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"implicit_gemm takes float32/float16/bfloat16 inputs, got {x.dtype}")
+    fixed = None if config is None else _check_config(config)
     interpret = interpreting()
     if x.device.type != "cuda" and not interpret:
         raise RuntimeError("implicit_gemm needs a CUDA tensor (or TRITON_INTERPRET=1 set "
@@ -293,10 +311,14 @@ def conv2d_implicit_gemm(x: torch.Tensor, w_kxo: torch.Tensor, bias: torch.Tenso
     meta = dict(KH=kh, KW=kw, HAS_BIAS=has_bias, FLAT_K=bool(flat_k), PRECISION=precision,
                 UPCAST=upcast)
     kernel = _kernel(interpret)
-    if interpret:
-        cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(og, cfg["BLOCK_N"]), groups)
-        kernel[grid](*args, **meta, **cfg)
+    if interpret or fixed is not None:
+        blocks, launch = fixed or (INTERPRET_CONFIG, {})
+        grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(og, blocks["BLOCK_N"]), groups)
+        if interpret:  # the interpreter takes no launch options
+            kernel[grid](*args, **meta, **blocks)
+        else:  # the autotuner's own jitted function, one config
+            with torch.cuda.device(x.device):
+                kernel.fn[grid](*args, **meta, **blocks, **launch)
     else:
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(og, meta_["BLOCK_N"]),

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Check convgap on a CUDA GPU and run the GPU benchmarks, in one call (the lent GPU's time
+# is short): the GPU tests, the roofs, per-layer algorithm choice on resnet50 (fp16, then
+# fp32 under torch's TF32 default), the factorized layers, and analyze. Steps run in order
+# of value, each under its own time limit; a failing step does not stop the next.
+#
+#   OUT=results_dir bash benchmarks/gpu_check.sh
+#
+# Uses the python3 on PATH with this checkout's src/ on PYTHONPATH (no install needed where
+# torch, triton, rich, matplotlib and pytest are present). Writes logs and JSON to $OUT and
+# prints a compact summary last.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/convgap-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CONVGAP_CACHE="$(mktemp -d)"   # fresh: roofs and tuning measured here
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python3}
+BATCH=${BATCH:-32}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu BATCH=1 checks the plumbing without a GPU
+
+step() {  # step NAME LIMIT_S CMD...: full output to the log, its tail to stdout
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "=== $name (limit ${limit}s)" >>"$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: rc=$rc, $(($(date +%s) - t0)) s" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv,noheader | tee -a "$LOG"
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" \
+    | tee -a "$LOG"
+
+step "pytest tests/test_gpu.py" 150 \
+    $PY -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -o addopts="" -rfE
+grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
+for dt in float32 float16 bfloat16; do
+    step "roofs $dt" 40 $PY -m convgap.cli roofs --device "$DEVICE" --dtype $dt
+done
+step "algorithms resnet50 b$BATCH float16" 180 \
+    $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float16 --batch "$BATCH" \
+    --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float16.json"
+step "tensorial b8 b$BATCH float32 (IEEE)" 80 \
+    $PY benchmarks/tensorial.py --device "$DEVICE" --batch 8 "$BATCH" \
+    --out "$OUT/tensorial_cuda.json"
+step "analyze resnet50 mobilenet_v2 b$BATCH float16" 70 \
+    $PY -m convgap.cli analyze resnet50 mobilenet_v2 --device "$DEVICE" --dtype float16 \
+    --batch "$BATCH" --layout nchw channels_last --quiet --json "$OUT/analyze_cuda.json"
+step "algorithms resnet50 b$BATCH float32 (TF32 default)" 120 \
+    $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float32 --batch "$BATCH" \
+    --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float32.json"
+cp "$CONVGAP_CACHE/roofs.json" "$OUT/roofs.json" 2>/dev/null
+
+$PY - "$OUT" <<'EOF'
+"""Compact summary of what the steps wrote (the call's reply carries only the tail)."""
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+roofs = load("roofs.json") or {}
+for key, r in roofs.items():
+    print(f"roof {r['dtype']}: {r['peak_flops'] / 1e12:.1f} TFLOP/s, "
+          f"{r['bandwidth'] / 1e12:.2f} TB/s  {r['details']['gemm_flops_by_n']}")
+for name in ("algorithms_cuda_float16.json", "algorithms_cuda_float32.json"):
+    d = load(name)
+    if not d:
+        continue
+    for r in d["results"]:
+        print(f"\n{name}: {r['model']} b{r['batch']} {r['dtype']} tune {r['tune_s']:.0f}s "
+              f"whole ms {({k: round(1e3 * v, 2) for k, v in r['whole_s'].items()})} "
+              f"speedup {({k: round(v, 3) for k, v in r['whole_speedup'].items()})} "
+              f"choices {r['choices']}")
+        algos = sorted({a for row in r["layers"] for a in row["times"]})
+        print("spec | " + " | ".join(algos) + " | choice | re-check")
+        for row in r["layers"]:
+            t = " | ".join(f"{1e3 * row['times'][a]:.3g}" if a in row["times"] else "-"
+                           for a in algos)
+            print(f"{row['spec']} | {t} | {row['choice']} | {row['recheck_ratio']:.3f}")
+d = load("tensorial_cuda.json")
+if d:
+    print("\ntensorial (fp32 IEEE): spec b | variant x | ms | dense ms | speedup | MAC cut")
+    for r in d["results"]:
+        for row in r["rows"]:
+            print(f"{r['channels']}@{r['size']} b{r['batch']} | {row['variant']} "
+                  f"{row['target_compression'] or '-'} | {1e3 * row['s']:.3g} | "
+                  f"{1e3 * row['dense_s']:.3g} | {row['speedup']:.2f} | "
+                  f"{row['mac_reduction']:.1f}")
+d = load("analyze_cuda.json")
+if d:
+    for run in d.get("runs", []):
+        t = run["total"]
+        print(f"analyze {run['model']} b{run['batch']} {run['layout']} {run['dtype']}: "
+              f"{1e3 * t['measured_s']:.2f} ms, ideal {1e3 * t['ideal_s']:.3f} ms, "
+              f"roofline {1e3 * t['roofline_s']:.3f} ms, "
+              f"efficiency {t['ideal_s'] / t['measured_s']:.1%}")
+EOF

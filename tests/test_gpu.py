@@ -1,0 +1,163 @@
+"""The same promises on a CUDA GPU: every algorithm that supports CUDA, the Triton kernel
+compiled for the device (not interpreted), auto-tuning in fp16, analyze, einsum and the
+factorized layers. Skipped where no GPU is visible (CI has none); run on a lent GPU with
+``pytest tests/test_gpu.py`` (benchmarks/gpu_check.sh does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from convgap import analyze, einsum  # noqa: E402
+from convgap.algorithms import AlgoConv2d, get, names  # noqa: E402
+from convgap.algorithms import tuner  # noqa: E402
+from convgap.layers import FlattenedConv2d, TensorialConv2d  # noqa: E402
+from convgap.transforms import choices, swap  # noqa: E402
+
+CUDA = torch.device("cuda")
+# (C, O, kernel, stride, padding, dilation, groups): 1x1, 3x3, strided, dilated, grouped,
+# depthwise and a 3-channel stem
+GEOMETRIES = [
+    (64, 64, 1, 1, 0, 1, 1), (32, 48, 3, 1, 1, 1, 1), (32, 64, 3, 2, 1, 1, 1),
+    (16, 16, 3, 1, 2, 2, 1), (32, 32, 3, 1, 1, 1, 4), (32, 32, 3, 1, 1, 1, 32),
+    (3, 32, 7, 2, 3, 1, 1),
+]
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 checks are against IEEE fp32 (cuDNN's TF32 default is tested separately)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+CORE = ("torch", "cudnn", "implicit_gemm", "channels_last")
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_cuda_algorithm_matches_float64(geom, dtype):
+    """fp32: every algorithm that runs on CUDA within its tolerance. fp16: the core ones
+    within the fp16 budget; the transform algorithms (Winograd, FFT) may round worse in
+    fp16, which the tuner's check rejects: their errors are printed, not asserted."""
+    c, o, k, s, p, d, g = geom
+    conv = nn.Conv2d(c, o, k, s, p, d, g).to(CUDA)
+    x = torch.randn(2, c, 19, 17, device=CUDA)
+    seen = {}
+    with torch.no_grad():
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), s, p, d, g)
+        conv = conv.to(dtype)
+        xd = x.to(dtype)
+        for name in names():
+            mod = AlgoConv2d(conv, name)
+            if get(name).supports(mod.spec_for(xd)) is not None:
+                continue  # not for this spec / device: AlgoConv2d would run F.conv2d
+            try:
+                y = mod(xd)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                seen[name] = f"{type(exc).__name__}: {exc}"
+                assert name not in CORE and dtype != torch.float32, seen[name]
+                continue
+            assert y.dtype == dtype and y.shape == ref.shape, name
+            err, tol = rel(y, ref), tuner.tolerance(get(name), mod.spec_for(xd))
+            seen[name] = err
+            if dtype == torch.float32:
+                assert err <= tol, (name, err)
+            elif name in CORE:
+                # fp16 inputs are rounded too (the float64 reference is not): 2x the budget
+                assert err <= 2 * tol, (name, err)
+    print(geom, dtype, seen)
+    assert set(CORE) <= set(seen)
+
+
+def test_implicit_gemm_compiled_on_every_interpreter_case():
+    from test_triton_implicit_gemm import CASES
+
+    from convgap.algorithms import ConvSpec, layout_of
+    from convgap.kernels.triton import conv2d_implicit_gemm, interpreting, pack_weight
+    assert not interpreting()
+    for (name, n, c, o, h, w, k, s, p, d, g, has_bias, layout, flat_k) in CASES:
+        if layout == "slice":
+            x = torch.randn(n, c + 3, h, 2 * w, device=CUDA)[:, 1:c + 1, :, ::2]
+        else:
+            x = torch.randn(n, c, h, w, device=CUDA)
+            if layout == "cl":
+                x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(o, c // g, *k, device=CUDA)
+        bias = torch.randn(o, device=CUDA) if has_bias else None
+        spec = ConvSpec(c, o, k, s, p, d, g, has_bias, (n, c, h, w), "float32", "cuda",
+                        layout_of(x))
+        # one fixed config (the autotuner is exercised by the other tests): a compile per
+        # kernel variant rather than an autotuning sweep per shape
+        y = conv2d_implicit_gemm(x, pack_weight(weight, g), bias, spec, flat_k=flat_k,
+                                 config={"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
+        ref = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                       s, p, d, g)
+        assert y.is_contiguous(memory_format=torch.channels_last), name
+        assert rel(y, ref) <= 1e-4, (name, rel(y, ref))
+
+
+def test_implicit_gemm_follows_cudnn_tf32_switch():
+    conv = nn.Conv2d(256, 256, 3, padding=1).to(CUDA)
+    x = torch.randn(4, 256, 14, 14, device=CUDA)
+    with torch.no_grad():
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        mod = AlgoConv2d(conv, "implicit_gemm")
+        ieee = rel(mod(x), ref)
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = rel(mod(x), ref)
+    assert ieee <= 1e-5 < tf32 <= tuner.PRECISION_TOLERANCE["tf32"]
+
+
+def test_auto_in_fp16_agrees_and_chooses_among_cuda_algorithms():
+    net = nn.Sequential(  # stem, 3x3, strided 3x3, 1x1, depthwise
+        nn.Conv2d(3, 32, 7, 2, 3), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 1), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding=1, groups=128)).eval().to(CUDA, torch.float16)
+    x = torch.randn(8, 3, 64, 64, device=CUDA, dtype=torch.float16)
+    with torch.no_grad():
+        ref = net.double()(x.double())
+        net = net.half()
+        tuned = swap(net, "auto", x, quiet=True)
+        y = tuned(x)
+    picked = {c.algorithm for c in choices(tuned)}
+    assert picked <= set(names()) and picked
+    for c in choices(tuned):  # nothing was rejected for fp16 rounding alone
+        for alg, why in c.tuning["rejected"].items():
+            assert "relative error" not in why, (c.spec, alg, why)
+    assert rel(y, ref) <= 2e-2
+
+
+def test_analyze_on_cuda():
+    report = analyze("resnet18", (2, 3, 64, 64), device="cuda", dtype="float16",
+                     layout="channels_last", quiet=True)
+    run = report.runs[0]
+    assert run.device.startswith("cuda") and run.dtype == "float16"
+    assert run.total.measured_s > 0 and run.peak_flops > 1e12
+    assert len(run.layers) > 10 and all(r.measured_s > 0 for r in run.layers)
+
+
+def test_einsum_and_factorized_layers_on_cuda():
+    x = torch.randn(2, 16, 12, 12, device=CUDA, dtype=torch.float64)
+    w = torch.randn(24, 16, 3, 3, device=CUDA, dtype=torch.float64)
+    y = einsum("bshw,oshw->bohw|hw", x, w, stride=2, padding=1)
+    assert rel(y, F.conv2d(x, w, stride=2, padding=1)) <= 1e-12
+    x = torch.randn(2, 32, 14, 14, device=CUDA)
+    with torch.no_grad():
+        for fam in ("cp", "tucker", "tt", "tr", "rcp"):
+            layer = TensorialConv2d(32, 32, 3, fam, rank=4, padding=1, bias=False).to(CUDA)
+            want = F.conv2d(x.double(), layer.dense_weight().double(), padding=1)
+            assert rel(layer(x), want) <= 1e-5, fam
+        flat = FlattenedConv2d(32, 32, 3, padding=1, bias=False).to(CUDA)
+        want = F.conv2d(x.double(), flat.dense_weight().double(), padding=1)
+        assert rel(flat(x), want) <= 1e-5
