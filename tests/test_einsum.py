@@ -890,3 +890,107 @@ def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch):
         y = evaluate._linear(xs, w.clone(), packed)
         assert torch.allclose(y, xs @ w.t(), atol=1e-5)
     assert packed["misses"] == evaluate.PACK_MAX_MISSES
+
+
+def _matches_dense(layer, x, tol=1e-5):
+    with torch.no_grad():
+        y = layer(x)
+    ref = F.conv2d(x, layer.dense_weight().detach(),
+                   None if layer.bias is None else layer.bias.detach(),
+                   layer.stride, layer.padding)
+    return ((y - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_packed_conv_weight_follows_changes(monkeypatch):
+    """A 2-D conv step on oneDNN blocks its weight once for the input shape and reuses it;
+    an in-place change or a replaced tensor re-blocks (the result follows)."""
+    from convgap import TensorialConv2d
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: True)
+    blocks = []
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(evaluate.torch._C._nn, "mkldnn_reorder_conv2d_weight",
+                        lambda w, *a: blocks.append(tuple(w.shape)) or real(w, *a))
+    layer = TensorialConv2d(16, 12, 3, "tucker", rank=(8, 6), padding=1).eval()
+    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    assert _matches_dense(layer, x)
+    first = len(blocks)
+    assert first >= 1
+    assert _matches_dense(layer, x) and _matches_dense(layer, x)
+    assert len(blocks) == first  # reused
+    with torch.no_grad():
+        layer.factors[1].mul_(-0.5)  # the core, in place
+    assert _matches_dense(layer, x)
+    assert len(blocks) == first + 1
+    layer.factors[1].data = torch.randn_like(layer.factors[1])  # a new tensor, same version
+    assert _matches_dense(layer, x)
+    assert len(blocks) == first + 2
+
+
+def _programs(layer, x):
+    return list(layer._plans[x.shape][2].values())
+
+
+def test_weight_only_steps_are_reused_in_inference_and_follow_changes():
+    """CP's k_h x k_w filter (the product of its two 1-D factors) is computed once in
+    inference and reused while the factors are unchanged; an in-place change or a replaced
+    tensor recomputes it; with gradients it is never reused."""
+    from convgap import TensorialConv2d
+    # the combo objective multiplies the 1-D factors first (here as on large layers)
+    layer = TensorialConv2d(8, 6, 3, "cp", rank=5, padding=1, objective="combo")
+    x = torch.randn(2, 8, 6, 6)
+    assert _matches_dense(layer, x)  # the first call compiles the steps
+    (program,) = _programs(layer, x)
+    assert not program.memo
+    assert _matches_dense(layer, x)
+    assert program.memo  # the weight-only step was kept
+    def kept():
+        return {m: e[2] for m, e in program.memo.items()}
+    for _, leaves, _ in program.memo.values():
+        assert all(isinstance(t, torch.nn.Parameter) for t in leaves)
+    before = kept()
+    assert _matches_dense(layer, x)
+    assert all(kept()[m] is t for m, t in before.items())  # reused, not recomputed
+    for i in (1, 2, 3):  # each factor in turn, changed in place
+        with torch.no_grad():
+            layer.factors[i].mul_(1.5)
+        assert _matches_dense(layer, x)
+        changed = {m for m, t in kept().items() if t is not before[m]}
+        over = {m for m in before if m >> (i + 1) & 1}  # steps with factor i below them
+        assert over and changed == over
+        before = kept()
+    layer.factors[3].data = torch.randn_like(layer.factors[3])  # new tensor, same version
+    assert _matches_dense(layer, x)
+    assert any(kept()[m] is not t for m, t in before.items())
+    # training: gradients reach every factor as through the dense kernel
+    xg = torch.randn(2, 8, 6, 6)
+    layer(xg).square().sum().backward()
+    got = [f.grad.clone() for f in layer.factors]
+    layer.zero_grad()
+    F.conv2d(xg, layer.dense_weight(), layer.bias, padding=1).square().sum().backward()
+    for g, f in zip(got, layer.factors):
+        assert torch.allclose(g, f.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_of_one_shape_keep_their_own_compiled_state():
+    """Two layers with the same expression and shapes share the plan, not the compiled
+    steps: alternating calls give each its own result; a deep copy starts afresh."""
+    import copy
+
+    from convgap import TensorialConv2d
+    a = TensorialConv2d(8, 8, 3, "cp", rank=4, padding=1).eval()
+    b = TensorialConv2d(8, 8, 3, "cp", rank=4, padding=1).eval()
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        assert _matches_dense(a, x) and _matches_dense(b, x)
+    assert a._plans[x.shape][0] is b._plans[x.shape][0]  # one Problem (the plan cache)
+    assert not set(map(id, _programs(a, x))) & set(map(id, _programs(b, x)))
+    c = copy.deepcopy(a)
+    assert not c._plans
+    with torch.no_grad():
+        c.factors[0].mul_(2.0)
+    assert _matches_dense(c, x) and _matches_dense(a, x)
+    with torch.no_grad():
+        assert not torch.allclose(c(x), a(x))

@@ -746,3 +746,34 @@ def test_tensorial_init_variance_close_to_conv_default(fam):
         assert 1 / 3 < r < 3, (fam, ratios)
     bound = 1 / math.sqrt(32 * 9)
     assert layer.bias.abs().max().item() <= bound
+
+
+def test_flattened_inference_state_follows_changes():
+    """In inference the rank-1 kernel v h^T is built once and the lateral weight packed
+    once; in-place changes and replaced tensors are followed; copies start afresh."""
+    import copy
+    layer = FlattenedConv2d(12, 10, 3, padding=1, stride=2, bias=False)
+    x = torch.randn(2, 12, 9, 9).contiguous(memory_format=torch.channels_last)
+
+    def check(m):
+        with torch.no_grad():
+            assert rel(m(x), F.conv2d(x, m.dense_weight(), None, 2, 1)) <= 1e-5
+    check(layer)
+    check(layer)
+    kernel = layer._cache[0]["kernel"][2]
+    with torch.no_grad():
+        layer(x)
+    assert layer._cache[0]["kernel"][2] is kernel  # reused
+    with torch.no_grad():
+        layer.vertical[0].mul_(-2.0)
+    check(layer)
+    assert layer._cache[0]["kernel"][2] is not kernel
+    kernel = layer._cache[0]["kernel"][2]
+    layer.horizontal[0].data = torch.randn_like(layer.horizontal[0])
+    check(layer)
+    assert layer._cache[0]["kernel"][2] is not kernel
+    assert copy.deepcopy(layer)._cache == [{}]
+    # gradients: no kernel reuse, the graph goes through v and h
+    layer.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.vertical[0].grad is not None and layer.horizontal[0].grad is not None

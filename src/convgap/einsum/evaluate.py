@@ -19,6 +19,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import timing
@@ -26,7 +27,8 @@ from ..tracing import exporting
 from .cost import Problem
 from .path import Plan
 
-__all__ = ["run_plan", "Program", "per_channel_conv", "channels_innermost", "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
+__all__ = ["run_plan", "Program", "per_channel_conv", "depthwise_nhwc", "channels_innermost",
+           "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
 
 FFT_MIN_KERNEL = 32  # kernel elements below which a step never runs by FFT
 FFT_ADVANTAGE = 4.0  # FFT must be estimated this many times cheaper (its constants are big)
@@ -70,6 +72,49 @@ def _linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None = None) -> tor
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
+def _conv_onednn(x: torch.Tensor, w: torch.Tensor, pad, stride, dilation, groups: int,
+                 packed: dict | None = None, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """A 2-D convolution step on oneDNN. With a ``packed`` cache (one per compiled step),
+    the weight is reordered once into oneDNN's blocked layout for this input shape and
+    reused while ``w`` is unchanged; a plain weight is reordered inside every call (a
+    Tucker core on a 7x7 map at batch 1: most of the step)."""
+    if packed is not None and packed.get("misses", 0) < PACK_MAX_MISSES:
+        sig = (w.data_ptr(), w._version, w.shape, w.stride(), x.shape)
+        hit = packed.get("w")
+        if hit is None or hit[0] != sig:
+            if hit is not None:
+                packed["misses"] = packed.get("misses", 0) + 1
+            blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.contiguous().to_mkldnn(), list(pad), list(stride), list(dilation), groups,
+                list(x.shape))
+            hit = (sig, w, blocked)  # holds ``w``: its memory cannot pass to a look-alike
+            packed["w"] = hit
+        w = hit[2]
+    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, list(pad), list(stride),
+                                                   list(dilation), groups, "none", [], "")
+
+
+def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, groups: int,
+                   packed: dict | None = None, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, stride, pad, dilation, groups)`` for a channels-innermost
+    ``x`` and one filter per channel (symmetric zero padding ``pad``, per spatial dim).
+    With a ``packed`` cache, in CPU fp32 inference, the filters may run blocked once on
+    oneDNN (:func:`_conv_onednn`) instead: F.conv2d reorders them on every call, most of
+    the time on a small map; a one-time paired measurement per shape picks."""
+    def native():
+        return F.conv2d(x, w, bias, stride, pad, dilation, groups)
+    if packed is None or not _onednn_gemm(x, w):
+        return native()
+
+    def onednn():
+        return _conv_onednn(x, w, pad, stride, dilation, groups, packed, bias)
+    key = ("dw", x.shape, x.stride(), w.shape, w.stride(), tuple(stride), tuple(pad),
+           tuple(dilation), groups, bias is not None)
+    return onednn() if _measured_onednn(key, onednn, native) else native()
+
+
 def _measured_onednn(key: tuple, onednn: Callable, blas: Callable) -> bool:
     """Whether ``onednn`` beat ``blas`` on this step's shapes (timed interleaved once per
     key, then remembered). Used where oneDNN needs a layout copy that BLAS does not: the
@@ -82,8 +127,8 @@ def _measured_onednn(key: tuple, onednn: Callable, blas: Callable) -> bool:
     return hit
 
 
-def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto"
-             ) -> torch.Tensor:
+def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto",
+             programs: dict | None = None) -> torch.Tensor:
     """Evaluate ``p`` on ``operands`` in the order ``plan``; the result has ``p``'s output
     modes in order.
 
@@ -92,17 +137,24 @@ def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bo
     later calls only run the ops, so a small layer pays microseconds, not the planning
     arithmetic, per call. Intermediates are written channels innermost (the layout
     oneDNN's convolutions and the per-position GEMMs run fastest in); the result keeps the
-    first operand's layout."""
+    first operand's layout.
+
+    ``programs``: where the compiled programs live (default: on ``p``, shared by every
+    caller with the same expression and shapes). A layer passes its own dict, so the
+    state its steps keep (packed weights, results of weight-only steps) is its own and
+    two layers of one shape do not evict each other's."""
     dtype = operands[0].dtype
     for t in operands[1:]:
         if t.dtype != dtype:
             dtype = torch.promote_types(dtype, t.dtype)
     channels_last = channels_innermost(operands[0])
     key = (tuple(tuple(s) for s in plan), fft, channels_last)
-    programs = p.__dict__.setdefault("programs", {})
+    owned = programs is not None
+    if not owned:
+        programs = p.__dict__.setdefault("programs", {})
     program = programs.get(key)
     if program is None:
-        program = Program(p, plan, fft, channels_last)
+        program = Program(p, plan, fft, channels_last, owned)
         y = program.run(operands, dtype)  # compiles its steps as it goes
         programs[key] = program
         return y
@@ -114,7 +166,8 @@ class Program:
     the two live intermediates it takes and a function running it on torch ops. Steps are
     compiled from the tensors' sizes on the first run."""
 
-    def __init__(self, p: Problem, plan: Plan, fft, channels_last: bool) -> None:
+    def __init__(self, p: Problem, plan: Plan, fft, channels_last: bool,
+                 owned: bool = False) -> None:
         self.p, self.plan, self.fft, self.channels_last = p, [tuple(s) for s in plan], fft, \
             channels_last
         self.prep: list[tuple[int, ...]] = []
@@ -125,6 +178,9 @@ class Program:
             self.modes[1 << i] = "".join(m for m in ops if m in keep)
         self.steps: list[tuple[int, int, bool, Callable]] | None = None
         self.out_perm: list[int] | None = None
+        # a caller's own program (``owned``) keeps the results of its weight-only steps
+        self.owned = owned
+        self.memo: dict[int, tuple] = {}  # step mask -> (signature, leaves, result)
 
     def run(self, operands: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         live: dict[int, torch.Tensor] = {}
@@ -134,11 +190,32 @@ class Program:
             live[1 << i] = t.sum(dim=drop) if drop else t
         if self.steps is None:
             return self._compile_and_run(live)
+        fixed = _frozen_parameters(operands) if self.owned else 0
         for a, b, swap, fn in self.steps:
+            mask = a | b
             xa, xb = live.pop(a), live.pop(b)
-            live[a | b] = fn(xb, xa) if swap else fn(xa, xb)
+            if fixed & mask == mask and mask != self.p.full:
+                # nothing but parameters below this step, none needing gradients
+                live[mask] = self._memoized(mask, operands, dtype, fn, swap, xa, xb)
+            else:
+                live[mask] = fn(xb, xa) if swap else fn(xa, xb)
         y = live[self.p.full]
         return y if self.out_perm is None else y.permute(self.out_perm)
+
+    def _memoized(self, mask: int, operands: list[torch.Tensor], dtype: torch.dtype,
+                  fn: Callable, swap: bool, xa: torch.Tensor, xb: torch.Tensor
+                  ) -> torch.Tensor:
+        """The step over ``mask``'s operands, reused while each of them is the same tensor
+        (identity, version counter, storage) as when it was computed. The entry holds the
+        operands, so no other tensor can take their identity or memory meanwhile."""
+        leaves = [t for i, t in enumerate(operands) if mask >> i & 1]
+        sig = (dtype, *[(id(t), t._version, t.data_ptr()) for t in leaves])
+        hit = self.memo.get(mask)
+        if hit is not None and hit[0] == sig:
+            return hit[2]
+        y = fn(xb, xa) if swap else fn(xa, xb)
+        self.memo[mask] = (sig, leaves, y)
+        return y
 
     def _compile_and_run(self, live: dict[int, torch.Tensor]) -> torch.Tensor:
         p, modes, steps = self.p, dict(self.modes), []
@@ -170,6 +247,19 @@ class Program:
         self.steps = steps
         y = live[p.full]
         return y if self.out_perm is None else y.permute(self.out_perm)
+
+
+def _frozen_parameters(operands: list[torch.Tensor]) -> int:
+    """Bit mask of the operands that are ``nn.Parameter`` s not needing gradients now (no
+    autograd, or requires_grad off); 0 under tracing, export or compilation."""
+    if exporting():
+        return 0
+    grad = torch.is_grad_enabled()
+    mask = 0
+    for i, t in enumerate(operands):
+        if isinstance(t, nn.Parameter) and not (grad and t.requires_grad):
+            mask |= 1 << i
+    return mask
 
 
 def _einsum_step(equation: str) -> Callable:
@@ -268,11 +358,13 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
         symmetric = len(spatial) == 2 and all(lo == hi for lo, hi in pads)
         dw_pad = [lo for lo, _ in pads]
 
+        packed_dw: dict = {}  # this step's oneDNN-blocked filters
+
         def op(x, w):  # one filter per channel
             if symmetric and x.stride(1) == 1:
                 # channels innermost: oneDNN's NHWC depthwise kernel, 3-10x faster than
                 # the shifted multiply-adds (whose strided views are slow in this layout)
-                return F.conv2d(x, w, None, stride, dw_pad, dilation, g)
+                return depthwise_nhwc(x, w, stride, dw_pad, dilation, g, packed_dw)
             return per_channel_conv(x, w, stride, pads, dilation)
     elif _use_fft(fft, xshape, wshape, stride, dilation, g):
         def op(x, w):
@@ -283,15 +375,16 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
             if any(lo != hi for lo, hi in pads) else None
         cpad = [0] * len(pads) if pre else [lo for lo, _ in pads]
 
+        packed_conv: dict = {}  # this step's oneDNN-blocked weight
+
         def op(x, w):
             if pre:
                 x = F.pad(x, pre)
             if len(cpad) == 2 and _onednn_gemm(x, w):
-                # torch sends small batch-1 convs to its slow reference kernel and oneDNN
-                # reorders a plain weight on every call: which is faster depends on sizes
+                # torch sends small batch-1 convs to its slow reference kernel; oneDNN runs
+                # them on a weight blocked once: which is faster depends on sizes
                 def onednn():
-                    return torch.ops.mkldnn._convolution_pointwise(
-                        x, w, None, cpad, stride, dilation, g, "none", [], "")
+                    return _conv_onednn(x, w, cpad, stride, dilation, g, packed_conv)
 
                 def native():
                     return conv(x, w, None, stride, cpad, dilation, g)

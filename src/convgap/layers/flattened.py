@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..einsum.evaluate import _gemm_step, channels_innermost
+from ..einsum.evaluate import (_frozen_parameters, _gemm_step, channels_innermost,
+                               depthwise_nhwc)
 from ..errors import ConvgapError
 
 __all__ = ["FlattenedConv2d"]
@@ -61,7 +62,29 @@ class FlattenedConv2d(nn.Module):
             self.horizontal.append(nn.Parameter(torch.empty(o, kwid, **kw)))
             if bias:
                 self.biases.append(nn.Parameter(torch.zeros(3, o, **kw)))
+        # per repeat: the lateral weight packed for oneDNN, the depthwise filters blocked
+        # for it, and (in inference) the rank-1 kernel v h^T while v and h are unchanged
+        self._cache: list[dict] = [{} for _ in range(repeats)]
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start without the per-repeat cache (packed weights)."""
+        state = super().__getstate__()
+        state["_cache"] = [{} for _ in range(self.repeats)]
+        return state
+
+    def _kernel(self, r: int) -> torch.Tensor:
+        """(o, 1, kh, kw): the vertical and horizontal filters as one rank-1 kernel."""
+        v, h = self.vertical[r], self.horizontal[r]
+        if _frozen_parameters([v, h]) != 0b11:  # gradients, tracing: built in the graph
+            return (v[:, :, None] * h[:, None, :])[:, None]
+        sig = tuple((id(t), t._version, t.data_ptr()) for t in (v, h))
+        hit = self._cache[r].get("kernel")
+        if hit is None or hit[0] != sig:
+            # the entry holds v and h: no other tensor can take their identity meanwhile
+            hit = (sig, (v, h), (v[:, :, None] * h[:, None, :])[:, None])
+            self._cache[r]["kernel"] = hit
+        return hit[2]
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -96,7 +119,9 @@ class FlattenedConv2d(nn.Module):
             (sh, sw), (ph, pw), (dh, dw) = self._geometry(r)
             # lateral 1x1: one GEMM over positions, written channels innermost (NHWC),
             # the layout oneDNN's depthwise kernels run fastest in
-            x = _gemm_step(x, self.lateral[r], 1, channels_last=True)
+            cache = self._cache[r]
+            x = _gemm_step(x, self.lateral[r], 1, channels_last=True,
+                           packed=cache.setdefault("lateral", {}))
             if self.biases is not None:
                 x = x.add_(self._bias(r, 0).view(1, -1, 1, 1))
             v, h = self.vertical[r], self.horizontal[r]
@@ -106,8 +131,8 @@ class FlattenedConv2d(nn.Module):
                 x = F.conv2d(x, h[:, None, None, :], self._bias(r, 2), (1, sw), (0, pw),
                              (1, dw), o)
                 continue
-            kernel = (v[:, :, None] * h[:, None, :])[:, None]  # (o, 1, kh, kw), rank 1
-            y = F.conv2d(x, kernel, self._bias(r, 2), (sh, sw), (ph, pw), (dh, dw), o)
+            y = depthwise_nhwc(x, self._kernel(r), (sh, sw), (ph, pw), (dh, dw), o,
+                               cache.setdefault("dw", {}), self._bias(r, 2))
             if self.biases is not None:
                 y = y.add_(self._vertical_bias_map(r, x.shape[-1], y.shape[-1]))
             x = y

@@ -81,11 +81,13 @@ class TensorialConv2d(nn.Module):
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(sh, **kw)) for sh in shapes])
         self.bias = nn.Parameter(torch.empty(o, **kw)) if bias else None
         self._split = None if fam.input_split is None else tuple(fam.input_split(o, s))
-        self._plans: dict = {}  # input shape -> (Problem, PathInfo)
+        # input shape -> (Problem, PathInfo, this layer's compiled programs)
+        self._plans: dict = {}
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
-        """Cached plans hold compiled steps (closures): copies and pickles drop them."""
+        """Cached plans hold compiled steps (closures, packed weights, results of
+        weight-only steps): copies and pickles drop them."""
         state = super().__getstate__()
         state["_plans"] = {}
         return state
@@ -168,11 +170,14 @@ class TensorialConv2d(nn.Module):
         # (parsing, validation and the plan-cache key cost more than a small layer's ops)
         plan = self._plans.get(x.shape)
         if plan is None:  # (validates the input shape)
-            plan = self._plans[x.shape] = self._planned(x.shape)
-        problem, info = plan
+            plan = self._plans[x.shape] = (*self._planned(x.shape), {})
+        problem, info, programs = plan
         split = self._split
         xi = x if split is None else x.reshape(x.shape[0], *split, *x.shape[2:])
-        y = run_plan(problem, info.plan, [xi, *self.factors._parameters.values()])
+        # the layer's own programs: its packed weights and weight-only results (in
+        # inference, e.g. CP's k_h x k_w filter from its two 1-D factors) are kept per layer
+        y = run_plan(problem, info.plan, [xi, *self.factors._parameters.values()],
+                     programs=programs)
         if split is not None:
             y = y.reshape(y.shape[0], self.out_channels, *y.shape[-2:])
         if self.bias is not None:
