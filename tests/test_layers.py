@@ -777,3 +777,22 @@ def test_flattened_inference_state_follows_changes():
     layer.requires_grad_(True)
     layer(x).sum().backward()
     assert layer.vertical[0].grad is not None and layer.horizontal[0].grad is not None
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_trace_after_inference_calls_follows_the_parameters():
+    """Kept inference state (packed weights, v h^T, weight-only step results) never enters
+    a trace: a traced layer reads its parameters, so a later change is followed."""
+    x = torch.randn(2, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    for layer in (TensorialConv2d(16, 16, 3, "cp", rank=6, padding=1, objective="combo"),
+                  TensorialConv2d(16, 16, 3, "tucker", rank=(8, 8), padding=1),
+                  FlattenedConv2d(16, 16, 3, padding=1)):
+        layer.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                layer(x)  # compile the steps, keep inference state
+            traced = torch.jit.trace(layer, x)
+            assert rel(traced(x), layer(x)) <= 1e-6
+            for i, p in enumerate(layer.parameters()):
+                p.mul_(-1.0 - i)
+            assert rel(traced(x), layer(x)) <= 1e-6, type(layer).__name__
