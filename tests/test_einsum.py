@@ -788,6 +788,8 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     real = evaluate._linear
     monkeypatch.setattr(evaluate, "_linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
     monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: measured)
+    # channels innermost in, NCHW out: (swapped oneDNN, oneDNN + copy, BLAS)
+    monkeypatch.setattr(evaluate, "_measured_best", lambda key, fns: 1 if measured else 2)
     x = torch.randn(3, 24, 5, 7)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -827,6 +829,47 @@ def test_measured_gemm_choice_is_timed_once_per_key(monkeypatch):
     assert evaluate._measured_onednn(("k",), slow, fast) is True   # remembered, not re-timed
     assert calls == before
     assert evaluate._measured_onednn(("k2",), slow, fast) is False
+
+
+@pytest.mark.parametrize("choice", [0, 1, 2])
+def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
+    """A GEMM step from a channels-innermost map to a channels-major result has three
+    ways (the map as oneDNN's weight operand then a row copy; oneDNN then a transposing
+    copy; BLAS): each gives the einsum result, NCHW-contiguous, at any batch."""
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    picked = []
+    monkeypatch.setattr(evaluate, "_measured_best",
+                        lambda key, fns: picked.append(len(fns)) or choice)
+    for n in (1, 3):
+        x = torch.randn(n, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(40, 24)
+        with torch.no_grad():
+            y = evaluate._gemm_step(x, w, 1, False, {})
+        assert y.is_contiguous()
+        assert torch.allclose(y, torch.einsum("nchw,oc->nohw", x, w), rtol=1e-4, atol=1e-4)
+    assert picked == [3, 3]
+
+
+def test_measured_best_is_timed_once_per_key(monkeypatch):
+    from convgap.einsum import evaluate
+    monkeypatch.setattr(evaluate, "_GEMM_CHOICE", {})
+    calls = [0, 0, 0]
+
+    def make(i, delay):
+        def fn():
+            calls[i] += 1
+            if delay:
+                import time
+                time.sleep(delay)
+        return fn
+    fns = [make(0, 0.003), make(1, 0.0), make(2, 0.0015)]
+    assert evaluate._measured_best(("k",), fns) == 1
+    assert calls[0] == calls[1] == calls[2] >= 9
+    before = list(calls)
+    assert evaluate._measured_best(("k",), fns[::-1]) == 1  # remembered, not re-timed
+    assert calls == before
 
 
 @pytest.mark.parametrize("measured", [False, True])
