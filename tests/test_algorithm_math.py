@@ -110,6 +110,18 @@ def test_winograd_matches_conv2d(name, case, layout, dtype, graph):
     assert rel(y.detach(), ref.detach()) <= (alg.tolerance if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.parametrize("name", ["winograd_f2", "winograd_f4"])
+def test_winograd_functional_path_on_a_one_pixel_wide_transposed_input(name):
+    """Regression (found by hypothesis): 1 channel, a 2x1 map with W-major strides and
+    padding 2: the stacked tiles of the functional path are not viewable as a matrix."""
+    conv = nn.Conv2d(1, 1, 3, padding=2, bias=False)
+    x = make_input(1, 1, 2, 1, "transposed", torch.float32).requires_grad_()
+    alg = registry.get(name)
+    spec = ConvSpec.from_conv(conv, x)
+    y = alg.run(x, alg.prepare(conv.weight, conv.bias, spec), spec)
+    assert rel(y.detach(), conv(x).detach()) <= alg.tolerance
+
+
 @st.composite
 def depthwise_cases(draw):
     c, mult = draw(st.integers(1, 6)), draw(st.integers(1, 3))

@@ -325,7 +325,9 @@ class _Winograd(Algorithm):
         kb = _consts(m, xp.dtype, xp.device)["KB"]
         d = torch.stack([xp[:, j:j + m * th:m, l:l + m * tw:m]
                          for j in range(alpha) for l in range(alpha)])
-        return torch.mm(kb, d.view(alpha * alpha, -1)).view(alpha * alpha, n * th * tw, c)
+        # reshape: torch.stack may return a non-contiguous result when sizes are 1 (seen on
+        # a 1-channel 2x1 input), where view would raise
+        return torch.mm(kb, d.reshape(alpha * alpha, -1)).view(alpha * alpha, n * th * tw, c)
 
     def _input_elementwise(self, xp, th, tw, ws):
         """B^T along H from the alpha strided row slices of the NHWC buffer ``xp``, then B
