@@ -16,7 +16,13 @@ channels_last dense weight):
 4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
 
     python benchmarks/tensorial.py [--threads 2] [--batch 1 8] [--layout nchw|channels_last]
-                                   [--device cuda]
+                                   [--device cuda] [--malloc retain|default]
+
+On CPU the whole run is under one malloc policy (default 'retain', as benchmarks/
+algorithms.py): under glibc's default a layer timed right after the dense conv page-faults
+on memory the dense conv's freed output returned to the kernel (376 faults per call and
+3.3x the time measured once on a Tucker layer), so each variant's time would depend on its
+neighbour in the round; see convgap.allocator.
 
 Prints tables and writes benchmarks/results/tensorial.json (tensorial_channels_last.json).
 """
@@ -190,6 +196,8 @@ def main() -> None:
                     help="'cpu' or 'cuda[:N]' (cpu); on CUDA fp32 runs with IEEE products "
                          "everywhere (TF32 off in cuDNN and matmul), so dense and factorized "
                          "layers do the same arithmetic")
+    ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
+                    help="CPU malloc policy for the whole run (retain)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default: results/tensorial.json, or "
                          "tensorial_channels_last.json for --layout channels_last)")
@@ -199,7 +207,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     import convgap
-    from convgap import timing
+    from convgap import allocator, timing
+    if on_cpu and allocator.available():
+        allocator.set_policy(args.malloc)
     cfg = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.3)
     console = Console(width=240)
     start = time.time()
@@ -219,6 +229,8 @@ def main() -> None:
                 results.append(run_spec(c, size, batch, cfg, console, args.layout,
                                         args.device))
     print_tables(results, plans, console)
+    console.print(f"{args.device}, {args.threads} threads, fp32, layout {args.layout}"
+                  + (f", malloc policy {allocator.policy()}" if on_cpu else ""))
     if args.out is None:
         args.out = RESULTS / ("tensorial" + ("" if on_cpu else "_cuda")
                               + ("" if args.layout == "nchw" else f"_{args.layout}") + ".json")
@@ -229,6 +241,7 @@ def main() -> None:
         "tltorch": tl_version, "convgap": convgap.__version__,
         "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
         "device": args.device, "device_name": convgap.hardware.device_name(args.device),
+        "malloc": allocator.policy() if on_cpu else None,
         "seconds": time.time() - start, "results": results, "planning": plans},
         indent=1, default=str))
     print(f"wrote {args.out}")
