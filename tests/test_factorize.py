@@ -124,6 +124,36 @@ def test_cli_factorize_prints_and_writes_json(capsys, user_module, tmp_path):  #
     assert layer["name"] == "0" and layer["dense_macs"] == 8 * 3 * 9 * 16 * 16
 
 
+@pytest.mark.parametrize("layout,malloc", [("channels_last", "retain"), ("nchw", "default"),
+                                           ("nchw", "asis")])
+def test_cli_factorize_layout_and_malloc(capsys, user_module, tmp_path, layout,  # noqa: F811
+                                         malloc):
+    from convgap import allocator
+    before = allocator.policy()
+    code, out, err = run(capsys, "factorize", f"{user_module}:factory", "-f", "cp",
+                         "--compression", "1.2", "--image-size", "16", "--threads", "1",
+                         "--layout", layout, "--malloc", malloc, "--quiet",
+                         "--json", str(tmp_path / "f.json"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert data["layout"] == layout
+    if allocator.available():
+        assert data["malloc"] == (before if malloc == "asis" else malloc)
+        assert allocator.policy() == before  # restored
+    assert layout in out
+
+
+def test_compare_times_the_layout_it_is_given():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    fact = factorize(net, "cp", compression=1.2, quiet=True)
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    res = compare(net.to(memory_format=torch.channels_last), fact, x, threads=1, quiet=True,
+                  malloc="retain")
+    assert res.extra["layout"] == "channels_last"
+    with pytest.raises(ConvgapError, match="malloc"):
+        compare(net, fact, x, quiet=True, malloc="jemalloc")
+
+
 @pytest.mark.parametrize("argv,match", [
     (["-f", "cpx"], "unknown factorization"),
     (["--compression", "100000"], "cannot compress"),

@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
     f.add_argument("--num-classes", type=_positive, default=1000)
     f.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
+    f.add_argument("--layout", default="nchw", choices=LAYOUTS,
+                   help="memory layout of the input and the model's weights (nchw)")
     f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
+    _malloc(f, "retain", "time")
     _common(f)
 
     sub.add_parser("models", help="list the model zoo")
@@ -227,20 +230,25 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
     net = models.load(args.model, num_classes=args.num_classes)
     if args.weights is not None:
         models.load_weights(net, args.weights)
-    net = net.eval().to(device=dev, dtype=dtype)
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    net = net.eval().to(device=dev, dtype=dtype, memory_format=fmt)
     shape = (args.batch, args.channels, args.image_size, args.image_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    x = x.contiguous(memory_format=fmt)
     compression = args.compression
     if args.factorization != "flattened" and args.rank is None and compression is None:
         compression = 10.0
     rank = None if args.rank is None else (args.rank[0] if len(args.rank) == 1 else args.rank)
     fact = factorize(net, args.factorization, compression=compression, rank=rank,
                      layers=args.layers, rank_multiple=args.rank_multiple, quiet=args.quiet)
-    result = compare(net, fact, x, threads=args.threads, quiet=args.quiet)
+    result = compare(net, fact, x, threads=args.threads, quiet=args.quiet,
+                     malloc=_policy(args))
     what = args.factorization + (f", {compression:g}x" if compression else "") + \
         (f", rank {rank}" if rank else "")
+    malloc = result.extra.get("malloc")
     console.print(result.table(title=f"convgap factorize {args.model} ({what}) {shape} "
-                                     f"{args.dtype}, {result.threads} threads"))
+                                     f"{args.layout} {args.dtype}, {result.threads} threads"
+                                     + (f", malloc {malloc}" if malloc else "")))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=1))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from rich.table import Table
 
-from .. import timing
+from .. import allocator, timing
 from ..errors import ConvgapError
 from ..layers import FAMILIES, FlattenedConv2d, TensorialConv2d, family
 from ..progress import make_progress
@@ -221,9 +221,14 @@ def _dense_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
 
 @torch.no_grad()
 def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
-            threads: int | None = None, quiet: bool = False) -> Comparison:
+            threads: int | None = None, quiet: bool = False,
+            malloc: str | None = None) -> Comparison:
     """Time each factorized layer against the conv it replaced, on the conv's real input
-    (interleaved medians), and the two whole models; params and MACs beside."""
+    (interleaved medians), and the two whole models; params and MACs beside. ``malloc``:
+    on CPU, the :mod:`convgap.allocator` policy to time under ('retain', 'default'; None:
+    the process as it is); ``x``'s memory layout is the one timed."""
+    if malloc is not None:
+        allocator.check_policy(malloc)
     rows = getattr(factorized, "factorized", None)
     if rows is None:
         raise ConvgapError("compare needs a model returned by factorize()")
@@ -240,7 +245,9 @@ def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
         for h in handles:
             h.remove()
     out: list[LayerComparison] = []
-    with timing.threads(threads) as n_threads, make_progress(quiet) as progress:
+    on_cpu = x.device.type == "cpu"
+    with timing.threads(threads) as n_threads, make_progress(quiet) as progress, \
+            allocator.use(malloc if on_cpu else None) as policy:
         task = progress.add_task("timing layers", total=len(rows) + 1)
         for r in rows:
             conv, new = orig_modules[r.name], new_modules[r.name]
@@ -257,4 +264,7 @@ def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
         progress.advance(task)
     params = (sum(p.numel() for p in original.parameters()),
               sum(p.numel() for p in factorized.parameters()))
-    return Comparison(tuple(x.shape), n_threads, out, params, (t0.median, t1.median))
+    layout = "channels_last" if (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)) else "nchw"
+    return Comparison(tuple(x.shape), n_threads, out, params, (t0.median, t1.median),
+                      {"layout": layout, "malloc": policy if on_cpu else None})
