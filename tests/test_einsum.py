@@ -1037,3 +1037,28 @@ def test_layers_of_one_shape_keep_their_own_compiled_state():
     assert _matches_dense(c, x) and _matches_dense(a, x)
     with torch.no_grad():
         assert not torch.allclose(c(x), a(x))
+
+
+def test_refresh_after_writes_that_bypass_the_version_counter():
+    """``p.data.mul_()`` changes a parameter without bumping its version: the kept state
+    cannot see it (documented), and convgap.transforms.refresh drops it."""
+    from convgap import FlattenedConv2d, TensorialConv2d
+    from convgap.algorithms import AlgoConv2d
+    from convgap.transforms import refresh
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    model = torch.nn.Sequential(
+        TensorialConv2d(8, 8, 3, "cp", rank=4, padding=1, objective="combo", bias=False),
+        FlattenedConv2d(8, 8, 3, padding=1, bias=False),
+        AlgoConv2d(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), "prepacked")).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        for p in model.parameters():
+            p.data.mul_(-1.5)  # no version bump
+        assert refresh(model) == 3
+        want = x
+        for m in model:
+            w = m.dense_weight() if hasattr(m, "dense_weight") else m.weight
+            want = F.conv2d(want, w, None, 1, 1)
+        y = model(x)
+    assert ((y - want).abs().max() / want.abs().max()).item() < 1e-5

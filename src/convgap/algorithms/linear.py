@@ -134,6 +134,10 @@ class AlgoLinear(nn.Linear):
             raise ConvgapError(f"set_algorithm needs a concrete algorithm, got {name!r}")
         self.algorithm = name
         self.fallback = reason
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Drop the packed weights (see :meth:`AlgoConv2d.refresh`)."""
         self._packed.clear()
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:

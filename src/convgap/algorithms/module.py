@@ -119,6 +119,13 @@ class AlgoConv2d(nn.Conv2d):
         registry.get(name)
         self.algorithm = name
         self.fallback = reason
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Drop the prepared state (packed weights). It follows every change PyTorch
+        versions (in-place ops, ``load_state_dict``, optimizers, ``weight.data = t``), but
+        not writes through ``weight.data.<op>_()``, which bypass the version counter: call
+        this (or :func:`convgap.transforms.refresh`) after those."""
         self._states.clear()
         self._fast = None
 

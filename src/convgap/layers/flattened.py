@@ -73,6 +73,11 @@ class FlattenedConv2d(nn.Module):
         state["_cache"] = [{} for _ in range(self.repeats)]
         return state
 
+    def refresh(self) -> None:
+        """Drop the packed lateral weights, blocked filters and kept v h^T (see
+        :meth:`TensorialConv2d.refresh`)."""
+        self._cache = [{} for _ in range(self.repeats)]
+
     def _kernel(self, r: int) -> torch.Tensor:
         """(o, 1, kh, kw): the vertical and horizontal filters as one rank-1 kernel."""
         v, h = self.vertical[r], self.horizontal[r]

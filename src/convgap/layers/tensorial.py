@@ -92,6 +92,13 @@ class TensorialConv2d(nn.Module):
         state["_plans"] = {}
         return state
 
+    def refresh(self) -> None:
+        """Drop the compiled steps and what they keep in inference (packed weights, results
+        of weight-only steps). They follow every change PyTorch versions, but not writes
+        through ``factor.data.<op>_()``, which bypass the version counter: call this (or
+        :func:`convgap.transforms.refresh`) after those."""
+        self._plans.clear()
+
     @property
     def family(self) -> Family:
         return family(self.factorization)
