@@ -1,7 +1,17 @@
-"""Shared fixtures: every test gets its own convgap cache dir; cheap roofs."""
+"""Shared fixtures: every test gets its own convgap cache dir; cheap roofs. Hypothesis
+profiles: 'dev' (default: fresh random examples each run, which is how edge cases are
+found) and 'ci' (``HYPOTHESIS_PROFILE=ci``, set by .ci/run: the same examples every run,
+so CI's verdict is the code's, not the draw's)."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("dev")
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 from convgap import hardware
 from convgap.hardware import Roofs
