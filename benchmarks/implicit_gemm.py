@@ -5,8 +5,8 @@ For each shape (NHWC input and weight, fp16 by default) it times, with CUDA even
 (``triton.testing.do_bench``, median; no Python dispatch in the number):
 - cuDNN: ``F.conv2d`` on channels_last input and weight (torch's default algorithm choice);
 - the implicit-GEMM kernel, autotuned over a config set, with the per-tap K loop and with
-  the flat K loop, for the library's configs (:data:`GPU_CONFIGS`) and for a Hopper-leaning
-  set (BLOCK_K 64, deeper pipelines, wider tiles).
+  the flat K loop, for the base configs, the Hopper-leaning ones (BLOCK_K 64, deeper
+  pipelines, wider tiles) and both (the library's :data:`GPU_CONFIGS`).
 Each variant's output is checked against cuDNN first (relative error).
 
     python benchmarks/implicit_gemm.py [--batch 128] [--dtype float16] [--out FILE]
@@ -29,17 +29,6 @@ OLD = None  # --before: an older kernel module
 # (C, O, kernel, stride, H): resnet50 convs at 224x224 input
 SHAPES = [(64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14),
           (1024, 256, 1, 1, 14)]
-# Hopper-leaning configs, timed as a set of their own (since added to the library's
-# GPU_CONFIGS; the "library" set below is the rest)
-HOPPER_CONFIGS = (
-    (128, 128, 64, 8, 4),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 64, 64, 4, 5),
-    (64, 128, 64, 4, 5),
-    (128, 128, 32, 8, 5),
-)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,8 +51,7 @@ def main() -> None:
     from convgap.kernels.triton import implicit_gemm as ig
     dtype = getattr(torch, args.dtype)
     start = time.time()
-    library = tuple(c for c in ig.GPU_CONFIGS if c not in HOPPER_CONFIGS)
-    sets = {"library": library, "hopper": HOPPER_CONFIGS, "all": ig.GPU_CONFIGS}
+    sets = {"library": ig.BASE_CONFIGS, "hopper": ig.HOPPER_CONFIGS, "all": ig.GPU_CONFIGS}
     all_configs = ig.GPU_CONFIGS
     rows = []
     for c, o, k, s, h in SHAPES:
