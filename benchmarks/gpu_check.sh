@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check convgap on a CUDA GPU and run the GPU benchmarks, in one call (the lent GPU's time
 # is short): the GPU tests, the roofs, per-layer algorithm choice on resnet50 (fp16, then
-# fp32 under torch's TF32 default), the factorized layers, and analyze. Steps run in order
+# fp32 under torch's TF32 default), the Triton kernel against cuDNN, the factorized
+# layers, and analyze. Steps run in order
 # of value, each under its own time limit; a failing step does not stop the next.
 #
 #   OUT=results_dir bash benchmarks/gpu_check.sh
@@ -45,6 +46,8 @@ done
 step "algorithms resnet50 b$BATCH float16" 180 \
     $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float16 --batch "$BATCH" \
     --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float16.json"
+step "implicit_gemm kernel vs cuDNN, fp16 b128" 120 \
+    $PY benchmarks/implicit_gemm.py --out "$OUT/implicit_gemm_cuda.json"
 step "tensorial b8 b$BATCH float32 (IEEE)" 80 \
     $PY benchmarks/tensorial.py --device "$DEVICE" --batch 8 "$BATCH" \
     --out "$OUT/tensorial_cuda.json"
@@ -83,6 +86,12 @@ for name in ("algorithms_cuda_float16.json", "algorithms_cuda_float32.json"):
             t = " | ".join(f"{1e3 * row['times'][a]:.3g}" if a in row["times"] else "-"
                            for a in algos)
             print(f"{row['spec']} | {t} | {row['choice']} | {row['recheck_ratio']:.3f}")
+d = load("implicit_gemm_cuda.json")
+if d:
+    names = list(d["rows"][0]["ms"]) if d["rows"] else []
+    print("\nimplicit_gemm (ms, CUDA events): shape | " + " | ".join(names))
+    for r in d["rows"]:
+        print(r["shape"], "|", " | ".join(f"{r['ms'][n]:.4f}" for n in names))
 d = load("tensorial_cuda.json")
 if d:
     print("\ntensorial (fp32 IEEE): spec b | variant x | ms | dense ms | speedup | MAC cut")
