@@ -787,9 +787,10 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     used = []
     real = evaluate._linear
     monkeypatch.setattr(evaluate, "_linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
-    monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: measured)
-    # channels innermost in, NCHW out: (swapped oneDNN, oneDNN + copy, BLAS)
-    monkeypatch.setattr(evaluate, "_measured_best", lambda key, fns: 1 if measured else 2)
+    # two candidates: (oneDNN, BLAS); channels innermost in, NCHW out, three:
+    # (swapped oneDNN, oneDNN + copy, BLAS)
+    monkeypatch.setattr(evaluate, "_measured_fastest",
+                        lambda key, fns: fns[-2] if measured else fns[-1])
     x = torch.randn(3, 24, 5, 7)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -811,48 +812,9 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     assert torch.allclose(y.detach(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_measured_gemm_choice_is_timed_once_per_key(monkeypatch):
-    from convgap.einsum import evaluate
-    monkeypatch.setattr(evaluate, "_GEMM_CHOICE", {})
-    calls = {"a": 0, "b": 0}
-
-    def fast():
-        calls["a"] += 1
-
-    def slow():
-        calls["b"] += 1
-        import time
-        time.sleep(0.003)
-    assert evaluate._measured_onednn(("k",), fast, slow) is True
-    assert calls["a"] == calls["b"] >= 9  # warm-up 2 + at least 7 samples each
-    before = dict(calls)
-    assert evaluate._measured_onednn(("k",), slow, fast) is True   # remembered, not re-timed
-    assert calls == before
-    assert evaluate._measured_onednn(("k2",), slow, fast) is False
-
-
-@pytest.mark.parametrize("choice", [0, 1, 2])
-def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
-    """A GEMM step from a channels-innermost map to a channels-major result has three
-    ways (the map as oneDNN's weight operand then a row copy; oneDNN then a transposing
-    copy; BLAS): each gives the einsum result, NCHW-contiguous, at any batch."""
-    from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
-        pytest.skip("torch without oneDNN")
-    picked = []
-    monkeypatch.setattr(evaluate, "_measured_best",
-                        lambda key, fns: picked.append(len(fns)) or choice)
-    for n in (1, 3):
-        x = torch.randn(n, 24, 5, 7).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(40, 24)
-        with torch.no_grad():
-            y = evaluate._gemm_step(x, w, 1, False, {})
-        assert y.is_contiguous()
-        assert torch.allclose(y, torch.einsum("nchw,oc->nohw", x, w), rtol=1e-4, atol=1e-4)
-    assert picked == [3, 3]
-
-
-def test_measured_best_is_timed_once_per_key(monkeypatch):
+def test_measured_choice_is_timed_once_per_key(monkeypatch):
+    """The fastest candidate wins (two or three), each is timed as often as the others,
+    and the winner's position is remembered per key: a later call times nothing."""
     from convgap.einsum import evaluate
     monkeypatch.setattr(evaluate, "_GEMM_CHOICE", {})
     calls = [0, 0, 0]
@@ -864,12 +826,35 @@ def test_measured_best_is_timed_once_per_key(monkeypatch):
                 import time
                 time.sleep(delay)
         return fn
-    fns = [make(0, 0.003), make(1, 0.0), make(2, 0.0015)]
-    assert evaluate._measured_best(("k",), fns) == 1
-    assert calls[0] == calls[1] == calls[2] >= 9
+    slow, fast, middle = make(0, 0.003), make(1, 0.0), make(2, 0.0015)
+    assert evaluate._measured_fastest(("k",), (slow, fast, middle)) is fast
+    assert calls[0] == calls[1] == calls[2] >= 9  # warm-up 2 + at least 7 samples each
     before = list(calls)
-    assert evaluate._measured_best(("k",), fns[::-1]) == 1  # remembered, not re-timed
+    assert evaluate._measured_fastest(("k",), (middle, slow, fast)) is slow  # position kept
     assert calls == before
+    assert evaluate._measured_fastest(("k2",), (slow, middle)) is middle
+    assert evaluate._measured_fastest(("k3",), (fast, slow)) is fast
+
+
+@pytest.mark.parametrize("choice", [0, 1, 2])
+def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
+    """A GEMM step from a channels-innermost map to a channels-major result has three
+    ways (the map as oneDNN's weight operand then a row copy; oneDNN then a transposing
+    copy; BLAS): each gives the einsum result, NCHW-contiguous, at any batch."""
+    from convgap.einsum import evaluate
+    if not evaluate._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    picked = []
+    monkeypatch.setattr(evaluate, "_measured_fastest",
+                        lambda key, fns: picked.append(len(fns)) or fns[choice])
+    for n in (1, 3):
+        x = torch.randn(n, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(40, 24)
+        with torch.no_grad():
+            y = evaluate._gemm_step(x, w, 1, False, {})
+        assert y.is_contiguous()
+        assert torch.allclose(y, torch.einsum("nchw,oc->nohw", x, w), rtol=1e-4, atol=1e-4)
+    assert picked == [3, 3]
 
 
 @pytest.mark.parametrize("measured", [False, True])
@@ -882,8 +867,8 @@ def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, measured, layout):
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
     keys = []
-    monkeypatch.setattr(evaluate, "_measured_onednn",
-                        lambda key, a, b: keys.append(key[0]) or measured)
+    monkeypatch.setattr(evaluate, "_measured_fastest",
+                        lambda key, fns: keys.append(key[0]) or fns[0 if measured else -1])
     layer = TensorialConv2d(12, 10, 3, "tucker", rank=(6, 5), padding=1, stride=2).eval()
     x = torch.randn(2, 12, 9, 9)
     if layout == "channels_last":
@@ -951,7 +936,7 @@ def test_packed_conv_weight_follows_changes(monkeypatch):
     from convgap.einsum import evaluate
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
-    monkeypatch.setattr(evaluate, "_measured_onednn", lambda key, a, b: True)
+    monkeypatch.setattr(evaluate, "_measured_fastest", lambda key, fns: fns[0])  # oneDNN
     blocks = []
     real = torch._C._nn.mkldnn_reorder_conv2d_weight
     monkeypatch.setattr(evaluate.torch._C._nn, "mkldnn_reorder_conv2d_weight",

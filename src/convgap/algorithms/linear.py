@@ -34,7 +34,7 @@ from .module import AlgorithmFallbackWarning, choice_repr
 __all__ = ["AlgoLinear", "LinearSpec", "LINEAR_ALGORITHMS", "tune_linear", "check_linear"]
 
 LINEAR_ALGORITHMS = ("torch", "prepacked")
-TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+TOLERANCE = 1e-4  # fp32 relative error accepted from 'prepacked', as for the conv algorithms
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def _measure(layer: AlgoLinear, x: torch.Tensor, spec: LinearSpec, tuner) -> dic
     if reason is None:
         err = tuner.relative_error(layer._prepacked(x), ref)
         errors["prepacked"] = err
-        tol = TOLERANCE.get(spec.dtype, 1e-4)
+        tol = max(TOLERANCE, tuner.precision_tolerance(spec.dtype, spec.device))
         if err > tol:
             reason = f"relative error {err:.2e} > tolerance {tol:.0e}"
     if reason is not None:

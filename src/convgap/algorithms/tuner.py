@@ -31,7 +31,8 @@ from .module import AlgoConv2d
 from .spec import ConvSpec
 
 __all__ = ["tune_layer", "tune_spec", "cache_key", "TUNING_FILE", "TUNE_CONFIG", "MARGIN",
-           "relative_error", "tuning_progress", "tolerance", "PRECISION_TOLERANCE"]
+           "relative_error", "tuning_progress", "tolerance", "precision_tolerance",
+           "PRECISION_TOLERANCE"]
 
 TUNING_FILE = "tuning.json"
 TUNE_CONFIG = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.05)
@@ -56,15 +57,18 @@ def cache_key(spec: ConvSpec) -> str:
             f"{malloc}|{spec.key()}")
 
 
+def precision_tolerance(dtype: str, device: str) -> float:
+    """The rounding of a reference computed in ``dtype`` on ``device`` as a relative error
+    bound (0 for fp32/fp64 without TF32): :data:`PRECISION_TOLERANCE`."""
+    if dtype == "float32" and device == "cuda" and torch.backends.cudnn.allow_tf32:
+        dtype = "tf32"
+    return PRECISION_TOLERANCE.get(dtype, 0.0)
+
+
 def tolerance(alg: registry.Algorithm, spec: ConvSpec) -> float:
     """Relative error accepted from ``alg`` against ``F.conv2d`` on ``spec``: the algorithm's
-    own ``tolerance``, widened to the rounding of the reference's precision
-    (:data:`PRECISION_TOLERANCE`)."""
-    precision = spec.dtype
-    if (spec.device == "cuda" and spec.dtype == "float32"
-            and torch.backends.cudnn.allow_tf32):
-        precision = "tf32"
-    return max(alg.tolerance, PRECISION_TOLERANCE.get(precision, 0.0))
+    own ``tolerance``, widened to the rounding of the reference's precision."""
+    return max(alg.tolerance, precision_tolerance(spec.dtype, spec.device))
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

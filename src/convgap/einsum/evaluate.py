@@ -38,7 +38,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PACK_MAX_MISSES = 2  # a step whose weight changed this often stops packing it
 # timing of a measured kernel choice (once per shape; the layer's first call pays it)
 CHOICE_TRIAL = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=15, min_time=0.005)
-_GEMM_CHOICE: dict[tuple, bool] = {}  # (shapes, strides, branch) -> oneDNN measured faster
+_GEMM_CHOICE: dict[tuple, int] = {}  # (branch, shapes, strides) -> position of the fastest
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -53,46 +53,47 @@ def _onednn_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not exporting())
 
 
+def _packed_weight(packed: dict | None, w: torch.Tensor, shape_key,
+                   reorder: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """``reorder()`` (``w`` in oneDNN's layout for ``shape_key``: a row count, an input
+    shape), kept in ``packed`` (one cache per compiled step) and reused while ``w`` is the
+    same memory at the same version. A weight built afresh every call never hits: after
+    ``PACK_MAX_MISSES`` misses the step stops packing (None)."""
+    if packed is None or packed.get("misses", 0) >= PACK_MAX_MISSES:
+        return None
+    sig = (w.data_ptr(), w._version, w.shape, w.stride(), shape_key)
+    hit = packed.get("w")
+    if hit is None or hit[0] != sig:
+        if hit is not None:
+            packed["misses"] = packed.get("misses", 0) + 1
+        # the entry holds ``w`` itself, so its memory cannot pass to a look-alike tensor
+        hit = packed["w"] = (sig, w, reorder())
+    return hit[2]
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
     """``x @ w.t()`` by oneDNN (x: (..., C) in any strides, w: (O, C)). With a ``packed``
-    cache (one per compiled step), the weight is reordered once for the row count and
-    reused while ``w`` is unchanged (25% off a 6272-row GEMM here)."""
-    if packed is not None and packed.get("misses", 0) < PACK_MAX_MISSES:
-        rows = x.numel() // x.shape[-1]
-        sig = (w.data_ptr(), w._version, w.shape, w.stride(), rows)
-        hit = packed.get("w")
-        if hit is None or hit[0] != sig:
-            if hit is not None:  # a weight built afresh each call never hits: stop trying
-                packed["misses"] = packed.get("misses", 0) + 1
-            # the entry holds ``w`` itself, so its memory cannot be reused by another
-            # tensor that would match the signature
-            hit = (sig, w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
-            packed["w"] = hit
-        return torch.ops.mkldnn._linear_pointwise(x, hit[2], None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    cache, the weight is reordered once for the row count and reused while unchanged (25%
+    off a 6272-row GEMM here)."""
+    rows = x.numel() // x.shape[-1]
+    wp = _packed_weight(packed, w, rows,
+                        lambda: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
+    return torch.ops.mkldnn._linear_pointwise(x, w if wp is None else wp, None, "none", [],
+                                              "")
 
 
 def _conv_onednn(x: torch.Tensor, w: torch.Tensor, pad, stride, dilation, groups: int,
                  packed: dict | None = None, bias: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """A 2-D convolution step on oneDNN. With a ``packed`` cache (one per compiled step),
-    the weight is reordered once into oneDNN's blocked layout for this input shape and
-    reused while ``w`` is unchanged; a plain weight is reordered inside every call (a
-    Tucker core on a 7x7 map at batch 1: most of the step)."""
-    if packed is not None and packed.get("misses", 0) < PACK_MAX_MISSES:
-        sig = (w.data_ptr(), w._version, w.shape, w.stride(), x.shape)
-        hit = packed.get("w")
-        if hit is None or hit[0] != sig:
-            if hit is not None:
-                packed["misses"] = packed.get("misses", 0) + 1
-            blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.contiguous().to_mkldnn(), list(pad), list(stride), list(dilation), groups,
-                list(x.shape))
-            hit = (sig, w, blocked)  # holds ``w``: its memory cannot pass to a look-alike
-            packed["w"] = hit
-        w = hit[2]
-    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, list(pad), list(stride),
-                                                   list(dilation), groups, "none", [], "")
+    """A 2-D convolution step on oneDNN. With a ``packed`` cache, the weight is reordered
+    once into oneDNN's blocked layout for this input shape and reused while unchanged; a
+    plain weight is reordered inside every call (a Tucker core on a 7x7 map at batch 1:
+    most of the step)."""
+    pad, stride, dilation = list(pad), list(stride), list(dilation)
+    wp = _packed_weight(packed, w, x.shape, lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
+        w.contiguous().to_mkldnn(), pad, stride, dilation, groups, list(x.shape)))
+    return torch.ops.mkldnn._convolution_pointwise(x, w if wp is None else wp, bias, pad,
+                                                   stride, dilation, groups, "none", [], "")
 
 
 def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, groups: int,
@@ -112,29 +113,24 @@ def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, grou
         return _conv_onednn(x, w, pad, stride, dilation, groups, packed, bias)
     key = ("dw", x.shape, x.stride(), w.shape, w.stride(), tuple(stride), tuple(pad),
            tuple(dilation), groups, bias is not None)
-    return onednn() if _measured_onednn(key, onednn, native) else native()
+    return _measured_fastest(key, (onednn, native))()
 
 
-def _measured_onednn(key: tuple, onednn: Callable, blas: Callable) -> bool:
-    """Whether ``onednn`` beat ``blas`` on this step's shapes (timed interleaved once per
-    key, then remembered). Used where oneDNN needs a layout copy that BLAS does not: the
-    winner depends on the sizes (a 128-channel 28x28 map at batch 8: BLAS 1.3x faster;
-    a 512-channel 7x7 map: oneDNN 1.8x faster)."""
-    hit = _GEMM_CHOICE.get(key)
-    if hit is None:
-        hit = _GEMM_CHOICE[key] = timing.paired_ratio(
-            *timing.compare([onednn, blas], CHOICE_TRIAL)) < 1.0
-    return hit
-
-
-def _measured_best(key: tuple, fns: Sequence[Callable]) -> int:
-    """Index of the fastest of ``fns`` on this step's shapes (lowest median, timed
-    interleaved once per key, then remembered)."""
-    hit = _GEMM_CHOICE.get(key)
-    if hit is None:
+def _measured_fastest(key: tuple, fns: Sequence[Callable]) -> Callable:
+    """The fastest of ``fns`` on this step's shapes: timed interleaved once per ``key``
+    (each candidate against the best so far by the median of per-round ratios), then the
+    winner's position is remembered. Used where the winner depends on the sizes (oneDNN
+    with a layout copy against BLAS: a 128-channel 28x28 map at batch 8, BLAS 1.3x
+    faster; a 512-channel 7x7 map, oneDNN 1.8x faster)."""
+    best = _GEMM_CHOICE.get(key)
+    if best is None:
         times = timing.compare(list(fns), CHOICE_TRIAL)
-        hit = _GEMM_CHOICE[key] = min(range(len(fns)), key=lambda i: times[i].median)
-    return hit
+        best = 0
+        for i in range(1, len(fns)):
+            if timing.paired_ratio(times[i], times[best]) < 1.0:
+                best = i
+        _GEMM_CHOICE[key] = best
+    return fns[best]
 
 
 def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto",
@@ -215,17 +211,10 @@ class Program:
     def _memoized(self, mask: int, operands: list[torch.Tensor], dtype: torch.dtype,
                   fn: Callable, swap: bool, xa: torch.Tensor, xb: torch.Tensor
                   ) -> torch.Tensor:
-        """The step over ``mask``'s operands, reused while each of them is the same tensor
-        (identity, version counter, storage) as when it was computed. The entry holds the
-        operands, so no other tensor can take their identity or memory meanwhile."""
+        """The step over ``mask``'s operands, reused while each of them is unchanged."""
         leaves = [t for i, t in enumerate(operands) if mask >> i & 1]
-        sig = (dtype, *[(id(t), t._version, t.data_ptr()) for t in leaves])
-        hit = self.memo.get(mask)
-        if hit is not None and hit[0] == sig:
-            return hit[2]
-        y = fn(xb, xa) if swap else fn(xa, xb)
-        self.memo[mask] = (sig, leaves, y)
-        return y
+        return reuse(self.memo, mask, leaves, lambda: fn(xb, xa) if swap else fn(xa, xb),
+                     (dtype,))
 
     def _compile_and_run(self, live: dict[int, torch.Tensor]) -> torch.Tensor:
         p, modes, steps = self.p, dict(self.modes), []
@@ -257,6 +246,19 @@ class Program:
         self.steps = steps
         y = live[p.full]
         return y if self.out_perm is None else y.permute(self.out_perm)
+
+
+def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],
+          compute: Callable[[], torch.Tensor], extra: tuple = ()) -> torch.Tensor:
+    """``compute()``, kept in ``store[slot]`` as ``(signature, tensors, result)`` and
+    returned again while each of ``tensors`` is the same tensor (identity, version
+    counter, storage) and ``extra`` is equal. The entry holds the tensors, so no other
+    tensor can take their identity or memory meanwhile."""
+    sig = (*extra, *[(id(t), t._version, t.data_ptr()) for t in tensors])
+    hit = store.get(slot)
+    if hit is None or hit[0] != sig:
+        hit = store[slot] = (sig, tuple(tensors), compute())
+    return hit[2]
 
 
 def _frozen_parameters(operands: list[torch.Tensor]) -> int:
@@ -400,7 +402,7 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
                     return conv(x, w, None, stride, cpad, dilation, g)
                 key = ("conv", x.shape, x.stride(), w.shape, w.stride(), tuple(stride),
                        tuple(cpad), tuple(dilation), g)
-                return onednn() if _measured_onednn(key, onednn, native) else native()
+                return _measured_fastest(key, (onednn, native))()
             return conv(x, w, None, stride, cpad, dilation, g)
 
     prepare = operands(wshape)
@@ -455,11 +457,10 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
             # the map as oneDNN's weight operand: (O, N*P) comes out channels-major per
             # image, and one copy of whole P-long rows makes it (N, O, P); a 128-channel
             # 28x28 map at batch 8 here: 0.30 ms against 0.55 with the transposing copy
-            y = torch.ops.mkldnn._linear_pointwise(w.contiguous(), xp.reshape(-1, c), None,
-                                                   "none", [], "")
+            y = _linear(w.contiguous(), xp.reshape(-1, c))
             return y.view(o, nb, *spatial).transpose(0, 1).contiguous()
-        fns = (swapped, onednn, blas)
-        return fns[_measured_best(("ci_nchw", x.shape, x.stride(), w.shape), fns)]()
+        key = ("ci_nchw", x.shape, x.stride(), w.shape)
+        return _measured_fastest(key, (swapped, onednn, blas))()
     xc = x.reshape(nb, c, -1)  # (N, C, P)
     if channels_last:
         xt = xc.transpose(1, 2)  # (N, P, C)
@@ -470,10 +471,9 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
         def blas():
             y = torch.bmm(xt, w.t().expand(nb, c, o))  # (N, P, O)
             return y.view(nb, *spatial, o).movedim(-1, 1)
-        key = ("nchw_cl", x.shape, x.stride(), w.shape)
-        if _onednn_gemm(xt, w) and _measured_onednn(key, onednn, blas):
-            return onednn()
-        return blas()
+        if not _onednn_gemm(xt, w):
+            return blas()
+        return _measured_fastest(("nchw_cl", x.shape, x.stride(), w.shape), (onednn, blas))()
     return torch.bmm(w.expand(nb, o, c), xc).view(nb, o, *spatial)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..einsum.evaluate import (_frozen_parameters, _gemm_step, channels_innermost,
-                               depthwise_nhwc)
+                               depthwise_nhwc, reuse)
 from ..errors import ConvgapError
 
 __all__ = ["FlattenedConv2d"]
@@ -81,15 +81,12 @@ class FlattenedConv2d(nn.Module):
     def _kernel(self, r: int) -> torch.Tensor:
         """(o, 1, kh, kw): the vertical and horizontal filters as one rank-1 kernel."""
         v, h = self.vertical[r], self.horizontal[r]
-        if _frozen_parameters([v, h]) != 0b11:  # gradients, tracing: built in the graph
+
+        def build():
             return (v[:, :, None] * h[:, None, :])[:, None]
-        sig = tuple((id(t), t._version, t.data_ptr()) for t in (v, h))
-        hit = self._cache[r].get("kernel")
-        if hit is None or hit[0] != sig:
-            # the entry holds v and h: no other tensor can take their identity meanwhile
-            hit = (sig, (v, h), (v[:, :, None] * h[:, None, :])[:, None])
-            self._cache[r]["kernel"] = hit
-        return hit[2]
+        if _frozen_parameters([v, h]) != 0b11:  # gradients, tracing: built in the graph
+            return build()
+        return reuse(self._cache[r], "kernel", (v, h), build)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -13,6 +13,7 @@ import torch.nn as nn
 from rich.table import Table
 
 from .. import allocator, timing
+from ..algorithms.spec import layout_of
 from ..errors import ConvgapError
 from ..layers import FAMILIES, FlattenedConv2d, TensorialConv2d, family
 from ..progress import make_progress
@@ -264,7 +265,5 @@ def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
         progress.advance(task)
     params = (sum(p.numel() for p in original.parameters()),
               sum(p.numel() for p in factorized.parameters()))
-    layout = "channels_last" if (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)) else "nchw"
     return Comparison(tuple(x.shape), n_threads, out, params, (t0.median, t1.median),
-                      {"layout": layout, "malloc": policy if on_cpu else None})
+                      {"layout": layout_of(x), "malloc": policy if on_cpu else None})

@@ -239,10 +239,10 @@ def gpu_configs() -> list:
 _KERNELS: dict[bool, Any] = {}
 
 
-def _even(cg: int, og: int, blocks: dict) -> dict:
-    """EVEN_C / EVEN_N: whether C/groups and O/groups are whole multiples of the blocks (no
-    tail masks in the per-tap loop)."""
-    return {"EVEN_C": cg % blocks["BLOCK_K"] == 0, "EVEN_N": og % blocks["BLOCK_N"] == 0}
+# EVEN_C / EVEN_N: C/groups and O/groups are whole multiples of the blocks (no tail masks
+# in the per-tap loop); from the launch arguments, as triton.heuristics passes them
+_EVEN = {"EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0,
+         "EVEN_N": lambda a: a["Og"] % a["BLOCK_N"] == 0}
 
 
 def _kernel(interpret: bool):
@@ -258,9 +258,7 @@ def _kernel(interpret: bool):
             else:
                 jitted = triton.runtime.JITFunction(_conv2d_igemm_kernel)
         if not interpret:
-            even = triton.heuristics({
-                "EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0,
-                "EVEN_N": lambda a: a["Og"] % a["BLOCK_N"] == 0})(jitted)
+            even = triton.heuristics(_EVEN)(jitted)
             jitted = triton.autotune(
                 configs=gpu_configs(),
                 key=["M", "Og", "Ktot", "Cg", "KH", "KW", "FLAT_K", "PRECISION"],
@@ -362,7 +360,7 @@ def conv2d_implicit_gemm(x: torch.Tensor, w_kxo: torch.Tensor, bias: torch.Tenso
     if interpret or fixed is not None:
         blocks, launch = fixed or (INTERPRET_CONFIG, {})
         grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(og, blocks["BLOCK_N"]), groups)
-        even = _even(cg, og, blocks)
+        even = {k: rule({"Cg": cg, "Og": og, **blocks}) for k, rule in _EVEN.items()}
         if interpret:  # the interpreter takes no launch options
             kernel[grid](*args, **meta, **even, **blocks)
         else:  # the autotuner's own jitted function, one config
