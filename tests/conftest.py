@@ -44,3 +44,10 @@ def small_roofs(monkeypatch):
 
     monkeypatch.setattr(hardware, "measure_roofs", small)
     return calls
+
+
+@pytest.fixture
+def torch_steps(monkeypatch):
+    """Turn convgap's C kernels off (``CONVGAP_NATIVE=0``), for tests of the torch paths
+    they would otherwise replace."""
+    monkeypatch.setenv("CONVGAP_NATIVE", "0")

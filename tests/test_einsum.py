@@ -880,7 +880,7 @@ def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, measured, layout):
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
-def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch):
+def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch, torch_steps):
     """A GEMM step packs its weight once for oneDNN and reuses it; an in-place change or a
     replaced factor repacks (the result follows the new weight); a step whose weight is
     new every call stops packing."""
@@ -961,7 +961,7 @@ def _programs(layer, x):
     return list(layer._plans[x.shape][2].values())
 
 
-def test_weight_only_steps_are_reused_in_inference_and_follow_changes():
+def test_weight_only_steps_are_reused_in_inference_and_follow_changes(torch_steps):
     """CP's k_h x k_w filter (the product of its two 1-D factors) is computed once in
     inference and reused while the factors are unchanged; an in-place change or a replaced
     tensor recomputes it; with gradients it is never reused."""

@@ -12,8 +12,10 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..einsum import OBJECTIVES, PathInfo, _plan
-from ..einsum.evaluate import run_plan
+from ..einsum.evaluate import _measured_fastest, reuse, run_plan
 from ..errors import ConvgapError
+from ..kernels.cpu import pdp
+from ..tracing import exporting
 from .factorizations import Family, family, rebuild
 
 __all__ = ["TensorialConv2d", "AUTO_MAC_SLACK"]
@@ -49,7 +51,10 @@ class TensorialConv2d(nn.Module):
     k_h x k_w kernel, one pass over the feature map instead of two, 1.02-1.35x faster here
     for 0.6% more MACs. (Reshaped CP's path can cost more MACs than the dense conv.)
     Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
-    ``bias`` is added after. Attributes: ``factorization``, ``ranks``, ``expression``,
+    ``bias`` is added after. In CPU float32 inference a CP layer may instead run as one
+    fused pass (:func:`convgap.kernels.cpu.pointwise_depthwise_pointwise`: its two 1x1
+    convolutions and the depthwise filter between them, the intermediates kept in cache);
+    a one-time paired measurement per input shape picks whichever is faster. Attributes: ``factorization``, ``ranks``, ``expression``,
     ``factors`` (a ParameterList in expression order).
     """
 
@@ -178,6 +183,12 @@ class TensorialConv2d(nn.Module):
         plan = self._plans.get(x.shape)
         if plan is None:  # (validates the input shape)
             plan = self._plans[x.shape] = (*self._planned(x.shape), {})
+        if self._fusable(x):
+            return self._fused_or_steps(x, plan)
+        return self._steps(x, plan)
+
+    def _steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+        """Forward as the plan's pairwise steps."""
         problem, info, programs = plan
         split = self._split
         xi = x if split is None else x.reshape(x.shape[0], *split, *x.shape[2:])
@@ -192,6 +203,48 @@ class TensorialConv2d(nn.Module):
             # and a second full-size allocation costs as much as the add here
             y = y.add_(self.bias.view(1, -1, 1, 1))
         return y
+
+    def _pads(self) -> tuple[int, int] | None:
+        """Symmetric zero padding per spatial dim, or None ('same' with an even span)."""
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding != "same":
+            return self.padding
+        spans = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        return None if any(t % 2 for t in spans) else (spans[0] // 2, spans[1] // 2)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """CP in CPU float32 inference (nothing needing gradients, no tracing), where the
+        fused kernel is available."""
+        if self.factorization != "cp" or x.device.type != "cpu" or x.dim() != 4:
+            return False
+        params = [*self.factors._parameters.values()] + ([] if self.bias is None
+                                                          else [self.bias])
+        if x.dtype != torch.float32 or any(p.dtype != torch.float32 for p in params):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                               for p in params)):
+            return False
+        return not exporting() and self._pads() is not None and pdp.available()
+
+    def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+        """The fused kernel or the steps, whichever a paired measurement on this input
+        shape and layout found faster (measured on the first call, then remembered)."""
+        store = plan[2].setdefault(("fused", x.stride()), {})
+        fa, fh, fw, fo = self.factors._parameters.values()
+        taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
+
+        def fused():
+            return pdp.run(x, fa, taps, fo, self.bias, self.stride, self._pads(),
+                           self.dilation, store)
+        use = store.get("use")
+        if use is None:
+            key = ("tensorial-fused", x.shape, x.stride(), tuple(tuple(f.shape) for f in
+                   (fa, fh, fw, fo)), self.stride, self.padding, self.dilation,
+                   self.bias is not None)
+            use = store["use"] = _measured_fastest(
+                key, (fused, lambda: self._steps(x, plan))) is fused
+        return fused() if use else self._steps(x, plan)
 
     def dense_weight(self) -> torch.Tensor:
         """The (O, S, kh, kw) kernel the factors stand for (for checks; forward never

@@ -1,0 +1,214 @@
+/* Fused pointwise -> depthwise -> pointwise convolution, fp32, NHWC, AVX-512.
+ *
+ *   u = x @ A            (1x1 conv, C -> R channels)
+ *   v = depthwise(u, D)  (kh x kw, one filter per channel, stride 1, zero padding)
+ *   y = v @ B + bias     (1x1 conv, R -> O channels)
+ *
+ * Each thread walks a contiguous range of output rows and keeps a sliding window of u rows
+ * (and one band of v rows) in its own scratch, so u and v never travel to memory: every u row
+ * is computed once per image and range. Compiled at first use by convgap.kernels.cpu.build. */
+#include <immintrin.h>
+#include <string.h>
+#include <omp.h>
+
+#define MR 6      /* rows of the GEMM register block */
+#define NV 4      /* vectors of 16 floats per packed panel (64 columns) */
+#define PANEL (16 * NV)
+
+static inline __attribute__((always_inline)) void ukr(const int mr, const int nv, int K,
+        const float *A, int lda, const float *P, float *C, int ldc, const float *bias,
+        __mmask16 last)
+{
+    __m512 acc[MR][NV];
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++)
+            acc[i][v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 b[NV];
+        for (int v = 0; v < nv; v++) b[v] = _mm512_loadu_ps(P + (long)k * nv * 16 + 16 * v);
+        for (int i = 0; i < mr; i++) {
+            __m512 a = _mm512_set1_ps(A[(long)i * lda + k]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        for (int v = 0; v < nv - 1; v++) _mm512_storeu_ps(C + (long)i * ldc + 16 * v, acc[i][v]);
+        _mm512_mask_storeu_ps(C + (long)i * ldc + 16 * (nv - 1), last, acc[i][nv - 1]);
+    }
+}
+
+typedef void (*ukr_fn)(int, const float *, int, const float *, float *, int, const float *,
+                       __mmask16);
+#define UKR(m, n) static void ukr_##m##_##n(int K, const float *A, int lda, const float *P, \
+        float *C, int ldc, const float *bias, __mmask16 last) \
+        { ukr(m, n, K, A, lda, P, C, ldc, bias, last); }
+#define UKR_ROW(m) UKR(m, 1) UKR(m, 2) UKR(m, 3) UKR(m, 4)
+UKR_ROW(1) UKR_ROW(2) UKR_ROW(3) UKR_ROW(4) UKR_ROW(5) UKR_ROW(6)
+#define ROW(m) {ukr_##m##_1, ukr_##m##_2, ukr_##m##_3, ukr_##m##_4}
+static const ukr_fn UKRS[MR][NV] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6)};
+
+/* Bytes of a packed (K x N) operand: panels of 64 columns, the last rounded up to 16. */
+long packed_floats(int K, int N) { return (long)K * ((N + 15) / 16 * 16); }
+
+/* out <- B (K x N, element (k, n) at B[k * sk + n * sn]) in panels of 64 columns, each
+ * panel K rows of its width, zeros past N. */
+void pack_b(const float *B, int K, int N, long sk, long sn, float *out)
+{
+    for (int n0 = 0; n0 < N; n0 += PANEL) {
+        int nw = N - n0 < PANEL ? N - n0 : PANEL, width = (nw + 15) / 16 * 16;
+        float *p = out + (long)n0 * K;
+        for (int k = 0; k < K; k++)
+            for (int n = 0; n < width; n++)
+                p[(long)k * width + n] = n < nw ? B[k * sk + (n0 + n) * sn] : 0.0f;
+    }
+}
+
+/* C (M x N, row stride ldc) = A (M x K, row stride lda) @ packed B (+ bias, padded to 16) */
+static void gemm(int M, int N, int K, const float *A, int lda, const float *Bp,
+                 const float *bias, float *C, int ldc)
+{
+    for (int n0 = 0; n0 < N; n0 += PANEL) {
+        int nw = N - n0 < PANEL ? N - n0 : PANEL, nv = (nw + 15) / 16;
+        __mmask16 last = (nw % 16) ? (__mmask16)((1u << (nw % 16)) - 1) : (__mmask16)0xFFFF;
+        const float *P = Bp + (long)n0 * K, *bb = bias ? bias + n0 : 0;
+        for (int m0 = 0; m0 < M; m0 += MR) {
+            int mr = M - m0 < MR ? M - m0 : MR;
+            UKRS[mr - 1][nv - 1](K, A + (long)m0 * lda, lda, P, C + (long)m0 * ldc + n0, ldc,
+                                 bb, last);
+        }
+    }
+}
+
+/* One 16-channel slice of the depthwise step: rows [0, th) of v from output rows oh.. of the
+ * u window holding input rows [ulo, ...). The slice's kh x kw taps stay in registers; taps
+ * that fall in the zero padding are skipped (checked only at the borders). */
+static inline __attribute__((always_inline)) void dw_slice(const int kh, const int kw,
+        const float *u, int ulo, int H, int W, int Rp, const float *D, int sh, int sw, int ph,
+        int pw, int dh, int dw, int oh, int th, int OW, float *v)
+{
+    __m512 d[kh * kw];
+    for (int t = 0; t < kh * kw; t++) d[t] = _mm512_loadu_ps(D + (long)t * Rp);
+    for (int r = 0; r < th; r++) {
+        const int ih0 = (oh + r) * sh - ph;
+        const int full = ih0 >= 0 && ih0 + (kh - 1) * dh < H;
+        const float *base = u + (long)(ih0 - ulo) * W * Rp;
+        float *out = v + (long)r * OW * Rp;
+        for (int ow = 0; ow < OW; ow++) {
+            __m512 acc = _mm512_setzero_ps();
+            const int iw0 = ow * sw - pw;
+            if (full && iw0 >= 0 && iw0 + (kw - 1) * dw < W) {
+                for (int i = 0; i < kh; i++)
+                    for (int j = 0; j < kw; j++)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(
+                            base + ((long)i * dh * W + iw0 + j * dw) * Rp), d[i * kw + j], acc);
+            } else {
+                for (int i = 0; i < kh; i++) {
+                    if (ih0 + i * dh < 0 || ih0 + i * dh >= H) continue;
+                    for (int j = 0; j < kw; j++) {
+                        if (iw0 + j * dw < 0 || iw0 + j * dw >= W) continue;
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(
+                            base + ((long)i * dh * W + iw0 + j * dw) * Rp), d[i * kw + j], acc);
+                    }
+                }
+            }
+            _mm512_storeu_ps(out + (long)ow * Rp, acc);
+        }
+    }
+}
+
+typedef void (*dw_fn)(const float *, int, int, int, int, const float *, int, int, int, int,
+                      int, int, int, int, int, float *);
+#define DW_FIXED(a, b) static void dw_##a##x##b(const float *u, int ulo, int H, int W, \
+        int Rp, const float *D, int sh, int sw, int ph, int pw, int dh, int dw, int oh, \
+        int th, int OW, float *v) \
+        { dw_slice(a, b, u, ulo, H, W, Rp, D, sh, sw, ph, pw, dh, dw, oh, th, OW, v); }
+DW_FIXED(3, 3) DW_FIXED(5, 5) DW_FIXED(7, 7) DW_FIXED(3, 1) DW_FIXED(1, 3)
+
+/* v = depthwise(u window), all Rp channels, 16 at a time (common filter sizes keep their
+ * taps in registers; any other size reads them from memory) */
+static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float *D,
+                      int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, int oh,
+                      int th, int OW, float *v)
+{
+    dw_fn fixed = kh == 3 && kw == 3 ? dw_3x3 : kh == 5 && kw == 5 ? dw_5x5
+                : kh == 7 && kw == 7 ? dw_7x7 : kh == 3 && kw == 1 ? dw_3x1
+                : kh == 1 && kw == 3 ? dw_1x3 : 0;
+    for (int c0 = 0; c0 < Rp; c0 += 16) {
+        const float *uc = u + c0, *Dc = D + c0;
+        float *vc = v + c0;
+        if (fixed) {
+            fixed(uc, ulo, H, W, Rp, Dc, sh, sw, ph, pw, dh, dw, oh, th, OW, vc);
+            continue;
+        }
+        for (int r = 0; r < th; r++)
+            for (int ow = 0; ow < OW; ow++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int i = 0; i < kh; i++) {
+                    int ih = (oh + r) * sh - ph + i * dh;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int j = 0; j < kw; j++) {
+                        int iw = ow * sw - pw + j * dw;
+                        if (iw < 0 || iw >= W) continue;
+                        acc = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(uc + ((long)(ih - ulo) * W + iw) * Rp),
+                            _mm512_loadu_ps(Dc + (long)(i * kw + j) * Rp), acc);
+                    }
+                }
+                _mm512_storeu_ps(vc + ((long)r * OW + ow) * Rp, acc);
+            }
+    }
+}
+
+/* Rows of the u window a band of TH output rows needs */
+static int window_rows(int TH, int kh, int sh, int dh) { return (TH - 1) * sh + (kh - 1) * dh + 1; }
+
+/* Floats of scratch one thread needs: the u window and one band of v */
+long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH)
+{
+    int Rp = (R + 15) / 16 * 16;
+    return (long)window_rows(TH, kh, sh, dh) * W * Rp + (long)TH * OW * Rp + 64;
+}
+
+/* x: (N, H, W, C) contiguous; Ap: pack_b of the (C x R) pointwise weight; D: (kh * kw) x Rp
+ * depthwise taps, Rp = R rounded up to 16 (columns past R are never read back); Bp: pack_b of
+ * the (R x O) pointwise weight; bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O)
+ * contiguous; scratch: threads x scratch_floats(...) floats, 64-byte aligned. Output rows are
+ * split evenly over the threads; each walks its rows in bands of TH. */
+void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, int R,
+                 const float *D, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
+                 const float *Bp, int O, const float *bias, float *y, int OH, int OW, int TH,
+                 float *scratch, int threads)
+{
+    const int Rp = (R + 15) / 16 * 16;
+    const long per = scratch_floats(W, R, kh, sh, dh, OW, TH);
+    const long total = (long)N * OH;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *u = scratch + per * t;
+        float *v = u + (long)window_rows(TH, kh, sh, dh) * W * Rp;
+        long g = total * t / nt, g1 = total * (t + 1) / nt;
+        int cur = -1, ulo = 0, uhi = 0;  /* the window holds input rows [ulo, uhi) of image cur */
+        while (g < g1) {
+            int n = (int)(g / OH), oh = (int)(g % OH);
+            int th = OH - oh < TH ? OH - oh : TH;
+            if (g1 - g < th) th = (int)(g1 - g);
+            int lo = oh * sh - ph, hi = (oh + th - 1) * sh - ph + (kh - 1) * dh + 1;
+            if (lo < 0) lo = 0;
+            if (hi > H) hi = H;
+            if (n != cur || uhi <= lo) { cur = n; ulo = uhi = lo; }
+            else if (lo > ulo) {
+                memmove(u, u + (long)(lo - ulo) * W * Rp, sizeof(float) * (uhi - lo) * W * Rp);
+                ulo = lo;
+            }
+            if (hi > uhi) {
+                gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, 0,
+                     u + (long)(uhi - ulo) * W * Rp, Rp);
+                uhi = hi;
+            }
+            depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
+            gemm(th * OW, O, R, v, Rp, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
+            g += th;
+        }
+    }
+}

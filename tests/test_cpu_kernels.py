@@ -1,0 +1,242 @@
+"""convgap.kernels.cpu: the fused pointwise -> depthwise -> pointwise C kernel against a
+float64 reference of the three convolutions, its errors, its weight store, its build, and
+TensorialConv2d's CP layers running on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convgap.errors import ConvgapError
+from convgap.kernels import cpu
+from convgap.kernels.cpu import build, pdp
+
+needs_kernel = pytest.mark.skipif(not cpu.available(),
+                                  reason="no AVX-512 CPU or no C compiler here")
+
+
+def reference(x, a, d, b, bias, stride, padding, dilation):
+    """The three convolutions in float64."""
+    x, a, d, b = (t.double() for t in (x, a, d, b))
+    u = F.conv2d(x, a.t()[..., None, None])
+    v = F.conv2d(u, d[:, None], None, stride, padding, dilation, groups=d.shape[0])
+    return F.conv2d(v, b[..., None, None], None if bias is None else bias.double())
+
+
+def conditioned_error(y, x, a, d, b, bias, stride, padding, dilation):
+    """max |y - ref| relative to the magnitude of the summed products (|x|, |a|, ... in
+    the same convolutions), so a small output made of large terms is judged fairly."""
+    ref = reference(x, a, d, b, bias, stride, padding, dilation)
+    mag = reference(x.abs(), a.abs(), d.abs(), b.abs(), None if bias is None else bias.abs(),
+                    stride, padding, dilation)
+    return ((y.double() - ref).abs() / mag.clamp_min(1e-30)).max().item()
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.integers(1, 40), r=st.integers(1, 70),
+       o=st.integers(1, 70), h=st.integers(1, 13), w=st.integers(1, 13),
+       kh=st.sampled_from([1, 2, 3, 5, 7]), kw=st.sampled_from([1, 3, 4, 5, 7]),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 3),
+       pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       bias=st.booleans(), channels_last=st.booleans())
+def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
+                                            bias, channels_last):
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, d, b = torch.randn(c, r), torch.randn(r, kh, kw), torch.randn(o, r)
+    bb = torch.randn(o) if bias else None
+    args = ((sh, sw), (ph, pw), (dh, dw))
+    if out_h < 1 or out_w < 1:
+        with pytest.raises(ConvgapError, match="does not fit"):
+            cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args)
+        return
+    with torch.no_grad():
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args)
+    assert y.shape == (n, o, out_h, out_w)
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    assert y.is_contiguous(memory_format=fmt)  # the input's memory format
+    assert conditioned_error(y, x, a, d, b, bb, *args) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_pdp_any_thread_count_gives_the_same_result(threads):
+    """Each thread starts its own window of the first intermediate mid-image (rows split
+    across threads recompute their halo): every split gives the reference result."""
+    x = torch.randn(2, 24, 11, 9).contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(24, 20), torch.randn(20, 3, 3), torch.randn(30, 20), \
+        torch.randn(30)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5
+
+
+@needs_kernel
+def test_pdp_store_keeps_packed_weights_and_follows_changes(monkeypatch):
+    packs = []
+    real = pdp._prepare
+    monkeypatch.setattr(pdp, "_prepare", lambda *args: packs.append(1) or real(*args))
+    x = torch.randn(1, 8, 6, 6)
+    a, d, b = torch.randn(8, 5), torch.randn(5, 3, 3), torch.randn(7, 5)
+    store: dict = {}
+
+    def call():
+        with torch.no_grad():
+            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, None, 1, 1, 1, store)
+        assert conditioned_error(y, x, a, d, b, None, 1, 1, 1) < 1e-5
+    call()
+    call()
+    assert len(packs) == 1  # packed once, then reused
+    a.mul_(-2.0)  # in place: the version counter moves
+    call()
+    assert len(packs) == 2
+    b = torch.randn(7, 5)  # a different tensor
+    call()
+    assert len(packs) == 3
+
+
+@needs_kernel
+def test_pdp_rejects_bad_inputs():
+    x = torch.randn(1, 8, 6, 6)
+    a, d, b = torch.randn(8, 5), torch.randn(5, 3, 3), torch.randn(7, 5)
+    f = cpu.pointwise_depthwise_pointwise
+    with pytest.raises(ConvgapError, match="float32"):
+        f(x.double(), a, d, b)
+    with pytest.raises(ConvgapError, match="channel counts"):
+        f(x, torch.randn(9, 5), d, b)
+    with pytest.raises(ConvgapError, match="channel counts"):
+        f(x, a, torch.randn(4, 3, 3), b)
+    with pytest.raises(ConvgapError, match="expected x"):
+        f(x[0], a, d, b)
+    with pytest.raises(ConvgapError, match="bias"):
+        f(x, a, d, b, torch.randn(6))
+    with pytest.raises(ConvgapError, match="no backward"):
+        f(x, a.requires_grad_(), d, b)
+    with pytest.raises(ConvgapError, match="does not fit"):
+        f(x, a.detach(), torch.randn(5, 9, 3), b)
+
+
+def test_native_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("CONVGAP_NATIVE", "0")
+    assert not cpu.available()
+    assert build.library("pdp") is None
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu.pointwise_depthwise_pointwise(torch.randn(1, 2, 3, 3), torch.randn(2, 2),
+                                          torch.randn(2, 1, 1), torch.randn(2, 2))
+
+
+@pytest.mark.skipif(not build.avx512(), reason="the kernels are only built on AVX-512 CPUs")
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setenv("CC", "false")  # a 'compiler' that always fails
+    with pytest.warns(build.NativeKernelWarning, match="unavailable"):
+        assert build.library("pdp") is None
+    assert build.library("pdp") is None  # remembered: no second build, no second warning
+
+
+@needs_kernel
+def test_built_library_is_reused_from_the_cache(monkeypatch):
+    """A second process (here: an emptied in-process table) loads the built file instead of
+    compiling again."""
+    monkeypatch.setattr(build, "_LOADED", {})
+    assert build.library("pdp") is not None  # built into this test's cache
+    monkeypatch.setattr(build, "_LOADED", {})
+    runs = []
+    real = build.subprocess.run
+    monkeypatch.setattr(build.subprocess, "run",
+                        lambda cmd, **kw: runs.append(cmd) or real(cmd, **kw))
+    assert build.library("pdp") is not None
+    assert not [c for c in runs if "-o" in c]  # only `cc --version`, no compile
+
+
+# --- TensorialConv2d's CP layers on the kernel ---
+
+def _cp_layer(stride=1, padding=1, dilation=1, bias=True):
+    from convgap import TensorialConv2d
+    return TensorialConv2d(12, 10, 3, "cp", rank=9, stride=stride, padding=padding,
+                           dilation=dilation, bias=bias).eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, "same", 2),
+                                                     (1, "valid", 1), (2, 0, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cp_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, stride, padding,
+                                                            dilation, channels_last):
+    from convgap.layers import tensorial
+    calls = []
+    real = pdp.run
+    monkeypatch.setattr(pdp, "run", lambda *a: calls.append(1) or real(*a))
+    # take the fused kernel whatever the measurement says
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    layer = _cp_layer(stride, padding, dilation)
+    x = torch.randn(2, 12, 9, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pad = {"same": dilation, "valid": 0}.get(padding, padding)
+    with torch.no_grad():
+        y = layer(x)
+        ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
+                       stride, pad, dilation)
+    assert calls  # it ran fused
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    with torch.no_grad():  # a changed factor: the next call follows it
+        layer.factors[1].mul_(0.5)
+        y2 = layer(x)
+        ref2 = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
+                        stride, pad, dilation)
+    assert ((y2.double() - ref2).abs().max() / ref2.abs().max()).item() < 1e-5
+
+
+@needs_kernel
+def test_cp_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch):
+    from convgap.layers import tensorial
+    calls = []
+    real = pdp.run
+    monkeypatch.setattr(pdp, "run", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    layer = _cp_layer()
+    x = torch.randn(2, 12, 9, 8, requires_grad=True)
+    layer(x).sum().backward()  # autograd: the torch steps
+    assert not calls and x.grad is not None and layer.factors[0].grad is not None
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x.detach(), check_trace=False)
+    assert not calls
+    with torch.no_grad():
+        assert torch.allclose(traced(x), layer(x), atol=1e-5)
+    assert calls  # plain inference does take it
+    layer.double()
+    calls.clear()
+    with torch.no_grad():
+        layer(x.double())
+    assert not calls  # float64: the torch steps
+
+
+@needs_kernel
+def test_cp_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
+    from convgap.layers import tensorial
+    seen = []
+    real = tensorial._measured_fastest
+    monkeypatch.setattr(tensorial, "_measured_fastest",
+                        lambda key, fns: seen.append(key) or real(key, fns))
+    layer = _cp_layer()
+    x = torch.randn(2, 12, 9, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        layer(torch.randn(1, 12, 9, 8))
+    assert len(seen) == 2
