@@ -1,6 +1,7 @@
-"""convgap.kernels.cpu: the fused pointwise -> depthwise -> pointwise C kernel against a
-float64 reference of the three convolutions, its errors, its weight store, its build, and
-TensorialConv2d's CP layers running on it."""
+"""convgap.kernels.cpu: the fused C kernels (pointwise -> depthwise -> pointwise; pointwise ->
+conv (-> conv along rows) -> pointwise) against float64 references of the convolutions they
+replace, their errors, their weight stores, their build, and TensorialConv2d's CP, Tucker and
+TT layers running on them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from convgap.errors import ConvgapError
 from convgap.kernels import cpu
-from convgap.kernels.cpu import build, pdp
+from convgap.kernels.cpu import build, pcp, pdp
 
 needs_kernel = pytest.mark.skipif(not cpu.available(),
                                   reason="no AVX-512 CPU or no C compiler here")
@@ -63,6 +64,74 @@ def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     assert y.is_contiguous(memory_format=fmt)  # the input's memory format
     assert conditioned_error(y, x, a, d, b, bb, *args) < 1e-5
+
+
+def pcp_reference(x, a, k1, b, bias, stride, padding, dilation, k2, second):
+    x, a, k1, b = (t.double() for t in (x, a, k1, b))
+    v = F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1, None, stride, padding, dilation)
+    if k2 is not None:
+        s2, p2, d2 = second
+        v = F.conv2d(v, k2.double(), None, (1, s2), (0, p2), (1, d2))
+    return F.conv2d(v, b[..., None, None], None if bias is None else bias.double())
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.integers(1, 40), r1=st.integers(1, 40),
+       r2=st.integers(1, 40), r3=st.integers(1, 40), o=st.integers(1, 70),
+       h=st.integers(1, 12), w=st.integers(1, 12), kh=st.sampled_from([1, 2, 3, 5]),
+       kw=st.sampled_from([1, 3, 4]), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       ph=st.integers(0, 3), pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       kw2=st.sampled_from([0, 1, 3, 5]), s2=st.integers(1, 2), p2=st.integers(0, 2),
+       d2=st.integers(1, 2), bias=st.booleans(), channels_last=st.booleans())
+def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw, ph, pw, dh,
+                                      dw, kw2, s2, p2, d2, bias, channels_last):
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, k1 = torch.randn(c, r1), torch.randn(r2, r1, kh, kw)
+    k2 = torch.randn(r3, r2, 1, kw2) if kw2 else None
+    b = torch.randn(o, r3 if kw2 else r2)
+    bb = torch.randn(o) if bias else None
+    args = ((sh, sw), (ph, pw), (dh, dw), k2, (s2, p2, d2))
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w1 = out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if kw2:
+        out_w = (w1 + 2 * p2 - d2 * (kw2 - 1) - 1) // s2 + 1
+    if out_h < 1 or w1 < 1 or out_w < 1:
+        with pytest.raises(ConvgapError, match="do not fit"):
+            pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4])
+        return
+    with torch.no_grad():
+        y = pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4])
+    ref = pcp_reference(x, a, k1, b, bb, *args)
+    mag = pcp_reference(x.abs(), a.abs(), k1.abs(), b.abs(), None if bb is None else bb.abs(),
+                        *args[:3], None if k2 is None else k2.abs(), args[4])
+    assert y.shape == ref.shape
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    assert y.is_contiguous(memory_format=fmt)
+    assert ((y.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
+
+
+@needs_kernel
+def test_pcp_rejects_bad_inputs():
+    x = torch.randn(1, 8, 6, 6)
+    a, k1, b = torch.randn(8, 5), torch.randn(4, 5, 3, 3), torch.randn(7, 4)
+    f = pcp.pointwise_conv_pointwise
+    with pytest.raises(ConvgapError, match="float32"):
+        f(x, a.double(), k1, b)
+    with pytest.raises(ConvgapError, match="channel counts"):
+        f(x, a, torch.randn(4, 6, 3, 3), b)
+    with pytest.raises(ConvgapError, match="channel counts"):
+        f(x, a, k1, b, k2=torch.randn(3, 5, 1, 3))
+    with pytest.raises(ConvgapError, match="along rows only"):
+        f(x, a, k1, torch.randn(7, 3), k2=torch.randn(3, 4, 2, 3))
+    with pytest.raises(ConvgapError, match="expected x"):
+        f(x, a, k1[0], b)
+    with pytest.raises(ConvgapError, match="bias"):
+        f(x, a, k1, b, torch.randn(3))
+    with pytest.raises(ConvgapError, match="no backward"):
+        f(x.requires_grad_(), a, k1, b)
 
 
 @needs_kernel
@@ -161,31 +230,41 @@ def test_built_library_is_reused_from_the_cache(monkeypatch):
     assert not [c for c in runs if "-o" in c]  # only `cc --version`, no compile
 
 
-# --- TensorialConv2d's CP layers on the kernel ---
+# --- TensorialConv2d's layers on the kernels ---
 
-def _cp_layer(stride=1, padding=1, dilation=1, bias=True):
+RANKS = {"cp": 9, "tucker": (7, 5), "tt": (6, 5, 7)}
+
+
+def _layer(family="cp", stride=1, padding=1, dilation=1, bias=True):
     from convgap import TensorialConv2d
-    return TensorialConv2d(12, 10, 3, "cp", rank=9, stride=stride, padding=padding,
-                           dilation=dilation, bias=bias).eval()
+    return TensorialConv2d(12, 10, 3, family, rank=RANKS[family], stride=stride,
+                           padding=padding, dilation=dilation, bias=bias).eval()
+
+
+def _count_runs(monkeypatch) -> list:
+    calls = []
+    for mod in (pdp, pcp):
+        real = mod.run
+        monkeypatch.setattr(mod, "run", lambda *a, real=real: calls.append(1) or real(*a))
+    return calls
 
 
 @needs_kernel
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, "same", 2),
-                                                     (1, "valid", 1), (2, 0, 1)])
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, "same", (2, 1)),
+                                                     (1, "valid", 1), ((2, 1), (0, 2), 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cp_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, stride, padding,
-                                                            dilation, channels_last):
+def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, stride,
+                                                         padding, dilation, channels_last):
     from convgap.layers import tensorial
-    calls = []
-    real = pdp.run
-    monkeypatch.setattr(pdp, "run", lambda *a: calls.append(1) or real(*a))
+    calls = _count_runs(monkeypatch)
     # take the fused kernel whatever the measurement says
     monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
-    layer = _cp_layer(stride, padding, dilation)
+    layer = _layer(family, stride, padding, dilation)
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    pad = {"same": dilation, "valid": 0}.get(padding, padding)
+    pad = {"same": dilation, "valid": 0}[padding] if isinstance(padding, str) else padding
     with torch.no_grad():
         y = layer(x)
         ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
@@ -203,13 +282,12 @@ def test_cp_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, stride,
 
 
 @needs_kernel
-def test_cp_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch):
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt"])
+def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch, family):
     from convgap.layers import tensorial
-    calls = []
-    real = pdp.run
-    monkeypatch.setattr(pdp, "run", lambda *a: calls.append(1) or real(*a))
+    calls = _count_runs(monkeypatch)
     monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
-    layer = _cp_layer()
+    layer = _layer(family)
     x = torch.randn(2, 12, 9, 8, requires_grad=True)
     layer(x).sum().backward()  # autograd: the torch steps
     assert not calls and x.grad is not None and layer.factors[0].grad is not None
@@ -227,16 +305,28 @@ def test_cp_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeyp
 
 
 @needs_kernel
-def test_cp_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
+def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
     from convgap.layers import tensorial
     seen = []
     real = tensorial._measured_fastest
     monkeypatch.setattr(tensorial, "_measured_fastest",
                         lambda key, fns: seen.append(key) or real(key, fns))
-    layer = _cp_layer()
+    layer = _layer()
     x = torch.randn(2, 12, 9, 8)
     with torch.no_grad():
         for _ in range(3):
             layer(x)
         layer(torch.randn(1, 12, 9, 8))
     assert len(seen) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["tr", "rcp"])
+def test_families_without_a_fused_kernel_run_the_steps(monkeypatch, family):
+    from convgap import TensorialConv2d
+    calls = _count_runs(monkeypatch)
+    layer = TensorialConv2d(12, 12, 3, family, rank=2 if family == "rcp" else (2, 3, 2, 3),
+                            padding=1).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 12, 6, 6))
+    assert not calls

@@ -859,7 +859,7 @@ def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
 
 @pytest.mark.parametrize("measured", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, measured, layout):
+def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, torch_steps, measured, layout):
     """A step that convolves two spatial modes runs on oneDNN's convolution or on
     F.conv2d, whichever measured faster for its shapes; both agree with the dense conv."""
     from convgap import TensorialConv2d
@@ -929,7 +929,7 @@ def _matches_dense(layer, x, tol=1e-5):
     return ((y - ref).abs().max() / ref.abs().max()).item() < tol
 
 
-def test_packed_conv_weight_follows_changes(monkeypatch):
+def test_packed_conv_weight_follows_changes(monkeypatch, torch_steps):
     """A 2-D conv step on oneDNN blocks its weight once for the input shape and reuses it;
     an in-place change or a replaced tensor re-blocks (the result follows)."""
     from convgap import TensorialConv2d

@@ -12,10 +12,10 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..einsum import OBJECTIVES, PathInfo, _plan
-from ..einsum.evaluate import _measured_fastest, reuse, run_plan
+from ..einsum.evaluate import _measured_fastest, run_plan
 from ..errors import ConvgapError
-from ..kernels.cpu import pdp
 from ..tracing import exporting
+from . import fused
 from .factorizations import Family, family, rebuild
 
 __all__ = ["TensorialConv2d", "AUTO_MAC_SLACK"]
@@ -51,10 +51,10 @@ class TensorialConv2d(nn.Module):
     k_h x k_w kernel, one pass over the feature map instead of two, 1.02-1.35x faster here
     for 0.6% more MACs. (Reshaped CP's path can cost more MACs than the dense conv.)
     Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
-    ``bias`` is added after. In CPU float32 inference a CP layer may instead run as one
-    fused pass (:func:`convgap.kernels.cpu.pointwise_depthwise_pointwise`: its two 1x1
-    convolutions and the depthwise filter between them, the intermediates kept in cache);
-    a one-time paired measurement per input shape picks whichever is faster. Attributes: ``factorization``, ``ranks``, ``expression``,
+    ``bias`` is added after. In CPU float32 inference a CP, Tucker or TT layer may instead
+    run as one fused pass (:mod:`convgap.layers.fused`: its 1x1 convolutions and the
+    filters between them in one C kernel, the intermediates kept in cache); a one-time
+    paired measurement per input shape and layout picks whichever is faster. Attributes: ``factorization``, ``ranks``, ``expression``,
     ``factors`` (a ParameterList in expression order).
     """
 
@@ -214,9 +214,10 @@ class TensorialConv2d(nn.Module):
         return None if any(t % 2 for t in spans) else (spans[0] // 2, spans[1] // 2)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """CP in CPU float32 inference (nothing needing gradients, no tracing), where the
-        fused kernel is available."""
-        if self.factorization != "cp" or x.device.type != "cpu" or x.dim() != 4:
+        """A family with a fused kernel, in CPU float32 inference (nothing needing
+        gradients, no tracing), where the kernel is built."""
+        if self.factorization not in fused.FUSED_FAMILIES or x.device.type != "cpu" or \
+                x.dim() != 4:
             return False
         params = [*self.factors._parameters.values()] + ([] if self.bias is None
                                                           else [self.bias])
@@ -225,26 +226,24 @@ class TensorialConv2d(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                                for p in params)):
             return False
-        return not exporting() and self._pads() is not None and pdp.available()
+        return not exporting() and self._pads() is not None and \
+            fused.available(self.factorization)
 
     def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """The fused kernel or the steps, whichever a paired measurement on this input
         shape and layout found faster (measured on the first call, then remembered)."""
         store = plan[2].setdefault(("fused", x.stride()), {})
-        fa, fh, fw, fo = self.factors._parameters.values()
-        taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
-
-        def fused():
-            return pdp.run(x, fa, taps, fo, self.bias, self.stride, self._pads(),
-                           self.dilation, store)
+        factors = list(self.factors._parameters.values())
+        run = fused.fused_call(self.factorization, x, factors, self.bias, self.stride,
+                               self._pads(), self.dilation, store)
         use = store.get("use")
         if use is None:
-            key = ("tensorial-fused", x.shape, x.stride(), tuple(tuple(f.shape) for f in
-                   (fa, fh, fw, fo)), self.stride, self.padding, self.dilation,
-                   self.bias is not None)
+            key = ("tensorial-fused", self.factorization, x.shape, x.stride(),
+                   tuple(tuple(f.shape) for f in factors), self.stride, self.padding,
+                   self.dilation, self.bias is not None)
             use = store["use"] = _measured_fastest(
-                key, (fused, lambda: self._steps(x, plan))) is fused
-        return fused() if use else self._steps(x, plan)
+                key, (run, lambda: self._steps(x, plan))) is run
+        return run() if use else self._steps(x, plan)
 
     def dense_weight(self) -> torch.Tensor:
         """The (O, S, kh, kw) kernel the factors stand for (for checks; forward never

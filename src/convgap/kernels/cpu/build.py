@@ -1,10 +1,10 @@
 """Compiling and loading the C kernels next to this file.
 
-A kernel is one C file (``<name>.c``). Its first use in a process compiles it with the
-system C compiler (``$CC``, default ``cc``) at ``-O3 -march=native -fopenmp`` into
-``<convgap cache>/kernels/<name>-<hash>.so`` (the hash covers the source, the flags, the
-compiler's version and this CPU's model and feature flags, so a new CPU or compiler builds
-anew) and loads it with ctypes; later processes load the built file. Loaded after torch,
+A kernel is one C file (``<name>.c``, which may include the headers beside it). Its first
+use in a process compiles it with the system C compiler (``$CC``, default ``cc``) at
+``-O3 -march=native -fopenmp`` into ``<convgap cache>/kernels/<name>-<hash>.so`` (the hash
+covers the sources, the flags, the compiler's version and this CPU's model and feature
+flags, so a new CPU or compiler builds anew) and loads it with ctypes; later processes load the built file. Loaded after torch,
 the library shares torch's OpenMP runtime (the same ``libgomp.so.1``), so its threads are
 torch's intra-op threads.
 
@@ -69,8 +69,9 @@ def _build(name: str) -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
+    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
     digest = hashlib.sha256("\0".join(
-        [src.read_text(), " ".join(FLAGS), _compiler_version(cc), _cpu_identity()]
+        [src.read_text(), *headers, " ".join(FLAGS), _compiler_version(cc), _cpu_identity()]
     ).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{name}-{digest}.so"

@@ -7,77 +7,10 @@
  * Each thread walks a contiguous range of output rows and keeps a sliding window of u rows
  * (and one band of v rows) in its own scratch, so u and v never travel to memory: every u row
  * is computed once per image and range. Compiled at first use by convgap.kernels.cpu.build. */
-#include <immintrin.h>
 #include <string.h>
 #include <omp.h>
 
-#define MR 6      /* rows of the GEMM register block */
-#define NV 4      /* vectors of 16 floats per packed panel (64 columns) */
-#define PANEL (16 * NV)
-
-static inline __attribute__((always_inline)) void ukr(const int mr, const int nv, int K,
-        const float *A, int lda, const float *P, float *C, int ldc, const float *bias,
-        __mmask16 last)
-{
-    __m512 acc[MR][NV];
-    for (int i = 0; i < mr; i++)
-        for (int v = 0; v < nv; v++)
-            acc[i][v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
-    for (int k = 0; k < K; k++) {
-        __m512 b[NV];
-        for (int v = 0; v < nv; v++) b[v] = _mm512_loadu_ps(P + (long)k * nv * 16 + 16 * v);
-        for (int i = 0; i < mr; i++) {
-            __m512 a = _mm512_set1_ps(A[(long)i * lda + k]);
-            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
-        }
-    }
-    for (int i = 0; i < mr; i++) {
-        for (int v = 0; v < nv - 1; v++) _mm512_storeu_ps(C + (long)i * ldc + 16 * v, acc[i][v]);
-        _mm512_mask_storeu_ps(C + (long)i * ldc + 16 * (nv - 1), last, acc[i][nv - 1]);
-    }
-}
-
-typedef void (*ukr_fn)(int, const float *, int, const float *, float *, int, const float *,
-                       __mmask16);
-#define UKR(m, n) static void ukr_##m##_##n(int K, const float *A, int lda, const float *P, \
-        float *C, int ldc, const float *bias, __mmask16 last) \
-        { ukr(m, n, K, A, lda, P, C, ldc, bias, last); }
-#define UKR_ROW(m) UKR(m, 1) UKR(m, 2) UKR(m, 3) UKR(m, 4)
-UKR_ROW(1) UKR_ROW(2) UKR_ROW(3) UKR_ROW(4) UKR_ROW(5) UKR_ROW(6)
-#define ROW(m) {ukr_##m##_1, ukr_##m##_2, ukr_##m##_3, ukr_##m##_4}
-static const ukr_fn UKRS[MR][NV] = {ROW(1), ROW(2), ROW(3), ROW(4), ROW(5), ROW(6)};
-
-/* Bytes of a packed (K x N) operand: panels of 64 columns, the last rounded up to 16. */
-long packed_floats(int K, int N) { return (long)K * ((N + 15) / 16 * 16); }
-
-/* out <- B (K x N, element (k, n) at B[k * sk + n * sn]) in panels of 64 columns, each
- * panel K rows of its width, zeros past N. */
-void pack_b(const float *B, int K, int N, long sk, long sn, float *out)
-{
-    for (int n0 = 0; n0 < N; n0 += PANEL) {
-        int nw = N - n0 < PANEL ? N - n0 : PANEL, width = (nw + 15) / 16 * 16;
-        float *p = out + (long)n0 * K;
-        for (int k = 0; k < K; k++)
-            for (int n = 0; n < width; n++)
-                p[(long)k * width + n] = n < nw ? B[k * sk + (n0 + n) * sn] : 0.0f;
-    }
-}
-
-/* C (M x N, row stride ldc) = A (M x K, row stride lda) @ packed B (+ bias, padded to 16) */
-static void gemm(int M, int N, int K, const float *A, int lda, const float *Bp,
-                 const float *bias, float *C, int ldc)
-{
-    for (int n0 = 0; n0 < N; n0 += PANEL) {
-        int nw = N - n0 < PANEL ? N - n0 : PANEL, nv = (nw + 15) / 16;
-        __mmask16 last = (nw % 16) ? (__mmask16)((1u << (nw % 16)) - 1) : (__mmask16)0xFFFF;
-        const float *P = Bp + (long)n0 * K, *bb = bias ? bias + n0 : 0;
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            int mr = M - m0 < MR ? M - m0 : MR;
-            UKRS[mr - 1][nv - 1](K, A + (long)m0 * lda, lda, P, C + (long)m0 * ldc + n0, ldc,
-                                 bb, last);
-        }
-    }
-}
+#include "gemm.h"
 
 /* One 16-channel slice of the depthwise step: rows [0, th) of v from output rows oh.. of the
  * u window holding input rows [ulo, ...). The slice's kh x kw taps stay in registers; taps

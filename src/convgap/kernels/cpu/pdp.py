@@ -10,33 +10,27 @@ intermediate and its band of the second in cache. Float32, CPU, inference (no au
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
 
 import torch
 from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
-from .build import library
+from .common import (BAND_PIXELS, I, P, check_tensors, nhwc, out_size, output, pack, padded,
+                     round16, scratch, typed_library)
 
-__all__ = ["available", "pointwise_depthwise_pointwise", "run", "BAND_PIXELS"]
+__all__ = ["available", "pointwise_depthwise_pointwise", "run"]
 
-BAND_PIXELS = 96  # output pixels per band: rows of the second GEMM per call of its loop
-_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.scratch_floats.restype = ctypes.c_long
+    lib.scratch_floats.argtypes = [I] * 7
+    lib.pdp_forward.argtypes = [P, I, I, I, I, P, I, P, I, I, I, I, I, I, I, I, P, I, P, P, I,
+                                I, I, P, I]
+    lib.pdp_forward.restype = None
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = library("pdp")
-    if lib is not None and not getattr(lib, "_typed", False):
-        lib.packed_floats.restype = _L
-        lib.packed_floats.argtypes = [_I, _I]
-        lib.scratch_floats.restype = _L
-        lib.scratch_floats.argtypes = [_I] * 7
-        lib.pack_b.argtypes = [_P, _I, _I, _L, _L, _P]
-        lib.pdp_forward.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, _I,
-                                    _I, _I, _P, _I, _P, _P, _I, _I, _I, _P, _I]
-        lib.pdp_forward.restype = None
-        lib._typed = True
-    return lib
+    return typed_library("pdp", _declare)
 
 
 def available() -> bool:
@@ -45,40 +39,16 @@ def available() -> bool:
     return _lib() is not None
 
 
-def _pack(lib, w: torch.Tensor) -> torch.Tensor:
-    """A (K, N) weight (any strides) in the kernel's panel layout."""
-    k, n = w.shape
-    out = torch.empty(lib.packed_floats(k, n), dtype=torch.float32)
-    lib.pack_b(w.data_ptr(), k, n, w.stride(0), w.stride(1), out.data_ptr())
-    return out
-
-
-def _round16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
 def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
              bias: torch.Tensor | None) -> tuple:
     r = a.shape[1]
-    taps = torch.zeros(d.shape[1] * d.shape[2], _round16(r), dtype=torch.float32)
-    taps[:, :r] = d.reshape(r, -1).t()
-    padded = None
-    if bias is not None:
-        padded = torch.zeros(_round16(b.shape[0]), dtype=torch.float32)
-        padded[:b.shape[0]] = bias
-    return _pack(lib, a), taps, _pack(lib, b.t()), padded
+    taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
+    taps[:, :r] = d.detach().reshape(r, -1).t()
+    return pack(lib, a), taps, pack(lib, b.t()), padded(bias)
 
 
 def _check(x, a, d, b, bias) -> None:
-    for name, t in (("x", x), ("a", a), ("d", d), ("b", b), ("bias", bias)):
-        if t is None:
-            continue
-        if t.device.type != "cpu" or t.dtype != torch.float32:
-            raise ConvgapError(f"pointwise_depthwise_pointwise runs float32 CPU tensors; "
-                               f"{name} is {t.dtype} on {t.device}")
-        if torch.is_grad_enabled() and t.requires_grad:
-            raise ConvgapError("pointwise_depthwise_pointwise has no backward: call it "
-                               "under torch.no_grad() (or use the layer's torch path)")
+    check_tensors("pointwise_depthwise_pointwise", x=x, a=a, d=d, b=b, bias=bias)
     if x.dim() != 4 or a.dim() != 2 or d.dim() != 3 or b.dim() != 2:
         raise ConvgapError(f"expected x (N, C, H, W), a (C, R), d (R, kh, kw), b (O, R); got "
                            f"{tuple(x.shape)}, {tuple(a.shape)}, {tuple(d.shape)}, "
@@ -120,8 +90,7 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
     """(integer arguments of pdp_forward, output shape, scratch floats per thread)"""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c, h, w = x.shape
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
     if oh < 1 or ow < 1:
         raise ConvgapError(f"a {kh}x{kw} filter with padding {(ph, pw)} and dilation "
                            f"{(dh, dw)} does not fit a {h}x{w} input")
@@ -148,17 +117,13 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     weights = (a, d, b) if bias is None else (a, d, b, bias)
     pa, taps, pb, pbias = reuse(store, "weights", weights,
                                 lambda: _prepare(lib, a, d, b, bias))
-    nhwc = x.is_contiguous(memory_format=torch.channels_last)
-    xh = x if nhwc else x.contiguous(memory_format=torch.channels_last)
-    nchw_out = not nhwc or x.is_contiguous()  # (both, for 1 channel or 1 pixel: NCHW)
     threads = torch.get_num_threads()
-    scratch = store.get("scratch")
-    if scratch is None or scratch.numel() < threads * per:
-        scratch = store["scratch"] = torch.empty(threads * per, dtype=torch.float32)
-    y = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
+    buf = scratch(store, threads * per)
+    y, finish = output(x, out_shape)
+    xh = nhwc(x)  # held here: a copy must outlive the call
     n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band = ints
-    lib.pdp_forward(xh.data_ptr(), n, h, w, c, pa.data_ptr(), r, taps.data_ptr(), kh, kw, sh,
-                    sw, ph, pw, dh, dw, pb.data_ptr(), o,
+    lib.pdp_forward(xh.data_ptr(), n, h, w, c, pa.data_ptr(), r, taps.data_ptr(), kh, kw,
+                    sh, sw, ph, pw, dh, dw, pb.data_ptr(), o,
                     None if pbias is None else pbias.data_ptr(), y.data_ptr(), oh, ow, band,
-                    scratch.data_ptr(), threads)
-    return y.contiguous() if nchw_out else y
+                    buf.data_ptr(), threads)
+    return finish(y)

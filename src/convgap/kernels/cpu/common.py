@@ -1,0 +1,96 @@
+"""What the fused-convolution wrappers share: loading a kernel with its ctypes signatures,
+packing weights into the GEMM core's panel layout (gemm.h), the bias and scratch buffers,
+the checks on their arguments, and the NHWC in / input's layout out rule."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+
+from ...errors import ConvgapError
+from .build import library
+
+__all__ = ["P", "I", "L", "typed_library", "pack", "padded", "round16", "scratch",
+           "check_tensors", "nhwc", "output", "out_size", "BAND_PIXELS"]
+
+BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
+P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+def typed_library(name: str, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """Kernel ``name`` with gemm.h's exports and ``declare``'s signatures set, or None."""
+    lib = library(name)
+    if lib is not None and not getattr(lib, "_typed", False):
+        lib.packed_floats.restype = L
+        lib.packed_floats.argtypes = [I, I, I]
+        lib.pack_b.argtypes = [P, I, I, I, L, L, L, P]
+        declare(lib)
+        lib._typed = True
+    return lib
+
+
+def round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def pack(lib, w: torch.Tensor) -> torch.Tensor:
+    """A (K, N) or (taps, K, N) weight (any strides) in the GEMM core's panel layout."""
+    w = w.detach()
+    if w.dim() == 2:
+        w = w[None]
+    t, k, n = w.shape
+    out = torch.empty(lib.packed_floats(t, k, n), dtype=torch.float32)
+    lib.pack_b(w.data_ptr(), t, k, n, w.stride(0), w.stride(1), w.stride(2), out.data_ptr())
+    return out
+
+
+def padded(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias zero-padded to a multiple of 16 floats (the kernels read whole vectors)."""
+    if bias is None:
+        return None
+    out = torch.zeros(round16(bias.shape[0]), dtype=torch.float32)
+    out[:bias.shape[0]] = bias.detach()
+    return out
+
+
+def scratch(store: dict, floats: int) -> torch.Tensor:
+    """A float buffer of at least ``floats``, kept in ``store`` across calls."""
+    buf = store.get("scratch")
+    if buf is None or buf.numel() < floats:
+        buf = store["scratch"] = torch.empty(floats, dtype=torch.float32)
+    return buf
+
+
+def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
+    """Float32 CPU tensors, none needing gradients."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ConvgapError(f"{fn} runs float32 CPU tensors; {name} is {t.dtype} on "
+                               f"{t.device}")
+        if torch.is_grad_enabled() and t.requires_grad:
+            raise ConvgapError(f"{fn} has no backward: call it under torch.no_grad() (or "
+                               f"use the layer's torch path)")
+
+
+def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """x with NHWC memory: itself if channels_last, else a channels_last copy (hold it in
+    a variable while a kernel reads its data pointer)."""
+    return x if x.is_contiguous(memory_format=torch.channels_last) else \
+        x.contiguous(memory_format=torch.channels_last)
+
+
+def output(x: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, Callable]:
+    """(an NHWC result buffer of ``shape``, the function giving it in x's memory format:
+    channels_last where x is channels_last and not also NCHW-contiguous, as with one
+    channel; else NCHW)."""
+    y = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+    keep = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return y, (lambda t: t) if keep else (lambda t: t.contiguous())

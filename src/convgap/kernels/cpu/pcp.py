@@ -1,0 +1,139 @@
+"""Pointwise -> convolution (-> convolution along rows) -> pointwise in one pass (C kernel
+``pcp.c``): the shape of Tucker-2 (1x1, k x k core, 1x1) and tensor-train (1x1, k x 1, 1 x k,
+1x1) factorized convolutions.
+
+Each thread walks bands of output rows over a zero-padded window of the first 1x1 conv's
+output, and runs each convolution as an implicit GEMM over that window, so the intermediates
+stay in cache and each step runs on full vector blocks. Float32, CPU, inference (no
+autograd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch.nn.modules.utils import _pair
+
+from ...errors import ConvgapError
+from .common import (BAND_PIXELS, I, P, check_tensors, nhwc, out_size, output, pack, padded,
+                     scratch, typed_library)
+
+__all__ = ["available", "pointwise_conv_pointwise", "run"]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.scratch_floats.restype = ctypes.c_long
+    lib.scratch_floats.argtypes = [P]
+    lib.pcp_forward.argtypes = [P, P, P, P, P, P, P, P, P, I]
+    lib.pcp_forward.restype = None
+
+
+def _lib() -> ctypes.CDLL | None:
+    return typed_library("pcp", _declare)
+
+
+def available() -> bool:
+    """True where the C kernel is built and loadable (x86-64 with AVX-512, a C compiler,
+    ``CONVGAP_NATIVE`` not 0)."""
+    return _lib() is not None
+
+
+def _check(x, a, k1, b, bias, k2) -> None:
+    check_tensors("pointwise_conv_pointwise", x=x, a=a, k1=k1, b=b, bias=bias, k2=k2)
+    if x.dim() != 4 or a.dim() != 2 or k1.dim() != 4 or b.dim() != 2 or \
+            (k2 is not None and k2.dim() != 4):
+        raise ConvgapError("expected x (N, C, H, W), a (C, R1), k1 (R2, R1, kh, kw), k2 None "
+                           "or (R3, R2, 1, kw), b (O, R3)")
+    r3 = k1.shape[0] if k2 is None else k2.shape[0]
+    if x.shape[1] != a.shape[0] or k1.shape[1] != a.shape[1] or b.shape[1] != r3 or \
+            (k2 is not None and k2.shape[1] != k1.shape[0]):
+        raise ConvgapError(f"channel counts disagree: x has {x.shape[1]}, a is "
+                           f"{tuple(a.shape)}, k1 {tuple(k1.shape)}, k2 "
+                           f"{None if k2 is None else tuple(k2.shape)}, b {tuple(b.shape)}")
+    if k2 is not None and k2.shape[2] != 1:
+        raise ConvgapError(f"k2 convolves along rows only (R3, R2, 1, kw); got "
+                           f"{tuple(k2.shape)}")
+    if bias is not None and tuple(bias.shape) != (b.shape[0],):
+        raise ConvgapError(f"bias must have shape ({b.shape[0]},), got {tuple(bias.shape)}")
+
+
+def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
+                             b: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                             padding=0, dilation=1, k2: torch.Tensor | None = None,
+                             stride2: int = 1, padding2: int = 0, dilation2: int = 1,
+                             store: dict | None = None) -> torch.Tensor:
+    """``F.conv2d(F.conv2d(F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1, None, stride,
+    padding, dilation), k2, None, (1, stride2), (0, padding2), (1, dilation2)),
+    b[..., None, None], bias)`` in one pass (without the k2 step where k2 is None).
+
+    x: (N, C, H, W) float32 on CPU, either memory format (channels_last memory is read in
+    place; NCHW is copied to it first); a: (C, R1); k1: (R2, R1, kh, kw), an nn.Conv2d
+    weight; k2: None or (R3, R2, 1, kw2), a second convolution along rows; b: (O, R3) (R3 =
+    R2 without k2); bias: (O,) or None. stride, padding (zeros, symmetric), dilation of k1:
+    an int or a pair; those of k2: ints along the width. Returns (N, O, OH, OW) in x's memory
+    format. ``store``: a dict kept by the caller for the packed weights (rebuilt when a
+    weight is a different tensor or was modified in place). Raises ConvgapError on bad
+    shapes, dtypes, devices, or inputs needing gradients; RuntimeError where the kernel is
+    not available (see :func:`available`)."""
+    _check(x, a, k1, b, bias, k2)
+    if _lib() is None:
+        raise RuntimeError("convgap's C kernel is not available here (see "
+                           "convgap.kernels.cpu.available)")
+    return run(x, a, k1, b, bias, _pair(stride), _pair(padding), _pair(dilation), k2,
+               (int(stride2), int(padding2), int(dilation2)), {} if store is None else store)
+
+
+def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second
+              ) -> tuple:
+    """(pcp_forward's integer arguments as a ctypes array, output shape, scratch floats per
+    thread)"""
+    n, c, h, w = x.shape
+    r2, r1, kh, kw = k1.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, w1 = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    r3, kw2 = (r2, 0) if k2 is None else (k2.shape[0], k2.shape[3])
+    s2, p2, d2 = second
+    ow = w1 if k2 is None else out_size(w1, kw2, s2, p2, d2)
+    if oh < 1 or w1 < 1 or ow < 1:
+        raise ConvgapError(f"the filters do not fit a {h}x{w} input (padding {(ph, pw)}, "
+                           f"dilation {(dh, dw)})")
+    band = max(1, min(oh, round(BAND_PIXELS / ow)))
+    ints = (ctypes.c_int * 23)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
+                               s2, p2, d2, b.shape[0], oh, ow, band)
+    return ints, (n, b.shape[0], oh, ow), lib.scratch_floats(ints)
+
+
+def _prepare(lib, a, k1, k2, b, bias) -> tuple:
+    def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_in, R_out)
+        return k.detach().permute(2, 3, 1, 0).reshape(-1, k.shape[1], k.shape[0])
+    return (pack(lib, a), pack(lib, taps(k1)), None if k2 is None else pack(lib, taps(k2)),
+            pack(lib, b.t()), padded(bias))
+
+
+def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
+        bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
+        k2: torch.Tensor | None, second: tuple, store: dict) -> torch.Tensor:
+    """:func:`pointwise_conv_pointwise` without its checks (the caller has made them;
+    stride, padding, dilation are pairs, ``second`` is k2's (stride, padding, dilation)):
+    per input geometry the kernel's arguments are worked out once and kept in ``store``,
+    with the packed weights and the scratch."""
+    from ...einsum.evaluate import reuse
+    lib = _lib()
+    key = (x.shape, stride, padding, dilation, second)
+    geo = store.get(key)
+    if geo is None:
+        geo = store[key] = _geometry(lib, x, a, k1, k2, b, stride, padding, dilation, second)
+    ints, out_shape, per = geo
+    weights = [t for t in (a, k1, k2, b, bias) if t is not None]
+    pa, pk1, pk2, pb, pbias = reuse(store, "weights", weights,
+                                    lambda: _prepare(lib, a, k1, k2, b, bias))
+    threads = torch.get_num_threads()
+    buf = scratch(store, threads * per)
+    y, finish = output(x, out_shape)
+    xh = nhwc(x)  # held here: a copy must outlive the call
+    lib.pcp_forward(ints, xh.data_ptr(), pa.data_ptr(), pk1.data_ptr(),
+                    None if pk2 is None else pk2.data_ptr(), pb.data_ptr(),
+                    None if pbias is None else pbias.data_ptr(), y.data_ptr(), buf.data_ptr(),
+                    threads)
+    return finish(y)

@@ -1,0 +1,60 @@
+"""Which fused CPU kernel runs which factorized layer, and with which operands.
+
+A TensorialConv2d's families map onto two kernels of :mod:`convgap.kernels.cpu`:
+
+=======  =====================================  ==============================================
+family   kernel                                 operands from the factors
+=======  =====================================  ==============================================
+cp       pointwise -> depthwise -> pointwise    sr; rh x rw (one k_h x k_w filter per rank,
+                                                kept while the factors are unchanged); or
+tucker   pointwise -> conv -> pointwise         sk; the core akhw as a conv weight; oa
+tt       pointwise -> conv -> conv -> pointwise sa; ahc as a k_h x 1 conv; cwd as a 1 x k_w
+                                                conv (stride, padding, dilation split by
+                                                axis); do
+=======  =====================================  ==============================================
+
+Tensor ring and reshaped CP have no fused kernel: their layers always run the steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..einsum.evaluate import reuse
+from ..kernels.cpu import pcp, pdp
+
+__all__ = ["FUSED_FAMILIES", "available", "fused_call"]
+
+FUSED_FAMILIES = ("cp", "tucker", "tt")
+
+
+def available(family: str) -> bool:
+    """True if ``family`` has a fused kernel and it is built here."""
+    if family == "cp":
+        return pdp.available()
+    return family in FUSED_FAMILIES and pcp.available()
+
+
+def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
+               bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
+               store: dict) -> Callable[[], torch.Tensor]:
+    """A function running the layer's forward on ``x`` with the fused kernel (the caller
+    has checked dtype, device and autograd). ``store`` keeps the packed weights."""
+    if family == "cp":
+        fa, fh, fw, fo = factors
+        taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
+        return lambda: pdp.run(x, fa, taps, fo, bias, stride, pads, dilation, store)
+    if family == "tucker":
+        fs, core, fo = factors
+        return lambda: pcp.run(x, fs, core, fo, bias, stride, pads, dilation, None,
+                               (1, 0, 1), store)
+    if family == "tt":
+        fa, fh, fw, fo = factors  # sa, ahc, cwd, do
+        vertical = fh.permute(2, 0, 1).unsqueeze(3)  # (c, a, kh, 1)
+        horizontal = fw.permute(2, 0, 1).unsqueeze(2)  # (d, c, 1, kw)
+        return lambda: pcp.run(x, fa, vertical, fo.t(), bias, (stride[0], 1), (pads[0], 0),
+                               (dilation[0], 1), horizontal,
+                               (stride[1], pads[1], dilation[1]), store)
+    raise ValueError(f"no fused kernel for the {family!r} family")
