@@ -66,12 +66,15 @@ def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph
     assert conditioned_error(y, x, a, d, b, bb, *args) < 1e-5
 
 
-def pcp_reference(x, a, k1, b, bias, stride, padding, dilation, k2, second):
+def pcp_reference(x, a, k1, b, bias, stride, padding, dilation, k2, second, groups=1):
+    """The four convolutions in float64; groups share the filters (repeated per group)."""
     x, a, k1, b = (t.double() for t in (x, a, k1, b))
-    v = F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1, None, stride, padding, dilation)
+    v = F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1.repeat(groups, 1, 1, 1), None, stride,
+                 padding, dilation, groups=groups)
     if k2 is not None:
         s2, p2, d2 = second
-        v = F.conv2d(v, k2.double(), None, (1, s2), (0, p2), (1, d2))
+        v = F.conv2d(v, k2.double().repeat(groups, 1, 1, 1), None, (1, s2), (0, p2), (1, d2),
+                     groups=groups)
     return F.conv2d(v, b[..., None, None], None if bias is None else bias.double())
 
 
@@ -83,15 +86,19 @@ def pcp_reference(x, a, k1, b, bias, stride, padding, dilation, k2, second):
        kw=st.sampled_from([1, 3, 4]), sh=st.integers(1, 3), sw=st.integers(1, 3),
        ph=st.integers(0, 3), pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
        kw2=st.sampled_from([0, 1, 3, 5]), s2=st.integers(1, 2), p2=st.integers(0, 2),
-       d2=st.integers(1, 2), bias=st.booleans(), channels_last=st.booleans())
+       d2=st.integers(1, 2), groups=st.sampled_from([1, 1, 2, 5]), bias=st.booleans(),
+       channels_last=st.booleans())
 def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw, ph, pw, dh,
-                                      dw, kw2, s2, p2, d2, bias, channels_last):
+                                      dw, kw2, s2, p2, d2, groups, bias, channels_last):
+    if groups > 1:  # groups share the filters: width strides 1, fewer channels each
+        sw = s2 = 1
+        r1, r2, r3 = (1 + r % 8 for r in (r1, r2, r3))
     x = torch.randn(n, c, h, w)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    a, k1 = torch.randn(c, r1), torch.randn(r2, r1, kh, kw)
+    a, k1 = torch.randn(c, groups * r1), torch.randn(r2, r1, kh, kw)
     k2 = torch.randn(r3, r2, 1, kw2) if kw2 else None
-    b = torch.randn(o, r3 if kw2 else r2)
+    b = torch.randn(o, groups * (r3 if kw2 else r2))
     bb = torch.randn(o) if bias else None
     args = ((sh, sw), (ph, pw), (dh, dw), k2, (s2, p2, d2))
     out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -100,13 +107,15 @@ def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw,
         out_w = (w1 + 2 * p2 - d2 * (kw2 - 1) - 1) // s2 + 1
     if out_h < 1 or w1 < 1 or out_w < 1:
         with pytest.raises(ConvgapError, match="do not fit"):
-            pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4])
+            pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
+                                         groups=groups)
         return
     with torch.no_grad():
-        y = pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4])
-    ref = pcp_reference(x, a, k1, b, bb, *args)
+        y = pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
+                                         groups=groups)
+    ref = pcp_reference(x, a, k1, b, bb, *args, groups)
     mag = pcp_reference(x.abs(), a.abs(), k1.abs(), b.abs(), None if bb is None else bb.abs(),
-                        *args[:3], None if k2 is None else k2.abs(), args[4])
+                        *args[:3], None if k2 is None else k2.abs(), args[4], groups)
     assert y.shape == ref.shape
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     assert y.is_contiguous(memory_format=fmt)
@@ -130,6 +139,12 @@ def test_pcp_rejects_bad_inputs():
         f(x, a, k1[0], b)
     with pytest.raises(ConvgapError, match="bias"):
         f(x, a, k1, b, torch.randn(3))
+    with pytest.raises(ConvgapError, match="groups must be"):
+        f(x, a, k1, b, groups=0)
+    with pytest.raises(ConvgapError, match="width must be 1"):
+        f(x, torch.randn(8, 10), k1, torch.randn(7, 8), stride=(1, 2), groups=2)
+    with pytest.raises(ConvgapError, match="channel counts"):
+        f(x, a, k1, b, groups=2)
     with pytest.raises(ConvgapError, match="no backward"):
         f(x.requires_grad_(), a, k1, b)
 
@@ -232,7 +247,7 @@ def test_built_library_is_reused_from_the_cache(monkeypatch):
 
 # --- TensorialConv2d's layers on the kernels ---
 
-RANKS = {"cp": 9, "tucker": (7, 5), "tt": (6, 5, 7)}
+RANKS = {"cp": 9, "tucker": (7, 5), "tt": (6, 5, 7), "tr": (3, 4, 2, 5)}
 
 
 def _layer(family="cp", stride=1, padding=1, dilation=1, bias=True):
@@ -250,9 +265,10 @@ def _count_runs(monkeypatch) -> list:
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["cp", "tucker", "tt"])
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, "same", (2, 1)),
-                                                     (1, "valid", 1), ((2, 1), (0, 2), 1)])
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), ((2, 1), 1, 1),
+                                                     (1, "same", (2, 1)), (1, "valid", 1),
+                                                     ((2, 1), (0, 2), (1, 2))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, stride,
                                                          padding, dilation, channels_last):
@@ -269,7 +285,8 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
         y = layer(x)
         ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
                        stride, pad, dilation)
-    assert calls  # it ran fused
+    # it ran fused (tensor ring: only with width stride 1)
+    assert bool(calls) == (family != "tr" or layer.stride[1] == 1)
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
@@ -282,7 +299,7 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
 def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch, family):
     from convgap.layers import tensorial
     calls = _count_runs(monkeypatch)
@@ -321,12 +338,14 @@ def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["tr", "rcp"])
-def test_families_without_a_fused_kernel_run_the_steps(monkeypatch, family):
+@pytest.mark.parametrize("family,stride", [("rcp", 1), ("tr", (1, 2))])
+def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride):
+    """Reshaped CP has no fused kernel; tensor ring's has none for a width stride > 1 (its
+    groups would sit at uneven strides)."""
     from convgap import TensorialConv2d
     calls = _count_runs(monkeypatch)
     layer = TensorialConv2d(12, 12, 3, family, rank=2 if family == "rcp" else (2, 3, 2, 3),
-                            padding=1).eval()
+                            padding=1, stride=stride).eval()
     with torch.no_grad():
         layer(torch.randn(1, 12, 6, 6))
     assert not calls

@@ -796,3 +796,21 @@ def test_trace_after_inference_calls_follows_the_parameters():
             for i, p in enumerate(layer.parameters()):
                 p.mul_(-1.0 - i)
             assert rel(traced(x), layer(x)) <= 1e-6, type(layer).__name__
+
+
+@pytest.mark.parametrize("fam", NAMES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tensorial_output_keeps_the_input_layout(torch_steps, fam, channels_last):
+    """Like nn.Conv2d, an NCHW input gives an NCHW-contiguous result and a channels_last
+    one a channels_last result (TT's and TR's last step convolves a channels-innermost
+    intermediate, whose output was channels innermost even for NCHW inputs)."""
+    from convgap import TensorialConv2d
+    layer = TensorialConv2d(12, 10, 3, fam, rank=2, padding=1).eval()
+    x = torch.randn(2, 12, 7, 6)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.is_contiguous(memory_format=fmt)
+    ref = F.conv2d(x, layer.dense_weight(), layer.bias, padding=1)
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-4)

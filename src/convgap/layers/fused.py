@@ -11,9 +11,12 @@ tucker   pointwise -> conv -> pointwise         sk; the core akhw as a conv weig
 tt       pointwise -> conv -> conv -> pointwise sa; ahc as a k_h x 1 conv; cwd as a 1 x k_w
                                                 conv (stride, padding, dilation split by
                                                 axis); do
+tr       the same, the ring bond z as groups    zsa as s x (z a); ahc; cwd; doz as (z d) x o
+         sharing both filters                   (both regrouped copies kept while unchanged);
+                                                width stride 1 only
 =======  =====================================  ==============================================
 
-Tensor ring and reshaped CP have no fused kernel: their layers always run the steps.
+Reshaped CP has no fused kernel: its layers always run the steps.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from ..kernels.cpu import pcp, pdp
 
 __all__ = ["FUSED_FAMILIES", "available", "fused_call"]
 
-FUSED_FAMILIES = ("cp", "tucker", "tt")
+FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
 
 
-def available(family: str) -> bool:
-    """True if ``family`` has a fused kernel and it is built here."""
+def available(family: str, stride: tuple = (1, 1)) -> bool:
+    """True if ``family`` has a fused kernel for ``stride`` and it is built here."""
     if family == "cp":
         return pdp.available()
+    if family == "tr" and stride[1] != 1:
+        return False
     return family in FUSED_FAMILIES and pcp.available()
 
 
@@ -57,4 +62,15 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
         return lambda: pcp.run(x, fa, vertical, fo.t(), bias, (stride[0], 1), (pads[0], 0),
                                (dilation[0], 1), horizontal,
                                (stride[1], pads[1], dilation[1]), store)
+    if family == "tr":
+        fa, fh, fw, fo = factors  # zsa, ahc, cwd, doz
+        z, s, a = fa.shape
+        first = reuse(store, "first", [fa], lambda: fa.permute(1, 0, 2).reshape(s, z * a))
+        last = reuse(store, "last", [fo],
+                     lambda: fo.permute(1, 2, 0).reshape(fo.shape[1], z * fo.shape[0]))
+        vertical = fh.permute(2, 0, 1).unsqueeze(3)
+        horizontal = fw.permute(2, 0, 1).unsqueeze(2)
+        return lambda: pcp.run(x, first, vertical, last, bias, (stride[0], 1), (pads[0], 0),
+                               (dilation[0], 1), horizontal,
+                               (stride[1], pads[1], dilation[1]), store, z)
     raise ValueError(f"no fused kernel for the {family!r} family")

@@ -51,11 +51,12 @@ class TensorialConv2d(nn.Module):
     k_h x k_w kernel, one pass over the feature map instead of two, 1.02-1.35x faster here
     for 0.6% more MACs. (Reshaped CP's path can cost more MACs than the dense conv.)
     Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
-    ``bias`` is added after. In CPU float32 inference a CP, Tucker or TT layer may instead
-    run as one fused pass (:mod:`convgap.layers.fused`: its 1x1 convolutions and the
-    filters between them in one C kernel, the intermediates kept in cache); a one-time
-    paired measurement per input shape and layout picks whichever is faster. Attributes: ``factorization``, ``ranks``, ``expression``,
-    ``factors`` (a ParameterList in expression order).
+    ``bias`` is added after. In CPU float32 inference a CP, Tucker, TT or TR layer may
+    instead run as one fused pass (:mod:`convgap.layers.fused`: its 1x1 convolutions and
+    the filters between them in one C kernel, the intermediates kept in cache); a one-time
+    paired measurement per input shape and layout picks whichever is faster. Attributes:
+    ``factorization``, ``ranks``, ``expression``, ``factors`` (a ParameterList in
+    expression order).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, factorization: str =
@@ -198,6 +199,12 @@ class TensorialConv2d(nn.Module):
                      programs=programs)
         if split is not None:
             y = y.reshape(y.shape[0], self.out_channels, *y.shape[-2:])
+        # like nn.Conv2d, the layer returns its input's layout (TT's and TR's last step
+        # convolves a channels-innermost intermediate, reshaped CP's splits the channels)
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last \
+            if x.is_contiguous(memory_format=torch.channels_last) else None
+        if fmt is not None and not y.is_contiguous(memory_format=fmt):
+            y = y.contiguous(memory_format=fmt)
         if self.bias is not None:
             # in place: y is this call's own fresh result (no step's backward needs it),
             # and a second full-size allocation costs as much as the add here
@@ -227,7 +234,7 @@ class TensorialConv2d(nn.Module):
                                                                for p in params)):
             return False
         return not exporting() and self._pads() is not None and \
-            fused.available(self.factorization)
+            fused.available(self.factorization, self.stride)
 
     def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """The fused kernel or the steps, whichever a paired measurement on this input

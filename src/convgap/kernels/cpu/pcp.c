@@ -6,6 +6,11 @@
  *   v2 = conv(v1, K2), or v2 = v1      (1 x kw2 along rows, R2 -> R3; stride, dilation, pad)
  *   y  = v2 @ B + bias                 (1x1 conv, R3 -> O channels)
  *
+ * With Z > 1 (tensor ring), each map holds Z groups of channels (u: Z x R1 per pixel) and
+ * both convolutions apply one filter to every group (the ring bond): the GEMM rows are
+ * (pixel, group) pairs, which sit at a uniform stride when the groups are packed tightly
+ * and the convolution's stride along the width is 1.
+ *
  * As in pdp.c, each thread walks a contiguous range of output rows in bands and keeps a
  * sliding window of u rows in its scratch. Here the window is stored zero-padded (rows above
  * and below the image, columns left and right), so each convolution is an implicit GEMM: its
@@ -17,11 +22,12 @@
 
 /* the integer arguments, in this order */
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_SW1, G_PH1, G_PW1,
-       G_DH1, G_DW1, G_KW2, G_SW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_COUNT };
+       G_DH1, G_DW1, G_KW2, G_SW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_COUNT };
 
 typedef struct {
     int w1;              /* width after the first convolution */
-    int r1p, r2p, r3p;   /* channel counts rounded up to 16 (row strides of the buffers) */
+    int r1p, r2p, r3p;   /* floats per pixel of u, v1, v2: channels rounded up to 16; with
+                            groups, Z x channels exactly */
     int wp1, wp2;        /* padded widths of the u window and of the v1 band */
     int rows1;           /* rows of the u window */
     long u, v1, v2;      /* floats of each buffer */
@@ -33,9 +39,10 @@ static Sizes sizes(const int *g)
 {
     Sizes s;
     s.w1 = (g[G_W] + 2 * g[G_PW1] - g[G_DW1] * (g[G_KW1] - 1) - 1) / g[G_SW1] + 1;
-    s.r1p = r16(g[G_R1]);
-    s.r2p = r16(g[G_R2]);
-    s.r3p = r16(g[G_R3]);
+    const int z = g[G_Z];
+    s.r1p = z > 1 ? z * g[G_R1] : r16(g[G_R1]);
+    s.r2p = z > 1 ? z * g[G_R2] : r16(g[G_R2]);
+    s.r3p = z > 1 ? z * g[G_R3] : r16(g[G_R3]);
     int right1 = (s.w1 - 1) * g[G_SW1] + (g[G_KW1] - 1) * g[G_DW1] + 1 - g[G_PW1] - g[G_W];
     s.wp1 = g[G_PW1] + g[G_W] + (right1 > 0 ? right1 : 0);
     s.rows1 = (g[G_TH] - 1) * g[G_SH1] + (g[G_KH1] - 1) * g[G_DH1] + 1;
@@ -57,9 +64,10 @@ long scratch_floats(const int *g)
     return s.u + s.v1 + s.v2 + 64;
 }
 
-/* x: (N, H, W, C) contiguous; Ap: pack_b of A (C x R1); K1p: pack_b of the first filter
- * (kh1 * kw1 taps x R1 x R2); K2p: pack_b of the second (kw2 taps x R2 x R3) or NULL
- * (g[G_KW2] = 0); Bp: pack_b of B (R3 x O); bias: O rounded up to 16 floats, or NULL; y: (N,
+/* x: (N, H, W, C) contiguous; Ap: pack_b of A (C x Z R1, group-major); K1p: pack_b of the
+ * first filter (kh1 * kw1 taps x R1 x R2); K2p: pack_b of the second (kw2 taps x R2 x R3) or
+ * NULL (g[G_KW2] = 0); Bp: pack_b of B (Z R3 x O, group-major); with Z > 1 both width
+ * strides must be 1; bias: O rounded up to 16 floats, or NULL; y: (N,
  * OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. */
 void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p,
                  const float *K2p, const float *Bp, const float *bias, float *y,
@@ -69,7 +77,12 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH];
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], pw1 = g[G_PW1];
-    const int taps1 = g[G_KH1] * g[G_KW1], kw2 = g[G_KW2];
+    const int taps1 = g[G_KH1] * g[G_KW1], kw2 = g[G_KW2], Z = g[G_Z];
+    /* GEMM rows of each convolution: output pixels (x groups), at a uniform stride */
+    const long lda1 = Z > 1 ? g[G_R1] : (long)g[G_SW1] * s.r1p;
+    const long ldc1 = Z > 1 ? (kw2 ? g[G_R2] : g[G_R3]) : (kw2 ? s.r2p : s.r3p);
+    const long lda2 = Z > 1 ? g[G_R2] : (long)g[G_SW2] * s.r2p;
+    const long ldc2 = Z > 1 ? g[G_R3] : s.r3p;
     const long per = scratch_floats(g), row1 = (long)s.wp1 * s.r1p;
     long offs1[taps1], offs2[kw2 > 0 ? kw2 : 1];
     for (int i = 0; i < g[G_KH1]; i++)
@@ -98,7 +111,7 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 float *row = u + (ip - ulo) * row1;
                 int ih = ip - ph1;
                 if (ih >= 0 && ih < H)
-                    gemm(W, g[G_R1], C, x + ((long)n * H + ih) * W * C, C, Ap, 0,
+                    gemm(W, Z * g[G_R1], C, x + ((long)n * H + ih) * W * C, C, Ap, 0,
                          row + (long)pw1 * s.r1p, s.r1p);
                 else
                     memset(row, 0, sizeof(float) * row1);
@@ -108,13 +121,13 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * row1;
                 float *dst = kw2 ? v1 + ((long)r * s.wp2 + g[G_PW2]) * s.r2p
                                  : v2 + (long)r * OW * s.r3p;
-                gemm_taps(s.w1, g[G_R2], g[G_R1], taps1, offs1, a, (long)g[G_SW1] * s.r1p, K1p,
-                          0, dst, kw2 ? s.r2p : s.r3p);
+                gemm_taps(s.w1 * Z, g[G_R2], g[G_R1], taps1, offs1, a, lda1, K1p, 0, dst, ldc1);
             }
             for (int r = 0; kw2 && r < th; r++)  /* second convolution, along rows */
-                gemm_taps(OW, g[G_R3], g[G_R2], kw2, offs2, v1 + (long)r * s.wp2 * s.r2p,
-                          (long)g[G_SW2] * s.r2p, K2p, 0, v2 + (long)r * OW * s.r3p, s.r3p);
-            gemm(th * OW, O, g[G_R3], v2, s.r3p, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
+                gemm_taps(OW * Z, g[G_R3], g[G_R2], kw2, offs2, v1 + (long)r * s.wp2 * s.r2p,
+                          lda2, K2p, 0, v2 + (long)r * OW * s.r3p, ldc2);
+            gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, y + ((long)n * OH + oh) * OW * O,
+                 O);
             g0 += th;
         }
     }

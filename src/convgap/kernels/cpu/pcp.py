@@ -1,6 +1,6 @@
 """Pointwise -> convolution (-> convolution along rows) -> pointwise in one pass (C kernel
 ``pcp.c``): the shape of Tucker-2 (1x1, k x k core, 1x1) and tensor-train (1x1, k x 1, 1 x k,
-1x1) factorized convolutions.
+1x1) factorized convolutions, and, with groups sharing the filters, of tensor-ring ones.
 
 Each thread walks bands of output rows over a zero-padded window of the first 1x1 conv's
 output, and runs each convolution as an implicit GEMM over that window, so the intermediates
@@ -39,14 +39,19 @@ def available() -> bool:
     return _lib() is not None
 
 
-def _check(x, a, k1, b, bias, k2) -> None:
+def _check(x, a, k1, b, bias, k2, groups, stride, stride2) -> None:
     check_tensors("pointwise_conv_pointwise", x=x, a=a, k1=k1, b=b, bias=bias, k2=k2)
+    if not isinstance(groups, int) or groups < 1:
+        raise ConvgapError(f"groups must be a positive int, got {groups!r}")
+    if groups > 1 and (_pair(stride)[1] != 1 or stride2 != 1):
+        raise ConvgapError("with groups > 1 the stride along the width must be 1")
     if x.dim() != 4 or a.dim() != 2 or k1.dim() != 4 or b.dim() != 2 or \
             (k2 is not None and k2.dim() != 4):
         raise ConvgapError("expected x (N, C, H, W), a (C, R1), k1 (R2, R1, kh, kw), k2 None "
                            "or (R3, R2, 1, kw), b (O, R3)")
     r3 = k1.shape[0] if k2 is None else k2.shape[0]
-    if x.shape[1] != a.shape[0] or k1.shape[1] != a.shape[1] or b.shape[1] != r3 or \
+    if x.shape[1] != a.shape[0] or groups * k1.shape[1] != a.shape[1] or \
+            b.shape[1] != groups * r3 or \
             (k2 is not None and k2.shape[1] != k1.shape[0]):
         raise ConvgapError(f"channel counts disagree: x has {x.shape[1]}, a is "
                            f"{tuple(a.shape)}, k1 {tuple(k1.shape)}, k2 "
@@ -62,30 +67,33 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
                              b: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                              padding=0, dilation=1, k2: torch.Tensor | None = None,
                              stride2: int = 1, padding2: int = 0, dilation2: int = 1,
-                             store: dict | None = None) -> torch.Tensor:
+                             groups: int = 1, store: dict | None = None) -> torch.Tensor:
     """``F.conv2d(F.conv2d(F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1, None, stride,
     padding, dilation), k2, None, (1, stride2), (0, padding2), (1, dilation2)),
-    b[..., None, None], bias)`` in one pass (without the k2 step where k2 is None).
+    b[..., None, None], bias)`` in one pass (without the k2 step where k2 is None); with
+    ``groups`` = Z > 1 the maps between the 1x1 convolutions hold Z groups of channels and
+    each filter applies to every group (``F.conv2d(u, k1.repeat(Z, 1, 1, 1), groups=Z)``).
 
     x: (N, C, H, W) float32 on CPU, either memory format (channels_last memory is read in
-    place; NCHW is copied to it first); a: (C, R1); k1: (R2, R1, kh, kw), an nn.Conv2d
-    weight; k2: None or (R3, R2, 1, kw2), a second convolution along rows; b: (O, R3) (R3 =
-    R2 without k2); bias: (O,) or None. stride, padding (zeros, symmetric), dilation of k1:
+    place; NCHW is copied to it first); a: (C, Z R1); k1: (R2, R1, kh, kw), an nn.Conv2d
+    weight; k2: None or (R3, R2, 1, kw2), a second convolution along rows; b: (O, Z R3) (R3 =
+    R2 without k2); bias: (O,) or None; group-major channel order. stride, padding (zeros, symmetric), dilation of k1:
     an int or a pair; those of k2: ints along the width. Returns (N, O, OH, OW) in x's memory
     format. ``store``: a dict kept by the caller for the packed weights (rebuilt when a
     weight is a different tensor or was modified in place). Raises ConvgapError on bad
     shapes, dtypes, devices, or inputs needing gradients; RuntimeError where the kernel is
     not available (see :func:`available`)."""
-    _check(x, a, k1, b, bias, k2)
+    _check(x, a, k1, b, bias, k2, groups, stride, stride2)
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
     return run(x, a, k1, b, bias, _pair(stride), _pair(padding), _pair(dilation), k2,
-               (int(stride2), int(padding2), int(dilation2)), {} if store is None else store)
+               (int(stride2), int(padding2), int(dilation2)), {} if store is None else store,
+               groups)
 
 
-def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second
-              ) -> tuple:
+def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second,
+              groups: int) -> tuple:
     """(pcp_forward's integer arguments as a ctypes array, output shape, scratch floats per
     thread)"""
     n, c, h, w = x.shape
@@ -99,8 +107,8 @@ def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, sec
         raise ConvgapError(f"the filters do not fit a {h}x{w} input (padding {(ph, pw)}, "
                            f"dilation {(dh, dw)})")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    ints = (ctypes.c_int * 23)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
-                               s2, p2, d2, b.shape[0], oh, ow, band)
+    ints = (ctypes.c_int * 24)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
+                               s2, p2, d2, b.shape[0], oh, ow, band, groups)
     return ints, (n, b.shape[0], oh, ow), lib.scratch_floats(ints)
 
 
@@ -113,17 +121,18 @@ def _prepare(lib, a, k1, k2, b, bias) -> tuple:
 
 def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
         bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
-        k2: torch.Tensor | None, second: tuple, store: dict) -> torch.Tensor:
+        k2: torch.Tensor | None, second: tuple, store: dict, groups: int = 1) -> torch.Tensor:
     """:func:`pointwise_conv_pointwise` without its checks (the caller has made them;
     stride, padding, dilation are pairs, ``second`` is k2's (stride, padding, dilation)):
     per input geometry the kernel's arguments are worked out once and kept in ``store``,
     with the packed weights and the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
-    key = (x.shape, stride, padding, dilation, second)
+    key = (x.shape, stride, padding, dilation, second, groups)
     geo = store.get(key)
     if geo is None:
-        geo = store[key] = _geometry(lib, x, a, k1, k2, b, stride, padding, dilation, second)
+        geo = store[key] = _geometry(lib, x, a, k1, k2, b, stride, padding, dilation, second,
+                                     groups)
     ints, out_shape, per = geo
     weights = [t for t in (a, k1, k2, b, bias) if t is not None]
     pa, pk1, pk2, pb, pbias = reuse(store, "weights", weights,
