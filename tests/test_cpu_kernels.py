@@ -349,3 +349,29 @@ def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride
     with torch.no_grad():
         layer(torch.randn(1, 12, 6, 6))
     assert not calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
+def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family):
+    """The kernels' packed weights are kept per tensor identity and version: a layer whose
+    operands are views of its factors (TT, TR) must hand over the same view objects each
+    call, or it would repack on every call."""
+    from convgap.layers import tensorial
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    packs = []
+    for mod in (pdp, pcp):
+        real = mod._prepare
+        monkeypatch.setattr(mod, "_prepare",
+                            lambda *a, real=real: packs.append(1) or real(*a))
+    layer = _layer(family)
+    x = torch.randn(2, 12, 9, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert len(packs) == 1
+        layer.factors[-1].mul_(2.0)
+        y = layer(x)
+    assert len(packs) == 2
+    ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(), padding=1)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

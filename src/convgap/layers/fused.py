@@ -57,19 +57,23 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                                (1, 0, 1), store)
     if family == "tt":
         fa, fh, fw, fo = factors  # sa, ahc, cwd, do
-        vertical = fh.permute(2, 0, 1).unsqueeze(3)  # (c, a, kh, 1)
-        horizontal = fw.permute(2, 0, 1).unsqueeze(2)  # (d, c, 1, kw)
-        return lambda: pcp.run(x, fa, vertical, fo.t(), bias, (stride[0], 1), (pads[0], 0),
+        # the same view objects while the factors are unchanged (the kernel's packed
+        # weights are kept per tensor identity and version)
+        vertical, horizontal, last = reuse(store, "views", factors, lambda: (
+            fh.permute(2, 0, 1).unsqueeze(3),  # (c, a, kh, 1)
+            fw.permute(2, 0, 1).unsqueeze(2),  # (d, c, 1, kw)
+            fo.t()))
+        return lambda: pcp.run(x, fa, vertical, last, bias, (stride[0], 1), (pads[0], 0),
                                (dilation[0], 1), horizontal,
                                (stride[1], pads[1], dilation[1]), store)
     if family == "tr":
         fa, fh, fw, fo = factors  # zsa, ahc, cwd, doz
         z, s, a = fa.shape
-        first = reuse(store, "first", [fa], lambda: fa.permute(1, 0, 2).reshape(s, z * a))
-        last = reuse(store, "last", [fo],
-                     lambda: fo.permute(1, 2, 0).reshape(fo.shape[1], z * fo.shape[0]))
-        vertical = fh.permute(2, 0, 1).unsqueeze(3)
-        horizontal = fw.permute(2, 0, 1).unsqueeze(2)
+        first, vertical, horizontal, last = reuse(store, "views", factors, lambda: (
+            fa.permute(1, 0, 2).reshape(s, z * a),
+            fh.permute(2, 0, 1).unsqueeze(3),
+            fw.permute(2, 0, 1).unsqueeze(2),
+            fo.permute(1, 2, 0).reshape(fo.shape[1], z * fo.shape[0])))
         return lambda: pcp.run(x, first, vertical, last, bias, (stride[0], 1), (pads[0], 0),
                                (dilation[0], 1), horizontal,
                                (stride[1], pads[1], dilation[1]), store, z)

@@ -91,6 +91,7 @@ def _build(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
+@functools.lru_cache(maxsize=None)
 def avx512() -> bool:
     """True on a CPU with AVX-512F (what the kernels are written in)."""
     return "avx512f" in _cpu_identity().split()
