@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from convgap.errors import ConvgapError
 from convgap.kernels import cpu
-from convgap.kernels.cpu import build, pcp, pdp
+from convgap.kernels.cpu import build, pcp, pdp, planar
 
 needs_kernel = pytest.mark.skipif(not cpu.available(),
                                   reason="no AVX-512 CPU or no C compiler here")
@@ -43,9 +43,10 @@ def conditioned_error(y, x, a, d, b, bias, stride, padding, dilation):
        kh=st.sampled_from([1, 2, 3, 5, 7]), kw=st.sampled_from([1, 3, 4, 5, 7]),
        sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 3),
        pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
-       bias=st.booleans(), channels_last=st.booleans())
+       bias=st.booleans(), channels_last=st.booleans(),
+       kernel=st.sampled_from(["auto", "nhwc", "planar"]))
 def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph, pw, dh, dw,
-                                            bias, channels_last):
+                                            bias, channels_last, kernel):
     out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     x = torch.randn(n, c, h, w)
@@ -54,12 +55,16 @@ def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph
     a, d, b = torch.randn(c, r), torch.randn(r, kh, kw), torch.randn(o, r)
     bb = torch.randn(o) if bias else None
     args = ((sh, sw), (ph, pw), (dh, dw))
+    if kernel == "planar" and not (x.is_contiguous() and sw == 1):
+        with pytest.raises(ConvgapError, match="planar kernel needs"):
+            cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args, kernel=kernel)
+        return
     if out_h < 1 or out_w < 1:
         with pytest.raises(ConvgapError, match="does not fit"):
-            cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args)
+            cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args, kernel=kernel)
         return
     with torch.no_grad():
-        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args)
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args, kernel=kernel)
     assert y.shape == (n, o, out_h, out_w)
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     assert y.is_contiguous(memory_format=fmt)  # the input's memory format
@@ -87,9 +92,10 @@ def pcp_reference(x, a, k1, b, bias, stride, padding, dilation, k2, second, grou
        ph=st.integers(0, 3), pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
        kw2=st.sampled_from([0, 1, 3, 5]), s2=st.integers(1, 2), p2=st.integers(0, 2),
        d2=st.integers(1, 2), groups=st.sampled_from([1, 1, 2, 5]), bias=st.booleans(),
-       channels_last=st.booleans())
+       channels_last=st.booleans(), kernel=st.sampled_from(["auto", "nhwc", "planar"]))
 def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw, ph, pw, dh,
-                                      dw, kw2, s2, p2, d2, groups, bias, channels_last):
+                                      dw, kw2, s2, p2, d2, groups, bias, channels_last,
+                                      kernel):
     if groups > 1:  # groups share the filters: width strides 1, fewer channels each
         sw = s2 = 1
         r1, r2, r3 = (1 + r % 8 for r in (r1, r2, r3))
@@ -105,14 +111,25 @@ def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw,
     w1 = out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if kw2:
         out_w = (w1 + 2 * p2 - d2 * (kw2 - 1) - 1) // s2 + 1
+    if kw2 and kernel == "planar":  # the planar kernel's second filter: a first along columns
+        k1, pw, args = k1[..., :1], 0, ((sh, sw), (ph, 0), (dh, dw), k2, (s2, p2, d2))
+        w1 = out_w = w
+        out_w = (w1 + 2 * p2 - d2 * (kw2 - 1) - 1) // s2 + 1
+    planar_ok = x.is_contiguous() and sw == 1 and (not kw2 or (s2 == 1 and k1.shape[3] == 1
+                                                                and pw == 0))
+    if kernel == "planar" and not planar_ok:
+        with pytest.raises(ConvgapError, match="planar kernel needs"):
+            pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
+                                         groups=groups, kernel=kernel)
+        return
     if out_h < 1 or w1 < 1 or out_w < 1:
         with pytest.raises(ConvgapError, match="do not fit"):
             pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
-                                         groups=groups)
+                                         groups=groups, kernel=kernel)
         return
     with torch.no_grad():
         y = pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
-                                         groups=groups)
+                                         groups=groups, kernel=kernel)
     ref = pcp_reference(x, a, k1, b, bb, *args, groups)
     mag = pcp_reference(x.abs(), a.abs(), k1.abs(), b.abs(), None if bb is None else bb.abs(),
                         *args[:3], None if k2 is None else k2.abs(), args[4], groups)
@@ -151,10 +168,14 @@ def test_pcp_rejects_bad_inputs():
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-def test_pdp_any_thread_count_gives_the_same_result(threads):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pdp_any_thread_count_gives_the_same_result(threads, channels_last):
     """Each thread starts its own window of the first intermediate mid-image (rows split
-    across threads recompute their halo): every split gives the reference result."""
-    x = torch.randn(2, 24, 11, 9).contiguous(memory_format=torch.channels_last)
+    across threads recompute their halo): every split gives the reference result, on both
+    kernels (NCHW: planar; channels_last: NHWC)."""
+    x = torch.randn(2, 24, 11, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     a, d, b, bias = torch.randn(24, 20), torch.randn(20, 3, 3), torch.randn(30, 20), \
         torch.randn(30)
     before = torch.get_num_threads()
@@ -168,17 +189,19 @@ def test_pdp_any_thread_count_gives_the_same_result(threads):
 
 
 @needs_kernel
-def test_pdp_store_keeps_packed_weights_and_follows_changes(monkeypatch):
+@pytest.mark.parametrize("kernel", ["nhwc", "planar"])
+def test_pdp_store_keeps_packed_weights_and_follows_changes(monkeypatch, kernel):
     packs = []
-    real = pdp._prepare
-    monkeypatch.setattr(pdp, "_prepare", lambda *args: packs.append(1) or real(*args))
+    name = "_prepare" if kernel == "nhwc" else "_planar_weights"
+    real = getattr(pdp, name)
+    monkeypatch.setattr(pdp, name, lambda *args: packs.append(1) or real(*args))
     x = torch.randn(1, 8, 6, 6)
     a, d, b = torch.randn(8, 5), torch.randn(5, 3, 3), torch.randn(7, 5)
     store: dict = {}
 
     def call():
         with torch.no_grad():
-            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, None, 1, 1, 1, store)
+            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, None, 1, 1, 1, store, kernel)
         assert conditioned_error(y, x, a, d, b, None, 1, 1, 1) < 1e-5
     call()
     call()
@@ -206,6 +229,10 @@ def test_pdp_rejects_bad_inputs():
         f(x[0], a, d, b)
     with pytest.raises(ConvgapError, match="bias"):
         f(x, a, d, b, torch.randn(6))
+    with pytest.raises(ConvgapError, match="kernel must be"):
+        f(x, a, d, b, kernel="fast")
+    with pytest.raises(ConvgapError, match="planar kernel needs"):
+        f(x, a, d, b, stride=(1, 2), kernel="planar")
     with pytest.raises(ConvgapError, match="no backward"):
         f(x, a.requires_grad_(), d, b)
     with pytest.raises(ConvgapError, match="does not fit"):
@@ -353,7 +380,8 @@ def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride
 
 @needs_kernel
 @pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
-def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family):
+@pytest.mark.parametrize("channels_last", [False, True])  # the planar and the NHWC kernel
+def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family, channels_last):
     """The kernels' packed weights are kept per tensor identity and version: a layer whose
     operands are views of its factors (TT, TR) must hand over the same view objects each
     call, or it would repack on every call."""
@@ -361,11 +389,13 @@ def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family):
     monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
     packs = []
     for mod in (pdp, pcp):
-        real = mod._prepare
-        monkeypatch.setattr(mod, "_prepare",
-                            lambda *a, real=real: packs.append(1) or real(*a))
+        for name in ("_prepare", "_planar_weights"):
+            real = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, real=real: packs.append(1) or real(*a))
     layer = _layer(family)
     x = torch.randn(2, 12, 9, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         for _ in range(3):
             layer(x)
@@ -375,3 +405,20 @@ def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family):
     assert len(packs) == 2
     ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(), padding=1)
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_auto_kernel_is_planar_for_nchw_inputs(monkeypatch, channels_last):
+    runs = []
+    real = planar.run
+    monkeypatch.setattr(planar, "run", lambda *a: runs.append(1) or real(*a))
+    x = torch.randn(1, 8, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        cpu.pointwise_depthwise_pointwise(x, torch.randn(8, 5), torch.randn(5, 3, 3),
+                                          torch.randn(7, 5), padding=1)
+        pcp.pointwise_conv_pointwise(x, torch.randn(8, 5), torch.randn(4, 5, 3, 3),
+                                     torch.randn(7, 4), padding=1)
+    assert len(runs) == (0 if channels_last else 2)

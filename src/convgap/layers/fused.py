@@ -16,7 +16,9 @@ tr       the same, the ring bond z as groups    zsa as s x (z a); ahc; cwd; doz 
                                                 width stride 1 only
 =======  =====================================  ==============================================
 
-Reshaped CP has no fused kernel: its layers always run the steps.
+Each has a channels-innermost kernel (NHWC; NCHW inputs are copied to it and the result
+back) and, for NCHW inputs with width stride 1, a channel-major one that reads and writes
+NCHW in place. Reshaped CP has no fused kernel: its layers always run the steps.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Callable
 import torch
 
 from ..einsum.evaluate import reuse
-from ..kernels.cpu import pcp, pdp
+from ..kernels.cpu import pcp, pdp, planar
 
-__all__ = ["FUSED_FAMILIES", "available", "fused_call"]
+__all__ = ["FUSED_FAMILIES", "available", "planar_applies", "fused_call"]
 
 FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
 
@@ -42,19 +44,29 @@ def available(family: str, stride: tuple = (1, 1)) -> bool:
     return family in FUSED_FAMILIES and pcp.available()
 
 
+def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
+    """True if the channel-major kernel (:mod:`convgap.kernels.cpu.planar`) can run a fused
+    family's layer on ``x``: an NCHW-contiguous input and width stride 1 (TT's and TR's
+    first filter already runs along columns only)."""
+    return x.is_contiguous() and stride[1] == 1 and planar.available()
+
+
 def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
-               store: dict) -> Callable[[], torch.Tensor]:
-    """A function running the layer's forward on ``x`` with the fused kernel (the caller
-    has checked dtype, device and autograd). ``store`` keeps the packed weights."""
+               store: dict, use_planar: bool = False) -> Callable[[], torch.Tensor]:
+    """A function running the layer's forward on ``x`` with a fused kernel (the caller has
+    checked dtype, device and autograd): the channel-major one with ``use_planar`` (where
+    :func:`planar_applies`), else the channels-innermost one. ``store`` keeps the packed
+    weights."""
     if family == "cp":
         fa, fh, fw, fo = factors
         taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
-        return lambda: pdp.run(x, fa, taps, fo, bias, stride, pads, dilation, store)
+        return lambda: pdp.run(x, fa, taps, fo, bias, stride, pads, dilation, store,
+                               use_planar)
     if family == "tucker":
         fs, core, fo = factors
         return lambda: pcp.run(x, fs, core, fo, bias, stride, pads, dilation, None,
-                               (1, 0, 1), store)
+                               (1, 0, 1), store, 1, use_planar)
     if family == "tt":
         fa, fh, fw, fo = factors  # sa, ahc, cwd, do
         # the same view objects while the factors are unchanged (the kernel's packed
@@ -65,7 +77,7 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
             fo.t()))
         return lambda: pcp.run(x, fa, vertical, last, bias, (stride[0], 1), (pads[0], 0),
                                (dilation[0], 1), horizontal,
-                               (stride[1], pads[1], dilation[1]), store)
+                               (stride[1], pads[1], dilation[1]), store, 1, use_planar)
     if family == "tr":
         fa, fh, fw, fo = factors  # zsa, ahc, cwd, doz
         z, s, a = fa.shape
@@ -76,5 +88,5 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
             fo.permute(1, 2, 0).reshape(fo.shape[1], z * fo.shape[0])))
         return lambda: pcp.run(x, first, vertical, last, bias, (stride[0], 1), (pads[0], 0),
                                (dilation[0], 1), horizontal,
-                               (stride[1], pads[1], dilation[1]), store, z)
+                               (stride[1], pads[1], dilation[1]), store, z, use_planar)
     raise ValueError(f"no fused kernel for the {family!r} family")

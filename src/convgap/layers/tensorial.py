@@ -241,16 +241,19 @@ class TensorialConv2d(nn.Module):
         shape and layout found faster (measured on the first call, then remembered)."""
         store = plan[2].setdefault(("fused", x.stride()), {})
         factors = list(self.factors._parameters.values())
-        run = fused.fused_call(self.factorization, x, factors, self.bias, self.stride,
-                               self._pads(), self.dilation, store)
-        use = store.get("use")
-        if use is None:
+        args = (self.factorization, x, factors, self.bias, self.stride, self._pads(),
+                self.dilation, store)
+        runs = [fused.fused_call(*args)]
+        if fused.planar_applies(x, self.stride):  # NCHW: the channel-major kernel too
+            runs.insert(0, fused.fused_call(*args, use_planar=True))
+        choice = store.get("choice")
+        if choice is None:  # the position of the fastest: a fused kernel, or the steps
             key = ("tensorial-fused", self.factorization, x.shape, x.stride(),
                    tuple(tuple(f.shape) for f in factors), self.stride, self.padding,
                    self.dilation, self.bias is not None)
-            use = store["use"] = _measured_fastest(
-                key, (run, lambda: self._steps(x, plan))) is run
-        return run() if use else self._steps(x, plan)
+            fns = [*runs, lambda: self._steps(x, plan)]
+            choice = store["choice"] = fns.index(_measured_fastest(key, fns))
+        return runs[choice]() if choice < len(runs) else self._steps(x, plan)
 
     def dense_weight(self) -> torch.Tensor:
         """The (O, S, kh, kw) kernel the factors stand for (for checks; forward never

@@ -13,7 +13,7 @@ from ...errors import ConvgapError
 from .build import library
 
 __all__ = ["P", "I", "L", "typed_library", "pack", "padded", "round16", "scratch",
-           "check_tensors", "nhwc", "output", "out_size", "BAND_PIXELS"]
+           "check_tensors", "nhwc", "output", "out_size", "kernel_choice", "BAND_PIXELS"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
@@ -94,3 +94,14 @@ def output(x: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, Callable]:
     y = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
     keep = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return y, (lambda t: t) if keep else (lambda t: t.contiguous())
+
+
+def kernel_choice(kernel: str, planar_ok: bool) -> bool:
+    """True to run the planar kernel: ``kernel`` 'planar' (ConvgapError where it does not
+    apply), 'nhwc', or 'auto' (planar where it applies)."""
+    if kernel not in ("auto", "nhwc", "planar"):
+        raise ConvgapError(f"kernel must be 'auto', 'nhwc' or 'planar', got {kernel!r}")
+    if kernel == "planar" and not planar_ok:
+        raise ConvgapError("the planar kernel needs an NCHW-contiguous input, width strides "
+                           "of 1 and, with a second filter, a first one along columns only")
+    return planar_ok if kernel == "auto" else kernel == "planar"

@@ -1,4 +1,4 @@
-/* The GEMM core shared by convgap's C kernels: fp32, AVX-512, a packed right operand.
+/* The GEMM core shared by convgap's C kernels: fp32, AVX-512.
  *
  *   C (M x N, row stride ldc) [=|+=] sum over taps t of A_t (M x K, row stride lda) @ B_t
  *
@@ -7,26 +7,36 @@
  * convolution (taps = 1, offs = {0}: a plain GEMM). B is packed by pack_b: panels of 64
  * columns (the last rounded up to 16), each holding, tap after tap, K rows of its width.
  * Register blocks: 6 rows x 4 vectors, or 12 rows x 2 vectors for panels up to 32 wide
- * (24 accumulators either way). */
+ * (24 accumulators either way). gemm_planar is the transposed orientation for channel-major
+ * maps (pixels in the vectors, weights broadcast). */
 #ifndef CONVGAP_GEMM_H
 #define CONVGAP_GEMM_H
 #include <immintrin.h>
 
 #define PANEL 64
 
-static inline __attribute__((always_inline)) void ukr(const int mr, const int nv, int K,
-        int taps, const long *offs, const float *A, long lda, const float *P, float *C,
-        long ldc, const float *bias, __mmask16 last)
+static inline __attribute__((always_inline)) void ukr(const int mr, const int nv,
+        const int planar, int K, int taps, const long *offa, const long *offp, const float *A,
+        long lda, const float *P, long ldp, float *C, long ldc, const float *bias,
+        __mmask16 last)
 {
+    const int bias_rows = planar != 0;
+    if (!planar) ldp = nv * 16;  /* packed panels: a constant stride */
     __m512 acc[12][4];
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++)
-            acc[i][v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+            acc[i][v] = !bias ? _mm512_setzero_ps() : bias_rows ? _mm512_set1_ps(bias[i])
+                      : _mm512_loadu_ps(bias + 16 * v);
     for (int t = 0; t < taps; t++) {
-        const float *At = A + offs[t], *Pt = P + (long)t * K * nv * 16;
+        const float *At = A + offa[t], *Pt = P + offp[t];
         for (int k = 0; k < K; k++) {
             __m512 b[4];
-            for (int v = 0; v < nv; v++) b[v] = _mm512_loadu_ps(Pt + (long)k * nv * 16 + 16 * v);
+            const float *pk = Pt + k * ldp;
+            for (int v = 0; v < nv - 1; v++) b[v] = _mm512_loadu_ps(pk + 16 * v);
+            /* a block that ends its planar operand mid-vector masks its last load (that
+             * keeps gcc from holding the accumulators in registers: full blocks don't) */
+            b[nv - 1] = planar == 2 ? _mm512_maskz_loadu_ps(last, pk + 16 * (nv - 1))
+                                    : _mm512_loadu_ps(pk + 16 * (nv - 1));
             for (int i = 0; i < mr; i++) {
                 __m512 a = _mm512_set1_ps(At[i * lda + k]);
                 for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
@@ -39,19 +49,34 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
     }
 }
 
-typedef void (*ukr_fn)(int, int, const long *, const float *, long, const float *, float *,
-                       long, const float *, __mmask16);
-#define UKR(m, n) static void ukr_##m##_##n(int K, int taps, const long *offs, \
-        const float *A, long lda, const float *P, float *C, long ldc, const float *bias, \
-        __mmask16 last) { ukr(m, n, K, taps, offs, A, lda, P, C, ldc, bias, last); }
-#define UKR4(m) UKR(m, 1) UKR(m, 2) UKR(m, 3) UKR(m, 4)
-#define UKR2(m) UKR(m, 1) UKR(m, 2)
-UKR4(1) UKR4(2) UKR4(3) UKR4(4) UKR4(5) UKR4(6)
-UKR2(7) UKR2(8) UKR2(9) UKR2(10) UKR2(11) UKR2(12)
-#define ROW4(m) {ukr_##m##_1, ukr_##m##_2, ukr_##m##_3, ukr_##m##_4}
-#define ROW2(m) {ukr_##m##_1, ukr_##m##_2, 0, 0}
-static const ukr_fn UKRS[12][4] = {ROW4(1), ROW4(2), ROW4(3), ROW4(4), ROW4(5), ROW4(6),
-                                   ROW2(7), ROW2(8), ROW2(9), ROW2(10), ROW2(11), ROW2(12)};
+typedef void (*ukr_fn)(int, int, const long *, const long *, const float *, long,
+                       const float *, long, float *, long, const float *, __mmask16);
+/* one instance per block shape and orientation: packed (ukr_p_*), planar (ukr_q_*) and
+ * planar ending its operand mid-vector (ukr_m_*) */
+#define UKR(o, pl, m, n) static void ukr_##o##_##m##_##n(int K, int taps, const long *offa, \
+        const long *offp, const float *A, long lda, const float *P, long ldp, float *C, \
+        long ldc, const float *bias, __mmask16 last) \
+        { ukr(m, n, pl, K, taps, offa, offp, A, lda, P, ldp, C, ldc, bias, last); }
+#define UKR4(o, pl, m) UKR(o, pl, m, 1) UKR(o, pl, m, 2) UKR(o, pl, m, 3) UKR(o, pl, m, 4)
+#define UKR2(o, pl, m) UKR(o, pl, m, 1) UKR(o, pl, m, 2)
+#define UKRS_OF(o, pl) UKR4(o, pl, 1) UKR4(o, pl, 2) UKR4(o, pl, 3) UKR4(o, pl, 4) \
+        UKR4(o, pl, 5) UKR4(o, pl, 6) UKR2(o, pl, 7) UKR2(o, pl, 8) UKR2(o, pl, 9) \
+        UKR2(o, pl, 10) UKR2(o, pl, 11) UKR2(o, pl, 12)
+UKRS_OF(p, 0)
+UKRS_OF(q, 1)
+UKRS_OF(m, 2)
+#define ROW4(o, m) {ukr_##o##_##m##_1, ukr_##o##_##m##_2, ukr_##o##_##m##_3, ukr_##o##_##m##_4}
+#define ROW2(o, m) {ukr_##o##_##m##_1, ukr_##o##_##m##_2, 0, 0}
+#define TABLE(o) {ROW4(o, 1), ROW4(o, 2), ROW4(o, 3), ROW4(o, 4), ROW4(o, 5), ROW4(o, 6), \
+        ROW2(o, 7), ROW2(o, 8), ROW2(o, 9), ROW2(o, 10), ROW2(o, 11), ROW2(o, 12)}
+__attribute__((unused)) static const ukr_fn UKRS[12][4] = TABLE(p);
+__attribute__((unused)) static const ukr_fn UKRQ[12][4] = TABLE(q);
+__attribute__((unused)) static const ukr_fn UKRM[12][4] = TABLE(m);
+
+static __mmask16 tail_mask(int n)
+{
+    return (n % 16) ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
+}
 
 /* Floats of a packed (taps x K x N) operand. */
 long packed_floats(int taps, int K, int N) { return (long)taps * K * ((N + 15) / 16 * 16); }
@@ -72,18 +97,46 @@ void pack_b(const float *B, int taps, int K, int N, long st, long sk, long sn, f
 }
 
 /* C (M x N) = sum_t A_t @ B_t (+ bias, padded to 16; NULL: none); see the top. */
-static void gemm_taps(int M, int N, int K, int taps, const long *offs, const float *A,
+__attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps, const long *offs, const float *A,
                       long lda, const float *Bp, const float *bias, float *C, long ldc)
 {
+    long offp[taps];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
         int nw = N - n0 < PANEL ? N - n0 : PANEL, nv = (nw + 15) / 16;
         int mr_max = nv <= 2 ? 12 : 6;
-        __mmask16 last = (nw % 16) ? (__mmask16)((1u << (nw % 16)) - 1) : (__mmask16)0xFFFF;
+        for (int t = 0; t < taps; t++) offp[t] = (long)t * K * nv * 16;
         const float *P = Bp + (long)n0 * K * taps, *bb = bias ? bias + n0 : 0;
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
-            UKRS[mr - 1][nv - 1](K, taps, offs, A + m0 * lda, lda, P, C + m0 * ldc + n0,
-                                 ldc, bb, last);
+            UKRS[mr - 1][nv - 1](K, taps, offs, offp, A + m0 * lda, lda, P, nv * 16,
+                                 C + m0 * ldc + n0, ldc, bb, tail_mask(nw));
+        }
+    }
+}
+
+/* The planar (channel-major) orientation: C (M channels x Npix pixels, rows ldc apart) =
+ * bias (one per row, or NULL) + sum_t W_t (M x K, row-major, taps one after another) @
+ * X_t (K rows ldx apart, each Npix pixels), X_t being X shifted by offp[t] floats: pixels
+ * are the vector dimension, weights are broadcast. A block ending mid-vector reads whole
+ * vectors past pixel Npix (their lanes are dropped) unless that would pass ``end`` (the
+ * end of X's memory; NULL: X has slack), where it masks its loads (a slower instance). */
+__attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps,
+        const long *offp, const float *Wt, const float *X, long ldx, const float *bias,
+        float *C, long ldc, const float *end)
+{
+    const int nv_max = M > 12 ? 4 : 2, mr_max = nv_max == 4 ? 6 : 12;
+    long offa[taps], reach = 0;
+    for (int t = 0; t < taps; t++) {
+        offa[t] = (long)t * M * K;
+        if (offp[t] > reach) reach = offp[t];
+    }
+    for (int q0 = 0; q0 < Npix; q0 += 16 * nv_max) {
+        int nq = Npix - q0 < 16 * nv_max ? Npix - q0 : 16 * nv_max, nv = (nq + 15) / 16;
+        int masked = end && X + q0 + reach + (long)(K - 1) * ldx + 16 * nv > end;
+        for (int m0 = 0; m0 < M; m0 += mr_max) {
+            int mr = M - m0 < mr_max ? M - m0 : mr_max;
+            (masked ? UKRM : UKRQ)[mr - 1][nv - 1](K, taps, offa, offp, Wt + (long)m0 * K,
+                K, X + q0, ldx, C + m0 * ldc + q0, ldc, bias ? bias + m0 : 0, tail_mask(nq));
         }
     }
 }
@@ -91,7 +144,7 @@ static void gemm_taps(int M, int N, int K, int taps, const long *offs, const flo
 static const long NO_OFFSET[1] = {0};
 
 /* C (M x N) = A (M x K) @ packed B (+ bias) */
-static void gemm(int M, int N, int K, const float *A, long lda, const float *Bp,
+__attribute__((unused)) static void gemm(int M, int N, int K, const float *A, long lda, const float *Bp,
                  const float *bias, float *C, long ldc)
 {
     gemm_taps(M, N, K, 1, NO_OFFSET, A, lda, Bp, bias, C, ldc);

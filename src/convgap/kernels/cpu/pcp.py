@@ -16,8 +16,9 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
-from .common import (BAND_PIXELS, I, P, check_tensors, nhwc, out_size, output, pack, padded,
-                     scratch, typed_library)
+from . import planar
+from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
+                     pack, padded, scratch, typed_library)
 
 __all__ = ["available", "pointwise_conv_pointwise", "run"]
 
@@ -67,7 +68,8 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
                              b: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                              padding=0, dilation=1, k2: torch.Tensor | None = None,
                              stride2: int = 1, padding2: int = 0, dilation2: int = 1,
-                             groups: int = 1, store: dict | None = None) -> torch.Tensor:
+                             groups: int = 1, store: dict | None = None,
+                             kernel: str = "auto") -> torch.Tensor:
     """``F.conv2d(F.conv2d(F.conv2d(F.conv2d(x, a.t()[..., None, None]), k1, None, stride,
     padding, dilation), k2, None, (1, stride2), (0, padding2), (1, dilation2)),
     b[..., None, None], bias)`` in one pass (without the k2 step where k2 is None); with
@@ -80,16 +82,22 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
     R2 without k2); bias: (O,) or None; group-major channel order. stride, padding (zeros, symmetric), dilation of k1:
     an int or a pair; those of k2: ints along the width. Returns (N, O, OH, OW) in x's memory
     format. ``store``: a dict kept by the caller for the packed weights (rebuilt when a
-    weight is a different tensor or was modified in place). Raises ConvgapError on bad
+    weight is a different tensor or was modified in place). ``kernel``: 'nhwc'
+    (channels-innermost, this module's kernel), 'planar' (channel-major, :mod:`.planar`:
+    NCHW inputs, width strides 1, with k2 a k1 along columns only) or 'auto' (planar where
+    it applies). Raises ConvgapError on bad
     shapes, dtypes, devices, or inputs needing gradients; RuntimeError where the kernel is
     not available (see :func:`available`)."""
     _check(x, a, k1, b, bias, k2, groups, stride, stride2)
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
-    return run(x, a, k1, b, bias, _pair(stride), _pair(padding), _pair(dilation), k2,
-               (int(stride2), int(padding2), int(dilation2)), {} if store is None else store,
-               groups)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    second = (int(stride2), int(padding2), int(dilation2))
+    use_planar = kernel_choice(kernel, planar.supports(x, stride, k1.shape, padding,
+                                                       None if k2 is None else second))
+    return run(x, a, k1, b, bias, stride, padding, dilation, k2, second,
+               {} if store is None else store, groups, use_planar)
 
 
 def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second,
@@ -119,9 +127,17 @@ def _prepare(lib, a, k1, k2, b, bias) -> tuple:
             pack(lib, b.t()), padded(bias))
 
 
+def _planar_weights(a, k1, k2, b, bias) -> tuple:
+    def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_out, R_in)
+        return k.detach().permute(2, 3, 0, 1).reshape(-1, k.shape[0], k.shape[1]).contiguous()
+    return (a.detach().t().contiguous(), taps(k1), None if k2 is None else taps(k2),
+            b.detach().contiguous(), None if bias is None else bias.detach().contiguous())
+
+
 def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
         bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
-        k2: torch.Tensor | None, second: tuple, store: dict, groups: int = 1) -> torch.Tensor:
+        k2: torch.Tensor | None, second: tuple, store: dict, groups: int = 1,
+        use_planar: bool = False) -> torch.Tensor:
     """:func:`pointwise_conv_pointwise` without its checks (the caller has made them;
     stride, padding, dilation are pairs, ``second`` is k2's (stride, padding, dilation)):
     per input geometry the kernel's arguments are worked out once and kept in ``store``,
@@ -135,6 +151,12 @@ def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
                                      groups)
     ints, out_shape, per = geo
     weights = [t for t in (a, k1, k2, b, bias) if t is not None]
+    if use_planar:
+        g = list(ints)
+        head = g[:10] + g[11:15] + [g[15], g[17], g[18]] + g[19:22]  # no width strides
+        return planar.run(x, reuse(store, "planar_weights", weights,
+                                   lambda: _planar_weights(a, k1, k2, b, bias)),
+                          (*head, groups, 0), out_shape, store)
     pa, pk1, pk2, pb, pbias = reuse(store, "weights", weights,
                                     lambda: _prepare(lib, a, k1, k2, b, bias))
     threads = torch.get_num_threads()

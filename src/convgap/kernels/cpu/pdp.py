@@ -15,8 +15,9 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
-from .common import (BAND_PIXELS, I, P, check_tensors, nhwc, out_size, output, pack, padded,
-                     round16, scratch, typed_library)
+from . import planar
+from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
+                     pack, padded, round16, scratch, typed_library)
 
 __all__ = ["available", "pointwise_depthwise_pointwise", "run"]
 
@@ -47,6 +48,11 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     return pack(lib, a), taps, pack(lib, b.t()), padded(bias)
 
 
+def _planar_weights(a, d, b, bias) -> tuple:
+    return (a.detach().t().contiguous(), d.detach().reshape(d.shape[0], -1).contiguous(), None,
+            b.detach().contiguous(), None if bias is None else bias.detach().contiguous())
+
+
 def _check(x, a, d, b, bias) -> None:
     check_tensors("pointwise_depthwise_pointwise", x=x, a=a, d=d, b=b, bias=bias)
     if x.dim() != 4 or a.dim() != 2 or d.dim() != 3 or b.dim() != 2:
@@ -64,7 +70,8 @@ def _check(x, a, d, b, bias) -> None:
 def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor,
                                   b: torch.Tensor, bias: torch.Tensor | None = None,
                                   stride=1, padding=0, dilation=1,
-                                  store: dict | None = None) -> torch.Tensor:
+                                  store: dict | None = None, kernel: str = "auto"
+                                  ) -> torch.Tensor:
     """``F.conv2d(F.conv2d(F.conv2d(x, a.t()[..., None, None]), d[:, None], None, stride,
     padding, dilation, groups=R), b[..., None, None], bias)`` in one pass.
 
@@ -74,15 +81,19 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
     pair. Returns (N, O, OH, OW) in x's memory format (NCHW where x is both, as with one
     channel). ``store``: a dict kept by the caller
     where the weights' packed copies live, rebuilt when any weight is a different tensor or
-    was modified in place. Raises ConvgapError on bad shapes, dtypes, devices, or inputs
+    was modified in place. ``kernel``: 'nhwc' (channels-innermost, :mod:`.pdp`), 'planar'
+    (channel-major, :mod:`.planar`: NCHW inputs and width stride 1 only) or 'auto' (planar
+    where it applies). Raises ConvgapError on bad shapes, dtypes, devices, or inputs
     needing gradients; RuntimeError where the kernel is not available (see
     :func:`available`)."""
     _check(x, a, d, b, bias)
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
-    return run(x, a, d, b, bias, _pair(stride), _pair(padding), _pair(dilation),
-               {} if store is None else store)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    use_planar = kernel_choice(kernel, planar.supports(x, stride, d.shape, padding, None))
+    return run(x, a, d, b, bias, stride, padding, dilation, {} if store is None else store,
+               use_planar)
 
 
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
@@ -102,10 +113,11 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
 
 def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
         bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
-        store: dict) -> torch.Tensor:
+        store: dict, use_planar: bool = False) -> torch.Tensor:
     """:func:`pointwise_depthwise_pointwise` without its checks (the caller has made them;
-    stride, padding, dilation are pairs): per input geometry the kernel's arguments are
-    worked out once and kept in ``store``, with the packed weights and the scratch."""
+    stride, padding, dilation are pairs; ``use_planar`` only where :func:`planar.supports`):
+    per input geometry the kernel's arguments are worked out once and kept in ``store``,
+    with the packed weights and the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
     key = (x.shape, stride, padding, dilation)
@@ -114,6 +126,12 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
         geo = store[key] = _geometry(lib, x, d.shape[0], d.shape[1], d.shape[2], b.shape[0],
                                      stride, padding, dilation)
     ints, out_shape, per = geo
+    if use_planar:
+        n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _ = ints
+        weights = reuse(store, "planar_weights", [t for t in (a, d, b, bias) if t is not None],
+                        lambda: _planar_weights(a, d, b, bias))
+        return planar.run(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
+                                       1, o, oh, ow, 1, 1), out_shape, store)
     weights = (a, d, b) if bias is None else (a, d, b, bias)
     pa, taps, pb, pbias = reuse(store, "weights", weights,
                                 lambda: _prepare(lib, a, d, b, bias))

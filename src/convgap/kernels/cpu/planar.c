@@ -1,0 +1,177 @@
+/* The fused factorized convolutions on channel-major (NCHW) maps, fp32, AVX-512:
+ *
+ *   u  = A x                            (1x1 conv, C -> Z R1 channels)
+ *   v1 = conv(u, K1)  or depthwise      (kh1 x kw1; stride (sh1, 1), dilation, zero padding)
+ *   v2 = conv(v1, K2) or v2 = v1        (1 x kw2 along rows, width stride 1)
+ *   y  = B v2 + bias                    (1x1 conv, Z R3 -> O channels)
+ *
+ * pcp.c and pdp.c run on channels-innermost maps with output channels in the vectors; an
+ * NCHW input would first have to be copied to that layout and the result back. Here every
+ * map stays channel-major: pixels fill the vectors and weights are broadcast (gemm.h's
+ * gemm_planar), which also keeps the vectors full where the ranks are narrow (a 24-channel
+ * Tucker core, a tensor ring's 7-channel groups). Each thread walks a contiguous range of
+ * output rows in bands, keeping a window of u's rows per channel plane, zero-padded, so each
+ * convolution runs over the band's rows as one flat range of pixels: the pixels in the
+ * padding columns are computed and dropped when the band is compacted for the last GEMM.
+ * With a second convolution the first must run along columns only (kw1 = 1), so its output
+ * lands in the second's padded layout with zeros in the padding. Z > 1: groups of channels
+ * sharing both filters (a tensor ring's bond). */
+#include <string.h>
+#include <omp.h>
+
+#include "gemm.h"
+
+enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
+       G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_COUNT };
+
+#define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
+                     vector's remainder past it */
+
+typedef struct {
+    int w1;         /* width after the first convolution */
+    int pl, wp;     /* interior column offset and padded width of the window (and of v1) */
+    int rows1;      /* rows of the window */
+    long pu, pv;    /* plane strides of the window and of the band buffers v1, v2 */
+    long t1, u, v1, v2, vc;  /* floats of each buffer */
+} Sizes;
+
+static Sizes sizes(const int *g)
+{
+    Sizes s;
+    const int W = g[G_W], kw2 = g[G_KW2], TH = g[G_TH];
+    s.w1 = W + 2 * g[G_PW1] - g[G_DW1] * (g[G_KW1] - 1);
+    if (kw2) {  /* the first convolution is vertical: the window takes the second's padding */
+        int right = (g[G_OW] - 1) + (kw2 - 1) * g[G_DW2] + 1 - g[G_PW2] - s.w1;
+        s.pl = g[G_PW2];
+        s.wp = s.pl + W + (right > 0 ? right : 0);
+    } else {
+        int right = (s.w1 - 1) + (g[G_KW1] - 1) * g[G_DW1] + 1 - g[G_PW1] - W;
+        s.pl = g[G_PW1];
+        s.wp = s.pl + W + (right > 0 ? right : 0);
+    }
+    s.rows1 = (TH - 1) * g[G_SH1] + (g[G_KH1] - 1) * g[G_DH1] + 1;
+    const long z = g[G_Z];
+    s.pu = (long)s.rows1 * s.wp + SLACK;
+    s.pv = (long)TH * s.wp + SLACK;
+    s.t1 = z * g[G_R1] * ((long)s.rows1 * W + SLACK);
+    s.u = z * g[G_R1] * s.pu;
+    s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
+    s.v2 = z * g[G_R3] * s.pv;
+    s.vc = z * g[G_R3] * ((long)TH * g[G_OW] + SLACK);
+    return s;
+}
+
+/* Floats of scratch one thread needs. */
+long planar_scratch_floats(const int *g)
+{
+    Sizes s = sizes(g);
+    return s.t1 + s.u + s.v1 + s.v2 + s.vc + 64;
+}
+
+/* v[ch][q] = sum_t u[ch][q + offs[t]] * d[ch][t] over Npix pixels, for nch channel planes */
+static void depthwise_planar(int nch, int taps, const long *offs, const float *d,
+                             const float *u, long pu, int Npix, float *v, long pv)
+{
+    for (int ch = 0; ch < nch; ch++) {
+        const float *uc = u + ch * pu;
+        float *vc = v + ch * pv;
+        for (int q = 0; q < Npix; q += 16) {
+            __mmask16 m = Npix - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Npix - q)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (int t = 0; t < taps; t++)
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, uc + q + offs[t]),
+                                      _mm512_set1_ps(d[ch * taps + t]), acc);
+            _mm512_mask_storeu_ps(vc + q, m, acc);
+        }
+    }
+}
+
+/* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
+ * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
+ * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x planar_scratch_floats. */
+void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
+                    const float *K2t, const float *Bt, const float *bias, float *y,
+                    float *scratch, int threads)
+{
+    const Sizes s = sizes(g);
+    const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
+    const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];
+    const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
+    const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
+    const int taps1 = g[G_KH1] * g[G_KW1];
+    const long per = planar_scratch_floats(g), wp = s.wp;
+    const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
+    long offs1[taps1], offs2[kw2 > 0 ? kw2 : 1];
+    for (int i = 0; i < g[G_KH1]; i++)
+        for (int j = 0; j < g[G_KW1]; j++)
+            offs1[i * g[G_KW1] + j] = (long)i * g[G_DH1] * wp + (long)j * g[G_DW1];
+    for (int j = 0; j < kw2; j++) offs2[j] = (long)j * g[G_DW2];
+    const long total = (long)N * OH;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *t1 = scratch + per * t, *u = t1 + s.t1, *v1 = u + s.u, *v2 = v1 + s.v1;
+        float *vc = v2 + s.v2;
+        memset(u, 0, sizeof(float) * s.u);  /* the zero padding */
+        long g0 = total * t / nt, g1 = total * (t + 1) / nt;
+        int cur = -1, ulo = 0, uhi = 0;  /* window: padded rows [ulo, uhi) of image cur */
+        while (g0 < g1) {
+            int n = (int)(g0 / OH), oh = (int)(g0 % OH);
+            int th = OH - oh < TH ? OH - oh : TH;
+            if (g1 - g0 < th) th = (int)(g1 - g0);
+            int lo = oh * sh1, hi = (oh + th - 1) * sh1 + (g[G_KH1] - 1) * g[G_DH1] + 1;
+            if (n != cur || uhi <= lo) { cur = n; ulo = uhi = lo; }
+            else if (lo > ulo) {
+                for (int ch = 0; ch < ZR1; ch++)
+                    memmove(u + ch * s.pu, u + ch * s.pu + (lo - ulo) * wp,
+                            sizeof(float) * (uhi - lo) * wp);
+                ulo = lo;
+            }
+            /* new window rows [uhi, hi): the image's rows among them by one GEMM */
+            int r0 = uhi - ph1, r1 = hi - ph1;
+            if (r0 < 0) r0 = 0;
+            if (r1 > H) r1 = H;
+            if (r1 > r0)
+                gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
+                            x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
+                            x + (long)N * C * H * W);
+            for (int ip = uhi; ip < hi; ip++) {
+                int ih = ip - ph1;
+                for (int ch = 0; ch < ZR1; ch++) {
+                    float *row = u + ch * s.pu + (ip - ulo) * wp;
+                    if (ih >= 0 && ih < H)
+                        memcpy(row + s.pl, t1 + ch * ldt1 + (long)(ih - r0) * W,
+                               sizeof(float) * W);
+                    else
+                        memset(row, 0, sizeof(float) * wp);
+                }
+            }
+            if (hi > uhi) uhi = hi;
+            /* first convolution: the band's rows as one flat range (per row if strided) */
+            float *out1 = kw2 ? v1 : v2;
+            const int rows = sh1 == 1 ? 1 : th, npix = sh1 == 1 ? th * (int)wp : (int)wp;
+            for (int r = 0; r < rows; r++) {
+                const float *a = u + ((long)(oh + r) * sh1 - ulo) * wp;
+                float *o1 = out1 + r * wp;
+                if (dw)
+                    depthwise_planar(R1, taps1, offs1, K1t, a, s.pu, npix, o1, s.pv);
+                else
+                    for (int z = 0; z < Z; z++)
+                        gemm_planar(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu, s.pu,
+                                    0, o1 + z * (kw2 ? R2 : R3) * s.pv, s.pv, 0);
+            }
+            if (kw2)  /* second convolution, along rows: flat over the band */
+                for (int z = 0; z < Z; z++)
+                    gemm_planar(R3, th * (int)wp, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv,
+                                s.pv, 0, v2 + z * R3 * s.pv, s.pv, 0);
+            /* compact the band (drop the padding columns), then the last 1x1 conv */
+            for (int ch = 0; ch < Z * R3; ch++)
+                for (int r = 0; r < th; r++)
+                    memcpy(vc + ch * ldvc + (long)r * OW, v2 + ch * s.pv + r * wp,
+                           sizeof(float) * OW);
+            gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
+                        y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0);
+            g0 += th;
+        }
+    }
+}

@@ -1,0 +1,76 @@
+"""The fused factorized convolutions on NCHW maps (C kernel ``planar.c``).
+
+:mod:`.pdp` and :mod:`.pcp` run on channels-innermost maps; given an NCHW input they copy it
+to that layout and the result back, two passes over memory that cost a layer at batch 8 a
+fifth of its time. This kernel keeps every map channel-major (pixels in the vectors,
+weights broadcast), so NCHW inputs are read and written in place, and narrow ranks (a
+24-channel Tucker core, a tensor ring's 7-channel groups) still fill the vectors. It serves
+both: ``depthwise`` picks pointwise -> depthwise -> pointwise (CP), else pointwise -> conv
+(-> conv along rows) -> pointwise (Tucker, TT, TR). Width strides must be 1, and with a
+second convolution the first must run along columns only (as in TT and TR).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .common import BAND_PIXELS, I, P, typed_library
+
+__all__ = ["available", "supports", "run"]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.planar_scratch_floats.restype = ctypes.c_long
+    lib.planar_scratch_floats.argtypes = [P]
+    lib.planar_forward.argtypes = [P, P, P, P, P, P, P, P, P, I]
+    lib.planar_forward.restype = None
+
+
+def _lib() -> ctypes.CDLL | None:
+    return typed_library("planar", _declare)
+
+
+def available() -> bool:
+    """True where the C kernel is built and loadable."""
+    return _lib() is not None
+
+
+def supports(x: torch.Tensor, stride: tuple, k1_shape: tuple, padding: tuple,
+             second: tuple | None) -> bool:
+    """True if the planar kernel can run this geometry on ``x``: an NCHW-contiguous input,
+    width strides 1, and, with a second convolution, a first one along columns only."""
+    if not x.is_contiguous() or stride[1] != 1:
+        return False
+    if second is not None and (second[0] != 1 or k1_shape[-1] != 1 or padding[1] != 0):
+        return False
+    return available()
+
+
+def run(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, store: dict
+        ) -> torch.Tensor:
+    """Run the kernel: ``weights`` = (A^T, first filter taps, second filter taps or None,
+    B, bias or None) prepared by the caller (float32, contiguous); ``geometry`` = the
+    integer arguments but the band (see planar.c's enum, from G_N to G_OW, then G_Z and
+    G_DEPTHWISE). Returns (N, O, OH, OW), NCHW."""
+    lib = _lib()
+    key = ("planar", geometry)
+    ints = store.get(key)
+    if ints is None:
+        *head, z, depthwise = geometry
+        ow = head[-1]
+        band = max(1, min(head[-2], round(BAND_PIXELS / ow)))
+        ints = store[key] = (ctypes.c_int * 23)(*head, band, z, depthwise)
+    per = lib.planar_scratch_floats(ints)
+    threads = torch.get_num_threads()
+    buf = store.get("planar_scratch")
+    if buf is None or buf.numel() < threads * per:
+        buf = store["planar_scratch"] = torch.empty(threads * per, dtype=torch.float32)
+    at, k1, k2, bt, bias = weights
+    y = torch.empty(out_shape, dtype=torch.float32)
+    lib.planar_forward(ints, x.data_ptr(), at.data_ptr(), k1.data_ptr(),
+                       None if k2 is None else k2.data_ptr(), bt.data_ptr(),
+                       None if bias is None else bias.data_ptr(), y.data_ptr(), buf.data_ptr(),
+                       threads)
+    return y
