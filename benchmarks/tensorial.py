@@ -10,7 +10,10 @@ channels_last dense weight):
    achieved GFLOP/s, latency reduction vs MAC reduction
    (target at 10x: latency reduction >= 0.7 x MAC reduction; FlattenedConv2d >= 2x faster
    than dense);
-2. convgap's contraction path vs left-to-right order (same factors, interleaved);
+   "runs": what the layer's forward ran after its one-time measurement (``kernel_for``):
+   'planar' / 'nhwc' (a fused C kernel, convgap.kernels.cpu) or 'steps';
+2. convgap's contraction path vs left-to-right order, both as torch steps (convgap.einsum on
+   the same factors, interleaved): "steps ms" and "left ms";
 3. tltorch ``FactorizedConv`` (``implementation="factorized"``) where tensorly-torch is
    importable (a bench-only install; convgap does not depend on it);
 4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
@@ -110,6 +113,7 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
                                     **args)], cfg, device)
             left_macs = info.naive_macs
             row = {"variant": fam, "target_compression": comp, "ranks": list(layer.ranks),
+                   "runs": layer.kernel_for(x),
                    "params": layer.weight_params, "macs": info.macs, "dense_s": t_dense,
                    "s": t_layer, "speedup": speedup, "path": info.path, "left_macs": left_macs,
                    "path_s": t_best.median, "left_s": t_left.median}
@@ -159,13 +163,15 @@ def print_tables(results, plans, console) -> None:
                         f"{r['size']}, batch {r['batch']} (dense: {r['dense_params']:,} "
                         f"params, {r['dense_macs'] / 1e6:.0f}M MACs, "
                         f"{1e3 * r['rows'][0]['dense_s']:.3g} ms)", title_justify="left")
-        for col in ("variant", "x", "ranks", "params", "MACs", "ms", "dense ms", "GFLOP/s",
-                    "param cut", "MAC cut", "speedup", "speedup/MAC cut", "path ms",
-                    "left ms", "left MACs", "tltorch ms"):
-            t.add_column(col, justify="left" if col in ("variant", "ranks") else "right")
+        for col in ("variant", "x", "ranks", "runs", "params", "MACs", "ms", "dense ms",
+                    "GFLOP/s", "param cut", "MAC cut", "speedup", "speedup/MAC cut",
+                    "steps ms", "left ms", "left MACs", "tltorch ms"):
+            t.add_column(col, justify="left" if col in ("variant", "ranks", "runs")
+                         else "right")
         for row in r["rows"]:
             t.add_row(row["variant"], str(row["target_compression"] or "-"),
-                      str(row["ranks"] or "-"), f"{row['params']:,}",
+                      str(row["ranks"] or "-"), row.get("runs") or "-",
+                      f"{row['params']:,}",
                       f"{row['macs'] / 1e6:.1f}M", f"{1e3 * row['s']:.3g}",
                       f"{1e3 * row['dense_s']:.3g}", f"{row['gflops']:.0f}",
                       f"{row['param_reduction']:.1f}x", f"{row['mac_reduction']:.1f}x",

@@ -314,6 +314,8 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
                        stride, pad, dilation)
     # it ran fused (tensor ring: only with width stride 1)
     assert bool(calls) == (family != "tr" or layer.stride[1] == 1)
+    planar = not channels_last and layer.stride[1] == 1
+    assert layer.kernel_for(x) == ("steps" if not calls else "planar" if planar else "nhwc")
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
@@ -362,6 +364,8 @@ def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
             layer(x)
         layer(torch.randn(1, 12, 9, 8))
     assert len(seen) == 2
+    assert layer.kernel_for(x) in ("planar", "nhwc", "steps")
+    assert layer.kernel_for(torch.randn(3, 12, 9, 8)) is None  # not measured yet
 
 
 @needs_kernel

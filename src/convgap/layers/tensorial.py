@@ -255,6 +255,22 @@ class TensorialConv2d(nn.Module):
             choice = store["choice"] = fns.index(_measured_fastest(key, fns))
         return runs[choice]() if choice < len(runs) else self._steps(x, plan)
 
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """What forward runs for inputs with ``x``'s shape and strides: 'planar' or 'nhwc'
+        (the fused C kernels, channel-major or channels-innermost; see
+        :mod:`convgap.layers.fused`), 'steps' (the contraction path on torch ops), or None
+        while that is not yet decided (a fusable layer measures on its first inference
+        call). Outside CPU float32 inference (autograd, tracing, other dtypes or devices),
+        forward always runs the steps."""
+        plan = self._plans.get(x.shape)
+        choice = None if plan is None else plan[2].get(("fused", x.stride()), {}).get("choice")
+        if choice is None:
+            fusable = self.factorization in fused.FUSED_FAMILIES and self._pads() is not None \
+                and fused.available(self.factorization, self.stride)
+            return None if fusable else "steps"
+        names = (["planar"] if fused.planar_applies(x, self.stride) else []) + ["nhwc"]
+        return names[choice] if choice < len(names) else "steps"
+
     def dense_weight(self) -> torch.Tensor:
         """The (O, S, kh, kw) kernel the factors stand for (for checks; forward never
         builds it)."""
