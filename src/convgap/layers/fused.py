@@ -53,20 +53,21 @@ def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
 
 def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
-               store: dict, use_planar: bool = False) -> Callable[[], torch.Tensor]:
-    """A function running the layer's forward on ``x`` with a fused kernel (the caller has
-    checked dtype, device and autograd): the channel-major one with ``use_planar`` (where
-    :func:`planar_applies`), else the channels-innermost one. ``store`` keeps the packed
-    weights."""
+               store: dict, use_planar: bool = False
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the layer's forward with a fused kernel on inputs of ``x``'s
+    shape and strides (the caller has checked dtype, device and autograd): the
+    channel-major one with ``use_planar`` (where :func:`planar_applies`), else the
+    channels-innermost one. It holds the weights' prepared forms: call it again only while
+    the factors are unchanged. ``store`` keeps the packed weights."""
     if family == "cp":
         fa, fh, fw, fo = factors
         taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
-        return lambda: pdp.run(x, fa, taps, fo, bias, stride, pads, dilation, store,
-                               use_planar)
+        return pdp.bind(x, fa, taps, fo, bias, stride, pads, dilation, store, use_planar)
     if family == "tucker":
         fs, core, fo = factors
-        return lambda: pcp.run(x, fs, core, fo, bias, stride, pads, dilation, None,
-                               (1, 0, 1), store, 1, use_planar)
+        return pcp.bind(x, fs, core, fo, bias, stride, pads, dilation, None, (1, 0, 1), store,
+                        1, use_planar)
     if family == "tt":
         fa, fh, fw, fo = factors  # sa, ahc, cwd, do
         # the same view objects while the factors are unchanged (the kernel's packed
@@ -75,9 +76,9 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
             fh.permute(2, 0, 1).unsqueeze(3),  # (c, a, kh, 1)
             fw.permute(2, 0, 1).unsqueeze(2),  # (d, c, 1, kw)
             fo.t()))
-        return lambda: pcp.run(x, fa, vertical, last, bias, (stride[0], 1), (pads[0], 0),
-                               (dilation[0], 1), horizontal,
-                               (stride[1], pads[1], dilation[1]), store, 1, use_planar)
+        return pcp.bind(x, fa, vertical, last, bias, (stride[0], 1), (pads[0], 0),
+                        (dilation[0], 1), horizontal, (stride[1], pads[1], dilation[1]), store,
+                        1, use_planar)
     if family == "tr":
         fa, fh, fw, fo = factors  # zsa, ahc, cwd, doz
         z, s, a = fa.shape
@@ -86,7 +87,7 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
             fh.permute(2, 0, 1).unsqueeze(3),
             fw.permute(2, 0, 1).unsqueeze(2),
             fo.permute(1, 2, 0).reshape(fo.shape[1], z * fo.shape[0])))
-        return lambda: pcp.run(x, first, vertical, last, bias, (stride[0], 1), (pads[0], 0),
-                               (dilation[0], 1), horizontal,
-                               (stride[1], pads[1], dilation[1]), store, z, use_planar)
+        return pcp.bind(x, first, vertical, last, bias, (stride[0], 1), (pads[0], 0),
+                        (dilation[0], 1), horizontal, (stride[1], pads[1], dilation[1]), store,
+                        z, use_planar)
     raise ValueError(f"no fused kernel for the {family!r} family")

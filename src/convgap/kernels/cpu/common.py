@@ -55,11 +55,11 @@ def padded(bias: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def scratch(store: dict, floats: int) -> torch.Tensor:
-    """A float buffer of at least ``floats``, kept in ``store`` across calls."""
-    buf = store.get("scratch")
+def scratch(store: dict, floats: int, name: str = "scratch") -> torch.Tensor:
+    """A float buffer of at least ``floats``, kept in ``store[name]`` across calls."""
+    buf = store.get(name)
     if buf is None or buf.numel() < floats:
-        buf = store["scratch"] = torch.empty(floats, dtype=torch.float32)
+        buf = store[name] = torch.empty(floats, dtype=torch.float32)
     return buf
 
 

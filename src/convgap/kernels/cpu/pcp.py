@@ -11,6 +11,7 @@ autograd).
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 import torch
 from torch.nn.modules.utils import _pair
@@ -20,7 +21,7 @@ from . import planar
 from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
                      pack, padded, scratch, typed_library)
 
-__all__ = ["available", "pointwise_conv_pointwise", "run"]
+__all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -140,8 +141,20 @@ def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
         use_planar: bool = False) -> torch.Tensor:
     """:func:`pointwise_conv_pointwise` without its checks (the caller has made them;
     stride, padding, dilation are pairs, ``second`` is k2's (stride, padding, dilation)):
-    per input geometry the kernel's arguments are worked out once and kept in ``store``,
-    with the packed weights and the scratch."""
+    ``bind(...)(x)``."""
+    return bind(x, a, k1, b, bias, stride, padding, dilation, k2, second, store, groups,
+                use_planar)(x)
+
+
+def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
+         bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
+         k2: torch.Tensor | None, second: tuple, store: dict, groups: int = 1,
+         use_planar: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the kernel on inputs of ``x``'s shape and strides with these
+    weights in their prepared forms (packed now, or reused from ``store`` while each weight
+    is the same tensor at the same version): call it again only while the weights are
+    unchanged. Per input geometry the kernel's arguments are worked out once and kept in
+    ``store``, with the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
     key = (x.shape, stride, padding, dilation, second, groups)
@@ -154,17 +167,19 @@ def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     if use_planar:
         g = list(ints)
         head = g[:10] + g[11:15] + [g[15], g[17], g[18]] + g[19:22]  # no width strides
-        return planar.run(x, reuse(store, "planar_weights", weights,
-                                   lambda: _planar_weights(a, k1, k2, b, bias)),
-                          (*head, groups, 0), out_shape, store)
-    pa, pk1, pk2, pb, pbias = reuse(store, "weights", weights,
-                                    lambda: _prepare(lib, a, k1, k2, b, bias))
-    threads = torch.get_num_threads()
-    buf = scratch(store, threads * per)
-    y, finish = output(x, out_shape)
-    xh = nhwc(x)  # held here: a copy must outlive the call
-    lib.pcp_forward(ints, xh.data_ptr(), pa.data_ptr(), pk1.data_ptr(),
-                    None if pk2 is None else pk2.data_ptr(), pb.data_ptr(),
-                    None if pbias is None else pbias.data_ptr(), y.data_ptr(), buf.data_ptr(),
-                    threads)
-    return finish(y)
+        return planar.bind(x, reuse(store, "planar_weights", weights,
+                                    lambda: _planar_weights(a, k1, k2, b, bias)),
+                           (*head, groups, 0), out_shape, store)
+    prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
+    ptrs = tuple(None if t is None else t.data_ptr() for t in prepared)
+    forward = lib.pcp_forward
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        buf = scratch(store, threads * per)
+        y, finish = output(x, out_shape)
+        xh = nhwc(x)  # held here: a copy must outlive the call
+        forward(ints, xh.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
+        return finish(y)
+    call.weights = prepared  # the function holds what its pointers point into
+    return call

@@ -10,6 +10,7 @@ intermediate and its band of the second in cache. Float32, CPU, inference (no au
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 import torch
 from torch.nn.modules.utils import _pair
@@ -19,7 +20,7 @@ from . import planar
 from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
                      pack, padded, round16, scratch, typed_library)
 
-__all__ = ["available", "pointwise_depthwise_pointwise", "run"]
+__all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -116,8 +117,18 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
         store: dict, use_planar: bool = False) -> torch.Tensor:
     """:func:`pointwise_depthwise_pointwise` without its checks (the caller has made them;
     stride, padding, dilation are pairs; ``use_planar`` only where :func:`planar.supports`):
-    per input geometry the kernel's arguments are worked out once and kept in ``store``,
-    with the packed weights and the scratch."""
+    ``bind(...)(x)``."""
+    return bind(x, a, d, b, bias, stride, padding, dilation, store, use_planar)(x)
+
+
+def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
+         bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
+         store: dict, use_planar: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the kernel on inputs of ``x``'s shape and strides with these
+    weights in their prepared forms (packed now, or reused from ``store`` while each weight
+    is the same tensor at the same version): call it again only while the weights are
+    unchanged. Per input geometry the kernel's arguments are worked out once and kept in
+    ``store``, with the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
     key = (x.shape, stride, padding, dilation)
@@ -130,18 +141,22 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
         n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _ = ints
         weights = reuse(store, "planar_weights", [t for t in (a, d, b, bias) if t is not None],
                         lambda: _planar_weights(a, d, b, bias))
-        return planar.run(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
-                                       1, o, oh, ow, 1, 1), out_shape, store)
+        return planar.bind(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
+                                        1, o, oh, ow, 1, 1), out_shape, store)
     weights = (a, d, b) if bias is None else (a, d, b, bias)
-    pa, taps, pb, pbias = reuse(store, "weights", weights,
-                                lambda: _prepare(lib, a, d, b, bias))
-    threads = torch.get_num_threads()
-    buf = scratch(store, threads * per)
-    y, finish = output(x, out_shape)
-    xh = nhwc(x)  # held here: a copy must outlive the call
+    pa, taps, pb, pbias = prepared = reuse(store, "weights", weights,
+                                           lambda: _prepare(lib, a, d, b, bias))
     n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band = ints
-    lib.pdp_forward(xh.data_ptr(), n, h, w, c, pa.data_ptr(), r, taps.data_ptr(), kh, kw,
-                    sh, sw, ph, pw, dh, dw, pb.data_ptr(), o,
-                    None if pbias is None else pbias.data_ptr(), y.data_ptr(), oh, ow, band,
-                    buf.data_ptr(), threads)
-    return finish(y)
+    head = (n, h, w, c, pa.data_ptr(), r, taps.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw,
+            pb.data_ptr(), o, None if pbias is None else pbias.data_ptr())
+    forward = lib.pdp_forward
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        buf = scratch(store, threads * per)
+        y, finish = output(x, out_shape)
+        xh = nhwc(x)  # held here: a copy must outlive the call
+        forward(xh.data_ptr(), *head, y.data_ptr(), oh, ow, band, buf.data_ptr(), threads)
+        return finish(y)
+    call.weights = prepared  # the function holds what its pointers point into
+    return call

@@ -13,12 +13,13 @@ second convolution the first must run along columns only (as in TT and TR).
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 import torch
 
-from .common import I, P, typed_library
+from .common import I, P, scratch, typed_library
 
-__all__ = ["available", "supports", "run", "BAND_PIXELS"]
+__all__ = ["available", "supports", "bind", "BAND_PIXELS"]
 
 # output pixels per band: each band streams every weight once, and here pixels are the
 # vector dimension, so longer bands pay (128@28 at batch 8: 0.59 ms at 96, 0.53 at 384;
@@ -53,12 +54,13 @@ def supports(x: torch.Tensor, stride: tuple, k1_shape: tuple, padding: tuple,
     return available()
 
 
-def run(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, store: dict
-        ) -> torch.Tensor:
-    """Run the kernel: ``weights`` = (A^T, first filter taps, second filter taps or None,
-    B, bias or None) prepared by the caller (float32, contiguous); ``geometry`` = the
-    integer arguments but the band (see planar.c's enum, from G_N to G_OW, then G_Z and
-    G_DEPTHWISE). Returns (N, O, OH, OW), NCHW."""
+def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, store: dict
+         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the kernel on inputs of ``x``'s shape: ``weights`` = (A^T, first
+    filter taps, second filter taps or None, B, bias or None) prepared by the caller
+    (float32, contiguous, held by the function); ``geometry`` = the integer arguments but
+    the band (see planar.c's enum, from G_N to G_OW, then G_Z and G_DEPTHWISE). It returns
+    (N, O, OH, OW), NCHW."""
     lib = _lib()
     key = ("planar", geometry)
     ints = store.get(key)
@@ -68,14 +70,16 @@ def run(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, stor
         band = max(1, min(head[-2], round(BAND_PIXELS / ow)))
         ints = store[key] = (ctypes.c_int * 23)(*head, band, z, depthwise)
     per = lib.planar_scratch_floats(ints)
-    threads = torch.get_num_threads()
-    buf = store.get("planar_scratch")
-    if buf is None or buf.numel() < threads * per:
-        buf = store["planar_scratch"] = torch.empty(threads * per, dtype=torch.float32)
     at, k1, k2, bt, bias = weights
-    y = torch.empty(out_shape, dtype=torch.float32)
-    lib.planar_forward(ints, x.data_ptr(), at.data_ptr(), k1.data_ptr(),
-                       None if k2 is None else k2.data_ptr(), bt.data_ptr(),
-                       None if bias is None else bias.data_ptr(), y.data_ptr(), buf.data_ptr(),
-                       threads)
-    return y
+    ptrs = (at.data_ptr(), k1.data_ptr(), None if k2 is None else k2.data_ptr(),
+            bt.data_ptr(), None if bias is None else bias.data_ptr())
+    forward = lib.planar_forward
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        buf = scratch(store, threads * per, "planar_scratch")
+        y = torch.empty(out_shape, dtype=torch.float32)
+        forward(ints, x.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
+        return y
+    call.weights = weights  # the function holds what its pointers point into
+    return call
