@@ -434,3 +434,25 @@ def test_auto_kernel_is_planar_for_nchw_inputs(monkeypatch, channels_last):
         pcp.pointwise_conv_pointwise(x, torch.randn(8, 5), torch.randn(4, 5, 3, 3),
                                      torch.randn(7, 4), padding=1)
     assert len(runs) == (0 if channels_last else 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("winner", [0, 1, -1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, winner, channels_last):
+    """For NCHW inputs the candidates are the planar kernel, the NHWC kernel and the steps;
+    for channels_last the NHWC kernel and the steps. The winner runs (and is remembered)."""
+    from convgap.layers import tensorial
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[winner])
+    layer = _layer("tucker")
+    x = torch.randn(2, 12, 9, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    names = ["nhwc", "steps"] if channels_last else ["planar", "nhwc", "steps"]
+    with torch.no_grad():
+        for _ in range(2):
+            y = layer(x)
+            ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
+                           padding=1)
+            assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert layer.kernel_for(x) == names[winner]

@@ -270,8 +270,8 @@ class TensorialConv2d(nn.Module):
                    tuple(tuple(f.shape) for f in factors), self.stride, self.padding,
                    self.dilation, self.bias is not None)
             fns = [fused.fused_call(*args, use_planar=p) for p in kernels] + [steps]
-            choice = store["choice"] = fns.index(_measured_fastest(
-                key, [functools.partial(f, x) for f in fns]).func)
+            trials = [functools.partial(f, x) for f in fns]
+            choice = store["choice"] = trials.index(_measured_fastest(key, trials))
             call = fns[choice]
         else:  # (re)bind only the chosen kernel
             call = fused.fused_call(*args, use_planar=kernels[choice]) \

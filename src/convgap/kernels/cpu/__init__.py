@@ -1,9 +1,19 @@
-"""Native CPU kernels (C with AVX-512 intrinsics, compiled at first use; see
-:mod:`.build`). Each is used only where it measures faster than the torch ops it replaces,
-and every caller keeps its torch path for CPUs or installs without them."""
+"""Native CPU kernels: C with AVX-512 intrinsics, compiled at first use (:mod:`.build`).
+
+* :func:`pointwise_depthwise_pointwise` (``pdp.c``): 1x1 -> depthwise -> 1x1, a CP layer;
+* :func:`pointwise_conv_pointwise` (``pcp.c``): 1x1 -> conv (-> conv along rows) -> 1x1,
+  Tucker-2, TT and (with groups sharing the filters) TR layers;
+* both on channels-innermost maps, or on NCHW maps in place (``planar.c``);
+* ``gemm.h``: the GEMM core they share (filter taps as shifted views of a zero-padded
+  window; packed weights for NHWC, broadcast weights for NCHW).
+
+Each is used only where it measures faster than the torch ops it replaces
+(:mod:`convgap.layers.fused`), and every caller keeps its torch path for machines or
+installs without them (:func:`available`)."""
 
 from .build import NativeKernelWarning, avx512, enabled, library
+from .pcp import pointwise_conv_pointwise
 from .pdp import available, pointwise_depthwise_pointwise
 
 __all__ = ["NativeKernelWarning", "avx512", "enabled", "library", "available",
-           "pointwise_depthwise_pointwise"]
+           "pointwise_depthwise_pointwise", "pointwise_conv_pointwise"]

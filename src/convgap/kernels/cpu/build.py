@@ -4,9 +4,9 @@ A kernel is one C file (``<name>.c``, which may include the headers beside it). 
 use in a process compiles it with the system C compiler (``$CC``, default ``cc``) at
 ``-O3 -march=native -fopenmp`` into ``<convgap cache>/kernels/<name>-<hash>.so`` (the hash
 covers the sources, the flags, the compiler's version and this CPU's model and feature
-flags, so a new CPU or compiler builds anew) and loads it with ctypes; later processes load the built file. Loaded after torch,
-the library shares torch's OpenMP runtime (the same ``libgomp.so.1``), so its threads are
-torch's intra-op threads.
+flags, so a new CPU or compiler builds anew) and loads it with ctypes; later processes load
+the built file. Loaded after torch, the library shares torch's OpenMP runtime (the same
+``libgomp.so.1``), so its threads are torch's intra-op threads.
 
 Where there is no compiler, the CPU lacks what the source needs (AVX-512), or
 ``CONVGAP_NATIVE=0`` is set, :func:`library` returns None (once with a

@@ -97,8 +97,9 @@ void pack_b(const float *B, int taps, int K, int N, long st, long sk, long sn, f
 }
 
 /* C (M x N) = sum_t A_t @ B_t (+ bias, padded to 16; NULL: none); see the top. */
-__attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps, const long *offs, const float *A,
-                      long lda, const float *Bp, const float *bias, float *C, long ldc)
+__attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
+        const long *offs, const float *A, long lda, const float *Bp, const float *bias,
+        float *C, long ldc)
 {
     long offp[taps];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
@@ -144,8 +145,8 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
 static const long NO_OFFSET[1] = {0};
 
 /* C (M x N) = A (M x K) @ packed B (+ bias) */
-__attribute__((unused)) static void gemm(int M, int N, int K, const float *A, long lda, const float *Bp,
-                 const float *bias, float *C, long ldc)
+__attribute__((unused)) static void gemm(int M, int N, int K, const float *A, long lda,
+        const float *Bp, const float *bias, float *C, long ldc)
 {
     gemm_taps(M, N, K, 1, NO_OFFSET, A, lda, Bp, bias, C, ldc);
 }

@@ -77,16 +77,16 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
     ``groups`` = Z > 1 the maps between the 1x1 convolutions hold Z groups of channels and
     each filter applies to every group (``F.conv2d(u, k1.repeat(Z, 1, 1, 1), groups=Z)``).
 
-    x: (N, C, H, W) float32 on CPU, either memory format (channels_last memory is read in
-    place; NCHW is copied to it first); a: (C, Z R1); k1: (R2, R1, kh, kw), an nn.Conv2d
-    weight; k2: None or (R3, R2, 1, kw2), a second convolution along rows; b: (O, Z R3) (R3 =
-    R2 without k2); bias: (O,) or None; group-major channel order. stride, padding (zeros, symmetric), dilation of k1:
-    an int or a pair; those of k2: ints along the width. Returns (N, O, OH, OW) in x's memory
-    format. ``store``: a dict kept by the caller for the packed weights (rebuilt when a
-    weight is a different tensor or was modified in place). ``kernel``: 'nhwc'
-    (channels-innermost, this module's kernel), 'planar' (channel-major, :mod:`.planar`:
-    NCHW inputs, width strides 1, with k2 a k1 along columns only) or 'auto' (planar where
-    it applies). Raises ConvgapError on bad
+    x: (N, C, H, W) float32 on CPU, either memory format; a: (C, Z R1); k1: (R2, R1, kh,
+    kw), an nn.Conv2d weight; k2: None or (R3, R2, 1, kw2), a second convolution along
+    rows; b: (O, Z R3) (R3 = R2 without k2); bias: (O,) or None; group-major channel order.
+    stride, padding (zeros, symmetric), dilation of k1: an int or a pair; those of k2: ints
+    along the width. Returns (N, O, OH, OW) in x's memory format. ``store``: a dict kept by
+    the caller for the packed weights (rebuilt when a weight is a different tensor or was
+    modified in place). ``kernel``: 'nhwc' (channels innermost, this module's kernel: NCHW
+    inputs are copied to NHWC and the result back), 'planar' (channel-major,
+    :mod:`.planar`: NCHW inputs in place; width strides 1, and with k2 a k1 along columns
+    only) or 'auto' (planar where it applies). Raises ConvgapError on bad
     shapes, dtypes, devices, or inputs needing gradients; RuntimeError where the kernel is
     not available (see :func:`available`)."""
     _check(x, a, k1, b, bias, k2, groups, stride, stride2)

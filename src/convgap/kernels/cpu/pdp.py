@@ -76,17 +76,16 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
     """``F.conv2d(F.conv2d(F.conv2d(x, a.t()[..., None, None]), d[:, None], None, stride,
     padding, dilation, groups=R), b[..., None, None], bias)`` in one pass.
 
-    x: (N, C, H, W) float32 on CPU, either memory format (channels_last memory is read in
-    place; NCHW is copied to it first); a: (C, R); d: (R, kh, kw), one filter per channel;
-    b: (O, R); bias: (O,) or None. stride, padding (zeros, symmetric), dilation: an int or a
-    pair. Returns (N, O, OH, OW) in x's memory format (NCHW where x is both, as with one
-    channel). ``store``: a dict kept by the caller
-    where the weights' packed copies live, rebuilt when any weight is a different tensor or
-    was modified in place. ``kernel``: 'nhwc' (channels-innermost, :mod:`.pdp`), 'planar'
-    (channel-major, :mod:`.planar`: NCHW inputs and width stride 1 only) or 'auto' (planar
-    where it applies). Raises ConvgapError on bad shapes, dtypes, devices, or inputs
-    needing gradients; RuntimeError where the kernel is not available (see
-    :func:`available`)."""
+    x: (N, C, H, W) float32 on CPU, either memory format; a: (C, R); d: (R, kh, kw), one
+    filter per channel; b: (O, R); bias: (O,) or None. stride, padding (zeros, symmetric),
+    dilation: an int or a pair. Returns (N, O, OH, OW) in x's memory format (NCHW where x
+    is both, as with one channel). ``store``: a dict kept by the caller where the weights'
+    packed copies live, rebuilt when any weight is a different tensor or was modified in
+    place. ``kernel``: 'nhwc' (channels innermost, this module's kernel: NCHW inputs are
+    copied to NHWC and the result back), 'planar' (channel-major, :mod:`.planar`: NCHW
+    inputs in place, width stride 1 only) or 'auto' (planar where it applies). Raises
+    ConvgapError on bad shapes, dtypes, devices, or inputs needing gradients; RuntimeError
+    where the kernel is not available (see :func:`available`)."""
     _check(x, a, d, b, bias)
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
