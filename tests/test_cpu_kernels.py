@@ -456,3 +456,20 @@ def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, winner, ch
                            padding=1)
             assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     assert layer.kernel_for(x) == names[winner]
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["auto", "nhwc"])
+def test_kernels_take_inputs_of_any_strides(kernel):
+    """An input neither NCHW- nor channels_last-contiguous (a transposed view) runs as NCHW
+    from one copy; the result is NCHW-contiguous."""
+    base = torch.randn(2, 8, 7, 6)
+    x = base.transpose(2, 3)  # (2, 8, 6, 7), strided
+    a, d, b, bias = torch.randn(8, 5), torch.randn(5, 3, 3), torch.randn(7, 5), torch.randn(7)
+    with torch.no_grad():
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel=kernel)
+        k1 = torch.randn(4, 5, 3, 3)
+        z = pcp.pointwise_conv_pointwise(x, a, k1, torch.randn(7, 4), None, 1, 1, 1,
+                                         kernel=kernel)
+    assert y.is_contiguous() and z.is_contiguous()
+    assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5

@@ -1,6 +1,6 @@
 """What the fused-convolution wrappers share: loading a kernel with its ctypes signatures,
 packing weights into the GEMM core's panel layout (gemm.h), the bias and scratch buffers,
-the checks on their arguments, and the NHWC in / input's layout out rule."""
+the checks on their arguments, and the layout rule (NHWC in, NHWC out; else NCHW)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from ...errors import ConvgapError
 from .build import library
 
 __all__ = ["P", "I", "L", "typed_library", "pack", "padded", "round16", "scratch",
-           "check_tensors", "nhwc", "output", "out_size", "kernel_choice", "BAND_PIXELS"]
+           "check_tensors", "channels_innermost", "empty_output", "out_size",
+           "kernel_choice", "BAND_PIXELS"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
@@ -80,20 +81,17 @@ def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    """x with NHWC memory: itself if channels_last, else a channels_last copy (hold it in
-    a variable while a kernel reads its data pointer)."""
-    return x if x.is_contiguous(memory_format=torch.channels_last) else \
-        x.contiguous(memory_format=torch.channels_last)
+def channels_innermost(x: torch.Tensor) -> bool:
+    """True if ``x`` is channels_last and not also NCHW-contiguous (as with one channel):
+    the kernels read it in place as NHWC and write NHWC; any other input runs as NCHW
+    (read in place where contiguous, else copied once), written NCHW."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def output(x: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, Callable]:
-    """(an NHWC result buffer of ``shape``, the function giving it in x's memory format:
-    channels_last where x is channels_last and not also NCHW-contiguous, as with one
-    channel; else NCHW)."""
-    y = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
-    keep = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return y, (lambda t: t) if keep else (lambda t: t.contiguous())
+def empty_output(shape: tuple, nhwc: bool) -> torch.Tensor:
+    """An uninitialised float32 (N, C, H, W) result in the given layout."""
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return torch.empty(shape, dtype=torch.float32, memory_format=fmt)
 
 
 def kernel_choice(kernel: str, planar_ok: bool) -> bool:

@@ -20,8 +20,8 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
         long lda, const float *P, long ldp, float *C, long ldc, const float *bias,
         __mmask16 last)
 {
-    const int bias_rows = planar != 0;
-    if (!planar) ldp = nv * 16;  /* packed panels: a constant stride */
+    const int bias_rows = planar == 1 || planar == 2;
+    if (planar == 0 || planar == 3) ldp = nv * 16;  /* packed panels: a constant stride */
     __m512 acc[12][4];
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++)
@@ -38,7 +38,9 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
             b[nv - 1] = planar == 2 ? _mm512_maskz_loadu_ps(last, pk + 16 * (nv - 1))
                                     : _mm512_loadu_ps(pk + 16 * (nv - 1));
             for (int i = 0; i < mr; i++) {
-                __m512 a = _mm512_set1_ps(At[i * lda + k]);
+                /* mode 3: A stored k-major (element (i, k) at A[k * lda + i]: an NCHW map's
+                 * pixels x channels) */
+                __m512 a = _mm512_set1_ps(At[planar == 3 ? k * lda + i : i * lda + k]);
                 for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
             }
         }
@@ -51,8 +53,8 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
 
 typedef void (*ukr_fn)(int, int, const long *, const long *, const float *, long,
                        const float *, long, float *, long, const float *, __mmask16);
-/* one instance per block shape and orientation: packed (ukr_p_*), planar (ukr_q_*) and
- * planar ending its operand mid-vector (ukr_m_*) */
+/* one instance per block shape and orientation: packed (ukr_p_*), planar (ukr_q_*),
+ * planar ending its operand mid-vector (ukr_m_*), packed with a k-major A (ukr_t_*) */
 #define UKR(o, pl, m, n) static void ukr_##o##_##m##_##n(int K, int taps, const long *offa, \
         const long *offp, const float *A, long lda, const float *P, long ldp, float *C, \
         long ldc, const float *bias, __mmask16 last) \
@@ -65,6 +67,7 @@ typedef void (*ukr_fn)(int, int, const long *, const long *, const float *, long
 UKRS_OF(p, 0)
 UKRS_OF(q, 1)
 UKRS_OF(m, 2)
+UKRS_OF(t, 3)
 #define ROW4(o, m) {ukr_##o##_##m##_1, ukr_##o##_##m##_2, ukr_##o##_##m##_3, ukr_##o##_##m##_4}
 #define ROW2(o, m) {ukr_##o##_##m##_1, ukr_##o##_##m##_2, 0, 0}
 #define TABLE(o) {ROW4(o, 1), ROW4(o, 2), ROW4(o, 3), ROW4(o, 4), ROW4(o, 5), ROW4(o, 6), \
@@ -72,6 +75,9 @@ UKRS_OF(m, 2)
 __attribute__((unused)) static const ukr_fn UKRS[12][4] = TABLE(p);
 __attribute__((unused)) static const ukr_fn UKRQ[12][4] = TABLE(q);
 __attribute__((unused)) static const ukr_fn UKRM[12][4] = TABLE(m);
+__attribute__((unused)) static const ukr_fn UKRT[12][4] = TABLE(t);
+
+static const long NO_OFFSET[1] = {0};
 
 static __mmask16 tail_mask(int n)
 {
@@ -142,7 +148,37 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
     }
 }
 
-static const long NO_OFFSET[1] = {0};
+/* C (M x N) = A (M x K, k-major: element (i, k) at A[k * lda + i]) @ packed B: a 1x1
+ * convolution reading an NCHW map in place (rows: pixels of one plane, lda: plane size) */
+__attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float *A,
+        long lda, const float *Bp, float *C, long ldc)
+{
+    long offp[1];
+    for (int n0 = 0; n0 < N; n0 += PANEL) {
+        int nw = N - n0 < PANEL ? N - n0 : PANEL, nv = (nw + 15) / 16;
+        int mr_max = nv <= 2 ? 12 : 6;
+        offp[0] = 0;
+        const float *P = Bp + (long)n0 * K;
+        for (int m0 = 0; m0 < M; m0 += mr_max) {
+            int mr = M - m0 < mr_max ? M - m0 : mr_max;
+            UKRT[mr - 1][nv - 1](K, 1, NO_OFFSET, offp, A + m0, lda, P, nv * 16,
+                                 C + m0 * ldc + n0, ldc, 0, tail_mask(nw));
+        }
+    }
+}
+
+/* y (O planes of plane floats, NCHW) <- T (M pixels x O channels, row stride O) */
+__attribute__((unused)) static void store_planes(int M, int O, const float *T, float *y,
+                                                 long plane)
+{
+    for (int o0 = 0; o0 < O; o0 += 16) {  /* 16 channels at a time: T's rows read once */
+        int no = O - o0 < 16 ? O - o0 : 16;
+        for (int p = 0; p < M; p++) {
+            const float *t = T + (long)p * O + o0;
+            for (int o = 0; o < no; o++) y[(o0 + o) * plane + p] = t[o];
+        }
+    }
+}
 
 /* C (M x N) = A (M x K) @ packed B (+ bias) */
 __attribute__((unused)) static void gemm(int M, int N, int K, const float *A, long lda,

@@ -22,7 +22,8 @@
 
 /* the integer arguments, in this order */
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_SW1, G_PH1, G_PW1,
-       G_DH1, G_DW1, G_KW2, G_SW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_COUNT };
+       G_DH1, G_DW1, G_KW2, G_SW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_NCHW,
+       G_COUNT };
 
 typedef struct {
     int w1;              /* width after the first convolution */
@@ -30,7 +31,7 @@ typedef struct {
                             groups, Z x channels exactly */
     int wp1, wp2;        /* padded widths of the u window and of the v1 band */
     int rows1;           /* rows of the u window */
-    long u, v1, v2;      /* floats of each buffer */
+    long u, v1, v2, t;   /* floats of each buffer (t: the output band, for NCHW) */
 } Sizes;
 
 static int r16(int n) { return (n + 15) / 16 * 16; }
@@ -54,6 +55,7 @@ static Sizes sizes(const int *g)
     s.u = (long)s.rows1 * s.wp1 * s.r1p;
     s.v1 = g[G_KW2] ? (long)g[G_TH] * s.wp2 * s.r2p : 0;
     s.v2 = (long)g[G_TH] * g[G_OW] * s.r3p;
+    s.t = g[G_NCHW] ? (long)g[G_TH] * g[G_OW] * g[G_O] : 0;
     return s;
 }
 
@@ -61,10 +63,10 @@ static Sizes sizes(const int *g)
 long scratch_floats(const int *g)
 {
     Sizes s = sizes(g);
-    return s.u + s.v1 + s.v2 + 64;
+    return s.u + s.v1 + s.v2 + s.t + 64;
 }
 
-/* x: (N, H, W, C) contiguous; Ap: pack_b of A (C x Z R1, group-major); K1p: pack_b of the
+/* x: (N, H, W, C) contiguous, or (N, C, H, W) with g[G_NCHW] (y too); Ap: pack_b of A (C x Z R1, group-major); K1p: pack_b of the
  * first filter (kh1 * kw1 taps x R1 x R2); K2p: pack_b of the second (kw2 taps x R2 x R3) or
  * NULL (g[G_KW2] = 0); Bp: pack_b of B (Z R3 x O, group-major); with Z > 1 both width
  * strides must be 1; bias: O rounded up to 16 floats, or NULL; y: (N,
@@ -77,7 +79,7 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH];
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], pw1 = g[G_PW1];
-    const int taps1 = g[G_KH1] * g[G_KW1], kw2 = g[G_KW2], Z = g[G_Z];
+    const int taps1 = g[G_KH1] * g[G_KW1], kw2 = g[G_KW2], Z = g[G_Z], nchw = g[G_NCHW];
     /* GEMM rows of each convolution: output pixels (x groups), at a uniform stride */
     const long lda1 = Z > 1 ? g[G_R1] : (long)g[G_SW1] * s.r1p;
     const long ldc1 = Z > 1 ? (kw2 ? g[G_R2] : g[G_R3]) : (kw2 ? s.r2p : s.r3p);
@@ -93,7 +95,7 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *u = scratch + per * t, *v1 = u + s.u, *v2 = v1 + s.v1;
+        float *u = scratch + per * t, *v1 = u + s.u, *v2 = v1 + s.v1, *tile = v2 + s.v2;
         memset(u, 0, sizeof(float) * (s.u + s.v1));  /* the zero padding */
         long g0 = total * t / nt, g1 = total * (t + 1) / nt;
         int cur = -1, ulo = 0, uhi = 0;  /* window: padded rows [ulo, uhi) of image cur */
@@ -110,7 +112,10 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
             for (int ip = uhi; ip < hi; ip++) {  /* new window rows: padded row ip */
                 float *row = u + (ip - ulo) * row1;
                 int ih = ip - ph1;
-                if (ih >= 0 && ih < H)
+                if (ih >= 0 && ih < H && nchw)
+                    gemm_kmajor(W, Z * g[G_R1], C, x + ((long)n * C * H + ih) * W, (long)H * W,
+                                Ap, row + (long)pw1 * s.r1p, s.r1p);
+                else if (ih >= 0 && ih < H)
                     gemm(W, Z * g[G_R1], C, x + ((long)n * H + ih) * W * C, C, Ap, 0,
                          row + (long)pw1 * s.r1p, s.r1p);
                 else
@@ -126,8 +131,12 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
             for (int r = 0; kw2 && r < th; r++)  /* second convolution, along rows */
                 gemm_taps(OW * Z, g[G_R3], g[G_R2], kw2, offs2, v1 + (long)r * s.wp2 * s.r2p,
                           lda2, K2p, 0, v2 + (long)r * OW * s.r3p, ldc2);
-            gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, y + ((long)n * OH + oh) * OW * O,
-                 O);
+            if (nchw) {  /* the band in NHWC, then into the output's planes */
+                gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, tile, O);
+                store_planes(th * OW, O, tile, y + ((long)n * O * OH + oh) * OW, (long)OH * OW);
+            } else
+                gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias,
+                     y + ((long)n * OH + oh) * OW * O, O);
             g0 += th;
         }
     }

@@ -18,8 +18,8 @@ from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
 from . import planar
-from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
-                     pack, padded, scratch, typed_library)
+from .common import (BAND_PIXELS, I, P, channels_innermost, check_tensors, empty_output,
+                     kernel_choice, out_size, pack, padded, scratch, typed_library)
 
 __all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
@@ -102,7 +102,7 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
 
 
 def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second,
-              groups: int) -> tuple:
+              groups: int, nchw: bool) -> tuple:
     """(pcp_forward's integer arguments as a ctypes array, output shape, scratch floats per
     thread)"""
     n, c, h, w = x.shape
@@ -116,8 +116,8 @@ def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, sec
         raise ConvgapError(f"the filters do not fit a {h}x{w} input (padding {(ph, pw)}, "
                            f"dilation {(dh, dw)})")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    ints = (ctypes.c_int * 24)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
-                               s2, p2, d2, b.shape[0], oh, ow, band, groups)
+    ints = (ctypes.c_int * 25)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
+                               s2, p2, d2, b.shape[0], oh, ow, band, groups, nchw)
     return ints, (n, b.shape[0], oh, ow), lib.scratch_floats(ints)
 
 
@@ -157,11 +157,12 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     ``store``, with the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
-    key = (x.shape, stride, padding, dilation, second, groups)
+    nhwc = channels_innermost(x)
+    key = (x.shape, stride, padding, dilation, second, groups, nhwc)
     geo = store.get(key)
     if geo is None:
         geo = store[key] = _geometry(lib, x, a, k1, k2, b, stride, padding, dilation, second,
-                                     groups)
+                                     groups, not nhwc)
     ints, out_shape, per = geo
     weights = [t for t in (a, k1, k2, b, bias) if t is not None]
     if use_planar:
@@ -177,9 +178,9 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     def call(x: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
         buf = scratch(store, threads * per)
-        y, finish = output(x, out_shape)
-        xh = nhwc(x)  # held here: a copy must outlive the call
-        forward(ints, xh.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
-        return finish(y)
+        y = empty_output(out_shape, nhwc)
+        xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
+        forward(ints, xc.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
+        return y
     call.weights = prepared  # the function holds what its pointers point into
     return call

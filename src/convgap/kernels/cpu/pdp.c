@@ -96,13 +96,14 @@ static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float
 static int window_rows(int TH, int kh, int sh, int dh) { return (TH - 1) * sh + (kh - 1) * dh + 1; }
 
 /* Floats of scratch one thread needs: the u window and one band of v */
-long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH)
+long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH, int O, int nchw)
 {
     int Rp = (R + 15) / 16 * 16;
-    return (long)window_rows(TH, kh, sh, dh) * W * Rp + (long)TH * OW * Rp + 64;
+    return (long)window_rows(TH, kh, sh, dh) * W * Rp + (long)TH * OW * Rp
+         + (nchw ? (long)TH * OW * O : 0) + 64;
 }
 
-/* x: (N, H, W, C) contiguous; Ap: pack_b of the (C x R) pointwise weight; D: (kh * kw) x Rp
+/* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y too); Ap: pack_b of the (C x R) pointwise weight; D: (kh * kw) x Rp
  * depthwise taps, Rp = R rounded up to 16 (columns past R are never read back); Bp: pack_b of
  * the (R x O) pointwise weight; bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O)
  * contiguous; scratch: threads x scratch_floats(...) floats, 64-byte aligned. Output rows are
@@ -110,16 +111,17 @@ long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH)
 void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, int R,
                  const float *D, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
                  const float *Bp, int O, const float *bias, float *y, int OH, int OW, int TH,
-                 float *scratch, int threads)
+                 float *scratch, int threads, int nchw)
 {
     const int Rp = (R + 15) / 16 * 16;
-    const long per = scratch_floats(W, R, kh, sh, dh, OW, TH);
+    const long per = scratch_floats(W, R, kh, sh, dh, OW, TH, O, nchw);
     const long total = (long)N * OH;
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *u = scratch + per * t;
         float *v = u + (long)window_rows(TH, kh, sh, dh) * W * Rp;
+        float *tile = v + (long)TH * OW * Rp;  /* the output band, for NCHW */
         long g = total * t / nt, g1 = total * (t + 1) / nt;
         int cur = -1, ulo = 0, uhi = 0;  /* the window holds input rows [ulo, uhi) of image cur */
         while (g < g1) {
@@ -134,13 +136,19 @@ void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, in
                 memmove(u, u + (long)(lo - ulo) * W * Rp, sizeof(float) * (uhi - lo) * W * Rp);
                 ulo = lo;
             }
-            if (hi > uhi) {
+            if (hi > uhi && nchw)
+                gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
+                            Ap, u + (long)(uhi - ulo) * W * Rp, Rp);
+            else if (hi > uhi)
                 gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, 0,
                      u + (long)(uhi - ulo) * W * Rp, Rp);
-                uhi = hi;
-            }
+            if (hi > uhi) uhi = hi;
             depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
-            gemm(th * OW, O, R, v, Rp, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
+            if (nchw) {  /* the band in NHWC, then into the output's planes */
+                gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O);
+                store_planes(th * OW, O, tile, y + ((long)n * O * OH + oh) * OW, (long)OH * OW);
+            } else
+                gemm(th * OW, O, R, v, Rp, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
             g += th;
         }
     }

@@ -17,17 +17,17 @@ from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
 from . import planar
-from .common import (BAND_PIXELS, I, P, check_tensors, kernel_choice, nhwc, out_size, output,
-                     pack, padded, round16, scratch, typed_library)
+from .common import (BAND_PIXELS, I, P, channels_innermost, check_tensors, empty_output,
+                     kernel_choice, out_size, pack, padded, round16, scratch, typed_library)
 
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.scratch_floats.restype = ctypes.c_long
-    lib.scratch_floats.argtypes = [I] * 7
+    lib.scratch_floats.argtypes = [I] * 9
     lib.pdp_forward.argtypes = [P, I, I, I, I, P, I, P, I, I, I, I, I, I, I, I, P, I, P, P, I,
-                                I, I, P, I]
+                                I, I, P, I, I]
     lib.pdp_forward.restype = None
 
 
@@ -97,7 +97,7 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
 
 
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
-              dilation) -> tuple:
+              dilation, nchw: bool) -> tuple:
     """(integer arguments of pdp_forward, output shape, scratch floats per thread)"""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c, h, w = x.shape
@@ -106,7 +106,7 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
         raise ConvgapError(f"a {kh}x{kw} filter with padding {(ph, pw)} and dilation "
                            f"{(dh, dw)} does not fit a {h}x{w} input")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    per = lib.scratch_floats(w, r, kh, sh, dh, ow, band)
+    per = lib.scratch_floats(w, r, kh, sh, dh, ow, band, o, nchw)
     return (n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band), \
         (n, o, oh, ow), per
 
@@ -130,11 +130,12 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     ``store``, with the scratch."""
     from ...einsum.evaluate import reuse
     lib = _lib()
-    key = (x.shape, stride, padding, dilation)
+    nhwc = channels_innermost(x)
+    key = (x.shape, stride, padding, dilation, nhwc)
     geo = store.get(key)
     if geo is None:
         geo = store[key] = _geometry(lib, x, d.shape[0], d.shape[1], d.shape[2], b.shape[0],
-                                     stride, padding, dilation)
+                                     stride, padding, dilation, not nhwc)
     ints, out_shape, per = geo
     if use_planar:
         n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _ = ints
@@ -153,9 +154,10 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     def call(x: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
         buf = scratch(store, threads * per)
-        y, finish = output(x, out_shape)
-        xh = nhwc(x)  # held here: a copy must outlive the call
-        forward(xh.data_ptr(), *head, y.data_ptr(), oh, ow, band, buf.data_ptr(), threads)
-        return finish(y)
+        y = empty_output(out_shape, nhwc)
+        xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
+        forward(xc.data_ptr(), *head, y.data_ptr(), oh, ow, band, buf.data_ptr(), threads,
+                not nhwc)
+        return y
     call.weights = prepared  # the function holds what its pointers point into
     return call
