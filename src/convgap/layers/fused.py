@@ -16,9 +16,9 @@ tr       the same, the ring bond z as groups    zsa as s x (z a); ahc; cwd; doz 
                                                 width stride 1 only
 =======  =====================================  ==============================================
 
-Each has a channels-innermost kernel (NHWC; NCHW inputs are copied to it and the result
-back) and, for NCHW inputs with width stride 1, a channel-major one that reads and writes
-NCHW in place. Reshaped CP has no fused kernel: its layers always run the steps.
+Each has a channels-innermost kernel (NHWC maps; NCHW inputs are read in place and the
+result written into NCHW planes) and, for NCHW inputs with width stride 1, a channel-major
+one (pixels in the vectors). Reshaped CP has no fused kernel: its layers always run the steps.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@
  * As in pdp.c, each thread walks a contiguous range of output rows in bands and keeps a
  * sliding window of u rows in its scratch. Here the window is stored zero-padded (rows above
  * and below the image, columns left and right), so each convolution is an implicit GEMM: its
- * taps are shifted views of the window (gemm.h), with no border tests. */
+ * taps are shifted views of the window (gemm.h), with no border tests. NCHW maps are read and
+ * written in place as in pdp.c. */
 #include <string.h>
 #include <omp.h>
 
@@ -66,11 +67,11 @@ long scratch_floats(const int *g)
     return s.u + s.v1 + s.v2 + s.t + 64;
 }
 
-/* x: (N, H, W, C) contiguous, or (N, C, H, W) with g[G_NCHW] (y too); Ap: pack_b of A (C x Z R1, group-major); K1p: pack_b of the
- * first filter (kh1 * kw1 taps x R1 x R2); K2p: pack_b of the second (kw2 taps x R2 x R3) or
- * NULL (g[G_KW2] = 0); Bp: pack_b of B (Z R3 x O, group-major); with Z > 1 both width
- * strides must be 1; bias: O rounded up to 16 floats, or NULL; y: (N,
- * OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. */
+/* x: (N, H, W, C) contiguous, or (N, C, H, W) with g[G_NCHW] (y alike); Ap: pack_b of A
+ * (C x Z R1, group-major); K1p: pack_b of the first filter (kh1 * kw1 taps x R1 x R2); K2p:
+ * pack_b of the second (kw2 taps x R2 x R3) or NULL (g[G_KW2] = 0); Bp: pack_b of B (Z R3 x
+ * O, group-major); with Z > 1 both width strides must be 1; bias: O rounded up to 16
+ * floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g). */
 void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p,
                  const float *K2p, const float *Bp, const float *bias, float *y,
                  float *scratch, int threads)

@@ -1,12 +1,14 @@
-/* Fused pointwise -> depthwise -> pointwise convolution, fp32, NHWC, AVX-512.
+/* Fused pointwise -> depthwise -> pointwise convolution, fp32, AVX-512, channels innermost.
  *
  *   u = x @ A            (1x1 conv, C -> R channels)
- *   v = depthwise(u, D)  (kh x kw, one filter per channel, stride 1, zero padding)
+ *   v = depthwise(u, D)  (kh x kw, one filter per channel; stride, dilation, zero padding)
  *   y = v @ B + bias     (1x1 conv, R -> O channels)
  *
  * Each thread walks a contiguous range of output rows and keeps a sliding window of u rows
  * (and one band of v rows) in its own scratch, so u and v never travel to memory: every u row
- * is computed once per image and range. Compiled at first use by convgap.kernels.cpu.build. */
+ * is computed once per image and range. The maps are NHWC; an NCHW x is read in place (the
+ * first GEMM's A operand k-major) and the output band stored into y's planes. Compiled at
+ * first use by convgap.kernels.cpu.build. */
 #include <string.h>
 #include <omp.h>
 
@@ -103,11 +105,12 @@ long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH, int O,
          + (nchw ? (long)TH * OW * O : 0) + 64;
 }
 
-/* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y too); Ap: pack_b of the (C x R) pointwise weight; D: (kh * kw) x Rp
- * depthwise taps, Rp = R rounded up to 16 (columns past R are never read back); Bp: pack_b of
- * the (R x O) pointwise weight; bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O)
- * contiguous; scratch: threads x scratch_floats(...) floats, 64-byte aligned. Output rows are
- * split evenly over the threads; each walks its rows in bands of TH. */
+/* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike); Ap: pack_b of the (C x R)
+ * pointwise weight; D: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past
+ * R are never read back); Bp: pack_b of the (R x O) pointwise weight; bias: O rounded up to
+ * 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(...)
+ * floats. Output rows are split evenly over the threads; each walks its rows in bands of
+ * TH. */
 void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, int R,
                  const float *D, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
                  const float *Bp, int O, const float *bias, float *y, int OH, int OW, int TH,

@@ -5,9 +5,8 @@
  *   v2 = conv(v1, K2) or v2 = v1        (1 x kw2 along rows, width stride 1)
  *   y  = B v2 + bias                    (1x1 conv, Z R3 -> O channels)
  *
- * pcp.c and pdp.c run on channels-innermost maps with output channels in the vectors; an
- * NCHW input would first have to be copied to that layout and the result back. Here every
- * map stays channel-major: pixels fill the vectors and weights are broadcast (gemm.h's
+ * pcp.c and pdp.c hold output channels in their vectors (NHWC maps; NCHW read in place and
+ * each output band transposed into planes). Here every map stays channel-major: pixels fill the vectors and weights are broadcast (gemm.h's
  * gemm_planar), which also keeps the vectors full where the ranks are narrow (a 24-channel
  * Tucker core, a tensor ring's 7-channel groups). Each thread walks a contiguous range of
  * output rows in bands, keeping a window of u's rows per channel plane, zero-padded, so each

@@ -1,10 +1,11 @@
 """The fused factorized convolutions on NCHW maps (C kernel ``planar.c``).
 
-:mod:`.pdp` and :mod:`.pcp` run on channels-innermost maps; given an NCHW input they copy it
-to that layout and the result back, two passes over memory that cost a layer at batch 8 a
-fifth of its time. This kernel keeps every map channel-major (pixels in the vectors,
-weights broadcast), so NCHW inputs are read and written in place, and narrow ranks (a
-24-channel Tucker core, a tensor ring's 7-channel groups) still fill the vectors. It serves
+:mod:`.pdp` and :mod:`.pcp` hold output channels in their vectors, on NHWC maps (an NCHW
+input is read in place by their first GEMM, and each output band is transposed into the
+result's planes). This kernel keeps every map channel-major instead (pixels in the vectors,
+weights broadcast): no transposes, and narrow ranks (a 24-channel Tucker core, a tensor
+ring's 7-channel groups) still fill the vectors, but each band streams every weight once,
+so small maps (7x7) run slower than on the NHWC kernels; the layers measure both. It serves
 both: ``depthwise`` picks pointwise -> depthwise -> pointwise (CP), else pointwise -> conv
 (-> conv along rows) -> pointwise (Tucker, TT, TR). Width strides must be 1, and with a
 second convolution the first must run along columns only (as in TT and TR).
