@@ -473,3 +473,35 @@ def test_kernels_take_inputs_of_any_strides(kernel):
                                          kernel=kernel)
     assert y.is_contiguous() and z.is_contiguous()
     assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_layer_serves_concurrent_threads(monkeypatch, channels_last):
+    """Python threads running one layer at once (a server) each get their own scratch: every
+    result matches its own input's reference."""
+    import threading
+    from convgap.layers import tensorial
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    from convgap import TensorialConv2d
+    layer = TensorialConv2d(64, 64, 3, "tt", rank=(32, 32, 32), padding=1).eval()
+    xs = [torch.randn(2, 64, 28, 28) for _ in range(4)]  # calls long enough to overlap
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    with torch.no_grad():
+        refs = [F.conv2d(x, layer.dense_weight(), layer.bias, padding=1) for x in xs]
+        layer(xs[0])  # measured and bound before the threads start
+    errors = []
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(30):
+                y = layer(xs[i])
+                if not torch.allclose(y, refs[i], atol=1e-4, rtol=1e-4):
+                    errors.append(i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -5,6 +5,7 @@ the checks on their arguments, and the layout rule (NHWC in, NHWC out; else NCHW
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Callable
 
 import torch
@@ -57,10 +58,12 @@ def padded(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def scratch(store: dict, floats: int, name: str = "scratch") -> torch.Tensor:
-    """A float buffer of at least ``floats``, kept in ``store[name]`` across calls."""
-    buf = store.get(name)
+    """A float buffer of at least ``floats``, kept in ``store`` across calls, one per
+    calling thread (two threads running one layer at once must not share it)."""
+    key = (name, threading.get_ident())
+    buf = store.get(key)
     if buf is None or buf.numel() < floats:
-        buf = store[name] = torch.empty(floats, dtype=torch.float32)
+        buf = store[key] = torch.empty(floats, dtype=torch.float32)
     return buf
 
 
