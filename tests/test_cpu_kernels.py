@@ -307,7 +307,7 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
     from convgap.layers import tensorial
     calls = _count_runs(monkeypatch)
     # take the fused kernel whatever the measurement says
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
     layer = _layer(family, stride, padding, dilation)
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
@@ -337,7 +337,7 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
 def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch, family):
     from convgap.layers import tensorial
     calls = _count_runs(monkeypatch)
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
     layer = _layer(family)
     x = torch.randn(2, 12, 9, 8, requires_grad=True)
     layer(x).sum().backward()  # autograd: the torch steps
@@ -361,7 +361,7 @@ def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
     seen = []
     real = tensorial._measured_fastest
     monkeypatch.setattr(tensorial, "_measured_fastest",
-                        lambda key, fns: seen.append(key) or real(key, fns))
+                        lambda key, fns, *cfg: seen.append(key) or real(key, fns, *cfg))
     layer = _layer()
     x = torch.randn(2, 12, 9, 8)
     with torch.no_grad():
@@ -395,7 +395,7 @@ def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family, cha
     operands are views of its factors (TT, TR) must hand over the same view objects each
     call, or it would repack on every call."""
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
     packs = []
     for mod in (pdp, pcp):
         for name in ("_prepare", "_planar_weights"):
@@ -443,7 +443,7 @@ def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, winner, ch
     """For NCHW inputs the candidates are the planar kernel, the NHWC kernel and the steps;
     for channels_last the NHWC kernel and the steps. The winner runs (and is remembered)."""
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[winner])
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[winner])
     layer = _layer("tucker")
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
@@ -482,7 +482,7 @@ def test_one_layer_serves_concurrent_threads(monkeypatch, channels_last):
     result matches its own input's reference."""
     import threading
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns: fns[0])
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
     from convgap import TensorialConv2d
     layer = TensorialConv2d(64, 64, 3, "tt", rank=(32, 32, 32), padding=1).eval()
     xs = [torch.randn(2, 64, 28, 28) for _ in range(4)]  # calls long enough to overlap

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..einsum import OBJECTIVES, PathInfo, _plan
+from .. import timing
 from ..einsum.evaluate import _measured_fastest, run_plan
 from ..errors import ConvgapError
 from ..tracing import exporting
@@ -23,6 +24,10 @@ __all__ = ["TensorialConv2d", "AUTO_MAC_SLACK"]
 
 RankArg = Union[int, Sequence[int], None]
 AUTO_MAC_SLACK = 0.05  # objective='auto': extra MACs the combo path may cost over the fewest
+# timing of the one-time choice between the fused kernels and the steps, per input shape:
+# longer than a step's choice (its candidates can be within 10% of each other; 3 candidates
+# of 0.5 ms cost about 30 ms once)
+FUSED_TRIAL = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=60, min_time=0.03)
 
 
 def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]):
@@ -271,7 +276,8 @@ class TensorialConv2d(nn.Module):
                    self.dilation, self.bias is not None)
             fns = [fused.fused_call(*args, use_planar=p) for p in kernels] + [steps]
             trials = [functools.partial(f, x) for f in fns]
-            choice = store["choice"] = trials.index(_measured_fastest(key, trials))
+            choice = store["choice"] = trials.index(_measured_fastest(key, trials,
+                                                                      FUSED_TRIAL))
             call = fns[choice]
         else:  # (re)bind only the chosen kernel
             call = fused.fused_call(*args, use_planar=kernels[choice]) \
