@@ -131,6 +131,7 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
         const long *offp, const float *Wt, const float *X, long ldx, const float *bias,
         float *C, long ldc, const float *end)
 {
+    if (M < 1 || Npix < 1 || taps < 1) return;
     const int nv_max = M > 12 ? 4 : 2, mr_max = nv_max == 4 ? 6 : 12;
     long offa[taps], reach = 0;
     for (int t = 0; t < taps; t++) {

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bands.h"
 #include "gemm.h"
 
 /* the integer arguments, in this order */
@@ -98,18 +99,13 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *u = scratch + per * t, *v1 = u + s.u, *v2 = v1 + s.v1, *tile = v2 + s.v2;
         memset(u, 0, sizeof(float) * (s.u + s.v1));  /* the zero padding */
-        long g0 = total * t / nt, g1 = total * (t + 1) / nt;
-        int cur = -1, ulo = 0, uhi = 0;  /* window: padded rows [ulo, uhi) of image cur */
-        while (g0 < g1) {
-            int n = (int)(g0 / OH), oh = (int)(g0 % OH);
-            int th = OH - oh < TH ? OH - oh : TH;
-            if (g1 - g0 < th) th = (int)(g1 - g0);
+        Walk wk = walk_start(total, t, nt);
+        int n, oh, th;
+        while (next_band(&wk, OH, TH, &n, &oh, &th)) {
             int lo = oh * sh1, hi = (oh + th - 1) * sh1 + (g[G_KH1] - 1) * g[G_DH1] + 1;
-            if (n != cur || uhi <= lo) { cur = n; ulo = uhi = lo; }
-            else if (lo > ulo) {
-                memmove(u, u + (lo - ulo) * row1, sizeof(float) * (uhi - lo) * row1);
-                ulo = lo;
-            }
+            int drop = slide(&wk, n, lo);  /* the window: padded rows [ulo, uhi) */
+            if (drop) memmove(u, u + drop * row1, sizeof(float) * (wk.hi - wk.lo) * row1);
+            const int ulo = wk.lo, uhi = wk.hi;
             for (int ip = uhi; ip < hi; ip++) {  /* new window rows: padded row ip */
                 float *row = u + (ip - ulo) * row1;
                 int ih = ip - ph1;
@@ -122,7 +118,7 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 else
                     memset(row, 0, sizeof(float) * row1);
             }
-            if (hi > uhi) uhi = hi;
+            if (hi > uhi) wk.hi = hi;
             for (int r = 0; r < th; r++) {  /* first convolution, one output row at a time */
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * row1;
                 float *dst = kw2 ? v1 + ((long)r * s.wp2 + g[G_PW2]) * s.r2p
@@ -138,7 +134,6 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
             } else
                 gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias,
                      y + ((long)n * OH + oh) * OW * O, O);
-            g0 += th;
         }
     }
 }

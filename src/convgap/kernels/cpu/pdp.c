@@ -12,6 +12,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bands.h"
 #include "gemm.h"
 
 /* One 16-channel slice of the depthwise step: rows [0, th) of v from output rows oh.. of the
@@ -125,34 +126,29 @@ void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, in
         float *u = scratch + per * t;
         float *v = u + (long)window_rows(TH, kh, sh, dh) * W * Rp;
         float *tile = v + (long)TH * OW * Rp;  /* the output band, for NCHW */
-        long g = total * t / nt, g1 = total * (t + 1) / nt;
-        int cur = -1, ulo = 0, uhi = 0;  /* the window holds input rows [ulo, uhi) of image cur */
-        while (g < g1) {
-            int n = (int)(g / OH), oh = (int)(g % OH);
-            int th = OH - oh < TH ? OH - oh : TH;
-            if (g1 - g < th) th = (int)(g1 - g);
+        Walk wk = walk_start(total, t, nt);
+        int n, oh, th;
+        while (next_band(&wk, OH, TH, &n, &oh, &th)) {
             int lo = oh * sh - ph, hi = (oh + th - 1) * sh - ph + (kh - 1) * dh + 1;
             if (lo < 0) lo = 0;
             if (hi > H) hi = H;
-            if (n != cur || uhi <= lo) { cur = n; ulo = uhi = lo; }
-            else if (lo > ulo) {
-                memmove(u, u + (long)(lo - ulo) * W * Rp, sizeof(float) * (uhi - lo) * W * Rp);
-                ulo = lo;
-            }
+            int drop = slide(&wk, n, lo);  /* the window: input rows [ulo, uhi) */
+            if (drop)
+                memmove(u, u + (long)drop * W * Rp, sizeof(float) * (wk.hi - wk.lo) * W * Rp);
+            const int ulo = wk.lo, uhi = wk.hi;
             if (hi > uhi && nchw)
                 gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
                             Ap, u + (long)(uhi - ulo) * W * Rp, Rp);
             else if (hi > uhi)
                 gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, 0,
                      u + (long)(uhi - ulo) * W * Rp, Rp);
-            if (hi > uhi) uhi = hi;
+            if (hi > uhi) wk.hi = hi;
             depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
             if (nchw) {  /* the band in NHWC, then into the output's planes */
                 gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O);
                 store_planes(th * OW, O, tile, y + ((long)n * O * OH + oh) * OW, (long)OH * OW);
             } else
                 gemm(th * OW, O, R, v, Rp, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
-            g += th;
         }
     }
 }

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bands.h"
 #include "gemm.h"
 
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
@@ -112,20 +113,15 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
         float *t1 = scratch + per * t, *u = t1 + s.t1, *v1 = u + s.u, *v2 = v1 + s.v1;
         float *vc = v2 + s.v2;
         memset(u, 0, sizeof(float) * s.u);  /* the zero padding */
-        long g0 = total * t / nt, g1 = total * (t + 1) / nt;
-        int cur = -1, ulo = 0, uhi = 0;  /* window: padded rows [ulo, uhi) of image cur */
-        while (g0 < g1) {
-            int n = (int)(g0 / OH), oh = (int)(g0 % OH);
-            int th = OH - oh < TH ? OH - oh : TH;
-            if (g1 - g0 < th) th = (int)(g1 - g0);
+        Walk wk = walk_start(total, t, nt);
+        int n, oh, th;
+        while (next_band(&wk, OH, TH, &n, &oh, &th)) {
             int lo = oh * sh1, hi = (oh + th - 1) * sh1 + (g[G_KH1] - 1) * g[G_DH1] + 1;
-            if (n != cur || uhi <= lo) { cur = n; ulo = uhi = lo; }
-            else if (lo > ulo) {
-                for (int ch = 0; ch < ZR1; ch++)
-                    memmove(u + ch * s.pu, u + ch * s.pu + (lo - ulo) * wp,
-                            sizeof(float) * (uhi - lo) * wp);
-                ulo = lo;
-            }
+            int drop = slide(&wk, n, lo);  /* the window: padded rows [ulo, uhi) per plane */
+            for (int ch = 0; drop && ch < ZR1; ch++)
+                memmove(u + ch * s.pu, u + ch * s.pu + drop * wp,
+                        sizeof(float) * (wk.hi - wk.lo) * wp);
+            const int ulo = wk.lo, uhi = wk.hi;
             /* new window rows [uhi, hi): the image's rows among them by one GEMM */
             int r0 = uhi - ph1, r1 = hi - ph1;
             if (r0 < 0) r0 = 0;
@@ -145,7 +141,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                         memset(row, 0, sizeof(float) * wp);
                 }
             }
-            if (hi > uhi) uhi = hi;
+            if (hi > uhi) wk.hi = hi;
             /* first convolution: the band's rows as one flat range (per row if strided) */
             float *out1 = kw2 ? v1 : v2;
             const int rows = sh1 == 1 ? 1 : th, npix = sh1 == 1 ? th * (int)wp : (int)wp;
@@ -170,7 +166,6 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                            sizeof(float) * OW);
             gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
                         y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0);
-            g0 += th;
         }
     }
 }
