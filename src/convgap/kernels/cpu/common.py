@@ -13,24 +13,40 @@ import torch
 from ...errors import ConvgapError
 from .build import library
 
-__all__ = ["P", "I", "L", "typed_library", "pack", "padded", "round16", "scratch",
-           "check_tensors", "channels_innermost", "empty_output", "out_size",
+__all__ = ["P", "I", "L", "Kernel", "pack", "padded", "round16", "scratch",
+           "check_tensors", "channels_innermost", "empty_output", "out_size", "bound_call",
            "kernel_choice", "BAND_PIXELS"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
-def typed_library(name: str, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
-    """Kernel ``name`` with gemm.h's exports and ``declare``'s signatures set, or None."""
-    lib = library(name)
-    if lib is not None and not getattr(lib, "_typed", False):
-        lib.packed_floats.restype = L
-        lib.packed_floats.argtypes = [I, I, I]
-        lib.pack_b.argtypes = [P, I, I, I, L, L, L, P]
-        declare(lib)
-        lib._typed = True
-    return lib
+class Kernel:
+    """One C kernel (``<name>.c``) and the ctypes signatures of its exports: gemm.h's
+    packing functions, ``scratch_floats(const int *g)`` and ``forward(const int *g, x, ...,
+    y, scratch, int threads)`` with ``pointers`` pointer arguments in all. :meth:`lib`
+    loads it on first use (None where it cannot be built), :meth:`available` says whether
+    it can."""
+
+    def __init__(self, name: str, forward: str, pointers: int) -> None:
+        self.name = name
+        self.functions = {"packed_floats": ([I, I, I], L),
+                          "pack_b": ([P, I, I, I, L, L, L, P], None),
+                          "scratch_floats": ([P], L), forward: ([P] * pointers + [I], None)}
+
+    def lib(self) -> ctypes.CDLL | None:
+        lib = library(self.name)
+        if lib is not None and not getattr(lib, "_typed", False):
+            for fn, (args, result) in self.functions.items():
+                getattr(lib, fn).argtypes = args
+                getattr(lib, fn).restype = result
+            lib._typed = True
+        return lib
+
+    def available(self) -> bool:
+        """True where the kernel is built and loadable (x86-64 with AVX-512, a C compiler,
+        ``CONVGAP_NATIVE`` not 0)."""
+        return self.lib() is not None
 
 
 def round16(n: int) -> int:
@@ -106,3 +122,21 @@ def kernel_choice(kernel: str, planar_ok: bool) -> bool:
         raise ConvgapError("the planar kernel needs an NCHW-contiguous input, width strides "
                            "of 1 and, with a second filter, a first one along columns only")
     return planar_ok if kernel == "auto" else kernel == "planar"
+
+
+def bound_call(forward, ints, pointers: tuple, per: int, out_shape: tuple, nhwc: bool,
+               store: dict, holds) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function a kernel's ``bind`` returns: ``forward(ints, x, *pointers, y, scratch,
+    threads)`` on an input ``x`` (read in place: NHWC memory if ``nhwc``, else NCHW,
+    contiguous or copied once), into a new result of ``out_shape`` in the same layout,
+    with ``per`` floats of scratch per thread. It keeps ``holds`` (what ``pointers`` point
+    into) alive."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        buf = scratch(store, threads * per)
+        y = empty_output(out_shape, nhwc)
+        xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
+        forward(ints, xc.data_ptr(), *pointers, y.data_ptr(), buf.data_ptr(), threads)
+        return y
+    call.weights = holds
+    return call

@@ -18,27 +18,15 @@ from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
 from . import planar
-from .common import (BAND_PIXELS, I, P, channels_innermost, check_tensors, empty_output,
-                     kernel_choice, out_size, pack, padded, scratch, typed_library)
+from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
+                     kernel_choice, out_size, pack, padded)
 
 __all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    lib.scratch_floats.restype = ctypes.c_long
-    lib.scratch_floats.argtypes = [P]
-    lib.pcp_forward.argtypes = [P, P, P, P, P, P, P, P, P, I]
-    lib.pcp_forward.restype = None
-
-
-def _lib() -> ctypes.CDLL | None:
-    return typed_library("pcp", _declare)
-
-
-def available() -> bool:
-    """True where the C kernel is built and loadable (x86-64 with AVX-512, a C compiler,
-    ``CONVGAP_NATIVE`` not 0)."""
-    return _lib() is not None
+KERNEL = Kernel("pcp", "pcp_forward", 9)
+_lib = KERNEL.lib
+available = KERNEL.available
 
 
 def _check(x, a, k1, b, bias, k2, groups, stride, stride2) -> None:
@@ -150,11 +138,8 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
          bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
          k2: torch.Tensor | None, second: tuple, store: dict, groups: int = 1,
          use_planar: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function running the kernel on inputs of ``x``'s shape and strides with these
-    weights in their prepared forms (packed now, or reused from ``store`` while each weight
-    is the same tensor at the same version): call it again only while the weights are
-    unchanged. Per input geometry the kernel's arguments are worked out once and kept in
-    ``store``, with the scratch."""
+    """The kernel bound to these weights for inputs of ``x``'s shape and strides, as
+    :func:`.pdp.bind` (valid while the weights are unchanged)."""
     from ...einsum.evaluate import reuse
     lib = _lib()
     nhwc = channels_innermost(x)
@@ -172,15 +157,5 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
                                     lambda: _planar_weights(a, k1, k2, b, bias)),
                            (*head, groups, 0), out_shape, store)
     prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
-    ptrs = tuple(None if t is None else t.data_ptr() for t in prepared)
-    forward = lib.pcp_forward
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        buf = scratch(store, threads * per)
-        y = empty_output(out_shape, nhwc)
-        xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
-        forward(ints, xc.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
-        return y
-    call.weights = prepared  # the function holds what its pointers point into
-    return call
+    pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
+    return bound_call(lib.pcp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)

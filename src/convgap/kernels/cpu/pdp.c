@@ -99,11 +99,16 @@ static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float
 static int window_rows(int TH, int kh, int sh, int dh) { return (TH - 1) * sh + (kh - 1) * dh + 1; }
 
 /* Floats of scratch one thread needs: the u window and one band of v */
-long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH, int O, int nchw)
+/* the integer arguments, in this order */
+enum { G_N, G_H, G_W, G_C, G_R, G_KH, G_KW, G_SH, G_SW, G_PH, G_PW, G_DH, G_DW, G_O, G_OH,
+       G_OW, G_TH, G_NCHW, G_COUNT };
+
+/* Floats of scratch one thread needs: the u window, one band of v (and of y, for NCHW). */
+long scratch_floats(const int *g)
 {
-    int Rp = (R + 15) / 16 * 16;
-    return (long)window_rows(TH, kh, sh, dh) * W * Rp + (long)TH * OW * Rp
-         + (nchw ? (long)TH * OW * O : 0) + 64;
+    const int Rp = (g[G_R] + 15) / 16 * 16, TH = g[G_TH], OW = g[G_OW];
+    return (long)window_rows(TH, g[G_KH], g[G_SH], g[G_DH]) * g[G_W] * Rp
+         + (long)TH * OW * Rp + (g[G_NCHW] ? (long)TH * OW * g[G_O] : 0) + 64;
 }
 
 /* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike); Ap: pack_b of the (C x R)
@@ -112,13 +117,15 @@ long scratch_floats(int W, int R, int kh, int sh, int dh, int OW, int TH, int O,
  * 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(...)
  * floats. Output rows are split evenly over the threads; each walks its rows in bands of
  * TH. */
-void pdp_forward(const float *x, int N, int H, int W, int C, const float *Ap, int R,
-                 const float *D, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
-                 const float *Bp, int O, const float *bias, float *y, int OH, int OW, int TH,
-                 float *scratch, int threads, int nchw)
+void pdp_forward(const int *g, const float *x, const float *Ap, const float *D,
+                 const float *Bp, const float *bias, float *y, float *scratch, int threads)
 {
+    const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], R = g[G_R], O = g[G_O];
+    const int kh = g[G_KH], kw = g[G_KW], sh = g[G_SH], sw = g[G_SW], ph = g[G_PH];
+    const int pw = g[G_PW], dh = g[G_DH], dw = g[G_DW], OH = g[G_OH], OW = g[G_OW];
+    const int TH = g[G_TH], nchw = g[G_NCHW];
     const int Rp = (R + 15) / 16 * 16;
-    const long per = scratch_floats(W, R, kh, sh, dh, OW, TH, O, nchw);
+    const long per = scratch_floats(g);
     const long total = (long)N * OH;
     #pragma omp parallel num_threads(threads)
     {

@@ -17,28 +17,15 @@ from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
 from . import planar
-from .common import (BAND_PIXELS, I, P, channels_innermost, check_tensors, empty_output,
-                     kernel_choice, out_size, pack, padded, round16, scratch, typed_library)
+from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
+                     kernel_choice, out_size, pack, padded, round16)
 
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    lib.scratch_floats.restype = ctypes.c_long
-    lib.scratch_floats.argtypes = [I] * 9
-    lib.pdp_forward.argtypes = [P, I, I, I, I, P, I, P, I, I, I, I, I, I, I, I, P, I, P, P, I,
-                                I, I, P, I, I]
-    lib.pdp_forward.restype = None
-
-
-def _lib() -> ctypes.CDLL | None:
-    return typed_library("pdp", _declare)
-
-
-def available() -> bool:
-    """True where the C kernel is built and loadable (x86-64 with AVX-512, a C compiler,
-    ``CONVGAP_NATIVE`` not 0)."""
-    return _lib() is not None
+KERNEL = Kernel("pdp", "pdp_forward", 8)
+_lib = KERNEL.lib
+available = KERNEL.available
 
 
 def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
@@ -98,7 +85,8 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
 
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
               dilation, nchw: bool) -> tuple:
-    """(integer arguments of pdp_forward, output shape, scratch floats per thread)"""
+    """(integer arguments of pdp_forward as a ctypes array, output shape, scratch floats
+    per thread)"""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c, h, w = x.shape
     oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
@@ -106,9 +94,9 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
         raise ConvgapError(f"a {kh}x{kw} filter with padding {(ph, pw)} and dilation "
                            f"{(dh, dw)} does not fit a {h}x{w} input")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    per = lib.scratch_floats(w, r, kh, sh, dh, ow, band, o, nchw)
-    return (n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band), \
-        (n, o, oh, ow), per
+    ints = (ctypes.c_int * 18)(n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band,
+                               nchw)
+    return ints, (n, o, oh, ow), lib.scratch_floats(ints)
 
 
 def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
@@ -138,26 +126,12 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
                                      stride, padding, dilation, not nhwc)
     ints, out_shape, per = geo
     if use_planar:
-        n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _ = ints
+        n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _, _ = ints
         weights = reuse(store, "planar_weights", [t for t in (a, d, b, bias) if t is not None],
                         lambda: _planar_weights(a, d, b, bias))
         return planar.bind(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
                                         1, o, oh, ow, 1, 1), out_shape, store)
     weights = (a, d, b) if bias is None else (a, d, b, bias)
-    pa, taps, pb, pbias = prepared = reuse(store, "weights", weights,
-                                           lambda: _prepare(lib, a, d, b, bias))
-    n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band = ints
-    head = (n, h, w, c, pa.data_ptr(), r, taps.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw,
-            pb.data_ptr(), o, None if pbias is None else pbias.data_ptr())
-    forward = lib.pdp_forward
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        buf = scratch(store, threads * per)
-        y = empty_output(out_shape, nhwc)
-        xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
-        forward(xc.data_ptr(), *head, y.data_ptr(), oh, ow, band, buf.data_ptr(), threads,
-                not nhwc)
-        return y
-    call.weights = prepared  # the function holds what its pointers point into
-    return call
+    prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, d, b, bias))
+    pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
+    return bound_call(lib.pdp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)

@@ -6,15 +6,16 @@
  *   y  = B v2 + bias                    (1x1 conv, Z R3 -> O channels)
  *
  * pcp.c and pdp.c hold output channels in their vectors (NHWC maps; NCHW read in place and
- * each output band transposed into planes). Here every map stays channel-major: pixels fill the vectors and weights are broadcast (gemm.h's
- * gemm_planar), which also keeps the vectors full where the ranks are narrow (a 24-channel
- * Tucker core, a tensor ring's 7-channel groups). Each thread walks a contiguous range of
- * output rows in bands, keeping a window of u's rows per channel plane, zero-padded, so each
- * convolution runs over the band's rows as one flat range of pixels: the pixels in the
- * padding columns are computed and dropped when the band is compacted for the last GEMM.
- * With a second convolution the first must run along columns only (kw1 = 1), so its output
- * lands in the second's padded layout with zeros in the padding. Z > 1: groups of channels
- * sharing both filters (a tensor ring's bond). */
+ * each output band transposed into planes). Here every map stays channel-major: pixels fill
+ * the vectors and weights are broadcast (gemm.h's gemm_planar), which also keeps the vectors
+ * full where the ranks are narrow (a 24-channel Tucker core, a tensor ring's 7-channel
+ * groups). Each thread walks a contiguous range of output rows in bands (bands.h), keeping a
+ * window of u's rows per channel plane, zero-padded, so each convolution runs over the
+ * band's rows as one flat range of pixels: the pixels in the padding columns are computed
+ * and dropped when the band is compacted for the last GEMM. With a second convolution the
+ * first must run along columns only (kw1 = 1), so its output lands in the second's padded
+ * layout with zeros in the padding. Z > 1: groups of channels sharing both filters (a
+ * tensor ring's bond). */
 #include <string.h>
 #include <omp.h>
 
@@ -62,7 +63,7 @@ static Sizes sizes(const int *g)
 }
 
 /* Floats of scratch one thread needs. */
-long planar_scratch_floats(const int *g)
+long scratch_floats(const int *g)
 {
     Sizes s = sizes(g);
     return s.t1 + s.u + s.v1 + s.v2 + s.vc + 64;
@@ -88,7 +89,7 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
 
 /* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
  * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
- * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x planar_scratch_floats. */
+ * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
                     const float *K2t, const float *Bt, const float *bias, float *y,
                     float *scratch, int threads)
@@ -99,7 +100,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
     const int taps1 = g[G_KH1] * g[G_KW1];
-    const long per = planar_scratch_floats(g), wp = s.wp;
+    const long per = scratch_floats(g), wp = s.wp;
     const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
     long offs1[taps1], offs2[kw2 > 0 ? kw2 : 1];
     for (int i = 0; i < g[G_KH1]; i++)

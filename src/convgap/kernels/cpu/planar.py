@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .common import I, P, scratch, typed_library
+from .common import Kernel, bound_call
 
 __all__ = ["available", "supports", "bind", "BAND_PIXELS"]
 
@@ -28,20 +28,9 @@ __all__ = ["available", "supports", "bind", "BAND_PIXELS"]
 BAND_PIXELS = 384
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    lib.planar_scratch_floats.restype = ctypes.c_long
-    lib.planar_scratch_floats.argtypes = [P]
-    lib.planar_forward.argtypes = [P, P, P, P, P, P, P, P, P, I]
-    lib.planar_forward.restype = None
-
-
-def _lib() -> ctypes.CDLL | None:
-    return typed_library("planar", _declare)
-
-
-def available() -> bool:
-    """True where the C kernel is built and loadable."""
-    return _lib() is not None
+KERNEL = Kernel("planar", "planar_forward", 9)
+_lib = KERNEL.lib
+available = KERNEL.available
 
 
 def supports(x: torch.Tensor, stride: tuple, k1_shape: tuple, padding: tuple,
@@ -70,17 +59,7 @@ def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, sto
         ow = head[-1]
         band = max(1, min(head[-2], round(BAND_PIXELS / ow)))
         ints = store[key] = (ctypes.c_int * 23)(*head, band, z, depthwise)
-    per = lib.planar_scratch_floats(ints)
-    at, k1, k2, bt, bias = weights
-    ptrs = (at.data_ptr(), k1.data_ptr(), None if k2 is None else k2.data_ptr(),
-            bt.data_ptr(), None if bias is None else bias.data_ptr())
-    forward = lib.planar_forward
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        buf = scratch(store, threads * per, "planar_scratch")
-        y = torch.empty(out_shape, dtype=torch.float32)
-        forward(ints, x.data_ptr(), *ptrs, y.data_ptr(), buf.data_ptr(), threads)
-        return y
-    call.weights = weights  # the function holds what its pointers point into
-    return call
+    per = lib.scratch_floats(ints)
+    pointers = tuple(None if t is None else t.data_ptr() for t in weights)
+    return bound_call(lib.planar_forward, ints, pointers, per, out_shape, False, store,
+                      weights)
