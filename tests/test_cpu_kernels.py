@@ -505,3 +505,62 @@ def test_one_layer_serves_concurrent_threads(monkeypatch, channels_last):
     for t in threads:
         t.join()
     assert not errors
+
+
+# --- FlattenedConv2d on the kernel (no second 1x1 conv; biases folded in) ---
+
+@needs_kernel
+@pytest.mark.parametrize("stride,padding,dilation,repeats", [(1, 1, 1, 1), (2, 1, 1, 1),
+                                                             ((1, 2), (1, 2), (2, 1), 1),
+                                                             (1, 0, 1, 2), ((2, 1), 1, 1, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, stride, padding, dilation,
+                                                        repeats, bias, channels_last):
+    from convgap.layers import FlattenedConv2d, flattened
+    monkeypatch.setattr(flattened, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    binds = []
+    real = pdp.bind
+    monkeypatch.setattr(pdp, "bind", lambda *a: binds.append(1) or real(*a))
+    layer = FlattenedConv2d(12, 10, 3, repeats=repeats, stride=stride, padding=padding,
+                            dilation=dilation, bias=bias).eval()
+    x = torch.randn(2, 12, 11, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = layer(x)
+        ref = layer._ops(x)
+        if repeats == 1 and not bias:
+            dense = F.conv2d(x.double(), layer.dense_weight().double(), None, stride, padding,
+                             dilation)
+            assert ((y.double() - dense).abs().max() / dense.abs().max()).item() < 1e-5
+    assert len(binds) == repeats  # it ran fused, one pass per repeat
+    assert y.shape == ref.shape
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    with torch.no_grad():  # a changed weight: rebound, the result follows
+        layer.horizontal[0].mul_(-0.5)
+        if bias:
+            layer.biases[0].add_(1.0)
+        y2, ref2 = layer(x), layer._ops(x)
+    assert len(binds) == 2 * repeats - (repeats - 1)  # only repeat 0 changed
+    assert ((y2 - ref2).abs().max() / ref2.abs().max()).item() < 1e-5
+
+
+@needs_kernel
+def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(monkeypatch):
+    from convgap.layers import FlattenedConv2d, flattened
+    binds = []
+    real = pdp.bind
+    monkeypatch.setattr(pdp, "bind", lambda *a: binds.append(1) or real(*a))
+    layer = FlattenedConv2d(12, 10, 3, padding=1)
+    x = torch.randn(2, 12, 9, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert not binds and x.grad is not None
+    monkeypatch.setattr(flattened, "_measured_fastest", lambda key, fns, *cfg: fns[1])
+    with torch.no_grad():
+        y = layer(x)
+        layer(x)
+    assert not binds and list(layer._choice.values()) == [1]  # the torch ops won
+    assert torch.allclose(y, layer._ops(x), atol=1e-6)

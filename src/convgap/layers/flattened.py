@@ -13,9 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..einsum.evaluate import (_frozen_parameters, _gemm_step, channels_innermost,
-                               depthwise_nhwc, reuse)
+from ..einsum.evaluate import (_frozen_parameters, _gemm_step, _measured_fastest,
+                               channels_innermost, depthwise_nhwc, reuse)
 from ..errors import ConvgapError
+from ..kernels.cpu import pdp
+from ..tracing import exporting
 
 __all__ = ["FlattenedConv2d"]
 
@@ -33,8 +35,12 @@ class FlattenedConv2d(nn.Module):
     with the rank-1 kernel v h^T (oneDNN's NHWC depthwise kernel: one pass over the feature
     map instead of two, 3-10x faster here than shifted multiply-adds or NCHW), and adds the
     vertical bias as the exact per-column map it becomes after the zero-padded horizontal
-    filter; ``fuse=False`` runs the three convolutions as written (same result). The
-    result has the input's memory layout.
+    filter; ``fuse=False`` runs the three convolutions as written (same result). In CPU
+    float32 inference each repeat may instead run as one pass of the fused C kernel
+    (:func:`convgap.kernels.cpu.pdp.bind` without its second 1x1 conv: the lateral GEMM,
+    the rank-1 depthwise filter and the biases, the intermediate kept in cache); a one-time
+    paired measurement per input shape and layout picks whichever is faster. The result has
+    the input's memory layout.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, repeats: int = 1,
@@ -65,18 +71,21 @@ class FlattenedConv2d(nn.Module):
         # per repeat: the lateral weight packed for oneDNN, the depthwise filters blocked
         # for it, and (in inference) the rank-1 kernel v h^T while v and h are unchanged
         self._cache: list[dict] = [{} for _ in range(repeats)]
+        self._choice: dict = {}  # (input shape, strides) -> 0: fused kernel, 1: torch ops
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
         """Copies and pickles start without the per-repeat cache (packed weights)."""
         state = super().__getstate__()
         state["_cache"] = [{} for _ in range(self.repeats)]
+        state["_choice"] = {}
         return state
 
     def refresh(self) -> None:
         """Drop the packed lateral weights, blocked filters and kept v h^T (see
         :meth:`TensorialConv2d.refresh`)."""
         self._cache = [{} for _ in range(self.repeats)]
+        self._choice = {}
 
     def _kernel(self, r: int) -> torch.Tensor:
         """(o, 1, kh, kw): the vertical and horizontal filters as one rank-1 kernel."""
@@ -115,6 +124,65 @@ class FlattenedConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConvgapError(f"FlattenedConv2d expects (N, {self.in_channels}, H, W) input, "
                                f"got {tuple(x.shape)}")
+        if self._fusable(x):
+            key = (x.shape, x.stride())
+            choice = self._choice.get(key)
+            if choice is None:  # once per input shape and layout
+                from .tensorial import FUSED_TRIAL
+                trials = [lambda: self._fused(x), lambda: self._ops(x)]
+                choice = self._choice[key] = trials.index(_measured_fastest(
+                    ("flattened-fused", *key, self.repeats, self.kernel_size, self.stride,
+                     self.padding, self.dilation, self.biases is not None), trials,
+                    FUSED_TRIAL))
+            if choice == 0:
+                return self._fused(x)
+        return self._ops(x)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """CPU float32 inference (nothing needing gradients, no tracing), fuse=True, where
+        the fused kernel is built."""
+        if not self.fuse or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        params = list(self.parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                               for p in params)):
+            return False
+        return not exporting() and pdp.available()
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Each repeat as one pass of the fused kernel, bound to the repeat's weights for
+        inputs like ``x`` and kept while those are unchanged."""
+        for r in range(self.repeats):
+            cache = self._cache[r]
+            params = [self.lateral[r], self.vertical[r], self.horizontal[r]]
+            if self.biases is not None:
+                params.append(self.biases[r])
+            sig = tuple((id(p), p._version, p.data_ptr()) for p in params)
+            key = ("fused", x.shape, x.stride())
+            hit = cache.get(key)
+            if hit is None or hit[0] != sig:
+                hit = cache[key] = (sig, self._bind(r, x))
+            x = hit[1](x)
+        return x
+
+    def _bind(self, r: int, x: torch.Tensor):
+        (sh, sw), (ph, pw), (dh, dw) = self._geometry(r)
+        kernel = self._kernel(r)[:, 0]  # (o, kh, kw)
+        bias1 = out_map = None
+        if self.biases is not None:
+            kw = self.kernel_size[1]
+            ow = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            bias1 = self.biases[r][0]
+            out_map = (self._vertical_bias_map(r, x.shape[-1], ow)[0, :, 0, :]
+                       + self.biases[r][2][:, None]).t()  # (ow, o)
+        return pdp.bind(x, self.lateral[r].t(), kernel, None, None, (sh, sw), (ph, pw),
+                        (dh, dw), self._cache[r].setdefault("fused_store", {}), False, bias1,
+                        out_map)
+
+    def _ops(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward on torch ops (oneDNN's GEMM and depthwise kernels)."""
         o = self.out_channels
         restore = not channels_innermost(x)  # the result keeps the input's layout
         for r in range(self.repeats):

@@ -1,6 +1,7 @@
 """Native CPU kernels: C with AVX-512 intrinsics, compiled at first use (:mod:`.build`).
 
-* :func:`pointwise_depthwise_pointwise` (``pdp.c``): 1x1 -> depthwise -> 1x1, a CP layer;
+* :func:`pointwise_depthwise_pointwise` (``pdp.c``): 1x1 -> depthwise -> 1x1, a CP layer
+  (without the second 1x1, a FlattenedConv2d repeat);
 * :func:`pointwise_conv_pointwise` (``pcp.c``): 1x1 -> conv (-> conv along rows) -> 1x1,
   Tucker-2, TT and (with groups sharing the filters) TR layers;
 * both on channels-innermost maps, or on NCHW maps in place (``planar.c``);

@@ -149,10 +149,10 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
     }
 }
 
-/* C (M x N) = A (M x K, k-major: element (i, k) at A[k * lda + i]) @ packed B: a 1x1
+/* C (M x N) = A (M x K, k-major: element (i, k) at A[k * lda + i]) @ packed B (+ bias): a 1x1
  * convolution reading an NCHW map in place (rows: pixels of one plane, lda: plane size) */
 __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float *A,
-        long lda, const float *Bp, float *C, long ldc)
+        long lda, const float *Bp, const float *bias, float *C, long ldc)
 {
     long offp[1];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
@@ -163,19 +163,19 @@ __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
             UKRT[mr - 1][nv - 1](K, 1, NO_OFFSET, offp, A + m0, lda, P, nv * 16,
-                                 C + m0 * ldc + n0, ldc, 0, tail_mask(nw));
+                                 C + m0 * ldc + n0, ldc, bias ? bias + n0 : 0, tail_mask(nw));
         }
     }
 }
 
-/* y (O planes of plane floats, NCHW) <- T (M pixels x O channels, row stride O) */
-__attribute__((unused)) static void store_planes(int M, int O, const float *T, float *y,
-                                                 long plane)
+/* y (O planes of plane floats, NCHW) <- T (M pixels x O channels, row stride ldt) */
+__attribute__((unused)) static void store_planes(int M, int O, const float *T, long ldt,
+                                                 float *y, long plane)
 {
     for (int o0 = 0; o0 < O; o0 += 16) {  /* 16 channels at a time: T's rows read once */
         int no = O - o0 < 16 ? O - o0 : 16;
         for (int p = 0; p < M; p++) {
-            const float *t = T + (long)p * O + o0;
+            const float *t = T + (long)p * ldt + o0;
             for (int o = 0; o < no; o++) y[(o0 + o) * plane + p] = t[o];
         }
     }

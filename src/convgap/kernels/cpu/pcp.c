@@ -111,7 +111,7 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 int ih = ip - ph1;
                 if (ih >= 0 && ih < H && nchw)
                     gemm_kmajor(W, Z * g[G_R1], C, x + ((long)n * C * H + ih) * W, (long)H * W,
-                                Ap, row + (long)pw1 * s.r1p, s.r1p);
+                                Ap, 0, row + (long)pw1 * s.r1p, s.r1p);
                 else if (ih >= 0 && ih < H)
                     gemm(W, Z * g[G_R1], C, x + ((long)n * H + ih) * W * C, C, Ap, 0,
                          row + (long)pw1 * s.r1p, s.r1p);
@@ -130,7 +130,8 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                           lda2, K2p, 0, v2 + (long)r * OW * s.r3p, ldc2);
             if (nchw) {  /* the band in NHWC, then into the output's planes */
                 gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, tile, O);
-                store_planes(th * OW, O, tile, y + ((long)n * O * OH + oh) * OW, (long)OH * OW);
+                store_planes(th * OW, O, tile, O, y + ((long)n * O * OH + oh) * OW,
+                             (long)OH * OW);
             } else
                 gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias,
                      y + ((long)n * OH + oh) * OW * O, O);

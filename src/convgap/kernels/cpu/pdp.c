@@ -112,13 +112,16 @@ long scratch_floats(const int *g)
 }
 
 /* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike); Ap: pack_b of the (C x R)
- * pointwise weight; D: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past
- * R are never read back); Bp: pack_b of the (R x O) pointwise weight; bias: O rounded up to
- * 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(...)
- * floats. Output rows are split evenly over the threads; each walks its rows in bands of
- * TH. */
-void pdp_forward(const int *g, const float *x, const float *Ap, const float *D,
-                 const float *Bp, const float *bias, float *y, float *scratch, int threads)
+ * pointwise weight; bias1: its bias (R rounded up to 16 floats) or NULL; D: (kh * kw) x Rp
+ * depthwise taps, Rp = R rounded up to 16 (columns past R are never read back); Bp: pack_b
+ * of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus map,
+ * OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
+ * bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads
+ * x scratch_floats(g) floats. Output rows are split evenly over the threads; each walks its
+ * rows in bands of TH. */
+void pdp_forward(const int *g, const float *x, const float *Ap, const float *bias1,
+                 const float *D, const float *Bp, const float *bias, const float *map,
+                 float *y, float *scratch, int threads)
 {
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], R = g[G_R], O = g[G_O];
     const int kh = g[G_KH], kw = g[G_KW], sh = g[G_SH], sw = g[G_SW], ph = g[G_PH];
@@ -145,17 +148,27 @@ void pdp_forward(const int *g, const float *x, const float *Ap, const float *D,
             const int ulo = wk.lo, uhi = wk.hi;
             if (hi > uhi && nchw)
                 gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
-                            Ap, u + (long)(uhi - ulo) * W * Rp, Rp);
+                            Ap, bias1, u + (long)(uhi - ulo) * W * Rp, Rp);
             else if (hi > uhi)
-                gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, 0,
+                gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, bias1,
                      u + (long)(uhi - ulo) * W * Rp, Rp);
             if (hi > uhi) wk.hi = hi;
             depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
-            if (nchw) {  /* the band in NHWC, then into the output's planes */
+            float *yb = nchw ? y + ((long)n * O * OH + oh) * OW : y + ((long)n * OH + oh) * OW * O;
+            if (!Bp) {  /* no second 1x1 conv: v (+ the per-column map) is the output */
+                for (int r = 0; r < th; r++)
+                    for (int ow = 0; ow < OW; ow++) {
+                        float *vp = v + ((long)r * OW + ow) * Rp;
+                        if (map)
+                            for (int c = 0; c < R; c++) vp[c] += map[(long)ow * Rp + c];
+                        if (!nchw) memcpy(yb + ((long)r * OW + ow) * O, vp, sizeof(float) * R);
+                    }
+                if (nchw) store_planes(th * OW, O, v, Rp, yb, (long)OH * OW);
+            } else if (nchw) {  /* the band in NHWC, then into the output's planes */
                 gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O);
-                store_planes(th * OW, O, tile, y + ((long)n * O * OH + oh) * OW, (long)OH * OW);
+                store_planes(th * OW, O, tile, O, yb, (long)OH * OW);
             } else
-                gemm(th * OW, O, R, v, Rp, Bp, bias, y + ((long)n * OH + oh) * OW * O, O);
+                gemm(th * OW, O, R, v, Rp, Bp, bias, yb, O);
         }
     }
 }

@@ -23,17 +23,25 @@ from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
-KERNEL = Kernel("pdp", "pdp_forward", 8)
+KERNEL = Kernel("pdp", "pdp_forward", 10)
 _lib = KERNEL.lib
 available = KERNEL.available
 
 
-def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
-             bias: torch.Tensor | None) -> tuple:
+def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
+             bias: torch.Tensor | None, bias1: torch.Tensor | None = None,
+             out_map: torch.Tensor | None = None) -> tuple:
+    """The kernel's operands: packed a, its padded bias, the taps (kh kw x Rp), packed b,
+    its padded bias, the output map padded to (OW, Rp); None where absent."""
     r = a.shape[1]
     taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
     taps[:, :r] = d.detach().reshape(r, -1).t()
-    return pack(lib, a), taps, pack(lib, b.t()), padded(bias)
+    omap = None
+    if out_map is not None:
+        omap = torch.zeros(out_map.shape[0], round16(r), dtype=torch.float32)
+        omap[:, :r] = out_map.detach()
+    return (pack(lib, a), padded(bias1), taps, None if b is None else pack(lib, b.t()),
+            padded(bias), omap)
 
 
 def _planar_weights(a, d, b, bias) -> tuple:
@@ -108,22 +116,26 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     return bind(x, a, d, b, bias, stride, padding, dilation, store, use_planar)(x)
 
 
-def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
+def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
          bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
-         store: dict, use_planar: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+         store: dict, use_planar: bool = False, bias1: torch.Tensor | None = None,
+         out_map: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the kernel on inputs of ``x``'s shape and strides with these
     weights in their prepared forms (packed now, or reused from ``store`` while each weight
     is the same tensor at the same version): call it again only while the weights are
     unchanged. Per input geometry the kernel's arguments are worked out once and kept in
-    ``store``, with the scratch."""
+    ``store``, with the scratch. Without ``b`` (a flattened convolution; NHWC kernel only)
+    the output is the depthwise result plus ``out_map`` ((OW, R), added per output column),
+    and ``bias1`` is the first 1x1 conv's bias."""
     from ...einsum.evaluate import reuse
     lib = _lib()
     nhwc = channels_innermost(x)
     key = (x.shape, stride, padding, dilation, nhwc)
     geo = store.get(key)
     if geo is None:
-        geo = store[key] = _geometry(lib, x, d.shape[0], d.shape[1], d.shape[2], b.shape[0],
-                                     stride, padding, dilation, not nhwc)
+        geo = store[key] = _geometry(lib, x, d.shape[0], d.shape[1], d.shape[2],
+                                     d.shape[0] if b is None else b.shape[0], stride, padding,
+                                     dilation, not nhwc)
     ints, out_shape, per = geo
     if use_planar:
         n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _, _ = ints
@@ -131,7 +143,8 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
                         lambda: _planar_weights(a, d, b, bias))
         return planar.bind(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
                                         1, o, oh, ow, 1, 1), out_shape, store)
-    weights = (a, d, b) if bias is None else (a, d, b, bias)
-    prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, d, b, bias))
+    weights = [t for t in (a, d, b, bias, bias1, out_map) if t is not None]
+    prepared = reuse(store, "weights", weights,
+                     lambda: _prepare(lib, a, d, b, bias, bias1, out_map))
     pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
     return bound_call(lib.pdp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)
