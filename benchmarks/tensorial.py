@@ -11,7 +11,7 @@ channels_last dense weight):
    (target at 10x: latency reduction >= 0.7 x MAC reduction; FlattenedConv2d >= 2x faster
    than dense);
    "runs": what the layer's forward ran after its one-time measurement (``kernel_for``):
-   'planar' / 'nhwc' (a fused C kernel, convgap.kernels.cpu) or 'steps';
+   'planar' / 'nhwc' (a fused C kernel, convgap.kernels.cpu) or 'steps' / 'ops' (torch);
 2. convgap's contraction path vs left-to-right order, both as torch steps (convgap.einsum on
    the same factors, interleaved): "steps ms" and "left ms";
 3. tltorch ``FactorizedConv`` (``implementation="factorized"``) where tensorly-torch is
@@ -128,6 +128,7 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
     flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval().to(device)
     t_dense, t_flat, speedup = measure(flat, dense, x, cfg, timing, device)
     rows.append({"variant": "flattened", "target_compression": None, "ranks": None,
+                 "runs": flat.kernel_for(x),
                  "params": flat.weight_params, "macs": flat.macs(tuple(x.shape)),
                  "dense_s": t_dense, "s": t_flat, "speedup": speedup})
     for r in rows:

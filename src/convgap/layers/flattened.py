@@ -138,6 +138,13 @@ class FlattenedConv2d(nn.Module):
                 return self._fused(x)
         return self._ops(x)
 
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """What forward runs for inputs with ``x``'s shape and strides in CPU float32
+        inference: 'nhwc' (the fused C kernel), 'ops' (torch ops), or None while not yet
+        measured. Outside inference it always runs the torch ops."""
+        choice = self._choice.get((x.shape, x.stride()))
+        return None if choice is None else ("nhwc", "ops")[choice]
+
     def _fusable(self, x: torch.Tensor) -> bool:
         """CPU float32 inference (nothing needing gradients, no tracing), fuse=True, where
         the fused kernel is built."""
