@@ -106,6 +106,9 @@ def test_compare_counts_and_times_each_layer():
     assert res.model_params == (sum(p.numel() for p in net.parameters()),
                                 sum(p.numel() for p in fact.parameters()))
     assert "whole model" in str(res.table().columns[0]._cells)
+    # what each layer ran (compare times it in inference): a fused kernel or the steps
+    assert res.layers[0].runs == fact[0].kernel_for(x)
+    assert res.layers[0].runs in ("planar", "nhwc", "steps")
 
 
 def test_public_api():

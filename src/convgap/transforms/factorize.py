@@ -162,6 +162,7 @@ class LayerComparison:
     macs: int
     dense_s: float
     factorized_s: float
+    runs: str | None = None  # what the layer ran: 'planar' / 'nhwc' (fused C kernels), ...
 
     @property
     def speedup(self) -> float:
@@ -185,16 +186,16 @@ class Comparison:
 
     def table(self, title: str = "convgap factorize") -> Table:
         t = Table(title=title, title_justify="left")
-        for col in ("layer", "params", "MACs", "ms", "MAC cut", "speedup"):
-            t.add_column(col, justify="left" if col == "layer" else "right")
+        for col in ("layer", "runs", "params", "MACs", "ms", "MAC cut", "speedup"):
+            t.add_column(col, justify="left" if col in ("layer", "runs") else "right")
         for r in self.layers:
-            t.add_row(r.name, f"{r.dense_params:,} -> {r.params:,}",
+            t.add_row(r.name, r.runs or "-", f"{r.dense_params:,} -> {r.params:,}",
                       f"{r.dense_macs / 1e6:,.1f}M -> {r.macs / 1e6:,.1f}M",
                       f"{1e3 * r.dense_s:.3g} -> {1e3 * r.factorized_s:.3g}",
                       f"{r.mac_reduction:.2f}x", f"{r.speedup:.2f}x")
         dm = sum(r.dense_macs for r in self.layers)
         fm = sum(r.macs for r in self.layers)
-        t.add_row("factorized layers", f"{sum(r.dense_params for r in self.layers):,} -> "
+        t.add_row("factorized layers", "", f"{sum(r.dense_params for r in self.layers):,} -> "
                   f"{sum(r.params for r in self.layers):,}",
                   f"{dm / 1e6:,.1f}M -> {fm / 1e6:,.1f}M",
                   f"{1e3 * sum(r.dense_s for r in self.layers):.3g} -> "
@@ -203,7 +204,7 @@ class Comparison:
                   f"{sum(r.dense_s for r in self.layers) / sum(r.factorized_s for r in self.layers):.2f}x",
                   style="bold")
         (p0, p1), (t0, t1) = self.model_params, self.model_s
-        t.add_row("whole model", f"{p0:,} -> {p1:,}", "", f"{1e3 * t0:.4g} -> {1e3 * t1:.4g}",
+        t.add_row("whole model", "", f"{p0:,} -> {p1:,}", "", f"{1e3 * t0:.4g} -> {1e3 * t1:.4g}",
                   "", f"{t0 / t1:.2f}x", style="bold")
         return t
 
@@ -256,9 +257,11 @@ def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
             y = conv(xi)
             t_dense, t_new = timing.compare([lambda: conv(xi), lambda: new(xi)], LAYER_CONFIG,
                                             xi.device.type)
+            kernel_for = getattr(new, "kernel_for", None)  # measured in its first calls
             out.append(LayerComparison(r.name, r.factorization, r.dense_params, r.params,
                                        _dense_macs(conv, y), new.macs(tuple(xi.shape)),
-                                       t_dense.median, t_new.median))
+                                       t_dense.median, t_new.median,
+                                       kernel_for(xi) if kernel_for else None))
             progress.advance(task)
         t0, t1 = timing.compare([lambda: original(x), lambda: factorized(x)], MODEL_CONFIG,
                                 x.device.type)
