@@ -3,9 +3,9 @@
 ``peak_flops`` (FLOP/s) is the best rate of large square GEMMs in the given dtype, each run
 both by ``torch.mm`` and as a 1x1 convolution (whichever library path is faster);
 ``bandwidth`` (bytes/s) is the best of three large streaming kernels: a read-only sum,
-a copy (read + write) and an add (two reads + one write). Both are measured under the current (or given) thread count and
-cached per (device name, threads, dtype, torch version) in ``roofs.json`` in the convgap cache
-directory (see :mod:`convgap.cache`).
+a copy (read + write) and an add (two reads + one write). Both are measured under the
+current (or given) thread count and cached per (device name, threads, dtype, torch
+version) in ``roofs.json`` in the convgap cache directory (see :mod:`convgap.cache`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 For a layer's real input, every registered algorithm that supports the spec is prepared,
 checked against ``F.conv2d`` (relative error max|y - ref| / max|ref| within the algorithm's
-``tolerance``, widened to the reference's own rounding in fp16 / bf16 / TF32: :func:`tolerance`), and timed interleaved with the others (medians). The fastest correct one
+``tolerance``, widened to the reference's own rounding in fp16 / bf16 / TF32:
+:func:`tolerance`), and timed interleaved with the others (medians). The fastest correct one
 wins, but a non-``torch`` algorithm must then beat ``torch`` by ``MARGIN`` again in a
 head-to-head confirmation (two callables interleaved, more repeats, judged on the median of
 the per-round ratios), so neither noise nor the

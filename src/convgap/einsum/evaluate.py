@@ -249,13 +249,19 @@ class Program:
         return y if self.out_perm is None else y.permute(self.out_perm)
 
 
+def signature(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Identity, version counter and memory of each tensor: equal while none of them was
+    replaced, modified in place (through autograd-visible ops) or given new storage."""
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+
+
 def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],
           compute: Callable[[], torch.Tensor], extra: tuple = ()) -> torch.Tensor:
     """``compute()``, kept in ``store[slot]`` as ``(signature, tensors, result)`` and
     returned again while each of ``tensors`` is the same tensor (identity, version
     counter, storage) and ``extra`` is equal. The entry holds the tensors, so no other
     tensor can take their identity or memory meanwhile."""
-    sig = (*extra, *[(id(t), t._version, t.data_ptr()) for t in tensors])
+    sig = (*extra, *signature(tensors))
     hit = store.get(slot)
     if hit is None or hit[0] != sig:
         hit = store[slot] = (sig, tuple(tensors), compute())
@@ -481,8 +487,8 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
 def per_channel_conv(x: torch.Tensor, w: torch.Tensor, stride, pads, dilation) -> torch.Tensor:
     """A per-channel (depthwise, one filter per channel) convolution as one multiply-add of
     a strided view per tap. ``x``: (N, C, *spatial); ``w``: (C, 1, *kernel); ``pads``: a
-    (left, right) pair per spatial dim. oneDNN's NCHW depthwise kernels for 1-D (kx1) filters measured
-    3-16x slower than this here."""
+    (left, right) pair per spatial dim. oneDNN's NCHW depthwise kernels for 1-D (kx1)
+    filters measured 3-16x slower than this here."""
     if any(lo or hi for lo, hi in pads):
         x = F.pad(x, [v for pad in reversed(pads) for v in pad])
     ksize = w.shape[2:]

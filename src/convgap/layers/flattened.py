@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..einsum.evaluate import (_frozen_parameters, _gemm_step, _measured_fastest,
-                               channels_innermost, depthwise_nhwc, reuse)
+                               channels_innermost, depthwise_nhwc, reuse, signature)
+from ..einsum.parse import conv_length
 from ..errors import ConvgapError
 from ..kernels.cpu import pdp
-from ..tracing import exporting
+from . import fused
 
 __all__ = ["FlattenedConv2d"]
 
@@ -128,12 +129,11 @@ class FlattenedConv2d(nn.Module):
             key = (x.shape, x.stride())
             choice = self._choice.get(key)
             if choice is None:  # once per input shape and layout
-                from .tensorial import FUSED_TRIAL
                 trials = [lambda: self._fused(x), lambda: self._ops(x)]
                 choice = self._choice[key] = trials.index(_measured_fastest(
                     ("flattened-fused", *key, self.repeats, self.kernel_size, self.stride,
                      self.padding, self.dilation, self.biases is not None), trials,
-                    FUSED_TRIAL))
+                    fused.FUSED_TRIAL))
             if choice == 0:
                 return self._fused(x)
         return self._ops(x)
@@ -146,17 +146,9 @@ class FlattenedConv2d(nn.Module):
         return None if choice is None else ("nhwc", "ops")[choice]
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """CPU float32 inference (nothing needing gradients, no tracing), fuse=True, where
-        the fused kernel is built."""
-        if not self.fuse or x.device.type != "cpu" or x.dtype != torch.float32:
-            return False
-        params = list(self.parameters())
-        if any(p.dtype != torch.float32 for p in params):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
-                                                               for p in params)):
-            return False
-        return not exporting() and pdp.available()
+        """fuse=True, CPU float32 inference, and the fused kernel built here."""
+        return self.fuse and fused.cpu_inference(x, list(self.parameters())) and \
+            pdp.available()
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """Each repeat as one pass of the fused kernel, bound to the repeat's weights for
@@ -166,7 +158,7 @@ class FlattenedConv2d(nn.Module):
             params = [self.lateral[r], self.vertical[r], self.horizontal[r]]
             if self.biases is not None:
                 params.append(self.biases[r])
-            sig = tuple((id(p), p._version, p.data_ptr()) for p in params)
+            sig = signature(params)
             key = ("fused", x.shape, x.stride())
             hit = cache.get(key)
             if hit is None or hit[0] != sig:
@@ -179,8 +171,7 @@ class FlattenedConv2d(nn.Module):
         kernel = self._kernel(r)[:, 0]  # (o, kh, kw)
         bias1 = out_map = None
         if self.biases is not None:
-            kw = self.kernel_size[1]
-            ow = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            ow = conv_length(x.shape[-1], self.kernel_size[1], sw, (pw, pw), dw)
             bias1 = self.biases[r][0]
             out_map = (self._vertical_bias_map(r, x.shape[-1], ow)[0, :, 0, :]
                        + self.biases[r][2][:, None]).t()  # (ow, o)

@@ -23,16 +23,34 @@ one (pixels in the vectors). Reshaped CP has no fused kernel: its layers always 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from .. import timing
 from ..einsum.evaluate import reuse
 from ..kernels.cpu import pcp, pdp, planar
+from ..tracing import exporting
 
-__all__ = ["FUSED_FAMILIES", "available", "planar_applies", "fused_call"]
+__all__ = ["FUSED_FAMILIES", "FUSED_TRIAL", "cpu_inference", "available", "planar_applies",
+           "fused_call"]
 
 FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
+# timing of a layer's one-time choice between its fused kernels and its torch ops, per
+# input shape: longer than an einsum step's choice (candidates can be within 10% of each
+# other; 3 candidates of 0.5 ms cost about 30 ms once)
+FUSED_TRIAL = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=60, min_time=0.03)
+
+
+def cpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """True where a layer may run a fused C kernel: ``x`` and every parameter float32 on
+    the CPU, nothing needing gradients, no tracing, export or compilation."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32 or \
+            any(p.dtype != torch.float32 for p in params):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return not exporting()
 
 
 def available(family: str, stride: tuple = (1, 1)) -> bool:

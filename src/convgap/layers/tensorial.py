@@ -13,8 +13,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..einsum import OBJECTIVES, PathInfo, _plan
-from .. import timing
-from ..einsum.evaluate import _measured_fastest, run_plan
+from ..einsum.evaluate import _measured_fastest, run_plan, signature
 from ..errors import ConvgapError
 from ..tracing import exporting
 from . import fused
@@ -24,10 +23,6 @@ __all__ = ["TensorialConv2d", "AUTO_MAC_SLACK"]
 
 RankArg = Union[int, Sequence[int], None]
 AUTO_MAC_SLACK = 0.05  # objective='auto': extra MACs the combo path may cost over the fewest
-# timing of the one-time choice between the fused kernels and the steps, per input shape:
-# longer than a step's choice (its candidates can be within 10% of each other; 3 candidates
-# of 0.5 ms cost about 30 ms once)
-FUSED_TRIAL = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=60, min_time=0.03)
 
 
 def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]):
@@ -200,13 +195,14 @@ class TensorialConv2d(nn.Module):
             return self._fused_or_steps(x, plan)
         return self._steps(x, plan)
 
+    def _params(self) -> list[torch.Tensor]:
+        params = list(self.factors._parameters.values())
+        return params if self.bias is None else params + [self.bias]
+
     def _sig(self) -> tuple:
-        """Identity, version and memory of every parameter: the bound fused kernels hold
-        their prepared forms, valid while this is unchanged."""
-        sig = [(id(p), p._version, p.data_ptr()) for p in self.factors._parameters.values()]
-        if self.bias is not None:
-            sig.append((id(self.bias), self.bias._version, self.bias.data_ptr()))
-        return tuple(sig)
+        """The parameters' signature: the bound fused kernels hold their prepared forms,
+        valid while it is unchanged."""
+        return signature(self._params())
 
     def _steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """Forward as the plan's pairwise steps."""
@@ -240,21 +236,19 @@ class TensorialConv2d(nn.Module):
         spans = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
         return None if any(t % 2 for t in spans) else (spans[0] // 2, spans[1] // 2)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """A family with a fused kernel, in CPU float32 inference (nothing needing
-        gradients, no tracing), where the kernel is built."""
-        if self.factorization not in fused.FUSED_FAMILIES or x.device.type != "cpu" or \
-                x.dim() != 4:
-            return False
-        params = [*self.factors._parameters.values()] + ([] if self.bias is None
-                                                          else [self.bias])
-        if x.dtype != torch.float32 or any(p.dtype != torch.float32 for p in params):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
-                                                               for p in params)):
-            return False
-        return not exporting() and self._pads() is not None and \
+    def _has_kernel(self) -> bool:
+        """A family and geometry with a fused kernel, built here."""
+        return self.factorization in fused.FUSED_FAMILIES and self._pads() is not None and \
             fused.available(self.factorization, self.stride)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """A fused kernel for this layer, in CPU float32 inference."""
+        return self._has_kernel() and fused.cpu_inference(x, self._params())
+
+    def _candidates(self, x: torch.Tensor) -> list[bool]:
+        """use_planar of each fused kernel to try on ``x``, in order: the channel-major one
+        first for NCHW inputs, then the channels-innermost one."""
+        return [True, False] if fused.planar_applies(x, self.stride) else [False]
 
     def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """The fused kernel or the steps, whichever a paired measurement on this input
@@ -265,9 +259,7 @@ class TensorialConv2d(nn.Module):
         factors = list(self.factors._parameters.values())
         args = (self.factorization, x, factors, self.bias, self.stride, self._pads(),
                 self.dilation, store)
-        kernels = [False]  # use_planar of each fused candidate
-        if fused.planar_applies(x, self.stride):  # NCHW: the channel-major kernel too
-            kernels.insert(0, True)
+        kernels = self._candidates(x)
         steps = functools.partial(self._steps, plan=plan)
         choice = store.get("choice")
         if choice is None:  # the position of the fastest: a fused kernel, or the steps
@@ -277,7 +269,7 @@ class TensorialConv2d(nn.Module):
             fns = [fused.fused_call(*args, use_planar=p) for p in kernels] + [steps]
             trials = [functools.partial(f, x) for f in fns]
             choice = store["choice"] = trials.index(_measured_fastest(key, trials,
-                                                                      FUSED_TRIAL))
+                                                                      fused.FUSED_TRIAL))
             call = fns[choice]
         else:  # (re)bind only the chosen kernel
             call = fused.fused_call(*args, use_planar=kernels[choice]) \
@@ -295,10 +287,8 @@ class TensorialConv2d(nn.Module):
         plan = self._plans.get(x.shape)
         choice = None if plan is None else plan[2].get(("fused", x.stride()), {}).get("choice")
         if choice is None:
-            fusable = self.factorization in fused.FUSED_FAMILIES and self._pads() is not None \
-                and fused.available(self.factorization, self.stride)
-            return None if fusable else "steps"
-        names = (["planar"] if fused.planar_applies(x, self.stride) else []) + ["nhwc"]
+            return None if self._has_kernel() else "steps"
+        names = ["planar" if p else "nhwc" for p in self._candidates(x)]
         return names[choice] if choice < len(names) else "steps"
 
     def dense_weight(self) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """What the fused-convolution wrappers share: loading a kernel with its ctypes signatures,
 packing weights into the GEMM core's panel layout (gemm.h), the bias and scratch buffers,
-the checks on their arguments, and the layout rule (NHWC in, NHWC out; else NCHW)."""
+the checks on their arguments, and the layout rule: an input with channels innermost
+(einsum's :func:`channels_innermost`) is read in place as NHWC and the result written NHWC;
+any other runs as NCHW (read in place where contiguous, else copied once)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from typing import Callable
 
 import torch
 
+from ...einsum.evaluate import channels_innermost
 from ...errors import ConvgapError
 from .build import library
 
 __all__ = ["P", "I", "L", "Kernel", "pack", "padded", "round16", "scratch",
-           "check_tensors", "channels_innermost", "empty_output", "out_size", "bound_call",
+           "check_tensors", "channels_innermost", "empty_output", "bound_call",
            "kernel_choice", "BAND_PIXELS"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
@@ -73,10 +76,10 @@ def padded(bias: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def scratch(store: dict, floats: int, name: str = "scratch") -> torch.Tensor:
+def scratch(store: dict, floats: int) -> torch.Tensor:
     """A float buffer of at least ``floats``, kept in ``store`` across calls, one per
     calling thread (two threads running one layer at once must not share it)."""
-    key = (name, threading.get_ident())
+    key = ("scratch", threading.get_ident())
     buf = store.get(key)
     if buf is None or buf.numel() < floats:
         buf = store[key] = torch.empty(floats, dtype=torch.float32)
@@ -94,17 +97,6 @@ def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
         if torch.is_grad_enabled() and t.requires_grad:
             raise ConvgapError(f"{fn} has no backward: call it under torch.no_grad() (or "
                                f"use the layer's torch path)")
-
-
-def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def channels_innermost(x: torch.Tensor) -> bool:
-    """True if ``x`` is channels_last and not also NCHW-contiguous (as with one channel):
-    the kernels read it in place as NHWC and write NHWC; any other input runs as NCHW
-    (read in place where contiguous, else copied once), written NCHW."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def empty_output(shape: tuple, nhwc: bool) -> torch.Tensor:

@@ -16,10 +16,12 @@ from typing import Callable
 import torch
 from torch.nn.modules.utils import _pair
 
+from ...einsum.evaluate import reuse
+from ...einsum.parse import conv_length
 from ...errors import ConvgapError
 from . import planar
 from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
-                     kernel_choice, out_size, pack, padded)
+                     kernel_choice, pack, padded)
 
 __all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
@@ -96,10 +98,10 @@ def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, sec
     n, c, h, w = x.shape
     r2, r1, kh, kw = k1.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh, w1 = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    oh, w1 = conv_length(h, kh, sh, (ph, ph), dh), conv_length(w, kw, sw, (pw, pw), dw)
     r3, kw2 = (r2, 0) if k2 is None else (k2.shape[0], k2.shape[3])
     s2, p2, d2 = second
-    ow = w1 if k2 is None else out_size(w1, kw2, s2, p2, d2)
+    ow = w1 if k2 is None else conv_length(w1, kw2, s2, (p2, p2), d2)
     if oh < 1 or w1 < 1 or ow < 1:
         raise ConvgapError(f"the filters do not fit a {h}x{w} input (padding {(ph, pw)}, "
                            f"dilation {(dh, dw)})")
@@ -140,7 +142,6 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
          use_planar: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The kernel bound to these weights for inputs of ``x``'s shape and strides, as
     :func:`.pdp.bind` (valid while the weights are unchanged)."""
-    from ...einsum.evaluate import reuse
     lib = _lib()
     nhwc = channels_innermost(x)
     key = (x.shape, stride, padding, dilation, second, groups, nhwc)

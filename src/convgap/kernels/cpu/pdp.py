@@ -15,10 +15,12 @@ from typing import Callable
 import torch
 from torch.nn.modules.utils import _pair
 
+from ...einsum.evaluate import reuse
+from ...einsum.parse import conv_length
 from ...errors import ConvgapError
 from . import planar
 from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
-                     kernel_choice, out_size, pack, padded, round16)
+                     kernel_choice, pack, padded, round16)
 
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
@@ -97,7 +99,7 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
     per thread)"""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c, h, w = x.shape
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    oh, ow = conv_length(h, kh, sh, (ph, ph), dh), conv_length(w, kw, sw, (pw, pw), dw)
     if oh < 1 or ow < 1:
         raise ConvgapError(f"a {kh}x{kw} filter with padding {(ph, pw)} and dilation "
                            f"{(dh, dw)} does not fit a {h}x{w} input")
@@ -127,7 +129,6 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
     ``store``, with the scratch. Without ``b`` (a flattened convolution; NHWC kernel only)
     the output is the depthwise result plus ``out_map`` ((OW, R), added per output column),
     and ``bias1`` is the first 1x1 conv's bias."""
-    from ...einsum.evaluate import reuse
     lib = _lib()
     nhwc = channels_innermost(x)
     key = (x.shape, stride, padding, dilation, nhwc)

@@ -213,8 +213,8 @@ def _conv2d_igemm_kernel(
 
 def _prune_configs(configs, named_args, **kwargs):
     """GPU configs worth timing for this problem: no BLOCK_N much wider than O/groups, no
-    BLOCK_K wider than the K loop's extent (nor 16 on deep ones), and (per-tap loop) a BLOCK_K that divides
-    C/groups when one does, so no channel chunk is mostly padding."""
+    BLOCK_K wider than the K loop's extent (nor 16 on deep ones), and (per-tap loop) a
+    BLOCK_K that divides C/groups when one does, so no channel chunk is mostly padding."""
     og, cg, ktot = named_args["Og"], named_args["Cg"], named_args["Ktot"]
     flat = kwargs.get("FLAT_K", named_args.get("FLAT_K"))
     n_cap = max(32, triton.next_power_of_2(og))
