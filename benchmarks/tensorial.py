@@ -228,6 +228,21 @@ def main() -> None:
         tl_version = None
         console.print("[dim]tltorch not importable: its column stays n/a (install "
                       "tensorly-torch in a bench-only environment to compare)[/dim]")
+    if args.out is None:
+        args.out = RESULTS / ("tensorial" + ("" if on_cpu else "_cuda")
+                              + ("" if args.layout == "nchw" else f"_{args.layout}") + ".json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(plans) -> None:  # after every spec: a run cut short keeps what it measured
+        args.out.write_text(json.dumps({
+            "benchmark": "tensorial", "threads": args.threads, "batches": args.batch,
+            "dtype": "float32", "layout": args.layout, "torch": torch.__version__,
+            "tltorch": tl_version, "convgap": convgap.__version__,
+            "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
+            "device": args.device, "device_name": convgap.hardware.device_name(args.device),
+            "malloc": allocator.policy() if on_cpu else None,
+            "seconds": time.time() - start, "results": results, "planning": plans},
+            indent=1, default=str))
     with timing.threads(args.threads):
         plans = plan_times()
         for batch in args.batch:
@@ -235,22 +250,10 @@ def main() -> None:
                 console.print(f"[dim]{c} ch @ {size}, batch {batch} ...[/dim]")
                 results.append(run_spec(c, size, batch, cfg, console, args.layout,
                                         args.device))
+                write(plans)
     print_tables(results, plans, console)
     console.print(f"{args.device}, {args.threads} threads, fp32, layout {args.layout}"
                   + (f", malloc policy {allocator.policy()}" if on_cpu else ""))
-    if args.out is None:
-        args.out = RESULTS / ("tensorial" + ("" if on_cpu else "_cuda")
-                              + ("" if args.layout == "nchw" else f"_{args.layout}") + ".json")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "tensorial", "threads": args.threads, "batches": args.batch,
-        "dtype": "float32", "layout": args.layout, "torch": torch.__version__,
-        "tltorch": tl_version, "convgap": convgap.__version__,
-        "python": platform.python_version(), "cpu": convgap.hardware.device_name("cpu"),
-        "device": args.device, "device_name": convgap.hardware.device_name(args.device),
-        "malloc": allocator.policy() if on_cpu else None,
-        "seconds": time.time() - start, "results": results, "planning": plans},
-        indent=1, default=str))
     print(f"wrote {args.out}")
 
 

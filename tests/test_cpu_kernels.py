@@ -565,3 +565,8 @@ def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(mo
         layer(x)
     assert not binds and layer.kernel_for(x) == "ops"  # the torch ops won
     assert torch.allclose(y, layer._ops(x), atol=1e-6)
+    # never fused (so never measured) in float64, or with fuse=False
+    assert layer.kernel_for(torch.randn(1, 12, 5, 5, dtype=torch.float64)) == "ops"
+    assert layer.kernel_for(torch.randn(1, 12, 5, 5)) is None  # not measured yet
+    layer.fuse = False
+    assert layer.kernel_for(torch.randn(1, 12, 5, 5)) == "ops"

@@ -167,3 +167,91 @@ def test_einsum_and_factorized_layers_on_cuda():
         flat = FlattenedConv2d(32, 32, 3, padding=1, bias=False).to(CUDA)
         want = F.conv2d(x.double(), flat.dense_weight().double(), padding=1)
         assert rel(flat(x), want) <= 1e-5
+
+
+GPU_RANKS = {"cp": 20, "tucker": (12, 10), "tt": (12, 16, 10), "tr": (4, 3, 4, 3)}
+
+
+@pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), ((2, 1), (0, 2), (1, 2)),
+                                                     (1, "same", (2, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_factorized_layers_run_the_triton_kernel(monkeypatch, family, stride, padding,
+                                                 dilation, channels_last):
+    """In CUDA inference a CP, Tucker, TT or TR layer runs the fused Triton kernel (forced
+    here whatever the measurement says), matches its dense kernel in IEEE fp32, keeps the
+    input's layout and follows a changed factor."""
+    from convgap.layers import tensorial
+    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *a: fns[0])
+    layer = TensorialConv2d(48, 40, 3, family, rank=GPU_RANKS[family], stride=stride,
+                            padding=padding, dilation=dilation, bias=True).to(CUDA).eval()
+    x = torch.randn(2, 48, 13, 11, device=CUDA)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pads = layer._pads()
+    with torch.no_grad():
+        for step in range(3):
+            if step == 2:
+                layer.factors[1].mul_(-0.5)
+            want = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
+                            layer.stride, pads, layer.dilation)
+            y = layer(x)
+            assert layer.kernel_for(x) == "triton"
+            assert y.shape == want.shape and rel(y, want) <= 1e-5, (family, step)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_factorized_layers_in_half_precision(dtype, tol):
+    with torch.no_grad():
+        for family in ("cp", "tucker", "tt", "tr"):
+            layer = TensorialConv2d(64, 64, 3, family, compression=8, padding=1).to(CUDA)
+            layer = layer.to(dtype).eval()
+            x = torch.randn(4, 64, 14, 14, device=CUDA, dtype=dtype)
+            want = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(),
+                            padding=1)
+            y = layer(x)
+            assert y.dtype == dtype and layer.kernel_for(x) in ("triton", "steps")
+            assert rel(y, want) <= tol, family
+
+
+@pytest.mark.parametrize("depthwise,r1,r3", [(True, 224, 224), (False, 128, 128),
+                                             (False, 112, 112), (False, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_pcp_kernel_at_resnet_ranks(depthwise, r1, r3, dtype):
+    """The widest ranks the benchmark uses (the autotuner's tiles at R = 128-256), and a
+    tensor ring's 15 groups of 7 channels, against float64."""
+    from convgap.kernels.triton import pcp
+    z = 15 if r1 == 7 else 1
+    x = torch.randn(8, 512, 7, 7, device=CUDA).to(dtype)
+    a = (torch.randn(512, z * r1, device=CUDA) / 512 ** 0.5).to(dtype)
+    b = (torch.randn(512, z * r3, device=CUDA) / (z * r3) ** 0.5).to(dtype)
+    bias = torch.randn(512, device=CUDA).to(dtype)
+    k = (torch.randn(r1, 3, 3, device=CUDA) / 3 if depthwise else
+         torch.randn(r3, r1, 3, 3, device=CUDA) / (3 * r1 ** 0.5)).to(dtype)
+    with torch.no_grad():
+        if depthwise:
+            y = pcp.pointwise_depthwise_pointwise(x, a, k, b, bias, padding=1)
+            u = F.conv2d(F.conv2d(x.double(), a.double().t()[..., None, None]),
+                         k.double()[:, None], padding=1, groups=r1)
+        else:
+            y = pcp.pointwise_conv_pointwise(x, a, k, b, bias, padding=1, groups=z)
+            u = F.conv2d(F.conv2d(x.double(), a.double().t()[..., None, None]),
+                         k.double().repeat(z, 1, 1, 1), padding=1, groups=z)
+    want = F.conv2d(u, b.double()[..., None, None], bias.double())
+    assert rel(y, want) <= (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_factorized_layer_measures_and_trains_on_cuda():
+    """Without forcing: the one-time measurement picks the kernel or the steps, and the
+    result is right either way; with autograd the steps run and gradients flow."""
+    layer = TensorialConv2d(128, 128, 3, "tucker", compression=10, padding=1).to(CUDA)
+    x = torch.randn(8, 128, 28, 28, device=CUDA)
+    want = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(), padding=1)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.kernel_for(x) in ("triton", "steps") and rel(y, want) <= 1e-5
+        assert rel(layer(x), want) <= 1e-5
+    layer(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())

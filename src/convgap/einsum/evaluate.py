@@ -117,15 +117,17 @@ def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, grou
 
 
 def _measured_fastest(key: tuple, fns: Sequence[Callable],
-                      config: timing.TimingConfig = CHOICE_TRIAL) -> Callable:
+                      config: timing.TimingConfig = CHOICE_TRIAL,
+                      device: str | torch.device = "cpu") -> Callable:
     """The fastest of ``fns`` on this step's shapes: timed interleaved once per ``key``
     (each candidate against the best so far by the median of per-round ratios), then the
     winner's position is remembered. Used where the winner depends on the sizes (oneDNN
     with a layout copy against BLAS: a 128-channel 28x28 map at batch 8, BLAS 1.3x
-    faster; a 512-channel 7x7 map, oneDNN 1.8x faster). ``config``: how long to time."""
+    faster; a 512-channel 7x7 map, oneDNN 1.8x faster). ``config``: how long to time;
+    ``device``: where the candidates run (each sample waits for its queued GPU work)."""
     best = _GEMM_CHOICE.get(key)
     if best is None:
-        times = timing.compare(list(fns), config)
+        times = timing.compare(list(fns), config, device)
         best = 0
         for i in range(1, len(fns)):
             if timing.paired_ratio(times[i], times[best]) < 1.0:

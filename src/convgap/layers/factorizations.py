@@ -244,7 +244,8 @@ def _tr_decompose(weight: np.ndarray, r: Ranks) -> list[np.ndarray]:
     dims = t.shape
     if r[0] * r[1] > min(dims[0], math.prod(dims[1:])):
         raise ConvgapError(
-            f"tensor-ring decomposition needs rank[0] * rank[1] <= {min(dims[0], math.prod(dims[1:]))} "
+            "tensor-ring decomposition needs rank[0] * rank[1] <= "
+            f"{min(dims[0], math.prod(dims[1:]))} "
             f"(the first unfolding's rank) for a kernel with {dims[0]} input channels; got "
             f"ranks {r}: lower the rank (or the compression target's rank)")
     cores = [np.asarray(c) for c in tensor_ring(t, [*r, r[0]])]

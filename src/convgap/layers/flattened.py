@@ -139,9 +139,13 @@ class FlattenedConv2d(nn.Module):
         return self._ops(x)
 
     def kernel_for(self, x: torch.Tensor) -> str | None:
-        """What forward runs for inputs with ``x``'s shape and strides in CPU float32
-        inference: 'nhwc' (the fused C kernel), 'ops' (torch ops), or None while not yet
-        measured. Outside inference it always runs the torch ops."""
+        """What forward runs for inputs with ``x``'s shape and strides in inference: 'nhwc'
+        (the fused C kernel), 'ops' (torch ops), or None while not yet measured (CPU
+        float32). Outside CPU float32 inference (other devices and dtypes, autograd) it
+        always runs the torch ops."""
+        if not (self.fuse and x.device.type == "cpu" and x.dtype == torch.float32 and
+                pdp.available()):
+            return "ops"
         choice = self._choice.get((x.shape, x.stride()))
         return None if choice is None else ("nhwc", "ops")[choice]
 

@@ -19,6 +19,12 @@ tr       the same, the ring bond z as groups    zsa as s x (z a); ahc; cwd; doz 
 Each has a channels-innermost kernel (NHWC maps; NCHW inputs are read in place and the
 result written into NCHW planes) and, for NCHW inputs with width stride 1, a channel-major
 one (pixels in the vectors). Reshaped CP has no fused kernel: its layers always run the steps.
+
+On a CUDA GPU every family runs :mod:`convgap.kernels.triton.pcp` (two launches: the first
+1x1 conv as one matrix product, then the middle conv and the last 1x1 conv in one Triton
+kernel): CP with its depthwise filter; tensor-train's and tensor-ring's two filters
+multiplied into one k_h x k_w filter (:func:`~convgap.kernels.triton.pcp.sequential_core`,
+kept while the factors are unchanged), the ring bond as groups; any stride.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import torch
 
 from .. import timing
 from ..einsum.evaluate import reuse
+from ..kernels import triton as gpu
 from ..kernels.cpu import pcp, pdp, planar
+from ..kernels.triton import pcp as gpu_pcp
 from ..tracing import exporting
 
-__all__ = ["FUSED_FAMILIES", "FUSED_TRIAL", "cpu_inference", "available", "planar_applies",
-           "fused_call"]
+__all__ = ["FUSED_FAMILIES", "FUSED_TRIAL", "cpu_inference", "gpu_inference", "available",
+           "planar_applies", "fused_call"]
 
 FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
 # timing of a layer's one-time choice between its fused kernels and its torch ops, per
@@ -42,19 +50,35 @@ FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
 FUSED_TRIAL = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=60, min_time=0.03)
 
 
-def cpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
-    """True where a layer may run a fused C kernel: ``x`` and every parameter float32 on
-    the CPU, nothing needing gradients, no tracing, export or compilation."""
-    if x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32 or \
-            any(p.dtype != torch.float32 for p in params):
+def _inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """A 4-D ``x`` and parameters of its dtype and device, nothing needing gradients, no
+    tracing, export or compilation."""
+    if x.dim() != 4 or any(p.dtype != x.dtype or p.device != x.device for p in params):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
     return not exporting()
 
 
-def available(family: str, stride: tuple = (1, 1)) -> bool:
-    """True if ``family`` has a fused kernel for ``stride`` and it is built here."""
+def cpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """True where a layer may run a fused C kernel: ``x`` and every parameter float32 on
+    the CPU, nothing needing gradients, no tracing, export or compilation."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _inference(x, params)
+
+
+def gpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """True where a layer may run the fused Triton kernel: ``x`` and every parameter on one
+    CUDA device in float32, float16 or bfloat16, triton installed (and not interpreting),
+    nothing needing gradients, no tracing, export or compilation."""
+    return x.device.type == "cuda" and gpu.AVAILABLE and not gpu.interpreting() and \
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _inference(x, params)
+
+
+def available(family: str, stride: tuple = (1, 1), device: str = "cpu") -> bool:
+    """True if ``family`` has a fused kernel for ``stride`` on ``device`` ('cpu': built
+    here; 'cuda': triton is installed)."""
+    if device == "cuda":
+        return family in FUSED_FAMILIES and gpu.AVAILABLE
     if family == "cp":
         return pdp.available()
     if family == "tr" and stride[1] != 1:
@@ -71,13 +95,16 @@ def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
 
 def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
-               store: dict, use_planar: bool = False
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
+               store: dict, kernel: str = "nhwc") -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the layer's forward with a fused kernel on inputs of ``x``'s
-    shape and strides (the caller has checked dtype, device and autograd): the
-    channel-major one with ``use_planar`` (where :func:`planar_applies`), else the
-    channels-innermost one. It holds the weights' prepared forms: call it again only while
-    the factors are unchanged. ``store`` keeps the packed weights."""
+    shape and strides (the caller has checked dtype, device and autograd): ``kernel`` is
+    'planar' (the channel-major C kernel, where :func:`planar_applies`), 'nhwc' (the
+    channels-innermost one) or 'triton' (the GPU kernel). It holds the weights' prepared
+    forms: call it again only while the factors are unchanged. ``store`` keeps the packed
+    weights."""
+    if kernel == "triton":
+        return _triton_call(family, x, factors, bias, stride, pads, dilation, store)
+    use_planar = kernel == "planar"
     if family == "cp":
         fa, fh, fw, fo = factors
         taps = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
@@ -109,3 +136,29 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                         (dilation[0], 1), horizontal, (stride[1], pads[1], dilation[1]), store,
                         z, use_planar)
     raise ValueError(f"no fused kernel for the {family!r} family")
+
+
+def _triton_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
+                 bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
+                 store: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`fused_call` on the GPU kernel: every family as first 1x1 -> one middle
+    filter (depthwise for CP) -> last 1x1."""
+    groups, depthwise = 1, family == "cp"
+    if family == "cp":
+        fa, fh, fw, last = factors
+        middle = reuse(store, "taps", [fh, fw], lambda: fh[:, :, None] * fw[:, None, :])
+    elif family == "tucker":
+        fa, middle, last = factors
+    elif family in ("tt", "tr"):
+        fa, fh, fw, fo = factors  # sa, ahc, cwd, do (tt); zsa, ahc, cwd, doz (tr)
+        middle, fa, last = reuse(store, "core", factors, lambda: (
+            gpu_pcp.sequential_core(fh.detach().permute(2, 0, 1).unsqueeze(3),
+                                    fw.detach().permute(2, 0, 1).unsqueeze(2)),
+            fa if fa.dim() == 2 else fa.detach().permute(1, 0, 2).reshape(fa.shape[1], -1),
+            fo.t() if fo.dim() == 2 else fo.detach().permute(1, 2, 0).reshape(
+                fo.shape[1], -1)))
+        groups = 1 if factors[0].dim() == 2 else factors[0].shape[0]
+    else:
+        raise ValueError(f"no fused kernel for the {family!r} family")
+    return gpu_pcp.bind(x, fa, middle, last, bias, stride, pads, dilation, groups, depthwise,
+                        store)

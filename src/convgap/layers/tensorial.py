@@ -54,8 +54,10 @@ class TensorialConv2d(nn.Module):
     Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
     ``bias`` is added after. In CPU float32 inference a CP, Tucker, TT or TR layer may
     instead run as one fused pass (:mod:`convgap.layers.fused`: its 1x1 convolutions and
-    the filters between them in one C kernel, the intermediates kept in cache); a one-time
-    paired measurement per input shape and layout picks whichever is faster. Attributes:
+    the filters between them in one C kernel, the intermediates kept in cache), and in
+    CUDA inference (float32, float16, bfloat16) as two launches, a matrix product and one
+    Triton kernel; a one-time paired measurement per input shape, layout, device and dtype
+    picks whichever is faster than the steps. Attributes:
     ``factorization``, ``ranks``, ``expression``, ``factors`` (a ParameterList in
     expression order).
     """
@@ -185,9 +187,9 @@ class TensorialConv2d(nn.Module):
         plan = self._plans.get(x.shape)
         if plan is None:  # (validates the input shape)
             plan = self._plans[x.shape] = (*self._planned(x.shape), {})
-        fast = plan[2].get(("fast", x.stride()))
-        if fast is not None and x.dtype == torch.float32 and x.device.type == "cpu" and \
-                not torch.is_grad_enabled() and not exporting() and fast[0] == self._sig():
+        fast = plan[2].get(("fast", x.stride(), x.device, x.dtype))
+        if fast is not None and not torch.is_grad_enabled() and not exporting() and \
+                fast[0] == self._sig():
             # inference on inputs like the last ones, parameters unchanged: the call chosen
             # then (a bound fused kernel, or the steps), without re-deciding
             return fast[1](x)
@@ -236,26 +238,32 @@ class TensorialConv2d(nn.Module):
         spans = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
         return None if any(t % 2 for t in spans) else (spans[0] // 2, spans[1] // 2)
 
-    def _has_kernel(self) -> bool:
-        """A family and geometry with a fused kernel, built here."""
+    def _has_kernel(self, device: str = "cpu") -> bool:
+        """A family and geometry with a fused kernel on ``device`` ('cpu' or 'cuda')."""
         return self.factorization in fused.FUSED_FAMILIES and self._pads() is not None and \
-            fused.available(self.factorization, self.stride)
+            fused.available(self.factorization, self.stride, device)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """A fused kernel for this layer, in CPU float32 inference."""
+        """A fused kernel for this layer on ``x``: CPU float32 or CUDA inference."""
+        if x.device.type == "cuda":
+            return self._has_kernel("cuda") and fused.gpu_inference(x, self._params())
         return self._has_kernel() and fused.cpu_inference(x, self._params())
 
-    def _candidates(self, x: torch.Tensor) -> list[bool]:
-        """use_planar of each fused kernel to try on ``x``, in order: the channel-major one
-        first for NCHW inputs, then the channels-innermost one."""
-        return [True, False] if fused.planar_applies(x, self.stride) else [False]
+    def _candidates(self, x: torch.Tensor) -> list[str]:
+        """The fused kernels to try on ``x``, in order (see :func:`fused.fused_call`): on a
+        GPU the Triton one; on CPU the channel-major one first for NCHW inputs, then the
+        channels-innermost one."""
+        if x.device.type == "cuda":
+            return ["triton"]
+        return ["planar", "nhwc"] if fused.planar_applies(x, self.stride) else ["nhwc"]
 
     def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """The fused kernel or the steps, whichever a paired measurement on this input
         shape and layout found faster (measured on the first call, then remembered). The
         chosen kernel's bound call is kept while the parameters are the same tensors at
         the same versions, so a call costs the kernel and a few microseconds."""
-        store = plan[2].setdefault(("fused", x.stride()), {})
+        slot = (x.stride(), x.device, x.dtype)
+        store = plan[2].setdefault(("fused", *slot), {})
         factors = list(self.factors._parameters.values())
         args = (self.factorization, x, factors, self.bias, self.stride, self._pads(),
                 self.dilation, store)
@@ -264,31 +272,34 @@ class TensorialConv2d(nn.Module):
         choice = store.get("choice")
         if choice is None:  # the position of the fastest: a fused kernel, or the steps
             key = ("tensorial-fused", self.factorization, x.shape, x.stride(),
-                   tuple(tuple(f.shape) for f in factors), self.stride, self.padding,
-                   self.dilation, self.bias is not None)
-            fns = [fused.fused_call(*args, use_planar=p) for p in kernels] + [steps]
+                   x.device.type, x.dtype, tuple(tuple(f.shape) for f in factors),
+                   self.stride, self.padding, self.dilation, self.bias is not None)
+            fns = [fused.fused_call(*args, kernel=k) for k in kernels] + [steps]
             trials = [functools.partial(f, x) for f in fns]
-            choice = store["choice"] = trials.index(_measured_fastest(key, trials,
-                                                                      fused.FUSED_TRIAL))
+            choice = store["choice"] = trials.index(_measured_fastest(
+                key, trials, fused.FUSED_TRIAL, x.device))
             call = fns[choice]
         else:  # (re)bind only the chosen kernel
-            call = fused.fused_call(*args, use_planar=kernels[choice]) \
+            call = fused.fused_call(*args, kernel=kernels[choice]) \
                 if choice < len(kernels) else steps
-        plan[2][("fast", x.stride())] = (self._sig(), call)
+        plan[2][("fast", *slot)] = (self._sig(), call)
         return call(x)
 
     def kernel_for(self, x: torch.Tensor) -> str | None:
-        """What forward runs for inputs with ``x``'s shape and strides: 'planar' or 'nhwc'
-        (the fused C kernels, channel-major or channels-innermost; see
+        """What forward runs in inference for inputs with ``x``'s shape, strides, device
+        and dtype: 'planar' or 'nhwc' (the fused C kernels, channel-major or
+        channels-innermost), 'triton' (the fused GPU kernel; see
         :mod:`convgap.layers.fused`), 'steps' (the contraction path on torch ops), or None
         while that is not yet decided (a fusable layer measures on its first inference
-        call). Outside CPU float32 inference (autograd, tracing, other dtypes or devices),
-        forward always runs the steps."""
+        call). Outside CPU float32 and CUDA inference (autograd, tracing, other dtypes or
+        devices), forward always runs the steps."""
         plan = self._plans.get(x.shape)
-        choice = None if plan is None else plan[2].get(("fused", x.stride()), {}).get("choice")
+        slot = ("fused", x.stride(), x.device, x.dtype)
+        choice = None if plan is None else plan[2].get(slot, {}).get("choice")
         if choice is None:
-            return None if self._has_kernel() else "steps"
-        names = ["planar" if p else "nhwc" for p in self._candidates(x)]
+            device = "cuda" if x.device.type == "cuda" else "cpu"
+            return None if self._has_kernel(device) else "steps"
+        names = self._candidates(x)
         return names[choice] if choice < len(names) else "steps"
 
     def dense_weight(self) -> torch.Tensor:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The factorized layers on a CUDA GPU, in one call (a lent GPU's time is short):
+# benchmarks/tensorial.py in IEEE fp32 at batch 8 and 32 (BATCH), NCHW and channels_last
+# (LAYOUTS), then their GPU tests (the fused Triton kernel against float64, every family,
+# both layouts, half precision, autograd). Each step runs under its own time limit; a failing step does not stop
+# the next. Prints a compact table last (the call's reply carries only the tail).
+#
+#   OUT=results_dir bash benchmarks/gpu_tensorial.sh
+#
+# Uses the python3 on PATH with this checkout's src/ on PYTHONPATH; tensorly (and, for the
+# tltorch column, tensorly-torch) must be importable: wheels in .whl/ are installed first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/convgap-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CONVGAP_CACHE="$(mktemp -d)"
+LOG="$OUT/gpu_tensorial.log"
+BATCH=${BATCH:-8 32}
+
+step() {  # step NAME LIMIT_S CMD...: full output to the log, its tail to stdout
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "=== $name (limit ${limit}s)" >>"$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: rc=$rc, $(($(date +%s) - t0)) s" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader \
+    | tee -a "$LOG"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$LOG"
+for layout in ${LAYOUTS:-nchw channels_last}; do
+    # shellcheck disable=SC2086
+    step "tensorial $layout b${BATCH// /,}" ${BENCH_LIMIT:-170} \
+        $PY benchmarks/tensorial.py --device cuda --batch $BATCH --layout $layout \
+        --out "$OUT/tensorial_cuda_$layout.json"
+done
+step "pytest factorized layers on cuda" ${TEST_LIMIT:-170} \
+    $PY -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -o addopts="" -rfE \
+    -k "factorized or triton_pcp or einsum"
+grep -E "passed|failed|error" "$LOG" | tail -n 2
+grep -E "^E " "$LOG" | head -n 12
+
+$PY - "$OUT" <<'EOF'
+"""Compact table of what the benchmark wrote."""
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("tensorial_cuda_*.json")):
+    d = json.loads(path.read_text())
+    print(f"\n{path.name}: {d['device_name']}, torch {d['torch']}, tltorch {d['tltorch']}")
+    print("spec b | variant x | runs | ms | dense ms | steps ms | tltorch ms | speedup | "
+          "MAC cut | ratio")
+    for r in d["results"]:
+        for row in r["rows"]:
+            def ms(key):
+                return f"{1e3 * row[key]:.4f}" if row.get(key) else "-"
+            print(f"{r['channels']}@{r['size']} b{r['batch']} | {row['variant']} "
+                  f"{row['target_compression'] or '-'} | {row['runs']} | {ms('s')} | "
+                  f"{ms('dense_s')} | {ms('path_s')} | {ms('tltorch_s')} | "
+                  f"{row['speedup']:.2f} | {row['mac_reduction']:.1f} | "
+                  f"{row['speedup_over_mac_reduction']:.2f}")
+EOF
