@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decompose the model's dense convolutions (default: every "
                                    "non-1x1 conv with groups=1) into factorized layers run by "
                                    "conv_einsum on their optimal path (or, in CPU fp32 "
-                                   "inference, by a fused C kernel where that measures "
-                                   "faster), and time each layer and the whole model before "
-                                   "and after.")
+                                   "inference, by a fused C kernel, and on a CUDA GPU by a "
+                                   "fused Triton kernel, where that measures faster), and "
+                                   "time each layer and the whole model before and after.")
     f.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory")
     f.add_argument("--factorization", "-f", default="cp",
                    help="cp, tucker, tt, tr, rcp or flattened (cp)")

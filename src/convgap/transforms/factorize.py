@@ -162,7 +162,7 @@ class LayerComparison:
     macs: int
     dense_s: float
     factorized_s: float
-    runs: str | None = None  # what the layer ran: 'planar' / 'nhwc' (fused C kernels), ...
+    runs: str | None = None  # what the layer ran: 'planar' / 'nhwc' (fused C), 'triton', ...
 
     @property
     def speedup(self) -> float:
