@@ -8,28 +8,12 @@
 #   OUT=results_dir bash benchmarks/gpu_check.sh
 #
 # Uses the python3 on PATH with this checkout's src/ on PYTHONPATH (no install needed where
-# torch, triton, rich, matplotlib and pytest are present). Writes logs and JSON to $OUT and
-# prints a compact summary last.
+# torch, triton, rich, matplotlib and pytest are present; wheels in .whl/ are installed
+# first, see gpu_common.sh). Writes logs and JSON to $OUT and prints a compact summary last.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/convgap-gpu}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export CONVGAP_CACHE="$(mktemp -d)"   # fresh: roofs and tuning measured here
-LOG="$OUT/gpu_check.log"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_common.sh" gpu_check
 BATCH=${BATCH:-32}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu BATCH=1 checks the plumbing without a GPU
-
-step() {  # step NAME LIMIT_S CMD...: full output to the log, its tail to stdout
-    local name=$1 limit=$2 t0 rc
-    shift 2
-    t0=$(date +%s)
-    echo "=== $name (limit ${limit}s)" >>"$LOG"
-    timeout "$limit" "$@" >>"$LOG" 2>&1
-    rc=$?
-    echo "=== $name: rc=$rc, $(($(date +%s) - t0)) s" | tee -a "$LOG"
-}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
     --format=csv,noheader | tee -a "$LOG"

@@ -8,30 +8,11 @@
 #   OUT=results_dir bash benchmarks/gpu_tensorial.sh
 #
 # Uses the python3 on PATH with this checkout's src/ on PYTHONPATH; tensorly (and, for the
-# tltorch column, tensorly-torch) must be importable: wheels in .whl/ are installed first.
+# tltorch column, tensorly-torch) must be importable: wheels in .whl/ are installed first
+# (gpu_common.sh).
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/convgap-gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export CONVGAP_CACHE="$(mktemp -d)"
-LOG="$OUT/gpu_tensorial.log"
+source "$(dirname "$0")/gpu_common.sh" gpu_tensorial
 BATCH=${BATCH:-8 32}
-
-step() {  # step NAME LIMIT_S CMD...: full output to the log, its tail to stdout
-    local name=$1 limit=$2 t0 rc
-    shift 2
-    t0=$(date +%s)
-    echo "=== $name (limit ${limit}s)" >>"$LOG"
-    timeout "$limit" "$@" >>"$LOG" 2>&1
-    rc=$?
-    echo "=== $name: rc=$rc, $(($(date +%s) - t0)) s" | tee -a "$LOG"
-}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader \
     | tee -a "$LOG"

@@ -8,20 +8,16 @@ shapes: the interpreter is slow) that prints a JSON summary the tests assert on.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
 from convgap.algorithms import ConvSpec, get  # noqa: E402
+from interpreted import run_interpreted, run_py  # noqa: E402
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TOL = 1e-4
 
 # (name, N, C, O, H, W, kernel, stride, padding, dilation, groups, bias, layout, flat_k)
@@ -80,19 +76,11 @@ _SCRIPT = textwrap.dedent("""
     import torch.nn.functional as F
     from convgap.algorithms import ConvSpec, get, layout_of
     from convgap.kernels.triton import conv2d_implicit_gemm, interpreting, pack_weight
+    from interpreted import make_input, rel
 
     torch.manual_seed(0)
     out = {"interpreting": interpreting(), "cases": {}}
     alg = get("implicit_gemm")
-
-    def make_input(n, c, h, w, layout):
-        if layout == "slice":  # every other column of a wider tensor, channels sliced too
-            return torch.randn(n, c + 3, h, 2 * w)[:, 1:c + 1, :, ::2]
-        x = torch.randn(n, c, h, w)
-        return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
-
-    def rel(y, ref):
-        return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
 
     for (name, n, c, o, h, w, k, s, p, d, g, has_bias, layout, flat_k) in json.loads(
             sys.argv[1]):
@@ -164,23 +152,9 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_py(code: str, *args: str, interpret: bool, timeout: float = 300) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def results() -> dict:
-    stdout = _run_py(_SCRIPT, json.dumps(CASES), interpret=True)
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("JSON:"))
-    return json.loads(line[len("JSON:"):])
+    return run_interpreted(_SCRIPT, json.dumps(CASES), timeout=300)
 
 
 def test_runs_under_the_interpreter(results):
@@ -285,7 +259,7 @@ _NO_TRITON = textwrap.dedent("""
 
 
 def test_imports_without_triton():
-    out = _run_py(_NO_TRITON, interpret=True, timeout=120)
+    out = run_py(_NO_TRITON, interpret=True, timeout=120)
     assert "REASON:triton is not installed" in out
 
 

@@ -1,19 +1,15 @@
 """The fused GPU kernel of factorized layers (convgap.kernels.triton.pcp), checked on CPU
 with triton's interpreter against float64 references of the convolutions it replaces, and
 the layer mapping (convgap.layers.fused, kernel='triton') of every family against the
-layer's dense kernel. As in test_triton_implicit_gemm.py, every interpreted check runs in
-ONE subprocess (``TRITON_INTERPRET=1`` must be set before triton is first imported) that
-prints a JSON summary the tests assert on. Input checks and the filter product run here."""
+layer's dense kernel. Every interpreted check runs in ONE subprocess (see
+tests/interpreted.py) that prints a JSON summary the tests assert on. Input checks and the
+filter product run here."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +19,8 @@ pytest.importorskip("triton")
 
 from convgap.errors import ConvgapError  # noqa: E402
 from convgap.kernels.triton import pcp  # noqa: E402
+from interpreted import run_interpreted  # noqa: E402
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TOL = 1e-5
 
 
@@ -62,18 +58,10 @@ _SCRIPT = textwrap.dedent("""
     from convgap.kernels.triton import interpreting, pcp
     from convgap.layers import fused
     from convgap import TensorialConv2d
+    from interpreted import make_input, rel
 
     torch.manual_seed(0)
     out = {"interpreting": interpreting(), "cases": [], "families": [], "dtypes": {}}
-
-    def make_input(n, c, h, w, layout):
-        if layout == "slice":  # every other column of a wider tensor, channels sliced too
-            return torch.randn(n, c + 3, h, 2 * w)[:, 1:c + 1, :, ::2]
-        x = torch.randn(n, c, h, w)
-        return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
-
-    def rel(y, ref):
-        return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
 
     def reference(x, a, k, b, bias, s, p, d, z, depthwise):
         t = F.conv2d(x.double(), a.double().t()[..., None, None])
@@ -164,14 +152,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES),
-                           json.dumps(FAMILIES)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:"))
-    return json.loads(line[len("JSON:"):])
+    return run_interpreted(_SCRIPT, json.dumps(CASES), json.dumps(FAMILIES))
 
 
 def test_runs_under_the_interpreter(results):

@@ -1,0 +1,54 @@
+"""Helpers of the Triton tests that run under triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported, and other tests of the
+session may already have imported it, so those checks run in a subprocess (with ``src/``
+and this folder on its path) that prints one ``JSON:`` line the tests assert on. The
+subprocess scripts import :func:`make_input` and :func:`rel` from here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+HERE = str(Path(__file__).resolve().parent)
+
+
+def make_input(n: int, c: int, h: int, w: int, layout: str) -> torch.Tensor:
+    """A random (n, c, h, w) float32 map: 'nchw' contiguous, 'cl' channels_last, or 'slice'
+    (every other column of a wider tensor, channels sliced too: arbitrary strides)."""
+    if layout == "slice":
+        return torch.randn(n, c + 3, h, 2 * w)[:, 1:c + 1, :, ::2]
+    x = torch.randn(n, c, h, w)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error relative to the reference's largest magnitude (float64)."""
+    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def run_py(code: str, *args: str, interpret: bool, timeout: float = 300) -> str:
+    """stdout of ``python -c code *args`` with or without ``TRITON_INTERPRET=1``; fails
+    the test if it exits non-zero."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, HERE, env.get("PYTHONPATH", "")])
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def run_interpreted(code: str, *args: str, timeout: float = 600) -> dict:
+    """The JSON a script printed (``print("JSON:" + json.dumps(...))``), run interpreted."""
+    stdout = run_py(code, *args, interpret=True, timeout=timeout)
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("JSON:"))
+    return json.loads(line[len("JSON:"):])
