@@ -18,8 +18,13 @@ channels_last dense weight):
    importable (a bench-only install; convgap does not depend on it);
 4. planning time of ``einsum_path`` for 2-6 operands (target <= 10 ms).
 
+On CUDA every sample is a synchronised eager call (host launch overhead included); with
+``--graphs`` (the default there) dense and each layer are also timed as CUDA graphs
+(timing.compare_graphs: 20 calls per graph, replays between CUDA events), the kernels'
+time on the device alone: "graph ms", "graph dense ms", "graph speedup".
+
     python benchmarks/tensorial.py [--threads 2] [--batch 1 8] [--layout nchw|channels_last]
-                                   [--device cuda] [--malloc retain|default]
+                                   [--device cuda [--no-graphs]] [--malloc retain|default]
 
 On CPU the whole run is under one malloc policy (default 'retain', as benchmarks/
 algorithms.py): under glibc's default a layer timed right after the dense conv page-faults
@@ -83,8 +88,22 @@ def measure(layer, dense, x, cfg, timing, device="cpu"):
     return t_dense.median, t_layer.median, paired
 
 
+def measure_graphs(layer, dense, x, timing, device) -> dict:
+    """Device-only times of dense and layer (CUDA graphs of 20 calls, 50 interleaved
+    rounds), as row fields."""
+    cfg = timing.TimingConfig(warmup=2, min_repeats=15, max_repeats=50, min_time=0.05)
+    with torch.no_grad():
+        try:
+            t_dense, t_layer = timing.compare_graphs(
+                [lambda: dense(x), lambda: layer(x)], cfg, device)
+        except RuntimeError as exc:  # a layer that cannot be captured keeps its eager time
+            return {"graph_error": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"graph_dense_s": t_dense.median, "graph_s": t_layer.median,
+            "graph_speedup": timing.paired_ratio(t_dense, t_layer)}
+
+
 def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
-             device: str = "cpu") -> dict:
+             device: str = "cpu", graphs: bool = False) -> dict:
     from convgap import timing
     from convgap.layers import FlattenedConv2d, TensorialConv2d
     torch.manual_seed(0)
@@ -124,6 +143,8 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
                 row["tltorch_s"] = t_tl
             elif isinstance(tl, str):
                 row["tltorch"] = tl
+            if graphs:
+                row.update(measure_graphs(layer, dense, x, timing, device))
             rows.append(row)
     flat = FlattenedConv2d(c, c, 3, padding=1, bias=False).eval().to(device)
     t_dense, t_flat, speedup = measure(flat, dense, x, cfg, timing, device)
@@ -131,6 +152,8 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
                  "runs": flat.kernel_for(x),
                  "params": flat.weight_params, "macs": flat.macs(tuple(x.shape)),
                  "dense_s": t_dense, "s": t_flat, "speedup": speedup})
+    if graphs:
+        rows[-1].update(measure_graphs(flat, dense, x, timing, device))
     for r in rows:
         r["param_reduction"] = dense_params / r["params"]
         r["mac_reduction"] = dense_macs / r["macs"]
@@ -138,6 +161,8 @@ def run_spec(c: int, size: int, batch: int, cfg, console, layout: str = "nchw",
         r["gflops"] = 2 * r["macs"] / r["s"] / 1e9
         r["dense_gflops"] = 2 * dense_macs / r["dense_s"] / 1e9
         r["speedup_over_mac_reduction"] = r["speedup"] / r["mac_reduction"]
+        if "graph_speedup" in r:
+            r["graph_speedup_over_mac_reduction"] = r["graph_speedup"] / r["mac_reduction"]
     return {"channels": c, "size": size, "batch": batch, "dense_params": dense_params,
             "dense_macs": dense_macs, "rows": rows}
 
@@ -164,12 +189,17 @@ def print_tables(results, plans, console) -> None:
                         f"{r['size']}, batch {r['batch']} (dense: {r['dense_params']:,} "
                         f"params, {r['dense_macs'] / 1e6:.0f}M MACs, "
                         f"{1e3 * r['rows'][0]['dense_s']:.3g} ms)", title_justify="left")
+        graphs = any("graph_s" in row for row in r["rows"])
         for col in ("variant", "x", "ranks", "runs", "params", "MACs", "ms", "dense ms",
                     "GFLOP/s", "param cut", "MAC cut", "speedup", "speedup/MAC cut",
-                    "steps ms", "left ms", "left MACs", "tltorch ms"):
+                    "steps ms", "left ms", "left MACs", "tltorch ms") + (
+                        ("graph ms", "graph dense ms", "graph speedup") if graphs else ()):
             t.add_column(col, justify="left" if col in ("variant", "ranks", "runs")
                          else "right")
         for row in r["rows"]:
+            extra = ((f"{1e3 * row['graph_s']:.3g}", f"{1e3 * row['graph_dense_s']:.3g}",
+                      f"{row['graph_speedup']:.2f}x") if "graph_s" in row
+                     else ("err",) * 3) if graphs else ()
             t.add_row(row["variant"], str(row["target_compression"] or "-"),
                       str(row["ranks"] or "-"), row.get("runs") or "-",
                       f"{row['params']:,}",
@@ -181,7 +211,7 @@ def print_tables(results, plans, console) -> None:
                       f"{1e3 * row['left_s']:.3g}" if "left_s" in row else "-",
                       f"{row['left_macs'] / 1e6:.1f}M" if "left_macs" in row else "-",
                       f"{1e3 * row['tltorch_s']:.3g}" if "tltorch_s" in row else
-                      ("err" if "tltorch" in row else "n/a"))
+                      ("err" if "tltorch" in row else "n/a"), *extra)
         console.print(t)
     t = Table(title="planning time (einsum_path, cold cache, median of 20)",
               title_justify="left")
@@ -203,6 +233,9 @@ def main() -> None:
                     help="'cpu' or 'cuda[:N]' (cpu); on CUDA fp32 runs with IEEE products "
                          "everywhere (TF32 off in cuDNN and matmul), so dense and factorized "
                          "layers do the same arithmetic")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="on CUDA, also time dense and each layer as CUDA graphs (device "
+                         "time without launch overhead; default on for CUDA)")
     ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
                     help="CPU malloc policy for the whole run (retain)")
     ap.add_argument("--out", type=Path, default=None,
@@ -210,6 +243,9 @@ def main() -> None:
                          "tensorial_channels_last.json for --layout channels_last)")
     args = ap.parse_args()
     on_cpu = torch.device(args.device).type == "cpu"
+    if args.graphs and torch.device(args.device).type != "cuda":
+        ap.error("--graphs needs a CUDA device")
+    graphs = torch.device(args.device).type == "cuda" and args.graphs is not False
     if not on_cpu:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -249,7 +285,7 @@ def main() -> None:
             for c, size in SPECS:
                 console.print(f"[dim]{c} ch @ {size}, batch {batch} ...[/dim]")
                 results.append(run_spec(c, size, batch, cfg, console, args.layout,
-                                        args.device))
+                                        args.device, graphs))
                 write(plans)
     print_tables(results, plans, console)
     console.print(f"{args.device}, {args.threads} threads, fp32, layout {args.layout}"

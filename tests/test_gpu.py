@@ -255,3 +255,19 @@ def test_factorized_layer_measures_and_trains_on_cuda():
         assert rel(layer(x), want) <= 1e-5
     layer(x).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_cuda_graph_timing_counts_device_time_per_call():
+    """compare_graphs: per-call device time from graph replays; a matmul twice the size of
+    another takes longer, and the captured calls really ran on every replay (a counter
+    bumped inside them: 1 warm-up + 4 calls x (1 upload replay + 5 samples))."""
+    from convgap import timing
+    a, b = torch.randn(2048, 2048, device=CUDA), torch.randn(4096, 2048, device=CUDA)
+    count = torch.zeros((), device=CUDA)
+    cfg = timing.TimingConfig(warmup=1, min_repeats=5, max_repeats=5, min_time=0.0)
+    small, big = timing.compare_graphs(
+        [lambda: (count.add_(1), a @ a), lambda: b @ a], cfg, CUDA, calls=4)
+    assert len(small.samples) == len(big.samples) == 5
+    assert small.extra == {"method": "cuda_graph", "calls": 4}
+    assert 0 < small.median < big.median
+    assert int(count) == 1 + 4 * (1 + 5)

@@ -75,3 +75,13 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     e = timing.Timing((1.0, 3.0, 3.0), 1)
     f = timing.Timing((1.0, 1.0, 6.0), 1)            # rounds: 1, 3, 0.5 -> 1; medians: 3
     assert timing.paired_ratio(e, f) == 1.0 and e.median / f.median == 3.0
+
+
+def test_compare_graphs_refuses_cpu_and_bad_call_counts():
+    """CUDA-graph timing exists only on a CUDA device; nothing runs before the refusal."""
+    calls = []
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        timing.compare_graphs([lambda: calls.append(1)], device="cpu")
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        timing.compare_graphs([lambda: calls.append(1)], device="cuda", calls=0)
+    assert calls == []

@@ -3,7 +3,9 @@
 Every latency convgap reports comes from :func:`measure` (one callable) or :func:`compare`
 (several callables interleaved round by round, so slow drifts of a shared machine hit all of
 them alike). Both warm up first, synchronise CUDA around every sample, and report the median
-in seconds together with the thread count they ran under.
+in seconds together with the thread count they ran under. On a GPU, :func:`compare_graphs`
+times the device alone: each callable captured in a CUDA graph, replayed between CUDA events,
+so host launch overhead drops out.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ try:
 except ImportError:  # Windows: page faults are not counted
     resource = None
 
-__all__ = ["Timing", "TimingConfig", "measure", "compare", "threads", "synchronize",
-           "page_faults", "paired_ratio"]
+__all__ = ["Timing", "TimingConfig", "measure", "compare", "compare_graphs", "threads",
+           "synchronize", "page_faults", "paired_ratio"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,63 @@ def compare(
     n = torch.get_num_threads()
     return [Timing(tuple(s), n, dev, faults=tuple(f) if resource else ())
             for s, f in zip(samples, faults)]
+
+
+@torch.no_grad()
+def compare_graphs(
+    fns: Sequence[Callable[[], object]],
+    config: TimingConfig = TimingConfig(),
+    device: str | torch.device = "cuda",
+    calls: int = 20,
+) -> list[Timing]:
+    """Device time per call of several callables on a CUDA GPU, interleaved as in
+    :func:`compare`: each callable runs ``config.warmup`` times (at least once: lazy
+    choices, autotuning and allocations happen outside the capture), is captured ``calls``
+    times over into one CUDA graph, and each sample is one replay between two CUDA events,
+    divided by ``calls``. Host launch overhead is excluded, so this is the time the kernels
+    occupy the GPU back to back, not an eager call's latency (:func:`compare`). Samples in
+    seconds per call; ``extra`` records the method and ``calls``.
+
+    Raises ValueError off CUDA or for ``calls < 1``; a callable that cannot be captured
+    (it synchronises, or allocates pinned host memory, ...) raises torch's capture error."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"compare_graphs times CUDA graphs; device {dev} is not a CUDA device")
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    with torch.cuda.device(dev):
+        for _ in range(max(1, config.warmup)):
+            for fn in fns:
+                fn()
+        torch.cuda.synchronize()
+        graphs = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(calls):
+                    fn()
+            graphs.append(g)
+        for g in graphs:  # the first replay uploads the graph
+            g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples: list[list[float]] = [[] for _ in fns]
+        order = list(range(len(fns)))
+        rounds = 0
+        while rounds < config.max_repeats:
+            for i in (order if rounds % 2 == 0 else order[::-1]):
+                start.record()
+                graphs[i].replay()
+                end.record()
+                end.synchronize()
+                samples[i].append(start.elapsed_time(end) / 1e3 / calls)
+            rounds += 1
+            if (rounds >= config.min_repeats
+                    and min(sum(s) for s in samples) * calls >= config.min_time):
+                break
+    extra = {"method": "cuda_graph", "calls": calls}
+    return [Timing(tuple(s), torch.get_num_threads(), str(dev), extra=dict(extra))
+            for s in samples]
 
 
 def paired_ratio(a: Timing, b: Timing) -> float:
