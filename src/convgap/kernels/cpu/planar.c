@@ -69,19 +69,37 @@ long scratch_floats(const int *g)
     return s.t1 + s.u + s.v1 + s.v2 + s.vc + 64;
 }
 
-/* v[ch][q] = sum_t u[ch][q + offs[t]] * d[ch][t] over Npix pixels, for nch channel planes */
+/* v[ch][q] = sum_t u[ch][q + offs[t]] * d[ch][t] over Npix pixels, for nch channel planes:
+ * four vectors of pixels at a time (independent sums), each tap's weight broadcast once */
 static void depthwise_planar(int nch, int taps, const long *offs, const float *d,
                              const float *u, long pu, int Npix, float *v, long pv)
 {
     for (int ch = 0; ch < nch; ch++) {
-        const float *uc = u + ch * pu;
+        const float *uc = u + ch * pu, *dc = d + (long)ch * taps;
         float *vc = v + ch * pv;
-        for (int q = 0; q < Npix; q += 16) {
-            __mmask16 m = Npix - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Npix - q)) - 1);
+        int q = 0;
+        for (; q + 64 <= Npix; q += 64) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int t = 0; t < taps; t++) {
+                const float *p = uc + q + offs[t];
+                const __m512 w = _mm512_set1_ps(dc[t]);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), w, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), w, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), w, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), w, a3);
+            }
+            _mm512_storeu_ps(vc + q, a0);
+            _mm512_storeu_ps(vc + q + 16, a1);
+            _mm512_storeu_ps(vc + q + 32, a2);
+            _mm512_storeu_ps(vc + q + 48, a3);
+        }
+        for (; q < Npix; q += 16) {
+            __mmask16 m = Npix - q >= 16 ? (__mmask16)0xFFFF
+                                         : (__mmask16)((1u << (Npix - q)) - 1);
             __m512 acc = _mm512_setzero_ps();
             for (int t = 0; t < taps; t++)
                 acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, uc + q + offs[t]),
-                                      _mm512_set1_ps(d[ch * taps + t]), acc);
+                                      _mm512_set1_ps(dc[t]), acc);
             _mm512_mask_storeu_ps(vc + q, m, acc);
         }
     }
