@@ -55,7 +55,7 @@ def test_pdp_matches_the_three_convolutions(n, c, r, o, h, w, kh, kw, sh, sw, ph
     a, d, b = torch.randn(c, r), torch.randn(r, kh, kw), torch.randn(o, r)
     bb = torch.randn(o) if bias else None
     args = ((sh, sw), (ph, pw), (dh, dw))
-    if kernel == "planar" and not (x.is_contiguous() and sw == 1):
+    if kernel == "planar" and sw != 1:  # (either layout)
         with pytest.raises(ConvgapError, match="planar kernel needs"):
             cpu.pointwise_depthwise_pointwise(x, a, d, b, bb, *args, kernel=kernel)
         return
@@ -115,8 +115,7 @@ def test_pcp_matches_the_convolutions(n, c, r1, r2, r3, o, h, w, kh, kw, sh, sw,
         k1, pw, args = k1[..., :1], 0, ((sh, sw), (ph, 0), (dh, dw), k2, (s2, p2, d2))
         w1 = out_w = w
         out_w = (w1 + 2 * p2 - d2 * (kw2 - 1) - 1) // s2 + 1
-    planar_ok = x.is_contiguous() and sw == 1 and (not kw2 or (s2 == 1 and k1.shape[3] == 1
-                                                                and pw == 0))
+    planar_ok = sw == 1 and (not kw2 or (s2 == 1 and k1.shape[3] == 1 and pw == 0))
     if kernel == "planar" and not planar_ok:
         with pytest.raises(ConvgapError, match="planar kernel needs"):
             pcp.pointwise_conv_pointwise(x, a, k1, b, bb, *args[:3], k2, *args[4],
@@ -169,10 +168,12 @@ def test_pcp_rejects_bad_inputs():
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pdp_any_thread_count_gives_the_same_result(threads, channels_last):
+@pytest.mark.parametrize("kernel", ["auto", "planar"])
+def test_pdp_any_thread_count_gives_the_same_result(threads, channels_last, kernel):
     """Each thread starts its own window of the first intermediate mid-image (rows split
     across threads recompute their halo): every split gives the reference result, on both
-    kernels (NCHW: planar; channels_last: NHWC)."""
+    kernels (auto: planar for NCHW, NHWC for channels_last) and on the planar one with
+    channels_last maps."""
     x = torch.randn(2, 24, 11, 9)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -182,7 +183,7 @@ def test_pdp_any_thread_count_gives_the_same_result(threads, channels_last):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1)
+            y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel=kernel)
     finally:
         torch.set_num_threads(before)
     assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5
@@ -319,7 +320,7 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
                        stride, pad, dilation)
     # it ran fused (tensor ring: only with width stride 1)
     assert bool(calls) == (family != "tr" or layer.stride[1] == 1)
-    planar = not channels_last and layer.stride[1] == 1
+    planar = layer.stride[1] == 1  # the first candidate, in either layout
     assert layer.kernel_for(x) == ("steps" if not calls else "planar" if planar else "nhwc")
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -408,7 +409,7 @@ def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family, cha
     with torch.no_grad():
         layer(x)  # binds each candidate kernel to measure them
         first = len(packs)
-        assert first == (1 if channels_last else 2)  # NCHW: the planar and the NHWC kernel
+        assert first == 2  # the planar and the NHWC kernel
         layer(x)
         layer(x)
         assert len(packs) == first
@@ -440,15 +441,15 @@ def test_auto_kernel_is_planar_for_nchw_inputs(monkeypatch, channels_last):
 @pytest.mark.parametrize("winner", [0, 1, -1])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, winner, channels_last):
-    """For NCHW inputs the candidates are the planar kernel, the NHWC kernel and the steps;
-    for channels_last the NHWC kernel and the steps. The winner runs (and is remembered)."""
+    """In either layout the candidates are the planar kernel, the NHWC kernel and the
+    steps. The winner runs (and is remembered)."""
     from convgap.layers import tensorial
     monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[winner])
     layer = _layer("tucker")
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    names = ["nhwc", "steps"] if channels_last else ["planar", "nhwc", "steps"]
+    names = ["planar", "nhwc", "steps"]
     with torch.no_grad():
         for _ in range(2):
             y = layer(x)

@@ -105,15 +105,17 @@ def empty_output(shape: tuple, nhwc: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, memory_format=fmt)
 
 
-def kernel_choice(kernel: str, planar_ok: bool) -> bool:
+def kernel_choice(kernel: str, planar_ok: bool, nchw: bool) -> bool:
     """True to run the planar kernel: ``kernel`` 'planar' (ConvgapError where it does not
-    apply), 'nhwc', or 'auto' (planar where it applies)."""
+    apply), 'nhwc', or 'auto' (planar for NCHW inputs, ``nchw``, where it applies; the NHWC
+    kernel for channels_last ones)."""
     if kernel not in ("auto", "nhwc", "planar"):
         raise ConvgapError(f"kernel must be 'auto', 'nhwc' or 'planar', got {kernel!r}")
     if kernel == "planar" and not planar_ok:
-        raise ConvgapError("the planar kernel needs an NCHW-contiguous input, width strides "
-                           "of 1 and, with a second filter, a first one along columns only")
-    return planar_ok if kernel == "auto" else kernel == "planar"
+        raise ConvgapError("the planar kernel needs a dense NCHW or channels_last input, "
+                           "width strides of 1 and, with a second filter, a first one along "
+                           "columns only")
+    return planar_ok and nchw if kernel == "auto" else kernel == "planar"
 
 
 def bound_call(forward, ints, pointers: tuple, per: int, out_shape: tuple, nhwc: bool,

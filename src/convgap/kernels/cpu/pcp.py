@@ -73,10 +73,10 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
     stride, padding (zeros, symmetric), dilation of k1: an int or a pair; those of k2: ints
     along the width. Returns (N, O, OH, OW) in x's memory format. ``store``: a dict kept by
     the caller for the packed weights (rebuilt when a weight is a different tensor or was
-    modified in place). ``kernel``: 'nhwc' (channels innermost, this module's kernel: NCHW
-    inputs are copied to NHWC and the result back), 'planar' (channel-major,
-    :mod:`.planar`: NCHW inputs in place; width strides 1, and with k2 a k1 along columns
-    only) or 'auto' (planar where it applies). Raises ConvgapError on bad
+    modified in place). ``kernel``: 'nhwc' (channels innermost, this module's kernel),
+    'planar' (channel-major intermediates, :mod:`.planar`; width strides 1, and with k2 a
+    k1 along columns only) or 'auto' (planar for NCHW inputs where it applies, else nhwc);
+    both read and write either layout in place. Raises ConvgapError on bad
     shapes, dtypes, devices, or inputs needing gradients; RuntimeError where the kernel is
     not available (see :func:`available`)."""
     _check(x, a, k1, b, bias, k2, groups, stride, stride2)
@@ -86,7 +86,8 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     second = (int(stride2), int(padding2), int(dilation2))
     use_planar = kernel_choice(kernel, planar.supports(x, stride, k1.shape, padding,
-                                                       None if k2 is None else second))
+                                                       None if k2 is None else second),
+                               x.is_contiguous())
     return run(x, a, k1, b, bias, stride, padding, dilation, k2, second,
                {} if store is None else store, groups, use_planar)
 
@@ -118,11 +119,11 @@ def _prepare(lib, a, k1, k2, b, bias) -> tuple:
             pack(lib, b.t()), padded(bias))
 
 
-def _planar_weights(a, k1, k2, b, bias) -> tuple:
+def _planar_weights(a, k1, k2, b, bias, nhwc: bool = False) -> tuple:
     def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_out, R_in)
         return k.detach().permute(2, 3, 0, 1).reshape(-1, k.shape[0], k.shape[1]).contiguous()
-    return (a.detach().t().contiguous(), taps(k1), None if k2 is None else taps(k2),
-            b.detach().contiguous(), None if bias is None else bias.detach().contiguous())
+    first, last, bias_ = planar.pointwise_weights(a, b, bias, nhwc)
+    return first, taps(k1), None if k2 is None else taps(k2), last, bias_
 
 
 def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
@@ -154,8 +155,8 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     if use_planar:
         g = list(ints)
         head = g[:10] + g[11:15] + [g[15], g[17], g[18]] + g[19:22]  # no width strides
-        return planar.bind(x, reuse(store, "planar_weights", weights,
-                                    lambda: _planar_weights(a, k1, k2, b, bias)),
+        return planar.bind(x, reuse(store, ("planar_weights", nhwc), weights,
+                                    lambda: _planar_weights(a, k1, k2, b, bias, nhwc)),
                            (*head, groups, 0), out_shape, store)
     prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
     pointers = tuple(None if t is None else t.data_ptr() for t in prepared)

@@ -46,9 +46,9 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
             padded(bias), omap)
 
 
-def _planar_weights(a, d, b, bias) -> tuple:
-    return (a.detach().t().contiguous(), d.detach().reshape(d.shape[0], -1).contiguous(), None,
-            b.detach().contiguous(), None if bias is None else bias.detach().contiguous())
+def _planar_weights(a, d, b, bias, nhwc: bool = False) -> tuple:
+    first, last, bias_ = planar.pointwise_weights(a, b, bias, nhwc)
+    return first, d.detach().reshape(d.shape[0], -1).contiguous(), None, last, bias_
 
 
 def _check(x, a, d, b, bias) -> None:
@@ -78,9 +78,10 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
     dilation: an int or a pair. Returns (N, O, OH, OW) in x's memory format (NCHW where x
     is both, as with one channel). ``store``: a dict kept by the caller where the weights'
     packed copies live, rebuilt when any weight is a different tensor or was modified in
-    place. ``kernel``: 'nhwc' (channels innermost, this module's kernel: NCHW inputs are
-    copied to NHWC and the result back), 'planar' (channel-major, :mod:`.planar`: NCHW
-    inputs in place, width stride 1 only) or 'auto' (planar where it applies). Raises
+    place. ``kernel``: 'nhwc' (channels innermost, this module's kernel), 'planar'
+    (channel-major intermediates, :mod:`.planar`; width stride 1 only) or 'auto' (planar
+    for NCHW inputs where it applies, else nhwc); both read and write either layout in
+    place. Raises
     ConvgapError on bad shapes, dtypes, devices, or inputs needing gradients; RuntimeError
     where the kernel is not available (see :func:`available`)."""
     _check(x, a, d, b, bias)
@@ -88,7 +89,8 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    use_planar = kernel_choice(kernel, planar.supports(x, stride, d.shape, padding, None))
+    use_planar = kernel_choice(kernel, planar.supports(x, stride, d.shape, padding, None),
+                               x.is_contiguous())
     return run(x, a, d, b, bias, stride, padding, dilation, {} if store is None else store,
                use_planar)
 
@@ -140,8 +142,9 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
     ints, out_shape, per = geo
     if use_planar:
         n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _, _ = ints
-        weights = reuse(store, "planar_weights", [t for t in (a, d, b, bias) if t is not None],
-                        lambda: _planar_weights(a, d, b, bias))
+        weights = reuse(store, ("planar_weights", nhwc),
+                        [t for t in (a, d, b, bias) if t is not None],
+                        lambda: _planar_weights(a, d, b, bias, nhwc))
         return planar.bind(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
                                         1, o, oh, ow, 1, 1), out_shape, store)
     weights = [t for t in (a, d, b, bias, bias1, out_map) if t is not None]

@@ -15,7 +15,11 @@
  * and dropped when the band is compacted for the last GEMM. With a second convolution the
  * first must run along columns only (kw1 = 1), so its output lands in the second's padded
  * layout with zeros in the padding. Z > 1: groups of channels sharing both filters (a
- * tensor ring's bond). */
+ * tensor ring's bond). With G_NHWC the input and output maps are channels-innermost (a
+ * channels_last tensor) while the intermediates stay channel-major: the first 1x1 conv runs
+ * in the packed orientation (pixels as rows) and its rows are transposed into the window's
+ * planes, and the last reads the band's planes as a k-major operand (gemm_kmajor), writing
+ * pixel rows of the output. */
 #include <string.h>
 #include <omp.h>
 
@@ -23,7 +27,8 @@
 #include "gemm.h"
 
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
-       G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_COUNT };
+       G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_NHWC,
+       G_COUNT };
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
@@ -54,7 +59,8 @@ static Sizes sizes(const int *g)
     const long z = g[G_Z];
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
-    s.t1 = z * g[G_R1] * ((long)s.rows1 * W + SLACK);
+    s.t1 = g[G_NHWC] ? (long)s.rows1 * W * ((z * g[G_R1] + 15) / 16 * 16)  /* pixel rows */
+                     : z * g[G_R1] * ((long)s.rows1 * W + SLACK);
     s.u = z * g[G_R1] * s.pu;
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
     s.v2 = z * g[G_R3] * s.pv;
@@ -107,7 +113,9 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
 
 /* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
  * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
- * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats. */
+ * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats.
+ * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
+ * weight, Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
                     const float *K2t, const float *Bt, const float *bias, float *y,
                     float *scratch, int threads)
@@ -117,6 +125,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];
     const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
+    const int nhwc = g[G_NHWC], ld1 = (ZR1 + 15) / 16 * 16;  /* ld1: t1's rows (NHWC) */
     const int taps1 = g[G_KH1] * g[G_KW1];
     const long per = scratch_floats(g), wp = s.wp;
     const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
@@ -145,7 +154,10 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             int r0 = uhi - ph1, r1 = hi - ph1;
             if (r0 < 0) r0 = 0;
             if (r1 > H) r1 = H;
-            if (r1 > r0)
+            if (r1 > r0 && nhwc)  /* t1: pixel rows of ld1 floats */
+                gemm((r1 - r0) * W, ZR1, C, x + ((long)n * H + r0) * W * C, C, At, 0, t1,
+                     ld1);
+            else if (r1 > r0)  /* t1: ZR1 planes */
                 gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
                             x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
                             x + (long)N * C * H * W);
@@ -153,11 +165,15 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                 int ih = ip - ph1;
                 for (int ch = 0; ch < ZR1; ch++) {
                     float *row = u + ch * s.pu + (ip - ulo) * wp;
-                    if (ih >= 0 && ih < H)
+                    if (ih < 0 || ih >= H) {
+                        memset(row, 0, sizeof(float) * wp);
+                    } else if (nhwc) {  /* a column of t1's pixel rows */
+                        const float *src = t1 + (long)(ih - r0) * W * ld1 + ch;
+                        for (int w = 0; w < W; w++) row[s.pl + w] = src[(long)w * ld1];
+                    } else {
                         memcpy(row + s.pl, t1 + ch * ldt1 + (long)(ih - r0) * W,
                                sizeof(float) * W);
-                    else
-                        memset(row, 0, sizeof(float) * wp);
+                    }
                 }
             }
             if (hi > uhi) wk.hi = hi;
@@ -183,8 +199,12 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                 for (int r = 0; r < th; r++)
                     memcpy(vc + ch * ldvc + (long)r * OW, v2 + ch * s.pv + r * wp,
                            sizeof(float) * OW);
-            gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
-                        y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0);
+            if (nhwc)  /* the band's pixels are consecutive output rows */
+                gemm_kmajor(th * OW, O, Z * R3, vc, ldvc, Bt, bias,
+                            y + ((long)n * OH + oh) * OW * O, O);
+            else
+                gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
+                            y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0);
         }
     }
 }

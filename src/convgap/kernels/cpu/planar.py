@@ -1,12 +1,16 @@
-"""The fused factorized convolutions on NCHW maps (C kernel ``planar.c``).
+"""The fused factorized convolutions with channel-major intermediates (C kernel
+``planar.c``).
 
 :mod:`.pdp` and :mod:`.pcp` hold output channels in their vectors, on NHWC maps (an NCHW
 input is read in place by their first GEMM, and each output band is transposed into the
-result's planes). This kernel keeps every map channel-major instead (pixels in the vectors,
-weights broadcast): no transposes, and narrow ranks (a 24-channel Tucker core, a tensor
-ring's 7-channel groups) still fill the vectors, but each band streams every weight once,
-so small maps (7x7) run slower than on the NHWC kernels; the layers measure both. It serves
-both: ``depthwise`` picks pointwise -> depthwise -> pointwise (CP), else pointwise -> conv
+result's planes). This kernel keeps the maps between the 1x1 convolutions channel-major
+instead (pixels in the vectors, weights broadcast), so narrow ranks (a 24-channel Tucker
+core, a tensor ring's 7-channel groups) still fill the vectors; but each band streams every
+weight once, so small maps (7x7) run slower than on the NHWC kernels, and the layers measure
+both. NCHW inputs and outputs are read and written in place; channels_last ones too (the
+first 1x1 conv then runs with pixels as rows and its rows are transposed into the
+intermediate's planes, and the last 1x1 conv writes pixel rows). It serves both families'
+shapes: ``depthwise`` picks pointwise -> depthwise -> pointwise (CP), else pointwise -> conv
 (-> conv along rows) -> pointwise (Tucker, TT, TR). Width strides must be 1, and with a
 second convolution the first must run along columns only (as in TT and TR).
 """
@@ -18,9 +22,10 @@ from typing import Callable
 
 import torch
 
-from .common import Kernel, bound_call
+from ...einsum.evaluate import channels_innermost
+from .common import Kernel, bound_call, pack, padded
 
-__all__ = ["available", "supports", "bind", "BAND_PIXELS"]
+__all__ = ["available", "supports", "pointwise_weights", "bind", "BAND_PIXELS"]
 
 # output pixels per band: each band streams every weight once, and here pixels are the
 # vector dimension, so longer bands pay (128@28 at batch 8: 0.59 ms at 96, 0.53 at 384;
@@ -35,31 +40,48 @@ available = KERNEL.available
 
 def supports(x: torch.Tensor, stride: tuple, k1_shape: tuple, padding: tuple,
              second: tuple | None) -> bool:
-    """True if the planar kernel can run this geometry on ``x``: an NCHW-contiguous input,
-    width strides 1, and, with a second convolution, a first one along columns only."""
-    if not x.is_contiguous() or stride[1] != 1:
+    """True if the planar kernel can run this geometry on ``x``: a dense NCHW or
+    channels_last input, width strides 1, and, with a second convolution, a first one along
+    columns only."""
+    if not (x.is_contiguous() or channels_innermost(x)) or stride[1] != 1:
         return False
     if second is not None and (second[0] != 1 or k1_shape[-1] != 1 or padding[1] != 0):
         return False
     return available()
 
 
+def pointwise_weights(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                      nhwc: bool) -> tuple:
+    """The two 1x1 convolutions' weights in the kernel's forms, from ``a`` (C, Z R1), ``b``
+    (O, Z R3) and ``bias`` (O,) or None: (first, last, bias). For NCHW maps A^T and B
+    row-major and the bias as is; for channels_last ones both packed for the GEMM core
+    (gemm.h's pack_b) and the bias padded to 16 floats."""
+    if nhwc:
+        lib = _lib()
+        return pack(lib, a), pack(lib, b.detach().t()), padded(bias)
+    return (a.detach().t().contiguous(), b.detach().contiguous(),
+            None if bias is None else bias.detach().contiguous())
+
+
 def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, store: dict
          ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function running the kernel on inputs of ``x``'s shape: ``weights`` = (A^T, first
-    filter taps, second filter taps or None, B, bias or None) prepared by the caller
-    (float32, contiguous, held by the function); ``geometry`` = the integer arguments but
-    the band (see planar.c's enum, from G_N to G_OW, then G_Z and G_DEPTHWISE). It returns
-    (N, O, OH, OW), NCHW."""
+    """A function running the kernel on inputs of ``x``'s shape and layout: ``weights`` =
+    (first 1x1, first filter taps, second filter taps or None, last 1x1, bias or None)
+    prepared by the caller (float32, contiguous, held by the function; the 1x1s and bias
+    from :func:`pointwise_weights` for ``x``'s layout); ``geometry`` = the integer arguments
+    but the band and the layout (see planar.c's enum, from G_N to G_OW, then G_Z and
+    G_DEPTHWISE). It returns (N, O, OH, OW) in ``x``'s layout (channels_last where
+    ``x`` has its channels innermost, else contiguous)."""
     lib = _lib()
-    key = ("planar", geometry)
+    nhwc = channels_innermost(x)
+    key = ("planar", geometry, nhwc)
     ints = store.get(key)
     if ints is None:
         *head, z, depthwise = geometry
         ow = head[-1]
         band = max(1, min(head[-2], round(BAND_PIXELS / ow)))
-        ints = store[key] = (ctypes.c_int * 23)(*head, band, z, depthwise)
+        ints = store[key] = (ctypes.c_int * 24)(*head, band, z, depthwise, int(nhwc))
     per = lib.scratch_floats(ints)
     pointers = tuple(None if t is None else t.data_ptr() for t in weights)
-    return bound_call(lib.planar_forward, ints, pointers, per, out_shape, False, store,
+    return bound_call(lib.planar_forward, ints, pointers, per, out_shape, nhwc, store,
                       weights)
