@@ -254,7 +254,7 @@ class Program:
 def signature(tensors: Sequence[torch.Tensor]) -> tuple:
     """Identity, version counter and memory of each tensor: equal while none of them was
     replaced, modified in place (through autograd-visible ops) or given new storage."""
-    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    return tuple([(id(t), t._version, t.data_ptr()) for t in tensors])
 
 
 def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],

@@ -198,8 +198,11 @@ class TensorialConv2d(nn.Module):
         return self._steps(x, plan)
 
     def _params(self) -> list[torch.Tensor]:
-        params = list(self.factors._parameters.values())
-        return params if self.bias is None else params + [self.bias]
+        # the dicts behind self.factors and self.bias, read directly: this runs on every
+        # call, and Module.__getattr__ costs more than the rest of the check
+        params = list(self._modules["factors"]._parameters.values())
+        bias = self._parameters.get("bias")
+        return params if bias is None else params + [bias]
 
     def _sig(self) -> tuple:
         """The parameters' signature: the bound fused kernels hold their prepared forms,
