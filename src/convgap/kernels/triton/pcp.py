@@ -254,16 +254,22 @@ def _geometry(x: torch.Tensor, kh: int, kw: int, o: int, stride, padding,
     return (n, o, oh, ow), fmt, (n * oh * ow, h, w, oh, ow, o), (sh, sw, ph, pw, dh, dw)
 
 
-def _first(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The first 1x1 conv as one matrix product: (N, R, H, W) in x's layout (NHWC for
+def _first(x: torch.Tensor, a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The first 1x1 conv for inputs of ``x``'s shape and layout, as one matrix product
+    (torch.mm, or torch.bmm over images for NCHW batches: torch.matmul's broadcasting
+    costs more host time than the product's launch): (N, R, H, W) in x's layout (NHWC for
     channels-innermost inputs; NCHW otherwise)."""
     n, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1)
-    if rows.is_contiguous():
-        return torch.matmul(rows.reshape(-1, c), a).view(n, h, w, -1).permute(0, 3, 1, 2)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return torch.matmul(a.t(), x.view(n, c, h * w)).view(n, -1, h, w)
+    if x.permute(0, 2, 3, 1).is_contiguous():
+        def first(x):
+            return torch.mm(x.permute(0, 2, 3, 1).reshape(-1, c), a).view(
+                n, h, w, -1).permute(0, 3, 1, 2)
+        return first
+    at = a.t()
+    if n == 1:
+        return lambda x: torch.mm(at, x.contiguous().view(c, h * w)).view(1, -1, h, w)
+    at = at.expand(n, -1, -1)
+    return lambda x: torch.bmm(at, x.contiguous().view(n, c, h * w)).view(n, -1, h, w)
 
 
 def bind(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
@@ -304,9 +310,22 @@ def bind(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
         def grid(meta_):
             return triton.cdiv(m, meta_["BLOCK_P"]), triton.cdiv(o, meta_["BLOCK_O"])
     device = x.device
+    first = _first(x, a_)
+    tuned: dict = {}  # precision -> the autotuner's choice for this problem, as kwargs
+
+    def launch(args: tuple, precision) -> None:
+        kw = tuned.get(precision)
+        if kw is not None:  # the tuned config straight to the jitted kernel: the
+            # autotuner's per-call key building costs more host time than the launch
+            kernel.fn[grid](*args, PRECISION=precision, **meta, **kw)
+            return
+        kernel[grid](*args, PRECISION=precision, **meta)
+        best = getattr(kernel, "best_config", None)  # set by triton.autotune's run
+        if best is not None and hasattr(kernel, "fn") and best.pre_hook is None:
+            tuned[precision] = best.all_kwargs()
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        t = _first(x, a_)
+        t = first(x)
         y = torch.empty(shape, device=device, dtype=x.dtype, memory_format=fmt)
         # fp32: exact IEEE products unless torch allows TF32 in matrix products (None:
         # triton's default, for half precision)
@@ -316,8 +335,8 @@ def bind(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                 *geometry)
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                kernel[grid](*args, PRECISION=precision, **meta)
+                launch(args, precision)
         else:
-            kernel[grid](*args, PRECISION=precision, **meta)
+            launch(args, precision)
         return y
     return call
