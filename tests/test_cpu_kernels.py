@@ -571,3 +571,59 @@ def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(mo
     assert layer.kernel_for(torch.randn(1, 12, 5, 5)) is None  # not measured yet
     layer.fuse = False
     assert layer.kernel_for(torch.randn(1, 12, 5, 5)) == "ops"
+
+
+def test_band_rows_follow_pixels_and_scratch_budget():
+    """Bands of about BAND_PIXELS output pixels in whole rows, fewer where the band's
+    intermediates would pass BAND_FLOATS, never fewer than 96 pixels' worth (one row at
+    least) nor more rows than the output has."""
+    assert planar.band_rows(28, 28, 224) == 28  # a whole 28x28 image (under the cap)
+    assert planar.band_rows(56, 56, 64) == round(planar.BAND_PIXELS / 56)
+    wide = planar.BAND_FLOATS // 2000  # 2000 floats per pixel: the budget binds
+    assert planar.band_rows(200, 10, 2000) == round(wide / 10)
+    assert planar.band_rows(200, 10, 10**9) == round(96 / 10)  # the floor
+    assert planar.band_rows(3, 500, 1) == 3 and planar.band_rows(50, 5000, 1) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_planar_kernel_across_many_bands(monkeypatch, channels_last, threads):
+    """Short bands (two output rows each) make every thread slide its window of the first
+    intermediate down the image many times, keeping the halo rows: depthwise, k x k
+    (strided, dilated) and k x 1 then 1 x k with ring groups, all against float64."""
+    monkeypatch.setattr(planar, "BAND_PIXELS", 24)
+    monkeypatch.setattr(planar, "BAND_FLOATS", 10**9)
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 17, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
+    k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
+    a3, k1, k2, b3 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), \
+        torch.randn(9, 10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y1 = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
+            y2 = pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, kernel="planar")
+            y3 = pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
+                                              padding2=1, groups=2, kernel="planar")
+    finally:
+        torch.set_num_threads(before)
+    assert conditioned_error(y1, x, a, d, b, bias, 1, 1, 1) < 1e-5
+    xd = x.double()
+    u = F.conv2d(xd, a.double().t()[..., None, None])
+    ref2 = F.conv2d(F.conv2d(u, k.double(), None, (2, 1), 2, 2), bk.double()[..., None, None],
+                    bias.double())
+    u = F.conv2d(xd, a3.double().t()[..., None, None])
+    u = F.conv2d(u, k1.double().repeat(2, 1, 1, 1), padding=(1, 0), groups=2)
+    u = F.conv2d(u, k2.double().repeat(2, 1, 1, 1), padding=(0, 1), groups=2)
+    ref3 = F.conv2d(u, b3.double()[..., None, None])
+    for y, ref in ((y2, ref2), (y3, ref3)):
+        assert y.shape == ref.shape
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for y in (y1, y2, y3):
+        assert y.is_contiguous(memory_format=fmt)

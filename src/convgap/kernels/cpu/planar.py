@@ -25,12 +25,24 @@ import torch
 from ...einsum.evaluate import channels_innermost
 from .common import Kernel, bound_call, pack, padded
 
-__all__ = ["available", "supports", "pointwise_weights", "bind", "BAND_PIXELS"]
+__all__ = ["available", "supports", "pointwise_weights", "bind", "band_rows", "BAND_PIXELS",
+           "BAND_FLOATS"]
 
-# output pixels per band: each band streams every weight once, and here pixels are the
-# vector dimension, so longer bands pay (128@28 at batch 8: 0.59 ms at 96, 0.53 at 384;
-# the channels-innermost kernels' 96 is as fast as 192 there)
-BAND_PIXELS = 384
+# output pixels per band: each band streams every weight once and pays its window's halo,
+# and here pixels are the vector dimension, so longer bands pay off (at batch 8, fused 10x
+# layers on 128@28 ran 5% faster with whole 784-pixel images than with 384-pixel bands, and
+# on 64@56 8-10% faster with 1568 than with 784, though their intermediates then outgrow
+# the 1 MB L2); up to BAND_PIXELS, fewer where the band's intermediates would pass
+# BAND_FLOATS (wide ranks on large maps)
+BAND_PIXELS = 1568
+BAND_FLOATS = 384 * 1024  # 1.5 MB of intermediates per thread
+
+
+def band_rows(oh: int, ow: int, floats_per_pixel: int) -> int:
+    """Output rows per band: about BAND_PIXELS pixels (at least 96, and no more than
+    BAND_FLOATS of intermediates at ``floats_per_pixel``), whole rows, at most ``oh``."""
+    pixels = min(BAND_PIXELS, max(96, BAND_FLOATS // max(1, floats_per_pixel)))
+    return max(1, min(oh, round(pixels / ow)))
 
 
 KERNEL = Kernel("planar", "planar_forward", 9)
@@ -78,8 +90,10 @@ def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, sto
     ints = store.get(key)
     if ints is None:
         *head, z, depthwise = geometry
-        ow = head[-1]
-        band = max(1, min(head[-2], round(BAND_PIXELS / ow)))
+        r1, r2, r3, kw2 = head[4], head[5], head[6], head[14]
+        # t1, the window and the band's last two buffers, (v1 with a second filter)
+        per_pixel = z * (2 * r1 + (r2 if kw2 else 0) + 2 * r3)
+        band = band_rows(head[-2], head[-1], per_pixel)
         ints = store[key] = (ctypes.c_int * 24)(*head, band, z, depthwise, int(nhwc))
     per = lib.scratch_floats(ints)
     pointers = tuple(None if t is None else t.data_ptr() for t in weights)
