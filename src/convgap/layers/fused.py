@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import timing
-from ..einsum.evaluate import channels_innermost, reuse
+from ..einsum.evaluate import reuse
 from ..kernels import triton as gpu
 from ..kernels.cpu import pcp, pdp, planar
 from ..kernels.triton import pcp as gpu_pcp
@@ -90,8 +90,7 @@ def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
     """True if the channel-major kernel (:mod:`convgap.kernels.cpu.planar`) can run a fused
     family's layer on ``x``: a dense NCHW or channels_last input and width stride 1 (TT's
     and TR's first filter already runs along columns only)."""
-    return (x.is_contiguous() or channels_innermost(x)) and stride[1] == 1 and \
-        planar.available()
+    return planar.supports(x, stride, (), (0, 0), None)
 
 
 def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],

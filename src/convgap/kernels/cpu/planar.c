@@ -36,6 +36,7 @@ enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, 
 typedef struct {
     int w1;         /* width after the first convolution */
     int pl, wp;     /* interior column offset and padded width of the window (and of v1) */
+    int ld1;        /* G_NHWC: floats per pixel row of t1 (Z R1 rounded up to 16) */
     int rows1;      /* rows of the window */
     long pu, pv;    /* plane strides of the window and of the band buffers v1, v2 */
     long t1, u, v1, v2, vc;  /* floats of each buffer */
@@ -59,7 +60,8 @@ static Sizes sizes(const int *g)
     const long z = g[G_Z];
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
-    s.t1 = g[G_NHWC] ? (long)s.rows1 * W * ((z * g[G_R1] + 15) / 16 * 16)  /* pixel rows */
+    s.ld1 = (int)((z * g[G_R1] + 15) / 16 * 16);
+    s.t1 = g[G_NHWC] ? (long)s.rows1 * W * s.ld1  /* pixel rows */
                      : z * g[G_R1] * ((long)s.rows1 * W + SLACK);
     s.u = z * g[G_R1] * s.pu;
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
@@ -125,7 +127,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];
     const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
-    const int nhwc = g[G_NHWC], ld1 = (ZR1 + 15) / 16 * 16;  /* ld1: t1's rows (NHWC) */
+    const int nhwc = g[G_NHWC], ld1 = s.ld1;
     const int taps1 = g[G_KH1] * g[G_KW1];
     const long per = scratch_floats(g), wp = s.wp;
     const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
