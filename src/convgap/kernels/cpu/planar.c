@@ -162,7 +162,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             else if (r1 > r0)  /* t1: ZR1 planes */
                 gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
                             x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
-                            x + (long)N * C * H * W);
+                            x + (long)N * C * H * W, PF_X);
             for (int ip = uhi; ip < hi; ip++) {
                 int ih = ip - ph1;
                 for (int ch = 0; ch < ZR1; ch++) {
@@ -190,12 +190,12 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                 else
                     for (int z = 0; z < Z; z++)
                         gemm_planar(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu, s.pu,
-                                    0, o1 + z * (kw2 ? R2 : R3) * s.pv, s.pv, 0);
+                                    0, o1 + z * (kw2 ? R2 : R3) * s.pv, s.pv, 0, 0);
             }
             if (kw2)  /* second convolution, along rows: flat over the band */
                 for (int z = 0; z < Z; z++)
                     gemm_planar(R3, th * (int)wp, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv,
-                                s.pv, 0, v2 + z * R3 * s.pv, s.pv, 0);
+                                s.pv, 0, v2 + z * R3 * s.pv, s.pv, 0, 0);
             /* compact the band (drop the padding columns), then the last 1x1 conv */
             for (int ch = 0; ch < Z * R3; ch++)
                 for (int r = 0; r < th; r++)
@@ -206,7 +206,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                             y + ((long)n * OH + oh) * OW * O, O);
             else
                 gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
-                            y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0);
+                            y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0, PF_C);
         }
     }
 }
