@@ -627,3 +627,26 @@ def test_planar_kernel_across_many_bands(monkeypatch, channels_last, threads):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for y in (y1, y2, y3):
         assert y.is_contiguous(memory_format=fmt)
+
+
+@needs_kernel
+@pytest.mark.parametrize("c", [600, 37])
+def test_planar_channels_last_transposes_in_blocks(c):
+    """On channels_last inputs the planar kernel's first 1x1 conv writes pixel rows, which
+    are transposed into the window's channel planes in 16 x 16 blocks: 20 intermediate
+    channels (a block and a tail of 4) on rows of 19 pixels (a block and a tail of 3), from
+    600 or 37 input channels. Both fused shapes, against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, c, 9, 19).contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(c, 20), torch.randn(20, 3, 3), torch.randn(7, 20), \
+        torch.randn(7)
+    k, bk = torch.randn(5, 20, 3, 3), torch.randn(7, 5)
+    with torch.no_grad():
+        y1 = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
+        y2 = pcp.pointwise_conv_pointwise(x, a, k, bk, None, 1, 1, 1, kernel="planar")
+    assert conditioned_error(y1, x, a, d, b, bias, 1, 1, 1) < 1e-5
+    ref = pcp_reference(x, a, k, bk, None, 1, 1, 1, None, None)
+    mag = pcp_reference(x.abs(), a.abs(), k.abs(), bk.abs(), None, 1, 1, 1, None, None)
+    assert ((y2.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
+    for y in (y1, y2):
+        assert y.is_contiguous(memory_format=torch.channels_last)
