@@ -113,10 +113,32 @@ void pack_b(const float *B, int taps, int K, int N, long st, long sk, long sn, f
     }
 }
 
-/* C (M x N) = sum_t A_t @ B_t (+ bias, padded to 16; NULL: none); see the top. */
+/* ``stream`` arguments: the operands in main memory rather than cache, for the GEMMs to
+ * prefetch ahead of use (the layer's input and output maps, read or written in place; the
+ * kernels' intermediates stay in cache): PF_X the map operand (gemm_planar's X, the others'
+ * A), PF_C the result (with write intent), both, or 0. The packed orientations prefetch
+ * the rows PF_AHEAD row blocks ahead, past M too where the caller's next rows follow in
+ * memory (prefetches never fault). */
+enum { PF_X = 1, PF_C = 2 };
+#define PF_AHEAD 4
+
+/* rows [r0, r0 + rows) of a row-major operand, ``floats`` from ``col`` in each */
+static inline void prefetch_rows(const float *base, long ld, long r0, int rows, int col,
+                                 int floats, int write)
+{
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < floats; c += 16) {
+            const char *p = (const char *)(base + (r0 + i) * ld + col + c);
+            if (write) _mm_prefetch(p, _MM_HINT_ET0);
+            else _mm_prefetch(p, _MM_HINT_T0);
+        }
+}
+
+/* C (M x N) = sum_t A_t @ B_t (+ bias, padded to 16; NULL: none); see the top. ``stream``:
+ * see PF_X (with PF_X, taps must be 1). */
 __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
         const long *offs, const float *A, long lda, const float *Bp, const float *bias,
-        float *C, long ldc)
+        float *C, long ldc, int stream)
 {
     long offp[taps];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
@@ -126,6 +148,10 @@ __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
         const float *P = Bp + (long)n0 * K * taps, *bb = bias ? bias + n0 : 0;
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
+            if (stream & PF_X && n0 == 0)  /* A's rows: read by the first panel's pass */
+                prefetch_rows(A, lda, m0 + PF_AHEAD * mr_max, mr_max, 0, K, 0);
+            if (stream & PF_C)
+                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, 1);
             UKRS[mr - 1][nv - 1](K, taps, offs, offp, A + m0 * lda, lda, P, nv * 16,
                                  C + m0 * ldc + n0, ldc, bb, tail_mask(nw));
         }
@@ -138,15 +164,11 @@ __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
  * are the vector dimension, weights are broadcast. A block ending mid-vector reads whole
  * vectors past pixel Npix (their lanes are dropped) unless that would pass ``end`` (the
  * end of X's memory; NULL: X has slack), where it masks its last vector's loads.
- * ``stream`` (PF_X, PF_C, both or 0) names the operands in main memory rather than cache
- * (an NCHW map read or written in place): while one block of pixels runs, the next
- * block's lines of them are prefetched, X's rows spread over the row blocks, C's rows
- * with write intent. K planes (or M of C) are K separate streams, more than the hardware
- * prefetchers follow: without this, right after a dense conv (the maps no longer in
- * cache), a 10x tensor-ring layer at 128@28, batch 8, took 680 us instead of 476 (its
- * last 1x1 conv 1.5x slower, its first 1.2x). */
-enum { PF_X = 1, PF_C = 2 };
-
+ * ``stream``: see PF_X. While one block of pixels runs, the next block's lines are
+ * prefetched, X's rows spread over the row blocks. K planes (or M of C) are K separate
+ * streams, more than the hardware prefetchers follow: without this, right after a dense
+ * conv (the maps no longer in cache), a 10x tensor-ring layer at 128@28, batch 8, took
+ * 680 us instead of 476 (its last 1x1 conv 1.5x slower, its first 1.2x). */
 __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps,
         const long *offp, const float *Wt, const float *X, long ldx, const float *bias,
         float *C, long ldc, const float *end, int stream)
@@ -179,9 +201,10 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
 }
 
 /* C (M x N) = A (M x K, k-major: element (i, k) at A[k * lda + i]) @ packed B (+ bias): a 1x1
- * convolution reading an NCHW map in place (rows: pixels of one plane, lda: plane size) */
+ * convolution reading an NCHW map in place (rows: pixels of one plane, lda: plane size).
+ * ``stream``: see PF_X. */
 __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float *A,
-        long lda, const float *Bp, const float *bias, float *C, long ldc)
+        long lda, const float *Bp, const float *bias, float *C, long ldc, int stream)
 {
     long offp[1];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
@@ -191,6 +214,10 @@ __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float
         const float *P = Bp + (long)n0 * K;
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
+            if (stream & PF_X && n0 == 0)  /* the K planes' line holding pixel m0 + ahead */
+                prefetch_rows(A, lda, 0, K, m0 + PF_AHEAD * mr_max, 1, 0);
+            if (stream & PF_C)
+                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, 1);
             UKRT[mr - 1][nv - 1](K, 1, NO_OFFSET, offp, A + m0, lda, P, nv * 16,
                                  C + m0 * ldc + n0, ldc, bias ? bias + n0 : 0, tail_mask(nw));
         }
@@ -210,10 +237,10 @@ __attribute__((unused)) static void store_planes(int M, int O, const float *T, l
     }
 }
 
-/* C (M x N) = A (M x K) @ packed B (+ bias) */
+/* C (M x N) = A (M x K) @ packed B (+ bias); ``stream``: see PF_X */
 __attribute__((unused)) static void gemm(int M, int N, int K, const float *A, long lda,
-        const float *Bp, const float *bias, float *C, long ldc)
+        const float *Bp, const float *bias, float *C, long ldc, int stream)
 {
-    gemm_taps(M, N, K, 1, NO_OFFSET, A, lda, Bp, bias, C, ldc);
+    gemm_taps(M, N, K, 1, NO_OFFSET, A, lda, Bp, bias, C, ldc, stream);
 }
 #endif

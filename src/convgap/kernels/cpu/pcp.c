@@ -111,10 +111,10 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 int ih = ip - ph1;
                 if (ih >= 0 && ih < H && nchw)
                     gemm_kmajor(W, Z * g[G_R1], C, x + ((long)n * C * H + ih) * W, (long)H * W,
-                                Ap, 0, row + (long)pw1 * s.r1p, s.r1p);
+                                Ap, 0, row + (long)pw1 * s.r1p, s.r1p, PF_X);
                 else if (ih >= 0 && ih < H)
                     gemm(W, Z * g[G_R1], C, x + ((long)n * H + ih) * W * C, C, Ap, 0,
-                         row + (long)pw1 * s.r1p, s.r1p);
+                         row + (long)pw1 * s.r1p, s.r1p, PF_X);
                 else
                     memset(row, 0, sizeof(float) * row1);
             }
@@ -123,18 +123,18 @@ void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * row1;
                 float *dst = kw2 ? v1 + ((long)r * s.wp2 + g[G_PW2]) * s.r2p
                                  : v2 + (long)r * OW * s.r3p;
-                gemm_taps(s.w1 * Z, g[G_R2], g[G_R1], taps1, offs1, a, lda1, K1p, 0, dst, ldc1);
+                gemm_taps(s.w1 * Z, g[G_R2], g[G_R1], taps1, offs1, a, lda1, K1p, 0, dst, ldc1, 0);
             }
             for (int r = 0; kw2 && r < th; r++)  /* second convolution, along rows */
                 gemm_taps(OW * Z, g[G_R3], g[G_R2], kw2, offs2, v1 + (long)r * s.wp2 * s.r2p,
-                          lda2, K2p, 0, v2 + (long)r * OW * s.r3p, ldc2);
+                          lda2, K2p, 0, v2 + (long)r * OW * s.r3p, ldc2, 0);
             if (nchw) {  /* the band in NHWC, then into the output's planes */
-                gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, tile, O);
+                gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias, tile, O, 0);
                 store_planes(th * OW, O, tile, O, y + ((long)n * O * OH + oh) * OW,
                              (long)OH * OW);
             } else
                 gemm(th * OW, O, Z * g[G_R3], v2, s.r3p, Bp, bias,
-                     y + ((long)n * OH + oh) * OW * O, O);
+                     y + ((long)n * OH + oh) * OW * O, O, PF_C);
         }
     }
 }

@@ -148,10 +148,10 @@ void pdp_forward(const int *g, const float *x, const float *Ap, const float *bia
             const int ulo = wk.lo, uhi = wk.hi;
             if (hi > uhi && nchw)
                 gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
-                            Ap, bias1, u + (long)(uhi - ulo) * W * Rp, Rp);
+                            Ap, bias1, u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
             else if (hi > uhi)
                 gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, bias1,
-                     u + (long)(uhi - ulo) * W * Rp, Rp);
+                     u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
             if (hi > uhi) wk.hi = hi;
             depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
             float *yb = nchw ? y + ((long)n * O * OH + oh) * OW : y + ((long)n * OH + oh) * OW * O;
@@ -165,10 +165,10 @@ void pdp_forward(const int *g, const float *x, const float *Ap, const float *bia
                     }
                 if (nchw) store_planes(th * OW, O, v, Rp, yb, (long)OH * OW);
             } else if (nchw) {  /* the band in NHWC, then into the output's planes */
-                gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O);
+                gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O, 0);
                 store_planes(th * OW, O, tile, O, yb, (long)OH * OW);
             } else
-                gemm(th * OW, O, R, v, Rp, Bp, bias, yb, O);
+                gemm(th * OW, O, R, v, Rp, Bp, bias, yb, O, PF_C);
         }
     }
 }

@@ -193,7 +193,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             if (r1 > H) r1 = H;
             if (r1 > r0 && nhwc)  /* t1: pixel rows of ld1 floats */
                 gemm((r1 - r0) * W, ZR1, C, x + ((long)n * H + r0) * W * C, C, At, 0, t1,
-                     ld1);
+                     ld1, PF_X);
             else if (r1 > r0)  /* t1: ZR1 planes */
                 gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
                             x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
@@ -243,7 +243,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                            sizeof(float) * OW);
             if (nhwc)  /* the band's pixels are consecutive output rows */
                 gemm_kmajor(th * OW, O, Z * R3, vc, ldvc, Bt, bias,
-                            y + ((long)n * OH + oh) * OW * O, O);
+                            y + ((long)n * OH + oh) * OW * O, O, PF_C);
             else
                 gemm_planar(O, th * OW, Z * R3, 1, NO_OFFSET, Bt, vc, ldvc, bias,
                             y + ((long)n * O * OH + oh) * OW, (long)OH * OW, 0, PF_C);
