@@ -76,13 +76,17 @@ def padded(bias: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def scratch(store: dict, floats: int) -> torch.Tensor:
+def scratch(store: dict, floats: int, owner=None) -> torch.Tensor:
     """A float buffer of at least ``floats``, kept in ``store`` across calls, one per
-    calling thread (two threads running one layer at once must not share it)."""
-    key = ("scratch", threading.get_ident())
+    calling thread (two threads running one layer at once must not share it). With an
+    ``owner`` (a hashable naming one kernel and geometry) the buffer is that owner's alone
+    and zero-filled when new, so zeros the kernel never overwrites stay zero across calls
+    (the planar kernel's window padding)."""
+    key = ("scratch", owner, threading.get_ident())
     buf = store.get(key)
     if buf is None or buf.numel() < floats:
-        buf = store[key] = torch.empty(floats, dtype=torch.float32)
+        buf = store[key] = torch.empty(floats, dtype=torch.float32) if owner is None \
+            else torch.zeros(floats, dtype=torch.float32)
     return buf
 
 
@@ -125,17 +129,17 @@ def kernel_choice(kernel: str, planar_ok: bool, nchw: bool) -> bool:
 
 
 def bound_call(forward, ints, pointers: tuple, per: int, out_shape: tuple, nhwc: bool,
-               store: dict, holds) -> Callable[[torch.Tensor], torch.Tensor]:
+               store: dict, holds, owner=None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function a kernel's ``bind`` returns: ``forward(ints, x, *pointers, y, scratch,
     threads)`` on an input ``x`` (read in place: NHWC memory if ``nhwc``, else NCHW,
     contiguous or copied once), into a new result of ``out_shape`` in the same layout,
-    with ``per`` floats of scratch per thread. It keeps ``holds`` (what ``pointers`` point
-    into) alive."""
+    with ``per`` floats of scratch per thread (the ``owner``'s: see :func:`scratch`). It
+    keeps ``holds`` (what ``pointers`` point into) alive."""
     strides = output_strides(out_shape, nhwc)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
-        buf = scratch(store, threads * per)
+        buf = scratch(store, threads * per, owner)
         # empty_strided: 0.5 us less per call than empty with a memory_format
         y = torch.empty_strided(out_shape, strides, dtype=torch.float32)
         xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call

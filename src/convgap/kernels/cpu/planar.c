@@ -164,7 +164,10 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
 
 /* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
  * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
- * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats.
+ * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats, zeros
+ * when new, and used by this geometry alone: the zero padding of the window's rows is never
+ * written (rows are filled between their padding columns and moved whole), so it is
+ * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
  * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
  * weight, Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
@@ -191,7 +194,6 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *t1 = scratch + per * t, *u = t1 + s.t1, *v1 = u + s.u, *v2 = v1 + s.v1;
         float *vc = v2 + s.v2;
-        memset(u, 0, sizeof(float) * s.u);  /* the zero padding */
         Walk wk = walk_start(total, t, nt);
         int n, oh, th;
         while (next_band(&wk, OH, TH, &n, &oh, &th)) {
