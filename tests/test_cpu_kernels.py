@@ -650,3 +650,77 @@ def test_planar_channels_last_transposes_in_blocks(c):
     assert ((y2.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
     for y in (y1, y2):
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("band", [24, 10**6])
+def test_planar_winograd_matches_the_direct_convolution(monkeypatch, channels_last, threads,
+                                                        band):
+    """A 3x3 filter with strides and dilations of 1 runs as Winograd F(2x2, 3x3) in the
+    planar kernel: against float64 and against the kernel's own direct convolution, on
+    odd and even rows and columns (tiles half past the image), paddings 0-2, one-row maps,
+    short bands (odd rows per band, bands sliding down the image) and whole ones, and rows
+    wider than a plane's slack (a half tile past an odd band must not be written)."""
+    monkeypatch.setattr(planar, "BAND_PIXELS", band)
+    monkeypatch.setattr(planar, "BAND_FLOATS", 10**9)
+    monkeypatch.setattr(planar, "WINOGRAD_MIN_CHANNELS", 1)
+    geometry_runs = []  # whether each bind ran Winograd
+    real = planar.bind
+    monkeypatch.setattr(planar, "bind", lambda *b_: geometry_runs.append(
+        planar.winograd_applies(b_[2])) or real(*b_))
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, c, h, w, r1, r2, o, pad in [(2, 16, 9, 11, 5, 7, 6, 1), (1, 8, 6, 5, 16, 3, 4, 0),
+                                           (3, 10, 7, 13, 20, 17, 9, 2), (1, 4, 1, 1, 3, 3, 2, 1),
+                                           (2, 6, 12, 34, 33, 18, 5, 1),
+                                           (1, 4, 5, 90, 3, 4, 3, 1)]:  # rows past slack
+            x = torch.randn(n, c, h, w)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            a, k, b, bias = torch.randn(c, r1), torch.randn(r2, r1, 3, 3), torch.randn(o, r2), \
+                torch.randn(o)
+            args = (x, a, k, b, bias, 1, pad, 1)
+            geometry_runs.clear()
+            with torch.no_grad():
+                y = pcp.pointwise_conv_pointwise(*args, kernel="planar")
+                monkeypatch.setattr(planar, "WINOGRAD", False)
+                direct = pcp.pointwise_conv_pointwise(*args, kernel="planar")
+                monkeypatch.setattr(planar, "WINOGRAD", True)
+            assert geometry_runs == [True, False]
+            ref = pcp_reference(x, a, k, b, bias, 1, pad, 1, None, None)
+            mag = pcp_reference(x.abs(), a.abs(), k.abs(), b.abs(), bias.abs(), 1, pad, 1, None,
+                                None)
+            assert y.shape == ref.shape
+            assert ((y.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
+            assert torch.allclose(y, direct, rtol=1e-4, atol=1e-4 * direct.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_winograd_applies_only_to_plain_3x3_filters():
+    """Winograd F(2x2, 3x3) takes one 3x3 filter with strides and dilations of 1 between
+    enough channels: not a depthwise one, not ring groups, not a second filter, not 5x5,
+    not strided or dilated, not fewer than WINOGRAD_MIN_CHANNELS channels in or out."""
+    # (n, h, w, c, r1, r2, r3, kh, kw, sh, ph, pw, dh, dw, kw2, pw2, dw2, o, oh, ow), z, dw
+    r = planar.WINOGRAD_MIN_CHANNELS
+    head = [1, 8, 8, 4, r, r, r, 3, 3, 1, 1, 1, 1, 1, 0, 0, 1, 5, 8, 8]
+
+    def geometry(z=1, depthwise=0, **changes):
+        g = list(head)
+        for i, v in changes.items():
+            g[int(i[1:])] = v
+        return (*g, z, depthwise)
+    assert planar.winograd_applies(geometry())
+    assert not planar.winograd_applies(geometry(depthwise=1))
+    assert not planar.winograd_applies(geometry(z=2))
+    assert not planar.winograd_applies(geometry(g14=3))  # a second filter
+    assert not planar.winograd_applies(geometry(g7=5, g8=5))
+    assert not planar.winograd_applies(geometry(g9=2))  # strided
+    assert not planar.winograd_applies(geometry(g12=2))  # dilated
+    assert not planar.winograd_applies(geometry(g13=2))
+    assert not planar.winograd_applies(geometry(g4=r - 1))  # too few channels in
+    assert not planar.winograd_applies(geometry(g5=r - 1))  # or out

@@ -7,7 +7,10 @@ family   kernel                                 operands from the factors
 =======  =====================================  ==============================================
 cp       pointwise -> depthwise -> pointwise    sr; rh x rw (one k_h x k_w filter per rank,
                                                 kept while the factors are unchanged); or
-tucker   pointwise -> conv -> pointwise         sk; the core akhw as a conv weight; oa
+tucker   pointwise -> conv -> pointwise         sk; the core akhw as a conv weight (a 3x3
+                                                core of 20+ channels with stride 1 as
+                                                Winograd F(2x2, 3x3) on the channel-major
+                                                kernel); oa
 tt       pointwise -> conv -> conv -> pointwise sa; ahc as a k_h x 1 conv; cwd as a 1 x k_w
                                                 conv (stride, padding, dilation split by
                                                 axis); do

@@ -119,11 +119,12 @@ def _prepare(lib, a, k1, k2, b, bias) -> tuple:
             pack(lib, b.t()), padded(bias))
 
 
-def _planar_weights(a, k1, k2, b, bias, nhwc: bool = False) -> tuple:
+def _planar_weights(a, k1, k2, b, bias, nhwc: bool = False, winograd: bool = False) -> tuple:
     def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_out, R_in)
         return k.detach().permute(2, 3, 0, 1).reshape(-1, k.shape[0], k.shape[1]).contiguous()
     first, last, bias_ = planar.pointwise_weights(a, b, bias, nhwc)
-    return first, taps(k1), None if k2 is None else taps(k2), last, bias_
+    middle = planar.winograd_weights(k1) if winograd else taps(k1)
+    return first, middle, None if k2 is None else taps(k2), last, bias_
 
 
 def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
@@ -155,9 +156,11 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     if use_planar:
         g = list(ints)
         head = g[:10] + g[11:15] + [g[15], g[17], g[18]] + g[19:22]  # no width strides
-        return planar.bind(x, reuse(store, ("planar_weights", nhwc), weights,
-                                    lambda: _planar_weights(a, k1, k2, b, bias, nhwc)),
-                           (*head, groups, 0), out_shape, store)
+        geometry = (*head, groups, 0)
+        wino = planar.winograd_applies(geometry)
+        return planar.bind(x, reuse(store, ("planar_weights", nhwc, wino), weights,
+                                    lambda: _planar_weights(a, k1, k2, b, bias, nhwc, wino)),
+                           geometry, out_shape, store)
     prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
     pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
     return bound_call(lib.pcp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)

@@ -19,7 +19,9 @@
  * channels_last tensor) while the intermediates stay channel-major: the first 1x1 conv runs
  * in the packed orientation (pixels as rows) and its rows are transposed into the window's
  * planes (16 x 16 blocks through registers), and the last reads the band's planes as a
- * k-major operand (gemm_kmajor), writing pixel rows of the output. */
+ * k-major operand (gemm_kmajor), writing pixel rows of the output. G_WINO: the first
+ * convolution (3 x 3, stride and dilation 1, no second one) runs as Winograd F(2x2, 3x3),
+ * chunks of tile rows at a time (see wino_input). */
 #include <string.h>
 #include <omp.h>
 
@@ -28,10 +30,11 @@
 
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
        G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_NHWC,
-       G_COUNT };
+       G_WINO, G_COUNT };
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
+#define WINO_TILES 64  /* G_WINO: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
 
 typedef struct {
     int w1;         /* width after the first convolution */
@@ -39,7 +42,9 @@ typedef struct {
     int ld1;        /* G_NHWC: floats per pixel row of t1 (Z R1 rounded up to 16) */
     int rows1;      /* rows of the window */
     long pu, pv;    /* plane strides of the window and of the band buffers v1, v2 */
-    long t1, u, v1, v2, vc;  /* floats of each buffer */
+    int tc, trc;    /* G_WINO: 2 x 2 tiles per row of the output, tile rows per chunk */
+    long ldw;       /* G_WINO: floats per channel of a chunk's transformed tiles */
+    long t1, u, v1, v2, vc, wv, wm;  /* floats of each buffer */
 } Sizes;
 
 static Sizes sizes(const int *g)
@@ -56,7 +61,8 @@ static Sizes sizes(const int *g)
         s.pl = g[G_PW1];
         s.wp = s.pl + W + (right > 0 ? right : 0);
     }
-    s.rows1 = (TH - 1) * g[G_SH1] + (g[G_KH1] - 1) * g[G_DH1] + 1;
+    /* (Winograd: one more row, read by a last tile row that is half past the band) */
+    s.rows1 = (TH - 1) * g[G_SH1] + (g[G_KH1] - 1) * g[G_DH1] + 1 + (g[G_WINO] ? 1 : 0);
     const long z = g[G_Z];
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
@@ -67,6 +73,13 @@ static Sizes sizes(const int *g)
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
     s.v2 = z * g[G_R3] * s.pv;
     s.vc = z * g[G_R3] * ((long)TH * g[G_OW] + SLACK);
+    /* Winograd chunks: about WINO_TILES tiles, whole tile rows, at most the band's */
+    s.tc = (g[G_OW] + 1) / 2;
+    const int trc = (WINO_TILES + s.tc / 2) / s.tc, tr_max = (TH + 1) / 2;
+    s.trc = trc < 1 ? 1 : trc > tr_max ? tr_max : trc;
+    s.ldw = ((long)s.trc * s.tc + 15) / 16 * 16;
+    s.wv = g[G_WINO] ? 16L * g[G_R1] * s.ldw : 0;
+    s.wm = g[G_WINO] ? 16L * g[G_R2] * s.ldw + 16 : 0;  /* (16: reads past the last row) */
     return s;
 }
 
@@ -74,7 +87,7 @@ static Sizes sizes(const int *g)
 long scratch_floats(const int *g)
 {
     Sizes s = sizes(g);
-    return s.t1 + s.u + s.v1 + s.v2 + s.vc + 64;
+    return s.t1 + s.u + s.v1 + s.v2 + s.vc + s.wv + s.wm + 64;
 }
 
 /* d[0, n) <- s[0, n): the short rows the kernel moves between its buffers (an image row,
@@ -162,9 +175,103 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
     }
 }
 
+/* Winograd F(2 x 2, 3 x 3) for a 3 x 3 convolution with stride and dilation 1 (G_WINO):
+ * each 2 x 2 block of outputs from its 4 x 4 block of inputs as Y = A^T [U . V] A, with
+ * V = B^T d B per input channel and U = G g G^T per filter (prepared by the caller), so the
+ * 9 products per output of a channel pair become 16 per 4 outputs (2.25x fewer), in 16
+ * GEMMs over the tiles (pixels in the vectors: 16 tiles, 32 output columns). Tiles are
+ * numbered row by row over a chunk of tile rows; V and M hold 16 planes (xi nu) of R
+ * channels, ldw floats each. */
+static const int EVEN[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+static const int ODD[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+static const int LO[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const int HI[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+static __mmask16 lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* V <- B^T d B for the tiles of trows tile rows, tc per row, whose inputs start at row 0
+ * of u (R1 planes pu apart, rows wp apart) */
+static void wino_input(int R1, const float *u, long pu, long wp, int tc, int trows, float *V,
+                       long ldw)
+{
+    const __m512i ie = _mm512_loadu_si512(EVEN), io = _mm512_loadu_si512(ODD);
+    for (int c = 0; c < R1; c++)
+        for (int i = 0; i < trows; i++)
+            for (int j0 = 0; j0 < tc; j0 += 16) {
+                /* columns 2j .. 2j + 31 (from p) and 2j + 2 .. 2j + 33 of the 4 rows */
+                const float *p = u + c * pu + 2L * i * wp + 2 * j0;
+                __m512 a[4], b[4], a2[4], b2[4];
+                for (int k = 0; k < 4; k++) {
+                    a[k] = _mm512_loadu_ps(p + k * wp);
+                    b[k] = _mm512_loadu_ps(p + k * wp + 16);
+                    a2[k] = _mm512_loadu_ps(p + k * wp + 2);
+                    b2[k] = _mm512_loadu_ps(p + k * wp + 18);
+                }
+                /* B^T down the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3 */
+                __m512 sa[4] = {_mm512_sub_ps(a[0], a[2]), _mm512_add_ps(a[1], a[2]),
+                                _mm512_sub_ps(a[2], a[1]), _mm512_sub_ps(a[1], a[3])};
+                __m512 sb[4] = {_mm512_sub_ps(b[0], b[2]), _mm512_add_ps(b[1], b[2]),
+                                _mm512_sub_ps(b[2], b[1]), _mm512_sub_ps(b[1], b[3])};
+                __m512 sa2[4] = {_mm512_sub_ps(a2[0], a2[2]), _mm512_add_ps(a2[1], a2[2]),
+                                 _mm512_sub_ps(a2[2], a2[1]), _mm512_sub_ps(a2[1], a2[3])};
+                __m512 sb2[4] = {_mm512_sub_ps(b2[0], b2[2]), _mm512_add_ps(b2[1], b2[2]),
+                                 _mm512_sub_ps(b2[2], b2[1]), _mm512_sub_ps(b2[1], b2[3])};
+                const __mmask16 m = lanes(tc - j0);
+                float *v = V + (long)c * ldw + (long)i * tc + j0;
+                for (int k = 0; k < 4; k++) {  /* then across the columns, per tile */
+                    __m512 c0 = _mm512_permutex2var_ps(sa[k], ie, sb[k]);
+                    __m512 c1 = _mm512_permutex2var_ps(sa[k], io, sb[k]);
+                    __m512 c2 = _mm512_permutex2var_ps(sa2[k], ie, sb2[k]);
+                    __m512 c3 = _mm512_permutex2var_ps(sa2[k], io, sb2[k]);
+                    const long pl = (long)R1 * ldw;  /* one (xi nu) plane */
+                    _mm512_mask_storeu_ps(v + (4 * k + 0) * pl, m, _mm512_sub_ps(c0, c2));
+                    _mm512_mask_storeu_ps(v + (4 * k + 1) * pl, m, _mm512_add_ps(c1, c2));
+                    _mm512_mask_storeu_ps(v + (4 * k + 2) * pl, m, _mm512_sub_ps(c2, c1));
+                    _mm512_mask_storeu_ps(v + (4 * k + 3) * pl, m, _mm512_sub_ps(c1, c3));
+                }
+            }
+}
+
+/* out rows (R2 planes pv apart, rows wp apart, rows_left of them from row 0) <- A^T M A for
+ * trows tile rows of tc tiles: output columns 2j, 2j + 1 of tile j, those below OW */
+static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int rows_left,
+                        int OW, float *out, long pv, long wp)
+{
+    const __m512i il = _mm512_loadu_si512(LO), ih = _mm512_loadu_si512(HI);
+    const long pl = (long)R2 * ldw;
+    for (int o = 0; o < R2; o++)
+        for (int i = 0; i < trows; i++)
+            for (int j0 = 0; j0 < tc; j0 += 16) {
+                const float *m = M + (long)o * ldw + (long)i * tc + j0;
+                __m512 q0[4], q1[4];
+                for (int nu = 0; nu < 4; nu++) {  /* A^T down: m0 + m1 + m2, m1 - m2 - m3 */
+                    __m512 m0 = _mm512_loadu_ps(m + nu * pl);
+                    __m512 m1 = _mm512_loadu_ps(m + (4 + nu) * pl);
+                    __m512 m2 = _mm512_loadu_ps(m + (8 + nu) * pl);
+                    __m512 m3 = _mm512_loadu_ps(m + (12 + nu) * pl);
+                    q0[nu] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                    q1[nu] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+                }
+                const int n = OW - 2 * j0;  /* output columns left from 2 j0 */
+                for (int r = 0; r < 2 && 2 * i + r < rows_left; r++) {
+                    const __m512 *q = r ? q1 : q0;  /* then across */
+                    __m512 y0 = _mm512_add_ps(_mm512_add_ps(q[0], q[1]), q[2]);
+                    __m512 y1 = _mm512_sub_ps(_mm512_sub_ps(q[1], q[2]), q[3]);
+                    float *dst = out + o * pv + (2L * i + r) * wp + 2 * j0;
+                    _mm512_mask_storeu_ps(dst, lanes(n), _mm512_permutex2var_ps(y0, il, y1));
+                    _mm512_mask_storeu_ps(dst + 16, lanes(n - 16),
+                                          _mm512_permutex2var_ps(y0, ih, y1));
+                }
+            }
+}
+
 /* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
  * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
- * O floats or NULL; y: (N, O, OH, OW) contiguous; scratch: threads x scratch_floats, zeros
+ * O floats or NULL; y: (N, O, OH, OW) contiguous; G_WINO: K1t is U = G g G^T, 16 x R2 x R1
+ * row-major (xi nu, out, in); scratch: threads x scratch_floats, zeros
  * when new, and used by this geometry alone: the zero padding of the window's rows is never
  * written (rows are filled between their padding columns and moved whole), so it is
  * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
@@ -179,7 +286,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];
     const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
     const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
-    const int nhwc = g[G_NHWC], ld1 = s.ld1;
+    const int nhwc = g[G_NHWC], ld1 = s.ld1, wino = g[G_WINO];
     const int taps1 = g[G_KH1] * g[G_KW1];
     const long per = scratch_floats(g), wp = s.wp;
     const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
@@ -193,7 +300,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *t1 = scratch + per * t, *u = t1 + s.t1, *v1 = u + s.u, *v2 = v1 + s.v1;
-        float *vc = v2 + s.v2;
+        float *vc = v2 + s.v2, *wv = vc + s.vc, *wm = wv + s.wv;
         Walk wk = walk_start(total, t, nt);
         int n, oh, th;
         while (next_band(&wk, OH, TH, &n, &oh, &th)) {
@@ -238,7 +345,21 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             /* first convolution: the band's rows as one flat range (per row if strided) */
             float *out1 = kw2 ? v1 : v2;
             const int rows = sh1 == 1 ? 1 : th, npix = sh1 == 1 ? th * (int)wp : (int)wp;
-            for (int r = 0; r < rows; r++) {
+            /* Winograd: by chunks of tile rows, as even as s.trc allows */
+            const int tr = (th + 1) / 2, chunks = (tr + s.trc - 1) / s.trc;
+            const int trc = (tr + chunks - 1) / chunks;
+            for (int i0 = 0; wino && i0 < tr; i0 += trc) {
+                const int trows = tr - i0 < trc ? tr - i0 : trc;
+                const float *a = u + ((long)oh - ulo + 2 * i0) * wp;
+                wino_input(R1, a, s.pu, wp, s.tc, trows, wv, s.ldw);
+                for (int xn = 0; xn < 16; xn++)
+                    gemm_planar(R2, trows * s.tc, R1, 1, NO_OFFSET, K1t + (long)xn * R2 * R1,
+                                wv + xn * R1 * s.ldw, s.ldw, 0, wm + xn * R2 * s.ldw, s.ldw,
+                                0, 0);
+                wino_output(R2, wm, s.ldw, s.tc, trows, th - 2 * i0, OW, out1 + 2L * i0 * wp,
+                            s.pv, wp);
+            }
+            for (int r = 0; !wino && r < rows; r++) {
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * wp;
                 float *o1 = out1 + r * wp;
                 if (dw)
