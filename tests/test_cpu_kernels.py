@@ -724,3 +724,30 @@ def test_winograd_applies_only_to_plain_3x3_filters():
     assert not planar.winograd_applies(geometry(g13=2))
     assert not planar.winograd_applies(geometry(g4=r - 1))  # too few channels in
     assert not planar.winograd_applies(geometry(g5=r - 1))  # or out
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [17, 49, 50, 51])
+def test_planar_channels_last_first_tail_as_dot_products(width):
+    """On channels_last maps the planar kernel's first 1x1 conv runs its last width % 16
+    output channels as dot products where there are at most TAIL_DOTS of them (17, 49 and
+    50 channels; 51 runs whole): CP's shape, and a tensor ring's 7 groups of 7, against
+    float64, on rows of 21 pixels (a partial block of 16)."""
+    assert planar.first_tail(width) == (width % 16 if width % 16 <= planar.TAIL_DOTS else 0)
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 5, 21).contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(37, width), torch.randn(width, 3, 3), torch.randn(6, width), \
+        torch.randn(6)
+    with torch.no_grad():
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
+    assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5
+    if width == 49:  # 7 ring groups of 7 sharing a 3 x 1 then a 1 x 3 filter
+        a3, k1, k2, b3 = torch.randn(37, 49), torch.randn(7, 7, 3, 1), torch.randn(7, 7, 1, 3), \
+            torch.randn(6, 49)
+        with torch.no_grad():
+            y3 = pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
+                                              padding2=1, groups=7, kernel="planar")
+        ref = pcp_reference(x, a3, k1, b3, None, 1, (1, 0), 1, k2, (1, 1, 1), 7)
+        mag = pcp_reference(x.abs(), a3.abs(), k1.abs(), b3.abs(), None, 1, (1, 0), 1,
+                            k2.abs(), (1, 1, 1), 7)
+        assert ((y3.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5

@@ -35,6 +35,37 @@ enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
 #define WINO_TILES 64  /* G_WINO: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
+#define TAIL_DOTS 2  /* G_NHWC: the first 1x1 conv's last ZR1 % 16 columns as dot products,
+                        where there are at most this many (and more than 16 columns): a
+                        tensor ring's 49 = 7 x 7 channels fill 49 of 64 lanes, 48 fill all */
+
+/* The columns of the NHWC first 1x1 conv run as dot products (planar.py's first_tail) */
+static int first_tail(int n)
+{
+    return n > 16 && n % 16 <= TAIL_DOTS ? n % 16 : 0;
+}
+
+/* out[p * ldo] = X row p . w (K floats) for p < M (X rows ldx apart): 16 rows at a time,
+ * each summed in its own vector and reduced at the end. */
+static void dot_rows(int M, int K, const float *X, long ldx, const float *w, float *out,
+                     long ldo)
+{
+    for (int p0 = 0; p0 < M; p0 += 16) {
+        const float *rows[16];
+        for (int i = 0; i < 16; i++)  /* rows past M repeat the last (their sums dropped) */
+            rows[i] = X + (long)(p0 + i < M ? p0 + i : M - 1) * ldx;
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 wv = load_masked(m, w + k);
+            for (int i = 0; i < 16; i++)
+                acc[i] = _mm512_fmadd_ps(load_masked(m, rows[i] + k), wv, acc[i]);
+        }
+        for (int i = 0; i < 16 && p0 + i < M; i++)
+            out[(long)(p0 + i) * ldo] = _mm512_reduce_add_ps(acc[i]);
+    }
+}
 
 typedef struct {
     int w1;         /* width after the first convolution */
@@ -276,7 +307,8 @@ static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int
  * written (rows are filled between their padding columns and moved whole), so it is
  * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
  * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
- * weight, Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
+ * weight (with first_tail(Z R1) columns: pack_b of the others, then those rows of A^T),
+ * Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
                     const float *K2t, const float *Bt, const float *bias, float *y,
                     float *scratch, int threads)
@@ -314,10 +346,14 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             int r0 = uhi - ph1, r1 = hi - ph1;
             if (r0 < 0) r0 = 0;
             if (r1 > H) r1 = H;
-            if (r1 > r0 && nhwc)  /* t1: pixel rows of ld1 floats */
-                gemm((r1 - r0) * W, ZR1, C, x + ((long)n * H + r0) * W * C, C, At, 0, t1,
-                     ld1, PF_X);
-            else if (r1 > r0)  /* t1: ZR1 planes */
+            if (r1 > r0 && nhwc) {  /* t1: pixel rows of ld1 floats */
+                const int tail = first_tail(ZR1), np = (r1 - r0) * W;
+                const float *xs = x + ((long)n * H + r0) * W * C;
+                const float *wt = At + packed_floats(1, C, ZR1 - tail);  /* (tail, C) */
+                gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);
+                for (int j = 0; j < tail; j++)
+                    dot_rows(np, C, xs, C, wt + (long)j * C, t1 + ZR1 - tail + j, ld1);
+            } else if (r1 > r0)  /* t1: ZR1 planes */
                 gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
                             x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
                             x + (long)N * C * H * W, PF_X);

@@ -12,8 +12,9 @@ first 1x1 conv then runs with pixels as rows and its rows are transposed into th
 intermediate's planes, and the last 1x1 conv writes pixel rows). It serves both families'
 shapes: ``depthwise`` picks pointwise -> depthwise -> pointwise (CP), else pointwise -> conv
 (-> conv along rows) -> pointwise (Tucker, TT, TR); a lone 3x3 conv with strides and
-dilations of 1 between enough channels (a Tucker core) runs as Winograd F(2x2, 3x3). Width strides must be 1, and with a
-second convolution the first must run along columns only (as in TT and TR).
+dilations of 1 between enough channels (a Tucker core) runs as Winograd F(2x2, 3x3).
+Width strides must be 1, and with a second convolution the first must run along columns
+only (as in TT and TR).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ WINOGRAD_MIN_CHANNELS = 20
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
+TAIL_DOTS = 2  # as planar.c's
+
+
+def first_tail(n: int) -> int:
+    """How many of the first 1x1 conv's ``n`` output channels the kernel computes as dot
+    products on channels_last maps (planar.c's first_tail): the last n % 16, where that is
+    at most TAIL_DOTS and n > 16 (a full vector fewer in every GEMM block: a tensor ring's
+    49 channels as 48 + 1), else 0."""
+    return n % 16 if n > 16 and n % 16 <= TAIL_DOTS else 0
+
+
 def winograd_applies(geometry: tuple) -> bool:
     """True if the kernel runs ``geometry`` (as :func:`bind` takes it) with Winograd
     F(2x2, 3x3): one 3x3 filter (no second one, no depthwise, no groups) with stride and
@@ -101,10 +113,15 @@ def pointwise_weights(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | Non
     """The two 1x1 convolutions' weights in the kernel's forms, from ``a`` (C, Z R1), ``b``
     (O, Z R3) and ``bias`` (O,) or None: (first, last, bias). For NCHW maps A^T and B
     row-major and the bias as is; for channels_last ones both packed for the GEMM core
-    (gemm.h's pack_b) and the bias padded to 16 floats."""
+    (gemm.h's pack_b; A's last :func:`first_tail` columns, run as dot products, follow the
+    packed rest as rows of A^T) and the bias padded to 16 floats."""
     if nhwc:
         lib = _lib()
-        return pack(lib, a), pack(lib, b.detach().t()), padded(bias)
+        a = a.detach()
+        tail = first_tail(a.shape[1])
+        first = pack(lib, a) if not tail else torch.cat(
+            [pack(lib, a[:, :-tail]), a[:, -tail:].t().reshape(-1)])
+        return first, pack(lib, b.detach().t()), padded(bias)
     return (a.detach().t().contiguous(), b.detach().contiguous(),
             None if bias is None else bias.detach().contiguous())
 
