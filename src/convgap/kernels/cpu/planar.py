@@ -28,7 +28,8 @@ from ...einsum.evaluate import channels_innermost
 from .common import Kernel, bound_call, pack, padded
 
 __all__ = ["available", "supports", "pointwise_weights", "bind", "band_rows", "BAND_PIXELS",
-           "BAND_FLOATS", "WINOGRAD", "winograd_applies", "winograd_weights"]
+           "BAND_FLOATS", "WINOGRAD", "WINOGRAD_MIN_CHANNELS", "winograd_applies",
+           "winograd_weights", "TAIL_DOTS", "first_tail"]
 
 # output pixels per band: each band streams every weight once and pays its window's halo,
 # and here pixels are the vector dimension, so longer bands pay off (at batch 8, fused 10x
