@@ -39,6 +39,12 @@ enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, 
                         where there are at most this many (and more than 16 columns): a
                         tensor ring's 49 = 7 x 7 channels fill 49 of 64 lanes, 48 fill all */
 
+/* A mask of the first n lanes (all for n >= 16, none for n <= 0) */
+static inline __mmask16 lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
 /* The columns of the NHWC first 1x1 conv run as dot products (planar.py's first_tail) */
 static int first_tail(int n)
 {
@@ -57,7 +63,7 @@ static void dot_rows(int M, int K, const float *X, long ldx, const float *w, flo
         __m512 acc[16];
         for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
         for (int k = 0; k < K; k += 16) {
-            const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __mmask16 m = lanes(K - k);
             const __m512 wv = load_masked(m, w + k);
             for (int i = 0; i < 16; i++)
                 acc[i] = _mm512_fmadd_ps(load_masked(m, rows[i] + k), wv, acc[i]);
@@ -130,7 +136,7 @@ static inline void copy_row(float *d, const float *s, int n)
     int i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_loadu_ps(s + i));
     if (i < n) {
-        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 m = lanes(n - i);
         _mm512_mask_storeu_ps(d + i, m, load_masked(m, s + i));
     }
 }
@@ -141,8 +147,7 @@ static inline void copy_row(float *d, const float *s, int n)
 static void transpose16(const float *s, long lds, int np, int nc, float *d, long ldd)
 {
     __m512 r[16], a[16], b[16];
-    const __mmask16 cm = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
-    const __mmask16 pm = np >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << np) - 1);
+    const __mmask16 cm = lanes(nc), pm = lanes(np);
     for (int i = 0; i < 16; i++)
         r[i] = i >= np ? _mm512_setzero_ps() : nc == 16 ? _mm512_loadu_ps(s + i * lds)
              : load_masked(cm, s + i * lds);
@@ -217,11 +222,6 @@ static const int EVEN[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 
 static const int ODD[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
 static const int LO[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
 static const int HI[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-
-static __mmask16 lanes(int n)
-{
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
 
 /* V <- B^T d B for the tiles of trows tile rows, tc per row, whose inputs start at row 0
  * of u (R1 planes pu apart, rows wp apart) */
