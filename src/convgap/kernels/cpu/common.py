@@ -17,7 +17,7 @@ from ...errors import ConvgapError
 from .build import library
 
 __all__ = ["P", "I", "L", "Kernel", "pack", "padded", "round16", "scratch",
-           "check_tensors", "channels_innermost", "empty_output", "bound_call",
+           "check_tensors", "channels_innermost", "output_strides", "bound_call",
            "kernel_choice", "BAND_PIXELS"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
@@ -108,11 +108,6 @@ def output_strides(shape: tuple, nhwc: bool) -> tuple:
     else contiguous."""
     n, c, h, w = shape
     return (h * w * c, 1, w * c, c) if nhwc else (c * h * w, h * w, w, 1)
-
-
-def empty_output(shape: tuple, nhwc: bool) -> torch.Tensor:
-    """An uninitialised float32 (N, C, H, W) result in the given layout."""
-    return torch.empty_strided(shape, output_strides(shape, nhwc), dtype=torch.float32)
 
 
 def kernel_choice(kernel: str, planar_ok: bool, nchw: bool) -> bool:

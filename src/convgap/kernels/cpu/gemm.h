@@ -90,9 +90,16 @@ __attribute__((unused)) static const ukr_fn UKRT[12][4] = TABLE(t);
 
 static const long NO_OFFSET[1] = {0};
 
+/* A mask of the first n lanes (all for n >= 16, none for n <= 0) */
+static inline __mmask16 lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* The last vector's lanes of a row of n > 0 floats */
 static __mmask16 tail_mask(int n)
 {
-    return (n % 16) ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
+    return lanes(n - (n - 1) / 16 * 16);
 }
 
 /* Floats of a packed (taps x K x N) operand. */
@@ -122,14 +129,18 @@ void pack_b(const float *B, int taps, int K, int N, long st, long sk, long sn, f
 enum { PF_X = 1, PF_C = 2 };
 #define PF_AHEAD 4
 
+/* prefetch_rows' targets: read into L1, read into L2 (more misses in flight), write */
+enum { PF_L1, PF_L2, PF_W };
+
 /* rows [r0, r0 + rows) of a row-major operand, ``floats`` from ``col`` in each */
-static inline void prefetch_rows(const float *base, long ld, long r0, int rows, int col,
-                                 int floats, int write)
+static inline __attribute__((always_inline)) void prefetch_rows(const float *base, long ld,
+        long r0, int rows, int col, int floats, int hint)
 {
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < floats; c += 16) {
             const char *p = (const char *)(base + (r0 + i) * ld + col + c);
-            if (write) _mm_prefetch(p, _MM_HINT_ET0);
+            if (hint == PF_W) _mm_prefetch(p, _MM_HINT_ET0);
+            else if (hint == PF_L2) _mm_prefetch(p, _MM_HINT_T1);
             else _mm_prefetch(p, _MM_HINT_T0);
         }
 }
@@ -149,9 +160,9 @@ __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
             if (stream & PF_X && n0 == 0)  /* A's rows: read by the first panel's pass */
-                prefetch_rows(A, lda, m0 + PF_AHEAD * mr_max, mr_max, 0, K, 0);
+                prefetch_rows(A, lda, m0 + PF_AHEAD * mr_max, mr_max, 0, K, PF_L1);
             if (stream & PF_C)
-                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, 1);
+                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, PF_W);
             UKRS[mr - 1][nv - 1](K, taps, offs, offp, A + m0 * lda, lda, P, nv * 16,
                                  C + m0 * ldc + n0, ldc, bb, tail_mask(nw));
         }
@@ -187,13 +198,12 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
         const int nqn = Npix - qn < 16 * nv_max ? Npix - qn : 16 * nv_max;
         for (int m0 = 0, b = 0; m0 < M; m0 += mr_max, b++) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
-            for (int c = 0; stream & PF_C && c < nqn; c += 16)
-                for (int i = 0; i < mr; i++)
-                    _mm_prefetch((const char *)(C + (long)(m0 + i) * ldc + qn + c),
-                                 _MM_HINT_ET0);
-            for (int k = K * b / blocks; stream & PF_X && k < K * (b + 1) / blocks; k++)
-                for (int c = 0; c < nqn; c += 16)  /* to L2: more misses in flight */
-                    _mm_prefetch((const char *)(X + (long)k * ldx + qn + c), _MM_HINT_T1);
+            if (stream & PF_C)
+                prefetch_rows(C, ldc, m0, mr, qn, nqn, PF_W);
+            if (stream & PF_X) {  /* this row block's share of X's rows */
+                const int k0 = K * b / blocks;
+                prefetch_rows(X, ldx, k0, K * (b + 1) / blocks - k0, qn, nqn, PF_L2);
+            }
             (masked ? UKRM : UKRQ)[mr - 1][nv - 1](K, taps, offa, offp, Wt + (long)m0 * K,
                 K, X + q0, ldx, C + m0 * ldc + q0, ldc, bias ? bias + m0 : 0, tail_mask(nq));
         }
@@ -215,9 +225,9 @@ __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float
         for (int m0 = 0; m0 < M; m0 += mr_max) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
             if (stream & PF_X && n0 == 0)  /* the K planes' line holding pixel m0 + ahead */
-                prefetch_rows(A, lda, 0, K, m0 + PF_AHEAD * mr_max, 1, 0);
+                prefetch_rows(A, lda, 0, K, m0 + PF_AHEAD * mr_max, 1, PF_L1);
             if (stream & PF_C)
-                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, 1);
+                prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, PF_W);
             UKRT[mr - 1][nv - 1](K, 1, NO_OFFSET, offp, A + m0, lda, P, nv * 16,
                                  C + m0 * ldc + n0, ldc, bias ? bias + n0 : 0, tail_mask(nw));
         }

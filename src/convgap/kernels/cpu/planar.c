@@ -30,27 +30,11 @@
 
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
        G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_NHWC,
-       G_WINO, G_COUNT };
+       G_WINO, G_TAIL, G_COUNT };
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
 #define WINO_TILES 64  /* G_WINO: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
-#define TAIL_DOTS 2  /* G_NHWC: the first 1x1 conv's last ZR1 % 16 columns as dot products,
-                        where there are at most this many (and more than 16 columns): a
-                        tensor ring's 49 = 7 x 7 channels fill 49 of 64 lanes, 48 fill all */
-
-/* A mask of the first n lanes (all for n >= 16, none for n <= 0) */
-static inline __mmask16 lanes(int n)
-{
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
-
-/* The columns of the NHWC first 1x1 conv run as dot products (planar.py's first_tail) */
-static int first_tail(int n)
-{
-    return n > 16 && n % 16 <= TAIL_DOTS ? n % 16 : 0;
-}
-
 /* out[p * ldo] = X row p . w (K floats) for p < M (X rows ldx apart): 16 rows at a time,
  * each summed in its own vector and reduced at the end. */
 static void dot_rows(int M, int K, const float *X, long ldx, const float *w, float *out,
@@ -200,8 +184,7 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
             _mm512_storeu_ps(vc + q + 48, a3);
         }
         for (; q < Npix; q += 16) {
-            __mmask16 m = Npix - q >= 16 ? (__mmask16)0xFFFF
-                                         : (__mmask16)((1u << (Npix - q)) - 1);
+            const __mmask16 m = lanes(Npix - q);
             __m512 acc = _mm512_setzero_ps();
             for (int t = 0; t < taps; t++)
                 acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, uc + q + offs[t]),
@@ -307,7 +290,8 @@ static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int
  * written (rows are filled between their padding columns and moved whole), so it is
  * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
  * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
- * weight (with first_tail(Z R1) columns: pack_b of the others, then those rows of A^T),
+ * weight (with G_TAIL last columns run as dot products, for a tensor ring's 49 = 48 + 1
+ * channels: pack_b of the others, then those rows of A^T; planar.py's first_tail),
  * Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
                     const float *K2t, const float *Bt, const float *bias, float *y,
@@ -347,7 +331,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             if (r0 < 0) r0 = 0;
             if (r1 > H) r1 = H;
             if (r1 > r0 && nhwc) {  /* t1: pixel rows of ld1 floats */
-                const int tail = first_tail(ZR1), np = (r1 - r0) * W;
+                const int tail = g[G_TAIL], np = (r1 - r0) * W;
                 const float *xs = x + ((long)n * H + r0) * W * C;
                 const float *wt = At + packed_floats(1, C, ZR1 - tail);  /* (tail, C) */
                 gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);

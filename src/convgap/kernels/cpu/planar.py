@@ -61,14 +61,14 @@ WINOGRAD_MIN_CHANNELS = 20
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-TAIL_DOTS = 2  # as planar.c's
+TAIL_DOTS = 2
 
 
 def first_tail(n: int) -> int:
     """How many of the first 1x1 conv's ``n`` output channels the kernel computes as dot
-    products on channels_last maps (planar.c's first_tail): the last n % 16, where that is
-    at most TAIL_DOTS and n > 16 (a full vector fewer in every GEMM block: a tensor ring's
-    49 channels as 48 + 1), else 0."""
+    products on channels_last maps (its G_TAIL): the last n % 16, where that is at most
+    TAIL_DOTS and n > 16 (a full vector fewer in every GEMM block: a tensor ring's 49
+    channels as 48 + 1), else 0."""
     return n % 16 if n > 16 and n % 16 <= TAIL_DOTS else 0
 
 
@@ -147,11 +147,12 @@ def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, sto
         # t1, the window and the band's last two buffers, (v1 with a second filter)
         per_pixel = z * (2 * r1 + (r2 if kw2 else 0) + 2 * r3)
         band = band_rows(head[-2], head[-1], per_pixel)
-        ints = store[key] = (ctypes.c_int * 25)(*head, band, z, depthwise, int(nhwc),
-                                                int(winograd_applies(geometry)))
+        tail = first_tail(z * r1) if nhwc else 0  # as pointwise_weights packs the first
+        ints = store[key] = (ctypes.c_int * 26)(*head, band, z, depthwise, int(nhwc),
+                                                int(winograd_applies(geometry)), tail)
     per = lib.scratch_floats(ints)
     pointers = tuple(None if t is None else t.data_ptr() for t in weights)
     # the scratch is this geometry's alone and zero-filled when new: the kernel never writes
     # its window's padding columns, so they stay zero from call to call
     return bound_call(lib.planar_forward, ints, pointers, per, out_shape, nhwc, store,
-                      weights, owner=("planar", tuple(ints)))
+                      weights, owner=("planar", id(ints)))  # (ints lives in store)
