@@ -5,6 +5,8 @@ TT layers running on them."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,6 +351,10 @@ def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatc
     with torch.no_grad():
         assert torch.allclose(traced(x), layer(x), atol=1e-5)
     assert calls  # plain inference does take it
+    calls.clear()
+    with torch.no_grad(), contextlib.suppress(RuntimeError):  # (some steps refuse mixed
+        layer(x.detach().double())  # dtypes) the fused call's shape and strides, float64
+    assert not calls  # not the float32 kernel
     layer.double()
     calls.clear()
     with torch.no_grad():
@@ -724,6 +730,31 @@ def test_winograd_applies_only_to_plain_3x3_filters():
     assert not planar.winograd_applies(geometry(g13=2))
     assert not planar.winograd_applies(geometry(g4=r - 1))  # too few channels in
     assert not planar.winograd_applies(geometry(g5=r - 1))  # or out
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [8, 24, 40])
+def test_planar_channels_last_first_conv_in_pixel_pairs(width):
+    """On channels_last maps the planar kernel's first 1x1 conv into 8 or 24 channels runs
+    two pixels per 16 or 48 lanes (first_pairs; 40 runs one pixel per 48): CP's and
+    Tucker's shapes against float64, on rows of 21 pixels (bands of odd pixel counts, whose
+    last pixel is paired with itself), and one ring group on a single odd row."""
+    assert planar.first_pairs(width) == (width in (8, 24))
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 5, 21).contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(37, width), torch.randn(width, 3, 3), torch.randn(6, width), \
+        torch.randn(6)
+    with torch.no_grad():
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
+    assert conditioned_error(y, x, a, d, b, bias, 1, 1, 1) < 1e-5
+    k = torch.randn(width, width, 3, 3)  # a Tucker core (Winograd from 20 channels)
+    for xs in (x, x[:1, :, :1].contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            y = pcp.pointwise_conv_pointwise(xs, a, k, b, bias, 1, 1, 1, kernel="planar")
+        ref = pcp_reference(xs, a, k, b, bias, 1, 1, 1, None, None)
+        mag = pcp_reference(xs.abs(), a.abs(), k.abs(), b.abs(), bias.abs(), 1, 1, 1, None,
+                            None)
+        assert ((y.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
 
 
 @needs_kernel

@@ -251,10 +251,11 @@ class Program:
         return y if self.out_perm is None else y.permute(self.out_perm)
 
 
-def signature(tensors: Sequence[torch.Tensor]) -> tuple:
+def signature(tensors: Sequence[torch.Tensor]) -> list:
     """Identity, version counter and memory of each tensor: equal while none of them was
-    replaced, modified in place (through autograd-visible ops) or given new storage."""
-    return tuple([(id(t), t._version, t.data_ptr()) for t in tensors])
+    replaced, modified in place (through autograd-visible ops) or given new storage. (A
+    list, not a tuple: fused layers check it on every call.)"""
+    return [(id(t), t._version, t.data_ptr()) for t in tensors]
 
 
 def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],

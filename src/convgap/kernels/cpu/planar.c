@@ -30,7 +30,7 @@
 
 enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
        G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_NHWC,
-       G_WINO, G_TAIL, G_COUNT };
+       G_WINO, G_TAIL, G_PAIRS, G_COUNT };
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
@@ -60,7 +60,8 @@ static void dot_rows(int M, int K, const float *X, long ldx, const float *w, flo
 typedef struct {
     int w1;         /* width after the first convolution */
     int pl, wp;     /* interior column offset and padded width of the window (and of v1) */
-    int ld1;        /* G_NHWC: floats per pixel row of t1 (Z R1 rounded up to 16) */
+    int ld1;        /* G_NHWC: floats per pixel row of t1 (Z R1, rounded up to 16 unless
+                       G_PAIRS) */
     int rows1;      /* rows of the window */
     long pu, pv;    /* plane strides of the window and of the band buffers v1, v2 */
     int tc, trc;    /* G_WINO: 2 x 2 tiles per row of the output, tile rows per chunk */
@@ -87,8 +88,8 @@ static Sizes sizes(const int *g)
     const long z = g[G_Z];
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
-    s.ld1 = (int)((z * g[G_R1] + 15) / 16 * 16);
-    s.t1 = g[G_NHWC] ? (long)s.rows1 * W * s.ld1  /* pixel rows */
+    s.ld1 = (int)(g[G_PAIRS] ? z * g[G_R1] : (z * g[G_R1] + 15) / 16 * 16);
+    s.t1 = g[G_NHWC] ? ((long)s.rows1 * W + 1) * s.ld1  /* pixel rows (and a pair's) */
                      : z * g[G_R1] * ((long)s.rows1 * W + SLACK);
     s.u = z * g[G_R1] * s.pu;
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
@@ -291,7 +292,9 @@ static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int
  * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
  * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
  * weight (with G_TAIL last columns run as dot products, for a tensor ring's 49 = 48 + 1
- * channels: pack_b of the others, then those rows of A^T; planar.py's first_tail),
+ * channels: pack_b of the others, then those rows of A^T; planar.py's first_tail; with
+ * G_PAIRS, 8 or 24 channels computed two pixels at a time: pack_b of [A^T | A^T], gemm.h's
+ * gemm_pairs),
  * Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
 void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
                     const float *K2t, const float *Bt, const float *bias, float *y,
@@ -334,7 +337,10 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                 const int tail = g[G_TAIL], np = (r1 - r0) * W;
                 const float *xs = x + ((long)n * H + r0) * W * C;
                 const float *wt = At + packed_floats(1, C, ZR1 - tail);  /* (tail, C) */
-                gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);
+                if (g[G_PAIRS])
+                    gemm_pairs(np, ZR1, C, xs, C, At, t1, PF_X);
+                else
+                    gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);
                 for (int j = 0; j < tail; j++)
                     dot_rows(np, C, xs, C, wt + (long)j * C, t1 + ZR1 - tail + j, ld1);
             } else if (r1 > r0)  /* t1: ZR1 planes */
