@@ -275,8 +275,9 @@ __attribute__((unused)) static const pair_fn PAIRS[12][2] = {
 
 /* C (M x N, rows N apart: an odd M's row M, N floats of slack, is written too) = A (M x K)
  * @ B for N = 8 or 24, in row pairs (see pair_ukr; Bp as it says). ``stream``: see PF_X.
- * The first 1x1 conv of a 24-rank Tucker layer on channels_last maps (128 -> 24, 2 threads,
- * 416 pixels): 13.0 -> 10.6 us, 240 GFLOP/s. */
+ * The first 1x1 conv of a 24-rank Tucker layer on channels_last maps (128 -> 24, one thread,
+ * 416 pixels): 13.0 -> 10.6 us, 240 GFLOP/s; in the layer (2 threads, batch 1), 14.6 -> 13.0
+ * us per thread. */
 __attribute__((unused)) static void gemm_pairs(int M, int N, int K, const float *A, long lda,
         const float *Bp, float *C, int stream)
 {

@@ -34,6 +34,7 @@ enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, 
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
+#define ROW_LANES 115  /* see rowwise in planar_forward */
 #define WINO_TILES 64  /* G_WINO: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
 /* out[p * ldo] = X row p . w (K floats) for p < M (X rows ldx apart): 16 rows at a time,
  * each summed in its own vector and reduced at the end. */
@@ -382,8 +383,8 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                     gemm_planar(R2, trows * s.tc, R1, 1, NO_OFFSET, K1t + (long)xn * R2 * R1,
                                 wv + xn * R1 * s.ldw, s.ldw, 0, wm + xn * R2 * s.ldw, s.ldw,
                                 0, 0);
-                wino_output(R2, wm, s.ldw, s.tc, trows, th - 2 * i0, OW, out1 + 2L * i0 * wp,
-                            s.pv, wp);
+                wino_output(R2, wm, s.ldw, s.tc, trows, th - 2 * i0, OW, vc + 2L * i0 * OW,
+                            ldvc, OW);  /* compacted (see below) */
             }
             for (int r = 0; !wino && r < rows; r++) {
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * wp;
@@ -395,12 +396,24 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                         gemm_planar(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu, s.pu,
                                     0, o1 + z * (kw2 ? R2 : R3) * s.pv, s.pv, 0, 0);
             }
-            if (kw2)  /* second convolution, along rows: flat over the band */
-                for (int z = 0; z < Z; z++)
+            /* the last convolution writes the band compacted (vc: OW columns a row, no
+             * padding columns) where it can, sparing the copy below: Winograd's output
+             * transform always, a second convolution row by row where that takes at most
+             * ROW_LANES (in %) of the lanes of the flat range (a tensor ring at 128@28, batch
+             * 1: 28 of 32 lanes against 420 of 432, and 1.8 us of copying spared per thread;
+             * at 7x7 maps, 7 of 16 lanes, the flat range and the copy stay) */
+            const int rowwise = kw2 && 100L * th * ((OW + 15) / 16 * 16) <=
+                                ROW_LANES * ((th * wp + 15) / 16 * 16);
+            for (int z = 0; kw2 && z < Z; z++)  /* second convolution, along rows */
+                if (rowwise)
+                    for (int r = 0; r < th; r++)
+                        gemm_planar(R3, OW, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv + r * wp,
+                                    s.pv, 0, vc + z * R3 * ldvc + (long)r * OW, ldvc, 0, 0);
+                else  /* flat over the band */
                     gemm_planar(R3, th * (int)wp, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv,
                                 s.pv, 0, v2 + z * R3 * s.pv, s.pv, 0, 0);
             /* compact the band (drop the padding columns), then the last 1x1 conv */
-            for (int ch = 0; ch < Z * R3; ch++)
+            for (int ch = 0; !wino && !rowwise && ch < Z * R3; ch++)
                 for (int r = 0; r < th; r++)
                     copy_row(vc + ch * ldvc + (long)r * OW, v2 + ch * s.pv + r * wp, OW);
             if (nhwc)  /* the band's pixels are consecutive output rows */
