@@ -131,10 +131,20 @@ def bound_call(forward, ints, pointers: tuple, per: int, out_shape: tuple, nhwc:
     with ``per`` floats of scratch per thread (the ``owner``'s: see :func:`scratch`). It
     keeps ``holds`` (what ``pointers`` point into) alive."""
     strides = output_strides(out_shape, nhwc)
+    # (thread ident, threads, buffer) of the last call, read and replaced as one object:
+    # most calls come from the thread of the last one with the same thread count, and skip
+    # scratch's key and lookup (0.25 us of a 50 us call at batch 1)
+    last = [(None, 0, None)]
 
     def call(x: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
-        buf = scratch(store, threads * per, owner)
+        ident = threading.get_ident()
+        memo = last[0]
+        if memo[0] == ident and memo[1] == threads:
+            buf = memo[2]
+        else:
+            buf = scratch(store, threads * per, owner)
+            last[0] = (ident, threads, buf)
         # empty_strided: 0.5 us less per call than empty with a memory_format
         y = torch.empty_strided(out_shape, strides, dtype=torch.float32)
         xc = x if nhwc else x.contiguous()  # held here: a copy must outlive the call
