@@ -369,9 +369,23 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                 }
             }
             if (hi > uhi) wk.hi = hi;
-            /* first convolution: the band's rows as one flat range (per row if strided) */
-            float *out1 = kw2 ? v1 : v2;
-            const int rows = sh1 == 1 ? 1 : th, npix = sh1 == 1 ? th * (int)wp : (int)wp;
+            /* The last convolution writes the band compacted (vc: OW columns a row, no
+             * padding columns) where it can, sparing the copy below: Winograd's output
+             * transform always; a second convolution row by row where that takes at most
+             * ROW_LANES (in %) of the lanes of the flat range (a tensor ring at 128@28, batch
+             * 1: 28 of 32 lanes against 420 of 432, and 1.8 us of copying spared per thread;
+             * at 7x7 maps, 7 of 16 lanes, the flat range and the copy stay); a strided first
+             * one, which runs by rows anyway. (An unstrided first one stays flat: CP's
+             * depthwise filter ran 2-4% slower by rows, its copy spared or not.) */
+            const int last1 = !kw2;  /* the first convolution is the last */
+            const int rowwise = !wino && (last1 ? sh1 != 1 : 100L * th * ((OW + 15) / 16 * 16)
+                                          <= ROW_LANES * ((th * wp + 15) / 16 * 16));
+            /* first convolution: the band's rows as one flat range, or row by row (strided,
+             * or written compacted) */
+            const int to_vc = last1 && rowwise, rows = sh1 != 1 || to_vc ? th : 1;
+            const int npix = rows == 1 ? th * (int)wp : to_vc ? OW : (int)wp;
+            float *out1 = to_vc ? vc : kw2 ? v1 : v2;
+            const long po = to_vc ? ldvc : s.pv, ro = to_vc ? OW : wp;  /* plane, row strides */
             /* Winograd: by chunks of tile rows, as even as s.trc allows */
             const int tr = (th + 1) / 2, chunks = (tr + s.trc - 1) / s.trc;
             const int trc = (tr + chunks - 1) / chunks;
@@ -384,26 +398,18 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                                 wv + xn * R1 * s.ldw, s.ldw, 0, wm + xn * R2 * s.ldw, s.ldw,
                                 0, 0);
                 wino_output(R2, wm, s.ldw, s.tc, trows, th - 2 * i0, OW, vc + 2L * i0 * OW,
-                            ldvc, OW);  /* compacted (see below) */
+                            ldvc, OW);
             }
             for (int r = 0; !wino && r < rows; r++) {
                 const float *a = u + ((long)(oh + r) * sh1 - ulo) * wp;
-                float *o1 = out1 + r * wp;
+                float *o1 = out1 + r * ro;
                 if (dw)
-                    depthwise_planar(R1, taps1, offs1, K1t, a, s.pu, npix, o1, s.pv);
+                    depthwise_planar(R1, taps1, offs1, K1t, a, s.pu, npix, o1, po);
                 else
                     for (int z = 0; z < Z; z++)
                         gemm_planar(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu, s.pu,
-                                    0, o1 + z * (kw2 ? R2 : R3) * s.pv, s.pv, 0, 0);
+                                    0, o1 + z * (kw2 ? R2 : R3) * po, po, 0, 0);
             }
-            /* the last convolution writes the band compacted (vc: OW columns a row, no
-             * padding columns) where it can, sparing the copy below: Winograd's output
-             * transform always, a second convolution row by row where that takes at most
-             * ROW_LANES (in %) of the lanes of the flat range (a tensor ring at 128@28, batch
-             * 1: 28 of 32 lanes against 420 of 432, and 1.8 us of copying spared per thread;
-             * at 7x7 maps, 7 of 16 lanes, the flat range and the copy stay) */
-            const int rowwise = kw2 && 100L * th * ((OW + 15) / 16 * 16) <=
-                                ROW_LANES * ((th * wp + 15) / 16 * 16);
             for (int z = 0; kw2 && z < Z; z++)  /* second convolution, along rows */
                 if (rowwise)
                     for (int r = 0; r < th; r++)
