@@ -636,6 +636,46 @@ def test_planar_kernel_across_many_bands(monkeypatch, channels_last, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("height", [9, 17])
+def test_planar_threads_share_window_rows_at_batch_1(channels_last, threads, height):
+    """At batch 1 each thread takes one band of the image, and the threads compute the
+    window rows where their bands meet once, copying them from each other: depthwise,
+    k x k (strided, dilated), k x 1 then 1 x k in ring groups, and Winograd's 3 x 3,
+    against float64, on 2 and 3 threads (bands of 3 to 9 rows, a 3-row one too short to
+    share when strided)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 10, height, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
+    k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
+    a3, k1, k2, b3 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), \
+        torch.randn(9, 10)
+    r = planar.WINOGRAD_MIN_CHANNELS
+    aw, kw, bw = torch.randn(10, r), torch.randn(r, r, 3, 3), torch.randn(9, r)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y1 = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
+            y2 = pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, kernel="planar")
+            y3 = pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
+                                              padding2=1, groups=2, kernel="planar")
+            y4 = pcp.pointwise_conv_pointwise(x, aw, kw, bw, None, 1, 1, 1, kernel="planar")
+    finally:
+        torch.set_num_threads(before)
+    assert conditioned_error(y1, x, a, d, b, bias, 1, 1, 1) < 1e-5
+    refs = [pcp_reference(x, a, k, bk, bias, (2, 1), 2, 2, None, None),
+            pcp_reference(x, a3, k1, b3, None, 1, (1, 0), 1, k2, (1, 1, 1), 2),
+            pcp_reference(x, aw, kw, bw, None, 1, 1, 1, None, None)]
+    for y, ref in zip((y2, y3, y4), refs):
+        assert y.shape == ref.shape
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@needs_kernel
 @pytest.mark.parametrize("c", [600, 37])
 def test_planar_channels_last_transposes_in_blocks(c):
     """On channels_last inputs the planar kernel's first 1x1 conv writes pixel rows, which

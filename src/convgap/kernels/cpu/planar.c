@@ -22,6 +22,7 @@
  * k-major operand (gemm_kmajor), writing pixel rows of the output. G_WINO: the first
  * convolution (3 x 3, stride and dilation 1, no second one) runs as Winograd F(2x2, 3x3),
  * chunks of tile rows at a time (see wino_input). */
+#include <limits.h>
 #include <string.h>
 #include <omp.h>
 
@@ -104,6 +105,19 @@ static Sizes sizes(const int *g)
     s.wv = g[G_WINO] ? 16L * g[G_R1] * s.ldw : 0;
     s.wm = g[G_WINO] ? 16L * g[G_R2] * s.ldw + 16 : 0;  /* (16: reads past the last row) */
     return s;
+}
+
+/* Batch 1 (G_N = 1), each thread one band of at least ext rows: the threads compute the
+ * window rows where their bands meet once, and copy them from each other after a barrier
+ * (banded, both computed them: at 128@28 with 2 threads, 15 rows of the first 1x1 conv
+ * each instead of 14). The bound between threads t - 1 and t, the first padded row that
+ * t computes, for t's first output row g: the input row at its filter's centre, clamped
+ * into the rows both windows hold [g sh1, (g - 1) sh1 + ext). */
+static long shared_bound(long g, int sh1, int ph1, int ext)
+{
+    const long lo = g * sh1, hi_prev = (g - 1) * sh1 + ext;
+    const long b = lo + ph1 < hi_prev ? lo + ph1 : hi_prev;
+    return b > lo ? b : lo;
 }
 
 /* Floats of scratch one thread needs. */
@@ -323,15 +337,24 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
         float *vc = v2 + s.v2, *wv = vc + s.vc, *wm = wv + s.wv;
         Walk wk = walk_start(total, t, nt);
         int n, oh, th;
+        const int ext = (g[G_KH1] - 1) * g[G_DH1] + 1;  /* input rows per output row */
+        /* shared window rows (see shared_bound): this thread computes padded rows [b0, b1) */
+        const int share = N == 1 && nt > 1 && TH >= (total + nt - 1) / nt && total / nt >= ext;
+        const long b0 = share && t > 0 ? shared_bound(total * t / nt, sh1, ph1, ext) : LONG_MIN;
+        const long b1 = share && t < nt - 1 ? shared_bound(total * (t + 1) / nt, sh1, ph1, ext)
+                                             : LONG_MAX;
         while (next_band(&wk, OH, TH, &n, &oh, &th)) {
-            int lo = oh * sh1, hi = (oh + th - 1) * sh1 + (g[G_KH1] - 1) * g[G_DH1] + 1;
+            int lo = oh * sh1, hi = (oh + th - 1) * sh1 + ext;
             int drop = slide(&wk, n, lo);  /* the window: padded rows [ulo, uhi) per plane */
             for (int ch = 0; drop && ch < ZR1; ch++)
                 memmove(u + ch * s.pu, u + ch * s.pu + drop * wp,
                         sizeof(float) * (wk.hi - wk.lo) * wp);
             const int ulo = wk.lo, uhi = wk.hi;
-            /* new window rows [uhi, hi): the image's rows among them by one GEMM */
+            /* new window rows [uhi, hi): the image's rows among them by one GEMM (shared:
+             * those in [b0, b1), the others copied from the neighbours' windows below) */
             int r0 = uhi - ph1, r1 = hi - ph1;
+            if (share && r0 < b0 - ph1) r0 = (int)b0 - ph1;
+            if (share && r1 > b1 - ph1) r1 = (int)b1 - ph1;
             if (r0 < 0) r0 = 0;
             if (r1 > H) r1 = H;
             if (r1 > r0 && nhwc) {  /* t1: pixel rows of ld1 floats */
@@ -351,6 +374,8 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             for (int ip = uhi; ip < hi; ip++) {
                 const int ih = ip - ph1;
                 float *row = u + (ip - ulo) * wp;  /* of plane 0 */
+                if (ih >= 0 && ih < H && (ip < b0 || ip >= b1))
+                    continue;  /* a neighbour's (below) */
                 if (nhwc && ih >= 0 && ih < H) {  /* t1's pixel rows, transposed */
                     const float *src = t1 + (long)(ih - r0) * W * ld1;
                     for (int w = 0; w < W; w += 16)
@@ -366,6 +391,19 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                     else
                         copy_row(row + ch * s.pu + s.pl, t1 + ch * ldt1 + (long)(ih - r0) * W,
                                  W);
+                }
+            }
+            if (share) {  /* each thread's one band: its window is final once filled */
+                #pragma omp barrier
+                for (int ip = uhi; ip < hi; ip++) {
+                    const int ih = ip - ph1;
+                    if (ih < 0 || ih >= H || (ip >= b0 && ip < b1))
+                        continue;
+                    const int o = ip < b0 ? t - 1 : t + 1;  /* the row's owner */
+                    const float *src = scratch + per * o + s.t1 + (ip - total * o / nt * sh1) * wp;
+                    float *row = u + (ip - ulo) * wp;
+                    for (int ch = 0; ch < ZR1; ch++)
+                        copy_row(row + ch * s.pu, src + ch * s.pu, (int)wp);
                 }
             }
             if (hi > uhi) wk.hi = hi;
