@@ -27,10 +27,46 @@ static inline __attribute__((always_inline)) __m512 load_masked(__mmask16 m, con
     return r;
 }
 
+/* A mask of the first n lanes (all for n >= 16, none for n <= 0) */
+static inline __mmask16 lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* Where the planar orientation's result pixels go when rows change width between the
+ * operand and the result: pixel q of the flat range, in rows of sw pixels, lands at
+ * q / sw * dw + off + q % sw of its result row; columns from ``valid`` on are dropped. The
+ * first 1x1 conv of planar.c writes the image's rows straight into its window's padded
+ * ones (sw = the width, dw = the padded width, off = the left padding). */
+typedef struct { int sw, dw, off, valid; } RowMap;
+
+/* The mapped stores of one vector column of a block: its pixels from q split at row ends
+ * into segments, each a masked store of the vector (its lanes, and where lane 0 goes; one
+ * or two segments where rows are 16 pixels or wider), the same for every row block */
+typedef struct { int n; __mmask16 m[16]; long at[16]; } Segments;
+
+static inline Segments segments(const RowMap *rm, long q, int lanes_used)
+{
+    Segments g;
+    g.n = 0;
+    long row = q / rm->sw;
+    int col = (int)(q - row * rm->sw);
+    for (int k = 0; k < lanes_used; row++, col = 0) {
+        const int seg = rm->sw - col < lanes_used - k ? rm->sw - col : lanes_used - k;
+        const int keep = col >= rm->valid ? 0 : rm->valid - col < seg ? rm->valid - col : seg;
+        if (keep > 0) {
+            g.m[g.n] = (__mmask16)(lanes(keep) << k);
+            g.at[g.n++] = row * rm->dw + rm->off + col - k;
+        }
+        k += seg;
+    }
+    return g;
+}
+
 static inline __attribute__((always_inline)) void ukr(const int mr, const int nv,
         const int planar, int K, int taps, const long *offa, const long *offp, const float *A,
         long lda, const float *P, long ldp, float *C, long ldc, const float *bias,
-        __mmask16 last)
+        __mmask16 last, const Segments *sg)
 {
     const int bias_rows = planar == 1 || planar == 2;
     if (planar == 0 || planar == 3) ldp = nv * 16;  /* packed panels: a constant stride */
@@ -56,6 +92,13 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
             }
         }
     }
+    if (sg) {  /* C: the rows' first pixels; each vector's pixels mapped (see RowMap) */
+        for (int v = 0; v < nv; v++)
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < sg[v].n; j++)
+                    _mm512_mask_storeu_ps(C + i * ldc + sg[v].at[j], sg[v].m[j], acc[i][v]);
+        return;
+    }
     for (int i = 0; i < mr; i++) {
         for (int v = 0; v < nv - 1; v++) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
         _mm512_mask_storeu_ps(C + i * ldc + 16 * (nv - 1), last, acc[i][nv - 1]);
@@ -63,13 +106,14 @@ static inline __attribute__((always_inline)) void ukr(const int mr, const int nv
 }
 
 typedef void (*ukr_fn)(int, int, const long *, const long *, const float *, long,
-                       const float *, long, float *, long, const float *, __mmask16);
+                       const float *, long, float *, long, const float *, __mmask16,
+                       const Segments *);
 /* one instance per block shape and orientation: packed (ukr_p_*), planar (ukr_q_*),
  * planar ending its operand mid-vector (ukr_m_*), packed with a k-major A (ukr_t_*) */
 #define UKR(o, pl, m, n) static void ukr_##o##_##m##_##n(int K, int taps, const long *offa, \
         const long *offp, const float *A, long lda, const float *P, long ldp, float *C, \
-        long ldc, const float *bias, __mmask16 last) \
-        { ukr(m, n, pl, K, taps, offa, offp, A, lda, P, ldp, C, ldc, bias, last); }
+        long ldc, const float *bias, __mmask16 last, const Segments *sg) \
+        { ukr(m, n, pl, K, taps, offa, offp, A, lda, P, ldp, C, ldc, bias, last, sg); }
 #define UKR4(o, pl, m) UKR(o, pl, m, 1) UKR(o, pl, m, 2) UKR(o, pl, m, 3) UKR(o, pl, m, 4)
 #define UKR2(o, pl, m) UKR(o, pl, m, 1) UKR(o, pl, m, 2)
 #define UKRS_OF(o, pl) UKR4(o, pl, 1) UKR4(o, pl, 2) UKR4(o, pl, 3) UKR4(o, pl, 4) \
@@ -89,12 +133,6 @@ __attribute__((unused)) static const ukr_fn UKRM[12][4] = TABLE(m);
 __attribute__((unused)) static const ukr_fn UKRT[12][4] = TABLE(t);
 
 static const long NO_OFFSET[1] = {0};
-
-/* A mask of the first n lanes (all for n >= 16, none for n <= 0) */
-static inline __mmask16 lanes(int n)
-{
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
 
 /* The last vector's lanes of a row of n > 0 floats */
 static __mmask16 tail_mask(int n)
@@ -164,7 +202,7 @@ __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
             if (stream & PF_C)
                 prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, PF_W);
             UKRS[mr - 1][nv - 1](K, taps, offs, offp, A + m0 * lda, lda, P, nv * 16,
-                                 C + m0 * ldc + n0, ldc, bb, tail_mask(nw));
+                                 C + m0 * ldc + n0, ldc, bb, tail_mask(nw), 0);
         }
     }
 }
@@ -179,10 +217,12 @@ __attribute__((unused)) static void gemm_taps(int M, int N, int K, int taps,
  * prefetched, X's rows spread over the row blocks. K planes (or M of C) are K separate
  * streams, more than the hardware prefetchers follow: without this, right after a dense
  * conv (the maps no longer in cache), a 10x tensor-ring layer at 128@28, batch 8, took
- * 680 us instead of 476 (its last 1x1 conv 1.5x slower, its first 1.2x). */
-__attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps,
+ * 680 us instead of 476 (its last 1x1 conv 1.5x slower, its first 1.2x). With ``rm``
+ * (see RowMap; NULL: none) the result's pixels are mapped into rows of another width
+ * (PF_C then prefetches nothing). */
+__attribute__((unused)) static void gemm_planar_mapped(int M, int Npix, int K, int taps,
         const long *offp, const float *Wt, const float *X, long ldx, const float *bias,
-        float *C, long ldc, const float *end, int stream)
+        float *C, long ldc, const float *end, int stream, const RowMap *rm)
 {
     if (M < 1 || Npix < 1 || taps < 1) return;
     const int nv_max = M > 12 ? 4 : 2, mr_max = nv_max == 4 ? 6 : 12;
@@ -196,18 +236,30 @@ __attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps
         int masked = end && X + q0 + reach + (long)(K - 1) * ldx + 16 * nv > end;
         const int blocks = (M + mr_max - 1) / mr_max, qn = q0 + 16 * nv_max;
         const int nqn = Npix - qn < 16 * nv_max ? Npix - qn : 16 * nv_max;
+        Segments sg[4];
+        for (int v = 0; rm && v < nv; v++)
+            sg[v] = segments(rm, q0 + 16 * v, v < nv - 1 ? 16 : nq - 16 * v);
         for (int m0 = 0, b = 0; m0 < M; m0 += mr_max, b++) {
             int mr = M - m0 < mr_max ? M - m0 : mr_max;
-            if (stream & PF_C)
+            if (stream & PF_C && !rm)
                 prefetch_rows(C, ldc, m0, mr, qn, nqn, PF_W);
             if (stream & PF_X) {  /* this row block's share of X's rows */
                 const int k0 = K * b / blocks;
                 prefetch_rows(X, ldx, k0, K * (b + 1) / blocks - k0, qn, nqn, PF_L2);
             }
             (masked ? UKRM : UKRQ)[mr - 1][nv - 1](K, taps, offa, offp, Wt + (long)m0 * K,
-                K, X + q0, ldx, C + m0 * ldc + q0, ldc, bias ? bias + m0 : 0, tail_mask(nq));
+                K, X + q0, ldx, C + m0 * ldc + (rm ? 0 : q0), ldc, bias ? bias + m0 : 0,
+                tail_mask(nq), rm ? sg : 0);
         }
     }
+}
+
+/* gemm_planar_mapped with the result's pixels as the flat range itself */
+__attribute__((unused)) static void gemm_planar(int M, int Npix, int K, int taps,
+        const long *offp, const float *Wt, const float *X, long ldx, const float *bias,
+        float *C, long ldc, const float *end, int stream)
+{
+    gemm_planar_mapped(M, Npix, K, taps, offp, Wt, X, ldx, bias, C, ldc, end, stream, 0);
 }
 
 /* C (M x N) = A (M x K, k-major: element (i, k) at A[k * lda + i]) @ packed B (+ bias): a 1x1
@@ -229,7 +281,8 @@ __attribute__((unused)) static void gemm_kmajor(int M, int N, int K, const float
             if (stream & PF_C)
                 prefetch_rows(C, ldc, m0 + PF_AHEAD * mr_max, mr_max, n0, nw, PF_W);
             UKRT[mr - 1][nv - 1](K, 1, NO_OFFSET, offp, A + m0, lda, P, nv * 16,
-                                 C + m0 * ldc + n0, ldc, bias ? bias + n0 : 0, tail_mask(nw));
+                                 C + m0 * ldc + n0, ldc, bias ? bias + n0 : 0, tail_mask(nw),
+                                 0);
         }
     }
 }

@@ -10,9 +10,10 @@
  * the vectors and weights are broadcast (gemm.h's gemm_planar), which also keeps the vectors
  * full where the ranks are narrow (a 24-channel Tucker core, a tensor ring's 7-channel
  * groups). Each thread walks a contiguous range of output rows in bands (bands.h), keeping a
- * window of u's rows per channel plane, zero-padded, so each convolution runs over the
- * band's rows as one flat range of pixels: the pixels in the padding columns are computed
- * and dropped when the band is compacted for the last GEMM. With a second convolution the
+ * window of u's rows per channel plane, zero-padded (the first 1x1 conv stores its rows
+ * there, gemm.h's RowMap), so each convolution runs over the band's rows as one flat range
+ * of pixels: the pixels in the padding columns are computed and dropped when the band is
+ * compacted for the last GEMM (or by the last convolution itself). With a second convolution the
  * first must run along columns only (kw1 = 1), so its output lands in the second's padded
  * layout with zeros in the padding. Z > 1: groups of channels sharing both filters (a
  * tensor ring's bond). With G_NHWC the input and output maps are channels-innermost (a
@@ -91,8 +92,8 @@ static Sizes sizes(const int *g)
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
     s.ld1 = (int)(g[G_PAIRS] ? z * g[G_R1] : (z * g[G_R1] + 15) / 16 * 16);
-    s.t1 = g[G_NHWC] ? ((long)s.rows1 * W + 1) * s.ld1  /* pixel rows (and a pair's) */
-                     : z * g[G_R1] * ((long)s.rows1 * W + SLACK);
+    /* G_NHWC: the first 1x1's pixel rows (and a pair's); NCHW ones go straight to u */
+    s.t1 = g[G_NHWC] ? ((long)s.rows1 * W + 1) * s.ld1 : 0;
     s.u = z * g[G_R1] * s.pu;
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
     s.v2 = z * g[G_R3] * s.pv;
@@ -323,7 +324,7 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
     const int nhwc = g[G_NHWC], ld1 = s.ld1, wino = g[G_WINO];
     const int taps1 = g[G_KH1] * g[G_KW1];
     const long per = scratch_floats(g), wp = s.wp;
-    const long ldt1 = (long)s.rows1 * W + SLACK, ldvc = (long)TH * OW + SLACK;
+    const long ldvc = (long)TH * OW + SLACK;
     long offs1[taps1], offs2[kw2 > 0 ? kw2 : 1];
     for (int i = 0; i < g[G_KH1]; i++)
         for (int j = 0; j < g[G_KW1]; j++)
@@ -367,10 +368,13 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                     gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);
                 for (int j = 0; j < tail; j++)
                     dot_rows(np, C, xs, C, wt + (long)j * C, t1 + ZR1 - tail + j, ld1);
-            } else if (r1 > r0)  /* t1: ZR1 planes */
-                gemm_planar(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
-                            x + ((long)n * C * H + r0) * W, (long)H * W, 0, t1, ldt1,
-                            x + (long)N * C * H * W, PF_X);
+            } else if (r1 > r0) {  /* straight into the window's padded rows */
+                const RowMap into_window = {W, (int)wp, s.pl, W};
+                gemm_planar_mapped(ZR1, (r1 - r0) * W, C, 1, NO_OFFSET, At,
+                                   x + ((long)n * C * H + r0) * W, (long)H * W, 0,
+                                   u + (long)(r0 + ph1 - ulo) * wp, s.pu,
+                                   x + (long)N * C * H * W, PF_X, &into_window);
+            }
             for (int ip = uhi; ip < hi; ip++) {
                 const int ih = ip - ph1;
                 float *row = u + (ip - ulo) * wp;  /* of plane 0 */
@@ -385,13 +389,9 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                                         s.pu);
                     continue;
                 }
-                for (int ch = 0; ch < ZR1; ch++) {
-                    if (ih < 0 || ih >= H)
-                        memset(row + ch * s.pu, 0, sizeof(float) * wp);
-                    else
-                        copy_row(row + ch * s.pu + s.pl, t1 + ch * ldt1 + (long)(ih - r0) * W,
-                                 W);
-                }
+                for (int ch = 0; ih < 0 || ih >= H ? ch < ZR1 : 0; ch++)  /* (image rows: the
+                                                                           GEMM's) */
+                    memset(row + ch * s.pu, 0, sizeof(float) * wp);
             }
             if (share) {  /* each thread's one band: its window is final once filled */
                 #pragma omp barrier
@@ -408,20 +408,23 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
             }
             if (hi > uhi) wk.hi = hi;
             /* The last convolution writes the band compacted (vc: OW columns a row, no
-             * padding columns) where it can, sparing the copy below: Winograd's output
-             * transform always; a second convolution row by row where that takes at most
-             * ROW_LANES (in %) of the lanes of the flat range (a tensor ring at 128@28, batch
-             * 1: 28 of 32 lanes against 420 of 432, and 1.8 us of copying spared per thread;
-             * at 7x7 maps, 7 of 16 lanes, the flat range and the copy stay); a strided first
-             * one, which runs by rows anyway. (An unstrided first one stays flat: CP's
-             * depthwise filter ran 2-4% slower by rows, its copy spared or not.) */
-            const int last1 = !kw2;  /* the first convolution is the last */
-            const int rowwise = !wino && (last1 ? sh1 != 1 : 100L * th * ((OW + 15) / 16 * 16)
-                                          <= ROW_LANES * ((th * wp + 15) / 16 * 16));
-            /* first convolution: the band's rows as one flat range, or row by row (strided,
-             * or written compacted) */
-            const int to_vc = last1 && rowwise, rows = sh1 != 1 || to_vc ? th : 1;
-            const int npix = rows == 1 ? th * (int)wp : to_vc ? OW : (int)wp;
+             * padding columns), sparing a copy: Winograd's output transform; a second
+             * convolution row by row where that takes at most ROW_LANES (in %) of the lanes
+             * of the flat range (a tensor ring at 128@28: 28 of 32 lanes against 420 of 432;
+             * 2.5% faster than the flat range's mapped stores, whose masked stores weigh on
+             * GEMMs this short), else as the first one; a strided first one row by row, an
+             * unstrided one flat with gemm_planar's stores mapped from the padded rows
+             * (RowMap); only an unstrided depthwise filter (CP) leaves padded rows to copy
+             * (row by row it ran 2-4% slower, copy spared or not). */
+            const int rowwise = kw2 && 100L * th * ((OW + 15) / 16 * 16) <=
+                                ROW_LANES * ((th * wp + 15) / 16 * 16);
+            const int last1 = !kw2, by_rows = sh1 != 1;
+            const int to_vc = last1 && (by_rows || !dw);  /* the first is last, compacted */
+            const RowMap compact = {(int)wp, OW, 0, OW};
+            const RowMap *map1 = to_vc && !by_rows ? &compact : 0;
+            /* first convolution: the band's rows as one flat range, or row by row (strided) */
+            const int rows = by_rows ? th : 1;
+            const int npix = !by_rows ? th * (int)wp : to_vc ? OW : (int)wp;
             float *out1 = to_vc ? vc : kw2 ? v1 : v2;
             const long po = to_vc ? ldvc : s.pv, ro = to_vc ? OW : wp;  /* plane, row strides */
             /* Winograd: by chunks of tile rows, as even as s.trc allows */
@@ -445,19 +448,21 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                     depthwise_planar(R1, taps1, offs1, K1t, a, s.pu, npix, o1, po);
                 else
                     for (int z = 0; z < Z; z++)
-                        gemm_planar(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu, s.pu,
-                                    0, o1 + z * (kw2 ? R2 : R3) * po, po, 0, 0);
+                        gemm_planar_mapped(R2, npix, R1, taps1, offs1, K1t, a + z * R1 * s.pu,
+                                           s.pu, 0, o1 + z * (kw2 ? R2 : R3) * po, po, 0, 0,
+                                           map1);
             }
             for (int z = 0; kw2 && z < Z; z++)  /* second convolution, along rows */
                 if (rowwise)
                     for (int r = 0; r < th; r++)
                         gemm_planar(R3, OW, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv + r * wp,
                                     s.pv, 0, vc + z * R3 * ldvc + (long)r * OW, ldvc, 0, 0);
-                else  /* flat over the band */
-                    gemm_planar(R3, th * (int)wp, R2, kw2, offs2, K2t, v1 + z * R2 * s.pv,
-                                s.pv, 0, v2 + z * R3 * s.pv, s.pv, 0, 0);
+                else
+                    gemm_planar_mapped(R3, th * (int)wp, R2, kw2, offs2, K2t,
+                                       v1 + z * R2 * s.pv, s.pv, 0, vc + z * R3 * ldvc, ldvc,
+                                       0, 0, &compact);
             /* compact the band (drop the padding columns), then the last 1x1 conv */
-            for (int ch = 0; !wino && !rowwise && ch < Z * R3; ch++)
+            for (int ch = 0; dw && !by_rows && ch < Z * R3; ch++)
                 for (int r = 0; r < th; r++)
                     copy_row(vc + ch * ldvc + (long)r * OW, v2 + ch * s.pv + r * wp, OW);
             if (nhwc)  /* the band's pixels are consecutive output rows */
