@@ -12,8 +12,8 @@
  * groups). Each thread walks a contiguous range of output rows in bands (bands.h), keeping a
  * window of u's rows per channel plane, zero-padded (the first 1x1 conv stores its rows
  * there, gemm.h's RowMap), so each convolution runs over the band's rows as one flat range
- * of pixels: the pixels in the padding columns are computed and dropped when the band is
- * compacted for the last GEMM (or by the last convolution itself). With a second convolution the
+ * of pixels: the pixels in the padding columns are computed and dropped as the last
+ * convolution writes the band compacted for the last GEMM. With a second convolution the
  * first must run along columns only (kw1 = 1), so its output lands in the second's padded
  * layout with zeros in the padding. Z > 1: groups of channels sharing both filters (a
  * tensor ring's bond). With G_NHWC the input and output maps are channels-innermost (a
@@ -96,7 +96,8 @@ static Sizes sizes(const int *g)
     s.t1 = g[G_NHWC] ? ((long)s.rows1 * W + 1) * s.ld1 : 0;
     s.u = z * g[G_R1] * s.pu;
     s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
-    s.v2 = z * g[G_R3] * s.pv;
+    /* v2: only an unstrided depthwise filter's padded rows (see rowwise in planar_forward) */
+    s.v2 = g[G_DEPTHWISE] && g[G_SH1] == 1 ? z * g[G_R3] * s.pv : 0;
     s.vc = z * g[G_R3] * ((long)TH * g[G_OW] + SLACK);
     /* Winograd chunks: about WINO_TILES tiles, whole tile rows, at most the band's */
     s.tc = (g[G_OW] + 1) / 2;
@@ -389,9 +390,9 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                                         s.pu);
                     continue;
                 }
-                for (int ch = 0; ih < 0 || ih >= H ? ch < ZR1 : 0; ch++)  /* (image rows: the
-                                                                           GEMM's) */
-                    memset(row + ch * s.pu, 0, sizeof(float) * wp);
+                if (ih < 0 || ih >= H)  /* (the image's rows: the GEMM's, above) */
+                    for (int ch = 0; ch < ZR1; ch++)
+                        memset(row + ch * s.pu, 0, sizeof(float) * wp);
             }
             if (share) {  /* each thread's one band: its window is final once filled */
                 #pragma omp barrier
@@ -399,8 +400,10 @@ void planar_forward(const int *g, const float *x, const float *At, const float *
                     const int ih = ip - ph1;
                     if (ih < 0 || ih >= H || (ip >= b0 && ip < b1))
                         continue;
-                    const int o = ip < b0 ? t - 1 : t + 1;  /* the row's owner */
-                    const float *src = scratch + per * o + s.t1 + (ip - total * o / nt * sh1) * wp;
+                    /* the row's owner, whose window (one band) starts at its first row */
+                    const int o = ip < b0 ? t - 1 : t + 1;
+                    const long olo = total * o / nt * sh1;
+                    const float *src = scratch + per * o + s.t1 + (ip - olo) * wp;
                     float *row = u + (ip - ulo) * wp;
                     for (int ch = 0; ch < ZR1; ch++)
                         copy_row(row + ch * s.pu, src + ch * s.pu, (int)wp);
