@@ -8,7 +8,8 @@
  * columns (the last rounded up to 16), each holding, tap after tap, K rows of its width.
  * Register blocks: 6 rows x 4 vectors, or 12 rows x 2 vectors for panels up to 32 wide
  * (24 accumulators either way). gemm_planar is the transposed orientation for channel-major
- * maps (pixels in the vectors, weights broadcast). */
+ * maps (pixels in the vectors, weights broadcast), whose results may change row width as
+ * they are stored (RowMap); gemm_pairs runs rows two at a time where N is 8 or 24. */
 #ifndef CONVGAP_GEMM_H
 #define CONVGAP_GEMM_H
 #include <immintrin.h>
