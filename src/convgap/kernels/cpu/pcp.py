@@ -163,4 +163,5 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
                            geometry, out_shape, store)
     prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
     pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
-    return bound_call(lib.pcp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)
+    return bound_call(lib.pcp_forward, ints, pointers, per, x.shape, out_shape, nhwc, store,
+                      prepared)

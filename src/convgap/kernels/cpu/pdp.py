@@ -151,4 +151,5 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
     prepared = reuse(store, "weights", weights,
                      lambda: _prepare(lib, a, d, b, bias, bias1, out_map))
     pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
-    return bound_call(lib.pdp_forward, ints, pointers, per, out_shape, nhwc, store, prepared)
+    return bound_call(lib.pdp_forward, ints, pointers, per, x.shape, out_shape, nhwc, store,
+                      prepared)

@@ -171,5 +171,5 @@ def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, sto
     pointers = tuple(None if t is None else t.data_ptr() for t in weights)
     # the scratch is this geometry's alone and zero-filled when new: the kernel never writes
     # its window's padding columns, so they stay zero from call to call
-    return bound_call(lib.planar_forward, ints, pointers, per, out_shape, nhwc, store,
-                      weights, owner=("planar", id(ints)))  # (ints lives in store)
+    return bound_call(lib.planar_forward, ints, pointers, per, x.shape, out_shape, nhwc,
+                      store, weights, owner=("planar", id(ints)))  # (ints lives in store)
