@@ -26,16 +26,15 @@ P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 class Kernel:
     """One C kernel (``<name>.c``) and the ctypes signatures of its exports: gemm.h's
-    packing functions, ``scratch_floats(const int *g)`` and ``forward(const int *g, x, ...,
-    y, scratch, int threads)`` with ``pointers`` pointer arguments in all. :meth:`lib`
-    loads it on first use (None where it cannot be built), :meth:`available` says whether
-    it can."""
+    packing functions, ``scratch_floats(const int *g)`` and ``forward(const int *g, x,
+    const float *const *weights, y, scratch, int threads)``. :meth:`lib` loads it on first
+    use (None where it cannot be built), :meth:`available` says whether it can."""
 
-    def __init__(self, name: str, forward: str, pointers: int) -> None:
+    def __init__(self, name: str, forward: str) -> None:
         self.name = name
         self.functions = {"packed_floats": ([I, I, I], L),
                           "pack_b": ([P, I, I, I, L, L, L, P], None),
-                          "scratch_floats": ([P], L), forward: ([P] * pointers + [I], None)}
+                          "scratch_floats": ([P], L), forward: ([P] * 5 + [I], None)}
 
     def lib(self) -> ctypes.CDLL | None:
         lib = library(self.name)
@@ -126,8 +125,9 @@ def kernel_choice(kernel: str, planar_ok: bool, nchw: bool) -> bool:
 def bound_call(forward, ints, pointers: tuple, per: int, in_shape: tuple, out_shape: tuple,
                nhwc: bool, store: dict, holds, owner=None
                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function a kernel's ``bind`` returns: ``forward(ints, x, *pointers, y, scratch,
-    threads)`` on an input ``x`` of ``in_shape`` (read in place: NHWC memory if ``nhwc``,
+    """The function a kernel's ``bind`` returns: ``forward(ints, x, pointers, y, scratch,
+    threads)`` (``pointers``: the weights', None for absent ones, passed as one array) on
+    an input ``x`` of ``in_shape`` (read in place: NHWC memory if ``nhwc``,
     else NCHW, contiguous or copied once), into a new result of ``out_shape`` in the same
     layout, with ``per`` floats of scratch per thread (the ``owner``'s: see
     :func:`scratch`). It keeps ``holds`` (what ``pointers`` point into) alive."""
@@ -135,6 +135,7 @@ def bound_call(forward, ints, pointers: tuple, per: int, in_shape: tuple, out_sh
     # a result of the input's shape is allocated like it (its layout, dense): 0.3 us less a
     # call than empty_strided, whose shape and strides are parsed from Python
     like = tuple(in_shape) == tuple(out_shape)
+    weights = (ctypes.c_void_p * len(pointers))(*pointers)  # one argument: 0.2 us a call
     # (thread ident, threads, buffer) of the last call, read and replaced as one object:
     # most calls come from the thread of the last one with the same thread count, and skip
     # scratch's key and lookup (0.25 us of a 50 us call at batch 1)
@@ -153,7 +154,7 @@ def bound_call(forward, ints, pointers: tuple, per: int, in_shape: tuple, out_sh
         # (empty_strided: 0.5 us less per call than empty with a memory_format)
         y = torch.empty_like(xc) if like else \
             torch.empty_strided(out_shape, strides, dtype=torch.float32)
-        forward(ints, xc.data_ptr(), *pointers, y.data_ptr(), buf.data_ptr(), threads)
+        forward(ints, xc.data_ptr(), weights, y.data_ptr(), buf.data_ptr(), threads)
         return y
     call.weights = holds
     return call

@@ -68,15 +68,16 @@ long scratch_floats(const int *g)
     return s.u + s.v1 + s.v2 + s.t + 64;
 }
 
-/* x: (N, H, W, C) contiguous, or (N, C, H, W) with g[G_NCHW] (y alike); Ap: pack_b of A
- * (C x Z R1, group-major); K1p: pack_b of the first filter (kh1 * kw1 taps x R1 x R2); K2p:
- * pack_b of the second (kw2 taps x R2 x R3) or NULL (g[G_KW2] = 0); Bp: pack_b of B (Z R3 x
- * O, group-major); with Z > 1 both width strides must be 1; bias: O rounded up to 16
- * floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g). */
-void pcp_forward(const int *g, const float *x, const float *Ap, const float *K1p,
-                 const float *K2p, const float *Bp, const float *bias, float *y,
+/* w: Ap, K1p, K2p, Bp, bias. x: (N, H, W, C) contiguous, or (N, C, H, W) with g[G_NCHW] (y alike);
+ * Ap: pack_b of A (C x Z R1, group-major); K1p: pack_b of the first filter (kh1 * kw1 taps x R1 x
+ * R2); K2p: pack_b of the second (kw2 taps x R2 x R3) or NULL (g[G_KW2] = 0); Bp: pack_b of B (Z
+ * R3 x O, group-major); with Z > 1 both width strides must be 1; bias: O rounded up to 16 floats,
+ * or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g). */
+void pcp_forward(const int *g, const float *x, const float *const *w, float *y,
                  float *scratch, int threads)
 {
+    /* the weights, one array (ctypes converts 4 fewer arguments a call) */
+    const float *Ap = w[0], *K1p = w[1], *K2p = w[2], *Bp = w[3], *bias = w[4];
     const Sizes s = sizes(g);
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH];

@@ -26,7 +26,7 @@ from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_
 __all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
 
-KERNEL = Kernel("pcp", "pcp_forward", 9)
+KERNEL = Kernel("pcp", "pcp_forward")
 _lib = KERNEL.lib
 available = KERNEL.available
 

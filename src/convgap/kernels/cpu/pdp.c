@@ -111,18 +111,19 @@ long scratch_floats(const int *g)
          + (long)TH * OW * Rp + (g[G_NCHW] ? (long)TH * OW * g[G_O] : 0) + 64;
 }
 
-/* x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike); Ap: pack_b of the (C x R)
- * pointwise weight; bias1: its bias (R rounded up to 16 floats) or NULL; D: (kh * kw) x Rp
- * depthwise taps, Rp = R rounded up to 16 (columns past R are never read back); Bp: pack_b
- * of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus map,
- * OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
- * bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads
- * x scratch_floats(g) floats. Output rows are split evenly over the threads; each walks its
- * rows in bands of TH. */
-void pdp_forward(const int *g, const float *x, const float *Ap, const float *bias1,
-                 const float *D, const float *Bp, const float *bias, const float *map,
-                 float *y, float *scratch, int threads)
+/* w: Ap, bias1, D, Bp, bias, map. x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike);
+ * Ap: pack_b of the (C x R) pointwise weight; bias1: its bias (R rounded up to 16 floats) or NULL;
+ * D: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past R are never read back);
+ * Bp: pack_b of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus
+ * map, OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
+ * bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x
+ * scratch_floats(g) floats. Output rows are split evenly over the threads; each walks its rows in
+ * bands of TH. */
+void pdp_forward(const int *g, const float *x, const float *const *w, float *y,
+                 float *scratch, int threads)
 {
+    /* the weights, one array (ctypes converts 5 fewer arguments a call) */
+    const float *Ap = w[0], *bias1 = w[1], *D = w[2], *Bp = w[3], *bias = w[4], *map = w[5];
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], R = g[G_R], O = g[G_O];
     const int kh = g[G_KH], kw = g[G_KW], sh = g[G_SH], sw = g[G_SW], ph = g[G_PH];
     const int pw = g[G_PW], dh = g[G_DH], dw = g[G_DW], OH = g[G_OH], OW = g[G_OW];

@@ -25,7 +25,7 @@ from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
-KERNEL = Kernel("pdp", "pdp_forward", 10)
+KERNEL = Kernel("pdp", "pdp_forward")
 _lib = KERNEL.lib
 available = KERNEL.available
 

@@ -300,23 +300,23 @@ static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int
             }
 }
 
-/* x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2 x R1 row-major
- * (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3) row-major; bias:
- * O floats or NULL; y: (N, O, OH, OW) contiguous; G_WINO: K1t is U = G g G^T, 16 x R2 x R1
- * row-major (xi nu, out, in); scratch: threads x scratch_floats, zeros
- * when new, and used by this geometry alone: the zero padding of the window's rows is never
- * written (rows are filled between their padding columns and moved whole), so it is
- * zeroed once with the buffer rather than on every call (1.2 us of a 65 us call).
- * G_NHWC: x is (N, H, W, C) and y (N, OH, OW, O) in memory, At is pack_b of the (C, Z R1)
- * weight (with G_TAIL last columns run as dot products, for a tensor ring's 49 = 48 + 1
- * channels: pack_b of the others, then those rows of A^T; planar.py's first_tail; with
- * G_PAIRS, 8 or 24 channels computed two pixels at a time: pack_b of [A^T | A^T], gemm.h's
- * gemm_pairs),
- * Bt pack_b of the (Z R3, O) one, and bias (or NULL) is padded to 16 floats. */
-void planar_forward(const int *g, const float *x, const float *At, const float *K1t,
-                    const float *K2t, const float *Bt, const float *bias, float *y,
+/* w: At, K1t, K2t, Bt, bias. x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2
+ * x R1 row-major (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3)
+ * row-major; bias: O floats or NULL; y: (N, O, OH, OW) contiguous; G_WINO: K1t is U = G g G^T, 16
+ * x R2 x R1 row-major (xi nu, out, in); scratch: threads x scratch_floats, zeros when new, and
+ * used by this geometry alone: the zero padding of the window's rows is never written (rows are
+ * filled between their padding columns and moved whole), so it is zeroed once with the buffer
+ * rather than on every call (1.2 us of a 65 us call). G_NHWC: x is (N, H, W, C) and y (N, OH, OW,
+ * O) in memory, At is pack_b of the (C, Z R1) weight (with G_TAIL last columns run as dot
+ * products, for a tensor ring's 49 = 48 + 1 channels: pack_b of the others, then those rows of
+ * A^T; planar.py's first_tail; with G_PAIRS, 8 or 24 channels computed two pixels at a time:
+ * pack_b of [A^T | A^T], gemm.h's gemm_pairs), Bt pack_b of the (Z R3, O) one, and bias (or NULL)
+ * is padded to 16 floats. */
+void planar_forward(const int *g, const float *x, const float *const *w, float *y,
                     float *scratch, int threads)
 {
+    /* the weights, one array (ctypes converts 4 fewer arguments a call) */
+    const float *At = w[0], *K1t = w[1], *K2t = w[2], *Bt = w[3], *bias = w[4];
     const Sizes s = sizes(g);
     const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
     const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];

@@ -105,7 +105,7 @@ def winograd_weights(k: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, k.shape[0], k.shape[1]).float().contiguous()
 
 
-KERNEL = Kernel("planar", "planar_forward", 9)
+KERNEL = Kernel("planar", "planar_forward")
 _lib = KERNEL.lib
 available = KERNEL.available
 
