@@ -591,6 +591,39 @@ def test_band_rows_follow_pixels_and_scratch_budget():
     assert planar.band_rows(3, 500, 1) == 3 and planar.band_rows(50, 5000, 1) == 1
 
 
+def _check_planar_shapes(x, threads, winograd=False):
+    """The planar kernel on ``threads`` threads over ``x`` (10 channels): depthwise, k x k
+    (strided, dilated), k x 1 then 1 x k in 2 ring groups, and with ``winograd`` a 3 x 3
+    between WINOGRAD_MIN_CHANNELS channels, each against float64. Returns the results."""
+    a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
+    k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
+    a3, k1, k2, b3 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), \
+        torch.randn(9, 10)
+    r = planar.WINOGRAD_MIN_CHANNELS
+    aw, kw, bw = torch.randn(10, r), torch.randn(r, r, 3, 3), torch.randn(9, r)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ys = [cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar"),
+                  pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, kernel="planar"),
+                  pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
+                                               padding2=1, groups=2, kernel="planar")]
+            if winograd:
+                ys.append(pcp.pointwise_conv_pointwise(x, aw, kw, bw, None, 1, 1, 1,
+                                                       kernel="planar"))
+    finally:
+        torch.set_num_threads(before)
+    assert conditioned_error(ys[0], x, a, d, b, bias, 1, 1, 1) < 1e-5
+    refs = [pcp_reference(x, a, k, bk, bias, (2, 1), 2, 2, None, None),
+            pcp_reference(x, a3, k1, b3, None, 1, (1, 0), 1, k2, (1, 1, 1), 2),
+            pcp_reference(x, aw, kw, bw, None, 1, 1, 1, None, None)]
+    for y, ref in zip(ys[1:], refs):
+        assert y.shape == ref.shape
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    return ys
+
+
 @needs_kernel
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -604,34 +637,8 @@ def test_planar_kernel_across_many_bands(monkeypatch, channels_last, threads):
     x = torch.randn(2, 10, 17, 11)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
-    k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
-    a3, k1, k2, b3 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), \
-        torch.randn(9, 10)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            y1 = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
-            y2 = pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, kernel="planar")
-            y3 = pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
-                                              padding2=1, groups=2, kernel="planar")
-    finally:
-        torch.set_num_threads(before)
-    assert conditioned_error(y1, x, a, d, b, bias, 1, 1, 1) < 1e-5
-    xd = x.double()
-    u = F.conv2d(xd, a.double().t()[..., None, None])
-    ref2 = F.conv2d(F.conv2d(u, k.double(), None, (2, 1), 2, 2), bk.double()[..., None, None],
-                    bias.double())
-    u = F.conv2d(xd, a3.double().t()[..., None, None])
-    u = F.conv2d(u, k1.double().repeat(2, 1, 1, 1), padding=(1, 0), groups=2)
-    u = F.conv2d(u, k2.double().repeat(2, 1, 1, 1), padding=(0, 1), groups=2)
-    ref3 = F.conv2d(u, b3.double()[..., None, None])
-    for y, ref in ((y2, ref2), (y3, ref3)):
-        assert y.shape == ref.shape
-        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for y in (y1, y2, y3):
+    for y in _check_planar_shapes(x, threads):
         assert y.is_contiguous(memory_format=fmt)
 
 
@@ -649,30 +656,7 @@ def test_planar_threads_share_window_rows_at_batch_1(channels_last, threads, hei
     x = torch.randn(1, 10, height, 11)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
-    k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
-    a3, k1, k2, b3 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), \
-        torch.randn(9, 10)
-    r = planar.WINOGRAD_MIN_CHANNELS
-    aw, kw, bw = torch.randn(10, r), torch.randn(r, r, 3, 3), torch.randn(9, r)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            y1 = cpu.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, kernel="planar")
-            y2 = pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, kernel="planar")
-            y3 = pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
-                                              padding2=1, groups=2, kernel="planar")
-            y4 = pcp.pointwise_conv_pointwise(x, aw, kw, bw, None, 1, 1, 1, kernel="planar")
-    finally:
-        torch.set_num_threads(before)
-    assert conditioned_error(y1, x, a, d, b, bias, 1, 1, 1) < 1e-5
-    refs = [pcp_reference(x, a, k, bk, bias, (2, 1), 2, 2, None, None),
-            pcp_reference(x, a3, k1, b3, None, 1, (1, 0), 1, k2, (1, 1, 1), 2),
-            pcp_reference(x, aw, kw, bw, None, 1, 1, 1, None, None)]
-    for y, ref in zip((y2, y3, y4), refs):
-        assert y.shape == ref.shape
-        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    _check_planar_shapes(x, threads, winograd=True)
 
 
 @needs_kernel

@@ -206,17 +206,14 @@ class TensorialConv2d(nn.Module):
     def _params(self) -> list[torch.Tensor]:
         # the dicts behind self.factors and self.bias, read directly: this runs on every
         # call, and Module.__getattr__ costs more than the rest of the check
-        params = list(self._modules["factors"]._parameters.values())
+        factors = self._modules["factors"]._parameters.values()
         bias = self._parameters.get("bias")
-        return params if bias is None else params + [bias]
+        return list(factors) if bias is None else [*factors, bias]
 
     def _sig(self) -> list:
         """The parameters' signature: the bound fused kernels hold their prepared forms,
-        valid while it is unchanged. (Checked on every call: read from the dicts behind
-        self.factors and self.bias without building _params' list, 0.5 us less.)"""
-        factors = self._modules["factors"]._parameters.values()
-        bias = self._parameters.get("bias")
-        return signature(factors if bias is None else [*factors, bias])
+        valid while it is unchanged."""
+        return signature(self._params())
 
     def _steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """Forward as the plan's pairwise steps."""
