@@ -22,6 +22,15 @@ TINY = textwrap.dedent("""
 
     def not_a_model():
         return 42
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def with_subclass(num_classes=4):
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                             Scaled(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
 """)
 
 
@@ -173,6 +182,25 @@ def test_tune_prints_layers_and_writes_json(capsys, user_module, tmp_path):
                        "1", "--quiet")
     import re
     assert code == 0 and re.search(r"\byes\b", out)   # second run: from the tuning cache
+
+
+def test_factorize_and_tune_list_subclasses_left_as_they_are(capsys, user_module, tmp_path):
+    import json
+    code, out, err = run(capsys, "factorize", f"{user_module}:with_subclass", "-f", "tucker",
+                         "--rank", "8", "--image-size", "16", "--threads", "1", "--quiet",
+                         "--num-classes", "3", "--keep-slower", "--json",
+                         str(tmp_path / "f.json"))
+    assert code == 0, err
+    assert "left dense: 2: Scaled overrides Conv2d.forward()" in out
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert [r["name"] for r in data["layers"]] == ["0", "3"] and list(data["left_dense"]) == ["2"]
+    code, out, err = run(capsys, "tune", f"{user_module}:with_subclass", "--image-size", "16",
+                         "--algos", "channels_last", "--threads", "1", "--quiet")
+    assert code == 0, err
+    assert "left as is" in out and "Scaled overrides" in out
+    code, _, err = run(capsys, "factorize", f"{user_module}:factory", "--num-classes", "3",
+                       "--quiet")
+    assert code == 2 and "does not take num_classes" in err
 
 
 def test_tune_unknown_algorithm_lists_them(capsys):

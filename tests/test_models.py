@@ -219,6 +219,10 @@ def user_module(tmp_path, monkeypatch):
             def needs_args(depth):
                 return nn.Identity()
 
+            def with_classes(num_classes=1000):
+                return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(4, num_classes))
+
             NUMBER = 7
             """
         )
@@ -261,6 +265,14 @@ def test_load_bad_specs(user_module, spec, fragment):
     with pytest.raises(ConvgapError) as e:
         models.load(spec)
     assert fragment in str(e.value)
+
+
+def test_num_classes_reaches_a_factory_that_takes_it_and_is_never_ignored(user_module):
+    assert models.load(f"{user_module}:with_classes", num_classes=7)[-1].out_features == 7
+    assert models.load(f"{user_module}:with_classes")[-1].out_features == 1000
+    for spec in ("factory", "instance"):
+        with pytest.raises(ConvgapError, match="cannot be applied"):
+            models.load(f"{user_module}:{spec}", num_classes=7)
 
 
 # ---------------------------------------------------------------------------- load_weights

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import hardware, models
+from . import hardware, models, timing
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, LAYOUTS, parse_dtype
 from .analysis.render import tables
@@ -47,6 +47,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for torch (default: torch's current setting)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _num_classes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-classes", type=_positive, default=None,
+                   help="classes of the model: zoo models (default 1000), or passed to a "
+                        "package.module:factory that takes num_classes (an error otherwise)")
 
 
 def _malloc(p: argparse.ArgumentParser, default: str, what: str) -> None:
@@ -77,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
     a.add_argument("--layout", nargs="+", default=["nchw"], choices=LAYOUTS,
                    help="memory layouts to measure (default: nchw)")
-    a.add_argument("--num-classes", type=_positive, default=1000,
-                   help="classes of zoo models (1000)")
+    _num_classes(a)
     a.add_argument("--weights", type=Path, default=None,
                    help="state_dict file for the (single) model, loaded with weights_only")
     a.add_argument("--out", type=Path, default=None,
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
     t.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
     t.add_argument("--layout", default="nchw", choices=LAYOUTS, help="input layout (nchw)")
-    t.add_argument("--num-classes", type=_positive, default=1000)
+    _num_classes(t)
     t.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
     t.add_argument("--algos", nargs="+", default=["auto"], metavar="NAME",
                    help="'auto' (every registered algorithm) or the candidate names to try")
@@ -139,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
     f.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
     f.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
-    f.add_argument("--num-classes", type=_positive, default=1000)
+    _num_classes(f)
     f.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
     f.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="memory layout of the input and the model's weights (nchw)")
+    f.add_argument("--keep-slower", action="store_true",
+                   help="keep factorized layers that measure slower than the dense ones "
+                        "(default: such layers are left dense, and listed)")
     f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
     _malloc(f, "retain", "time")
     _common(f)
@@ -241,8 +249,14 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
     if args.factorization != "flattened" and args.rank is None and compression is None:
         compression = 10.0
     rank = None if args.rank is None else (args.rank[0] if len(args.rank) == 1 else args.rank)
-    fact = factorize(net, args.factorization, compression=compression, rank=rank,
-                     layers=args.layers, rank_multiple=args.rank_multiple, quiet=args.quiet)
+    with timing.threads(args.threads):
+        fact = factorize(net, args.factorization, x, compression=compression, rank=rank,
+                         layers=args.layers, rank_multiple=args.rank_multiple,
+                         keep="all" if args.keep_slower else "faster", quiet=args.quiet)
+    left = [r for r in fact.factorized if not r.kept]
+    if len(left) == len(fact.factorized):
+        raise ConvgapError("no layer was factorized: " + "; ".join(
+            f"{r.name}: {r.reason}" for r in left) + " (--keep-slower keeps slower layers)")
     result = compare(net, fact, x, threads=args.threads, quiet=args.quiet,
                      malloc=_policy(args))
     what = args.factorization + (f", {compression:g}x" if compression else "") + \
@@ -251,9 +265,12 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
     console.print(result.table(title=f"convgap factorize {args.model} ({what}) {shape} "
                                      f"{args.layout} {args.dtype}, {result.threads} threads"
                                      + (f", malloc {malloc}" if malloc else "")))
+    for r in left:
+        console.print(f"left dense: {r.name}: {r.reason}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=1))
+        args.json.write_text(json.dumps(dict(result.to_dict(), left_dense={
+            r.name: r.reason for r in left}), indent=1))
         console.print(f"JSON: {args.json}")
     return 0
 

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ConvgapError
 
 __all__ = ["LayerCount", "BlockCount", "Counts", "count", "trace", "Trace", "block_kind",
-           "check_input"]
+           "check_input", "detached_copy", "tensors"]
 
 # Residual-block classes of common third-party zoos, recognised without a ``block_kind``.
 KNOWN_BLOCKS = {
@@ -59,13 +59,14 @@ def block_kind(module: nn.Module) -> str | None:
     return KNOWN_BLOCKS.get(type(module).__name__)
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
+        return [t for o in obj for t in tensors(o)]
     if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
+        return [t for o in obj.values() for t in tensors(o)]
     return []
 
 
@@ -74,7 +75,7 @@ def _nbytes(ts: Iterable[torch.Tensor]) -> int:
 
 
 def _shape(obj: Any) -> tuple[int, ...] | list:
-    ts = _tensors(obj)
+    ts = tensors(obj)
     if len(ts) == 1:
         return tuple(ts[0].shape)
     return [tuple(t.shape) for t in ts]
@@ -89,18 +90,18 @@ def _weights(module: nn.Module) -> list[torch.Tensor]:
 def formula_macs(module: nn.Module, inputs: Sequence[Any], output: Any) -> int | None:
     """MACs of one call of a leaf module by closed formula; None if its type has none."""
     if isinstance(module, _CONVS):
-        out = _tensors(output)[0]
+        out = tensors(output)[0]
         k = math.prod(module.kernel_size)
         return out.numel() * (module.in_channels // module.groups) * k
     if isinstance(module, _TCONVS):
-        x = _tensors(inputs)[0]
+        x = tensors(inputs)[0]
         k = math.prod(module.kernel_size)
         return x.numel() * (module.out_channels // module.groups) * k
     if isinstance(module, nn.Linear):
-        x = _tensors(inputs)[0]
+        x = tensors(inputs)[0]
         return x.numel() * module.out_features
     if isinstance(module, nn.Bilinear):
-        x = _tensors(inputs)[0]
+        x = tensors(inputs)[0]
         rows = x.numel() // module.in1_features
         return rows * module.in1_features * module.in2_features * module.out_features
     if isinstance(module, _ZERO_MAC):
@@ -248,15 +249,17 @@ def check_input(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]
     return shape
 
 
-def _clone(obj: Any) -> Any:
+def detached_copy(obj: Any) -> Any:
+    """A copy of ``obj``'s tensors (detached, same memory format), in the same nesting of
+    tuples, lists and dicts; other objects as they are."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone(memory_format=torch.preserve_format)
     if isinstance(obj, tuple):
-        return tuple(_clone(o) for o in obj)
+        return tuple(detached_copy(o) for o in obj)
     if isinstance(obj, list):
-        return [_clone(o) for o in obj]
+        return [detached_copy(o) for o in obj]
     if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
+        return {k: detached_copy(v) for k, v in obj.items()}
     return obj
 
 
@@ -293,13 +296,13 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
 
     def pre(m: nn.Module, args: tuple) -> None:
         # inputs are copied before the call: in-place layers would change them
-        pending.setdefault(id(m), []).append((_clone(args) if capture else None,
-                                              _nbytes(_tensors(args)), _shape(args)))
+        pending.setdefault(id(m), []).append((detached_copy(args) if capture else None,
+                                              _nbytes(tensors(args)), _shape(args)))
         if m in blocks:
             row = BlockCount(name=row_name(m), kind=block_kind(m), type=type(m).__name__,
                              input_shape=_shape(args), output_shape=None, macs=0, params=0,
                              weight_bytes=_nbytes(_weights(m)),
-                             act_in_bytes=_nbytes(_tensors(args)), act_out_bytes=0,
+                             act_in_bytes=_nbytes(tensors(args)), act_out_bytes=0,
                              layerwise_bytes=0)
             stack.append((row, len(layers)))
 
@@ -312,7 +315,7 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
                 name=name, type=type(m).__name__, input_shape=in_shape,
                 output_shape=_shape(out), macs=macs or 0, params=new_params(m),
                 weight_bytes=_nbytes(_weights(m)), act_in_bytes=in_bytes,
-                act_out_bytes=_nbytes(_tensors(out)),
+                act_out_bytes=_nbytes(tensors(out)),
                 block=stack[-1][0].name if stack else None,
                 macs_source="formula" if macs is not None else "flop_counter"))
             layer_calls.append(Call(name, m, saved))
@@ -320,7 +323,7 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
             row, first = stack.pop()
             inner = layers[first:]
             row.output_shape = _shape(out)
-            row.act_out_bytes = _nbytes(_tensors(out))
+            row.act_out_bytes = _nbytes(tensors(out))
             row.macs = sum(r.macs for r in inner)
             row.params = sum(p.numel() for p in m.parameters())
             row.layerwise_bytes = sum(r.min_bytes for r in inner)
@@ -357,7 +360,7 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
         layers=layers, blocks=block_rows, macs=total_macs,
         params=sum(p.numel() for p in model.parameters()),
         weight_bytes=_nbytes(_weights(model)), act_in_bytes=_nbytes([x]),
-        act_out_bytes=_nbytes(_tensors(out)),
+        act_out_bytes=_nbytes(tensors(out)),
         unattributed_macs=total_macs - sum(r.macs for r in layers))
     return Trace(counts, layer_calls, block_calls, out)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -66,12 +67,14 @@ def create(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
         raise
 
 
-def load(spec: str, num_classes: int = 1000) -> nn.Module:
+def load(spec: str, num_classes: int | None = None) -> nn.Module:
     """Build a model from a zoo name or a ``package.module:factory`` spec.
 
-    For a ``module:factory`` spec the module is imported and ``factory()`` is called with no
-    arguments (``num_classes`` is not passed); an ``nn.Module`` instance at that attribute is
-    returned as is. The attribute may be dotted (``pkg.mod:Class.build``).
+    Zoo models take ``num_classes`` (None: 1000). For a ``module:factory`` spec the module
+    is imported and ``factory()`` is called, with ``num_classes=`` when one is given, which
+    the factory must then accept (else a clear error, never a silently ignored option); an
+    ``nn.Module`` instance at that attribute is returned as is (and takes no
+    ``num_classes``). The attribute may be dotted (``pkg.mod:Class.build``).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConvgapError(
@@ -79,7 +82,7 @@ def load(spec: str, num_classes: int = 1000) -> nn.Module:
         )
     spec = spec.strip()
     if ":" not in spec:
-        return create(spec, num_classes=num_classes)
+        return create(spec, num_classes=1000 if num_classes is None else num_classes)
 
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -110,18 +113,31 @@ def load(spec: str, num_classes: int = 1000) -> nn.Module:
         obj = getattr(obj, part)
 
     if isinstance(obj, nn.Module):
+        if num_classes is not None:
+            raise ConvgapError(
+                f"{spec!r} is a model instance, so num_classes={num_classes} cannot be "
+                "applied: drop --num-classes, or point the spec at a factory that takes "
+                "num_classes")
         return obj
     if not callable(obj):
         raise ConvgapError(
             f"{spec!r} is a {type(obj).__name__}, not a callable; point the spec at a function "
             "that takes no arguments and returns an nn.Module"
         )
+    kwargs = {}
+    if num_classes is not None:
+        if not _takes(obj, "num_classes"):
+            raise ConvgapError(
+                f"{spec} does not take num_classes, so num_classes={num_classes} cannot be "
+                "applied: drop --num-classes, or give the factory a num_classes parameter")
+        kwargs["num_classes"] = num_classes
     try:
-        model = obj()
+        model = obj(**kwargs)
     except Exception as e:
         raise ConvgapError(
-            f"calling {spec}() raised {type(e).__name__}: {e}; the factory must build the "
-            "model with no arguments"
+            f"calling {spec}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) raised "
+            f"{type(e).__name__}: {e}; the factory must build the model from "
+            f"{'these arguments' if kwargs else 'no arguments'}"
         ) from e
     if not isinstance(model, nn.Module):
         raise ConvgapError(
@@ -129,6 +145,16 @@ def load(spec: str, num_classes: int = 1000) -> nn.Module:
             "factory return the model"
         )
     return model
+
+
+def _takes(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` accepts keyword argument ``name`` (or any via **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _name_keys(keys: list[str], limit: int = 5) -> str:

@@ -5,6 +5,7 @@ bought per layer and for the whole model."""
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -17,6 +18,7 @@ from ..algorithms.spec import layout_of
 from ..errors import ConvgapError
 from ..layers import FAMILIES, FlattenedConv2d, TensorialConv2d, family
 from ..progress import make_progress
+from .eligible import blocker, find_layers
 
 __all__ = ["factorize", "FactorizedLayer", "compare", "Comparison", "FACTORIZATIONS",
            "default_layers"]
@@ -37,13 +39,22 @@ def default_layers(name: str, module: nn.Module) -> bool:
 
 @dataclass
 class FactorizedLayer:
-    """One replaced layer: its name, the factorization, ranks and weight parameters."""
+    """One considered layer: its name, the factorization, ranks and weight parameters;
+    ``kept`` False with the ``reason`` where the layer was left as it is (a subclass with
+    its own computation, a factorized form of another output shape or measured slower).
+    With an example input: ``error``, the factorized layer's relative output error
+    (max|y - y_dense| / max|y_dense|, the approximation) and ``time_ratio``, its measured
+    time / the dense layer's (median of paired per-round ratios)."""
 
     name: str
     factorization: str
     ranks: tuple[int, ...] | None
     dense_params: int
     params: int
+    kept: bool = True
+    reason: str | None = None
+    error: float | None = None
+    time_ratio: float | None = None
 
     @property
     def compression(self) -> float:
@@ -82,10 +93,13 @@ def _check(name: str, conv: nn.Conv2d) -> None:
         raise ConvgapError(f"{name}: factorize needs numeric padding, not {conv.padding!r}")
 
 
-def factorize(model: nn.Module, factorization: str, *, compression: float | None = None,
-              rank: int | Sequence[int] | None = None, layers: Layers = None,
-              rank_multiple: int = 8, inplace: bool = False, quiet: bool = False
-              ) -> nn.Module:
+KEEP = ("faster", "all")
+
+
+def factorize(model: nn.Module, factorization: str, example_input: torch.Tensor | None = None,
+              *, compression: float | None = None, rank: int | Sequence[int] | None = None,
+              layers: Layers = None, rank_multiple: int = 8, keep: str = "faster",
+              inplace: bool = False, quiet: bool = False) -> nn.Module:
     """Replace convolutions of ``model`` by factorized ones decomposed from their weights.
 
     ``factorization``: 'cp', 'tucker', 'tt', 'tr', 'rcp' (:class:`TensorialConv2d`) or
@@ -94,14 +108,24 @@ def factorize(model: nn.Module, factorization: str, *, compression: float | None
     parameters, per layer) or ``rank``; with ``compression``, CP / Tucker / TT ranks of at
     least 2 x ``rank_multiple`` are rounded down to a multiple of it (see
     :class:`TensorialConv2d`; 1: off). ``layers``: None (every dense, non-1x1 conv), module
-    names, a module type, or a callable ``(name, module) -> bool``. Every layer's ranks are
+    names, a module type, or a callable ``(name, module) -> bool``. Conv2d subclasses with
+    their own computation (an overridden ``forward``, hooks, parametrizations) are never
+    replaced: they are listed with the reason and a warning. Every layer's ranks are
     checked before anything is replaced (an impossible compression raises ConvgapError
-    naming the layer). Returns the model (a copy unless ``inplace``) with
-    ``model.factorized``: a list of :class:`FactorizedLayer`.
+    naming the layer).
+
+    With ``example_input`` (a batch of the shape you will run), each factorized layer is
+    run on its real input: one whose output shape differs from the original layer's is not
+    kept, its approximation error is recorded, and with ``keep='faster'`` (the default) it
+    is timed against the dense layer (interleaved, paired) and kept only if faster;
+    ``keep='all'`` keeps every layer. Returns the model (a copy unless ``inplace``) with
+    ``model.factorized``: a list of :class:`FactorizedLayer`, one per considered layer.
     """
     if factorization not in FACTORIZATIONS:
         raise ConvgapError(f"unknown factorization {factorization!r}; available: "
                            f"{', '.join(FACTORIZATIONS)}")
+    if keep not in KEEP:
+        raise ConvgapError(f"keep must be one of {', '.join(KEEP)}; got {keep!r}")
     flattened = factorization == "flattened"
     if flattened and (rank is not None or compression is not None):
         raise ConvgapError("'flattened' has a fixed structure: give neither rank nor "
@@ -113,8 +137,11 @@ def factorize(model: nn.Module, factorization: str, *, compression: float | None
         raise ConvgapError("no convolution matches `layers` (by default: dense, non-1x1 "
                            "Conv2d layers)")
     modules = dict(model.named_modules())
+    skipped = {n: blocker(modules[n]) for n in names if blocker(modules[n]) is not None}
     plans = []
     for n in names:  # validate every layer before touching the model
+        if n in skipped:
+            continue
         conv = modules[n]
         _check(n, conv)
         o, s, (h, w) = conv.out_channels, conv.in_channels, conv.kernel_size
@@ -128,27 +155,66 @@ def factorize(model: nn.Module, factorization: str, *, compression: float | None
         except ConvgapError as exc:
             raise ConvgapError(f"{n}: {exc}") from None
         plans.append((n, ranks))
+    if skipped:
+        warnings.warn(f"factorize: {len(skipped)} layer(s) left as they are: " + "; ".join(
+            f"{n}: {r}" for n, r in skipped.items()), UserWarning, stacklevel=2)
+    inputs = find_layers(model, example_input).inputs if example_input is not None else {}
     if not inplace:
         model = copy.deepcopy(model)
         modules = dict(model.named_modules())
-    done: list[FactorizedLayer] = []
-    with make_progress(quiet) as progress:
+    done = [FactorizedLayer(n, factorization, None, modules[n].weight.numel(),
+                            modules[n].weight.numel(), kept=False, reason=r)
+            for n, r in skipped.items()]
+    on_cpu = example_input is not None and example_input.device.type == "cpu"
+    with make_progress(quiet) as progress, torch.no_grad(), \
+            allocator.use("retain" if on_cpu and keep == "faster" else None):
         task = progress.add_task(f"factorizing ({factorization})", total=len(plans))
         for n, ranks in plans:
+            progress.update(task, description=f"factorizing ({factorization}) {n}")
             conv = modules[n]
             if flattened:
                 new = FlattenedConv2d.from_conv(conv)
             else:
                 new = TensorialConv2d.from_conv(conv, factorization, rank=ranks)
             new.train(conv.training)
-            dense = conv.weight.numel()
-            done.append(FactorizedLayer(n, factorization, None if flattened else new.ranks,
-                                        dense, new.weight_params))
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            row = FactorizedLayer(n, factorization, None if flattened else new.ranks,
+                                  conv.weight.numel(), new.weight_params)
+            if n in inputs:
+                _measure(row, conv, new, inputs[n][0], keep)
+            done.append(row)
+            if row.kept:
+                parent, _, child = n.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
             progress.advance(task)
     model.factorized = done
     return model
+
+
+def _measure(row: FactorizedLayer, conv: nn.Module, new: nn.Module, x: torch.Tensor,
+             keep: str) -> None:
+    """Run the factorized layer on the dense one's real input ``x``: a different output
+    shape is never kept; record the approximation error; with ``keep='faster'`` time both
+    (interleaved, paired) and keep only a faster one."""
+    was = new.training
+    new.eval()
+    try:
+        y, ref = new(x), conv(x)
+        if y.shape != ref.shape:
+            row.kept = False
+            row.reason = (f"the factorized layer's output is {tuple(y.shape)}, the original's "
+                          f"{tuple(ref.shape)}")
+            return
+        row.error = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if keep == "faster":
+            t_new, t_dense = timing.compare([lambda: new(x), lambda: conv(x)], LAYER_CONFIG,
+                                            x.device.type)
+            row.time_ratio = timing.paired_ratio(t_new, t_dense)
+            if row.time_ratio >= 1.0:
+                row.kept = False
+                row.reason = (f"measured slower than the dense layer ({row.time_ratio:.2f}x "
+                              "its time); keep='all' keeps it")
+    finally:
+        new.train(was)
 
 
 # -- measurement ---------------------------------------------------------------------------
@@ -232,6 +298,7 @@ def compare(original: nn.Module, factorized: nn.Module, x: torch.Tensor,
     rows = getattr(factorized, "factorized", None)
     if rows is None:
         raise ConvgapError("compare needs a model returned by factorize()")
+    rows = [r for r in rows if r.kept]
     orig_modules = dict(original.named_modules())
     new_modules = dict(factorized.named_modules())
     inputs: dict[str, torch.Tensor] = {}

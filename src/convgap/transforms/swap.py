@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..algorithms import registry
+from ..algorithms.linear import TOLERANCE as LINEAR_TOLERANCE
 from ..algorithms.linear import AlgoLinear, LinearSpec, check_linear, supports_prepacked
 from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
 from ..algorithms.spec import ConvSpec, layout_of
@@ -19,6 +21,8 @@ from ..algorithms.tuner import tuning_progress
 from .. import allocator, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
+from ..count import tensors as _tensors
+from .eligible import Found, blocker, find_layers, is_linear
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
 
@@ -29,55 +33,16 @@ Algos = Union[str, Sequence[str], Mapping[Any, str], Callable[[nn.Module, Any], 
 
 @dataclass
 class Choice:
-    """The algorithm of one swapped layer. ``fallback``: why the request was not honoured."""
+    """The algorithm of one swapped layer. ``fallback``: why the request was not honoured.
+    A layer left as it is (not a plain convolution) has ``requested`` and ``algorithm``
+    None and the reason in ``fallback``."""
 
     name: str
-    requested: str
-    algorithm: str
+    requested: str | None
+    algorithm: str | None
     fallback: str | None
     spec: str | None
     tuning: dict | None
-
-
-def _is_linear(m: nn.Module) -> bool:
-    # exact nn.Linear only: subclasses (attention's out_proj) may never call forward
-    return type(m) is nn.Linear or isinstance(m, AlgoLinear)
-
-
-def _convs_in_order(model: nn.Module, example_input, linear: bool = False
-                    ) -> tuple[list[str], dict[str, tuple]]:
-    """Names of the Conv2d layers (and, with ``linear``, nn.Linear layers) in forward order
-    (module order without an input), and the input of each one's first call when
-    ``example_input`` is given."""
-    names = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) or (linear and _is_linear(m)):
-            names.setdefault(m, n)
-    if example_input is None:
-        return list(names.values()), {}
-    order: list[str] = []
-    inputs: dict[str, tuple] = {}
-
-    def hook(m, args):
-        n = names[m]
-        if n not in inputs:
-            order.append(n)
-            inputs[n] = args
-    handles = [m.register_forward_pre_hook(hook) for m in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    except Exception as exc:
-        raise ConvgapError(f"the model failed on example_input of shape "
-                           f"{tuple(example_input.shape)}: {exc}") from exc
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    unused = [n for n in names.values() if n not in inputs]
-    return order + unused, inputs
 
 
 def _valid(name: Any, where: str) -> str:
@@ -90,10 +55,10 @@ def _valid(name: Any, where: str) -> str:
     return name
 
 
-def _requests(model: nn.Module, algos: Algos, order: list[str],
-              inputs: dict[str, tuple]) -> dict[str, str]:
+def _requests(model: nn.Module, algos: Algos, found: Found) -> dict[str, str]:
     """Layer name -> requested algorithm, validated before anything is swapped."""
     modules = dict(model.named_modules())
+    order, inputs = found.order, found.inputs
     if isinstance(algos, str):
         return {n: _valid(algos, "algos") for n in order}
     if isinstance(algos, Mapping):
@@ -103,7 +68,7 @@ def _requests(model: nn.Module, algos: Algos, order: list[str],
                 hits = [n for n in order if isinstance(modules[n], key)]
             elif isinstance(key, str) and key in modules:
                 hits = [key] if key in order else []
-                if not hits:
+                if not hits and key not in found.skipped:
                     raise ConvgapError(f"algos[{key!r}]: that module is a "
                                        f"{type(modules[key]).__name__}, not a Conv2d")
             else:
@@ -178,21 +143,27 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
         linear = "auto" if isinstance(algos, str) and algos == "auto" else "keep"
     if linear != "keep":
         check_linear(linear, "linear")
-    found, inputs = _convs_in_order(model, example_input, linear=linear != "keep")
+    found = find_layers(model, example_input, linear=linear != "keep")
+    inputs = found.inputs
     modules = dict(model.named_modules())
-    order = [n for n in found if isinstance(modules[n], nn.Conv2d)]
-    linears = [n for n in found if _is_linear(modules[n])
+    order = [n for n in found.order if isinstance(modules[n], nn.Conv2d)]
+    linears = [n for n in found.order if is_linear(modules[n])
                and (example_input is None or n in inputs)]
-    requests = _requests(model, algos, order, inputs)
+    requests = _requests(model, algos, Found(order, found.skipped, inputs))
     if "auto" in requests.values() and example_input is None:
         raise ConvgapError("algos='auto' measures each layer on its real input: pass "
                            "example_input (a batch of the shape you will run)")
     if example_input is None and (linear == "auto" and linears):
         raise ConvgapError("linear='auto' measures each layer on its real input: pass "
                            "example_input (a batch of the shape you will run)")
+    if found.skipped:
+        warnings.warn(f"{len(found.skipped)} layer(s) left as they are: " + "; ".join(
+            f"{n}: {r}" for n, r in found.skipped.items()), AlgorithmFallbackWarning,
+            stacklevel=2)
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
+    originals = {n: modules[n] for n in [*requests, *linears]}
     fallbacks = []
     for n, name in requests.items():
         conv = modules[n]
@@ -220,9 +191,9 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                       AlgorithmFallbackWarning, stacklevel=2)
     n_auto = sum(1 for v in requests.values() if v == "auto") + \
         (len(linears) if linear == "auto" else 0)
+    was_training = model.training
+    model.eval()
     if n_auto:
-        was_training = model.training
-        model.eval()
         # the variant needs a conv tuned on a plain NCHW input; copy only if one can be
         try_variant = verify and (candidates is None or LAYOUT_VARIANT in candidates) and \
             any(requests.get(n) == "auto" and layout_of(args[0]) == "nchw"
@@ -245,8 +216,80 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                     variant = None
             if verify:
                 _verify_model(model, example_input, variant, first)
-        model.train(was_training)
+    if example_input is not None:
+        _check_against_original(model, originals, found, example_input)
+    model.train(was_training)
     return model
+
+
+def _tolerance(layer: nn.Module, x: torch.Tensor) -> float:
+    """Relative error accepted from a swapped layer's current algorithm on input ``x``."""
+    if isinstance(layer, AlgoConv2d):
+        if layer.algorithm in ("auto", "torch"):
+            return tuner.tolerance(registry.get("torch"), layer.spec_for(x))
+        return tuner.tolerance(registry.get(layer.algorithm), layer.spec_for(x))
+    spec = layer.spec_for(x)
+    return max(LINEAR_TOLERANCE, tuner.precision_tolerance(spec.dtype, spec.device))
+
+
+def _output_error(y: Any, ref: Any) -> float:
+    """The largest relative error over the tensors of two outputs of the same structure."""
+    ys, refs = _tensors(y), _tensors(ref)
+    if len(ys) != len(refs):
+        return math.inf
+    return max((tuner.relative_error(a, b) for a, b in zip(ys, refs)), default=0.0)
+
+
+@torch.no_grad()
+def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], found: Found,
+                            x: torch.Tensor) -> None:
+    """The apply-time check of every swap: each rebuilt layer against the *original* module
+    on that module's captured input, then the whole model against the original model's
+    output (both captured before anything was rebuilt). A layer that disagrees runs torch;
+    if the whole model still disagrees every layer does; if even that disagrees, the
+    original modules are put back. Each step warns with the numbers."""
+    problems = []
+    tols = [1e-4]
+    for n, orig in originals.items():
+        layer = model.get_submodule(n)
+        if n not in found.inputs or not isinstance(layer, (AlgoConv2d, AlgoLinear)):
+            continue
+        args = found.inputs[n]
+        ref = orig(*args)
+        tol = _tolerance(layer, args[0])
+        err = _output_error(layer(*args), ref)
+        if err > tol and layer.algorithm != "torch":
+            reason = (f"check against the original layer: {layer.algorithm} differs by "
+                      f"{err:.2e} > {tol:.0e}; runs torch")
+            layer.set_algorithm("torch", reason)
+            problems.append(f"{n}: {reason}")
+            tol = _tolerance(layer, args[0])
+            err = _output_error(layer(*args), ref)
+        if err > tol:  # even torch: the rebuilt layer is not the original's computation
+            _replace(model, n, orig)
+            problems.append(f"{n}: the rebuilt layer differs from the original by {err:.2e}; "
+                            "the original is kept")
+        tols.append(tol)
+    tol = max(tols)
+    err = _output_error(model(x), found.output)
+    if err > tol:
+        swapped = {n: m for n, m in model.named_modules()
+                   if isinstance(m, (AlgoConv2d, AlgoLinear)) and n in originals}
+        reason = (f"model-level check against the original model: output differs by "
+                  f"{err:.2e} > {tol:.0e}; every layer runs torch")
+        for m in swapped.values():
+            if m.algorithm != "torch":
+                m.set_algorithm("torch", reason)
+        err = _output_error(model(x), found.output)
+        if err > tol:
+            for n in swapped:
+                _replace(model, n, originals[n])
+            reason = (f"model-level check against the original model: output differs by "
+                      f"{err:.2e} > {tol:.0e} even with torch everywhere; the original "
+                      "layers are kept")
+        problems.append(reason)
+    if problems:
+        warnings.warn("; ".join(problems), AlgorithmFallbackWarning, stacklevel=3)
 
 
 LAYOUT_VARIANT = "channels_last"  # what the first conv runs in the layout variant
@@ -339,10 +382,17 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
 
 
 def choices(model: nn.Module) -> list[Choice]:
-    """What each swapped layer runs, in module order."""
-    return [Choice(n, m.requested, m.algorithm, m.fallback,
-                   (m.tuning or {}).get("spec"), m.tuning)
-            for n, m in model.named_modules() if isinstance(m, (AlgoConv2d, AlgoLinear))]
+    """What each swapped layer runs, in module order, and the Conv2d / Linear layers that
+    every transform leaves as they are (``requested`` and ``algorithm`` None, ``fallback``
+    the reason: a subclass with its own forward, hooks, parametrizations)."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, (AlgoConv2d, AlgoLinear)):
+            out.append(Choice(n, m.requested, m.algorithm, m.fallback,
+                              (m.tuning or {}).get("spec"), m.tuning))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and (reason := blocker(m)) is not None:
+            out.append(Choice(n, None, None, reason, None, None))
+    return out
 
 
 def unswap(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -63,6 +63,10 @@ class TuneResult:
             cells = [f"{1e3 * times[a]:.3g}" if a in times else "-" for a in self.algorithms]
             speed = (times["torch"] / times[c.algorithm]
                      if c.algorithm in times and "torch" in times else 1.0)
+            if c.algorithm is None:  # not a plain convolution: left as it is
+                t.add_row(c.name, c.fallback, *["-"] * len(self.algorithms), "left as is",
+                          "-", "-")
+                continue
             t.add_row(c.name, c.spec or "", *cells, c.algorithm, f"{speed:.2f}x",
                       "yes" if tun.get("cached") else "no")
         return t
@@ -70,7 +74,8 @@ class TuneResult:
     def summary(self) -> str:
         counts: dict[str, int] = {}
         for c in self.choices:
-            counts[c.algorithm] = counts.get(c.algorithm, 0) + 1
+            key = c.algorithm or "left as is"
+            counts[key] = counts.get(key, 0) + 1
         picked = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         s = (f"model: original {1e3 * self.original_s:.2f} ms, tuned "
              f"{1e3 * self.tuned_s:.2f} ms ({self.speedup:.2f}x, interleaved medians, "
