@@ -1,9 +1,11 @@
 """Per-layer and per-block arithmetic and memory traffic of a network.
 
-:func:`count` runs one forward pass with hooks on every leaf module and every block
-(a module whose class has a ``block_kind`` attribute, or a well-known residual block class of
-torchvision/timm) and returns a :class:`Counts`: a :class:`LayerCount` per leaf-module
-*call*, a :class:`BlockCount` per block call, and model totals.
+:func:`count` runs one forward pass with hooks on every module and returns a
+:class:`Counts`: a :class:`LayerCount` per leaf-module *call*, a :class:`BlockCount` per
+block call, and model totals. Blocks are residual and dense blocks found by structure in
+that same pass (:mod:`convgap.blocks`; a ``block_kind`` class attribute or a well-known
+class name is a hint), and ``Counts.unclassified`` names the top-level modules with
+convolutions in which no block was found.
 
 Units: MACs are multiply-accumulates (FLOPs = 2 x MACs); bytes are bytes. MACs of
 convolutions (any groups, transposed too) and linear layers come from closed formulas;
@@ -26,17 +28,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .blocks import Recorder, block_kind, unclassified
 from .errors import ConvgapError
 
 __all__ = ["LayerCount", "BlockCount", "Counts", "count", "trace", "Trace", "block_kind",
            "check_input", "detached_copy", "tensors"]
-
-# Residual-block classes of common third-party zoos, recognised without a ``block_kind``.
-KNOWN_BLOCKS = {
-    "BasicBlock": "basic", "Bottleneck": "bottleneck", "InvertedResidual": "inverted_residual",
-    "MBConv": "mbconv", "FusedMBConv": "fused_mbconv", "CNBlock": "convnext",
-    "ConvNeXtBlock": "convnext", "DepthwiseSeparableConv": "depthwise_separable",
-}
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -49,14 +45,6 @@ _ZERO_MAC = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Loca
              nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
              nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
              nn.ReplicationPad2d, nn.ChannelShuffle, nn.PixelShuffle)
-
-
-def block_kind(module: nn.Module) -> str | None:
-    """The block kind of ``module`` ('bottleneck', 'inverted_residual', ...) or None."""
-    kind = getattr(type(module), "block_kind", None)
-    if isinstance(kind, str):
-        return kind
-    return KNOWN_BLOCKS.get(type(module).__name__)
 
 
 def tensors(obj: Any) -> list[torch.Tensor]:
@@ -167,6 +155,8 @@ class BlockCount(_Traffic):
     act_out_bytes: int
     layerwise_bytes: int
     layers: list[str] = field(default_factory=list)
+    shortcut: list[str] = field(default_factory=list)  # layer calls on the shortcut path
+    found_by: str = "structure"  # or 'hint': a block_kind attribute or well-known class
 
     @property
     def fused_bytes(self) -> int:
@@ -189,6 +179,7 @@ class Counts(_Traffic):
     act_in_bytes: int
     act_out_bytes: int
     unattributed_macs: int = 0
+    unclassified: list[str] = field(default_factory=list)  # see blocks.unclassified
 
     @property
     def layerwise_bytes(self) -> int:
@@ -267,18 +258,16 @@ def detached_copy(obj: Any) -> Any:
 def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
     """Run ``model(x)`` once with hooks and FlopCounterMode; count every leaf and block call.
     With ``capture``, keep a copy of each call's inputs (for timing it in isolation)."""
-    names: dict[nn.Module, str] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(m, n)  # a shared module keeps its first name
-    leaves = {m for m in names if next(m.children(), None) is None}
-    blocks = {m for m in names if block_kind(m) is not None and m not in leaves}
+    recorder = Recorder(model)
+    names, leaves = recorder.names, recorder.leaves
     seen_params: set[int] = set()
     call_no: dict[str, int] = {}
     layers: list[LayerCount] = []
-    block_rows: list[BlockCount] = []
     layer_calls: list[Call] = []
-    block_calls: list[Call] = []
-    stack: list[tuple[BlockCount, int]] = []  # open blocks and their first layer index
+    # every non-leaf call is a candidate block until the recorder says which are blocks:
+    # (module, row, its layers' index range, call)
+    candidates: list[tuple[nn.Module, BlockCount, range, Call]] = []
+    stack: list[tuple[BlockCount, int]] = []  # open candidates and their first layer index
     pending: dict[int, list] = {}  # id(module) -> stack of captured inputs
 
     def row_name(m: nn.Module) -> str:
@@ -298,8 +287,8 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
         # inputs are copied before the call: in-place layers would change them
         pending.setdefault(id(m), []).append((detached_copy(args) if capture else None,
                                               _nbytes(tensors(args)), _shape(args)))
-        if m in blocks:
-            row = BlockCount(name=row_name(m), kind=block_kind(m), type=type(m).__name__,
+        if m not in leaves:
+            row = BlockCount(name=row_name(m), kind="", type=type(m).__name__,
                              input_shape=_shape(args), output_shape=None, macs=0, params=0,
                              weight_bytes=_nbytes(_weights(m)),
                              act_in_bytes=_nbytes(tensors(args)), act_out_bytes=0,
@@ -316,33 +305,42 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
                 output_shape=_shape(out), macs=macs or 0, params=new_params(m),
                 weight_bytes=_nbytes(_weights(m)), act_in_bytes=in_bytes,
                 act_out_bytes=_nbytes(tensors(out)),
-                block=stack[-1][0].name if stack else None,
                 macs_source="formula" if macs is not None else "flop_counter"))
             layer_calls.append(Call(name, m, saved))
-        if m in blocks:
-            row, first = stack.pop()
-            inner = layers[first:]
-            row.output_shape = _shape(out)
-            row.act_out_bytes = _nbytes(tensors(out))
-            row.macs = sum(r.macs for r in inner)
-            row.params = sum(p.numel() for p in m.parameters())
-            row.layerwise_bytes = sum(r.min_bytes for r in inner)
-            row.layers = [r.name for r in inner]
-            block_rows.append(row)
-            block_calls.append(Call(row.name, m, saved))
+            return
+        row, first = stack.pop()
+        row.output_shape = _shape(out)
+        row.act_out_bytes = _nbytes(tensors(out))
+        row.params = sum(p.numel() for p in m.parameters())
+        candidates.append((m, row, range(first, len(layers)), Call(row.name, m, saved)))
 
     handles = []
     for m in names:
-        if m in leaves or m in blocks:
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        with recorder, counter:
             out = model(x)
     finally:
         for h in handles:
             h.remove()
+    found = recorder.blocks()
+    kept = [(m, row, span, call) for m, row, span, call in candidates if m in found]
+    kept.sort(key=lambda c: c[2].start)  # call order of the blocks' starts
+    block_rows, block_calls = [], []
+    for m, row, span, call in sorted(kept, key=lambda c: -len(c[2])):  # innermost last
+        info = found[m]
+        row.kind, row.found_by = info.kind, info.found_by
+        inner = [layers[k] for k in span]
+        row.layers = [r.name for r in inner]
+        row.shortcut = [r.name for r in inner if r.name.split("#")[0] in info.shortcut]
+        for r in inner:
+            r.block = row.name
+    for m, row, span, call in kept:
+        block_rows.append(row)
+        block_calls.append(call)
+    del candidates
 
     # Leaf types without a formula: torch's per-module count, split evenly over calls.
     per_module = counter.get_flop_counts()
@@ -352,8 +350,11 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
         base = r.name.split("#")[0]
         flops = sum(per_module.get(f"{root}.{base}", {}).values())
         r.macs = flops // 2 // call_no.get(base, 1)
+    by_name = {r.name: r for r in layers}
     for b in block_rows:
-        b.macs = sum(r.macs for r in layers if r.name in set(b.layers))
+        inner = [by_name[n] for n in b.layers]
+        b.macs = sum(r.macs for r in inner)
+        b.layerwise_bytes = sum(r.min_bytes for r in inner)
     total_macs = counter.get_total_flops() // 2
     counts = Counts(
         input_shape=tuple(x.shape), dtype=str(x.dtype).removeprefix("torch."),
@@ -361,7 +362,8 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
         params=sum(p.numel() for p in model.parameters()),
         weight_bytes=_nbytes(_weights(model)), act_in_bytes=_nbytes([x]),
         act_out_bytes=_nbytes(tensors(out)),
-        unattributed_macs=total_macs - sum(r.macs for r in layers))
+        unattributed_macs=total_macs - sum(r.macs for r in layers),
+        unclassified=unclassified(model, found))
     return Trace(counts, layer_calls, block_calls, out)
 
 

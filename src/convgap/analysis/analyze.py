@@ -190,7 +190,7 @@ def analyze(
                   dtype=str(dt).removeprefix("torch."), device=str(dev),
                   device_name=roof.device_name, threads=n_threads, peak_flops=roof.peak_flops,
                   bandwidth=roof.bandwidth, total=total, layers=layers, blocks=blocks,
-                  unattributed_macs=c.unattributed_macs,
+                  unattributed_macs=c.unattributed_macs, unclassified=c.unclassified,
                   malloc=policy if on_cpu else None,
                   faults_per_call=measured.faults_per_call if on_cpu else None,
                   allocation=cost.to_dict() if cost is not None else None)

@@ -239,6 +239,9 @@ def _run_section(run: Run, s: str, layers_png: str, waterline_png: str) -> str:
     if run.unattributed_macs:
         facts.append(f"<strong>{_e(fmt(run.unattributed_macs / 1e6))} MMACs not attributed "
                      "to any layer</strong>")
+    if run.unclassified:
+        facts.append("no residual or dense block found in: " + ", ".join(
+            _e(u) for u in run.unclassified) + " (no waterline or fusion estimate there)")
     items = "".join(f"<li>{f}</li>" for f in facts)
     return f"""
 <section id="{_e(s)}">

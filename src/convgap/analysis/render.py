@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .report import Report, Row, Run
 
@@ -84,7 +85,12 @@ def layers_table(run: Run, top: int = 10) -> Table:
 
 def blocks_table(run: Run) -> Table:
     """Waterline of every block: measured vs layer-wise roofline vs fused roofline vs ideal."""
-    t = Table(title=f"{run.label}: blocks (waterline)", title_justify="left")
+    caption = None
+    if run.unclassified:
+        caption = ("no residual or dense block found in: " + ", ".join(run.unclassified)
+                   + " (no waterline or fusion estimate there)")
+    t = Table(title=f"{run.label}: blocks (waterline)", title_justify="left", caption=caption,
+              caption_justify="left")
     for col in ("block", "kind", "MMACs", "measured ms", "layer-wise roofline ms",
                 "fused roofline ms", "ideal ms", "efficiency", "fusion could win ms"):
         t.add_column(col, justify="left" if col in ("block", "kind") else "right")
@@ -102,6 +108,14 @@ def tables(report: Report, top: int = 10, blocks: bool = False) -> Group:
     for run in report.runs:
         if run.layers_timed:
             parts.append(layers_table(run, top))
-        if blocks and run.blocks:
+        if blocks and (run.blocks or run.unclassified):
             parts.append(blocks_table(run))
+    if not blocks:
+        seen = {}
+        for run in report.runs:
+            if run.unclassified:
+                seen.setdefault(run.model, run.unclassified)
+        for model, where in seen.items():
+            parts.append(Text(f"{model}: no residual or dense block found in "
+                              f"{', '.join(where)} (no waterline or fusion estimate there)"))
     return Group(*parts)

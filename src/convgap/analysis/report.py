@@ -109,6 +109,7 @@ class Run:
     malloc: str | None = None              # CPU: the malloc policy measured under
     faults_per_call: float | None = None   # CPU: median minor page faults per forward pass
     allocation: dict | None = None         # CPU: convgap.allocator.AllocationCost.to_dict()
+    unclassified: list[str] = field(default_factory=list)  # top-level modules with no block
 
     @property
     def allocation_overhead_s(self) -> float | None:
@@ -143,7 +144,7 @@ class Run:
             "peak_flops": self.peak_flops, "bandwidth": self.bandwidth,
             "unattributed_macs": self.unattributed_macs,
             "malloc": self.malloc, "faults_per_call": self.faults_per_call,
-            "allocation": self.allocation,
+            "allocation": self.allocation, "unclassified": self.unclassified,
             "layers_sum_s": self.layers_sum_s, "layers_ratio": self.layers_ratio,
             "total": self.total.to_dict(),
             "blocks": [r.to_dict() for r in self.blocks],
@@ -160,7 +161,8 @@ class Run:
             layers=[Row.from_dict(r) for r in d["layers"]],
             blocks=[Row.from_dict(r) for r in d["blocks"]],
             unattributed_macs=d.get("unattributed_macs", 0), malloc=d.get("malloc"),
-            faults_per_call=d.get("faults_per_call"), allocation=d.get("allocation"))
+            faults_per_call=d.get("faults_per_call"), allocation=d.get("allocation"),
+            unclassified=d.get("unclassified", []))
 
 
 @dataclass
