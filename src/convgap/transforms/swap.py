@@ -21,7 +21,7 @@ from ..algorithms.tuner import tuning_progress
 from .. import allocator, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
-from ..count import tensors as _tensors
+from ..count import detached_copy, tensors as _tensors
 from .eligible import Found, blocker, find_layers, is_linear
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
@@ -243,18 +243,27 @@ def _output_error(y: Any, ref: Any) -> float:
 @torch.no_grad()
 def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], found: Found,
                             x: torch.Tensor) -> None:
-    """The apply-time check of every swap: each rebuilt layer against the *original* module
-    on that module's captured input, then the whole model against the original model's
-    output (both captured before anything was rebuilt). A layer that disagrees runs torch;
-    if the whole model still disagrees every layer does; if even that disagrees, the
-    original modules are put back. Each step warns with the numbers."""
-    problems = []
-    tols = [1e-4]
-    for n, orig in originals.items():
-        layer = model.get_submodule(n)
-        if n not in found.inputs or not isinstance(layer, (AlgoConv2d, AlgoLinear)):
+    """The apply-time check of every swap with an example input: each rebuilt layer against
+    the *original* module on the input the layer sees in the swapped model (its layout
+    included), then the whole model against the original model's output (captured before
+    anything was rebuilt). A layer that disagrees runs torch; if the whole model still
+    disagrees every layer does; if even that disagrees, the original modules are put back.
+    Each step warns with the numbers."""
+    rebuilt = {n: model.get_submodule(n) for n in originals}
+    rebuilt = {n: m for n, m in rebuilt.items() if isinstance(m, (AlgoConv2d, AlgoLinear))}
+    seen: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda m, args, n=n: seen.setdefault(n, detached_copy(args))) for n, m in rebuilt.items()]
+    try:
+        y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    problems, tols, changed = [], [1e-4], False
+    for n, layer in rebuilt.items():
+        if n not in seen:
             continue
-        args = found.inputs[n]
+        args, orig = seen[n], originals[n]
         ref = orig(*args)
         tol = _tolerance(layer, args[0])
         err = _output_error(layer(*args), ref)
@@ -263,15 +272,17 @@ def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], f
                       f"{err:.2e} > {tol:.0e}; runs torch")
             layer.set_algorithm("torch", reason)
             problems.append(f"{n}: {reason}")
+            changed = True
             tol = _tolerance(layer, args[0])
             err = _output_error(layer(*args), ref)
         if err > tol:  # even torch: the rebuilt layer is not the original's computation
             _replace(model, n, orig)
             problems.append(f"{n}: the rebuilt layer differs from the original by {err:.2e}; "
                             "the original is kept")
+            changed = True
         tols.append(tol)
     tol = max(tols)
-    err = _output_error(model(x), found.output)
+    err = _output_error(model(x) if changed else y, found.output)
     if err > tol:
         swapped = {n: m for n, m in model.named_modules()
                    if isinstance(m, (AlgoConv2d, AlgoLinear)) and n in originals}
