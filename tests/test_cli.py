@@ -147,6 +147,15 @@ def test_console_script_has_no_traceback():
     assert "Traceback" not in proc.stderr and "unknown model 'nonet'" in proc.stderr
 
 
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "convgap", "models"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == models.names()
+    bad = subprocess.run([sys.executable, "-m", "convgap", "analyze", "no_such_model"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown model 'no_such_model'" in bad.stderr
+
+
 def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["analyze", "resnet18", "--batch", "0"])
