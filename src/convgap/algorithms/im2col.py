@@ -15,7 +15,13 @@ im2col on CPU (measured with torch 2.13, 2 threads). Layout follows the input:
 - channels_last input: rows (N*OH*OW, kh*kw*C) with channels innermost (contiguous runs),
   one GEMM ``rows @ W^T`` whose result *is* the channels_last output.
 
-Under ONNX export ``F.unfold`` is used (it has an ONNX symbolic; window views do not).
+Under ``torch.jit.trace`` (which the TorchScript ONNX exporter runs) both layouts gather
+with ``F.unfold`` instead, from the input as it is (ONNX tensors have no memory layout): the
+exporter's symbolic for the window views needs static sizes its traced graph does not carry
+("ONNX export of operator Unfold, input size not accessible"). ``prepare`` decides this, so
+an inference call pays nothing for it: a state prepared while tracing holds the weight in
+the ``F.unfold`` form and says so. torch.export (the default ONNX exporter) and
+torch.compile take the window views.
 """
 
 from __future__ import annotations
@@ -54,30 +60,37 @@ class Im2col(Algorithm):
         return spec.empty_output()
 
     def prepare(self, weight, bias, spec):
-        """The weight as GEMM operands: (groups, O/g, C/g*kh*kw) for NCHW inputs and
-        (groups, kh*kw*C/g, O/g) (channels innermost) for channels_last inputs."""
+        """``(wm, bias, unfold)``: the weight as GEMM operands, (groups, O/g, C/g*kh*kw)
+        for NCHW inputs and (groups, kh*kw*C/g, O/g) (channels innermost) for channels_last
+        inputs; ``unfold``: prepared under ``torch.jit.trace``, where ``run`` gathers with
+        ``F.unfold`` whatever the layout (and ``wm`` has the NCHW form)."""
         g = spec.groups
         o = weight.shape[0]
-        if spec.layout == "channels_last":
-            return weight.permute(0, 2, 3, 1).reshape(g, o // g, -1).transpose(1, 2), bias
-        return weight.reshape(g, o // g, -1), bias
+        unfold = torch._C._get_tracing_state() is not None
+        if spec.layout == "channels_last" and not unfold:
+            return (weight.permute(0, 2, 3, 1).reshape(g, o // g, -1).transpose(1, 2), bias,
+                    False)
+        return weight.reshape(g, o // g, -1), bias, unfold
 
     def run(self, x, state, spec):
-        wm, bias = state
+        wm, bias, unfold = state
         g = spec.groups
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (spec.kernel_size, spec.stride, spec.padding,
                                                   spec.dilation)
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cl = _channels_last(x)
-        if cl != (spec.layout == "channels_last"):  # prepared for the other layout
-            wm = _relayout(wm, g, c // g, kh, kw, to_cl=cl)
+        if unfold:  # prepared while tracing: the NCHW form, gathered by F.unfold below
+            cl = False
+        else:
+            cl = _channels_last(x)
+            if cl != (spec.layout == "channels_last"):  # prepared for the other layout
+                wm = _relayout(wm, g, c // g, kh, kw, to_cl=cl)
         o = g * (wm.shape[2] if cl else wm.shape[1])
         if cl:
             return self._run_nhwc(x, wm, bias, spec, oh, ow, o)
         k = c // g * kh * kw
-        if torch.onnx.is_in_onnx_export():
+        if unfold:  # (F.unfold has a TorchScript ONNX symbolic; the window views do not)
             cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
         else:
             win = _windows(F.pad(x, (pw, pw, ph, ph)), 2, spec)   # N, C, OH, OW, kh, kw

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import timing
-from ..tracing import exporting
+from ..tracing import exporting, jit_tracing
 from .cost import Problem
 from .path import Plan
 
@@ -165,7 +165,8 @@ def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bo
     if program is None:
         program = Program(p, plan, fft, channels_last, owned)
         y = program.run(operands, dtype)  # compiles its steps as it goes
-        programs[key] = program
+        if not jit_tracing():  # (steps compiled under jit.trace hold traced sizes)
+            programs[key] = program
         return y
     return program.run(operands, dtype)
 
@@ -446,13 +447,16 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
         y = torch.matmul(w, x.reshape(nb, g, c, -1))
         return y.reshape(nb, g * o, *spatial)
     o, c = w.shape
+    # channels go back to dim 1 from ``last``, not -1: the TorchScript ONNX exporter's
+    # movedim writes a negative source dim into Transpose's perm, which ONNX rejects
     if x.stride(1) == 1 and c > 1:  # channels innermost
+        last = x.dim() - 1
         xp = x.movedim(1, -1)
         if channels_last:
             x2 = xp.reshape(-1, c)
             # (N*P, O): one large GEMM
             y = _linear(x2, w, packed) if _onednn_gemm(x2, w) else torch.mm(x2, w.t())
-            return y.view(nb, *spatial, o).movedim(-1, 1)
+            return y.view(nb, *spatial, o).movedim(last, 1)
         def blas():
             y = torch.bmm(w.expand(nb, o, c), xp.reshape(nb, -1, c).transpose(1, 2))
             return y.view(nb, o, *spatial)
@@ -460,7 +464,7 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
             return blas()
 
         def onednn():  # channels innermost, then one transposing copy to NCHW
-            y = _linear(xp.reshape(-1, c), w, packed).view(nb, *spatial, o).movedim(-1, 1)
+            y = _linear(xp.reshape(-1, c), w, packed).view(nb, *spatial, o).movedim(last, 1)
             return y.contiguous()
 
         def swapped():
@@ -473,14 +477,15 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
         return _measured_fastest(key, (swapped, onednn, blas))()
     xc = x.reshape(nb, c, -1)  # (N, C, P)
     if channels_last:
+        last = x.dim() - 1
         xt = xc.transpose(1, 2)  # (N, P, C)
 
         def onednn():  # oneDNN copies the transposed input first
-            return _linear(xt, w, packed).view(nb, *spatial, o).movedim(-1, 1)
+            return _linear(xt, w, packed).view(nb, *spatial, o).movedim(last, 1)
 
         def blas():
             y = torch.bmm(xt, w.t().expand(nb, c, o))  # (N, P, O)
-            return y.view(nb, *spatial, o).movedim(-1, 1)
+            return y.view(nb, *spatial, o).movedim(last, 1)
         if not _onednn_gemm(xt, w):
             return blas()
         return _measured_fastest(("nchw_cl", x.shape, x.stride(), w.shape), (onednn, blas))()

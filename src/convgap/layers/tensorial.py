@@ -15,7 +15,7 @@ from torch.nn.modules.utils import _pair
 from ..einsum import OBJECTIVES, PathInfo, _plan
 from ..einsum.evaluate import _measured_fastest, run_plan, signature
 from ..errors import ConvgapError
-from ..tracing import exporting
+from ..tracing import exporting, jit_tracing, untraced
 from . import fused
 from .factorizations import Family, family, rebuild
 
@@ -198,10 +198,30 @@ class TensorialConv2d(nn.Module):
         # (parsing, validation and the plan-cache key cost more than a small layer's ops)
         plan = self._plans.get(x.shape)
         if plan is None:  # (validates the input shape)
-            plan = self._plans[x.shape] = (*self._planned(x.shape), {})
+            plan = self._plan_for(x)
         if self._fusable(x):
             return self._fused_or_steps(x, plan)
         return self._steps(x, plan)
+
+    def _plan_for(self, x: torch.Tensor) -> tuple:
+        """The plan entry (Problem, PathInfo, compiled programs) for ``x``'s shape, made
+        and kept on the first call with that shape.
+
+        Under ``torch.jit.trace`` (the TorchScript ONNX exporter) sizes are traced 0-dim
+        tensors, a key no call matches: the entry is found by their int values (planned
+        untraced), and the steps are compiled afresh for this call from the traced sizes
+        and kept nowhere. The trace records the shape arithmetic (an export with
+        ``dynamic_axes`` runs other batch sizes), and no later call runs steps holding a
+        finished trace's values."""
+        if not jit_tracing():
+            plan = self._plans[x.shape] = (*self._planned(x.shape), {})
+            return plan
+        with untraced():
+            shape = x.shape
+            plan = self._plans.get(shape)
+            if plan is None:
+                plan = self._plans[shape] = (*self._planned(shape), {})
+        return (plan[0], plan[1], {})
 
     def _params(self) -> list[torch.Tensor]:
         # the dicts behind self.factors and self.bias, read directly: this runs on every
