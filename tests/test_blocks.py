@@ -106,6 +106,67 @@ class Biased(nn.Module):  # adds a parameter, not its input: no residual
         return self.f(x) + self.bias_map
 
 
+class SliceAdd(nn.Module):  # ReXNet: the shortcut added in place to the first channels
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(cbr(c, 4 * c, 1), cbr(4 * c, 4 * c, 3, g=4 * c), cbr(4 * c, c + 8, 1, act=False))
+
+    def forward(self, x):
+        y = self.body(x)
+        y[:, :x.shape[1]] += x
+        return y
+
+
+class PassedShortcut(nn.Module):  # DLA: the caller projects the shortcut and passes it in
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = cbr(c, c), cbr(c, c, act=False)
+
+    def forward(self, x, shortcut):
+        return torch.relu(self.b(self.a(x)) + shortcut)
+
+
+class Tree(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.proj = cbr(c, c, 1, act=False)
+        self.unit = PassedShortcut(c)
+
+    def forward(self, x):
+        return self.unit(x, self.proj(x))
+
+
+class TwoInputs(nn.Module):  # adds two unrelated inputs' branches: not a residual block
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = cbr(c, c), cbr(c, c)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+class SEBottleneck(Neck):  # squeeze-excitation (Linear on pooled vectors) stays a bottleneck
+    def __init__(self, i, o, s):
+        super().__init__(i, o, s)
+        self.fc1, self.fc2 = nn.Linear(o, o // 4), nn.Linear(o // 4, o)
+
+    def forward(self, x):
+        y = self.c3(self.c2(self.c1(x)))
+        w = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+        return torch.relu(y * w[:, :, None, None] + self.proj(x))
+
+
+def test_more_residual_forms():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 8, 8)
+    for block, kind in [(SliceAdd(8), "inverted_residual"), (Tree(8), None),
+                        (SEBottleneck(8, 16, 1), "bottleneck")]:
+        found = {b.name: b.kind for b in B.find_blocks(block.eval(), x).values()}
+        assert found == ({"": kind} if kind else {"unit": "basic"}), type(block).__name__
+    two = TwoInputs(8).eval()
+    assert B.find_blocks(two, x, torch.randn(1, 8, 8, 8)) == {}
+
+
 class Wrapper(nn.Module):  # holds a residual block: the addition is not its own
     def __init__(self, c):
         super().__init__()

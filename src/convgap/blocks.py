@@ -139,8 +139,12 @@ class _Flow(TorchFunctionMode):
         out = func(*args, **kwargs)
         if parents and _flat(out):
             name = getattr(func, "__name__", str(func))
-            self._tag(out, self._add(_Node(name, parents, self.stack[-1] if self.stack
-                                           else None)))
+            n = self._add(_Node(name, parents, self.stack[-1] if self.stack else None))
+            self._tag(out, n)
+            first = args[0] if args else None
+            if (name.endswith("_") or name.startswith("__i")) and \
+                    isinstance(first, torch.Tensor) and first._base is not None:
+                self.tags[first._base] = n  # x[:, :c] += s changes x too
         return out
 
     # -- module hooks ------------------------------------------------------------------
@@ -192,17 +196,18 @@ class _Flow(TorchFunctionMode):
             n = computed[0]
         return n
 
-    def _ancestry(self, n: int, start: int, stop: int) -> tuple[bool, list[_Node]]:
-        """Whether node ``n`` derives from node ``stop`` through nodes made since ``start``,
-        and the leaf-module calls on the way (in call order)."""
-        seen, todo, hit, mods = set(), [n], False, []
+    def _ancestry(self, n: int, start: int, stops: tuple[int, ...]
+                  ) -> tuple[set[int], list[_Node]]:
+        """Which of the nodes ``stops`` node ``n`` derives from through nodes made since
+        ``start``, and the leaf-module calls on the way (in call order)."""
+        seen, todo, hit, mods = set(), [n], set(), []
         while todo:
             k = todo.pop()
             if k in seen:
                 continue
             seen.add(k)
-            if k == stop:
-                hit = True
+            if k in stops:
+                hit.add(k)
                 continue
             if k < start:
                 continue
@@ -218,6 +223,7 @@ class _Flow(TorchFunctionMode):
         if len(call.outputs) != 1 or not call.inputs:
             return None
         x = call.inputs[0]
+        ins = call.inputs
         top = self._unwrap(call.outputs[0], call.start, x)
         if top < call.start:
             return None
@@ -225,42 +231,47 @@ class _Flow(TorchFunctionMode):
         if node.owner is not call.module:
             return None
         if node.op in _ADDS:
-            operands = self._computed(node, x)
+            operands = [p for p in node.parents if self.nodes[p].op != "source" or p in ins]
             if len(operands) != 2:
                 return None
-            sides = [self._ancestry(p, call.start, x) for p in operands]
-            if not all(hit for hit, _ in sides):
+            (hit_a, a), (hit_b, b) = [self._ancestry(p, call.start, ins) for p in operands]
+            # both sides from the same input, or one side an input itself (a shortcut
+            # projected by the caller and passed in, as in DLA's trees)
+            if not (hit_a & hit_b or (hit_a and hit_b and any(p in ins for p in operands))):
                 return None
-            (_, a), (_, b) = sides
             body, shortcut = (a, b) if len(a) >= len(b) else (b, a)
             shortcut = [m for m in shortcut if all(m is not n for n in body)]
             return "residual", body, shortcut
         if node.op in _CATS and x in node.parents:
-            hit, body = self._ancestry(top, call.start, x)
+            _, body = self._ancestry(top, call.start, (x,))
             return "dense", body, []
         return None
 
 
 def _residual_kind(body: list[_Node]) -> str:
     """Name a residual block by its body's convolutions and linear layers in call order
-    (squeeze-excitation layers, which run on 1x1 maps, left out)."""
-    convs = [n.module for n in body if isinstance(n.module, (nn.Conv2d, nn.Linear))
-             and not (isinstance(n.module, nn.Conv2d) and n.shape[-2:] == (1, 1))]
+    (squeeze-excitation layers, convs on 1x1 maps and linears on (N, C) vectors, left out;
+    parallel or hierarchical filters between two 1x1 convs, as in MixNet and Res2Net,
+    count as one)."""
+    layers = [n for n in body if isinstance(n.module, (nn.Conv2d, nn.Linear))
+              and not (isinstance(n.module, nn.Conv2d) and n.shape[-2:] == (1, 1))
+              and not (isinstance(n.module, nn.Linear) and len(n.shape) == 2)]
+    convs = [n.module for n in layers]
     seq = ["linear" if isinstance(m, nn.Linear)
            else "dw" if m.groups == m.in_channels > 1
            else "1x1" if tuple(m.kernel_size) == (1, 1) else "kxk" for m in convs]
-    if seq and seq[0] == "dw" and "linear" in seq:
+    if seq and seq[0] == "dw" and ("linear" in seq or seq[1:] == ["1x1", "1x1"]):
         return "convnext"
     if seq == ["kxk", "kxk"]:
         return "basic"
-    if len(seq) == 3 and seq[0] == "1x1" and seq[1] == "kxk" and seq[2] == "1x1":
-        return "bottleneck"
-    if seq == ["1x1", "dw", "1x1"] and convs[0].out_channels > convs[0].in_channels:
-        return "inverted_residual"
     if seq == ["dw", "1x1"]:
         return "depthwise_separable"
-    if seq == ["dw", "1x1", "1x1"]:
-        return "convnext"
+    if len(seq) >= 3 and seq[0] == seq[-1] == "1x1":
+        middle = set(seq[1:-1])
+        if middle == {"dw"} and convs[0].out_channels >= convs[0].in_channels:
+            return "inverted_residual"
+        if middle <= {"dw", "kxk"}:
+            return "bottleneck"
     return "residual"
 
 
