@@ -137,16 +137,8 @@ def test_swapped_model_exports(algo, layout, exporter):
 
 
 # swap() without an example input gives every conv the algorithm; a layer it cannot run
-# falls back to torch per call in eager, but AlgoConv2d's export branch runs the algorithm
-# without asking supports() (a fix belongs in algorithms/module.py)
-_RUN_UNSUPPORTED_UNDER_EXPORT = {"winograd_f2", "winograd_f4", "depthwise"}
-
-
-@pytest.mark.parametrize("algo", [
-    pytest.param(a, marks=pytest.mark.xfail(
-        a in _RUN_UNSUPPORTED_UNDER_EXPORT, strict=True, raises=RuntimeError,
-        reason="AlgoConv2d.forward's export branch skips the supports() check"))
-    for a in registry.names()])
+# falls back to torch per call, in eager and under export alike
+@pytest.mark.parametrize("algo", registry.names())
 def test_swapped_without_example_input_exports(algo):
     """Layers the algorithm cannot run (here: winograd on the depthwise, 1x1 and strided
     convs; depthwise on the dense ones) export as plain convolutions."""

@@ -151,6 +151,8 @@ class AlgoConv2d(nn.Conv2d):
             if alg.exports != "native":
                 return self._torch(x)
             spec = ConvSpec.from_conv(self, x)
+            if alg.supports(spec) is not None:  # as in eager: this layer runs torch
+                return self._torch(x)
             return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
         if grad and not alg.differentiable:
             return self._torch(x)

@@ -17,6 +17,7 @@ from typing import Sequence, Union
 import torch
 
 from ..errors import ConvgapError
+from ..tracing import untraced
 from .cost import OBJECTIVES, Problem
 from .evaluate import run_plan
 from .parse import Expression, conv_params, conv_sizes, parse
@@ -35,7 +36,8 @@ def _shapes(operands) -> list[tuple[int, ...]]:
     out = []
     for i, op in enumerate(operands):
         if isinstance(op, torch.Tensor):
-            out.append(tuple(op.shape))
+            with untraced():  # under jit.trace sizes would be traced values: plan by ints
+                out.append(tuple(int(d) for d in op.shape))
         elif isinstance(op, (tuple, list, torch.Size)) and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in op):
             out.append(tuple(op))
