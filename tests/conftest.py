@@ -3,6 +3,7 @@ profiles: 'dev' (default: fresh random examples each run, which is how edge case
 found) and 'ci' (``HYPOTHESIS_PROFILE=ci``, set by .ci/run: the same examples every run,
 so CI's verdict is the code's, not the draw's)."""
 
+import contextlib
 import os
 
 import pytest
@@ -13,14 +14,24 @@ settings.register_profile("dev")
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-from convgap import hardware
+from convgap import choice, hardware
 from convgap.hardware import Roofs
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVGAP_CACHE", str(tmp_path / "cache"))
+    choice.clear_memory()  # decisions made for another test's cache stay there
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def force():
+    """``force({kind: name})``: the measured choices of those kinds take that candidate for
+    the rest of the test (verified, not timed): :func:`convgap.choice.forced`."""
+    stack = contextlib.ExitStack()
+    yield lambda table: stack.enter_context(choice.forced(table))
+    stack.close()
 
 
 @pytest.fixture

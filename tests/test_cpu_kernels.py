@@ -305,12 +305,12 @@ def _count_runs(monkeypatch) -> list:
                                                      (1, "same", (2, 1)), (1, "valid", 1),
                                                      ((2, 1), (0, 2), (1, 2))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, stride,
+def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, force, family, stride,
                                                          padding, dilation, channels_last):
     from convgap.layers import tensorial
     calls = _count_runs(monkeypatch)
     # take the fused kernel whatever the measurement says
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    force({"tensorial": ["planar", "nhwc"]})  # a fused kernel, whatever the timing says
     layer = _layer(family, stride, padding, dilation)
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
@@ -337,10 +337,10 @@ def test_layer_runs_fused_in_inference_and_matches_dense(monkeypatch, family, st
 
 @needs_kernel
 @pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
-def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch, family):
+def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatch, force, family):
     from convgap.layers import tensorial
     calls = _count_runs(monkeypatch)
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    force({"tensorial": ["planar", "nhwc"]})  # a fused kernel, whatever the timing says
     layer = _layer(family)
     x = torch.randn(2, 12, 9, 8, requires_grad=True)
     layer(x).sum().backward()  # autograd: the torch steps
@@ -366,9 +366,9 @@ def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatc
 def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
     from convgap.layers import tensorial
     seen = []
-    real = tensorial._measured_fastest
-    monkeypatch.setattr(tensorial, "_measured_fastest",
-                        lambda key, fns, *cfg: seen.append(key) or real(key, fns, *cfg))
+    real = tensorial.choose_kernel
+    monkeypatch.setattr(tensorial, "choose_kernel",
+                        lambda kind, key, fns, x: seen.append(key) or real(kind, key, fns, x))
     layer = _layer()
     x = torch.randn(2, 12, 9, 8)
     with torch.no_grad():
@@ -397,12 +397,12 @@ def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride
 @needs_kernel
 @pytest.mark.parametrize("family", ["cp", "tucker", "tt", "tr"])
 @pytest.mark.parametrize("channels_last", [False, True])  # the planar and the NHWC kernel
-def test_layer_packs_its_weights_once_until_they_change(monkeypatch, family, channels_last):
+def test_layer_packs_its_weights_once_until_they_change(monkeypatch, force, family, channels_last):
     """The kernels' packed weights are kept per tensor identity and version: a layer whose
     operands are views of its factors (TT, TR) must hand over the same view objects each
     call, or it would repack on every call."""
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    force({"tensorial": ["planar", "nhwc"]})  # a fused kernel, whatever the timing says
     packs = []
     for mod in (pdp, pcp):
         for name in ("_prepare", "_planar_weights"):
@@ -446,11 +446,11 @@ def test_auto_kernel_is_planar_for_nchw_inputs(monkeypatch, channels_last):
 @needs_kernel
 @pytest.mark.parametrize("winner", [0, 1, -1])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, winner, channels_last):
+def test_layer_runs_whichever_candidate_measured_fastest(monkeypatch, force, winner, channels_last):
     """In either layout the candidates are the planar kernel, the NHWC kernel and the
     steps. The winner runs (and is remembered)."""
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[winner])
+    force({"tensorial": ["planar", "nhwc", "steps"][winner]})
     layer = _layer("tucker")
     x = torch.randn(2, 12, 9, 8)
     if channels_last:
@@ -484,12 +484,12 @@ def test_kernels_take_inputs_of_any_strides(kernel):
 
 @needs_kernel
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_one_layer_serves_concurrent_threads(monkeypatch, channels_last):
+def test_one_layer_serves_concurrent_threads(monkeypatch, force, channels_last):
     """Python threads running one layer at once (a server) each get their own scratch: every
     result matches its own input's reference."""
     import threading
     from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    force({"tensorial": ["planar", "nhwc"]})  # a fused kernel, whatever the timing says
     from convgap import TensorialConv2d
     layer = TensorialConv2d(64, 64, 3, "tt", rank=(32, 32, 32), padding=1).eval()
     xs = [torch.randn(2, 64, 28, 28) for _ in range(4)]  # calls long enough to overlap
@@ -522,10 +522,10 @@ def test_one_layer_serves_concurrent_threads(monkeypatch, channels_last):
                                                              (1, 0, 1, 2), ((2, 1), 1, 1, 2)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, stride, padding, dilation,
+def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, force, stride, padding, dilation,
                                                         repeats, bias, channels_last):
     from convgap.layers import FlattenedConv2d, flattened
-    monkeypatch.setattr(flattened, "_measured_fastest", lambda key, fns, *cfg: fns[0])
+    force({"flattened": "nhwc"})
     binds = []
     real = pdp.bind
     monkeypatch.setattr(pdp, "bind", lambda *a: binds.append(1) or real(*a))
@@ -557,7 +557,7 @@ def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, stride, pad
 
 
 @needs_kernel
-def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(monkeypatch):
+def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(monkeypatch, force):
     from convgap.layers import FlattenedConv2d, flattened
     binds = []
     real = pdp.bind
@@ -566,7 +566,7 @@ def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(mo
     x = torch.randn(2, 12, 9, 8, requires_grad=True)
     layer(x).sum().backward()
     assert not binds and x.grad is not None
-    monkeypatch.setattr(flattened, "_measured_fastest", lambda key, fns, *cfg: fns[1])
+    force({"flattened": "ops"})
     with torch.no_grad():
         y = layer(x)
         layer(x)

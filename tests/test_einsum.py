@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+
+from convgap import choice
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from convgap.einsum import clear_cache, einsum, einsum_path
@@ -787,16 +789,15 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     used = []
     real = evaluate._linear
     monkeypatch.setattr(evaluate, "_linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
-    # two candidates: (oneDNN, BLAS); channels innermost in, NCHW out, three:
-    # (swapped oneDNN, oneDNN + copy, BLAS)
-    monkeypatch.setattr(evaluate, "_measured_fastest",
-                        lambda key, fns: fns[-2] if measured else fns[-1])
+    # where a layout copy is needed the step is a measured choice: force oneDNN or BLAS
+    name = "onednn" if measured else "blas"
     x = torch.randn(3, 24, 5, 7)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(40, 24)
     ref = torch.einsum("nchw,oc->nohw", x, w)
-    with torch.no_grad():
+    with torch.no_grad(), choice.forced({"einsum-gemm-to-nchw": name,
+                                         "einsum-gemm-to-cl": name}):
         y = evaluate._gemm_step(x, w, 1, out_layout)
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
     expect = (layout == "channels_last" and out_layout) or \
@@ -812,32 +813,37 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     assert torch.allclose(y.detach(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_measured_choice_is_timed_once_per_key(monkeypatch):
-    """The fastest candidate wins (two or three), each is timed as often as the others,
-    and the winner's position is remembered per key: a later call times nothing."""
+def test_step_choice_is_verified_timed_once_and_kept_by_name(monkeypatch):
+    """The fastest correct candidate wins past the margin, a wrong one never does, and the
+    decision is kept by name per key: a later call times nothing, whatever the order."""
     from convgap.einsum import evaluate
-    monkeypatch.setattr(evaluate, "_GEMM_CHOICE", {})
-    calls = [0, 0, 0]
+    calls = {"slow": 0, "fast": 0, "middle": 0, "wrong": 0}
 
-    def make(i, delay):
+    def make(name, delay, value=1.0):
         def fn():
-            calls[i] += 1
+            calls[name] += 1
             if delay:
                 import time
                 time.sleep(delay)
+            return torch.full((4,), value)
         return fn
-    slow, fast, middle = make(0, 0.003), make(1, 0.0), make(2, 0.0015)
-    assert evaluate._measured_fastest(("k",), (slow, fast, middle)) is fast
-    assert calls[0] == calls[1] == calls[2] >= 9  # warm-up 2 + at least 7 samples each
-    before = list(calls)
-    assert evaluate._measured_fastest(("k",), (middle, slow, fast)) is slow  # position kept
+    slow, fast, middle = make("slow", 0.003), make("fast", 0.0), make("middle", 0.0015)
+    wrong = make("wrong", 0.0, value=2.0)
+    fns = {"slow": slow, "fast": fast, "middle": middle, "wrong": wrong}
+    assert evaluate._fastest("test-step", ("k",), fns) is fast
+    assert calls["wrong"] == 1 and calls["fast"] >= 9  # checked once, never timed
+    before = dict(calls)
+    again = {"middle": middle, "slow": slow, "fast": fast}
+    assert evaluate._fastest("test-step", ("k",), again) is fast  # by name, not position
     assert calls == before
-    assert evaluate._measured_fastest(("k2",), (slow, middle)) is middle
-    assert evaluate._measured_fastest(("k3",), (fast, slow)) is fast
+    assert evaluate._fastest("test-step", ("k2",), {"slow": slow, "middle": middle}) is middle
+    assert evaluate._fastest("test-step", ("k3",), {"fast": fast, "slow": slow}) is fast
+    with choice.forced({"test-step": "slow"}):
+        assert evaluate._fastest("test-step", ("k",), fns) is slow
 
 
-@pytest.mark.parametrize("choice", [0, 1, 2])
-def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, which):
     """A GEMM step from a channels-innermost map to a channels-major result has three
     ways (the map as oneDNN's weight operand then a row copy; oneDNN then a transposing
     copy; BLAS): each gives the einsum result, NCHW-contiguous, at any batch."""
@@ -845,16 +851,18 @@ def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, choice):
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
     picked = []
-    monkeypatch.setattr(evaluate, "_measured_fastest",
-                        lambda key, fns: picked.append(len(fns)) or fns[choice])
+    real = evaluate._fastest
+    monkeypatch.setattr(evaluate, "_fastest", lambda kind, key, fns: picked.append(
+        (kind, list(fns))) or real(kind, key, fns))
+    name = ["swapped", "onednn", "blas"][which]
     for n in (1, 3):
         x = torch.randn(n, 24, 5, 7).contiguous(memory_format=torch.channels_last)
         w = torch.randn(40, 24)
-        with torch.no_grad():
+        with torch.no_grad(), choice.forced({"einsum-gemm-to-nchw": name}):
             y = evaluate._gemm_step(x, w, 1, False, {})
         assert y.is_contiguous()
         assert torch.allclose(y, torch.einsum("nchw,oc->nohw", x, w), rtol=1e-4, atol=1e-4)
-    assert picked == [3, 3]
+    assert picked == [("einsum-gemm-to-nchw", ["swapped", "onednn", "blas"])] * 2
 
 
 @pytest.mark.parametrize("measured", [False, True])
@@ -867,16 +875,18 @@ def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, torch_steps, measured,
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
     keys = []
-    monkeypatch.setattr(evaluate, "_measured_fastest",
-                        lambda key, fns: keys.append(key[0]) or fns[0 if measured else -1])
+    real = evaluate._fastest
+    monkeypatch.setattr(evaluate, "_fastest",
+                        lambda kind, key, fns: keys.append(kind) or real(kind, key, fns))
     layer = TensorialConv2d(12, 10, 3, "tucker", rank=(6, 5), padding=1, stride=2).eval()
     x = torch.randn(2, 12, 9, 9)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    name = "onednn" if measured else "native"
+    with torch.no_grad(), choice.forced({"einsum-conv": name}):
         y = layer(x)
         ref = F.conv2d(x, layer.dense_weight(), layer.bias, stride=2, padding=1)
-    assert "conv" in keys  # the core convolution asked for the measured choice
+    assert "einsum-conv" in keys  # the core convolution asked for the measured choice
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
@@ -929,14 +939,14 @@ def _matches_dense(layer, x, tol=1e-5):
     return ((y - ref).abs().max() / ref.abs().max()).item() < tol
 
 
-def test_packed_conv_weight_follows_changes(monkeypatch, torch_steps):
+def test_packed_conv_weight_follows_changes(monkeypatch, torch_steps, force):
     """A 2-D conv step on oneDNN blocks its weight once for the input shape and reuses it;
     an in-place change or a replaced tensor re-blocks (the result follows)."""
     from convgap import TensorialConv2d
     from convgap.einsum import evaluate
     if not evaluate._ONEDNN:
         pytest.skip("torch without oneDNN")
-    monkeypatch.setattr(evaluate, "_measured_fastest", lambda key, fns: fns[0])  # oneDNN
+    force({"einsum-conv": "onednn"})
     blocks = []
     real = torch._C._nn.mkldnn_reorder_conv2d_weight
     monkeypatch.setattr(evaluate.torch._C._nn, "mkldnn_reorder_conv2d_weight",

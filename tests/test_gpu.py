@@ -176,13 +176,12 @@ GPU_RANKS = {"cp": 20, "tucker": (12, 10), "tt": (12, 16, 10), "tr": (4, 3, 4, 3
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), ((2, 1), (0, 2), (1, 2)),
                                                      (1, "same", (2, 1))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_factorized_layers_run_the_triton_kernel(monkeypatch, family, stride, padding,
+def test_factorized_layers_run_the_triton_kernel(force, family, stride, padding,
                                                  dilation, channels_last):
     """In CUDA inference a CP, Tucker, TT or TR layer runs the fused Triton kernel (forced
     here whatever the measurement says), matches its dense kernel in IEEE fp32, keeps the
     input's layout and follows a changed factor."""
-    from convgap.layers import tensorial
-    monkeypatch.setattr(tensorial, "_measured_fastest", lambda key, fns, *a: fns[0])
+    force({"tensorial": "triton"})
     layer = TensorialConv2d(48, 40, 3, family, rank=GPU_RANKS[family], stride=stride,
                             padding=padding, dilation=dilation, bias=True).to(CUDA).eval()
     x = torch.randn(2, 48, 13, 11, device=CUDA)

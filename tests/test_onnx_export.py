@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import convgap
-from convgap import timing
+from convgap import config, timing
 from convgap.algorithms import AlgorithmFallbackWarning, registry
 from convgap.layers import FlattenedConv2d, TensorialConv2d, fused
 from convgap.tracing import exporting
@@ -55,8 +55,7 @@ def _one_onnx_registry():
 def _quick_choices():
     """Test speed only: a factorized layer's one-time choice between its fused C kernel and
     its torch steps is timed briefly (either gives the same result)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "FUSED_TRIAL", timing.QUICK)
+    with config.override(KERNEL_ROUNDS=timing.QUICK):
         yield
 
 

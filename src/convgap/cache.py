@@ -8,6 +8,7 @@ and treated as empty, so the caller re-measures and overwrites it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CacheWarning", "cache_dir", "read_json", "write_json"]
+__all__ = ["CacheWarning", "cache_dir", "read_json", "write_json", "update_json"]
 
 
 class CacheWarning(UserWarning):
@@ -68,3 +69,28 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def _locked(name: str):
+    """An exclusive lock on cache file ``name`` across processes (where fcntl exists)."""
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: last writer wins
+        yield
+        return
+    with open(directory / f".{name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_json(name: str, change) -> Path:
+    """Read cache file ``name``, apply ``change(dict) -> dict`` and write the result, under
+    a lock, so concurrent processes merge their entries instead of dropping each other's."""
+    with _locked(name):
+        return write_json(name, change(read_json(name)))

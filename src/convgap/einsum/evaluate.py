@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import timing
+from .. import choice, config, timing
 from ..tracing import exporting, jit_tracing
 from .cost import Problem
 from .path import Plan
@@ -37,8 +37,6 @@ SHIFT_MAX_TAPS = 32  # per-channel filters up to this many taps run as shifted m
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PACK_MAX_MISSES = 2  # a step whose weight changed this often stops packing it
 # timing of a measured kernel choice (once per shape; the layer's first call pays it)
-CHOICE_TRIAL = timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=15, min_time=0.005)
-_GEMM_CHOICE: dict[tuple, int] = {}  # (branch, shapes, strides) -> position of the fastest
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -111,29 +109,22 @@ def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, grou
 
     def onednn():
         return _conv_onednn(x, w, pad, stride, dilation, groups, packed, bias)
-    key = ("dw", x.shape, x.stride(), w.shape, w.stride(), tuple(stride), tuple(pad),
-           tuple(dilation), groups, bias is not None)
-    return _measured_fastest(key, (onednn, native))()
+    key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), tuple(stride), tuple(pad),
+           tuple(dilation), groups, bias is not None, str(x.dtype))
+    return _fastest("einsum-depthwise", key, {"onednn": onednn, "native": native})()
 
 
-def _measured_fastest(key: tuple, fns: Sequence[Callable],
-                      config: timing.TimingConfig = CHOICE_TRIAL,
-                      device: str | torch.device = "cpu") -> Callable:
-    """The fastest of ``fns`` on this step's shapes: timed interleaved once per ``key``
-    (each candidate against the best so far by the median of per-round ratios), then the
-    winner's position is remembered. Used where the winner depends on the sizes (oneDNN
-    with a layout copy against BLAS: a 128-channel 28x28 map at batch 8, BLAS 1.3x
-    faster; a 512-channel 7x7 map, oneDNN 1.8x faster). ``config``: how long to time;
-    ``device``: where the candidates run (each sample waits for its queued GPU work)."""
-    best = _GEMM_CHOICE.get(key)
-    if best is None:
-        times = timing.compare(list(fns), config, device)
-        best = 0
-        for i in range(1, len(fns)):
-            if timing.paired_ratio(times[i], times[best]) < 1.0:
-                best = i
-        _GEMM_CHOICE[key] = best
-    return fns[best]
+def _fastest(kind: str, key: tuple, fns: dict[str, Callable], device: str = "cpu",
+             rounds: timing.TimingConfig | None = None) -> Callable:
+    """The fastest of ``fns`` (name -> zero-argument callable; the first is the incumbent)
+    on this step's shapes, by the one measured-and-verified choice (:mod:`convgap.choice`:
+    checked against the incumbent, timed interleaved, replaced past the margin, stored by
+    name per device, threads and malloc policy). Used where the winner depends on the sizes
+    (oneDNN with a layout copy against BLAS: a 128-channel 28x28 map at batch 8, BLAS 1.3x
+    faster; a 512-channel 7x7 map, oneDNN 1.8x faster)."""
+    rounds = rounds or config.STEP_ROUNDS
+    return choice.pick(fns, kind=kind, spec_key=key, device=str(device), rounds=rounds,
+                       confirm=rounds)
 
 
 def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto",
@@ -411,9 +402,9 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
 
                 def native():
                     return conv(x, w, None, stride, cpad, dilation, g)
-                key = ("conv", x.shape, x.stride(), w.shape, w.stride(), tuple(stride),
-                       tuple(cpad), tuple(dilation), g)
-                return _measured_fastest(key, (onednn, native))()
+                key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(),
+                       tuple(stride), tuple(cpad), tuple(dilation), g, str(x.dtype))
+                return _fastest("einsum-conv", key, {"onednn": onednn, "native": native})()
             return conv(x, w, None, stride, cpad, dilation, g)
 
     prepare = operands(wshape)
@@ -473,8 +464,9 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
             # 28x28 map at batch 8 here: 0.30 ms against 0.55 with the transposing copy
             y = _linear(w.contiguous(), xp.reshape(-1, c))
             return y.view(o, nb, *spatial).transpose(0, 1).contiguous()
-        key = ("ci_nchw", x.shape, x.stride(), w.shape)
-        return _measured_fastest(key, (swapped, onednn, blas))()
+        key = (tuple(x.shape), x.stride(), tuple(w.shape), str(x.dtype))
+        return _fastest("einsum-gemm-to-nchw", key,
+                        {"swapped": swapped, "onednn": onednn, "blas": blas})()
     xc = x.reshape(nb, c, -1)  # (N, C, P)
     if channels_last:
         last = x.dim() - 1
@@ -488,7 +480,8 @@ def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
             return y.view(nb, *spatial, o).movedim(last, 1)
         if not _onednn_gemm(xt, w):
             return blas()
-        return _measured_fastest(("nchw_cl", x.shape, x.stride(), w.shape), (onednn, blas))()
+        key = (tuple(x.shape), x.stride(), tuple(w.shape), str(x.dtype))
+        return _fastest("einsum-gemm-to-cl", key, {"onednn": onednn, "blas": blas})()
     return torch.bmm(w.expand(nb, o, c), xc).view(nb, o, *spatial)
 
 

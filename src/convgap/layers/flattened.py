@@ -13,12 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..einsum.evaluate import (_frozen_parameters, _gemm_step, _measured_fastest,
+from ..einsum.evaluate import (_frozen_parameters, _gemm_step,
                                channels_innermost, depthwise_nhwc, reuse, signature)
 from ..einsum.parse import conv_length
 from ..errors import ConvgapError
 from ..kernels.cpu import pdp
 from . import fused
+from .tensorial import choose_kernel
 
 __all__ = ["FlattenedConv2d"]
 
@@ -128,12 +129,13 @@ class FlattenedConv2d(nn.Module):
         if self._fusable(x):
             key = (x.shape, x.stride())
             choice = self._choice.get(key)
-            if choice is None:  # once per input shape and layout
-                trials = [lambda: self._fused(x), lambda: self._ops(x)]
-                choice = self._choice[key] = trials.index(_measured_fastest(
-                    ("flattened-fused", *key, self.repeats, self.kernel_size, self.stride,
-                     self.padding, self.dilation, self.biases is not None), trials,
-                    fused.FUSED_TRIAL))
+            if choice is None:  # once per input shape and layout, verified against the ops
+                spec = (tuple(x.shape), x.stride(), str(x.dtype), self.repeats,
+                        self.kernel_size, self.stride, self.padding, self.dilation,
+                        self.biases is not None)
+                name = choose_kernel("flattened", spec, {"ops": self._ops, "nhwc": self._fused},
+                                     x)
+                choice = self._choice[key] = ("nhwc", "ops").index(name)
             if choice == 0:
                 return self._fused(x)
         return self._ops(x)

@@ -36,21 +36,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import timing
 from ..einsum.evaluate import reuse
 from ..kernels import triton as gpu
 from ..kernels.cpu import pcp, pdp, planar
 from ..kernels.triton import pcp as gpu_pcp
 from ..tracing import exporting
 
-__all__ = ["FUSED_FAMILIES", "FUSED_TRIAL", "cpu_inference", "gpu_inference", "available",
+__all__ = ["FUSED_FAMILIES", "cpu_inference", "gpu_inference", "available",
            "planar_applies", "fused_call"]
 
 FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
-# timing of a layer's one-time choice between its fused kernels and its torch ops, per
-# input shape: longer than an einsum step's choice (candidates can be within 10% of each
-# other; 3 candidates of 0.5 ms cost about 30 ms once)
-FUSED_TRIAL = timing.TimingConfig(warmup=3, min_repeats=15, max_repeats=60, min_time=0.03)
 
 
 def _inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:

@@ -13,13 +13,14 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..einsum import OBJECTIVES, PathInfo, _plan
-from ..einsum.evaluate import _measured_fastest, run_plan, signature
+from ..einsum.evaluate import run_plan, signature
+from .. import choice, config
 from ..errors import ConvgapError
 from ..tracing import exporting, jit_tracing, untraced
 from . import fused
 from .factorizations import Family, family, rebuild
 
-__all__ = ["TensorialConv2d", "AUTO_MAC_SLACK"]
+__all__ = ["TensorialConv2d", "AUTO_MAC_SLACK", "choose_kernel"]
 
 RankArg = Union[int, Sequence[int], None]
 AUTO_MAC_SLACK = 0.05  # objective='auto': extra MACs the combo path may cost over the fewest
@@ -33,6 +34,15 @@ def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]):
         return padding
     ph, pw = _pair(padding)
     return (int(ph), int(pw))
+
+
+def choose_kernel(kind: str, key: tuple, fns: dict, x: torch.Tensor) -> str:
+    """Which of ``fns`` (name -> a call on ``x``; the torch ops first: the reference) runs
+    a factorized layer on inputs like ``x``: the one measured-and-verified
+    choice (:mod:`convgap.choice`), each fused kernel checked against the steps."""
+    cands = [choice.Candidate(n, functools.partial(f, x)) for n, f in fns.items()]
+    return choice.choose(cands, kind=kind, spec_key=key, device=x.device.type,
+                         rounds=config.KERNEL_ROUNDS, confirm=config.KERNEL_ROUNDS).choice
 
 
 class TensorialConv2d(nn.Module):
@@ -299,15 +309,14 @@ class TensorialConv2d(nn.Module):
         kernels = self._candidates(x)
         steps = functools.partial(self._steps, plan=plan)
         choice = store.get("choice")
-        if choice is None:  # the position of the fastest: a fused kernel, or the steps
-            key = ("tensorial-fused", self.factorization, x.shape, x.stride(),
-                   x.device.type, x.dtype, tuple(tuple(f.shape) for f in factors),
-                   self.stride, self.padding, self.dilation, self.bias is not None)
-            fns = [fused.fused_call(*args, kernel=k) for k in kernels] + [steps]
-            trials = [functools.partial(f, x) for f in fns]
-            choice = store["choice"] = trials.index(_measured_fastest(
-                key, trials, fused.FUSED_TRIAL, x.device))
-            call = fns[choice]
+        if choice is None:  # the fastest of the fused kernels and the steps, verified
+            key = (self.factorization, tuple(x.shape), x.stride(), x.device.type,
+                   str(x.dtype), tuple(tuple(f.shape) for f in factors), self.stride,
+                   self.padding, self.dilation, self.bias is not None)
+            fns = {"steps": steps, **{k: fused.fused_call(*args, kernel=k) for k in kernels}}
+            name = choose_kernel("tensorial", key, fns, x)
+            choice = store["choice"] = (kernels + ["steps"]).index(name)
+            call = fns[name]
         else:  # (re)bind only the chosen kernel
             call = fused.fused_call(*args, kernel=kernels[choice]) \
                 if choice < len(kernels) else steps
