@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.transforms import offset_copy
 
 from .report import Run
 
@@ -29,6 +31,9 @@ _LAYOUT_MARKERS = {"nchw": "o", "channels_last": "s"}
 _OTHER_MARKERS = ("^", "D", "v", "P", "X")
 _BOUND_COLORS = {"compute": "tab:blue", "memory": "tab:orange"}
 _OTHER_BOUND_COLOR = "tab:gray"
+_GAP_MARKER_SIZE = 7.0       # points
+_GAP_MARKER_EDGE = 1.5       # points
+_GAP_LABEL_SIZE = 7.5        # points
 
 
 def _figure(figsize: tuple[float, float] = FIGSIZE) -> Figure:
@@ -87,6 +92,13 @@ def efficiency_gap(runs: Iterable[Run],
     constant computational efficiency, latency = 2 * MACs / (peak * efficiency), use the
     peak FLOP/s of the first run (named in the title). The diagonal for efficiency ``e``
     has ``gid`` ``f"efficiency-{round(100 * e)}"``.
+
+    Each run is labelled by its measured point (gid ``f"gap-label-{i}"``, i its index).
+    While the axes have room, labels overlap neither one another nor the legend nor the
+    diagonals' percentages, and stay inside the axes; a label moved away from a crowded
+    point is joined to it by a thin leader line (gid ``f"gap-leader-{i}"``). The label
+    positions are computed for the figure's size: the layout is settled when the figure is
+    built (constrained layout once, then fixed); any dpi saves alike.
     """
     runs = [r for r in runs if r.total.macs > 0 and r.total.ideal_s > 0
             and r.total.measured_s > 0]
@@ -103,17 +115,18 @@ def efficiency_gap(runs: Iterable[Run],
     other_markers: dict[str, str] = {}
     xs: list[float] = []
     ys: list[float] = []
-    for i, run in enumerate(runs):
+    labels: list[tuple[str, float, float, float, str]] = []
+    for run in runs:
         color = colors.setdefault(run.model, palette[len(colors) % len(palette)])
         marker = _layout_marker(run.layout, other_markers)
         x = float(run.total.macs)
         y_ideal, y_meas = _ms(run.total.ideal_s), _ms(run.total.measured_s)
         ax.plot([x, x], [y_ideal, y_meas], color=color, lw=1.5, alpha=0.7, zorder=2)
-        ax.plot([x], [y_ideal], marker=marker, ls="none", ms=7, mfc="white", mec=color,
-                mew=1.5, zorder=3)
-        ax.plot([x], [y_meas], marker=marker, ls="none", ms=7, color=color, zorder=3)
-        ax.annotate(run.label, (x, y_meas), xytext=(6, 4 + 8 * (i % 2)),
-                    textcoords="offset points", fontsize=7.5, color=color, zorder=4)
+        ax.plot([x], [y_ideal], marker=marker, ls="none", ms=_GAP_MARKER_SIZE, mfc="white",
+                mec=color, mew=_GAP_MARKER_EDGE, zorder=3)
+        ax.plot([x], [y_meas], marker=marker, ls="none", ms=_GAP_MARKER_SIZE, color=color,
+                zorder=3)
+        labels.append((run.label, x, y_ideal, y_meas, color))
         xs.append(x)
         ys += [y_ideal, y_meas]
 
@@ -157,7 +170,188 @@ def efficiency_gap(runs: Iterable[Run],
                 Line2D([], [], color="0.3", marker="o", ls="none", label="measured")]
     # below the 100 % diagonal nothing can be: the lower right corner is free.
     ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    _place_gap_labels(fig, ax, labels)
     return fig
+
+
+def _place_gap_labels(fig: Figure, ax, labels: Sequence[tuple[str, float, float, float, str]]
+                      ) -> None:
+    """Label each run at its measured point so that no two labels overlap, none leaves the
+    axes, and none covers the legend or a diagonal's percentage; markers and gap segments
+    are avoided where possible.
+
+    The layout is settled first (constrained layout runs once, then the axes stay where it
+    put them), so positions are final in display coordinates. Labels are then placed
+    greedily, the most crowded point first: each takes the cheapest free candidate on rings
+    of growing radius around its point (cost: distance, a slight preference for the upper
+    right, penalties for covering markers or segments). A label set apart from its point is
+    joined to it by a thin leader line in its colour. Offsets are kept in points, so the
+    figure saves alike at any dpi."""
+    if not labels:
+        return
+    fig.draw_without_rendering()           # run constrained layout once ...
+    fig.set_layout_engine("none")          # ... and keep the axes where it put them
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    to_px = ax.transData.transform
+
+    axes_box = ax.get_window_extent(renderer)
+    margin = 2.0 * px_per_pt               # between a label and anything else
+    hard: list[tuple[float, float, float, float]] = []   # boxes no label may touch
+    legend = ax.get_legend()
+    if legend is not None:
+        b = legend.get_window_extent(renderer)
+        hard.append((b.x0, b.y0, b.x1, b.y1))
+    for t in ax.texts:                      # the diagonals' percentages
+        b = t.get_window_extent(renderer)
+        hard.append((b.x0, b.y0, b.x1, b.y1))
+
+    # markers (both points of every run) and the gap segments: avoided where possible
+    r_mark = (_GAP_MARKER_SIZE / 2 + _GAP_MARKER_EDGE / 2) * px_per_pt
+    half_seg = 1.5 * px_per_pt
+    # box + penalty per px^2; per run: measured marker, ideal marker, segment
+    soft: list[tuple[float, float, float, float, float]] = []
+    points = []
+    for _, x, y_ideal, y_meas, _ in labels:
+        (px, py_m), (_, py_i) = to_px([(x, y_meas), (x, y_ideal)])
+        points.append((px, py_m))
+        for py in (py_m, py_i):
+            soft.append((px - r_mark, py - r_mark, px + r_mark, py + r_mark, 4.0))
+        lo, hi = sorted((py_m, py_i))
+        soft.append((px - half_seg, lo, px + half_seg, hi, 1.0))
+    hard_a = np.array(hard, dtype=float).reshape(-1, 4)
+    soft_a = np.array(soft, dtype=float).reshape(-1, 5)
+
+    # the most crowded points choose first
+    pts = np.array(points)
+    d = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1))
+    crowd = (d < 60 * px_per_pt).sum(axis=1)
+    order = sorted(range(len(labels)), key=lambda i: (-crowd[i], i))
+
+    gap0 = r_mark + 2.0 * px_per_pt          # first ring: just off the marker
+    lead_from = gap0 + 6.0 * px_per_pt       # farther than this: a leader line
+    diag = math.hypot(axes_box.width, axes_box.height)
+    radii, r, step = [], gap0, 3.0 * px_per_pt
+    while r < diag:
+        radii.append(r)
+        r += step
+        step *= 1.25
+    placed: list[tuple[float, float, float, float]] = []
+    leaders: list[tuple[float, float, float, float]] = []
+    for i in order:
+        name, x, _, y_meas, color = labels[i]
+        px, py = points[i]
+        probe = ax.text(x, y_meas, name, fontsize=_GAP_LABEL_SIZE, ha="left", va="bottom")
+        ext = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = ext.width, ext.height
+        dx0, dy0 = ext.x0 - px, ext.y0 - py     # the text's box against its anchor
+
+        # candidate boxes: on rings around the point, the gap along each ray = radius
+        cands = []
+        for r in radii:
+            n = max(16, min(256, int(math.ceil(2 * math.pi * r / max(h, 1.0)))))
+            th = np.arange(n) * (2 * math.pi / n) + math.radians(30)
+            ux, uy = np.cos(th), np.sin(th)
+            with np.errstate(divide="ignore"):
+                t = r + np.minimum(np.where(ux != 0, w / 2 / np.abs(ux), np.inf),
+                                   np.where(uy != 0, h / 2 / np.abs(uy), np.inf))
+            cx, cy = px + ux * t, py + uy * t
+            pref = (1 - np.cos(th - math.radians(30))) * 2.0 * px_per_pt
+            cands.append(np.stack([cx - w / 2, cy - h / 2, np.full(n, r) + pref], axis=1))
+        c = np.concatenate(cands)
+        x0, y0, cost = c[:, 0], c[:, 1], c[:, 2].copy()
+        x1, y1 = x0 + w, y0 + h
+        ok = ((x0 >= axes_box.x0 + margin) & (x1 <= axes_box.x1 - margin)
+              & (y0 >= axes_box.y0 + margin) & (y1 <= axes_box.y1 - margin))
+        for boxes in (hard_a, np.array(placed, dtype=float).reshape(-1, 4)):
+            if len(boxes):
+                hit = ((x0[:, None] < boxes[None, :, 2] + margin)
+                       & (boxes[None, :, 0] - margin < x1[:, None])
+                       & (y0[:, None] < boxes[None, :, 3] + margin)
+                       & (boxes[None, :, 1] - margin < y1[:, None]))
+                ok &= ~hit.any(axis=1)
+        ow = (np.minimum(x1[:, None], soft_a[None, :, 2])
+              - np.maximum(x0[:, None], soft_a[None, :, 0])).clip(min=0)
+        oh = (np.minimum(y1[:, None], soft_a[None, :, 3])
+              - np.maximum(y0[:, None], soft_a[None, :, 1])).clip(min=0)
+        cost += (ow * oh * soft_a[None, :, 4]).sum(axis=1) / px_per_pt
+        # leader lines: a candidate's own should not cross a placed label, nor its box a
+        # placed leader
+        qx = np.clip(px, x0, x1)
+        qy = np.clip(py, y0, y1)
+        far = np.hypot(qx - px, qy - py) > lead_from
+        if placed:
+            pb = np.array(placed, dtype=float)
+            pb[:, :2] -= margin
+            pb[:, 2:] += margin
+            crossed = _segments_hit_boxes(np.full(len(c), px), np.full(len(c), py), qx, qy,
+                                          pb).any(axis=1)
+            cost += np.where(far & crossed, 200.0 * px_per_pt, 0.0)
+        if leaders:
+            la = np.array(leaders, dtype=float)
+            boxes = np.stack([x0 - margin, y0 - margin, x1 + margin, y1 + margin], axis=1)
+            crossed = _segments_hit_boxes(la[:, 0], la[:, 1], la[:, 2], la[:, 3],
+                                          boxes).any(axis=0)
+            cost += np.where(crossed, 200.0 * px_per_pt, 0.0)
+        # ... nor run over another marker or segment (nor its own ideal point)
+        others = np.delete(soft_a[:, :4], [3 * i, 3 * i + 2], axis=0)
+        crossed = _segments_hit_boxes(np.full(len(c), px), np.full(len(c), py), qx, qy,
+                                      others).sum(axis=1)
+        cost += np.where(far, 15.0 * px_per_pt * crossed, 0.0)
+        if not ok.any():       # no free place left: inside the axes, the least overlap
+            taken = np.concatenate([hard_a, np.array(placed, dtype=float).reshape(-1, 4)])
+            ow = (np.minimum(x1[:, None], taken[None, :, 2])
+                  - np.maximum(x0[:, None], taken[None, :, 0])).clip(min=0)
+            oh = (np.minimum(y1[:, None], taken[None, :, 3])
+                  - np.maximum(y0[:, None], taken[None, :, 1])).clip(min=0)
+            cost += 100.0 * (ow * oh).sum(axis=1)
+            ok = ((x0 >= axes_box.x0) & (x1 <= axes_box.x1)
+                  & (y0 >= axes_box.y0) & (y1 <= axes_box.y1))
+            if not ok.any():
+                ok[:] = True
+        k = int(np.argmin(np.where(ok, cost, np.inf)))
+        bx0, by0 = x0[k], y0[k]
+        placed.append((bx0, by0, bx0 + w, by0 + h))
+
+        off_x, off_y = (bx0 - dx0 - px) / px_per_pt, (by0 - dy0 - py) / px_per_pt
+        ax.text(x, y_meas, name, fontsize=_GAP_LABEL_SIZE, color=color, ha="left",
+                va="bottom", zorder=4, gid=f"gap-label-{i}",
+                transform=offset_copy(ax.transData, fig=fig, x=off_x, y=off_y,
+                                      units="points"),
+                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.75))
+        # a leader line from the marker's edge to the nearest point of the label's box
+        qx, qy = float(qx[k]), float(qy[k])
+        dist = math.hypot(qx - px, qy - py)
+        if dist > lead_from:
+            sx, sy = px + (qx - px) * r_mark / dist, py + (qy - py) * r_mark / dist
+            inv = ax.transData.inverted()
+            (lx0, ly0), (lx1, ly1) = inv.transform([(sx, sy), (qx, qy)])
+            ax.add_line(Line2D([lx0, lx1], [ly0, ly1], color=color, lw=0.7, alpha=0.8,
+                               zorder=3, gid=f"gap-leader-{i}"))
+            leaders.append((sx, sy, qx, qy))
+
+
+def _segments_hit_boxes(ax0, ay0, ax1, ay1, boxes) -> np.ndarray:
+    """(N segments) x (M boxes): does segment n cross box m (x0, y0, x1, y1)? Liang-Barsky
+    clipping, vectorised; a segment touching a box counts."""
+    ax0, ay0, ax1, ay1 = (np.asarray(v, dtype=float)[:, None] for v in (ax0, ay0, ax1, ay1))
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    dx, dy = ax1 - ax0, ay1 - ay0
+    t0 = np.zeros((ax0.shape[0], b.shape[0]))
+    t1 = np.ones_like(t0)
+    inside = np.ones_like(t0, dtype=bool)
+    for p, q in ((-dx, ax0 - b[None, :, 0]), (dx, b[None, :, 2] - ax0),
+                 (-dy, ay0 - b[None, :, 1]), (dy, b[None, :, 3] - ay0)):
+        p = np.broadcast_to(p, t0.shape)
+        q = np.broadcast_to(q, t0.shape)
+        parallel = p == 0
+        inside &= ~(parallel & (q < 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(parallel, 0.0, q / np.where(parallel, 1.0, p))
+        t0 = np.where(~parallel & (p < 0), np.maximum(t0, r), t0)
+        t1 = np.where(~parallel & (p > 0), np.minimum(t1, r), t1)
+    return inside & (t0 <= t1)
 
 
 def layer_efficiency(run: Run, max_labels: int = 30) -> Figure:
