@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convgap import ConvgapError, cache, timing
+from convgap import ConvgapError, cache, config, timing
 from convgap.algorithms import AlgoLinear, AlgorithmFallbackWarning, tuner
 from convgap.algorithms.linear import LinearSpec, supports_prepacked
 from convgap.transforms import choices, swap, unswap
@@ -106,9 +106,8 @@ def convnext_like():
 
 
 def _quick_tuning(monkeypatch):
-    monkeypatch.setattr(tuner, "CONFIRM_CONFIG", QUICK)
-    monkeypatch.setattr(tuner, "TUNE_CONFIG", QUICK)
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CONFIRM_ROUNDS", QUICK)
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
 
 
 def test_auto_tunes_linears_with_the_convs_and_caches(monkeypatch):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convgap import ConvgapError, allocator, cache, models, timing
+from convgap import ConvgapError, allocator, cache, choice, config, models, timing
 from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, ConvSpec,
                                 get, names, register, unregister)
 from convgap.algorithms import tuner
@@ -189,6 +189,18 @@ def test_auto_needs_example_input_and_plugins_register_cleanly(plugin):
     assert "test_unfold" in names() and get("test_unfold").name == "test_unfold"
 
 
+def fake_tuner(monkeypatch, decide):
+    """The conv tuner's decisions come from ``decide(spec_key) -> dict`` (choice, times,
+    ...) instead of measurements; other measured choices run as usual."""
+    real = choice.choose
+
+    def fake(cands, *, kind, spec_key, **kw):
+        if kind != tuner.KIND:
+            return real(cands, kind=kind, spec_key=spec_key, **kw)
+        return choice.Decision.from_dict(dict(decide(spec_key)), cached=False)
+    monkeypatch.setattr(choice, "choose", fake)
+
+
 class Counter:
     def __init__(self, monkeypatch):
         self.calls = 0
@@ -197,16 +209,16 @@ class Counter:
         def counting(fns, *a, **kw):
             self.calls += 1
             return real(fns, *a, **kw)
-        monkeypatch.setattr(tuner.timing, "compare", counting)
+        monkeypatch.setattr(timing, "compare", counting)
 
 
 QUICK = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=3, min_time=0.0)
 
 
 def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
-    monkeypatch.setattr(tuner, "TUNE_CONFIG", QUICK)
-    monkeypatch.setattr(tuner, "CONFIRM_CONFIG", QUICK)
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
+    monkeypatch.setattr(config, "CONFIRM_ROUNDS", QUICK)
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
     counter = Counter(monkeypatch)
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
@@ -243,14 +255,14 @@ def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
 def test_auto_tunes_under_the_malloc_policy_and_restores_it(monkeypatch):
     """Tuning measures under the requested policy (restored afterwards); the policy is part
     of the cache key, so a decision made under one does not serve the other."""
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
     seen = []
-    real = tuner.timing.compare
+    real = timing.compare
 
     def spy(*args, **kwargs):
         seen.append(allocator.policy())
         return real(*args, **kwargs)
-    monkeypatch.setattr(tuner.timing, "compare", spy)
+    monkeypatch.setattr(timing, "compare", spy)
     tuner.clear_memory()
     net, x = nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)
     before = allocator.policy()
@@ -268,7 +280,7 @@ def test_auto_tunes_under_the_malloc_policy_and_restores_it(monkeypatch):
 
 
 def test_auto_rejects_wrong_results(monkeypatch):
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
 
     @register("test_wrong")
     class Wrong(Algorithm):
@@ -303,7 +315,7 @@ def test_tolerance_widens_to_the_references_own_rounding(monkeypatch):
 @pytest.mark.parametrize("dtype,accepted", [(torch.float32, False), (torch.bfloat16, True)])
 def test_auto_accepts_reduced_precision_rounding_only_in_reduced_precision(
         monkeypatch, dtype, accepted):
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
     tuner.clear_memory()
 
     @register("test_off_by_4e3")
@@ -323,7 +335,7 @@ def test_auto_accepts_reduced_precision_rounding_only_in_reduced_precision(
 
 
 def test_corrupt_tuning_cache_is_reported_and_rebuilt(monkeypatch):
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
     tuner.clear_memory()
     path = cache.cache_dir() / tuner.TUNING_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +347,7 @@ def test_corrupt_tuning_cache_is_reported_and_rebuilt(monkeypatch):
 
 
 def test_tune_model_reports_layers_and_model(monkeypatch):
-    monkeypatch.setattr(tuner.tune_spec, "__defaults__", (None, QUICK))
+    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
     result = tune_model(models.create("resnet18", num_classes=10), (1, 3, 32, 32),
                         candidates=["channels_last", "prepacked"], quiet=True, config=QUICK)
     assert len(result.choices) == 21  # 20 convs and the classifier's Linear
@@ -360,8 +372,8 @@ def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
             return F.conv2d(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups)
     fake = {"choice": "test_slow", "times": {"torch": 1.0, "test_slow": 0.5}, "errors": {},
             "rejected": {}, "confirm": None}
-    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))
-    monkeypatch.setattr(swap_module, "VERIFY_CONFIG", QUICK)
+    fake_tuner(monkeypatch, lambda spec_key: fake)
+    monkeypatch.setattr(config, "MODEL_CHECK", QUICK)
     try:
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()
         x = torch.randn(1, 3, 10, 10)
@@ -382,9 +394,9 @@ def _fake_compare(monkeypatch, speeds):
     calls = []
     real = timing.compare
 
-    def compare(fns, config=None, device="cpu"):
-        if config is not swap_module.VERIFY_CONFIG:  # the tuner's per-layer timing
-            return real(fns, config, device)
+    def compare(fns, cfg=None, device="cpu"):
+        if cfg is not config.MODEL_CHECK:  # the tuner's per-layer timing
+            return real(fns, cfg, device)
         calls.append(len(fns))
         for f in fns:
             f()  # the models still run (they must work), only the clock is fake
@@ -400,7 +412,7 @@ def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
     calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
     fake = {"choice": "torch", "times": {"torch": 1.0, "channels_last": 1.0}, "errors": {},
             "rejected": {}, "confirm": None}
-    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))
+    fake_tuner(monkeypatch, lambda spec_key: fake)
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True, candidates=["channels_last", "prepacked"])
@@ -418,11 +430,11 @@ def test_layout_variant_switches_where_channels_last_costs_nothing(monkeypatch):
     (a 3-channel stem): it happens at the first conv where it costs nothing."""
     calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
 
-    def fake(layer, x, candidates=None):
-        cl = 1.5 if layer.in_channels == 3 else 1.0  # the stem: slower in channels_last
+    def fake(spec_key):
+        cl = 1.5 if spec_key.startswith("in_channels=3|") else 1.0  # the stem: slower in CL
         return {"choice": "torch", "times": {"torch": 1.0, "channels_last": cl},
                 "errors": {}, "rejected": {}, "confirm": None}
-    monkeypatch.setattr(tuner, "tune_spec", fake)
+    fake_tuner(monkeypatch, fake)
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True)
@@ -448,9 +460,9 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
     faked = swap_module.timing.compare
     seen = []
 
-    def compare(fns, config=None, device="cpu"):
-        if config is not tuner.CONFIRM_CONFIG:
-            return faked(fns, config, device)
+    def compare(fns, cfg=None, device="cpu"):
+        if cfg is not config.CONFIRM_ROUNDS:
+            return faked(fns, cfg, device)
         r = ratios[len(seen)]
         seen.append(r)
         for f in fns:
@@ -459,7 +471,7 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
     monkeypatch.setattr(swap_module.timing, "compare", compare)
     fake = {"choice": "torch", "times": {"torch": 1.0, "channels_last": 1.0}, "errors": {},
             "rejected": {}, "confirm": None}
-    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))
+    fake_tuner(monkeypatch, lambda spec_key: fake)
     net, x = small_net(), torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True)
     made = choices(s)
@@ -483,7 +495,7 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
     calls = _fake_compare(monkeypatch, speeds)
     fake = {"choice": "channels_last", "times": {"torch": 1.0, "channels_last": 0.5},
             "errors": {}, "rejected": {}, "confirm": None}
-    monkeypatch.setattr(tuner, "tune_spec", lambda *a, **k: dict(fake))  # never all torch
+    fake_tuner(monkeypatch, lambda spec_key: fake)  # never all torch
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s_plain = swap(net, "auto", x, quiet=True, verify=False)  # the per-layer choices

@@ -81,7 +81,7 @@ def _locked(name: str):
     except ImportError:  # Windows: last writer wins
         yield
         return
-    with open(directory / f".{name}.lock", "a") as fh:
+    with open(directory / f"{name}.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

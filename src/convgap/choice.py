@@ -78,6 +78,7 @@ class Decision:
     measured_at: str = ""
 
     def to_dict(self) -> dict:
+        """The stored form (``cached`` is not stored: it says where this one came from)."""
         return {"choice": self.choice, "times": self.times, "errors": self.errors,
                 "rejected": self.rejected, "confirm": self.confirm, "threads": self.threads,
                 "malloc": self.malloc, "measured_at": self.measured_at}
@@ -183,9 +184,11 @@ def _forced_for(kind: str, names: Sequence[str] = ()) -> str | None:
 def measure(candidates: Sequence[Candidate], *, kind: str, device: str = "cpu",
             rounds: timing.TimingConfig | None = None,
             confirm: timing.TimingConfig | None = None, margin: float | None = None,
-            reference: Any = None) -> Decision:
+            reference: Any = None, rejected: dict[str, str] | None = None) -> Decision:
     """Verify and time ``candidates`` (the first is the incumbent) by the module's rules;
-    no cache. ``reference``: the expected output (default: the incumbent's)."""
+    no cache. ``reference``: the expected output (default: the incumbent's);
+    ``rejected``: candidates ruled out before (name -> reason), reported with the rest.
+    A lone incumbent is still timed (its time is reported)."""
     if not candidates:
         raise ConvgapError(f"{kind}: no candidate to choose from")
     names = [c.name for c in candidates]
@@ -202,7 +205,7 @@ def measure(candidates: Sequence[Candidate], *, kind: str, device: str = "cpu",
     if want is not None:
         return Decision(want, forced=True, **common)
     ref = incumbent.fn() if reference is None else reference
-    kept, errors, rejected = [incumbent], {}, {}
+    kept, errors, rejected = [incumbent], {}, dict(rejected or {})
     for c in candidates[1:]:
         try:
             y = c.fn()
@@ -217,8 +220,6 @@ def measure(candidates: Sequence[Candidate], *, kind: str, device: str = "cpu",
             rejected[c.name] = f"relative error {err:.2e} > tolerance {tol:.0e}"
             continue
         kept.append(c)
-    if len(kept) == 1:
-        return Decision(incumbent.name, {}, errors, rejected, None, **common)
     results = timing.compare([c.fn for c in kept], rounds, device)
     times = {c.name: t.median for c, t in zip(kept, results)}
     best = min(times, key=times.get)

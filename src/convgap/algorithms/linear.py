@@ -13,12 +13,12 @@ runs at 430-480 GFLOP/s: the same 2.4x that inductor's freezing gets. Two algori
 
 ``"auto"`` times both on the layer's real input (interleaved, paired per-round ratios) and
 keeps ``prepacked`` only if it is correct (relative error <= 1e-4 in fp32) and at least
-``MARGIN`` faster. Decisions share the convolution tuning cache (``tuning.json``).
+``config.MARGIN`` faster (:mod:`convgap.choice`). Decisions share the convolution tuning cache
+(``tuning.json``).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = ["AlgoLinear", "LinearSpec", "LINEAR_ALGORITHMS", "tune_linear", "chec
 
 LINEAR_ALGORITHMS = ("torch", "prepacked")
 TOLERANCE = 1e-4  # fp32 relative error accepted from 'prepacked', as for the conv algorithms
+KIND = "linear"  # the kind of decision (convgap.choice.forced({KIND: name}))
 
 
 @dataclass(frozen=True)
@@ -187,52 +188,23 @@ class AlgoLinear(nn.Linear):
 
 @torch.no_grad()
 def tune_linear(layer: AlgoLinear, x: torch.Tensor) -> None:
-    """Choose ``layer``'s algorithm for input ``x`` from the tuning cache, or measure and
-    cache it: both algorithms timed interleaved (the tuner's confirmation discipline),
-    ``prepacked`` kept if correct and at least ``MARGIN`` faster by the median of
-    per-round ratios."""
+    """Choose ``layer``'s algorithm for input ``x`` by the one measured choice
+    (:mod:`convgap.choice`, shared with the convolutions' cache): ``torch`` the incumbent,
+    ``prepacked`` kept if correct and at least ``config.MARGIN`` faster."""
+    from .. import choice
     from . import tuner
     spec = layer.spec_for(x)
-    key = tuner.cache_key(spec)
-    entry = tuner._lookup(key)
-    if entry is None or entry["choice"] not in LINEAR_ALGORITHMS:
-        entry = _measure(layer, x, spec, tuner)
-        tuner._store(key, entry)
-        entry = dict(entry, cached=False)
-    else:
-        entry = dict(entry, cached=True)
-    layer.set_algorithm(entry["choice"])
-    layer.tuning = dict(entry, spec=spec.short(), layout="contiguous" if spec.contiguous
-                        else "strided", spec_key=spec.key())
-    tuner.advance_progress()
-
-
-def _measure(layer: AlgoLinear, x: torch.Tensor, spec: LinearSpec, tuner) -> dict:
-    from .. import allocator, timing
-    times, errors, rejected, confirm = {}, {}, {}, None
+    cands = [choice.Candidate("torch", lambda: layer._torch(x))]
+    rejected = {}
     reason = supports_prepacked(spec)
-    ref = layer._torch(x)
     if reason is None:
-        err = tuner.relative_error(layer._prepacked(x), ref)
-        errors["prepacked"] = err
-        tol = max(TOLERANCE, tuner.precision_tolerance(spec.dtype, spec.device))
-        if err > tol:
-            reason = f"relative error {err:.2e} > tolerance {tol:.0e}"
-    if reason is not None:
-        rejected["prepacked"] = reason if reason.startswith("relative") else \
-            f"unsupported: {reason}"
-        times["torch"] = timing.measure(lambda: layer._torch(x), tuner.TUNE_CONFIG,
-                                        spec.device).median
-        choice = "torch"
+        cands.append(choice.Candidate("prepacked", lambda: layer._prepacked(x), TOLERANCE))
     else:
-        t_packed, t_torch = timing.compare([lambda: layer._prepacked(x),
-                                            lambda: layer._torch(x)],
-                                           tuner.CONFIRM_CONFIG, spec.device)
-        ratio = timing.paired_ratio(t_packed, t_torch)
-        times = {"torch": t_torch.median, "prepacked": t_packed.median}
-        confirm = {"chosen_s": t_packed.median, "torch_s": t_torch.median, "ratio": ratio}
-        choice = "prepacked" if ratio <= 1 - tuner.MARGIN else "torch"
-    return {"choice": choice, "times": times, "errors": errors, "rejected": rejected,
-            "confirm": confirm, "threads": torch.get_num_threads(),
-            "malloc": allocator.policy() if spec.device == "cpu" else None,
-            "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        rejected["prepacked"] = f"unsupported: {reason}"
+    decision = choice.choose(cands, kind=KIND, spec_key=spec.key(), device=spec.device,
+                             rejected=rejected)
+    layer.set_algorithm(decision.choice)
+    layer.tuning = dict(decision.to_dict(), cached=decision.cached, spec=spec.short(),
+                        layout="contiguous" if spec.contiguous else "strided",
+                        spec_key=spec.key())
+    tuner.advance_progress()

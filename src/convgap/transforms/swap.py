@@ -18,7 +18,7 @@ from ..algorithms.module import AlgoConv2d, AlgorithmFallbackWarning
 from ..algorithms.spec import ConvSpec, layout_of
 from ..algorithms import tuner
 from ..algorithms.tuner import tuning_progress
-from .. import allocator, timing
+from .. import allocator, config, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
 from ..count import detached_copy, tensors as _tensors
@@ -26,7 +26,6 @@ from .eligible import Found, blocker, find_layers, is_linear
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
 
-VERIFY_CONFIG = timing.TimingConfig(warmup=2, min_repeats=11, max_repeats=40, min_time=1.0)
 
 Algos = Union[str, Sequence[str], Mapping[Any, str], Callable[[nn.Module, Any], str]]
 
@@ -338,7 +337,7 @@ def _layout_variant_head(model: nn.Module, order: list[str],
         probe, plain = AlgoConv2d(m, LAYOUT_VARIANT), m.to_conv2d()
         with torch.no_grad():
             t_cl, t_torch = timing.compare([lambda: probe(x), lambda: plain(x)],
-                                           tuner.CONFIRM_CONFIG, x.device.type)
+                                           config.CONFIRM_ROUNDS, x.device.type)
         ratio = timing.paired_ratio(t_cl, t_torch)
         if ratio <= 1.0:
             m.tuning = dict(tun, variant_head_ratio=ratio)
@@ -365,7 +364,7 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
     if variant is not None:
         fns.append(lambda: variant(x))
     with torch.no_grad():
-        timings = timing.compare(fns, VERIFY_CONFIG, x.device.type)
+        timings = timing.compare(fns, config.MODEL_CHECK, x.device.type)
     del reference
     ratios = [timing.paired_ratio(t, timings[1]) for t in timings]
     ms = [1e3 * t.median for t in timings]

@@ -1,0 +1,55 @@
+"""The one measured-and-verified choice and the config switches it reads."""
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from convgap import cache, choice, config, timing
+from convgap.errors import ConvgapError
+
+
+def _writer(args):
+    directory, i = args
+    import os
+    os.environ["CONVGAP_CACHE"] = directory
+    from convgap import cache as c
+    for j in range(20):
+        c.update_json("t.json", lambda d: {**d, f"{i}-{j}": j})
+
+
+def test_concurrent_processes_merge_their_entries(tmp_path):
+    """Read-modify-write under a lock: four processes writing 20 keys each lose none."""
+    with mp.get_context("spawn").Pool(4) as pool:
+        pool.map(_writer, [(str(tmp_path), i) for i in range(4)])
+    import os
+    os.environ["CONVGAP_CACHE"] = str(tmp_path)
+    assert len(cache.read_json("t.json")) == 80
+
+
+def test_a_wrong_fastest_candidate_is_rejected_and_the_decision_is_stored_by_name():
+    ref = torch.ones(3)
+    cands = [choice.Candidate("slow", lambda: (torch.ones(3), sum(range(20000)))[0]),
+             choice.Candidate("wrong", lambda: ref * 2)]
+    with config.override(CHOICE_ROUNDS=timing.QUICK, CONFIRM_ROUNDS=timing.QUICK):
+        d = choice.choose(cands, kind="test", spec_key="k")
+    assert d.choice == "slow" and "relative error" in d.rejected["wrong"] and not d.cached
+    again = choice.choose(list(reversed(cands)), kind="test", spec_key="k")
+    assert again.cached and again.choice == "slow"
+    stored = cache.read_json(choice.TUNING_FILE)
+    (key,) = stored
+    assert key.endswith("|test|k") and f"threads={torch.get_num_threads()}" in key
+    assert stored[key]["choice"] == "slow"
+
+
+def test_config_override_restores_and_rejects_unknown_settings():
+    before = config.CHOICE_ROUNDS
+    with config.override(CHOICE_ROUNDS=timing.QUICK, MARGIN=0.1):
+        assert config.CHOICE_ROUNDS is timing.QUICK and config.MARGIN == 0.1
+    assert config.CHOICE_ROUNDS is before and config.MARGIN == 0.03
+    with pytest.raises(ConvgapError, match="no setting"):
+        with config.override(NOPE=1):
+            pass
+    with pytest.raises(ConvgapError, match="takes a TimingConfig"):
+        with config.override(CHOICE_ROUNDS=3):
+            pass
