@@ -373,7 +373,8 @@ def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
     fake = {"choice": "test_slow", "times": {"torch": 1.0, "test_slow": 0.5}, "errors": {},
             "rejected": {}, "confirm": None}
     fake_tuner(monkeypatch, lambda spec_key: fake)
-    monkeypatch.setattr(config, "MODEL_CHECK", QUICK)
+    # the whole model: tuned slower than torch everywhere, and eager channels_last too
+    calls = _fake_compare(monkeypatch, {"tuned": 2.0, "eager_cl": 1.1})
     try:
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()
         x = torch.randn(1, 3, 10, 10)
@@ -382,13 +383,14 @@ def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
         with pytest.warns(AlgorithmFallbackWarning, match="model-level check"):
             s = swap(net, "auto", x, quiet=True)
         assert all(c.algorithm == "torch" and "model-level" in c.fallback for c in choices(s))
+        assert calls == [["tuned", "torch", "eager_cl"]]
     finally:
         unregister("test_slow")
 
 
 def _fake_compare(monkeypatch, speeds):
-    """Make the model-level check read ``speeds[i]`` seconds for callable i (tuned, torch,
-    variant); record how many callables each check timed."""
+    """Make the model-level check read ``speeds[name]`` seconds for its callables ('tuned',
+    'torch', 'variant', 'eager_cl'; 1.0 where not given); record which it timed."""
     import importlib
     swap_module = importlib.import_module("convgap.transforms.swap")
     calls = []
@@ -397,26 +399,29 @@ def _fake_compare(monkeypatch, speeds):
     def compare(fns, cfg=None, device="cpu"):
         if cfg is not config.MODEL_CHECK:  # the tuner's per-layer timing
             return real(fns, cfg, device)
-        calls.append(len(fns))
+        calls.append([f.__name__ for f in fns])
         for f in fns:
             f()  # the models still run (they must work), only the clock is fake
-        return [timing.Timing((speeds[i],) * 5, 1) for i in range(len(fns))]
+        return [timing.Timing((speeds.get(f.__name__, 1.0),) * 5, 1) for f in fns]
     monkeypatch.setattr(swap_module.timing, "compare", compare)
     return calls
+
+
+ALL = ["tuned", "torch", "variant", "eager_cl"]
 
 
 def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
     """If the model with its first conv on channels_last (and every layer after it tuned
     for that layout) times fastest, its choices are taken: first conv channels_last, the
     others tuned on channels_last inputs, results unchanged."""
-    calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    calls = _fake_compare(monkeypatch, {"variant": 0.5})
     fake = {"choice": "torch", "times": {"torch": 1.0, "channels_last": 1.0}, "errors": {},
             "rejected": {}, "confirm": None}
     fake_tuner(monkeypatch, lambda spec_key: fake)
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True, candidates=["channels_last", "prepacked"])
-    assert calls == [3]
+    assert calls == [ALL]
     made = choices(s)
     assert made[0].algorithm == "channels_last"
     assert "layout variant" in made[0].tuning["variant"]
@@ -428,7 +433,7 @@ def test_layout_variant_adopted_when_the_whole_model_is_faster(monkeypatch):
 def test_layout_variant_switches_where_channels_last_costs_nothing(monkeypatch):
     """The variant's switch to channels_last skips convs measured slower in that layout
     (a 3-channel stem): it happens at the first conv where it costs nothing."""
-    calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    calls = _fake_compare(monkeypatch, {"variant": 0.5})
 
     def fake(spec_key):
         cl = 1.5 if spec_key.startswith("in_channels=3|") else 1.0  # the stem: slower in CL
@@ -438,7 +443,7 @@ def test_layout_variant_switches_where_channels_last_costs_nothing(monkeypatch):
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     s = swap(net, "auto", x, quiet=True)
-    assert calls == [3]
+    assert calls == [ALL]
     made = choices(s)
     assert made[0].algorithm == "torch" and made[0].tuning["layout"] == "nchw"
     assert made[1].algorithm == "channels_last" and "variant" in made[1].tuning
@@ -456,7 +461,7 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
     paired comparison of that layer alone (channels_last probe first, plain conv second)."""
     import importlib
     swap_module = importlib.import_module("convgap.transforms.swap")
-    verify_calls = _fake_compare(monkeypatch, [1.0, 1.0, 0.5])
+    verify_calls = _fake_compare(monkeypatch, {"variant": 0.5})
     faked = swap_module.timing.compare
     seen = []
 
@@ -477,9 +482,10 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
     made = choices(s)
     assert seen == ratios[:len(seen)] and len(seen) == len(ratios)
     if head is None:
-        assert verify_calls == [] and not any(c.tuning.get("variant") for c in made)  # all torch
+        assert verify_calls == [["tuned", "torch", "eager_cl"]]  # no variant: all torch
+        assert not any(c.tuning.get("variant") for c in made)
     else:
-        assert verify_calls == [3]
+        assert verify_calls == [ALL]
         assert made[head].algorithm == "channels_last" and "variant" in made[head].tuning
         assert made[head].tuning["variant_head_ratio"] == pytest.approx(0.9)
         assert all(c.algorithm == "torch" for c in made[:head])
@@ -488,8 +494,9 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
 
 
 @pytest.mark.parametrize("speeds, expect", [
-    ([0.5, 1.0, 0.8], "per_layer"),   # the per-layer tuned model wins: its choices stay
-    ([1.2, 1.0, 1.1], "torch"),       # neither beats torch: torch everywhere, warned
+    ({"tuned": 0.5, "variant": 0.8, "eager_cl": 0.9}, "per_layer"),  # tuned wins: kept
+    ({"tuned": 1.2, "variant": 1.1, "eager_cl": 1.05}, "torch"),     # nothing beats torch
+    ({"tuned": 0.9, "variant": 0.8, "eager_cl": 0.7}, "eager_cl"),   # eager channels_last
 ])
 def test_layout_variant_loses(monkeypatch, speeds, expect):
     calls = _fake_compare(monkeypatch, speeds)
@@ -500,12 +507,19 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
     x = torch.randn(2, 3, 12, 12)
     s_plain = swap(net, "auto", x, quiet=True, verify=False)  # the per-layer choices
     if expect == "torch":
-        with pytest.warns(AlgorithmFallbackWarning, match="layout variant 1.100"):
+        with pytest.warns(AlgorithmFallbackWarning, match=r"variant \S+ ms \(1.100\)"):
             s = swap(net, "auto", x, quiet=True)
     else:
         s = swap(net, "auto", x, quiet=True)
-    assert calls == [3]
+    assert calls == [ALL]
     made = choices(s)
+    if expect == "eager_cl":  # the first conv switches to channels_last, the rest torch
+        assert made[0].algorithm == "channels_last" and "eager channels_last" in \
+            made[0].tuning["variant"]
+        assert all(c.algorithm == "torch" for c in made[1:])
+        with torch.no_grad():
+            assert rel(s(x), net(x)) < 1e-5
+        return
     assert not any((c.tuning or {}).get("variant") for c in made)
     if expect == "torch":
         assert all(c.algorithm == "torch" for c in made)
@@ -515,7 +529,7 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
 
 @pytest.mark.parametrize("case", ["channels_last_input", "no_verify", "candidates"])
 def test_layout_variant_only_for_nchw_input_with_verify(monkeypatch, case):
-    calls = _fake_compare(monkeypatch, [0.5, 1.0, 0.1])
+    calls = _fake_compare(monkeypatch, {"tuned": 0.5, "variant": 0.1})
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     kw = {"quiet": True}
@@ -526,5 +540,8 @@ def test_layout_variant_only_for_nchw_input_with_verify(monkeypatch, case):
     else:
         kw["candidates"] = ["prepacked"]
     s = swap(net, "auto", x, **kw)
-    assert all(n == 2 for n in calls)  # never a third (variant) callable
+    assert all("variant" not in names for names in calls)  # never the variant
+    # eager channels_last is compared with a plain NCHW input whenever the check runs
+    assert calls == {"channels_last_input": [["tuned", "torch"]], "no_verify": [],
+                     "candidates": [["tuned", "torch", "eager_cl"]]}[case]
     assert not any((c.tuning or {}).get("variant") for c in choices(s))

@@ -214,7 +214,7 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                 else:
                     variant = None
             if verify:
-                _verify_model(model, example_input, variant, first)
+                _verify_model(model, example_input, variant, first, order)
     if example_input is not None:
         _check_against_original(model, originals, found, example_input)
     model.train(was_training)
@@ -346,33 +346,46 @@ def _layout_variant_head(model: nn.Module, order: list[str],
 
 
 def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None = None,
-                  first: str | None = None) -> None:
+                  first: str | None = None, order: Sequence[str] = ()) -> None:
     """Model-level guard for 'auto': per-layer wins can turn into a whole-model loss (a
     layout one layer prefers slows the layers after it), and a layout no single layer
-    gains from can win for the whole model. Time the tuned model (and the layout
-    ``variant``, whose conv ``first`` runs channels_last) against a copy running torch
-    everywhere, interleaved. The variant's choices are adopted if its median per-round
-    ratio against torch is the lowest and below 1; else, if the tuned model's is not below
-    1, every layer runs torch. (Paired ratios, not a ratio of medians: a shared machine's
+    gains from can win for the whole model. Time, interleaved, the tuned model, a copy
+    running torch everywhere (eager PyTorch in the input's layout), the layout ``variant``
+    (its conv ``first`` runs channels_last) and, for a plain NCHW 4-D input, eager PyTorch
+    in channels_last (the model and input converted). The fastest by median per-round
+    ratio against torch wins: the variant's choices; or eager channels_last, taken as the
+    first conv of ``order`` running ``channels_last`` and every tuned layer torch; or, when
+    nothing beats torch, every layer runs torch. So 'auto' is never slower than eager
+    PyTorch in either layout. (Paired ratios, not a ratio of medians: a shared machine's
     drifts of several percent would otherwise revert real wins at random.)"""
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (AlgoConv2d, AlgoLinear)) and m.requested == "auto"}
-    if variant is None and all(m.algorithm == "torch" for m in layers.values()):
+    head = next((n for n in order if isinstance(layers.get(n), AlgoConv2d)), None)
+    plain_cl = head is not None and x.dim() == 4 and layout_of(x) == "nchw"
+    if variant is None and not plain_cl and all(m.algorithm == "torch"
+                                                for m in layers.values()):
         return
     reference = unswap(model)  # plain nn.Conv2d everywhere; the tuned layers keep their state
-    fns = [lambda: model(x), lambda: reference(x)]
+    fns = {"tuned": lambda: model(x), "torch": lambda: reference(x)}
     if variant is not None:
-        fns.append(lambda: variant(x))
+        fns["variant"] = lambda: variant(x)
+    if plain_cl:
+        eager_cl = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fns["eager_cl"] = lambda: eager_cl(x_cl)
+    for name, fn in fns.items():
+        fn.__name__ = name  # what each timed callable is (reports, tests)
     with torch.no_grad():
-        timings = timing.compare(fns, config.MODEL_CHECK, x.device.type)
+        timings = timing.compare(list(fns.values()), config.MODEL_CHECK, x.device.type)
     del reference
     ratios = [timing.paired_ratio(t, timings[1]) for t in timings]
     ms = [1e3 * t.median for t in timings]
-    if variant is not None and ratios[2] < min(ratios[0], 1.0):
+    names = list(fns)
+    best = names[min(range(len(ratios)), key=lambda i: (ratios[i], i))]
+    summary = ", ".join(f"{n} {t:.3g} ms ({r:.3f})" for n, t, r in zip(names, ms, ratios))
+    if best == "variant":
         note = (f"layout variant: {first} runs channels_last and so does everything after "
-                f"it; whole model {ms[2]:.3g} ms against {ms[0]:.3g} ms tuned per layer and "
-                f"{ms[1]:.3g} ms torch everywhere (paired ratios {ratios[2]:.3f} and "
-                f"{ratios[0]:.3f} against torch)")
+                f"it; whole model, paired ratio against torch everywhere: {summary}")
         for n, m in layers.items():
             v = variant.get_submodule(n)
             m.set_algorithm(v.algorithm, v.fallback)
@@ -381,11 +394,18 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
             else:
                 m.tuning = v.tuning
         return
-    if ratios[0] > 1.0 and any(m.algorithm != "torch" for m in layers.values()):
-        reason = (f"model-level check: the tuned model took {ms[0]:.3g} ms, torch "
-                  f"everywhere {ms[1]:.3g} ms (paired ratio {ratios[0]:.3f}"
-                  + (f"; layout variant {ratios[2]:.3f}" if variant is not None else "")
-                  + "); kept torch")
+    if best == "eager_cl":
+        note = (f"model-level check: eager channels_last was fastest ({summary}): {head} "
+                "runs channels_last, every other layer torch on channels_last maps")
+        for n, m in layers.items():
+            if n == head:
+                m.set_algorithm(LAYOUT_VARIANT)
+                m.tuning = dict(m.tuning or {}, choice=LAYOUT_VARIANT, variant=note)
+            elif m.algorithm != "torch":
+                m.set_algorithm("torch", note)
+        return
+    if best == "torch" and any(m.algorithm != "torch" for m in layers.values()):
+        reason = f"model-level check: nothing beat torch everywhere ({summary}); kept torch"
         for m in layers.values():
             m.set_algorithm("torch", reason)
         warnings.warn(reason, AlgorithmFallbackWarning, stacklevel=3)
