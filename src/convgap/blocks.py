@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["BlockInfo", "Recorder", "find_blocks", "block_kind", "unclassified",
-           "KNOWN_BLOCKS"]
+           "KNOWN_BLOCKS", "tensors"]
 
 # Residual-block classes of common third-party zoos: hints, recognised by class name.
 KNOWN_BLOCKS = {
@@ -92,13 +92,14 @@ class _Call:
     outputs: tuple[int, ...] = ()
 
 
-def _flat(obj: Any) -> list[torch.Tensor]:
+def tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _flat(o)]
+        return [t for o in obj for t in tensors(o)]
     if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _flat(o)]
+        return [t for o in obj.values() for t in tensors(o)]
     return []
 
 
@@ -128,16 +129,16 @@ class _Flow(TorchFunctionMode):
         return len(self.nodes) - 1
 
     def _tag(self, out: Any, n: int) -> None:
-        for t in _flat(out):
+        for t in tensors(out):
             self.tags[t] = n
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.in_leaf:
             return func(*args, **kwargs)
-        parents = tuple(self.node_of(t) for t in _flat(args) + _flat(kwargs))
+        parents = tuple(self.node_of(t) for t in tensors(args) + tensors(kwargs))
         out = func(*args, **kwargs)
-        if parents and _flat(out):
+        if parents and tensors(out):
             name = getattr(func, "__name__", str(func))
             n = self._add(_Node(name, parents, self.stack[-1] if self.stack else None))
             self._tag(out, n)
@@ -151,13 +152,13 @@ class _Flow(TorchFunctionMode):
     def pre(self, m: nn.Module, args: tuple) -> None:
         if m in self.leaves:
             if not self.in_leaf:
-                for t in _flat(args):
+                for t in tensors(args):
                     self.node_of(t)
             self.in_leaf += 1
             return
         if self.in_leaf:
             return
-        call = _Call(m, tuple(self.node_of(t) for t in _flat(args)), len(self.nodes))
+        call = _Call(m, tuple(self.node_of(t) for t in tensors(args)), len(self.nodes))
         self.open.append(call)
         self.stack.append(m)
 
@@ -165,9 +166,9 @@ class _Flow(TorchFunctionMode):
         if m in self.leaves:
             self.in_leaf -= 1
             if not self.in_leaf:
-                parents = tuple(self.node_of(t) for t in _flat(args))
+                parents = tuple(self.node_of(t) for t in tensors(args))
                 owner = self.stack[-1] if self.stack else None
-                outs = _flat(out)
+                outs = tensors(out)
                 shape = tuple(outs[0].shape) if outs else ()
                 self._tag(out, self._add(_Node("module", parents, owner, m, shape)))
             return
@@ -175,7 +176,7 @@ class _Flow(TorchFunctionMode):
             return
         call = self.open.pop()
         self.stack.pop()
-        call.outputs = tuple(self.node_of(t) for t in _flat(out))
+        call.outputs = tuple(self.node_of(t) for t in tensors(out))
         self.calls.append(call)
 
     # -- analysis ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import Recorder, block_kind, unclassified
+from .blocks import Recorder, block_kind, tensors, unclassified
 from .errors import ConvgapError
 
 __all__ = ["LayerCount", "BlockCount", "Counts", "count", "trace", "Trace", "block_kind",
@@ -45,17 +45,6 @@ _ZERO_MAC = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Loca
              nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
              nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
              nn.ReplicationPad2d, nn.ChannelShuffle, nn.PixelShuffle)
-
-
-def tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj`` (a tensor, or tuples, lists and dicts of them), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in tensors(o)]
-    return []
 
 
 def _nbytes(ts: Iterable[torch.Tensor]) -> int:
