@@ -6,6 +6,12 @@ TT layers running on them."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +21,7 @@ from hypothesis import strategies as st
 
 from convgap.errors import ConvgapError
 from convgap.kernels import cpu
-from convgap.kernels.cpu import build, pcp, pdp, planar
+from convgap.kernels.cpu import args, build, common, pcp, pdp, planar
 
 needs_kernel = pytest.mark.skipif(not cpu.available(),
                                   reason="no AVX-512 CPU or no C compiler here")
@@ -735,25 +741,15 @@ def test_winograd_applies_only_to_plain_3x3_filters():
     """Winograd F(2x2, 3x3) takes one 3x3 filter with strides and dilations of 1 between
     enough channels: not a depthwise one, not ring groups, not a second filter, not 5x5,
     not strided or dilated, not fewer than WINOGRAD_MIN_CHANNELS channels in or out."""
-    # (n, h, w, c, r1, r2, r3, kh, kw, sh, ph, pw, dh, dw, kw2, pw2, dw2, o, oh, ow), z, dw
     r = planar.WINOGRAD_MIN_CHANNELS
-    head = [1, 8, 8, 4, r, r, r, 3, 3, 1, 1, 1, 1, 1, 0, 0, 1, 5, 8, 8]
-
-    def geometry(z=1, depthwise=0, **changes):
-        g = list(head)
-        for i, v in changes.items():
-            g[int(i[1:])] = v
-        return (*g, z, depthwise)
-    assert planar.winograd_applies(geometry())
-    assert not planar.winograd_applies(geometry(depthwise=1))
-    assert not planar.winograd_applies(geometry(z=2))
-    assert not planar.winograd_applies(geometry(g14=3))  # a second filter
-    assert not planar.winograd_applies(geometry(g7=5, g8=5))
-    assert not planar.winograd_applies(geometry(g9=2))  # strided
-    assert not planar.winograd_applies(geometry(g12=2))  # dilated
-    assert not planar.winograd_applies(geometry(g13=2))
-    assert not planar.winograd_applies(geometry(g4=r - 1))  # too few channels in
-    assert not planar.winograd_applies(geometry(g5=r - 1))  # or out
+    base = planar.Geometry(n=1, h=8, w=8, c=4, r1=r, r2=r, r3=r, kh1=3, kw1=3, sh1=1, ph1=1,
+                           pw1=1, dh1=1, dw1=1, kw2=0, pw2=0, dw2=1, o=5, oh=8, ow=8, z=1,
+                           depthwise=0)
+    assert planar.winograd_applies(base)
+    for change in [{"depthwise": 1}, {"z": 2}, {"kw2": 3},  # a second filter
+                   {"kh1": 5, "kw1": 5}, {"sh1": 2}, {"dh1": 2}, {"dw1": 2},  # strided, dilated
+                   {"r1": r - 1}, {"r2": r - 1}]:  # too few channels in or out
+        assert not planar.winograd_applies(base._replace(**change)), change
 
 
 @needs_kernel
@@ -806,3 +802,237 @@ def test_planar_channels_last_first_tail_as_dot_products(width):
         mag = pcp_reference(x.abs(), a3.abs(), k1.abs(), b3.abs(), None, 1, (1, 0), 1,
                             k2.abs(), (1, 1, 1), 7)
         assert ((y3.double() - ref).abs() / mag.clamp_min(1e-30)).max().item() < 1e-5
+
+
+# --- the kernels' arguments by name (args.h's structs, args.py's mirrors) ---
+
+KERNELS = {"pdp": pdp, "pcp": pcp, "planar": planar}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_argument_structs_match_their_c_structs(name):
+    """Each kernel's ctypes Structure has its C struct's size and its fields' names, order,
+    offsets and sizes (checked at load; here again, and field by field)."""
+    kernel = KERNELS[name].KERNEL
+    lib = kernel.lib()
+    args.check_layout(lib, kernel.args, name)
+    size, fields = args.c_layout(lib)
+    assert (size, fields) == args.py_layout(kernel.args)
+    assert [f[0] for f in fields] == [n for n, _ in kernel.args._fields_]
+    assert size == ctypes.sizeof(kernel.args) and len(fields) > 20
+
+
+def _mirror(fields: list):
+    class Bad(args.Args):
+        _fields_ = fields
+    return Bad
+
+
+@needs_kernel
+def test_layout_check_catches_a_wrong_mirror(monkeypatch):
+    """A mirror with two fields swapped, an int field declared long, a field missing, one
+    extra or one renamed is refused at load (ArgsLayoutError naming the field), never run."""
+    good = list(args.PdpArgs._fields_)
+    names = [n for n, _ in good]
+    i, j = names.index("map"), names.index("n")  # the last pointer, the first int
+    swapped = list(good)
+    swapped[i], swapped[j] = good[j], good[i]
+    ow = names.index("ow")
+    sh, sw = names.index("sh"), names.index("sw")
+    same_types = list(good)  # two ints of one size swapped: only the names tell
+    same_types[sh], same_types[sw] = good[sw], good[sh]
+    cases = {"swapped": (swapped, "field 5: C has 'map'"),
+             "same types swapped": (same_types, f"field {sh}: C has 'sh'"),
+             "wider": (good[:ow] + [("ow", ctypes.c_long)] + good[ow + 1:],
+                       "C has 'ow' at byte 108 \\(4 bytes\\), ctypes 'ow' at byte 112 \\(8"),
+             "missing": (good[:-1], "C has 'nchw' at byte 116 \\(4 bytes\\), ctypes nothing"),
+             "extra": (good + [("relu", ctypes.c_int)], "C has nothing, ctypes 'relu'"),
+             "renamed": (good[:-1] + [("nhwc", ctypes.c_int)], "C has 'nchw'")}
+    lib = pdp.KERNEL.lib()
+    for case, (fields, message) in cases.items():
+        bad = _mirror(fields)
+        with pytest.raises(args.ArgsLayoutError, match=message):
+            args.check_layout(lib, bad, "pdp")
+        # and where it counts: a kernel with that mirror is refused when loaded
+        with pytest.raises(args.ArgsLayoutError, match="does not match the C struct"):
+            common.Kernel("pdp", "pdp_forward", bad).lib()
+    # the real mirror still loads, and runs
+    with torch.no_grad():
+        x = torch.randn(1, 8, 6, 6)
+        a, d, b = torch.randn(8, 5), torch.randn(5, 3, 3), torch.randn(7, 5)
+        y = cpu.pointwise_depthwise_pointwise(x, a, d, b, None, 1, 1, 1, kernel="nhwc")
+    assert conditioned_error(y, x, a, d, b, None, 1, 1, 1) < 1e-5
+
+
+def test_args_are_set_by_name_only():
+    """The mirrors take fields by name: an unknown name raises (ctypes alone would keep it
+    as a plain attribute), and a struct built without one of its int fields raises (a field
+    added to the struct but not set by a wrapper must not run as a silent zero)."""
+    geometry = {n: i + 1 for i, (n, kind) in enumerate(args.PdpArgs._fields_)
+                if kind is ctypes.c_int}
+    g = args.PdpArgs(**geometry)
+    assert g.a is None and g.th == geometry["th"] and g.nchw == geometry["nchw"]
+    missing = dict(geometry)
+    del missing["th"]
+    with pytest.raises(TypeError, match="missing th"):
+        args.PdpArgs(**missing)
+    with pytest.raises(TypeError, match="no field relu"):
+        args.PdpArgs(**geometry, relu=1)
+    with pytest.raises(AttributeError, match="no field 'relu'"):
+        g.relu = 1
+    with pytest.raises(AttributeError, match="no field"):
+        g.copy(residual=1)
+    h = g.copy(a=4096, th=3)
+    assert (h.a, h.th, h.ow) == (4096, 3, g.ow) and (g.a, g.th) == (None, geometry["th"])
+
+
+@needs_kernel
+def test_bound_calls_carry_their_arguments_by_name(monkeypatch):
+    """A bound call holds its kernel's struct, weights and geometry filled in by name: a
+    TT layer's shape on the NHWC kernel, and the planar kernel's geometry built from pcp's
+    fields of the same names (its second filter's padding and dilation, not its stride)."""
+    x = torch.randn(2, 6, 9, 8)
+    a, k1, k2, b = torch.randn(6, 4), torch.randn(5, 4, 3, 1), torch.randn(7, 5, 1, 3), \
+        torch.randn(3, 7)
+    store: dict = {}
+    call = pcp.bind(x, a, k1, b, None, (2, 1), (1, 0), (1, 1), k2, (1, 2, 3), store)
+    g = call.args
+    assert isinstance(g, args.PcpArgs)
+    assert (g.n, g.h, g.w, g.c, g.r1, g.r2, g.r3, g.o) == (2, 9, 8, 6, 4, 5, 7, 3)
+    assert (g.kh1, g.kw1, g.sh1, g.sw1, g.ph1, g.pw1) == (3, 1, 2, 1, 1, 0)
+    assert (g.kw2, g.sw2, g.pw2, g.dw2, g.z, g.nchw) == (3, 1, 2, 3, 1, 1)
+    assert g.a == call.weights["a"].data_ptr() and g.bias is None
+    assert g.oh == 5 and g.ow == 8 + 4 - 3 * 2 and 1 <= g.th <= g.oh
+    seen = []
+    real = planar.bind
+    monkeypatch.setattr(planar, "bind", lambda *b_: seen.append(b_[2]) or real(*b_))
+    with torch.no_grad():
+        y = pcp.bind(x, a, k1, b, None, (2, 1), (1, 0), (1, 1), k2, (1, 2, 3), store,
+                     use_planar=True)(x)
+    geo = seen[0]
+    assert (geo.kw2, geo.pw2, geo.dw2, geo.sh1, geo.ph1, geo.z, geo.depthwise) == \
+        (3, 2, 3, 2, 1, 1, 0)
+    ref = pcp_reference(x, a, k1, b, None, (2, 1), (1, 0), 1, k2, (1, 2, 3))
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_a_changed_header_rebuilds(tmp_path):
+    """The built file's key covers the kernel's C file and every header it includes (and
+    they include): a change to args.h (a field added, say) gives a new key, so a stale
+    build is never loaded."""
+    copy = tmp_path / "cpu"
+    shutil.copytree(Path(build.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    for name in KERNELS:
+        files = build.sources(name, copy)
+        text = "".join(f.read_text() for f in files)
+        assert set(re.findall(r'#include "([^"]+)"', text)) <= {f.name for f in files}
+        assert "args.h" in {f.name for f in files}
+        before = build.digest(name, "cc", copy)
+        assert build.digest(name, "cc", copy) == before
+        header = copy / "args.h"
+        header.write_text(header.read_text() + f"/* {name} */\n")
+        assert build.digest(name, "cc", copy) != before
+
+
+# Runs every kernel with its scratch ending right at an unmapped page (PROT_NONE): a read or
+# write past a thread's share of the scratch (the last thread's) ends the process with
+# SIGSEGV; the results must equal those with the usual buffers.
+_GUARDED = r"""
+import ctypes, mmap, sys
+import torch
+from convgap.kernels.cpu import build, common, pcp, pdp, planar
+for name, path in zip(["pdp", "pcp", "planar"], sys.argv[1:4]):
+    build._LOADED[name] = ctypes.CDLL(path)  # the libraries the tests loaded: no rebuild
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep, usual, checked = [], common.scratch, []
+
+def guarded(store, floats, owner=None):
+    page = mmap.PAGESIZE
+    used = -(-floats * 4 // page)  # pages holding the buffer
+    m = mmap.mmap(-1, (used + 1) * page)  # zeros, as a new owned buffer must be
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(base + used * page, page, 0) == 0  # PROT_NONE
+    buf = torch.frombuffer(m, dtype=torch.float32, count=floats, offset=used * page - floats * 4)
+    assert buf.data_ptr() % 64 == 0  # whole cache lines per thread
+    keep.append(m)
+    checked.append(floats)
+    return buf
+
+def run(fn):
+    common.scratch = usual
+    want = fn({})
+    common.scratch = guarded
+    got = fn({})
+    assert torch.equal(got, want), (got - want).abs().max()
+
+torch.manual_seed(0)
+for threads in (1, 2, 3):
+    torch.set_num_threads(threads)
+    for n, h, w, cl in [(2, 17, 11, False), (2, 17, 11, True), (1, 9, 13, False),
+                        (1, 7, 7, True)]:
+        x = torch.randn(n, 10, h, w)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        a, d, b, bias = torch.randn(10, 6), torch.randn(6, 3, 3), torch.randn(9, 6), torch.randn(9)
+        k, bk = torch.randn(5, 6, 3, 3), torch.randn(9, 5)
+        a3, k1, k2 = torch.randn(10, 8), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3)
+        b3 = torch.randn(9, 10)
+        r = planar.WINOGRAD_MIN_CHANNELS
+        aw, kw, bw = torch.randn(10, r), torch.randn(r, r, 3, 3), torch.randn(9, r)
+        a49, k49, b49 = torch.randn(10, 49), torch.randn(7, 7, 3, 1), torch.randn(9, 49)
+        k49b = torch.randn(7, 7, 1, 3)
+        a24, d24, b24 = torch.randn(10, 24), torch.randn(24, 3, 3), torch.randn(9, 24)
+        lat, dwk = torch.randn(6, 10), torch.randn(6, 3, 3)
+        omap, bias6 = torch.randn(w, 6), torch.randn(6)
+        for kernel in ("nhwc", "planar"):
+            run(lambda s: pdp.pointwise_depthwise_pointwise(x, a, d, b, bias, 1, 1, 1, s, kernel))
+            run(lambda s: pdp.pointwise_depthwise_pointwise(x, a24, d24, b24, bias, (2, 1), 2, 1,
+                                                            s, kernel))
+            run(lambda s: pcp.pointwise_conv_pointwise(x, a, k, bk, bias, (2, 1), 2, 2, store=s,
+                                                       kernel=kernel))
+            run(lambda s: pcp.pointwise_conv_pointwise(x, a3, k1, b3, None, 1, (1, 0), 1, k2=k2,
+                                                       padding2=1, groups=2, store=s,
+                                                       kernel=kernel))
+            run(lambda s: pcp.pointwise_conv_pointwise(x, aw, kw, bw, None, 1, 1, 1, store=s,
+                                                       kernel=kernel))
+            run(lambda s: pcp.pointwise_conv_pointwise(x, a49, k49, b49, bias, 1, (1, 0), 1,
+                                                       k2=k49b, padding2=1, groups=7, store=s,
+                                                       kernel=kernel))
+        run(lambda s: pdp.bind(x, lat.t(), dwk, None, None, (1, 1), (1, 1), (1, 1), s, False,
+                               bias6, omap)(x))  # a flattened convolution
+        run(lambda s: pcp.pointwise_conv_pointwise(x, a, k, bk, None, (1, 2), 1, 1, store=s,
+                                                   kernel="nhwc"))  # a width stride
+print("ok", len(checked))
+"""
+
+
+@needs_kernel
+def test_no_kernel_reads_or_writes_past_its_scratch(tmp_path):
+    """The kernels' scratch has no unexplained slack: each thread's share is what its
+    buffers need (their own slack named in them: planar.c's SLACK), rounded to whole
+    cache lines, and with the buffer ending at an unmapped page every kernel and form runs
+    (1-3 threads, both layouts, batch 1 with shared window rows, Winograd, ring groups, a
+    first 1x1 in pixel pairs or with dot-product tails, a flattened convolution) with the
+    same results as usual."""
+    paths = [KERNELS[name].KERNEL.lib()._name for name in ("pdp", "pcp", "planar")]
+    script = tmp_path / "guarded.py"
+    script.write_text(_GUARDED)
+    done = subprocess.run([sys.executable, str(script), *paths], capture_output=True,
+                          text=True, timeout=600)
+    # (-11, SIGSEGV: a kernel touched the unmapped page past its scratch)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.startswith("ok")
+    for name in KERNELS:  # whole cache lines per thread
+        kernel = KERNELS[name].KERNEL
+        assert kernel.lib().scratch_floats(_some_args(kernel.args)) % 16 == 0
+
+
+def _some_args(struct):
+    """A small, valid geometry for ``struct`` (odd sizes, so rounding shows)."""
+    values = {"n": 1, "h": 7, "w": 5, "c": 3, "r": 3, "r1": 3, "r2": 5, "r3": 5, "o": 7,
+              "oh": 7, "ow": 5, "th": 3, "z": 1}
+    return struct(**{n: values.get(n, 1 if n[0] in "ksd" and n != "depthwise" else 0)
+                     for n, kind in struct._fields_ if kind is ctypes.c_int})

@@ -43,4 +43,15 @@ static inline int slide(Walk *w, int n, int lo)
     w->lo += drop;
     return drop;
 }
+
+/* Each thread's share of a kernel's scratch (scratch_floats), rounded up to whole cache
+ * lines: the buffer starts 64-byte aligned (torch's allocator), so each share does too, and
+ * no two threads write one line. No kernel reads or writes past its share (the slack its
+ * buffers need is in their sizes: planar.c's SLACK): tests/test_cpu_kernels.py runs each
+ * with its scratch ending at an unmapped page. */
+#define LINE_FLOATS 16
+static inline long whole_lines(long floats)
+{
+    return (floats + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
+}
 #endif

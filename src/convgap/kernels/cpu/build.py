@@ -1,12 +1,13 @@
 """Compiling and loading the C kernels next to this file.
 
-A kernel is one C file (``<name>.c``, which may include the headers beside it). Its first
-use in a process compiles it with the system C compiler (``$CC``, default ``cc``) at
-``-O3 -march=native -fopenmp`` into ``<convgap cache>/kernels/<name>-<hash>.so`` (the hash
-covers the sources, the flags, the compiler's version and this CPU's model and feature
-flags, so a new CPU or compiler builds anew) and loads it with ctypes; later processes load
-the built file. Loaded after torch, the library shares torch's OpenMP runtime (the same
-``libgomp.so.1``), so its threads are torch's intra-op threads.
+A kernel is one C file (``<name>.c``, which may include the headers beside it: args.h, its
+argument struct; gemm.h; bands.h). Its first use in a process compiles it with the system C
+compiler (``$CC``, default ``cc``) at ``-O3 -march=native -fopenmp`` into ``<convgap
+cache>/kernels/<name>-<hash>.so`` (the hash covers the C file and every header beside it,
+the flags, the compiler's version and this CPU's model and feature flags, so a changed
+header, a new CPU or compiler builds anew: :func:`digest`) and loads it with ctypes; later
+processes load the built file. Loaded after torch, the library shares torch's OpenMP runtime
+(the same ``libgomp.so.1``), so its threads are torch's intra-op threads.
 
 Where there is no compiler, the CPU lacks what the source needs (AVX-512), or
 ``CONVGAP_NATIVE=0`` is set, :func:`library` returns None (once with a
@@ -31,7 +32,8 @@ import torch  # noqa: F401  (loaded first: the kernels then bind to torch's libg
 
 from ...cache import cache_dir
 
-__all__ = ["library", "enabled", "avx512", "NativeKernelWarning", "FLAGS"]
+__all__ = ["library", "enabled", "avx512", "NativeKernelWarning", "FLAGS", "sources",
+           "digest"]
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _LOADED: dict[str, ctypes.CDLL | None] = {}
@@ -64,17 +66,31 @@ def _compiler_version(cc: str) -> str:
     return out.stdout
 
 
+def sources(name: str, where: Path | None = None) -> list[Path]:
+    """The files kernel ``name`` is built from: ``<name>.c`` and every header beside it
+    (all of them, whether it includes them or not: a changed header, args.h's structs
+    say, rebuilds every kernel). ``where``: the kernels' folder (this file's)."""
+    where = Path(__file__).parent if where is None else where
+    return [where / f"{name}.c", *sorted(where.glob("*.h"))]
+
+
+def digest(name: str, cc: str, where: Path | None = None) -> str:
+    """The built file's key: a hash of :func:`sources`' contents, the flags, the compiler's
+    version and this CPU's model and feature flags."""
+    texts = [p.read_text() for p in sources(name, where)]
+    return hashlib.sha256("\0".join(
+        [*texts, " ".join(FLAGS), _compiler_version(cc), _cpu_identity()]
+    ).encode()).hexdigest()[:16]
+
+
 def _build(name: str) -> ctypes.CDLL:
     src = Path(__file__).with_name(f"{name}.c")
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
-    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
-    digest = hashlib.sha256("\0".join(
-        [src.read_text(), *headers, " ".join(FLAGS), _compiler_version(cc), _cpu_identity()]
-    ).encode()).hexdigest()[:16]
+    digest_ = digest(name, cc)
     out_dir = cache_dir() / "kernels"
-    target = out_dir / f"{name}-{digest}.so"
+    target = out_dir / f"{name}-{digest_}.so"
     if not target.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)

@@ -1,6 +1,7 @@
 """What the fused-convolution wrappers share: loading a kernel with its ctypes signatures,
 packing weights into the GEMM core's panel layout (gemm.h), the bias and scratch buffers,
-the checks on their arguments, and the layout rule: an input with channels innermost
+the checks on their arguments, the bound call (one argument struct, :mod:`.args`, built at
+bind time), and the layout rule: an input with channels innermost
 (einsum's :func:`channels_innermost`) is read in place as NHWC and the result written NHWC;
 any other runs as NCHW (read in place where contiguous, else copied once)."""
 
@@ -14,6 +15,7 @@ import torch
 
 from ...einsum.evaluate import channels_innermost
 from ...errors import ConvgapError
+from .args import Args, check_layout
 from .build import library
 
 __all__ = ["P", "I", "L", "Kernel", "pack", "padded", "round16", "scratch",
@@ -25,24 +27,30 @@ P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 class Kernel:
-    """One C kernel (``<name>.c``) and the ctypes signatures of its exports: gemm.h's
-    packing functions, ``scratch_floats(const int *g)`` and ``forward(const int *g, x,
-    const float *const *weights, y, scratch, int threads)``. :meth:`lib` loads it on first
-    use (None where it cannot be built), :meth:`available` says whether it can."""
+    """One C kernel (``<name>.c``), the ctypes mirror of its argument struct (``args``, from
+    :mod:`.args`) and the ctypes signatures of its exports: gemm.h's packing functions,
+    ``scratch_floats(const Args *g)`` and ``forward(const Args *g, x, y, scratch, int
+    threads)``. :meth:`lib` loads it on first use (None where it cannot be built) and checks
+    that ``args`` has the C struct's layout (:func:`.args.check_layout`: ArgsLayoutError if
+    not, at load rather than as a wrong result); :meth:`available` says whether it can."""
 
-    def __init__(self, name: str, forward: str) -> None:
+    def __init__(self, name: str, forward: str, args: type[Args]) -> None:
         self.name = name
+        self.args = args
+        ref = ctypes.POINTER(args)  # takes the struct itself, by reference
         self.functions = {"packed_floats": ([I, I, I], L),
                           "pack_b": ([P, I, I, I, L, L, L, P], None),
-                          "scratch_floats": ([P], L), forward: ([P] * 5 + [I], None)}
+                          "scratch_floats": ([ref], L), forward: ([ref, P, P, P, I], None)}
+        self._typed = None  # the library whose layout was checked and functions typed
 
     def lib(self) -> ctypes.CDLL | None:
         lib = library(self.name)
-        if lib is not None and not getattr(lib, "_typed", False):
+        if lib is not None and lib is not self._typed:
+            check_layout(lib, self.args, self.name)
             for fn, (args, result) in self.functions.items():
                 getattr(lib, fn).argtypes = args
                 getattr(lib, fn).restype = result
-            lib._typed = True
+            self._typed = lib
         return lib
 
     def available(self) -> bool:
@@ -122,20 +130,19 @@ def kernel_choice(kernel: str, planar_ok: bool, nchw: bool) -> bool:
     return planar_ok and nchw if kernel == "auto" else kernel == "planar"
 
 
-def bound_call(forward, ints, pointers: tuple, per: int, in_shape: tuple, out_shape: tuple,
-               nhwc: bool, store: dict, holds, owner=None
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function a kernel's ``bind`` returns: ``forward(ints, x, pointers, y, scratch,
-    threads)`` (``pointers``: the weights', None for absent ones, passed as one array) on
-    an input ``x`` of ``in_shape`` (read in place: NHWC memory if ``nhwc``,
-    else NCHW, contiguous or copied once), into a new result of ``out_shape`` in the same
-    layout, with ``per`` floats of scratch per thread (the ``owner``'s: see
-    :func:`scratch`). It keeps ``holds`` (what ``pointers`` point into) alive."""
+def bound_call(forward, args: Args, per: int, in_shape: tuple, out_shape: tuple, nhwc: bool,
+               store: dict, holds, owner=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function a kernel's ``bind`` returns: ``forward(args, x, y, scratch, threads)``
+    (``args``: the kernel's struct, weights and geometry, built once here at bind time and
+    passed by reference on every call) on an input ``x`` of ``in_shape`` (read in place:
+    NHWC memory if ``nhwc``, else NCHW, contiguous or copied once), into a new result of
+    ``out_shape`` in the same layout, with ``per`` floats of scratch per thread (the
+    ``owner``'s: see :func:`scratch`). It keeps ``holds`` (what ``args``' weights point
+    into) alive, and ``args`` (as ``call.args``)."""
     strides = output_strides(out_shape, nhwc)
     # a result of the input's shape is allocated like it (its layout, dense): 0.3 us less a
     # call than empty_strided, whose shape and strides are parsed from Python
     like = tuple(in_shape) == tuple(out_shape)
-    weights = (ctypes.c_void_p * len(pointers))(*pointers)  # one argument: 0.2 us a call
     # (thread ident, threads, buffer) of the last call, read and replaced as one object:
     # most calls come from the thread of the last one with the same thread count, and skip
     # scratch's key and lookup (0.25 us of a 50 us call at batch 1)
@@ -154,7 +161,8 @@ def bound_call(forward, ints, pointers: tuple, per: int, in_shape: tuple, out_sh
         # (empty_strided: 0.5 us less per call than empty with a memory_format)
         y = torch.empty_like(xc) if like else \
             torch.empty_strided(out_shape, strides, dtype=torch.float32)
-        forward(ints, xc.data_ptr(), weights, y.data_ptr(), buf.data_ptr(), threads)
+        forward(args, xc.data_ptr(), y.data_ptr(), buf.data_ptr(), threads)
         return y
     call.weights = holds
+    call.args = args
     return call

@@ -10,7 +10,6 @@ autograd).
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
@@ -20,13 +19,14 @@ from ...einsum.evaluate import reuse
 from ...einsum.parse import conv_length
 from ...errors import ConvgapError
 from . import planar
+from .args import PcpArgs
 from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
                      kernel_choice, pack, padded)
 
 __all__ = ["available", "pointwise_conv_pointwise", "run", "bind"]
 
 
-KERNEL = Kernel("pcp", "pcp_forward")
+KERNEL = Kernel("pcp", "pcp_forward", PcpArgs)
 _lib = KERNEL.lib
 available = KERNEL.available
 
@@ -94,8 +94,8 @@ def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
 
 def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, second,
               groups: int, nchw: bool) -> tuple:
-    """(pcp_forward's integer arguments as a ctypes array, output shape, scratch floats per
-    thread)"""
+    """(pcp_forward's geometry as a PcpArgs without weights, output shape, scratch floats
+    per thread)"""
     n, c, h, w = x.shape
     r2, r1, kh, kw = k1.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -107,24 +107,28 @@ def _geometry(lib, x: torch.Tensor, a, k1, k2, b, stride, padding, dilation, sec
         raise ConvgapError(f"the filters do not fit a {h}x{w} input (padding {(ph, pw)}, "
                            f"dilation {(dh, dw)})")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    ints = (ctypes.c_int * 25)(n, h, w, c, r1, r2, r3, kh, kw, sh, sw, ph, pw, dh, dw, kw2,
-                               s2, p2, d2, b.shape[0], oh, ow, band, groups, nchw)
-    return ints, (n, b.shape[0], oh, ow), lib.scratch_floats(ints)
+    g = PcpArgs(n=n, h=h, w=w, c=c, r1=r1, r2=r2, r3=r3, kh1=kh, kw1=kw, sh1=sh, sw1=sw,
+                ph1=ph, pw1=pw, dh1=dh, dw1=dw, kw2=kw2, sw2=s2, pw2=p2, dw2=d2,
+                o=b.shape[0], oh=oh, ow=ow, th=band, z=groups, nchw=int(nchw))
+    return g, (n, b.shape[0], oh, ow), lib.scratch_floats(g)
 
 
-def _prepare(lib, a, k1, k2, b, bias) -> tuple:
+def _prepare(lib, a, k1, k2, b, bias) -> dict:
+    """The kernel's operands by PcpArgs' field names, packed for the GEMM core."""
     def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_in, R_out)
         return k.detach().permute(2, 3, 1, 0).reshape(-1, k.shape[1], k.shape[0])
-    return (pack(lib, a), pack(lib, taps(k1)), None if k2 is None else pack(lib, taps(k2)),
-            pack(lib, b.t()), padded(bias))
+    return {"a": pack(lib, a), "k1": pack(lib, taps(k1)),
+            "k2": None if k2 is None else pack(lib, taps(k2)), "b": pack(lib, b.t()),
+            "bias": padded(bias)}
 
 
-def _planar_weights(a, k1, k2, b, bias, nhwc: bool = False, winograd: bool = False) -> tuple:
+def _planar_weights(a, k1, k2, b, bias, nhwc: bool = False,
+                    winograd: bool = False) -> planar.Weights:
     def taps(k):  # (R_out, R_in, kh, kw) -> (kh * kw, R_out, R_in)
         return k.detach().permute(2, 3, 0, 1).reshape(-1, k.shape[0], k.shape[1]).contiguous()
     first, last, bias_ = planar.pointwise_weights(a, b, bias, nhwc)
-    middle = planar.winograd_weights(k1) if winograd else taps(k1)
-    return first, middle, None if k2 is None else taps(k2), last, bias_
+    return planar.Weights(a=first, k1=planar.winograd_weights(k1) if winograd else taps(k1),
+                          k2=None if k2 is None else taps(k2), b=last, bias=bias_)
 
 
 def run(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
@@ -151,17 +155,18 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     if geo is None:
         geo = store[key] = _geometry(lib, x, a, k1, k2, b, stride, padding, dilation, second,
                                      groups, not nhwc)
-    ints, out_shape, per = geo
+    g, out_shape, per = geo
     weights = [t for t in (a, k1, k2, b, bias) if t is not None]
     if use_planar:
-        g = list(ints)
-        head = g[:10] + g[11:15] + [g[15], g[17], g[18]] + g[19:22]  # no width strides
-        geometry = (*head, groups, 0)
+        # planar's geometry: pcp's fields of the same names (it has no width strides)
+        if (g.sw1, g.sw2) != (1, 1):
+            raise ConvgapError("the planar kernel runs width strides of 1 only")
+        geometry = planar.Geometry(**{name: getattr(g, name) for name in planar.Geometry._fields
+                                      if name != "depthwise"}, depthwise=0)
         wino = planar.winograd_applies(geometry)
         return planar.bind(x, reuse(store, ("planar_weights", nhwc, wino), weights,
                                     lambda: _planar_weights(a, k1, k2, b, bias, nhwc, wino)),
                            geometry, out_shape, store)
     prepared = reuse(store, "weights", weights, lambda: _prepare(lib, a, k1, k2, b, bias))
-    pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
-    return bound_call(lib.pcp_forward, ints, pointers, per, x.shape, out_shape, nhwc, store,
-                      prepared)
+    args = g.copy(**{name: None if t is None else t.data_ptr() for name, t in prepared.items()})
+    return bound_call(lib.pcp_forward, args, per, x.shape, out_shape, nhwc, store, prepared)

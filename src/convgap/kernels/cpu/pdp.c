@@ -12,8 +12,11 @@
 #include <string.h>
 #include <omp.h>
 
+#include "args.h"
 #include "bands.h"
 #include "gemm.h"
+
+ARGS_LAYOUT(PdpArgs, PDP_ARGS)
 
 /* One 16-channel slice of the depthwise step: rows [0, th) of v from output rows oh.. of the
  * u window holding input rows [ulo, ...). The slice's kh x kw taps stay in registers; taps
@@ -98,36 +101,31 @@ static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float
 /* Rows of the u window a band of TH output rows needs */
 static int window_rows(int TH, int kh, int sh, int dh) { return (TH - 1) * sh + (kh - 1) * dh + 1; }
 
-/* Floats of scratch one thread needs: the u window and one band of v */
-/* the integer arguments, in this order */
-enum { G_N, G_H, G_W, G_C, G_R, G_KH, G_KW, G_SH, G_SW, G_PH, G_PW, G_DH, G_DW, G_O, G_OH,
-       G_OW, G_TH, G_NCHW, G_COUNT };
-
-/* Floats of scratch one thread needs: the u window, one band of v (and of y, for NCHW). */
-long scratch_floats(const int *g)
+/* Floats of scratch one thread needs: the u window, one band of v (and of y, for NCHW), in
+ * whole cache lines (bands.h). */
+long scratch_floats(const PdpArgs *g)
 {
-    const int Rp = (g[G_R] + 15) / 16 * 16, TH = g[G_TH], OW = g[G_OW];
-    return (long)window_rows(TH, g[G_KH], g[G_SH], g[G_DH]) * g[G_W] * Rp
-         + (long)TH * OW * Rp + (g[G_NCHW] ? (long)TH * OW * g[G_O] : 0) + 64;
+    const int Rp = (g->r + 15) / 16 * 16;
+    return whole_lines((long)window_rows(g->th, g->kh, g->sh, g->dh) * g->w * Rp
+                       + (long)g->th * g->ow * Rp + (g->nchw ? (long)g->th * g->ow * g->o : 0));
 }
 
-/* w: Ap, bias1, D, Bp, bias, map. x: (N, H, W, C) contiguous, or (N, C, H, W) with nchw (y alike);
- * Ap: pack_b of the (C x R) pointwise weight; bias1: its bias (R rounded up to 16 floats) or NULL;
- * D: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past R are never read back);
- * Bp: pack_b of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus
- * map, OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
- * bias: O rounded up to 16 floats, or NULL; y: (N, OH, OW, O) contiguous; scratch: threads x
- * scratch_floats(g) floats. Output rows are split evenly over the threads; each walks its rows in
- * bands of TH. */
-void pdp_forward(const int *g, const float *x, const float *const *w, float *y,
-                 float *scratch, int threads)
+/* g: the weights and the geometry (args.h's PdpArgs). x: (N, H, W, C) contiguous, or (N, C, H,
+ * W) with g->nchw (y alike); g->a: pack_b of the (C x R) pointwise weight; g->bias1: its bias
+ * (R rounded up to 16 floats) or NULL; g->d: (kh * kw) x Rp depthwise taps, Rp = R rounded up to
+ * 16 (columns past R are never read back); g->b: pack_b of the (R x O) pointwise weight, or NULL
+ * for none (O = R: the depthwise result plus g->map, OW x Rp floats added per output column, or
+ * NULL, is the output: a flattened convolution); g->bias: O rounded up to 16 floats, or NULL; y:
+ * (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split
+ * evenly over the threads; each walks its rows in bands of TH. */
+void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int threads)
 {
-    /* the weights, one array (ctypes converts 5 fewer arguments a call) */
-    const float *Ap = w[0], *bias1 = w[1], *D = w[2], *Bp = w[3], *bias = w[4], *map = w[5];
-    const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], R = g[G_R], O = g[G_O];
-    const int kh = g[G_KH], kw = g[G_KW], sh = g[G_SH], sw = g[G_SW], ph = g[G_PH];
-    const int pw = g[G_PW], dh = g[G_DH], dw = g[G_DW], OH = g[G_OH], OW = g[G_OW];
-    const int TH = g[G_TH], nchw = g[G_NCHW];
+    const float *Ap = g->a, *bias1 = g->bias1, *D = g->d, *Bp = g->b, *bias = g->bias;
+    const float *map = g->map;
+    const int N = g->n, H = g->h, W = g->w, C = g->c, R = g->r, O = g->o;
+    const int kh = g->kh, kw = g->kw, sh = g->sh, sw = g->sw, ph = g->ph;
+    const int pw = g->pw, dh = g->dh, dw = g->dw, OH = g->oh, OW = g->ow;
+    const int TH = g->th, nchw = g->nchw;
     const int Rp = (R + 15) / 16 * 16;
     const long per = scratch_floats(g);
     const long total = (long)N * OH;

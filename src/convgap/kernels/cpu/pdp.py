@@ -9,7 +9,6 @@ intermediate and its band of the second in cache. Float32, CPU, inference (no au
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
@@ -19,22 +18,24 @@ from ...einsum.evaluate import reuse
 from ...einsum.parse import conv_length
 from ...errors import ConvgapError
 from . import planar
+from .args import PdpArgs
 from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
                      kernel_choice, pack, padded, round16)
 
 __all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
 
 
-KERNEL = Kernel("pdp", "pdp_forward")
+KERNEL = Kernel("pdp", "pdp_forward", PdpArgs)
 _lib = KERNEL.lib
 available = KERNEL.available
 
 
 def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
              bias: torch.Tensor | None, bias1: torch.Tensor | None = None,
-             out_map: torch.Tensor | None = None) -> tuple:
-    """The kernel's operands: packed a, its padded bias, the taps (kh kw x Rp), packed b,
-    its padded bias, the output map padded to (OW, Rp); None where absent."""
+             out_map: torch.Tensor | None = None) -> dict:
+    """The kernel's operands by PdpArgs' field names: packed a, its padded bias (bias1), the
+    taps (d: kh kw x Rp), packed b, its padded bias, the output map padded to (OW, Rp);
+    None where absent."""
     r = a.shape[1]
     taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
     taps[:, :r] = d.detach().reshape(r, -1).t()
@@ -42,13 +43,14 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
     if out_map is not None:
         omap = torch.zeros(out_map.shape[0], round16(r), dtype=torch.float32)
         omap[:, :r] = out_map.detach()
-    return (pack(lib, a), padded(bias1), taps, None if b is None else pack(lib, b.t()),
-            padded(bias), omap)
+    return {"a": pack(lib, a), "bias1": padded(bias1), "d": taps,
+            "b": None if b is None else pack(lib, b.t()), "bias": padded(bias), "map": omap}
 
 
-def _planar_weights(a, d, b, bias, nhwc: bool = False) -> tuple:
+def _planar_weights(a, d, b, bias, nhwc: bool = False) -> planar.Weights:
     first, last, bias_ = planar.pointwise_weights(a, b, bias, nhwc)
-    return first, d.detach().reshape(d.shape[0], -1).contiguous(), None, last, bias_
+    return planar.Weights(a=first, k1=d.detach().reshape(d.shape[0], -1).contiguous(), k2=None,
+                          b=last, bias=bias_)
 
 
 def _check(x, a, d, b, bias) -> None:
@@ -97,7 +99,7 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
 
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
               dilation, nchw: bool) -> tuple:
-    """(integer arguments of pdp_forward as a ctypes array, output shape, scratch floats
+    """(pdp_forward's geometry as a PdpArgs without weights, output shape, scratch floats
     per thread)"""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c, h, w = x.shape
@@ -106,9 +108,9 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
         raise ConvgapError(f"a {kh}x{kw} filter with padding {(ph, pw)} and dilation "
                            f"{(dh, dw)} does not fit a {h}x{w} input")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
-    ints = (ctypes.c_int * 18)(n, h, w, c, r, kh, kw, sh, sw, ph, pw, dh, dw, o, oh, ow, band,
-                               nchw)
-    return ints, (n, o, oh, ow), lib.scratch_floats(ints)
+    g = PdpArgs(n=n, h=h, w=w, c=c, r=r, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
+                dw=dw, o=o, oh=oh, ow=ow, th=band, nchw=int(nchw))
+    return g, (n, o, oh, ow), lib.scratch_floats(g)
 
 
 def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
@@ -139,17 +141,21 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
         geo = store[key] = _geometry(lib, x, d.shape[0], d.shape[1], d.shape[2],
                                      d.shape[0] if b is None else b.shape[0], stride, padding,
                                      dilation, not nhwc)
-    ints, out_shape, per = geo
+    g, out_shape, per = geo
     if use_planar:
-        n, h, w, c, r, kh, kw, sh, _, ph, pw, dh, dw, o, oh, ow, _, _ = ints
         weights = reuse(store, ("planar_weights", nhwc),
                         [t for t in (a, d, b, bias) if t is not None],
                         lambda: _planar_weights(a, d, b, bias, nhwc))
-        return planar.bind(x, weights, (n, h, w, c, r, r, r, kh, kw, sh, ph, pw, dh, dw, 0, 0,
-                                        1, o, oh, ow, 1, 1), out_shape, store)
+        # one depthwise filter: R1 = R2 = R3, no second filter, no groups (no width stride)
+        if g.sw != 1:
+            raise ConvgapError("the planar kernel runs width strides of 1 only")
+        geometry = planar.Geometry(n=g.n, h=g.h, w=g.w, c=g.c, r1=g.r, r2=g.r, r3=g.r,
+                                   kh1=g.kh, kw1=g.kw, sh1=g.sh, ph1=g.ph, pw1=g.pw, dh1=g.dh,
+                                   dw1=g.dw, kw2=0, pw2=0, dw2=1, o=g.o, oh=g.oh, ow=g.ow,
+                                   z=1, depthwise=1)
+        return planar.bind(x, weights, geometry, out_shape, store)
     weights = [t for t in (a, d, b, bias, bias1, out_map) if t is not None]
     prepared = reuse(store, "weights", weights,
                      lambda: _prepare(lib, a, d, b, bias, bias1, out_map))
-    pointers = tuple(None if t is None else t.data_ptr() for t in prepared)
-    return bound_call(lib.pdp_forward, ints, pointers, per, x.shape, out_shape, nhwc, store,
-                      prepared)
+    args = g.copy(**{name: None if t is None else t.data_ptr() for name, t in prepared.items()})
+    return bound_call(lib.pdp_forward, args, per, x.shape, out_shape, nhwc, store, prepared)

@@ -16,28 +16,27 @@
  * convolution writes the band compacted for the last GEMM. With a second convolution the
  * first must run along columns only (kw1 = 1), so its output lands in the second's padded
  * layout with zeros in the padding. Z > 1: groups of channels sharing both filters (a
- * tensor ring's bond). With G_NHWC the input and output maps are channels-innermost (a
+ * tensor ring's bond). With g->nhwc the input and output maps are channels-innermost (a
  * channels_last tensor) while the intermediates stay channel-major: the first 1x1 conv runs
  * in the packed orientation (pixels as rows) and its rows are transposed into the window's
  * planes (16 x 16 blocks through registers), and the last reads the band's planes as a
- * k-major operand (gemm_kmajor), writing pixel rows of the output. G_WINO: the first
+ * k-major operand (gemm_kmajor), writing pixel rows of the output. g->wino: the first
  * convolution (3 x 3, stride and dilation 1, no second one) runs as Winograd F(2x2, 3x3),
  * chunks of tile rows at a time (see wino_input). */
 #include <limits.h>
 #include <string.h>
 #include <omp.h>
 
+#include "args.h"
 #include "bands.h"
 #include "gemm.h"
 
-enum { G_N, G_H, G_W, G_C, G_R1, G_R2, G_R3, G_KH1, G_KW1, G_SH1, G_PH1, G_PW1, G_DH1,
-       G_DW1, G_KW2, G_PW2, G_DW2, G_O, G_OH, G_OW, G_TH, G_Z, G_DEPTHWISE, G_NHWC,
-       G_WINO, G_TAIL, G_PAIRS, G_COUNT };
+ARGS_LAYOUT(PlanarArgs, PLANAR_ARGS)
 
 #define SLACK 80  /* floats after each plane: flat ranges read up to a row's padding and a
                      vector's remainder past it */
 #define ROW_LANES 115  /* see rowwise in planar_forward */
-#define WINO_TILES 64  /* G_WINO: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
+#define WINO_TILES 64  /* g->wino: tiles per chunk (each of its 16 GEMMs: a 64-pixel block) */
 /* out[p * ldo] = X row p . w (K floats) for p < M (X rows ldx apart): 16 rows at a time,
  * each summed in its own vector and reduced at the end. */
 static void dot_rows(int M, int K, const float *X, long ldx, const float *w, float *out,
@@ -63,53 +62,53 @@ static void dot_rows(int M, int K, const float *X, long ldx, const float *w, flo
 typedef struct {
     int w1;         /* width after the first convolution */
     int pl, wp;     /* interior column offset and padded width of the window (and of v1) */
-    int ld1;        /* G_NHWC: floats per pixel row of t1 (Z R1, rounded up to 16 unless
-                       G_PAIRS) */
+    int ld1;        /* g->nhwc: floats per pixel row of t1 (Z R1, rounded up to 16 unless
+                       g->pairs) */
     int rows1;      /* rows of the window */
     long pu, pv;    /* plane strides of the window and of the band buffers v1, v2 */
-    int tc, trc;    /* G_WINO: 2 x 2 tiles per row of the output, tile rows per chunk */
-    long ldw;       /* G_WINO: floats per channel of a chunk's transformed tiles */
+    int tc, trc;    /* g->wino: 2 x 2 tiles per row of the output, tile rows per chunk */
+    long ldw;       /* g->wino: floats per channel of a chunk's transformed tiles */
     long t1, u, v1, v2, vc, wv, wm;  /* floats of each buffer */
 } Sizes;
 
-static Sizes sizes(const int *g)
+static Sizes sizes(const PlanarArgs *g)
 {
     Sizes s;
-    const int W = g[G_W], kw2 = g[G_KW2], TH = g[G_TH];
-    s.w1 = W + 2 * g[G_PW1] - g[G_DW1] * (g[G_KW1] - 1);
+    const int W = g->w, kw2 = g->kw2, TH = g->th;
+    s.w1 = W + 2 * g->pw1 - g->dw1 * (g->kw1 - 1);
     if (kw2) {  /* the first convolution is vertical: the window takes the second's padding */
-        int right = (g[G_OW] - 1) + (kw2 - 1) * g[G_DW2] + 1 - g[G_PW2] - s.w1;
-        s.pl = g[G_PW2];
+        int right = (g->ow - 1) + (kw2 - 1) * g->dw2 + 1 - g->pw2 - s.w1;
+        s.pl = g->pw2;
         s.wp = s.pl + W + (right > 0 ? right : 0);
     } else {
-        int right = (s.w1 - 1) + (g[G_KW1] - 1) * g[G_DW1] + 1 - g[G_PW1] - W;
-        s.pl = g[G_PW1];
+        int right = (s.w1 - 1) + (g->kw1 - 1) * g->dw1 + 1 - g->pw1 - W;
+        s.pl = g->pw1;
         s.wp = s.pl + W + (right > 0 ? right : 0);
     }
     /* (Winograd: one more row, read by a last tile row that is half past the band) */
-    s.rows1 = (TH - 1) * g[G_SH1] + (g[G_KH1] - 1) * g[G_DH1] + 1 + (g[G_WINO] ? 1 : 0);
-    const long z = g[G_Z];
+    s.rows1 = (TH - 1) * g->sh1 + (g->kh1 - 1) * g->dh1 + 1 + (g->wino ? 1 : 0);
+    const long z = g->z;
     s.pu = (long)s.rows1 * s.wp + SLACK;
     s.pv = (long)TH * s.wp + SLACK;
-    s.ld1 = (int)(g[G_PAIRS] ? z * g[G_R1] : (z * g[G_R1] + 15) / 16 * 16);
-    /* G_NHWC: the first 1x1's pixel rows (and a pair's); NCHW ones go straight to u */
-    s.t1 = g[G_NHWC] ? ((long)s.rows1 * W + 1) * s.ld1 : 0;
-    s.u = z * g[G_R1] * s.pu;
-    s.v1 = kw2 ? z * g[G_R2] * s.pv : 0;
+    s.ld1 = (int)(g->pairs ? z * g->r1 : (z * g->r1 + 15) / 16 * 16);
+    /* g->nhwc: the first 1x1's pixel rows (and a pair's); NCHW ones go straight to u */
+    s.t1 = g->nhwc ? ((long)s.rows1 * W + 1) * s.ld1 : 0;
+    s.u = z * g->r1 * s.pu;
+    s.v1 = kw2 ? z * g->r2 * s.pv : 0;
     /* v2: only an unstrided depthwise filter's padded rows (see rowwise in planar_forward) */
-    s.v2 = g[G_DEPTHWISE] && g[G_SH1] == 1 ? z * g[G_R3] * s.pv : 0;
-    s.vc = z * g[G_R3] * ((long)TH * g[G_OW] + SLACK);
+    s.v2 = g->depthwise && g->sh1 == 1 ? z * g->r3 * s.pv : 0;
+    s.vc = z * g->r3 * ((long)TH * g->ow + SLACK);
     /* Winograd chunks: about WINO_TILES tiles, whole tile rows, at most the band's */
-    s.tc = (g[G_OW] + 1) / 2;
+    s.tc = (g->ow + 1) / 2;
     const int trc = (WINO_TILES + s.tc / 2) / s.tc, tr_max = (TH + 1) / 2;
     s.trc = trc < 1 ? 1 : trc > tr_max ? tr_max : trc;
     s.ldw = ((long)s.trc * s.tc + 15) / 16 * 16;
-    s.wv = g[G_WINO] ? 16L * g[G_R1] * s.ldw : 0;
-    s.wm = g[G_WINO] ? 16L * g[G_R2] * s.ldw + 16 : 0;  /* (16: reads past the last row) */
+    s.wv = g->wino ? 16L * g->r1 * s.ldw : 0;
+    s.wm = g->wino ? 16L * g->r2 * s.ldw + 16 : 0;  /* (16: reads past the last row) */
     return s;
 }
 
-/* Batch 1 (G_N = 1), each thread one band of at least ext rows: the threads compute the
+/* Batch 1 (g->n = 1), each thread one band of at least ext rows: the threads compute the
  * window rows where their bands meet once, and copy them from each other after a barrier
  * (banded, both computed them: at 128@28 with 2 threads, 15 rows of the first 1x1 conv
  * each instead of 14). The bound between threads t - 1 and t, the first padded row that
@@ -122,11 +121,11 @@ static long shared_bound(long g, int sh1, int ph1, int ext)
     return b > lo ? b : lo;
 }
 
-/* Floats of scratch one thread needs. */
-long scratch_floats(const int *g)
+/* Floats of scratch one thread needs, in whole cache lines (bands.h). */
+long scratch_floats(const PlanarArgs *g)
 {
     Sizes s = sizes(g);
-    return s.t1 + s.u + s.v1 + s.v2 + s.vc + s.wv + s.wm + 64;
+    return whole_lines(s.t1 + s.u + s.v1 + s.v2 + s.vc + s.wv + s.wm);
 }
 
 /* d[0, n) <- s[0, n): the short rows the kernel moves between its buffers (an image row,
@@ -212,7 +211,7 @@ static void depthwise_planar(int nch, int taps, const long *offs, const float *d
     }
 }
 
-/* Winograd F(2 x 2, 3 x 3) for a 3 x 3 convolution with stride and dilation 1 (G_WINO):
+/* Winograd F(2 x 2, 3 x 3) for a 3 x 3 convolution with stride and dilation 1 (g->wino):
  * each 2 x 2 block of outputs from its 4 x 4 block of inputs as Y = A^T [U . V] A, with
  * V = B^T d B per input channel and U = G g G^T per filter (prepared by the caller), so the
  * 9 products per output of a channel pair become 16 per 4 outputs (2.25x fewer), in 16
@@ -300,37 +299,35 @@ static void wino_output(int R2, const float *M, long ldw, int tc, int trows, int
             }
 }
 
-/* w: At, K1t, K2t, Bt, bias. x: (N, C, H, W) contiguous; At: (Z R1) x C row-major; K1t: taps x R2
- * x R1 row-major (depthwise: R1 x taps); K2t: kw2 taps x R3 x R2 or NULL; Bt: O x (Z R3)
- * row-major; bias: O floats or NULL; y: (N, O, OH, OW) contiguous; G_WINO: K1t is U = G g G^T, 16
- * x R2 x R1 row-major (xi nu, out, in); scratch: threads x scratch_floats, zeros when new, and
- * used by this geometry alone: the zero padding of the window's rows is never written (rows are
- * filled between their padding columns and moved whole), so it is zeroed once with the buffer
- * rather than on every call (1.2 us of a 65 us call). G_NHWC: x is (N, H, W, C) and y (N, OH, OW,
- * O) in memory, At is pack_b of the (C, Z R1) weight (with G_TAIL last columns run as dot
- * products, for a tensor ring's 49 = 48 + 1 channels: pack_b of the others, then those rows of
- * A^T; planar.py's first_tail; with G_PAIRS, 8 or 24 channels computed two pixels at a time:
- * pack_b of [A^T | A^T], gemm.h's gemm_pairs), Bt pack_b of the (Z R3, O) one, and bias (or NULL)
- * is padded to 16 floats. */
-void planar_forward(const int *g, const float *x, const float *const *w, float *y,
-                    float *scratch, int threads)
+/* g: the weights and the geometry (args.h's PlanarArgs). x: (N, C, H, W) contiguous; g->a: A^T,
+ * (Z R1) x C row-major; g->k1: taps x R2 x R1 row-major (depthwise: R1 x taps); g->k2: kw2 taps
+ * x R3 x R2 or NULL; g->b: B, O x (Z R3) row-major; g->bias: O floats or NULL; y: (N, O, OH, OW)
+ * contiguous; g->wino: g->k1 is U = G g G^T, 16 x R2 x R1 row-major (xi nu, out, in); scratch:
+ * threads x scratch_floats, zeros when new, and used by this geometry alone: the zero padding of
+ * the window's rows is never written (rows are filled between their padding columns and moved
+ * whole), so it is zeroed once with the buffer rather than on every call (1.2 us of a 65 us
+ * call). g->nhwc: x is (N, H, W, C) and y (N, OH, OW, O) in memory, g->a is pack_b of the (C,
+ * Z R1) weight (with g->tail last columns run as dot products, for a tensor ring's 49 = 48 + 1
+ * channels: pack_b of the others, then those rows of A^T; planar.py's first_tail; with
+ * g->pairs, 8 or 24 channels computed two pixels at a time: pack_b of [A^T | A^T], gemm.h's
+ * gemm_pairs), g->b pack_b of the (Z R3, O) one, and g->bias (or NULL) is padded to 16 floats. */
+void planar_forward(const PlanarArgs *g, const float *x, float *y, float *scratch, int threads)
 {
-    /* the weights, one array (ctypes converts 4 fewer arguments a call) */
-    const float *At = w[0], *K1t = w[1], *K2t = w[2], *Bt = w[3], *bias = w[4];
+    const float *At = g->a, *K1t = g->k1, *K2t = g->k2, *Bt = g->b, *bias = g->bias;
     const Sizes s = sizes(g);
-    const int N = g[G_N], H = g[G_H], W = g[G_W], C = g[G_C], O = g[G_O];
-    const int OH = g[G_OH], OW = g[G_OW], TH = g[G_TH], Z = g[G_Z];
-    const int R1 = g[G_R1], R2 = g[G_R2], R3 = g[G_R3], ZR1 = Z * R1;
-    const int sh1 = g[G_SH1], ph1 = g[G_PH1], kw2 = g[G_KW2], dw = g[G_DEPTHWISE];
-    const int nhwc = g[G_NHWC], ld1 = s.ld1, wino = g[G_WINO];
-    const int taps1 = g[G_KH1] * g[G_KW1];
+    const int N = g->n, H = g->h, W = g->w, C = g->c, O = g->o;
+    const int OH = g->oh, OW = g->ow, TH = g->th, Z = g->z;
+    const int R1 = g->r1, R2 = g->r2, R3 = g->r3, ZR1 = Z * R1;
+    const int sh1 = g->sh1, ph1 = g->ph1, kw2 = g->kw2, dw = g->depthwise;
+    const int nhwc = g->nhwc, ld1 = s.ld1, wino = g->wino;
+    const int taps1 = g->kh1 * g->kw1;
     const long per = scratch_floats(g), wp = s.wp;
     const long ldvc = (long)TH * OW + SLACK;
     long offs1[taps1], offs2[kw2 > 0 ? kw2 : 1];
-    for (int i = 0; i < g[G_KH1]; i++)
-        for (int j = 0; j < g[G_KW1]; j++)
-            offs1[i * g[G_KW1] + j] = (long)i * g[G_DH1] * wp + (long)j * g[G_DW1];
-    for (int j = 0; j < kw2; j++) offs2[j] = (long)j * g[G_DW2];
+    for (int i = 0; i < g->kh1; i++)
+        for (int j = 0; j < g->kw1; j++)
+            offs1[i * g->kw1 + j] = (long)i * g->dh1 * wp + (long)j * g->dw1;
+    for (int j = 0; j < kw2; j++) offs2[j] = (long)j * g->dw2;
     const long total = (long)N * OH;
     #pragma omp parallel num_threads(threads)
     {
@@ -339,7 +336,7 @@ void planar_forward(const int *g, const float *x, const float *const *w, float *
         float *vc = v2 + s.v2, *wv = vc + s.vc, *wm = wv + s.wv;
         Walk wk = walk_start(total, t, nt);
         int n, oh, th;
-        const int ext = (g[G_KH1] - 1) * g[G_DH1] + 1;  /* input rows per output row */
+        const int ext = (g->kh1 - 1) * g->dh1 + 1;  /* input rows per output row */
         /* shared window rows (see shared_bound): this thread computes padded rows [b0, b1) */
         const int share = N == 1 && nt > 1 && TH >= (total + nt - 1) / nt && total / nt >= ext;
         const long b0 = share && t > 0 ? shared_bound(total * t / nt, sh1, ph1, ext) : LONG_MIN;
@@ -360,10 +357,10 @@ void planar_forward(const int *g, const float *x, const float *const *w, float *
             if (r0 < 0) r0 = 0;
             if (r1 > H) r1 = H;
             if (r1 > r0 && nhwc) {  /* t1: pixel rows of ld1 floats */
-                const int tail = g[G_TAIL], np = (r1 - r0) * W;
+                const int tail = g->tail, np = (r1 - r0) * W;
                 const float *xs = x + ((long)n * H + r0) * W * C;
                 const float *wt = At + packed_floats(1, C, ZR1 - tail);  /* (tail, C) */
-                if (g[G_PAIRS])
+                if (g->pairs)
                     gemm_pairs(np, ZR1, C, xs, C, At, t1, PF_X);
                 else
                     gemm(np, ZR1 - tail, C, xs, C, At, 0, t1, ld1, PF_X);

@@ -19,15 +19,16 @@ only (as in TT and TR).
 
 from __future__ import annotations
 
-import ctypes
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ...einsum.evaluate import channels_innermost
+from .args import PlanarArgs
 from .common import Kernel, bound_call, pack, padded
 
-__all__ = ["available", "supports", "pointwise_weights", "bind", "band_rows", "BAND_PIXELS",
+__all__ = ["available", "supports", "pointwise_weights", "bind", "Geometry", "Weights",
+           "band_rows", "BAND_PIXELS",
            "BAND_FLOATS", "WINOGRAD", "WINOGRAD_MIN_CHANNELS", "winograd_applies",
            "winograd_weights", "TAIL_DOTS", "first_tail", "PAIRS", "first_pairs"]
 
@@ -85,16 +86,52 @@ def first_pairs(n: int) -> bool:
     return PAIRS and n in (8, 24)
 
 
-def winograd_applies(geometry: tuple) -> bool:
-    """True if the kernel runs ``geometry`` (as :func:`bind` takes it) with Winograd
-    F(2x2, 3x3): one 3x3 filter (no second one, no depthwise, no groups) with stride and
-    dilation 1 and at least WINOGRAD_MIN_CHANNELS channels in and out, while WINOGRAD is
-    on."""
-    *head, z, depthwise = geometry
-    r1, r2, kh, kw, sh = head[4], head[5], head[7], head[8], head[9]
-    dh, dw, kw2 = head[12], head[13], head[14]
-    return WINOGRAD and not depthwise and z == 1 and kw2 == 0 and (kh, kw) == (3, 3) and \
-        sh == dh == dw == 1 and min(r1, r2) >= WINOGRAD_MIN_CHANNELS
+class Geometry(NamedTuple):
+    """What a caller of :func:`bind` states about the layer, by name (the fields of
+    args.h's PlanarArgs of the same names; :func:`bind` adds the band, the layout and the
+    forms it picks: th, nhwc, wino, tail, pairs). Width strides are 1."""
+    n: int
+    h: int
+    w: int
+    c: int
+    r1: int
+    r2: int
+    r3: int
+    kh1: int
+    kw1: int
+    sh1: int
+    ph1: int
+    pw1: int
+    dh1: int
+    dw1: int
+    kw2: int
+    pw2: int
+    dw2: int
+    o: int
+    oh: int
+    ow: int
+    z: int
+    depthwise: int
+
+
+class Weights(NamedTuple):
+    """The kernel's weights in their prepared forms (see :func:`bind`), named as PlanarArgs'
+    pointer fields."""
+    a: torch.Tensor
+    k1: torch.Tensor
+    k2: torch.Tensor | None
+    b: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def winograd_applies(geometry: Geometry) -> bool:
+    """True if the kernel runs ``geometry`` with Winograd F(2x2, 3x3): one 3x3 filter (no
+    second one, no depthwise, no groups) with stride and dilation 1 and at least
+    WINOGRAD_MIN_CHANNELS channels in and out, while WINOGRAD is on."""
+    g = geometry
+    return WINOGRAD and not g.depthwise and g.z == 1 and g.kw2 == 0 and \
+        (g.kh1, g.kw1) == (3, 3) and g.sh1 == g.dh1 == g.dw1 == 1 and \
+        min(g.r1, g.r2) >= WINOGRAD_MIN_CHANNELS
 
 
 def winograd_weights(k: torch.Tensor) -> torch.Tensor:
@@ -105,7 +142,7 @@ def winograd_weights(k: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, k.shape[0], k.shape[1]).float().contiguous()
 
 
-KERNEL = Kernel("planar", "planar_forward")
+KERNEL = Kernel("planar", "planar_forward", PlanarArgs)
 _lib = KERNEL.lib
 available = KERNEL.available
 
@@ -142,34 +179,32 @@ def pointwise_weights(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | Non
             None if bias is None else bias.detach().contiguous())
 
 
-def bind(x: torch.Tensor, weights: tuple, geometry: tuple, out_shape: tuple, store: dict
-         ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function running the kernel on inputs of ``x``'s shape and layout: ``weights`` =
+def bind(x: torch.Tensor, weights: Weights, geometry: Geometry, out_shape: tuple,
+         store: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the kernel on inputs of ``x``'s shape and layout: ``weights``
     (first 1x1, first filter taps (in :func:`winograd_weights`' form where
     :func:`winograd_applies`), second filter taps or None, last 1x1, bias or None) prepared
-    by the caller (float32, contiguous, held by the function; the 1x1s and bias
-    from :func:`pointwise_weights` for ``x``'s layout); ``geometry`` = the integer arguments
-    but the band and the layout (see planar.c's enum, from G_N to G_OW, then G_Z and
-    G_DEPTHWISE). It returns (N, O, OH, OW) in ``x``'s layout (channels_last where
-    ``x`` has its channels innermost, else contiguous)."""
+    by the caller (float32, contiguous, held by the function; the 1x1s and bias from
+    :func:`pointwise_weights` for ``x``'s layout); ``geometry``: the layer's sizes. It
+    returns (N, O, OH, OW) in ``x``'s layout (channels_last where ``x`` has its channels
+    innermost, else contiguous)."""
     lib = _lib()
     nhwc = channels_innermost(x)
     key = ("planar", geometry, nhwc)
-    ints = store.get(key)
-    if ints is None:
-        *head, z, depthwise = geometry
-        r1, r2, r3, kw2 = head[4], head[5], head[6], head[14]
+    g = store.get(key)  # the geometry's PlanarArgs, without weights
+    if g is None:
+        z, r1 = geometry.z, geometry.r1
         # t1, the window and the band's last two buffers, (v1 with a second filter)
-        per_pixel = z * (2 * r1 + (r2 if kw2 else 0) + 2 * r3)
-        band = band_rows(head[-2], head[-1], per_pixel)
+        per_pixel = z * (2 * r1 + (geometry.r2 if geometry.kw2 else 0) + 2 * geometry.r3)
         # the first 1x1's forms on channels_last maps, as pointwise_weights packs it
-        tail = first_tail(z * r1) if nhwc else 0
-        pairs = int(nhwc and first_pairs(z * r1))
-        ints = store[key] = (ctypes.c_int * 27)(*head, band, z, depthwise, int(nhwc),
-                                                int(winograd_applies(geometry)), tail, pairs)
-    per = lib.scratch_floats(ints)
-    pointers = tuple(None if t is None else t.data_ptr() for t in weights)
+        g = store[key] = PlanarArgs(
+            **geometry._asdict(), th=band_rows(geometry.oh, geometry.ow, per_pixel),
+            nhwc=int(nhwc), wino=int(winograd_applies(geometry)),
+            tail=first_tail(z * r1) if nhwc else 0, pairs=int(nhwc and first_pairs(z * r1)))
+    per = lib.scratch_floats(g)
+    args = g.copy(**{name: None if t is None else t.data_ptr()
+                     for name, t in weights._asdict().items()})
     # the scratch is this geometry's alone and zero-filled when new: the kernel never writes
     # its window's padding columns, so they stay zero from call to call
-    return bound_call(lib.planar_forward, ints, pointers, per, x.shape, out_shape, nhwc,
-                      store, weights, owner=("planar", id(ints)))  # (ints lives in store)
+    return bound_call(lib.planar_forward, args, per, x.shape, out_shape, nhwc, store,
+                      weights, owner=("planar", id(g)))  # (g lives in store)
