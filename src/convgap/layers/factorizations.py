@@ -1,6 +1,9 @@
 """Factorized convolution kernels: for each family, its conv_einsum expression, factor
 shapes for given ranks, parameter count, the rank that meets a compression target, and the
-decomposition of a trained dense kernel (TensorLy).
+decomposition of a trained dense kernel (in torch, on torch's threads: CP and RCP by
+alternating least squares, Tucker-2 by HOOI, TT and TR by TT-SVD / TR-SVD, the algorithms
+of TensorLy's parafac, partial_tucker, tensor_train and tensor_ring, made fast; see
+docs/2026-12-03-factorize-speed.md).
 
 The dense kernel is ``W[o, s, h, w]`` (out channels, in channels, kernel rows, columns); the
 input ``x[b, s, h, w]``. Families (``O``/``S`` channels, ``H``/``W`` kernel size):
@@ -116,6 +119,40 @@ def align(ranks: Ranks, multiple: int) -> Ranks:
     return tuple(r // multiple * multiple if r >= 2 * multiple else r for r in ranks)
 
 
+# -- shared linear algebra ---------------------------------------------------------------
+# Everything below runs in torch (float64 unless stated) on torch's threads. TensorLy's
+# SVD-based routines spent their time in LAPACK's SVD of wide unfoldings; only their
+# leading singular vectors are ever kept, and the Gram matrix and its eigh give them in a
+# fraction of the time (docs/2026-12-03-factorize-speed.md).
+F64 = torch.float64
+
+
+def _leading(mat: torch.Tensor, k: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    """An orthonormal basis ``(m, k)`` (float64) of the ``k`` leading left singular vectors
+    of ``mat`` ``(m, n)``, ``k <= min(m, n)``, in decreasing order, each column's largest
+    entry made positive (deterministic signs). From eigh of the smaller Gram matrix: for
+    m <= n, ``mat @ mat.T``; otherwise ``mat.T @ mat`` gives the right vectors V and the
+    basis is the Q of ``mat @ V`` (a thin QR), so at k = min(m, n) the basis spans the whole
+    column space and projecting on it is exact to rounding. ``dtype=torch.float32`` for a
+    starting point only (orthonormal to ~1e-7, half the time)."""
+    m, n = mat.shape
+    k = min(k, m, n)
+    mat = mat.to(dtype)
+    if m <= n:
+        u = torch.linalg.eigh(mat @ mat.T)[1][:, m - k:].flip(1)
+    else:
+        v = torch.linalg.eigh(mat.T @ mat)[1][:, n - k:].flip(1)
+        u = torch.linalg.qr(mat @ v).Q
+    u = u.to(F64)
+    idx = u.abs().argmax(0)
+    sign = torch.sign(u[idx, torch.arange(k)])
+    return u * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.movedim(k, 0).reshape(t.shape[k], -1)
+
+
 # -- CP ----------------------------------------------------------------------------------
 def _cp(tensor: np.ndarray, rank: int) -> list[np.ndarray]:
     """CP factors (one (dim, rank) matrix per mode, weights folded in). Exact by
@@ -137,45 +174,128 @@ def _cp(tensor: np.ndarray, rank: int) -> list[np.ndarray]:
     return cp_als(tensor, rank)
 
 
-def cp_als(tensor: np.ndarray, rank: int, n_iter: int = 100, tol: float = 1e-7,
-           seed: int = 0) -> list[np.ndarray]:
-    """CP by alternating least squares (float64, torch): SVD initialisation (random columns
-    beyond each unfolding's rank), MTTKRP by einsum, stop when the relative fit changes by
-    less than ``tol``. The same algorithm as TensorLy's ``parafac``, whose explicit
-    Khatri-Rao products took 10-170 s per 256-channel 3x3 kernel on this machine (this:
-    well under a second)."""
-    t = torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float64))
+def cp_als(tensor: np.ndarray, rank: int, n_iter: int = 50, tol: float = 1e-4,
+           seed: int = 0, linesearch: bool = True, fast_until: float = 1e-3,
+           trace: list | None = None) -> list[np.ndarray]:
+    """CP of a tensor of 3 or more modes by alternating least squares, made fast:
+
+    - SVD initialisation (the leading left singular vectors of each unfolding, from
+      :func:`_leading`; seeded random columns beyond each unfolding's rank);
+    - one sweep = two large contractions: ``T x_1 B`` gives mode 0's MTTKRP, ``T x_0 A``
+      mode 1's, and contracted once more with ``B`` every smaller mode's (the einsum of
+      the previous code contracted the whole tensor once per mode, four times a sweep);
+    - these contractions in float32 while the fit error is above ``fast_until``, float64
+      below (a kernel of exactly this rank is recovered to ~1e-8, where float32 would stall
+      near 1e-4); the normal equations (Hadamard products of Gram matrices, rank x rank)
+      always in float64, by Cholesky;
+    - the fit error from the Gram matrices and the last MTTKRP (no rebuilt kernel);
+    - Bro's line search: after each sweep from the 4th on, the factors are extrapolated
+      along the sweep's step by ``(it + 1) ** (1 / p)`` and kept if the fit is better (its
+      evaluation is the next sweep's first MTTKRP); ``p`` grows after 4 misses;
+    - stop when a sweep improves the relative error by less than ``tol`` of itself, or
+      after ``n_iter`` sweeps (with the line search, 50 sweeps fit about as well as the
+      100 plain sweeps of the previous code).
+
+    See docs/2026-12-03-factorize-speed.md for what each of these bought (time and error
+    on resnet26). ``trace``, if given, receives the relative error after each sweep."""
+    t = torch.as_tensor(np.ascontiguousarray(tensor), dtype=F64)
     n = t.dim()
+    if n < 3:
+        raise ConvgapError(f"cp_als needs a tensor of 3 or more modes, got {n}")
+    dims = tuple(t.shape)
+    d0, d1, rest = dims[0], dims[1], dims[2:]
+    k_rest = math.prod(rest)
     gen = torch.Generator().manual_seed(seed)
     factors = []
     for k in range(n):
-        unfold = t.movedim(k, 0).reshape(t.shape[k], -1)
-        u = torch.linalg.svd(unfold, full_matrices=False)[0][:, :rank]
+        u = _leading(_unfold(t, k), rank, torch.float32)
         if u.shape[1] < rank:
-            extra = torch.randn(t.shape[k], rank - u.shape[1], generator=gen,
-                                dtype=torch.float64) / math.sqrt(t.shape[k])
+            extra = torch.randn(dims[k], rank - u.shape[1], generator=gen,
+                                dtype=F64) / math.sqrt(dims[k])
             u = torch.cat([u, extra], dim=1)
         factors.append(u)
-    letters = "abcdefgh"[:n]
-    norm = t.norm()
-    last = None
+    norm2 = float((t * t).sum())
+    if norm2 == 0.0:
+        return [f.zero_().numpy() for f in factors]
+    # the two unfoldings the large contractions read, in float64 and float32
+    t_1 = {F64: t.reshape(d0, d1, k_rest).transpose(1, 2).reshape(d0 * k_rest, d1)
+           .contiguous()}
+    t_0 = {F64: t.reshape(d0, d1 * k_rest)}
+    t_1[torch.float32], t_0[torch.float32] = t_1[F64].float(), t_0[F64].float()
+    ones = torch.ones(rank, rank, dtype=F64)
+    eye = torch.eye(rank, dtype=F64)
+    rl = "cdefgh"[:n - 2]  # letters of the smaller modes (2 ..)
+
+    def khatri_rao_rest(fs):  # (prod(rest), rank), row-major over modes 2..
+        out = torch.ones(1, rank, dtype=F64)
+        for f in fs[2:]:
+            out = (out[:, None, :] * f[None, :, :]).reshape(-1, rank)
+        return out
+
+    def gram_product(gs, skip=None):
+        g = ones
+        for j, gj in enumerate(gs):
+            if j != skip:
+                g = g * gj
+        return g
+
+    def mttkrp0(fs, dt):
+        x = (t_1[dt] @ fs[1].to(dt)).to(F64).reshape(d0, k_rest, rank)
+        return (x * khatri_rao_rest(fs)).sum(1)
+
+    def solve(fs, gs, k, m):
+        g = gram_product(gs, k)
+        try:  # a tiny ridge keeps Cholesky through exactly collinear columns
+            c = torch.linalg.cholesky(g + (1e-13 * float(g.diagonal().max())) * eye)
+            fs[k] = torch.cholesky_solve(m.T, c).T
+        except RuntimeError:
+            fs[k] = torch.linalg.lstsq(g, m.T).solution.T
+        gs[k] = fs[k].T @ fs[k]
+
+    def error(inner, gs):
+        return math.sqrt(max(norm2 - 2.0 * inner + float(gram_product(gs).sum()), 0.0)
+                         / norm2)
+
+    grams = [f.T @ f for f in factors]
+    dt = torch.float32
+    m0 = mttkrp0(factors, dt)
+    prev, last, power, misses = None, None, 3.0, 0
     for it in range(n_iter):
-        for k in range(n):
-            others = [j for j in range(n) if j != k]
-            spec = f"{letters}," + ",".join(f"{letters[j]}z" for j in others) + \
-                f"->{letters[k]}z"
-            mttkrp = torch.einsum(spec, t, *[factors[j] for j in others])
-            gram = torch.ones(rank, rank, dtype=torch.float64)
-            for j in others:
-                gram = gram * (factors[j].T @ factors[j])
-            factors[k] = torch.linalg.lstsq(gram, mttkrp.T).solution.T
-        if it % 5 == 4 or it == n_iter - 1:
-            rebuilt = torch.einsum(",".join(f"{c}z" for c in letters) + f"->{letters}",
-                                   *factors)
-            err = ((rebuilt - t).norm() / norm).item() if norm > 0 else 0.0
-            if last is not None and abs(last - err) < tol:
-                break
-            last = err
+        solve(factors, grams, 0, m0)
+        y = factors[0].to(dt).T @ t_0[dt]  # T x_0 A: (rank, d1, k)
+        y = y.to(F64).reshape(rank, d1, k_rest)
+        solve(factors, grams, 1, torch.einsum("rjk,kr->jr", y, khatri_rao_rest(factors)))
+        z = torch.einsum("rjk,jr->kr", y, factors[1]).reshape(*rest, rank)
+        for k in range(2, n):
+            others = [j for j in range(2, n) if j != k]
+            spec = (f"{rl}z," + ",".join(f"{rl[j - 2]}z" for j in others)
+                    + f"->{rl[k - 2]}z")
+            m = torch.einsum(spec, z, *[factors[j] for j in others]) if others else z
+            solve(factors, grams, k, m)
+        err = error(float((m * factors[-1]).sum()), grams)
+        m0 = None
+        if linesearch and prev is not None and it >= 3:
+            jump = (it + 1) ** (1.0 / power)
+            cand = [p + jump * (f - p) for p, f in zip(prev, factors)]
+            cand_grams = [f.T @ f for f in cand]
+            cand_m0 = mttkrp0(cand, dt)
+            cand_err = error(float((cand_m0 * cand[0]).sum()), cand_grams)
+            if cand_err < err:
+                factors, grams, m0, err, misses = cand, cand_grams, cand_m0, cand_err, 0
+            else:
+                misses += 1
+                if misses == 4:
+                    power, misses = power + 1.0, 0
+        prev = list(factors) if linesearch else None
+        if trace is not None:
+            trace.append(err)
+        if last is not None and last - err <= tol * err:
+            break
+        last = err
+        if dt != F64 and err < fast_until:
+            dt, m0 = F64, None
+        if m0 is None:
+            m0 = mttkrp0(factors, dt)
     return [f.numpy() for f in factors]
 
 
@@ -194,18 +314,62 @@ def _tucker_shapes(r, o, s, h, w):
 
 
 def _tucker_decompose(weight: np.ndarray, r: Ranks) -> list[np.ndarray]:
-    """Tucker-2 by TensorLy's partial_tucker (HOOI, SVD init) at ranks capped by the channel
-    counts, zero-padded to the requested ranks (a rank above the channel count adds
-    nothing: the decomposition is then exact in that mode)."""
+    """Tucker-2 at ranks capped by the channel counts, zero-padded to the requested ranks
+    (a rank above the channel count adds nothing: the decomposition is then exact in that
+    mode). See :func:`tucker2`."""
     o, s = weight.shape[:2]
     ro, rs = min(r[0], o), min(r[1], s)
-    from tensorly.decomposition import partial_tucker
-    (core, (uo, us)), _ = partial_tucker(weight, [ro, rs], modes=[0, 1], init="svd",
-                                         n_iter_max=100, tol=1e-10)
+    core, uo, us = tucker2(weight, ro, rs)
     us_p, uo_p = np.zeros((s, r[1])), np.zeros((o, r[0]))
     core_p = np.zeros((r[0], r[1], *weight.shape[2:]))
     us_p[:, :rs], uo_p[:, :ro], core_p[:ro, :rs] = us, uo, core
     return [us_p, core_p, uo_p]
+
+
+def tucker2(weight: np.ndarray, ro: int, rs: int, n_iter: int = 100, tol: float = 1e-4,
+            power_steps: int = 2, fast_until: float = 1e-3, trace: list | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tucker-2 of ``W[o, s, ...]`` on its two channel modes (ranks ``ro <= o``,
+    ``rs <= s``): ``W ~ core x_0 uo x_1 us``, ``uo``, ``us`` orthonormal. HOOI (the
+    algorithm of TensorLy's partial_tucker) from the truncated HOSVD (:func:`_leading` of
+    each unfolding), but each half-step is ``power_steps`` block power steps on the other
+    mode's projection (``uo <- qr(Y Y^T uo)``, ``Y = W x_1 us^T``) instead of an SVD of it.
+    Contractions in float32 while the error is above ``fast_until`` (float64 below: an
+    exactly low-rank kernel is recovered to float64 rounding). The error is
+    sqrt(|W|^2 - |core|^2) / |W|; stop when an iteration improves it by less than ``tol``
+    of itself. A mode at full rank keeps the identity basis; the other mode's HOSVD basis
+    is then the optimum (exact at full rank)."""
+    w = torch.as_tensor(np.ascontiguousarray(weight), dtype=F64)
+    o, s = w.shape[:2]
+    w3 = w.reshape(o, s, -1)
+    norm2 = float((w3 * w3).sum())
+    iterate = ro < o and rs < s and norm2 > 0
+    start = torch.float32 if iterate else F64
+    uo = torch.eye(o, dtype=F64) if ro >= o else _leading(w3.reshape(o, -1), ro, start)
+    us = torch.eye(s, dtype=F64) if rs >= s else _leading(_unfold(w3, 1), rs, start)
+    dt = torch.float32
+    w_dt = w3.to(dt)
+    last = None
+    for _ in range(n_iter if iterate else 0):
+        uo_, us_ = uo.to(dt), us.to(dt)
+        y = torch.einsum("osp,sk->okp", w_dt, us_).reshape(o, -1)
+        for _ in range(power_steps):
+            uo_ = torch.linalg.qr(y @ (y.T @ uo_)).Q
+        z = torch.einsum("osp,oa->sap", w_dt, uo_).reshape(s, -1)
+        for _ in range(power_steps):
+            us_ = torch.linalg.qr(z @ (z.T @ us_)).Q
+        uo, us = uo_.to(F64), us_.to(F64)
+        err = math.sqrt(max(norm2 - float(((us_.T @ z).double() ** 2).sum()), 0.0) / norm2)
+        if trace is not None:
+            trace.append(err)
+        if last is not None and last - err <= tol * err:
+            break
+        last = err
+        if dt != F64 and err < fast_until:
+            dt = F64
+            w_dt = w3
+    core = torch.einsum("osp,oa,sk->akp", w3, uo, us).reshape(ro, rs, *w.shape[2:])
+    return core.numpy(), uo.numpy(), us.numpy()
 
 
 # -- tensor train / tensor ring over (s, h, w, o) -------------------------------------------
@@ -213,16 +377,31 @@ def _tt_shapes(r, o, s, h, w):
     return [(s, r[0]), (r[0], h, r[1]), (r[1], w, r[2]), (r[2], o)]
 
 
+def _tt_svd(t: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+    """TT-SVD (Oseledets; TensorLy's tensor_train) of ``t[r_0, d_1, .., d_N]`` (``r_0`` a
+    leading bond, 1 for a plain TT): sweep the modes left to right, keep the leading left
+    singular vectors of each unfolding (:func:`_leading`) as a core, carry ``U^T M`` on.
+    Bond k is at most ``ranks[k - 1]`` and the unfolding's size. Returns cores
+    ``(r_k, d_k, r_{k+1})``, the last with ``r_{N+1} = 1``."""
+    dims = t.shape[1:]
+    cores, rest, prev = [], t, t.shape[0]
+    for k in range(len(dims) - 1):
+        mat = rest.reshape(prev * dims[k], -1)
+        u = _leading(mat, ranks[k])
+        cores.append(u.reshape(prev, dims[k], u.shape[1]))
+        rest, prev = u.T @ mat, u.shape[1]
+    cores.append(rest.reshape(prev, dims[-1], 1))
+    return cores
+
+
 def _tt_decompose(weight: np.ndarray, r: Ranks) -> list[np.ndarray]:
-    from tensorly.decomposition import tensor_train
-    t = np.transpose(weight, (1, 2, 3, 0))  # (s, h, w, o)
-    dims = t.shape
+    t = torch.as_tensor(np.ascontiguousarray(weight), dtype=F64).permute(1, 2, 3, 0)
+    dims = t.shape  # (s, h, w, o)
     eff, prev = [], 1  # TT-SVD's bonds: at most previous bond x mode, and what remains
     for k, want in enumerate(r):
         prev = min(want, prev * dims[k], math.prod(dims[k + 1:]))
         eff.append(prev)
-    cores = tensor_train(t, [1, *eff, 1])
-    g = [np.asarray(c) for c in cores]
+    g = [c.numpy() for c in _tt_svd(t[None], eff)]
     out = [g[0][0], g[1], g[2], g[3][:, :, 0]]
     # pad to the requested ranks with zeros (a rank above the unfolding rank adds nothing)
     pads = [np.zeros((dims[0], r[0])), np.zeros((r[0], dims[1], r[1])),
@@ -239,22 +418,33 @@ def _tr_shapes(r, o, s, h, w):
 
 
 def _tr_decompose(weight: np.ndarray, r: Ranks) -> list[np.ndarray]:
-    from tensorly.decomposition import tensor_ring
-    t = np.transpose(weight, (1, 2, 3, 0))  # (s, h, w, o)
-    dims = t.shape
-    if r[0] * r[1] > min(dims[0], math.prod(dims[1:])):
+    """TR-SVD (Zhao et al.; TensorLy's tensor_ring, mode 0): the first unfolding's leading
+    ``r0 r1`` left singular vectors split into the first core, then TT-SVD of the rest."""
+    t = torch.as_tensor(np.ascontiguousarray(weight), dtype=F64).permute(1, 2, 3, 0)
+    dims = tuple(t.shape)  # (s, h, w, o)
+    first = min(dims[0], math.prod(dims[1:]))
+    if r[0] * r[1] > first:
         raise ConvgapError(
             "tensor-ring decomposition needs rank[0] * rank[1] <= "
-            f"{min(dims[0], math.prod(dims[1:]))} "
-            f"(the first unfolding's rank) for a kernel with {dims[0]} input channels; got "
-            f"ranks {r}: lower the rank (or the compression target's rank)")
-    cores = [np.asarray(c) for c in tensor_ring(t, [*r, r[0]])]
-    got = tuple(c.shape[0] for c in cores)
-    if got != tuple(r):
+            f"{first} (the first unfolding's rank) for a kernel with {dims[0]} input "
+            f"channels; got ranks {r}: lower the rank (or the compression target's rank)")
+    mat = t.reshape(dims[0], -1)
+    u = _leading(mat, r[0] * r[1])
+    core0 = u.reshape(dims[0], r[0], r[1]).permute(1, 0, 2)
+    # the rest, (r1, h, w, o, r0): a TT whose last bond is r0, folded into the last mode
+    rest = (u.T @ mat).reshape(r[0], r[1], -1).permute(1, 2, 0).reshape(
+        r[1], dims[1], dims[2], dims[3] * r[0])
+    got, prev = [r[0], r[1]], r[1]
+    for k, want in enumerate(r[2:], start=1):  # the TT-SVD's caps, as TensorLy sets them
+        prev = min(want, prev * dims[k], math.prod(dims[k + 1:]) * r[0])
+        got.append(prev)
+    if tuple(got) != tuple(r):
         raise ConvgapError(
             f"tensor-ring ranks {r} are not reachable by TR-SVD for a kernel of (s, h, w, o) "
-            f"= {dims}: it gives at most {got}; lower the ranks")
-    return cores
+            f"= {dims}: it gives at most {tuple(got)}; lower the ranks")
+    mid = _tt_svd(rest, r[2:])
+    cores = [core0, *mid[:-1], mid[-1].reshape(r[3], dims[3], r[0])]
+    return [c.contiguous().numpy() for c in cores]
 
 
 # -- reshaped CP ---------------------------------------------------------------------------

@@ -116,6 +116,12 @@ def resnet18(num_classes: int = 1000) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
 
 
+@register("resnet26")
+def resnet26(num_classes: int = 1000) -> ResNet:
+    """ResNet-26 v1.5 (Bottleneck, depths 2-2-2-2); 15,995,176 parameters at 1000 classes."""
+    return ResNet(Bottleneck, (2, 2, 2, 2), num_classes)
+
+
 @register("resnet50")
 def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50 v1.5 (Bottleneck, depths 3-4-6-3); 25,557,032 parameters at 1000 classes."""
