@@ -25,6 +25,7 @@ PUBLISHED_PARAMS = {
 
 BLOCKS = {
     "resnet18": ("basic", 8),
+    "resnet26": ("bottleneck", 8),
     "resnet50": ("bottleneck", 16),
     "resnet101": ("bottleneck", 33),
     "mobilenet_v2": ("inverted_residual", 17),

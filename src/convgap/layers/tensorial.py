@@ -349,10 +349,11 @@ class TensorialConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, factorization: str = "cp", rank: RankArg = None,
                   compression: float | None = None, rank_multiple: int = 8
                   ) -> "TensorialConv2d":
-        """Factorize a trained ``nn.Conv2d`` (groups=1, zeros padding) with TensorLy:
-        parafac (cp, rcp), partial_tucker (tucker), tensor_train (tt), tensor_ring (tr),
-        computed in float64. At full rank (``family.full_rank``) the result reproduces the
-        conv to rounding."""
+        """Factorize a trained ``nn.Conv2d`` (groups=1, zeros padding) with convgap's own
+        decompositions (:mod:`convgap.layers.factorizations`): alternating least squares
+        (cp, rcp), HOOI (tucker), TT-SVD (tt) and TR-SVD (tr), leading singular vectors
+        from Gram matrices, finished in float64; seconds for a ResNet-26. At full rank
+        (``family.full_rank``) the result reproduces the conv to rounding."""
         if not isinstance(conv, nn.Conv2d):
             raise ConvgapError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
