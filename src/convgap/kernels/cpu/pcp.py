@@ -159,7 +159,7 @@ def bind(x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, b: torch.Tensor,
     weights = [t for t in (a, k1, k2, b, bias) if t is not None]
     if use_planar:
         # planar's geometry: pcp's fields of the same names (it has no width strides)
-        if (g.sw1, g.sw2) != (1, 1):
+        if g.sw1 != 1 or (k2 is not None and g.sw2 != 1):  # (no k2: no second stride)
             raise ConvgapError("the planar kernel runs width strides of 1 only")
         geometry = planar.Geometry(**{name: getattr(g, name) for name in planar.Geometry._fields
                                       if name != "depthwise"}, depthwise=0)
