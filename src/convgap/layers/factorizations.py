@@ -37,6 +37,14 @@ __all__ = ["FAMILIES", "Family", "family", "balanced_split", "align"]
 Ranks = tuple[int, ...]
 
 
+
+def _stalled(trace: list | None, last: float | None, err: float, tol: float) -> bool:
+    """One iteration of a decomposition ended with relative error ``err`` (recorded in
+    ``trace`` when given): True when it improved on ``last`` by at most ``tol * err``."""
+    if trace is not None:
+        trace.append(err)
+    return last is not None and last - err <= tol * err
+
 def balanced_split(n: int) -> tuple[int, int]:
     """n = a * b with a <= b as close as possible (a = 1 for primes)."""
     a = int(math.isqrt(n))
@@ -287,9 +295,7 @@ def cp_als(tensor: np.ndarray, rank: int, n_iter: int = 50, tol: float = 1e-4,
                 if misses == 4:
                     power, misses = power + 1.0, 0
         prev = list(factors) if linesearch else None
-        if trace is not None:
-            trace.append(err)
-        if last is not None and last - err <= tol * err:
+        if _stalled(trace, last, err, tol):
             break
         last = err
         if dt != F64 and err < fast_until:
@@ -360,9 +366,7 @@ def tucker2(weight: np.ndarray, ro: int, rs: int, n_iter: int = 100, tol: float 
             us_ = torch.linalg.qr(z @ (z.T @ us_)).Q
         uo, us = uo_.to(F64), us_.to(F64)
         err = math.sqrt(max(norm2 - float(((us_.T @ z).double() ** 2).sum()), 0.0) / norm2)
-        if trace is not None:
-            trace.append(err)
-        if last is not None and last - err <= tol * err:
+        if _stalled(trace, last, err, tol):
             break
         last = err
         if dt != F64 and err < fast_until:
