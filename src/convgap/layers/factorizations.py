@@ -37,7 +37,6 @@ __all__ = ["FAMILIES", "Family", "family", "balanced_split", "align"]
 Ranks = tuple[int, ...]
 
 
-
 def _stalled(trace: list | None, last: float | None, err: float, tol: float) -> bool:
     """One iteration of a decomposition ended with relative error ``err`` (recorded in
     ``trace`` when given): True when it improved on ``last`` by at most ``tol * err``."""
