@@ -12,7 +12,11 @@ For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NC
 3. whole models, interleaved in one run: eager NCHW, eager channels_last, auto, and
    torch.compile with inductor freezing; each ratio against eager NCHW is the median of
    the per-round paired ratios (this machine drifts 10-15% between minutes: ratios of
-   separate medians read a 1.15x win as a 0.91x loss once).
+   separate medians read a 1.15x win as a 0.91x loss once);
+4. with ``--twice``: each model tuned a second time from another empty cache, and both
+   tuned models timed in the same interleaved rounds (run 1 / run 2 isolates what the
+   choices change from the machine's drift; target within 5%), each against both eager
+   layouts (target <= 1.0).
 
 On CPU everything runs under one malloc policy (``--malloc``, default 'retain': freed
 memory is reused, so nothing page-faults; under glibc's default a layer's time depends on
@@ -23,6 +27,7 @@ the heap's history, see convgap.allocator). On CUDA, fp32 runs with torch's defa
     python benchmarks/algorithms.py [--threads 2] [--batch 1 8] [--models ...] [--no-compile]
                                     [--malloc retain|default] [--device cuda]
                                     [--dtype float32|float16|bfloat16] [--no-tf32]
+                                    [--twice] [--out PATH]
 
 Prints tables and writes benchmarks/results/algorithms.json (algorithms_cuda_<dtype>.json
 on a GPU).
@@ -64,10 +69,12 @@ def distinct_layers(tuned):
 
 
 def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
-              dtype=torch.float32):
+              dtype=torch.float32, twice=False):
     from convgap import models, timing
-    from convgap.transforms import choices, swap
+    from convgap.transforms import swap
 
+    if twice:  # both tunings of each model start from an empty cache
+        os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
     # the re-check must resolve 5% on layers of 0.1-0.3 ms: many paired samples
     cfg_layer = timing.TimingConfig(warmup=5, min_repeats=30, max_repeats=600, min_time=0.25)
     cfg_model = timing.TimingConfig(warmup=2, min_repeats=15, max_repeats=30, min_time=2.0)
@@ -77,6 +84,10 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
         t0 = time.time()
         tuned = swap(net, "auto", x, quiet=True, malloc=malloc)
         tune_s = time.time() - t0
+        second = None
+        if twice:  # a second tuning from another empty cache, timed beside the first
+            os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
+            second = swap(net, "auto", x, quiet=True, malloc=malloc)
         layers, handles = distinct_layers(tuned)
         tuned(x)
         for h in handles:
@@ -97,14 +108,13 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
                 "recheck_chosen_s": chosen.median, "recheck_torch_s": ref.median,
                 "recheck_ratio_of_medians": chosen.median / ref.median,
                 "recheck_samples": len(chosen.samples), "recheck_ratio": paired})
-        counts = {}
-        for c in choices(tuned):
-            key = ("linear " if (c.spec or "").startswith("linear") else "") + c.algorithm
-            counts[key] = counts.get(key, 0) + 1
+        counts = _counts(tuned)
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
         fns = {"eager_nchw": lambda: net(x), "eager_channels_last": lambda: cl(xcl),
                "auto": lambda: tuned(x)}
+        if second is not None:
+            fns["auto_2"] = lambda: second(x)
         compile_s = None
         if do_compile:
             import torch._inductor.config as inductor_config
@@ -117,10 +127,41 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
         timings = timing.compare(list(fns.values()), cfg_model, device)
         whole = {k: t.median for k, t in zip(fns, timings)}
         speedup = {k: timing.paired_ratio(timings[0], t) for k, t in zip(fns, timings)}
+        by = dict(zip(fns, timings))
+        # auto / each eager layout, and the two tunings against each other (paired ratios)
+        auto_vs = {}
+        for a in [a for a in ("auto", "auto_2") if a in by]:
+            for k in ("eager_nchw", "eager_channels_last"):
+                auto_vs[f"{a}/{k}"] = timing.paired_ratio(by[a], by[k])
+        if "auto_2" in by:
+            auto_vs["auto/auto_2"] = timing.paired_ratio(by["auto"], by["auto_2"])
     return {"model": name, "batch": batch, "threads": threads, "device": device,
             "dtype": str(dtype).removeprefix("torch."), "tune_s": tune_s,
             "compile_s": compile_s, "choices": counts, "layers": rows, "whole_s": whole,
-            "whole_speedup": speedup, "whole_samples": len(timings[0].samples)}
+            "whole_speedup": speedup, "whole_samples": len(timings[0].samples),
+            "auto_ratios": auto_vs,
+            "choices_2": _counts(second) if second is not None else None,
+            "layouts": _layouts(tuned), "layouts_2": _layouts(second) if second else None}
+
+
+def _counts(tuned):
+    """How many layers run each algorithm ('linear ' before nn.Linear ones)."""
+    from convgap.transforms import choices
+    counts = {}
+    for c in choices(tuned):
+        if c.algorithm is None:
+            continue
+        key = ("linear " if (c.spec or "").startswith("linear") else "") + c.algorithm
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _layouts(tuned):
+    """The layout each tuned layer saw, in forward order ('nchw' / 'channels_last' /
+    'contiguous'): two tunings that agree here chose the same layout variant."""
+    from convgap.transforms import choices
+    return "".join({"nchw": "n", "channels_last": "c"}.get((c.tuning or {}).get("layout"), "-")
+                   for c in choices(tuned))
 
 
 def print_tables(results, console):
@@ -167,6 +208,31 @@ def print_tables(results, console):
                   ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items(),
                                                           key=lambda kv: -kv[1])))
     console.print(t)
+    if any(r.get("auto_ratios", {}).get("auto/auto_2") for r in results):
+        print_twice(results, console)
+
+
+def print_twice(results, console):
+    """Two tunings from empty caches, timed interleaved with both eager layouts."""
+    t = Table(title="two tunings from empty caches (median ms, interleaved; ratios are "
+                    "medians of per-round paired ratios; targets: run 1 / run 2 within "
+                    "5%, auto / eager <= 1.0)", title_justify="left")
+    for col in ("model", "batch", "eager NCHW", "eager CL", "auto run 1", "auto run 2",
+                "run 1 / run 2", "run 1 / NCHW", "run 1 / CL", "run 2 / NCHW",
+                "run 2 / CL", "same layouts"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        w, q = r["whole_s"], r["auto_ratios"]
+        if "auto_2" not in w:
+            continue
+        t.add_row(r["model"], str(r["batch"]), f"{1e3 * w['eager_nchw']:.2f}",
+                  f"{1e3 * w['eager_channels_last']:.2f}", f"{1e3 * w['auto']:.2f}",
+                  f"{1e3 * w['auto_2']:.2f}", f"{q['auto/auto_2']:.3f}",
+                  *(f"{q[k]:.3f}" for k in ("auto/eager_nchw", "auto/eager_channels_last",
+                                            "auto_2/eager_nchw",
+                                            "auto_2/eager_channels_last")),
+                  "yes" if r["layouts"] == r["layouts_2"] else "no")
+    console.print(t)
 
 
 def main() -> None:
@@ -175,6 +241,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "convnext_tiny"])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile+freezing")
+    ap.add_argument("--twice", action="store_true",
+                    help="tune each model a second time from another empty cache and time "
+                         "both tunings interleaved with eager NCHW and channels_last "
+                         "(reproducibility; implies a fresh cache)")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use the normal tuning cache (default: a fresh one, so it measures)")
     ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
@@ -196,6 +266,8 @@ def main() -> None:
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    if args.keep_cache and args.twice:
+        ap.error("--twice tunes from empty caches: drop --keep-cache")
     if not args.keep_cache:
         os.environ["CONVGAP_CACHE"] = tempfile.mkdtemp(prefix="convgap-bench-")
     import convgap
@@ -209,7 +281,7 @@ def main() -> None:
         for batch in args.batch:
             console.print(f"[dim]{name} batch {batch} ...[/dim]")
             results.append(run_model(name, batch, args.threads, not args.no_compile, console,
-                                     args.malloc, args.device, dtype))
+                                     args.malloc, args.device, dtype, args.twice))
     print_tables(results, console)
     dev_name = convgap.hardware.device_name(args.device)
     where = (f"threads {args.threads}, malloc policy {allocator.policy()}" if on_cpu else
