@@ -371,10 +371,14 @@ def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatc
 @needs_kernel
 def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
     from convgap.layers import tensorial
-    seen = []
     real = tensorial.choose_kernel
-    monkeypatch.setattr(tensorial, "choose_kernel",
-                        lambda kind, key, fns, x: seen.append(key) or real(kind, key, fns, x))
+    seen = []  # (key, the name chosen) of each measurement
+
+    def spy(kind, key, fns, x):
+        name = real(kind, key, fns, x)
+        seen.append((key, name))
+        return name
+    monkeypatch.setattr(tensorial, "choose_kernel", spy)
     layer = _layer()
     x = torch.randn(2, 12, 9, 8)
     with torch.no_grad():
@@ -382,7 +386,7 @@ def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
             layer(x)
         layer(torch.randn(1, 12, 9, 8))
     assert len(seen) == 2
-    assert layer.kernel_for(x) in ("planar", "nhwc", "steps")
+    assert layer.kernel_for(x) == seen[0][1]  # what forward runs: the measured choice
     assert layer.kernel_for(torch.randn(3, 12, 9, 8)) is None  # not measured yet
 
 
@@ -395,9 +399,10 @@ def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride
     calls = _count_runs(monkeypatch)
     layer = TensorialConv2d(12, 12, 3, family, rank=2 if family == "rcp" else (2, 3, 2, 3),
                             padding=1, stride=stride).eval()
+    x = torch.randn(1, 12, 6, 6)
     with torch.no_grad():
-        layer(torch.randn(1, 12, 6, 6))
-    assert not calls
+        layer(x)
+    assert not calls and layer.kernel_for(x) == "steps"
 
 
 @needs_kernel
