@@ -11,7 +11,7 @@ channels_last dense weight):
    (target at 10x: latency reduction >= 0.7 x MAC reduction; FlattenedConv2d >= 2x faster
    than dense);
    "runs": what the layer's forward ran after its one-time measurement (``kernel_for``):
-   'planar' / 'nhwc' (a fused C kernel, convgap.kernels.cpu) or 'steps' / 'ops' (torch);
+   'planar' / 'nhwc' (a fused C kernel, convgap.kernels.cpu) or 'steps' (torch);
 2. convgap's contraction path vs left-to-right order, both as torch steps (convgap.einsum on
    the same factors, interleaved): "steps ms" and "left ms";
 3. tltorch ``FactorizedConv`` (``implementation="factorized"``) where tensorly-torch is

@@ -2,13 +2,16 @@
 of nn.Conv2d configurations: padding ints / 'same' / 'valid', all padding modes, stride,
 dilation, groups, bias, dtype, and contiguous / channels_last / sliced inputs."""
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from convgap import models
-from convgap.algorithms import AlgoConv2d, get, names
+from convgap.algorithms import AlgoConv2d, AlgorithmFallbackWarning, get, names
 from convgap.transforms import swap
 from test_algorithm_math import conditioned_error  # noqa: E402
 
@@ -68,7 +71,8 @@ def test_algoconv_matches_conv2d(algo, case, double):
     try:
         ref = conv(x)
     except RuntimeError:
-        return  # a configuration torch itself rejects (e.g. kernel larger than the input)
+        ref = None
+    assume(ref is not None)  # not a configuration torch itself rejects (e.g. kernel > input)
     layer = AlgoConv2d(conv, algo)
     with torch.no_grad():
         y = layer(x)
@@ -82,10 +86,17 @@ def test_bfloat16_runs_or_falls_back(algo):
     conv = nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16).eval()
     x = torch.randn(1, 8, 8, 8, dtype=torch.bfloat16)
     layer = AlgoConv2d(conv, algo)
-    if get(algo).supports(layer.spec_for(x)) is not None:
-        return
+    reason = get(algo).supports(layer.spec_for(x))
     with torch.no_grad():
-        assert rel(layer(x).float(), conv(x).float()) < 3e-2   # bf16 has ~3 digits
+        if reason is None:  # it runs bfloat16 itself, without a fallback
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AlgorithmFallbackWarning)
+                y = layer(x)
+            assert rel(y.float(), conv(x).float()) < 3e-2   # bf16 has ~3 digits
+        else:  # torch runs the call, and the layer says why
+            with pytest.warns(AlgorithmFallbackWarning, match=re.escape(reason)):
+                y = layer(x)
+            assert torch.equal(y, conv(x))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "convnext_tiny"])

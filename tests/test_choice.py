@@ -1,12 +1,10 @@
-"""The one measured-and-verified choice and the config switches it reads."""
+"""The one measured-and-verified choice."""
 
 import multiprocessing as mp
 
-import pytest
 import torch
 
 from convgap import cache, choice, config, timing
-from convgap.errors import ConvgapError
 
 
 def _writer(args):
@@ -40,16 +38,3 @@ def test_a_wrong_fastest_candidate_is_rejected_and_the_decision_is_stored_by_nam
     (key,) = stored
     assert key.endswith("|test|k") and f"threads={torch.get_num_threads()}" in key
     assert stored[key]["choice"] == "slow"
-
-
-def test_config_override_restores_and_rejects_unknown_settings():
-    before = config.CHOICE_ROUNDS
-    with config.override(CHOICE_ROUNDS=timing.QUICK, MARGIN=0.1):
-        assert config.CHOICE_ROUNDS is timing.QUICK and config.MARGIN == 0.1
-    assert config.CHOICE_ROUNDS is before and config.MARGIN == 0.03
-    with pytest.raises(ConvgapError, match="no setting"):
-        with config.override(NOPE=1):
-            pass
-    with pytest.raises(ConvgapError, match="takes a TimingConfig"):
-        with config.override(CHOICE_ROUNDS=3):
-            pass

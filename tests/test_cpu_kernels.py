@@ -371,10 +371,14 @@ def test_layer_keeps_torch_steps_where_gradients_or_tracing_need_them(monkeypatc
 @needs_kernel
 def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
     from convgap.layers import tensorial
-    seen = []
     real = tensorial.choose_kernel
-    monkeypatch.setattr(tensorial, "choose_kernel",
-                        lambda kind, key, fns, x: seen.append(key) or real(kind, key, fns, x))
+    seen = []  # (key, the name chosen) of each measurement
+
+    def spy(kind, key, fns, x):
+        name = real(kind, key, fns, x)
+        seen.append((key, name))
+        return name
+    monkeypatch.setattr(tensorial, "choose_kernel", spy)
     layer = _layer()
     x = torch.randn(2, 12, 9, 8)
     with torch.no_grad():
@@ -382,7 +386,7 @@ def test_layer_fused_choice_is_measured_once_per_shape(monkeypatch):
             layer(x)
         layer(torch.randn(1, 12, 9, 8))
     assert len(seen) == 2
-    assert layer.kernel_for(x) in ("planar", "nhwc", "steps")
+    assert layer.kernel_for(x) == seen[0][1]  # what forward runs: the measured choice
     assert layer.kernel_for(torch.randn(3, 12, 9, 8)) is None  # not measured yet
 
 
@@ -395,9 +399,10 @@ def test_layers_without_a_fused_kernel_run_the_steps(monkeypatch, family, stride
     calls = _count_runs(monkeypatch)
     layer = TensorialConv2d(12, 12, 3, family, rank=2 if family == "rcp" else (2, 3, 2, 3),
                             padding=1, stride=stride).eval()
+    x = torch.randn(1, 12, 6, 6)
     with torch.no_grad():
-        layer(torch.randn(1, 12, 6, 6))
-    assert not calls
+        layer(x)
+    assert not calls and layer.kernel_for(x) == "steps"
 
 
 @needs_kernel
@@ -542,7 +547,7 @@ def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, force, stri
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = layer(x)
-        ref = layer._ops(x)
+        ref = layer._steps(x)
         if repeats == 1 and not bias:
             dense = F.conv2d(x.double(), layer.dense_weight().double(), None, stride, padding,
                              dilation)
@@ -557,7 +562,7 @@ def test_flattened_runs_fused_and_matches_its_torch_ops(monkeypatch, force, stri
         layer.horizontal[0].mul_(-0.5)
         if bias:
             layer.biases[0].add_(1.0)
-        y2, ref2 = layer(x), layer._ops(x)
+        y2, ref2 = layer(x), layer._steps(x)
     assert len(binds) == 2 * repeats - (repeats - 1)  # only repeat 0 changed
     assert ((y2 - ref2).abs().max() / ref2.abs().max()).item() < 1e-5
 
@@ -572,17 +577,17 @@ def test_flattened_keeps_torch_ops_for_gradients_and_when_they_measure_faster(mo
     x = torch.randn(2, 12, 9, 8, requires_grad=True)
     layer(x).sum().backward()
     assert not binds and x.grad is not None
-    force({"flattened": "ops"})
+    force({"flattened": "steps"})
     with torch.no_grad():
         y = layer(x)
         layer(x)
-    assert not binds and layer.kernel_for(x) == "ops"  # the torch ops won
-    assert torch.allclose(y, layer._ops(x), atol=1e-6)
-    # never fused (so never measured) in float64, or with fuse=False
-    assert layer.kernel_for(torch.randn(1, 12, 5, 5, dtype=torch.float64)) == "ops"
+    assert not binds and layer.kernel_for(x) == "steps"  # the torch ops won
+    assert torch.allclose(y, layer._steps(x), atol=1e-6)
+    # never the C kernel (so never measured) in float64, or as written
+    assert layer.kernel_for(torch.randn(1, 12, 5, 5, dtype=torch.float64)) == "steps"
     assert layer.kernel_for(torch.randn(1, 12, 5, 5)) is None  # not measured yet
-    layer.fuse = False
-    assert layer.kernel_for(torch.randn(1, 12, 5, 5)) == "ops"
+    layer.as_written = True
+    assert layer.kernel_for(torch.randn(1, 12, 5, 5)) == "steps"
 
 
 def test_band_rows_follow_pixels_and_scratch_budget():

@@ -575,13 +575,21 @@ def test_fft_matches_direct_for_long_kernels(padding):
     close(a, b)
 
 
-def test_fft_tensorial_and_strided_fall_back():
+def test_fft_tensorial_and_strided_fall_back(monkeypatch):
+    from convgap.einsum import evaluate
+    ffts = []
+    real = evaluate._fft_conv
+    monkeypatch.setattr(evaluate, "_fft_conv", lambda *a: ffts.append(1) or real(*a))
     expr, x, factors, kernel = _tensorial("tt")
     close(einsum(expr, x, *factors, padding=1, fft=True),
           F.conv2d(x, kernel, padding=1))
-    # stride / dilation cannot run by FFT: fft=True must still give the right answer
+    assert len(ffts) == 2  # both 1-D filters by FFT
+    ffts.clear()
+    # stride / dilation cannot run by FFT: fft=True falls back to direct convolutions,
+    # with the right answer
     close(einsum(expr, x, *factors, stride=2, dilation=2, padding=1, fft=True),
           F.conv2d(x, kernel, None, 2, 1, 2))
+    assert not ffts
 
 
 def test_gradcheck_cp():

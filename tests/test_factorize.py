@@ -1,16 +1,18 @@
 """factorize: which layers are replaced, exactness at full rank, errors before any change,
 and the `convgap factorize` command."""
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 import convgap
 from convgap.errors import ConvgapError
-from convgap.layers import FAMILIES, FlattenedConv2d, TensorialConv2d
+from convgap.layers import FAMILIES, FlattenedConv2d, TensorialConv2d, dispatch
 from convgap.transforms.factorize import compare, factorize
 
 from test_cli import run, user_module  # noqa: F401  (fixture)
@@ -94,7 +96,8 @@ def test_bad_requests_raise_before_anything_changes(kwargs, match):
     assert all(type(m) is not TensorialConv2d for m in net.modules())
 
 
-def test_compare_counts_and_times_each_layer():
+def test_compare_counts_and_times_each_layer(force):
+    force({"tensorial": ["planar", "nhwc"]})  # a C kernel where there is one
     net = small_net().float().eval()
     fact = factorize(net, "cp", compression=2, quiet=True)
     x = torch.randn(2, 3, 16, 16)
@@ -106,10 +109,18 @@ def test_compare_counts_and_times_each_layer():
     assert first.dense_s > 0 and first.factorized_s > 0 and res.model_s[0] > 0
     assert res.model_params == (sum(p.numel() for p in net.parameters()),
                                 sum(p.numel() for p in fact.parameters()))
-    assert "whole model" in str(res.table().columns[0]._cells)
-    # what each layer ran (compare times it in inference): a fused kernel or the steps
-    assert res.layers[0].runs == fact[0].kernel_for(x)
-    assert res.layers[0].runs in ("planar", "nhwc", "steps")
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(res.table())
+    rows = {line.split()[1]: line for line in console.export_text().splitlines()
+            if line.startswith("│")}
+    assert {"0", "4", "factorized", "whole"} <= set(rows)
+    p0, p1 = res.model_params
+    assert f"{p0:,} -> {p1:,}" in rows["whole"]
+    # what the first layer ran (compare times it in inference): the channel-major C
+    # kernel (CP, stride 1, an NCHW input) where the kernels are built here, else the steps
+    want = "planar" if dispatch.available("cp") else "steps"
+    assert res.layers[0].runs == fact[0].kernel_for(x) == want
+    assert f"│ {want} " in rows["0"]
 
 
 def test_public_api():

@@ -17,7 +17,7 @@ import torch.nn as nn
 import convgap
 from convgap import config, timing
 from convgap.algorithms import AlgorithmFallbackWarning, registry
-from convgap.layers import FlattenedConv2d, TensorialConv2d, fused
+from convgap.layers import FlattenedConv2d, TensorialConv2d
 from convgap.tracing import exporting
 
 ort = pytest.importorskip("onnxruntime")

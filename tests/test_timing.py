@@ -1,11 +1,24 @@
 """The timing discipline: sample counts, interleaving, thread setting, statistics."""
 
-import time
+import types
 
 import pytest
 import torch
 
 from convgap import timing
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """timing's clock made a counter that only the timed callables advance
+    (``clock(seconds)``): durations exact, no wall clock. Dyadic durations keep the sums
+    exact too."""
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+    return advance
 
 
 def test_measure_takes_min_repeats_and_warms_up():
@@ -15,13 +28,13 @@ def test_measure_takes_min_repeats_and_warms_up():
     assert len(t.samples) == 4 and len(calls) == 7
 
 
-def test_measure_respects_min_time_and_max_repeats():
-    cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=50, min_time=0.03)
-    t = timing.measure(lambda: time.sleep(0.005), cfg)
-    assert 6 <= len(t.samples) <= 10
-    assert t.median == pytest.approx(0.005, rel=0.8)
+def test_measure_respects_min_time_and_max_repeats(clock):
+    step = 2.0 ** -8  # seconds per call
+    cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=50, min_time=6 * step)
+    t = timing.measure(lambda: clock(step), cfg)
+    assert t.samples == (step,) * 6  # min_time reached after 6 calls, past min_repeats
     cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=3, min_time=10.0)
-    assert len(timing.measure(lambda: None, cfg).samples) == 3
+    assert len(timing.measure(lambda: clock(step), cfg).samples) == 3
 
 
 def test_compare_interleaves_alternating_order():
@@ -35,11 +48,10 @@ def test_compare_interleaves_alternating_order():
     assert len(ta.samples) == len(tb.samples) == len(tc.samples) == 4
 
 
-def test_compare_assigns_samples_to_their_callable():
-    import time as _time
+def test_compare_assigns_samples_to_their_callable(clock):
     cfg = timing.TimingConfig(warmup=0, min_repeats=4, max_repeats=4, min_time=0.0)
-    fast, slow = timing.compare([lambda: None, lambda: _time.sleep(0.005)], cfg)
-    assert max(fast.samples) < 0.004 < min(slow.samples)
+    fast, slow = timing.compare([lambda: clock(2.0 ** -10), lambda: clock(2.0 ** -7)], cfg)
+    assert fast.samples == (2.0 ** -10,) * 4 and slow.samples == (2.0 ** -7,) * 4
 
 
 def test_threads_context_sets_and_restores():

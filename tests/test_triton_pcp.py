@@ -1,6 +1,6 @@
 """The fused GPU kernel of factorized layers (convgap.kernels.triton.pcp), checked on CPU
 with triton's interpreter against float64 references of the convolutions it replaces, and
-the layer mapping (convgap.layers.fused, kernel='triton') of every family against the
+the layer mapping (convgap.layers.dispatch, kernel='triton') of every family against the
 layer's dense kernel. Every interpreted check runs in ONE subprocess (see
 tests/interpreted.py) that prints a JSON summary the tests assert on. Input checks and the
 filter product run here."""
@@ -56,7 +56,7 @@ _SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from convgap.kernels.triton import interpreting, pcp
-    from convgap.layers import fused
+    from convgap.layers import dispatch
     import contextlib
 
     from convgap import TensorialConv2d, choice
@@ -102,9 +102,9 @@ _SCRIPT = textwrap.dedent("""
         with torch.no_grad():
             for step in range(2):
                 factors = list(layer.factors)
-                call = fused.fused_call(fam, x, factors, layer.bias, layer.stride,
-                                        layer._pads(), layer.dilation, store,
-                                        kernel="triton")
+                call = dispatch.kernel_call(fam, x, factors, layer.bias, layer.stride,
+                                            layer._pads(), layer.dilation, store,
+                                            kernel="triton")
                 y = call(x)
                 ref = F.conv2d(x.double(), layer.dense_weight().double(),
                                layer.bias.double(), layer.stride, layer._pads(),
@@ -116,7 +116,7 @@ _SCRIPT = textwrap.dedent("""
     # the layer's own route to the kernel (forward, its one-time choice, the bound call
     # kept while the factors are unchanged), with the device test bypassed: CPU tensors
     from convgap.layers import tensorial
-    tensorial.TensorialConv2d._fusable = lambda self, x: True
+    tensorial.TensorialConv2d._kernel_applies = lambda self, x: True
     tensorial.TensorialConv2d._candidates = lambda self, x: ["triton"]
     forcing = contextlib.ExitStack()  # held to the end of the script
     forcing.enter_context(choice.forced({"tensorial": "triton"}))

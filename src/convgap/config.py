@@ -21,6 +21,9 @@ Budgets (:class:`~convgap.timing.TimingConfig`: warm-up calls, sample counts, se
   model, each isolated layer or block call, and the malloc-cost measurement;
 - ``ROOFS``: the roof micro-benchmarks.
 
+``ROOF_GEMM_CALL_S``: the largest predicted time (seconds) of one roof GEMM call: larger
+sizes are skipped (a dtype without a fast GEMM must not take minutes).
+
 ``MARGIN``: how much faster (fraction) a challenger must be to replace an incumbent.
 """
 
@@ -35,7 +38,7 @@ from .timing import TimingConfig
 
 __all__ = ["override", "CHOICE_ROUNDS", "CONFIRM_ROUNDS", "KERNEL_ROUNDS", "STEP_ROUNDS",
            "MODEL_CHECK", "LAYER_COMPARE", "MODEL_COMPARE", "ANALYZE_MODEL", "ANALYZE_CALL",
-           "ALLOCATION", "ROOFS", "MARGIN"]
+           "ALLOCATION", "ROOFS", "ROOF_GEMM_CALL_S", "MARGIN"]
 
 CHOICE_ROUNDS = TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.05)
 CONFIRM_ROUNDS = TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.2)
@@ -48,6 +51,7 @@ ANALYZE_MODEL = TimingConfig(warmup=2, min_repeats=5, max_repeats=30, min_time=0
 ANALYZE_CALL = TimingConfig(warmup=1, min_repeats=5, max_repeats=30, min_time=0.02)
 ALLOCATION = TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
 ROOFS = TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
+ROOF_GEMM_CALL_S = 0.5
 MARGIN = 0.03
 
 _NAMES = tuple(n for n in __all__ if n != "override")

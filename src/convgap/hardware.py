@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import cache, timing
+from . import config as settings  # as settings: measure_roofs takes its own ``config``
 from .errors import ConvgapError
 
 __all__ = ["Roofs", "roofs", "measure_roofs", "device_name", "check_device"]
 
 CACHE_FILE = "roofs.json"
-MAX_GEMM_CALL_S = 0.5  # largest predicted time of one roof GEMM call (seconds)
 
 
 @dataclass(frozen=True)
@@ -146,14 +146,15 @@ def measure_roofs(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     """Measure peak GEMM FLOP/s and streaming bandwidth now, under the current thread count
     (no cache). ``gemm_sizes``: square GEMM sizes tried (best one wins); ``stream_mib``: size
     of each streaming buffer in MiB. Defaults are large enough to leave the caches; this
-    takes a few seconds on CPU."""
+    takes a few seconds on CPU. ``config``: the timing budget of each measurement (default:
+    :data:`convgap.config.ROOFS`)."""
     dev = check_device(device)
-    cfg = config or timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
+    cfg = config or settings.ROOFS
     gemm: dict[str, float] = {}
     for n in gemm_sizes or _gemm_sizes(dev):
         # a dtype without a fast GEMM here (bf16 on some CPUs runs at ~1 GFLOP/s) must not
         # take minutes: skip sizes whose one call would exceed the budget at the best rate
-        if gemm and 2 * n**3 / max(gemm.values()) > MAX_GEMM_CALL_S:
+        if gemm and 2 * n**3 / max(gemm.values()) > settings.ROOF_GEMM_CALL_S:
             break
         for path, fn in _gemm_paths(n, dev, dtype).items():
             gemm[f"{path}{n}"] = 2 * n**3 / timing.measure(fn, cfg, dev).median

@@ -15,21 +15,17 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .. import allocator, hardware, timing
+from .. import allocator, config, hardware, timing
 from ..count import Call, Trace, check_input, run_trace
 from ..errors import ConvgapError
 from ..progress import make_progress
 from .report import Report, Row, Run
 
-__all__ = ["analyze", "LAYOUTS", "DTYPES", "WHOLE_MODEL", "PER_CALL"]
+__all__ = ["analyze", "LAYOUTS", "DTYPES"]
 
 LAYOUTS = ("nchw", "channels_last")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-WHOLE_MODEL = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=30, min_time=0.25)
-PER_CALL = timing.TimingConfig(warmup=1, min_repeats=5, max_repeats=30, min_time=0.02)
-ALLOCATION = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -105,7 +101,9 @@ def analyze(
     whole model, every block and every leaf layer in isolation on its real input, and returns
     a :class:`Report` with one run. ``layout`` is 'nchw' or 'channels_last'; ``threads`` sets
     ``torch.set_num_threads`` for the measurement (default: as is). ``per_layer=False``
-    skips timing layers and blocks (counts and whole-model latency only).
+    skips timing layers and blocks (counts and whole-model latency only). ``timing_config``:
+    the budget of every timing (default: :data:`convgap.config.ANALYZE_MODEL` for the whole
+    model, :data:`convgap.config.ANALYZE_CALL` for each layer and block).
 
     On CPU, ``malloc`` sets the malloc policy everything is measured under ('default' or
     'retain', see :mod:`convgap.allocator`; None: as the process is; restored afterwards),
@@ -132,8 +130,8 @@ def analyze(
     if layout == "channels_last" and len(shape) != 4:
         raise ConvgapError(f"layout 'channels_last' needs a 4-D input, got shape {shape}")
     name = name or type(model).__name__
-    cfg_model = timing_config or WHOLE_MODEL
-    cfg_call = timing_config or PER_CALL
+    cfg_model = timing_config or config.ANALYZE_MODEL
+    cfg_call = timing_config or config.ANALYZE_CALL
 
     if malloc is not None:
         allocator.check_policy(malloc)
@@ -164,7 +162,7 @@ def analyze(
                 prog.advance(task)
             # last: 'retain' leaves free chunks in the heap that serve later requests
             # without faults under any policy; the process as it was is ``measured``
-            cost = (allocator.allocation_cost(lambda: net(x), ALLOCATION, blocks=3,
+            cost = (allocator.allocation_cost(lambda: net(x), config.ALLOCATION, blocks=3,
                                               current=measured) if alloc_steps else None)
             prog.advance(task, alloc_steps)
         finally:

@@ -18,7 +18,7 @@ from ..einsum.evaluate import (_frozen_parameters, _gemm_step,
 from ..einsum.parse import conv_length
 from ..errors import ConvgapError
 from ..kernels.cpu import pdp
-from . import fused
+from . import dispatch
 from .tensorial import choose_kernel
 
 __all__ = ["FlattenedConv2d"]
@@ -37,7 +37,7 @@ class FlattenedConv2d(nn.Module):
     with the rank-1 kernel v h^T (oneDNN's NHWC depthwise kernel: one pass over the feature
     map instead of two, 3-10x faster here than shifted multiply-adds or NCHW), and adds the
     vertical bias as the exact per-column map it becomes after the zero-padded horizontal
-    filter; ``fuse=False`` runs the three convolutions as written (same result). In CPU
+    filter; ``as_written=True`` runs the three convolutions as written (same result). In CPU
     float32 inference each repeat may instead run as one pass of the fused C kernel
     (:func:`convgap.kernels.cpu.pdp.bind` without its second 1x1 conv: the lateral GEMM,
     the rank-1 depthwise filter and the biases, the intermediate kept in cache); a one-time
@@ -46,7 +46,7 @@ class FlattenedConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, repeats: int = 1,
-                 stride=1, padding=0, dilation=1, bias: bool = True, fuse: bool = True,
+                 stride=1, padding=0, dilation=1, bias: bool = True, as_written: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
         if not isinstance(repeats, int) or repeats < 1:
@@ -56,7 +56,7 @@ class FlattenedConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.repeats, self.fuse = repeats, fuse
+        self.repeats, self.as_written = repeats, as_written
         kw = {"device": device, "dtype": dtype}
         o, (kh, kwid) = self.out_channels, self.kernel_size
         self.lateral = nn.ParameterList()
@@ -73,7 +73,7 @@ class FlattenedConv2d(nn.Module):
         # per repeat: the lateral weight packed for oneDNN, the depthwise filters blocked
         # for it, and (in inference) the rank-1 kernel v h^T while v and h are unchanged
         self._cache: list[dict] = [{} for _ in range(repeats)]
-        self._choice: dict = {}  # (input shape, strides) -> 0: fused kernel, 1: torch ops
+        self._choice: dict = {}  # (input shape, strides) -> 0: the C kernel, 1: the steps
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
@@ -126,37 +126,37 @@ class FlattenedConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConvgapError(f"FlattenedConv2d expects (N, {self.in_channels}, H, W) input, "
                                f"got {tuple(x.shape)}")
-        if self._fusable(x):
+        if self._kernel_applies(x):
             key = (x.shape, x.stride())
             choice = self._choice.get(key)
-            if choice is None:  # once per input shape and layout, verified against the ops
+            if choice is None:  # once per input shape and layout, verified against the steps
                 spec = (tuple(x.shape), x.stride(), str(x.dtype), self.repeats,
                         self.kernel_size, self.stride, self.padding, self.dilation,
                         self.biases is not None)
-                name = choose_kernel("flattened", spec, {"ops": self._ops, "nhwc": self._fused},
-                                     x)
-                choice = self._choice[key] = ("nhwc", "ops").index(name)
+                name = choose_kernel("flattened", spec,
+                                     {"steps": self._steps, "nhwc": self._one_pass}, x)
+                choice = self._choice[key] = ("nhwc", "steps").index(name)
             if choice == 0:
-                return self._fused(x)
-        return self._ops(x)
+                return self._one_pass(x)
+        return self._steps(x)
 
     def kernel_for(self, x: torch.Tensor) -> str | None:
         """What forward runs for inputs with ``x``'s shape and strides in inference: 'nhwc'
-        (the fused C kernel), 'ops' (torch ops), or None while not yet measured (CPU
-        float32). Outside CPU float32 inference (other devices and dtypes, autograd) it
-        always runs the torch ops."""
-        if not (self.fuse and x.device.type == "cpu" and x.dtype == torch.float32 and
-                pdp.available()):
-            return "ops"
+        (the fused C kernel), 'steps' (torch ops), or None while not yet measured (CPU
+        float32). Outside CPU float32 inference (other devices and dtypes, autograd) and
+        with ``as_written`` it always runs the steps."""
+        if self.as_written or not (x.device.type == "cpu" and x.dtype == torch.float32 and
+                                   pdp.available()):
+            return "steps"
         choice = self._choice.get((x.shape, x.stride()))
-        return None if choice is None else ("nhwc", "ops")[choice]
+        return None if choice is None else ("nhwc", "steps")[choice]
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """fuse=True, CPU float32 inference, and the fused kernel built here."""
-        return self.fuse and fused.cpu_inference(x, list(self.parameters())) and \
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        """Not ``as_written``, CPU float32 inference, and the fused kernel built here."""
+        return not self.as_written and dispatch.cpu_inference(x, list(self.parameters())) and \
             pdp.available()
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def _one_pass(self, x: torch.Tensor) -> torch.Tensor:
         """Each repeat as one pass of the fused kernel, bound to the repeat's weights for
         inputs like ``x`` and kept while those are unchanged."""
         for r in range(self.repeats):
@@ -165,7 +165,7 @@ class FlattenedConv2d(nn.Module):
             if self.biases is not None:
                 params.append(self.biases[r])
             sig = signature(params)
-            key = ("fused", x.shape, x.stride())
+            key = ("kernel", x.shape, x.stride())
             hit = cache.get(key)
             if hit is None or hit[0] != sig:
                 hit = cache[key] = (sig, self._bind(r, x))
@@ -182,11 +182,11 @@ class FlattenedConv2d(nn.Module):
             out_map = (self._vertical_bias_map(r, x.shape[-1], ow)[0, :, 0, :]
                        + self.biases[r][2][:, None]).t()  # (ow, o)
         return pdp.bind(x, self.lateral[r].t(), kernel, None, None, (sh, sw), (ph, pw),
-                        (dh, dw), self._cache[r].setdefault("fused_store", {}), False, bias1,
+                        (dh, dw), self._cache[r].setdefault("kernel_store", {}), False, bias1,
                         out_map)
 
-    def _ops(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward on torch ops (oneDNN's GEMM and depthwise kernels)."""
+    def _steps(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward on torch ops, the steps (oneDNN's GEMM and depthwise kernels)."""
         o = self.out_channels
         restore = not channels_innermost(x)  # the result keeps the input's layout
         for r in range(self.repeats):
@@ -199,7 +199,7 @@ class FlattenedConv2d(nn.Module):
             if self.biases is not None:
                 x = x.add_(self._bias(r, 0).view(1, -1, 1, 1))
             v, h = self.vertical[r], self.horizontal[r]
-            if not self.fuse:
+            if self.as_written:
                 x = F.conv2d(x, v[:, None, :, None], self._bias(r, 1), (sh, 1), (ph, 0),
                              (dh, 1), o)
                 x = F.conv2d(x, h[:, None, None, :], self._bias(r, 2), (1, sw), (0, pw),
@@ -248,7 +248,7 @@ class FlattenedConv2d(nn.Module):
         return torch.einsum("os,oh,ow->oshw", lat, v, h)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, fuse: bool = True) -> "FlattenedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, as_written: bool = False) -> "FlattenedConv2d":
         """Approximate a trained ``nn.Conv2d`` (groups=1, zeros padding) by one flattened
         repeat: for each output channel, the best rank-1 approximation of its (S, kh, kw)
         filter, L_o (x) v_o (x) h_o, by TensorLy parafac (rank 1, float64). Exact only for
@@ -262,7 +262,7 @@ class FlattenedConv2d(nn.Module):
         from tensorly.decomposition import parafac
         w = conv.weight
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, 1, conv.stride,
-                    conv.padding, conv.dilation, bias=conv.bias is not None, fuse=fuse,
+                    conv.padding, conv.dilation, bias=conv.bias is not None, as_written=as_written,
                     device=w.device, dtype=w.dtype)
         dense = w.detach().to("cpu", torch.float64).numpy()
         lat = np.zeros(dense.shape[:2])
@@ -288,4 +288,5 @@ class FlattenedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"repeats={self.repeats}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, bias={self.biases is not None}, fuse={self.fuse}")
+                f"dilation={self.dilation}, bias={self.biases is not None}, "
+                f"as_written={self.as_written}")

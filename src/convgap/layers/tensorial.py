@@ -17,7 +17,7 @@ from ..einsum.evaluate import run_plan, signature
 from .. import choice, config
 from ..errors import ConvgapError
 from ..tracing import exporting, jit_tracing, untraced
-from . import fused
+from . import dispatch
 from .factorizations import Family, family, rebuild
 
 __all__ = ["TensorialConv2d", "AUTO_MAC_SLACK", "choose_kernel"]
@@ -63,7 +63,7 @@ class TensorialConv2d(nn.Module):
     for 0.6% more MACs. (Reshaped CP's path can cost more MACs than the dense conv.)
     Forward honours stride, padding (int, pair, 'same', 'valid'; zeros) and dilation;
     ``bias`` is added after. In CPU float32 inference a CP, Tucker, TT or TR layer may
-    instead run as one fused pass (:mod:`convgap.layers.fused`: its 1x1 convolutions and
+    instead run as one fused pass (:mod:`convgap.layers.dispatch`: its 1x1 convolutions and
     the filters between them in one C kernel, the intermediates kept in cache), and in
     CUDA inference (float32, float16, bfloat16) as two launches, a matrix product and one
     Triton kernel; a one-time paired measurement per input shape, layout, device and dtype
@@ -209,8 +209,8 @@ class TensorialConv2d(nn.Module):
         plan = self._plans.get(x.shape)
         if plan is None:  # (validates the input shape)
             plan = self._plan_for(x)
-        if self._fusable(x):
-            return self._fused_or_steps(x, plan)
+        if self._kernel_applies(x):
+            return self._kernel_or_steps(x, plan)
         return self._steps(x, plan)
 
     def _plan_for(self, x: torch.Tensor) -> tuple:
@@ -279,30 +279,30 @@ class TensorialConv2d(nn.Module):
 
     def _has_kernel(self, device: str = "cpu") -> bool:
         """A family and geometry with a fused kernel on ``device`` ('cpu' or 'cuda')."""
-        return self.factorization in fused.FUSED_FAMILIES and self._pads() is not None and \
-            fused.available(self.factorization, self.stride, device)
+        return self.factorization in dispatch.KERNEL_FAMILIES and self._pads() is not None and \
+            dispatch.available(self.factorization, self.stride, device)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
         """A fused kernel for this layer on ``x``: CPU float32 or CUDA inference."""
         if x.device.type == "cuda":
-            return self._has_kernel("cuda") and fused.gpu_inference(x, self._params())
-        return self._has_kernel() and fused.cpu_inference(x, self._params())
+            return self._has_kernel("cuda") and dispatch.gpu_inference(x, self._params())
+        return self._has_kernel() and dispatch.cpu_inference(x, self._params())
 
     def _candidates(self, x: torch.Tensor) -> list[str]:
-        """The fused kernels to try on ``x``, in order (see :func:`fused.fused_call`): on a
+        """The fused kernels to try on ``x``, in order (see :func:`dispatch.kernel_call`): on a
         GPU the Triton one; on CPU the channel-major one first for NCHW inputs, then the
         channels-innermost one."""
         if x.device.type == "cuda":
             return ["triton"]
-        return ["planar", "nhwc"] if fused.planar_applies(x, self.stride) else ["nhwc"]
+        return ["planar", "nhwc"] if dispatch.planar_applies(x, self.stride) else ["nhwc"]
 
-    def _fused_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+    def _kernel_or_steps(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         """The fused kernel or the steps, whichever a paired measurement on this input
         shape and layout found faster (measured on the first call, then remembered). The
         chosen kernel's bound call is kept while the parameters are the same tensors at
         the same versions, so a call costs the kernel and a few microseconds."""
         slot = (x.stride(), x.device, x.dtype)
-        store = plan[2].setdefault(("fused", *slot), {})
+        store = plan[2].setdefault(("kernel", *slot), {})
         factors = list(self.factors._parameters.values())
         args = (self.factorization, x, factors, self.bias, self.stride, self._pads(),
                 self.dilation, store)
@@ -313,12 +313,12 @@ class TensorialConv2d(nn.Module):
             key = (self.factorization, tuple(x.shape), x.stride(), x.device.type,
                    str(x.dtype), tuple(tuple(f.shape) for f in factors), self.stride,
                    self.padding, self.dilation, self.bias is not None)
-            fns = {"steps": steps, **{k: fused.fused_call(*args, kernel=k) for k in kernels}}
+            fns = {"steps": steps, **{k: dispatch.kernel_call(*args, kernel=k) for k in kernels}}
             name = choose_kernel("tensorial", key, fns, x)
             choice = store["choice"] = (kernels + ["steps"]).index(name)
             call = fns[name]
         else:  # (re)bind only the chosen kernel
-            call = fused.fused_call(*args, kernel=kernels[choice]) \
+            call = dispatch.kernel_call(*args, kernel=kernels[choice]) \
                 if choice < len(kernels) else steps
         self._fast[(x.shape, slot[0])] = (x.device, x.dtype, self._sig(), call)
         return call(x)
@@ -327,12 +327,12 @@ class TensorialConv2d(nn.Module):
         """What forward runs in inference for inputs with ``x``'s shape, strides, device
         and dtype: 'planar' or 'nhwc' (the fused C kernels, channel-major or
         channels-innermost), 'triton' (the fused GPU kernel; see
-        :mod:`convgap.layers.fused`), 'steps' (the contraction path on torch ops), or None
+        :mod:`convgap.layers.dispatch`), 'steps' (the contraction path on torch ops), or None
         while that is not yet decided (a fusable layer measures on its first inference
         call). Outside CPU float32 and CUDA inference (autograd, tracing, other dtypes or
         devices), forward always runs the steps."""
         plan = self._plans.get(x.shape)
-        slot = ("fused", x.stride(), x.device, x.dtype)
+        slot = ("kernel", x.stride(), x.device, x.dtype)
         choice = None if plan is None else plan[2].get(slot, {}).get("choice")
         if choice is None:
             device = "cuda" if x.device.type == "cuda" else "cpu"

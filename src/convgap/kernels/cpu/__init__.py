@@ -9,7 +9,7 @@
   window; packed weights for NHWC, broadcast weights for NCHW).
 
 Each is used only where it measures faster than the torch ops it replaces
-(:mod:`convgap.layers.fused`), and every caller keeps its torch path for machines or
+(:mod:`convgap.layers.dispatch`), and every caller keeps its torch path for machines or
 installs without them (:func:`available`)."""
 
 from .build import NativeKernelWarning, avx512, enabled, library

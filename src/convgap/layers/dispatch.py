@@ -1,4 +1,5 @@
-"""Which fused CPU kernel runs which factorized layer, and with which operands.
+"""Which kernel runs a factorized layer (the fused C kernels on the CPU, the Triton kernel on
+a CUDA GPU), and with which operands.
 
 A TensorialConv2d's families map onto two kernels of :mod:`convgap.kernels.cpu`:
 
@@ -42,10 +43,10 @@ from ..kernels.cpu import pcp, pdp, planar
 from ..kernels.triton import pcp as gpu_pcp
 from ..tracing import exporting
 
-__all__ = ["FUSED_FAMILIES", "cpu_inference", "gpu_inference", "available",
-           "planar_applies", "fused_call"]
+__all__ = ["KERNEL_FAMILIES", "cpu_inference", "gpu_inference", "available",
+           "planar_applies", "kernel_call"]
 
-FUSED_FAMILIES = ("cp", "tucker", "tt", "tr")
+KERNEL_FAMILIES = ("cp", "tucker", "tt", "tr")
 
 
 def _inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
@@ -76,12 +77,12 @@ def available(family: str, stride: tuple = (1, 1), device: str = "cpu") -> bool:
     """True if ``family`` has a fused kernel for ``stride`` on ``device`` ('cpu': built
     here; 'cuda': triton is installed)."""
     if device == "cuda":
-        return family in FUSED_FAMILIES and gpu.AVAILABLE
+        return family in KERNEL_FAMILIES and gpu.AVAILABLE
     if family == "cp":
         return pdp.available()
     if family == "tr" and stride[1] != 1:
         return False
-    return family in FUSED_FAMILIES and pcp.available()
+    return family in KERNEL_FAMILIES and pcp.available()
 
 
 def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
@@ -91,7 +92,7 @@ def planar_applies(x: torch.Tensor, stride: tuple) -> bool:
     return planar.supports(x, stride, (), (0, 0), None)
 
 
-def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
+def kernel_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
                store: dict, kernel: str = "nhwc") -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the layer's forward with a fused kernel on inputs of ``x``'s
@@ -139,7 +140,7 @@ def fused_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
 def _triton_call(family: str, x: torch.Tensor, factors: list[torch.Tensor],
                  bias: torch.Tensor | None, stride: tuple, pads: tuple, dilation: tuple,
                  store: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """:func:`fused_call` on the GPU kernel: every family as first 1x1 -> one middle
+    """:func:`kernel_call` on the GPU kernel: every family as first 1x1 -> one middle
     filter (depthwise for CP) -> last 1x1."""
     groups, depthwise = 1, family == "cp"
     if family == "cp":
