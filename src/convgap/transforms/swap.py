@@ -107,9 +107,10 @@ def swap(model: nn.Module, what: Algos, example_input: torch.Tensor | None = Non
     """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
     algorithms; returns the swapped model (a copy unless ``inplace``).
 
-    ``what``: one algorithm name for every conv; a list of names, one per conv in forward
-    order (module order without ``example_input``); a dict mapping module names or module
-    types to names (other convs are left alone); a callable ``(module, input_shape) -> name``
+    ``what``: one algorithm name for every conv; a list of names, one per selected conv in
+    forward order (module order without ``example_input``); a dict mapping module names or
+    module types to names (other convs are left alone); a callable
+    ``(module, input_shape) -> name``
     (``input_shape`` is None without ``example_input``); or ``"auto"``: time every supported
     algorithm on each layer's real input and keep the fastest correct one (needs
     ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached).
