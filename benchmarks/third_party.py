@@ -232,9 +232,9 @@ def check_factorize(model, x, ref):
         return {"convgap_error": first_line(exc)}
     with torch.no_grad():
         y = fact(x)
-    rows = list(getattr(fact, "factorized", []))
-    done = [r.name for r in rows if getattr(r, "kept", True)]
-    left = {r.name: getattr(r, "reason", None) for r in rows if not getattr(r, "kept", True)}
+    made = convgap.changes(fact)
+    done = [c.name for c in made if c.transform == "factorize"]
+    left = {c.name: c.reason for c in made if c.transform == "left"}
     # a Conv2d subclass with its own forward (SAME padding, weight standardization, ...)
     # replaced by a factorized layer loses that computation
     after = dict(fact.named_modules())

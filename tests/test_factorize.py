@@ -13,7 +13,7 @@ from rich.console import Console
 import convgap
 from convgap.errors import ConvgapError
 from convgap.layers import FAMILIES, FlattenedConv2d, TensorialConv2d, dispatch
-from convgap.transforms.factorize import compare, factorize
+from convgap.transforms import changes, compare, factorize
 
 from test_cli import run, user_module  # noqa: F401  (fixture)
 
@@ -38,13 +38,16 @@ def small_net() -> nn.Module:
 def test_default_layers_are_dense_spatial_convs_and_state_is_kept():
     net = small_net()
     fact = factorize(net, "cp", compression=2, quiet=True)
-    assert [r.name for r in fact.factorized] == ["0", "4"]
+    made = changes(fact)
+    assert [(c.name, c.transform, c.runs) for c in made] == [("0", "factorize", "cp"),
+                                                             ("4", "factorize", "cp")]
     assert isinstance(fact[0], TensorialConv2d) and isinstance(fact[4], TensorialConv2d)
     assert type(fact[2]) is nn.Conv2d and type(fact[6]) is nn.Conv2d  # 1x1, grouped
     assert type(net[0]) is nn.Conv2d  # the original is untouched (a copy by default)
-    for r in fact.factorized:
-        assert r.params == fact.get_submodule(r.name).weight_params
-        assert r.compression >= 2
+    for c in made:
+        assert c.params == fact.get_submodule(c.name).weight_params
+        assert c.dense_params == net.get_submodule(c.name).weight.numel()
+        assert c.compression >= 2 and c.error is None  # no example input: not measured
     assert torch.equal(fact[0].bias, net[0].bias)
 
 
@@ -68,7 +71,7 @@ def test_layers_by_type_callable_and_flattened():
     net = small_net()
     by_type = factorize(net, "tucker", compression=1.5, quiet=True,
                         layers=lambda n, m: isinstance(m, nn.Conv2d) and m.groups == 1)
-    assert {r.name for r in by_type.factorized} == {"0", "2", "4"}
+    assert {c.name for c in changes(by_type)} == {"0", "2", "4"}
     flat = factorize(net, "flattened", layers=lambda n, m: n == "4", quiet=True)
     assert isinstance(flat[4], FlattenedConv2d) and type(flat[0]) is nn.Conv2d
 
@@ -102,25 +105,26 @@ def test_compare_counts_and_times_each_layer(force):
     fact = factorize(net, "cp", compression=2, quiet=True)
     x = torch.randn(2, 3, 16, 16)
     res = compare(net, fact, x, threads=1, quiet=True)
-    assert [r.name for r in res.layers] == ["0", "4"]
+    assert [(r.name, r.transform) for r in res.layers] == [("0", "factorize"),
+                                                           ("4", "factorize")]
     first = res.layers[0]
-    assert first.dense_macs == 2 * 8 * 16 * 16 * 3 * 9
-    assert first.macs == fact[0].macs((2, 3, 16, 16))
-    assert first.dense_s > 0 and first.factorized_s > 0 and res.model_s[0] > 0
-    assert res.model_params == (sum(p.numel() for p in net.parameters()),
-                                sum(p.numel() for p in fact.parameters()))
+    assert first.macs == (2 * 8 * 16 * 16 * 3 * 9, fact[0].macs((2, 3, 16, 16)))
+    assert first.params == (8 * 3 * 9, fact[0].weight_params)
+    assert min(first.seconds) > 0 and min(res.model_s) > 0
+    assert res.params == (sum(p.numel() for p in net.parameters()),
+                          sum(p.numel() for p in fact.parameters()))
+    # what the first layer ran (compare times it in inference): the channel-major C
+    # kernel (CP, stride 1, an NCHW input) where the kernels are built here, else the steps
+    want = "planar" if dispatch.available("cp") else "steps"
+    assert first.runs == fact[0].kernel_for(x) == want
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(res.table())
     rows = {line.split()[1]: line for line in console.export_text().splitlines()
             if line.startswith("│")}
-    assert {"0", "4", "factorized", "whole"} <= set(rows)
-    p0, p1 = res.model_params
-    assert f"{p0:,} -> {p1:,}" in rows["whole"]
-    # what the first layer ran (compare times it in inference): the channel-major C
-    # kernel (CP, stride 1, an NCHW input) where the kernels are built here, else the steps
-    want = "planar" if dispatch.available("cp") else "steps"
-    assert res.layers[0].runs == fact[0].kernel_for(x) == want
-    assert f"│ {want} " in rows["0"]
+    assert {"0", "4"} <= set(rows) and f"│ {want} " in rows["0"]
+    d = res.to_dict()
+    assert [r["name"] for r in d["layers"]] == ["0", "4"]
+    assert d["layers"][0]["speedup"] == pytest.approx(first.speedup)
 
 
 def test_public_api():
@@ -136,7 +140,7 @@ def test_cli_factorize_prints_and_writes_json(capsys, user_module, tmp_path):  #
     assert "whole model" in out and "MAC cut" in out
     data = json.loads((tmp_path / "f.json").read_text())
     (layer,) = data["layers"]
-    assert layer["name"] == "0" and layer["dense_macs"] == 8 * 3 * 9 * 16 * 16
+    assert layer["name"] == "0" and layer["macs"][0] == 8 * 3 * 9 * 16 * 16
 
 
 @pytest.mark.parametrize("layout,malloc", [("channels_last", "retain"), ("nchw", "default"),
@@ -164,7 +168,7 @@ def test_compare_times_the_layout_it_is_given():
     x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
     res = compare(net.to(memory_format=torch.channels_last), fact, x, threads=1, quiet=True,
                   malloc="retain")
-    assert res.extra["layout"] == "channels_last"
+    assert res.layout == "channels_last"
     with pytest.raises(ConvgapError, match="malloc"):
         compare(net, fact, x, quiet=True, malloc="jemalloc")
 

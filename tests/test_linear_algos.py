@@ -113,7 +113,7 @@ def _quick_tuning(monkeypatch):
 def test_auto_tunes_linears_with_the_convs_and_caches(monkeypatch):
     _quick_tuning(monkeypatch)
     net, x = convnext_like(), torch.randn(2, 3, 16, 16)
-    s = swap(net, "auto", x, quiet=True, verify=False)
+    s = swap(net, "auto", x, quiet=True, check=False)
     made = {c.name: c for c in choices(s)}
     lins = [c for c in made.values() if c.spec.startswith("linear")]
     assert len(made) == 7 and len(lins) == 4
@@ -128,7 +128,7 @@ def test_auto_tunes_linears_with_the_convs_and_caches(monkeypatch):
     lin_keys = [k for k in keys if "|linear|" in k]
     assert len(lin_keys) == 2  # two distinct specs: 8->32 and 32->8, strided input to pw1
     tuner.clear_memory()
-    s2 = swap(net, "auto", x, quiet=True, verify=False)
+    s2 = swap(net, "auto", x, quiet=True, check=False)
     assert all(c.tuning["cached"] for c in choices(s2))
     back = unswap(s2)
     assert type(back[1].pw1) is nn.Linear and torch.equal(back[1].pw1.weight, net[1].pw1.weight)
@@ -177,7 +177,7 @@ def test_linear_subclasses_and_uncalled_layers_are_left_alone(monkeypatch):
     net, x = Net().eval(), torch.randn(2, 5, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = swap(net, "auto", x, quiet=True, verify=False)
+        s = swap(net, "auto", x, quiet=True, check=False)
     assert isinstance(s.head, AlgoLinear)
     assert type(s.attn.out_proj) is not AlgoLinear and type(s.unused) is nn.Linear
     with torch.no_grad():

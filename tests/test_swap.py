@@ -14,8 +14,7 @@ from convgap import ConvgapError, allocator, cache, choice, config, models, timi
 from convgap.algorithms import (Algorithm, AlgoConv2d, AlgorithmFallbackWarning, ConvSpec,
                                 get, names, register, unregister)
 from convgap.algorithms import tuner
-from convgap.transforms import choices, swap, unswap
-from convgap.transforms.tune import tune_model
+from convgap.transforms import changes, choices, compare, swap, unswap
 
 
 def rel(y, ref):
@@ -164,7 +163,7 @@ def test_list_dict_callable_forms():
 @pytest.mark.parametrize("algos, match", [
     ("winogradd", "unknown algorithm 'winogradd'.*torch"),
     (["torch"] * 5, "list of 5 names but the model has 6 Conv2d"),
-    (["torch"] * 5 + [3], r"algos\[5\].*expected an algorithm name"),
+    (["torch"] * 5 + [3], r"what\[5\].*expected an algorithm name"),
     ({"nope": "torch"}, "neither a module name"),
     ({"2": "torch"}, "ReLU, not a Conv2d"),
     (lambda m, s: 42, "returned.*expected an algorithm name"),
@@ -222,7 +221,7 @@ def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
     counter = Counter(monkeypatch)
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
-    s = swap(net, "auto", x, quiet=True, verify=False)
+    s = swap(net, "auto", x, quiet=True, check=False)
     specs = {c.spec for c in choices(s)}
     confirmed = sum(1 for c in choices(s) if c.tuning["confirm"] is not None)
     # one round-robin per distinct spec, plus a head-to-head confirmation per non-torch win
@@ -244,9 +243,9 @@ def test_auto_picks_a_correct_algorithm_and_caches(monkeypatch, plugin):
     assert f"threads={torch.get_num_threads()}" in key and torch.__version__ in key
     assert "dtype=float32" in key and "layout=" in key
     # a hit re-times nothing, in this process or a new one (memory cleared)
-    swap(net, "auto", x, quiet=True, verify=False)
+    swap(net, "auto", x, quiet=True, check=False)
     tuner.clear_memory()
-    s2 = swap(net, "auto", x, quiet=True, verify=False)
+    s2 = swap(net, "auto", x, quiet=True, check=False)
     assert counter.calls == first
     assert all(c.tuning["cached"] for c in choices(s2))
 
@@ -267,7 +266,7 @@ def test_auto_tunes_under_the_malloc_policy_and_restores_it(monkeypatch):
     net, x = nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)
     before = allocator.policy()
     for policy in ("retain", "default"):
-        s = swap(net, "auto", x, quiet=True, verify=False, malloc=policy)
+        s = swap(net, "auto", x, quiet=True, check=False, malloc=policy)
         assert seen and set(seen) == {policy}
         seen.clear()
         assert allocator.policy() == before
@@ -346,16 +345,26 @@ def test_corrupt_tuning_cache_is_reported_and_rebuilt(monkeypatch):
     assert not list(path.parent.glob(".tuning.json.*"))  # no temporary files left behind
 
 
-def test_tune_model_reports_layers_and_model(monkeypatch):
-    monkeypatch.setattr(config, "CHOICE_ROUNDS", QUICK)
-    result = tune_model(models.create("resnet18", num_classes=10), (1, 3, 32, 32),
-                        candidates=["channels_last", "prepacked"], quiet=True, config=QUICK)
-    assert len(result.choices) == 21  # 20 convs and the classifier's Linear
-    assert result.choices[-1].name == "fc" and result.choices[-1].spec.startswith("linear")
-    assert result.original_s > 0 and result.tuned_s > 0
-    assert set(result.algorithms) <= {"torch", "channels_last", "prepacked"}
+def test_compare_a_tuned_model_reports_layers_and_model(monkeypatch):
+    for budget in ("CHOICE_ROUNDS", "CONFIRM_ROUNDS", "MODEL_CHECK", "LAYER_COMPARE",
+                   "MODEL_COMPARE"):
+        monkeypatch.setattr(config, budget, QUICK)
+    net = models.create("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    tuned = swap(net, "auto", x, candidates=["channels_last", "prepacked"], quiet=True)
+    made = changes(tuned)
+    assert len(made) == 21  # 20 convs and the classifier's Linear
+    assert made[-1].name == "fc" and made[-1].tuning["spec"].startswith("linear")
+    assert all(c.transform == "swap" and c.runs in c.tuning["times"] for c in made)
+    result = compare(net, tuned, x, threads=1, quiet=True)
+    assert [r.name for r in result.layers] == [c.name for c in made]
+    assert all(r.runs == c.runs and r.params[0] == r.params[1] and r.macs[0] == r.macs[1]
+               for r, c in zip(result.layers, made))
+    assert result.layers[-1].macs == (10 * 512, 10 * 512)
+    assert min(result.model_s) > 0 and all(min(r.seconds) > 0 for r in result.layers)
     d = result.to_dict()
     assert len(d["layers"]) == 21 and d["speedup"] == pytest.approx(result.speedup)
+    assert [c["name"] for c in d["changes"]] == [c.name for c in made]
 
 
 def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
@@ -378,7 +387,7 @@ def test_model_level_check_reverts_a_slower_tuned_model(monkeypatch):
     try:
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()
         x = torch.randn(1, 3, 10, 10)
-        s = swap(net, "auto", x, quiet=True, verify=False)
+        s = swap(net, "auto", x, quiet=True, check=False)
         assert [c.algorithm for c in choices(s)] == ["test_slow", "test_slow"]
         with pytest.warns(AlgorithmFallbackWarning, match="model-level check"):
             s = swap(net, "auto", x, quiet=True)
@@ -505,7 +514,7 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
     fake_tuner(monkeypatch, lambda spec_key: fake)  # never all torch
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
-    s_plain = swap(net, "auto", x, quiet=True, verify=False)  # the per-layer choices
+    s_plain = swap(net, "auto", x, quiet=True, check=False)  # the per-layer choices
     if expect == "torch":
         with pytest.warns(AlgorithmFallbackWarning, match=r"variant \S+ ms \(1.100\)"):
             s = swap(net, "auto", x, quiet=True)
@@ -527,21 +536,21 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
         assert [c.algorithm for c in made] == [c.algorithm for c in choices(s_plain)]
 
 
-@pytest.mark.parametrize("case", ["channels_last_input", "no_verify", "candidates"])
-def test_layout_variant_only_for_nchw_input_with_verify(monkeypatch, case):
+@pytest.mark.parametrize("case", ["channels_last_input", "no_check", "candidates"])
+def test_layout_variant_only_for_nchw_input_with_check(monkeypatch, case):
     calls = _fake_compare(monkeypatch, {"tuned": 0.5, "variant": 0.1})
     net = small_net()
     x = torch.randn(2, 3, 12, 12)
     kw = {"quiet": True}
     if case == "channels_last_input":
         x = x.contiguous(memory_format=torch.channels_last)
-    elif case == "no_verify":
-        kw["verify"] = False
+    elif case == "no_check":
+        kw["check"] = False
     else:
         kw["candidates"] = ["prepacked"]
     s = swap(net, "auto", x, **kw)
     assert all("variant" not in names for names in calls)  # never the variant
     # eager channels_last is compared with a plain NCHW input whenever the check runs
-    assert calls == {"channels_last_input": [["tuned", "torch"]], "no_verify": [],
+    assert calls == {"channels_last_input": [["tuned", "torch"]], "no_check": [],
                      "candidates": [["tuned", "torch", "eager_cl"]]}[case]
     assert not any((c.tuning or {}).get("variant") for c in choices(s))

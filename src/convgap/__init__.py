@@ -11,6 +11,9 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
   exact MAC counts per pairwise step, the optimal contraction order.
 - :class:`TensorialConv2d` (CP, Tucker, TT, TR, reshaped CP) and :class:`FlattenedConv2d`;
   :func:`factorize` -- replace a trained model's convolutions by them.
+- :func:`changes` -- what every transform did to a model, read from its modules;
+  :func:`compare` -- a transformed model against the original, per replaced layer and whole
+  (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
 - :mod:`models` -- the model zoo: ``models.create(name)``, ``models.names()``.
 - :mod:`hardware` -- measured roofs: ``hardware.roofs(device, dtype)``.
 - :mod:`timing` -- the timing discipline used for every number convgap reports.
@@ -26,8 +29,8 @@ from .count import Counts, count
 from .einsum import einsum, einsum_path
 from .errors import ConvgapError
 from .layers import FlattenedConv2d, TensorialConv2d
-from .transforms import factorize, swap
+from .transforms import changes, compare, factorize, swap
 
-__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize",
-           "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
+__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "changes",
+           "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
            "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "__version__"]

@@ -17,6 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
@@ -24,8 +26,10 @@ from . import hardware, models, timing
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, LAYOUTS, parse_dtype
 from .analysis.render import tables
+from .count import check_input
 from .errors import ConvgapError
 from .progress import make_progress
+from .transforms import Comparison, changes, compare, factorize, swap
 
 __all__ = ["main", "build_parser"]
 
@@ -40,7 +44,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _device_options(p: argparse.ArgumentParser) -> None:
+    """Where and how every command runs."""
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]' (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="data type of weights and activations (default: float32)")
@@ -49,17 +54,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _num_classes(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser, many: bool, malloc: str, what: str) -> None:
+    """The model and its input, shared by the commands that run a model: ``many`` takes
+    several models, batch sizes and layouts (analyze), else one of each; ``malloc``: the
+    default policy, to ``what`` under. Adds the device options too."""
+    p.add_argument("models" if many else "model", nargs="+" if many else None, metavar="MODEL",
+                   help="zoo name (see `convgap models`) or package.module:factory")
+    p.add_argument("--batch", type=_positive, nargs="+" if many else None,
+                   default=[1] if many else 1, help="batch size(s) (1)")
+    p.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
+    p.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
+    p.add_argument("--layout", nargs="+" if many else None, default=["nchw"] if many else "nchw",
+                   choices=LAYOUTS, help="memory layout(s) of the input and the model's "
+                                         "weights (nchw)")
     p.add_argument("--num-classes", type=_positive, default=None,
                    help="classes of the model: zoo models (default 1000), or passed to a "
                         "package.module:factory that takes num_classes (an error otherwise)")
-
-
-def _malloc(p: argparse.ArgumentParser, default: str, what: str) -> None:
-    p.add_argument("--malloc", default=default, choices=("asis", "default", "retain"),
+    p.add_argument("--weights", type=Path, default=None,
+                   help="state_dict file for the (single) model, loaded with weights_only")
+    p.add_argument("--malloc", default=malloc, choices=("asis", "default", "retain"),
                    help=f"CPU malloc policy to {what} under: 'retain' keeps freed memory for "
                         "reuse (no page faults on large activations), 'default' is glibc's, "
-                        f"'asis' leaves the process as it is (default: {default})")
+                        f"'asis' leaves the process as it is (default: {malloc})")
+    _device_options(p)
 
 
 def _policy(args: argparse.Namespace) -> str | None:
@@ -76,49 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="efficiency-gap report per layer, block and model",
                        description="Count, time and compare every layer, block and model "
                                    "against the measured roofs of the device.")
-    a.add_argument("models", nargs="+", metavar="MODEL",
-                   help="zoo name (see `convgap models`) or package.module:factory")
-    a.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch sizes")
-    a.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
-    a.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
-    a.add_argument("--layout", nargs="+", default=["nchw"], choices=LAYOUTS,
-                   help="memory layouts to measure (default: nchw)")
-    _num_classes(a)
-    a.add_argument("--weights", type=Path, default=None,
-                   help="state_dict file for the (single) model, loaded with weights_only")
+    _model_options(a, many=True, malloc="asis", what="measure")
     a.add_argument("--out", type=Path, default=None,
                    help="directory for index.html, PNG plots and report.json")
     a.add_argument("--json", type=Path, default=None, help="also write the report JSON here")
     a.add_argument("--top", type=_positive, default=10, help="layers shown per run (10)")
     a.add_argument("--blocks", action="store_true", help="also print the block table")
-    _malloc(a, default="asis", what="measure")
     a.add_argument("--no-malloc-cost", action="store_true",
                    help="skip timing the whole model again with freed memory retained")
     a.add_argument("--no-per-layer", action="store_true",
                    help="time only whole models (faster; no layer or block latencies)")
-    _common(a)
 
     r = sub.add_parser("roofs", help="measured peak FLOP/s and memory bandwidth",
                        description="Measure (or read from the cache) the roofs of a device.")
     r.add_argument("--refresh", action="store_true", help="re-measure even if cached")
-    _common(r)
+    _device_options(r)
 
     t = sub.add_parser("tune", help="choose the fastest correct algorithm per convolution",
                        description="Time every supported convolution algorithm on each layer's "
                                    "real input, keep the fastest correct one (cached), and "
                                    "compare the tuned model with the original.")
-    t.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory")
-    t.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
-    t.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
-    t.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
-    t.add_argument("--layout", default="nchw", choices=LAYOUTS, help="input layout (nchw)")
-    _num_classes(t)
-    t.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
+    _model_options(t, many=False, malloc="retain", what="tune and compare")
     t.add_argument("--algos", nargs="+", default=["auto"], metavar="NAME",
                    help="'auto' (every registered algorithm) or the candidate names to try")
-    t.add_argument("--json", type=Path, default=None, help="write the decisions as JSON")
-    _malloc(t, default="retain", what="tune and compare")
-    _common(t)
+    t.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
 
     f = sub.add_parser("factorize", help="factorize convolutions; params, MACs, latency "
                        "before and after",
@@ -128,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "inference, by a fused C kernel, and on a CUDA GPU by a "
                                    "fused Triton kernel, where that measures faster), and "
                                    "time each layer and the whole model before and after.")
-    f.add_argument("model", metavar="MODEL", help="zoo name or package.module:factory")
+    _model_options(f, many=False, malloc="retain", what="time")
     f.add_argument("--factorization", "-f", default="cp",
                    help="cp, tucker, tt, tr, rcp or flattened (cp)")
     g = f.add_mutually_exclusive_group()
@@ -141,22 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiple of N (vector-friendly channel counts; 1: off; default 8)")
     f.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="module names to factorize (default: dense non-1x1 convs)")
-    f.add_argument("--batch", type=_positive, default=1, help="batch size (1)")
-    f.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
-    f.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
-    _num_classes(f)
-    f.add_argument("--weights", type=Path, default=None, help="state_dict file for MODEL")
-    f.add_argument("--layout", default="nchw", choices=LAYOUTS,
-                   help="memory layout of the input and the model's weights (nchw)")
     f.add_argument("--keep-slower", action="store_true",
                    help="keep factorized layers that measure slower than the dense ones "
                         "(default: such layers are left dense, and listed)")
     f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
-    _malloc(f, "retain", "time")
-    _common(f)
 
     sub.add_parser("models", help="list the model zoo")
     return parser
+
+
+def _load(spec: str, args: argparse.Namespace) -> nn.Module:
+    """Model ``spec`` (zoo name or package.module:factory) with ``--num-classes`` and
+    ``--weights`` applied."""
+    net = models.load(spec, num_classes=args.num_classes)
+    if args.weights is not None:
+        models.load_weights(net, args.weights)
+    return net
+
+
+def _model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    """The one model of tune / factorize, in eval mode on ``--device`` in ``--dtype`` with
+    its weights in ``--layout``, and a seeded random input of the requested shape in that
+    layout."""
+    dtype = parse_dtype(args.dtype)
+    dev = hardware.check_device(args.device)
+    net = _load(args.model, args)
+    shape = check_input(net, (args.batch, args.channels, args.image_size, args.image_size))
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    net = net.eval().to(device=dev, dtype=dtype, memory_format=fmt)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    return net, x.contiguous(memory_format=fmt)
 
 
 def _cmd_analyze(args: argparse.Namespace, console: Console) -> int:
@@ -164,12 +176,8 @@ def _cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         raise ConvgapError("--weights applies to one model; analyze one model at a time")
     dtype = parse_dtype(args.dtype)
     hardware.check_device(args.device)
-    nets = []
-    for spec in args.models:  # load everything first: bad names fail before any timing
-        net = models.load(spec, num_classes=args.num_classes)
-        if args.weights is not None:
-            models.load_weights(net, args.weights)
-        nets.append((spec.split(":")[-1], net))
+    # load everything first: bad names fail before any timing
+    nets = [(spec.split(":")[-1], _load(spec, args)) for spec in args.models]
     reports = []
     progress = make_progress(args.quiet)
     with progress:
@@ -209,69 +217,50 @@ def _cmd_roofs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
-    from .transforms.tune import tune_model
-    dtype = parse_dtype(args.dtype)
-    hardware.check_device(args.device)
-    net = models.load(args.model, num_classes=args.num_classes)
-    if args.weights is not None:
-        models.load_weights(net, args.weights)
-    candidates = None if args.algos == ["auto"] else args.algos
-    shape = (args.batch, args.channels, args.image_size, args.image_size)
-    result = tune_model(net, shape, candidates=candidates, device=args.device, dtype=dtype,
-                        layout=args.layout, threads=args.threads, quiet=args.quiet,
-                        malloc=_policy(args))
-    console.print(result.table(title=f"convgap tune {args.model} {shape} {args.layout} "
+def _report(result: Comparison, title: str, args: argparse.Namespace,
+            console: Console) -> None:
+    """Print a comparison's table, summary and the layers left as they are; write its
+    JSON with ``--json``."""
+    console.print(result.table(title=f"{title} {result.input_shape} {result.layout} "
                                      f"{args.dtype}, {result.threads} threads"))
     console.print(result.summary())
+    for name, reason in result.left.items():
+        console.print(f"left as it is: {name}: {reason}")
     if args.json is not None:
         console.print(f"JSON: {result.to_json(args.json)}")
+
+
+def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    net, x = _model_and_input(args)
+    candidates = None if args.algos == ["auto"] else args.algos
+    with timing.threads(args.threads):
+        tuned = swap(net, "auto", x, candidates=candidates, quiet=args.quiet,
+                     malloc=_policy(args))
+    result = compare(net, tuned, x, threads=args.threads, quiet=args.quiet,
+                     malloc=_policy(args))
+    _report(result, f"convgap tune {args.model}", args, console)
     return 0
 
 
 def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
-    import json
-
-    import torch
-
-    from .transforms.factorize import compare, factorize
-    dtype = parse_dtype(args.dtype)
-    dev = hardware.check_device(args.device)
-    net = models.load(args.model, num_classes=args.num_classes)
-    if args.weights is not None:
-        models.load_weights(net, args.weights)
-    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
-    net = net.eval().to(device=dev, dtype=dtype, memory_format=fmt)
-    shape = (args.batch, args.channels, args.image_size, args.image_size)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
-    x = x.contiguous(memory_format=fmt)
+    net, x = _model_and_input(args)
     compression = args.compression
     if args.factorization != "flattened" and args.rank is None and compression is None:
         compression = 10.0
     rank = None if args.rank is None else (args.rank[0] if len(args.rank) == 1 else args.rank)
     with timing.threads(args.threads):
-        fact = factorize(net, args.factorization, x, compression=compression, rank=rank,
-                         layers=args.layers, rank_multiple=args.rank_multiple,
-                         keep="all" if args.keep_slower else "faster", quiet=args.quiet)
-    left = [r for r in fact.factorized if not r.kept]
-    if len(left) == len(fact.factorized):
+        fact = factorize(net, args.factorization, x, layers=args.layers, quiet=args.quiet,
+                         compression=compression, rank=rank, rank_multiple=args.rank_multiple,
+                         keep="all" if args.keep_slower else "faster")
+    made = changes(fact)
+    if not any(c.transform == "factorize" for c in made):
         raise ConvgapError("no layer was factorized: " + "; ".join(
-            f"{r.name}: {r.reason}" for r in left) + " (--keep-slower keeps slower layers)")
+            f"{c.name}: {c.reason}" for c in made) + " (--keep-slower keeps slower layers)")
     result = compare(net, fact, x, threads=args.threads, quiet=args.quiet,
                      malloc=_policy(args))
     what = args.factorization + (f", {compression:g}x" if compression else "") + \
         (f", rank {rank}" if rank else "")
-    malloc = result.extra.get("malloc")
-    console.print(result.table(title=f"convgap factorize {args.model} ({what}) {shape} "
-                                     f"{args.layout} {args.dtype}, {result.threads} threads"
-                                     + (f", malloc {malloc}" if malloc else "")))
-    for r in left:
-        console.print(f"left dense: {r.name}: {r.reason}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(result.to_dict(), left_dense={
-            r.name: r.reason for r in left}), indent=1))
-        console.print(f"JSON: {args.json}")
+    _report(result, f"convgap factorize {args.model} ({what})", args, console)
     return 0
 
 

@@ -16,7 +16,7 @@ Budgets (:class:`~convgap.timing.TimingConfig`: warm-up calls, sample counts, se
 - ``STEP_ROUNDS``: oneDNN against BLAS for one einsum step, both stages;
 - ``MODEL_CHECK``: swap('auto')'s whole-model check of tuned models and eager layouts;
 - ``LAYER_COMPARE`` / ``MODEL_COMPARE``: a transformed layer / model timed against the
-  original (factorize, tune, compare);
+  original (factorize with keep="faster", :func:`convgap.compare`);
 - ``ANALYZE_MODEL`` / ``ANALYZE_CALL`` / ``ALLOCATION``: :func:`convgap.analyze`'s whole
   model, each isolated layer or block call, and the malloc-cost measurement;
 - ``ROOFS``: the roof micro-benchmarks.

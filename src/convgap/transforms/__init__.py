@@ -1,8 +1,12 @@
-"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs)."""
+"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs);
+one layer selector (select), what they did (changes) and what it bought (compare)."""
 
-from .factorize import FactorizedLayer, compare, factorize
+from .changes import Change, changes
+from .compare import Comparison, LayerComparison, compare
+from .factorize import factorize
 from .refresh import refresh
+from .select import select
 from .swap import Choice, choices, swap, unswap
 
-__all__ = ["swap", "unswap", "choices", "Choice", "factorize", "compare", "FactorizedLayer",
-           "refresh"]
+__all__ = ["swap", "unswap", "choices", "Choice", "factorize", "changes", "Change", "compare",
+           "Comparison", "LayerComparison", "select", "refresh"]

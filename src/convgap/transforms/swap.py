@@ -23,6 +23,7 @@ from ..errors import ConvgapError
 from ..progress import make_progress
 from ..count import detached_copy, tensors as _tensors
 from .eligible import Found, blocker, find_layers, is_linear
+from .select import Layers, select
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
 
@@ -59,7 +60,7 @@ def _requests(model: nn.Module, algos: Algos, found: Found) -> dict[str, str]:
     modules = dict(model.named_modules())
     order, inputs = found.order, found.inputs
     if isinstance(algos, str):
-        return {n: _valid(algos, "algos") for n in order}
+        return {n: _valid(algos, "what") for n in order}
     if isinstance(algos, Mapping):
         out = {}
         for key, name in algos.items():
@@ -67,29 +68,29 @@ def _requests(model: nn.Module, algos: Algos, found: Found) -> dict[str, str]:
                 hits = [n for n in order if isinstance(modules[n], key)]
             elif isinstance(key, str) and key in modules:
                 hits = [key] if key in order else []
-                if not hits and key not in found.skipped:
-                    raise ConvgapError(f"algos[{key!r}]: that module is a "
+                if not hits and not isinstance(modules[key], nn.Conv2d):
+                    raise ConvgapError(f"what[{key!r}]: that module is a "
                                        f"{type(modules[key]).__name__}, not a Conv2d")
             else:
-                raise ConvgapError(f"algos has key {key!r}, which is neither a module name "
+                raise ConvgapError(f"what has key {key!r}, which is neither a module name "
                                    f"of the model nor a module type; conv layers: "
                                    f"{', '.join(order[:8])}{', ...' if len(order) > 8 else ''}")
             for n in hits:
-                out[n] = _valid(name, f"algos[{key!r}]")
+                out[n] = _valid(name, f"what[{key!r}]")
         return out
     if callable(algos):
         out = {}
         for n in order:
             shape = tuple(inputs[n][0].shape) if n in inputs else None
-            out[n] = _valid(algos(modules[n], shape), f"algos({n!r}, {shape}) returned")
+            out[n] = _valid(algos(modules[n], shape), f"what({n!r}, {shape}) returned")
         return out
     if isinstance(algos, Sequence):
         if len(algos) != len(order):
-            raise ConvgapError(f"algos is a list of {len(algos)} names but the model has "
+            raise ConvgapError(f"what is a list of {len(algos)} names but the model has "
                                f"{len(order)} Conv2d layers (in forward order: "
                                f"{', '.join(order[:6])}{', ...' if len(order) > 6 else ''})")
-        return {n: _valid(a, f"algos[{i}]") for i, (n, a) in enumerate(zip(order, algos))}
-    raise ConvgapError(f"algos must be a name, a list, a dict, a callable or 'auto'; got "
+        return {n: _valid(a, f"what[{i}]") for i, (n, a) in enumerate(zip(order, algos))}
+    raise ConvgapError(f"what must be a name, a list, a dict, a callable or 'auto'; got "
                        f"{type(algos).__name__}")
 
 
@@ -99,32 +100,47 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = None, *,
-         inplace: bool = False, candidates: Sequence[str] | None = None,
-         verify: bool = True, quiet: bool = False,
+def swap(model: nn.Module, what: Algos, example_input: torch.Tensor | None = None, *,
+         layers: Layers = None, inplace: bool = False, check: bool = True,
+         quiet: bool = False, candidates: Sequence[str] | None = None,
          malloc: str | None = "retain", linear: str | None = None) -> nn.Module:
     """Replace the model's ``nn.Conv2d`` layers by :class:`AlgoConv2d` running chosen
     algorithms; returns the swapped model (a copy unless ``inplace``).
 
-    ``algos``: one algorithm name for every conv; a list of names, one per conv in forward
-    order (module order without ``example_input``); a dict mapping module names or module
-    types to names (other convs are left alone); a callable ``(module, input_shape) -> name``
+    ``what``: one algorithm name for every conv; a list of names, one per selected conv in
+    forward order (module order without ``example_input``); a dict mapping module names or
+    module types to names (other convs are left alone); a callable
+    ``(module, input_shape) -> name``
     (``input_shape`` is None without ``example_input``); or ``"auto"``: time every supported
     algorithm on each layer's real input and keep the fastest correct one (needs
     ``example_input``; ``candidates`` limits the algorithms tried; decisions are cached).
-    With ``verify``, 'auto' also tunes a *layout variant*: the first conv that was tuned on
-    a plain NCHW input and measured no slower in ``channels_last`` runs that, so every
-    layer after it sees channels_last maps (BN, activations and adds included), and the
-    later convs are tuned for that layout. The per-layer tuned model, the variant and
-    torch-everywhere are then timed interleaved; the fastest wins, by the median of
-    per-round ratios against torch-everywhere; if neither tuned model is faster, every
-    layer runs torch.
+    ``layers``: which layers are considered at all (None: every Conv2d, and every Linear
+    unless ``linear='keep'``; or module names, a module type, a callable
+    ``(name, module) -> bool``: :mod:`convgap.transforms.select`).
+
+    ``check`` (with ``example_input``; :func:`convgap.changes` and :func:`choices` report
+    every outcome):
+
+    - the numerical check against the original: each rebuilt layer is run on the input it
+      sees in the swapped model against the original module, then the whole model against
+      the original model's output; a layer that disagrees runs torch; if the whole model
+      still disagrees every layer does (or, failing that, the original modules are put back);
+    - for 'auto', the model-level timing check: a *layout variant* is tuned too (the first
+      conv that was tuned on a plain NCHW input and measured no slower in
+      ``channels_last`` runs that, so every layer after it sees channels_last maps, BN,
+      activations and adds included, and the later convs are tuned for that layout); the
+      per-layer tuned model, the variant, torch everywhere and eager channels_last are
+      then timed interleaved and the fastest wins, by the median of per-round ratios
+      against torch everywhere; if no tuned model is faster, every layer runs torch.
+
+    ``check=False`` applies the choices unchecked (per-layer 'auto' decisions still verify
+    each candidate's output while measuring).
 
     ``linear``: what ``nn.Linear`` layers run (pointwise convolutions on channels-last maps,
     as in ConvNeXt, and classifier heads), as :class:`~convgap.algorithms.AlgoLinear`:
     'torch', 'prepacked' (oneDNN, CPU; 2.4x MKL's sgemm on this AMD CPU) or 'auto'
     (measured, cached, and part of the model-level check); 'keep' leaves them alone;
-    None (default) means 'auto' when ``algos`` is 'auto', else 'keep'. With an
+    None (default) means 'auto' when ``what`` is 'auto', else 'keep'. With an
     ``example_input`` only layers that the forward pass calls are swapped.
 
     Parameters are shared with the replaced layers: ``state_dict`` is unchanged. A requested
@@ -139,18 +155,23 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     if malloc is not None:
         allocator.check_policy(malloc)
     if linear is None:
-        linear = "auto" if isinstance(algos, str) and algos == "auto" else "keep"
+        linear = "auto" if isinstance(what, str) and what == "auto" else "keep"
     if linear != "keep":
         check_linear(linear, "linear")
-    found = find_layers(model, example_input, linear=linear != "keep")
+    with_linear = linear != "keep"
+    chosen = set(select(model, layers, lambda m: isinstance(m, nn.Conv2d) or (
+        with_linear and isinstance(m, nn.Linear)), lambda n, m: True,
+        "Conv2d or Linear" if with_linear else "Conv2d (linear='keep')"))
+    found = find_layers(model, example_input, linear=with_linear)
+    found.skipped = {n: r for n, r in found.skipped.items() if n in chosen}
     inputs = found.inputs
     modules = dict(model.named_modules())
-    order = [n for n in found.order if isinstance(modules[n], nn.Conv2d)]
-    linears = [n for n in found.order if is_linear(modules[n])
+    order = [n for n in found.order if isinstance(modules[n], nn.Conv2d) and n in chosen]
+    linears = [n for n in found.order if is_linear(modules[n]) and n in chosen
                and (example_input is None or n in inputs)]
-    requests = _requests(model, algos, Found(order, found.skipped, inputs))
+    requests = _requests(model, what, Found(order, found.skipped, inputs))
     if "auto" in requests.values() and example_input is None:
-        raise ConvgapError("algos='auto' measures each layer on its real input: pass "
+        raise ConvgapError("what='auto' measures each layer on its real input: pass "
                            "example_input (a batch of the shape you will run)")
     if example_input is None and (linear == "auto" and linears):
         raise ConvgapError("linear='auto' measures each layer on its real input: pass "
@@ -194,7 +215,7 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
     model.eval()
     if n_auto:
         # the variant needs a conv tuned on a plain NCHW input; copy only if one can be
-        try_variant = verify and (candidates is None or LAYOUT_VARIANT in candidates) and \
+        try_variant = check and (candidates is None or LAYOUT_VARIANT in candidates) and \
             any(requests.get(n) == "auto" and layout_of(args[0]) == "nchw"
                 for n, args in inputs.items())
         variant = copy.deepcopy(model) if try_variant else None  # swapped, not yet tuned
@@ -213,9 +234,9 @@ def swap(model: nn.Module, algos: Algos, example_input: torch.Tensor | None = No
                     variant(example_input)
                 else:
                     variant = None
-            if verify:
+            if check:
                 _verify_model(model, example_input, variant, first, order)
-    if example_input is not None:
+    if check and example_input is not None:
         _check_against_original(model, originals, found, example_input)
     model.train(was_training)
     return model

@@ -1,0 +1,91 @@
+"""changes: what every transform did to a model, read from its modules.
+
+Nothing is kept on the model: a swapped layer is an :class:`AlgoConv2d` / :class:`AlgoLinear`
+(its algorithm, request and tuning are its own attributes), a factorized layer is a
+:class:`TensorialConv2d` / :class:`FlattenedConv2d` (its factorization and ranks are its
+structure); so after any later edit (a layer put back, replaced, swapped again) the list
+still says what the model is. Two attributes are set by :func:`convgap.factorize` on the
+modules it decides about: ``approximation_error`` on a new layer, and ``convgap_left`` (the
+reason) on a dense layer it measured and kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from ..algorithms.linear import AlgoLinear
+from ..algorithms.module import AlgoConv2d
+from ..layers import FlattenedConv2d, TensorialConv2d
+from .eligible import blocker
+
+__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR"]
+
+ERROR_ATTR = "approximation_error"  # on a factorized layer: its relative output error
+LEFT_ATTR = "convgap_left"  # on a dense layer factorize measured and kept: why
+
+
+@dataclass
+class Change:
+    """One layer a transform rebuilt, or left as it is.
+
+    ``transform``: 'swap', 'factorize', or 'left' (a Conv2d / Linear that every transform
+    leaves as it is, or one factorize measured and kept dense; ``reason`` says why).
+    ``runs``: swap: the algorithm the layer runs; factorize: the factorization ('cp',
+    'tucker', 'tt', 'tr', 'rcp', 'flattened'). ``requested``, ``layout`` (the input layout
+    'auto' tuned on) and ``tuning`` (the measured candidates, seconds): swap only; ``reason``
+    for a swapped layer: why the request was not honoured. ``ranks``, ``error`` (relative
+    output error on the example input, None if not measured): factorize only. ``params``:
+    weight parameters of the layer now (bias excluded); ``dense_params``: of the dense
+    layer it stands for."""
+
+    name: str
+    transform: str
+    runs: str | None = None
+    requested: str | None = None
+    layout: str | None = None
+    ranks: tuple[int, ...] | None = None
+    params: int | None = None
+    dense_params: int | None = None
+    error: float | None = None
+    reason: str | None = None
+    tuning: dict | None = None
+
+    @property
+    def compression(self) -> float | None:
+        """Dense / current weight parameters."""
+        return self.dense_params / self.params if self.params else None
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), compression=self.compression)
+
+
+def _dense_params(m: nn.Module) -> int:
+    h, w = m.kernel_size
+    return m.out_channels * m.in_channels * h * w
+
+
+def _change(name: str, m: nn.Module) -> Change | None:
+    if isinstance(m, (AlgoConv2d, AlgoLinear)):
+        tuning = getattr(m, "tuning", None)
+        n = m.weight.numel()
+        return Change(name, "swap", m.algorithm, m.requested, (tuning or {}).get("layout"),
+                      params=n, dense_params=n, reason=m.fallback, tuning=tuning)
+    if isinstance(m, (TensorialConv2d, FlattenedConv2d)):
+        flat = isinstance(m, FlattenedConv2d)
+        return Change(name, "factorize", "flattened" if flat else m.factorization,
+                      ranks=None if flat else tuple(m.ranks), params=m.weight_params,
+                      dense_params=_dense_params(m), error=getattr(m, ERROR_ATTR, None))
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        reason = blocker(m) or getattr(m, LEFT_ATTR, None)
+        if reason is not None:
+            n = m.weight.numel()
+            return Change(name, "left", params=n, dense_params=n, reason=reason)
+    return None
+
+
+def changes(model: nn.Module) -> list[Change]:
+    """What each transform did to ``model``, in module order: every swapped layer, every
+    factorized layer, and every Conv2d / Linear left as it is (with the reason)."""
+    return [c for n, m in model.named_modules() if (c := _change(n, m)) is not None]
