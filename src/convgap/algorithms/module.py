@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tracing import exporting
+from ..ops.guard import exporting, may_run_fast
+from ..ops.layouts import layout_of
 from . import registry
-from .spec import ConvSpec, explicit_padding, layout_of
+from .spec import ConvSpec, explicit_padding
 
 __all__ = ["AlgoConv2d", "AlgorithmFallbackWarning"]
 
@@ -132,21 +133,20 @@ class AlgoConv2d(nn.Conv2d):
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
-        if fast is not None and not torch.is_grad_enabled():  # hot path: as the last call
-            key, call = fast
+        if fast is not None:  # hot path: as the last call
             w, b = self._parameters["weight"], self._parameters.get("bias")
-            if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
-                    and key[3] == x.device and key[4] is w and key[5] == w._version
-                    and key[6] is b and (b is None or key[7] == b._version)
-                    and not exporting()):
-                return call(x)
+            if may_run_fast(x, (w, b)):
+                key, call = fast
+                if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
+                        and key[3] == x.device and key[4] is w and key[5] == w._version
+                        and key[6] is b and (b is None or key[7] == b._version)):
+                    return call(x)
         if self.algorithm == "auto":
             from .tuner import tune_layer
             tune_layer(self, x)
         if self.algorithm == "torch":
             return self._torch(x)
         alg = registry.get(self.algorithm)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if exporting():
             if alg.exports != "native":
                 return self._torch(x)
@@ -154,6 +154,7 @@ class AlgoConv2d(nn.Conv2d):
             if alg.supports(spec) is not None:  # as in eager: this layer runs torch
                 return self._torch(x)
             return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
+        grad = not may_run_fast(x, self._parameters.values())  # (not exporting: autograd)
         if grad and not alg.differentiable:
             return self._torch(x)
         spec = self.spec_for(x)
