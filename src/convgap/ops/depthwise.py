@@ -3,12 +3,14 @@ torch ops, or on oneDNN's NHWC kernel with its filters blocked once."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .guard import jit_tracing
 from .measured import fastest
 from .onednn import conv, usable
 from .sizes import conv_length
@@ -37,45 +39,61 @@ def depthwise_taps(x: torch.Tensor, taps: torch.Tensor, kernel: Sequence[int],
     result (N, C*M, *out) has channels-innermost memory), else channels-major (the result
     is channels-major contiguous). Each tap reads the accumulator and an input view and
     writes the accumulator: ~3 trips through memory per tap, where a fused kernel makes
-    one. Rounding: prod(kernel) fp32 multiply-adds per output, as a direct convolution."""
-    n, c = x.shape[:2]
-    nd = x.dim() - 2
-    mult = taps.shape[2]
+    one. Rounding: prod(kernel) fp32 multiply-adds per output, as a direct convolution.
+    The geometry (kernel, stride, pads, dilation: tuples) is worked out once per input
+    shape and kept (a call costs the ops and a lookup)."""
+    args = (x.shape, tuple(kernel), tuple(stride), tuple(pads), tuple(dilation),
+            taps.shape[2], nhwc)
+    flat, wshape, bshape, windows, out_shape, perm = \
+        _geometry.__wrapped__(*args) if jit_tracing() else _geometry(*args)
+    if nhwc:
+        xp = x.movedim(1, -1)
+        if flat:
+            xp = F.pad(xp, flat)
+    else:
+        xp = F.pad(x, flat) if flat else x
+    if taps.shape[2] > 1:  # channel multiplier M > 1: a broadcast dim (see _geometry)
+        xp = xp.unsqueeze(-1 if nhwc else 2)
+    wt = taps.reshape(wshape)
+    acc = None
+    for t, window in enumerate(windows):
+        xs = xp[window]
+        if acc is None:
+            acc = xs * wt[t] if bias is None else torch.addcmul(bias.reshape(bshape), xs,
+                                                                  wt[t])
+        else:
+            acc = acc.addcmul_(xs, wt[t])
+    if out_shape is not None:
+        acc = acc.reshape(out_shape)
+    return acc if perm is None else acc.permute(perm)
+
+
+@functools.lru_cache(maxsize=512)
+def _geometry(shape: torch.Size, kernel: tuple, stride: tuple, pads: tuple, dilation: tuple,
+              mult: int, nhwc: bool) -> tuple:
+    """What :func:`depthwise_taps` works out from the sizes: (the padding for F.pad or
+    None, the taps' broadcast shape, the bias's, each tap's index into the padded input,
+    the shape the accumulator is reshaped to or None, the result's permutation or None)."""
+    n, c = shape[:2]
+    nd = len(shape) - 2
     outs = [conv_length(size, k, s, pad, d)
-            for size, k, s, pad, d in zip(x.shape[2:], kernel, stride, pads, dilation)]
+            for size, k, s, pad, d in zip(shape[2:], kernel, stride, pads, dilation)]
     flat = [v for pad in reversed(pads) for v in pad]
     # channel multiplier M > 1: the input view gets a broadcast dim of size 1 after
     # (NHWC) / before (NCHW) the channels; M == 1 needs none (simpler broadcasts)
     mdims = (c, mult) if mult > 1 else (c,)
     ones = (1,) * nd
+    # per spatial dim, the input window of each kernel offset; the taps run row-major
+    windows = [[slice(i * d, i * d + (m - 1) * s + 1, s) for i in range(k)]
+               for k, d, m, s in zip(kernel, dilation, outs, stride)]
+    lead: tuple = (slice(None),) if nhwc else (Ellipsis,)
+    index = [lead + w for w in itertools.product(*windows)]
     if nhwc:
-        xp = x.movedim(1, -1)
-        if any(flat):
-            xp = F.pad(xp, [0, 0, *flat])
-        if mult > 1:
-            xp = xp.unsqueeze(-1)
-        wt = taps.reshape(-1, 1, *ones, *mdims)
-        bt = None if bias is None else bias.reshape(1, *ones, *mdims)
-        lead: tuple = (slice(None),)
-    else:
-        xp = F.pad(x, flat) if any(flat) else x
-        if mult > 1:
-            xp = xp.unsqueeze(2)                                            # N,C,1,*spatial
-        wt = taps.reshape(-1, 1, *mdims, *ones)
-        bt = None if bias is None else bias.reshape(1, *mdims, *ones)
-        lead = (Ellipsis,)
-    spans = [(d, (m - 1) * s + 1, s) for d, m, s in zip(dilation, outs, stride)]
-    acc = None
-    for t, idx in enumerate(itertools.product(*[range(k) for k in kernel])):
-        xs = xp[lead + tuple(slice(i * d, i * d + span, s)
-                             for i, (d, span, s) in zip(idx, spans))]
-        if acc is None:
-            acc = xs * wt[t] if bt is None else torch.addcmul(bt, xs, wt[t])
-        else:
-            acc = acc.addcmul_(xs, wt[t])
-    if nhwc:
-        return acc.reshape(n, *outs, c * mult).permute(0, nd + 1, *range(1, nd + 1))
-    return acc.reshape(n, c * mult, *outs) if mult > 1 else acc
+        return ([0, 0, *flat] if any(flat) else None, (-1, 1, *ones, *mdims),
+                (1, *ones, *mdims), index, (n, *outs, c * mult),
+                (0, nd + 1, *range(1, nd + 1)))
+    return (flat if any(flat) else None, (-1, 1, *mdims, *ones), (1, *mdims, *ones), index,
+            (n, c * mult, *outs) if mult > 1 else None, None)
 
 
 def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, groups: int,
