@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..ops.guard import exporting, may_run_fast
 from ..ops.layouts import layout_of
+from ..ops.memo import reuse
 from . import registry
 from .spec import ConvSpec, explicit_padding
 
@@ -60,7 +61,7 @@ class AlgoConv2d(nn.Conv2d):
         self.algorithm = algorithm
         self.fallback: str | None = None
         self.tuning: dict[str, Any] | None = None
-        self._states: dict[tuple, tuple[tuple, Any]] = {}
+        self._states: dict = {}  # (algorithm, spec) -> prepared weights (ops.memo.reuse)
         self._specs: dict[tuple, ConvSpec] = {}
         self._support: dict[tuple, str | None] = {}
         self._fast: tuple | None = None  # (input signature, bound call) of the last call
@@ -94,10 +95,6 @@ class AlgoConv2d(nn.Conv2d):
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
-    def _weight_version(self) -> tuple:
-        return (self.weight._version, self.weight.data_ptr(),
-                None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
-
     def _supported(self, alg: registry.Algorithm, spec: ConvSpec) -> str | None:
         key = (alg.name, spec)
         if key not in self._support:
@@ -105,15 +102,13 @@ class AlgoConv2d(nn.Conv2d):
         return self._support[key]
 
     def _state(self, alg: registry.Algorithm, spec: ConvSpec) -> Any:
-        version = self._weight_version()
-        key = (alg.name, spec)
-        hit = self._states.get(key)
-        if hit is not None and hit[0] == version:
-            return hit[1]
-        with torch.no_grad():
-            state = alg.prepare(self.weight, self.bias, spec)
-        self._states[key] = (version, state)
-        return state
+        """``alg``'s prepared weights for ``spec``, kept while the parameters are
+        unchanged (:func:`convgap.ops.memo.reuse`)."""
+        def prepare():
+            with torch.no_grad():
+                return alg.prepare(self.weight, self.bias, spec)
+        params = [p for p in self._parameters.values() if p is not None]
+        return reuse(self._states, (alg.name, spec), params, prepare)
 
     def set_algorithm(self, name: str, reason: str | None = None) -> None:
         """Run ``name`` from now on (``reason``: why it differs from the request)."""

@@ -32,7 +32,9 @@ def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],
     returned again while each of ``tensors`` is the same tensor (identity, version
     counter, storage) and ``extra`` is equal. The entry holds the tensors, so no other
     tensor can take their identity or memory meanwhile."""
-    sig = (*extra, *signature(tensors))
+    sig = [(id(t), t._version, t.data_ptr()) for t in tensors]  # signature(), inlined
+    if extra:
+        sig.append(extra)
     hit = store.get(slot)
     if hit is None or hit[0] != sig:
         hit = store[slot] = (sig, tuple(tensors), compute())
