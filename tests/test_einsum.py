@@ -578,8 +578,8 @@ def test_fft_matches_direct_for_long_kernels(padding):
 def test_fft_tensorial_and_strided_fall_back(monkeypatch):
     from convgap.einsum import evaluate
     ffts = []
-    real = evaluate._fft_conv
-    monkeypatch.setattr(evaluate, "_fft_conv", lambda *a: ffts.append(1) or real(*a))
+    real = evaluate.fft_conv
+    monkeypatch.setattr(evaluate, "fft_conv", lambda *a, **k: ffts.append(1) or real(*a, **k))
     expr, x, factors, kernel = _tensorial("tt")
     close(einsum(expr, x, *factors, padding=1, fft=True),
           F.conv2d(x, kernel, padding=1))
@@ -791,12 +791,12 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     """Weight x feature-map steps run on oneDNN's linear kernel in inference (fp32 CPU):
     always where no layout copy is needed (channels innermost in and out), else where it
     measured faster; on torch.mm/bmm when autograd needs them. All agree with einsum."""
-    from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
+    from convgap.ops import onednn, pointwise
+    if not onednn.AVAILABLE:
         pytest.skip("torch without oneDNN")
     used = []
-    real = evaluate._linear
-    monkeypatch.setattr(evaluate, "_linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
+    real = pointwise.linear
+    monkeypatch.setattr(pointwise, "linear", lambda x, w, *a: used.append(1) or real(x, w, *a))
     # where a layout copy is needed the step is a measured choice: force oneDNN or BLAS
     name = "onednn" if measured else "blas"
     x = torch.randn(3, 24, 5, 7)
@@ -806,7 +806,7 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     ref = torch.einsum("nchw,oc->nohw", x, w)
     with torch.no_grad(), choice.forced({"einsum-gemm-to-nchw": name,
                                          "einsum-gemm-to-cl": name}):
-        y = evaluate._gemm_step(x, w, 1, out_layout)
+        y = pointwise.pointwise(x, w, 1, out_layout)
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
     expect = (layout == "channels_last" and out_layout) or \
         (measured and layout != "channels_last" and out_layout) or \
@@ -815,7 +815,7 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
     if not out_layout:  # the result is channels-major whichever kernel ran
         assert y.is_contiguous()
     wg = w.clone().requires_grad_()
-    y = evaluate._gemm_step(x, wg, 1, out_layout)  # autograd: torch ops, gradients flow
+    y = pointwise.pointwise(x, wg, 1, out_layout)  # autograd: torch ops, gradients flow
     y.sum().backward()
     assert len(used) == int(expect) and wg.grad is not None
     assert torch.allclose(y.detach(), ref, rtol=1e-4, atol=1e-4)
@@ -824,7 +824,7 @@ def test_gemm_step_on_onednn_agrees_and_is_used_for_inference(monkeypatch, layou
 def test_step_choice_is_verified_timed_once_and_kept_by_name(monkeypatch):
     """The fastest correct candidate wins past the margin, a wrong one never does, and the
     decision is kept by name per key: a later call times nothing, whatever the order."""
-    from convgap.einsum import evaluate
+    from convgap.ops.measured import fastest
     calls = {"slow": 0, "fast": 0, "middle": 0, "wrong": 0}
 
     def make(name, delay, value=1.0):
@@ -838,16 +838,16 @@ def test_step_choice_is_verified_timed_once_and_kept_by_name(monkeypatch):
     slow, fast, middle = make("slow", 0.003), make("fast", 0.0), make("middle", 0.0015)
     wrong = make("wrong", 0.0, value=2.0)
     fns = {"slow": slow, "fast": fast, "middle": middle, "wrong": wrong}
-    assert evaluate._fastest("test-step", ("k",), fns) is fast
+    assert fastest("test-step", ("k",), fns) is fast
     assert calls["wrong"] == 1 and calls["fast"] >= 9  # checked once, never timed
     before = dict(calls)
     again = {"middle": middle, "slow": slow, "fast": fast}
-    assert evaluate._fastest("test-step", ("k",), again) is fast  # by name, not position
+    assert fastest("test-step", ("k",), again) is fast  # by name, not position
     assert calls == before
-    assert evaluate._fastest("test-step", ("k2",), {"slow": slow, "middle": middle}) is middle
-    assert evaluate._fastest("test-step", ("k3",), {"fast": fast, "slow": slow}) is fast
+    assert fastest("test-step", ("k2",), {"slow": slow, "middle": middle}) is middle
+    assert fastest("test-step", ("k3",), {"fast": fast, "slow": slow}) is fast
     with choice.forced({"test-step": "slow"}):
-        assert evaluate._fastest("test-step", ("k",), fns) is slow
+        assert fastest("test-step", ("k",), fns) is slow
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])
@@ -855,19 +855,19 @@ def test_channels_innermost_to_nchw_gemm_candidates_agree(monkeypatch, which):
     """A GEMM step from a channels-innermost map to a channels-major result has three
     ways (the map as oneDNN's weight operand then a row copy; oneDNN then a transposing
     copy; BLAS): each gives the einsum result, NCHW-contiguous, at any batch."""
-    from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
+    from convgap.ops import onednn, pointwise
+    if not onednn.AVAILABLE:
         pytest.skip("torch without oneDNN")
     picked = []
-    real = evaluate._fastest
-    monkeypatch.setattr(evaluate, "_fastest", lambda kind, key, fns: picked.append(
+    real = pointwise.fastest
+    monkeypatch.setattr(pointwise, "fastest", lambda kind, key, fns: picked.append(
         (kind, list(fns))) or real(kind, key, fns))
     name = ["swapped", "onednn", "blas"][which]
     for n in (1, 3):
         x = torch.randn(n, 24, 5, 7).contiguous(memory_format=torch.channels_last)
         w = torch.randn(40, 24)
         with torch.no_grad(), choice.forced({"einsum-gemm-to-nchw": name}):
-            y = evaluate._gemm_step(x, w, 1, False, {})
+            y = pointwise.pointwise(x, w, 1, False, {})
         assert y.is_contiguous()
         assert torch.allclose(y, torch.einsum("nchw,oc->nohw", x, w), rtol=1e-4, atol=1e-4)
     assert picked == [("einsum-gemm-to-nchw", ["swapped", "onednn", "blas"])] * 2
@@ -880,11 +880,12 @@ def test_conv_step_on_onednn_or_torch_agrees(monkeypatch, torch_steps, measured,
     F.conv2d, whichever measured faster for its shapes; both agree with the dense conv."""
     from convgap import TensorialConv2d
     from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
+    from convgap.ops import onednn
+    if not onednn.AVAILABLE:
         pytest.skip("torch without oneDNN")
     keys = []
-    real = evaluate._fastest
-    monkeypatch.setattr(evaluate, "_fastest",
+    real = evaluate.fastest
+    monkeypatch.setattr(evaluate, "fastest",
                         lambda kind, key, fns: keys.append(kind) or real(kind, key, fns))
     layer = TensorialConv2d(12, 10, 3, "tucker", rank=(6, 5), padding=1, stride=2).eval()
     x = torch.randn(2, 12, 9, 9)
@@ -903,12 +904,12 @@ def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch, 
     replaced factor repacks (the result follows the new weight); a step whose weight is
     new every call stops packing."""
     from convgap import TensorialConv2d
-    from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
+    from convgap.ops import memo, onednn
+    if not onednn.AVAILABLE:
         pytest.skip("torch without oneDNN")
     reorders = []
     real = torch.ops.mkldnn._reorder_linear_weight
-    monkeypatch.setattr(evaluate.torch.ops.mkldnn, "_reorder_linear_weight",
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
                         lambda w, rows: reorders.append(rows) or real(w, rows),
                         raising=False)
     layer = TensorialConv2d(16, 12, 3, "cp", rank=8, padding=1).eval()
@@ -933,9 +934,9 @@ def test_packed_gemm_weight_follows_changes_and_stops_when_rebuilt(monkeypatch, 
     w = torch.randn(5, 7)
     xs = torch.randn(4, 7)
     for _ in range(4):  # a weight built afresh each call
-        y = evaluate._linear(xs, w.clone(), packed)
+        y = onednn.linear(xs, w.clone(), packed)
         assert torch.allclose(y, xs @ w.t(), atol=1e-5)
-    assert packed["misses"] == evaluate.PACK_MAX_MISSES
+    assert packed["misses"] == memo.MAX_MISSES
 
 
 def _matches_dense(layer, x, tol=1e-5):
@@ -951,13 +952,13 @@ def test_packed_conv_weight_follows_changes(monkeypatch, torch_steps, force):
     """A 2-D conv step on oneDNN blocks its weight once for the input shape and reuses it;
     an in-place change or a replaced tensor re-blocks (the result follows)."""
     from convgap import TensorialConv2d
-    from convgap.einsum import evaluate
-    if not evaluate._ONEDNN:
+    from convgap.ops import onednn
+    if not onednn.AVAILABLE:
         pytest.skip("torch without oneDNN")
     force({"einsum-conv": "onednn"})
     blocks = []
     real = torch._C._nn.mkldnn_reorder_conv2d_weight
-    monkeypatch.setattr(evaluate.torch._C._nn, "mkldnn_reorder_conv2d_weight",
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight",
                         lambda w, *a: blocks.append(tuple(w.shape)) or real(w, *a))
     layer = TensorialConv2d(16, 12, 3, "tucker", rank=(8, 6), padding=1).eval()
     x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ import convgap
 from convgap import config, timing
 from convgap.algorithms import AlgorithmFallbackWarning, registry
 from convgap.layers import FlattenedConv2d, TensorialConv2d
-from convgap.tracing import exporting
+from convgap.ops.guard import exporting
 
 ort = pytest.importorskip("onnxruntime")
 

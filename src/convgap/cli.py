@@ -24,7 +24,8 @@ from rich.table import Table
 
 from . import hardware, models, timing
 from .analysis import Report, analyze
-from .analysis.analyze import DTYPES, LAYOUTS, parse_dtype
+from .analysis.analyze import DTYPES, parse_dtype
+from .ops.layouts import LAYOUTS, memory_format
 from .analysis.render import tables
 from .count import check_input
 from .errors import ConvgapError
@@ -165,7 +166,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]
     dev = hardware.check_device(args.device)
     net = _load(args.model, args)
     shape = check_input(net, (args.batch, args.channels, args.image_size, args.image_size))
-    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    fmt = memory_format(args.layout)
     net = net.eval().to(device=dev, dtype=dtype, memory_format=fmt)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
     return net, x.contiguous(memory_format=fmt)

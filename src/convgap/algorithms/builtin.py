@@ -7,6 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..ops import onednn
 from .registry import Algorithm, register
 from .spec import ConvSpec
 
@@ -40,10 +41,6 @@ class ChannelsLastConv(Algorithm):
         return _conv(x.contiguous(memory_format=torch.channels_last), state, spec)
 
 
-def _mkldnn_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-
-
 @register("prepacked")
 class PrepackedConv(Algorithm):
     """oneDNN with the weight reordered once into its blocked layout for this input size
@@ -54,21 +51,11 @@ class PrepackedConv(Algorithm):
     exports = "fallback"
 
     def supports(self, spec):
-        if spec.device != "cpu":
-            return "oneDNN prepacking is CPU only"
-        if not _mkldnn_ok():
-            return "torch was built without oneDNN (mkldnn)"
-        if spec.dtype not in ("float32", "bfloat16"):
-            return f"oneDNN prepacked convolution does not take {spec.dtype}"
-        if spec.dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "this CPU lacks the instructions oneDNN needs for bf16 (avx512bw/vl/dq)"
-        return None
+        return onednn.unsupported(spec.device, spec.dtype, "convolution")
 
     def prepare(self, weight, bias, spec):
-        with torch.no_grad():
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.detach().to_mkldnn(), list(spec.padding), list(spec.stride),
-                list(spec.dilation), spec.groups, list(spec.input_shape))
+        packed = onednn.pack_conv(weight, spec.padding, spec.stride, spec.dilation,
+                                  spec.groups, spec.input_shape)
         return packed, None if bias is None else bias.detach()
 
     def run(self, x, state, spec):

@@ -21,13 +21,17 @@ F.conv2d) makes one: on CPU this is slower than F.conv2d's depthwise kernel exce
 NCHW layers where torch's own NCHW path is slow; the tuner measures.
 
 Rounding: kh*kw fp32 multiply-adds per output, as in a direct convolution (tolerance 1e-4).
+The multiply-adds are :func:`convgap.ops.depthwise.depthwise_taps`; this algorithm picks the
+layout and keeps the input's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.depthwise import depthwise_taps, tap_weights
+from ..ops.layouts import channels_last
+from ..ops.sizes import conv_length
 from .registry import Algorithm, register
 from .spec import ConvSpec
 
@@ -51,61 +55,26 @@ class DepthwiseConv(Algorithm):
 
     def prepare(self, weight, bias, spec):
         """Per-tap weights as (kh*kw, C, M): tap t of output channel c*M + j at [t, c, j]."""
-        o, _, kh, kw = weight.shape
         c = spec.in_channels
-        taps = weight.reshape(c, o // c, kh * kw).permute(2, 0, 1).contiguous()
-        return taps, (None if bias is None else bias.reshape(c, o // c))
+        taps = tap_weights(weight, c).contiguous()
+        return taps, (None if bias is None else bias.reshape(c, -1))
 
     def run(self, x, state, spec):
         taps, bias = state
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (spec.kernel_size, spec.stride, spec.padding,
-                                                  spec.dilation)
-        n, c, h, w = x.shape
-        mult = taps.shape[2]
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        channels_last = not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
+        ph, pw = spec.padding
+        ow = conv_length(x.shape[3], spec.kernel_size[1], spec.stride[1], (pw, pw),
+                         spec.dilation[1])
+        cl = channels_last(x)
         # NHWC internally for channels_last inputs, and for NCHW inputs with narrow maps
         # (OW < 32: NCHW rows of a 7x7 or 14x14 map are too short to vectorise; the
         # transposes then ride on the padding copy and one output copy). Wide NCHW maps
         # stay NCHW (measured faster there).
         if _INTERNAL is None:
-            nhwc = channels_last or ow < 32
+            nhwc = cl or ow < 32
         else:
             nhwc = _INTERNAL == "nhwc"
-        # channel multiplier M > 1: the input view gets a broadcast dim of size 1 after
-        # (NHWC) / before (NCHW) the channels; M == 1 needs none (simpler broadcasts)
-        mdims = (c, mult) if mult > 1 else (c,)
-        if nhwc:
-            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
-            if mult > 1:
-                xp = xp.unsqueeze(-1)
-            wt = taps.view(kh * kw, 1, 1, 1, *mdims)
-            bt = None if bias is None else bias.view(1, 1, 1, *mdims)
-
-            def tap(u, v):
-                return xp[:, u * dh:u * dh + (oh - 1) * sh + 1:sh,
-                          v * dw:v * dw + (ow - 1) * sw + 1:sw]
-        else:
-            xp = F.pad(x, (pw, pw, ph, ph))
-            if mult > 1:
-                xp = xp.unsqueeze(2)                                            # N,C,1,H,W
-            wt = taps.view(kh * kw, 1, *mdims, 1, 1)
-            bt = None if bias is None else bias.view(1, *mdims, 1, 1)
-
-            def tap(u, v):
-                return xp[..., u * dh:u * dh + (oh - 1) * sh + 1:sh,
-                          v * dw:v * dw + (ow - 1) * sw + 1:sw]
-        acc = None
-        for t in range(kh * kw):            # the kh*kw taps (not pixels or channels)
-            xs = tap(t // kw, t % kw)
-            if acc is None:
-                acc = xs * wt[t] if bt is None else torch.addcmul(bt, xs, wt[t])
-            else:
-                acc = acc.addcmul_(xs, wt[t])
-        if not nhwc:
-            y = acc.reshape(n, c * mult, oh, ow)
-            return y.contiguous(memory_format=torch.channels_last) if channels_last else y
-        y = acc.reshape(n, oh, ow, c * mult).permute(0, 3, 1, 2)   # NHWC memory
-        return y if channels_last else y.contiguous()
+        y = depthwise_taps(x, taps, spec.kernel_size, spec.stride, ((ph, ph), (pw, pw)),
+                           spec.dilation, bias, nhwc)
+        if nhwc:  # channels-innermost memory
+            return y if cl else y.contiguous()
+        return y.contiguous(memory_format=torch.channels_last) if cl else y

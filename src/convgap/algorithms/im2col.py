@@ -29,14 +29,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.guard import jit_tracing
+from ..ops.layouts import channels_last
+from ..ops.sizes import conv_length
 from .registry import Algorithm, register
 from .spec import ConvSpec
 
 __all__ = ["Im2col"]
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _windows(xp: torch.Tensor, hdim: int, spec: ConvSpec) -> torch.Tensor:
@@ -66,7 +65,7 @@ class Im2col(Algorithm):
         ``F.unfold`` whatever the layout (and ``wm`` has the NCHW form)."""
         g = spec.groups
         o = weight.shape[0]
-        unfold = torch._C._get_tracing_state() is not None
+        unfold = jit_tracing()
         if spec.layout == "channels_last" and not unfold:
             return (weight.permute(0, 2, 3, 1).reshape(g, o // g, -1).transpose(1, 2), bias,
                     False)
@@ -78,12 +77,11 @@ class Im2col(Algorithm):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (spec.kernel_size, spec.stride, spec.padding,
                                                   spec.dilation)
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = conv_length(h, kh, sh, (ph, ph), dh), conv_length(w, kw, sw, (pw, pw), dw)
         if unfold:  # prepared while tracing: the NCHW form, gathered by F.unfold below
             cl = False
         else:
-            cl = _channels_last(x)
+            cl = channels_last(x)
             if cl != (spec.layout == "channels_last"):  # prepared for the other layout
                 wm = _relayout(wm, g, c // g, kh, kw, to_cl=cl)
         o = g * (wm.shape[2] if cl else wm.shape[1])

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConvgapError
-from ..tracing import exporting
+from ..ops import onednn
+from ..ops.guard import may_run_fast
 from .module import AlgorithmFallbackWarning, choice_repr
 
 __all__ = ["AlgoLinear", "LinearSpec", "LINEAR_ALGORITHMS", "tune_linear", "check_linear"]
@@ -76,17 +77,10 @@ class LinearSpec:
 
 def supports_prepacked(spec: LinearSpec) -> str | None:
     """None if ``prepacked`` can run ``spec``, else why not."""
-    if spec.device != "cpu":
-        return "oneDNN prepacking is CPU only"
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return "torch was built without oneDNN (mkldnn)"
-    if spec.dtype not in ("float32", "bfloat16"):
-        return f"oneDNN prepacked linear does not take {spec.dtype}"
-    if spec.dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU lacks the instructions oneDNN needs for bf16 (avx512bw/vl/dq)"
-    if len(spec.input_shape) < 2 or spec.rows == 0:
+    reason = onednn.unsupported(spec.device, spec.dtype, "linear")
+    if reason is None and (len(spec.input_shape) < 2 or spec.rows == 0):
         return "needs an input with at least one row and two dimensions"
-    return None
+    return reason
 
 
 def check_linear(name: str, where: str = "linear") -> str:
@@ -151,18 +145,14 @@ class AlgoLinear(nn.Linear):
         key = (rows, x.dtype)
         hit = self._packed.get(key)
         if hit is None or hit[0] != version:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype), rows)
-            hit = self._packed[key] = (version, packed)
+            hit = self._packed[key] = (version, onednn.pack_linear(w, rows, x.dtype))
         bias = None if b is None else b.detach().to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, hit[1], bias, "none", [], "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.algorithm == "auto":
             tune_linear(self, x)
-        if self.algorithm == "torch" or exporting():
-            return self._torch(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if self.algorithm == "torch" or not may_run_fast(x, self._parameters.values()):
             return self._torch(x)
         skey = (x.shape, x.dtype, x.device, x.is_contiguous())
         reason = self._support.get(skey, False)

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tracing import exporting
+from ..ops.guard import exporting, may_run_fast
+from ..ops.layouts import layout_of
+from ..ops.memo import reuse
 from . import registry
-from .spec import ConvSpec, explicit_padding, layout_of
+from .spec import ConvSpec, explicit_padding
 
 __all__ = ["AlgoConv2d", "AlgorithmFallbackWarning"]
 
@@ -59,7 +61,7 @@ class AlgoConv2d(nn.Conv2d):
         self.algorithm = algorithm
         self.fallback: str | None = None
         self.tuning: dict[str, Any] | None = None
-        self._states: dict[tuple, tuple[tuple, Any]] = {}
+        self._states: dict = {}  # (algorithm, spec) -> prepared weights (ops.memo.reuse)
         self._specs: dict[tuple, ConvSpec] = {}
         self._support: dict[tuple, str | None] = {}
         self._fast: tuple | None = None  # (input signature, bound call) of the last call
@@ -93,10 +95,6 @@ class AlgoConv2d(nn.Conv2d):
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
-    def _weight_version(self) -> tuple:
-        return (self.weight._version, self.weight.data_ptr(),
-                None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
-
     def _supported(self, alg: registry.Algorithm, spec: ConvSpec) -> str | None:
         key = (alg.name, spec)
         if key not in self._support:
@@ -104,15 +102,13 @@ class AlgoConv2d(nn.Conv2d):
         return self._support[key]
 
     def _state(self, alg: registry.Algorithm, spec: ConvSpec) -> Any:
-        version = self._weight_version()
-        key = (alg.name, spec)
-        hit = self._states.get(key)
-        if hit is not None and hit[0] == version:
-            return hit[1]
-        with torch.no_grad():
-            state = alg.prepare(self.weight, self.bias, spec)
-        self._states[key] = (version, state)
-        return state
+        """``alg``'s prepared weights for ``spec``, kept while the parameters are
+        unchanged (:func:`convgap.ops.memo.reuse`)."""
+        def prepare():
+            with torch.no_grad():
+                return alg.prepare(self.weight, self.bias, spec)
+        params = [p for p in self._parameters.values() if p is not None]
+        return reuse(self._states, (alg.name, spec), params, prepare)
 
     def set_algorithm(self, name: str, reason: str | None = None) -> None:
         """Run ``name`` from now on (``reason``: why it differs from the request)."""
@@ -132,21 +128,20 @@ class AlgoConv2d(nn.Conv2d):
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
-        if fast is not None and not torch.is_grad_enabled():  # hot path: as the last call
-            key, call = fast
+        if fast is not None:  # hot path: as the last call
             w, b = self._parameters["weight"], self._parameters.get("bias")
-            if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
-                    and key[3] == x.device and key[4] is w and key[5] == w._version
-                    and key[6] is b and (b is None or key[7] == b._version)
-                    and not exporting()):
-                return call(x)
+            if may_run_fast(x, (w, b)):
+                key, call = fast
+                if (key[0] == x.shape and key[1] == x.stride() and key[2] == x.dtype
+                        and key[3] == x.device and key[4] is w and key[5] == w._version
+                        and key[6] is b and (b is None or key[7] == b._version)):
+                    return call(x)
         if self.algorithm == "auto":
             from .tuner import tune_layer
             tune_layer(self, x)
         if self.algorithm == "torch":
             return self._torch(x)
         alg = registry.get(self.algorithm)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if exporting():
             if alg.exports != "native":
                 return self._torch(x)
@@ -154,6 +149,7 @@ class AlgoConv2d(nn.Conv2d):
             if alg.supports(spec) is not None:  # as in eager: this layer runs torch
                 return self._torch(x)
             return alg.run(self._pre_pad(x), alg.prepare(self.weight, self.bias, spec), spec)
+        grad = not may_run_fast(x, self._parameters.values())  # (not exporting: autograd)
         if grad and not alg.differentiable:
             return self._torch(x)
         spec = self.spec_for(x)

@@ -15,16 +15,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..ops.layouts import layout_of
+from ..ops.sizes import conv_length
+
 __all__ = ["ConvSpec", "layout_of", "explicit_padding"]
-
-
-def layout_of(x: torch.Tensor) -> str:
-    """'nchw' (contiguous), 'channels_last', or 'strided' (anything else: slices, views)."""
-    if x.is_contiguous():
-        return "nchw"
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "strided"
 
 
 def explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -50,7 +44,8 @@ class ConvSpec:
     """A 2-D convolution on a given input. ``padding`` is symmetric zero padding (ph, pw).
 
     input_shape: (N, C, H, W) as seen by the algorithm (after any pre-padding).
-    dtype: 'float32', 'bfloat16', ... device: 'cpu' or 'cuda'. layout: see :func:`layout_of`.
+    dtype: 'float32', 'bfloat16', ... device: 'cpu' or 'cuda'. layout: see
+    :func:`~convgap.ops.layouts.layout_of` (re-exported here).
     """
 
     in_channels: int
@@ -69,10 +64,9 @@ class ConvSpec:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         n, _, h, w = self.input_shape
-        oh, ow = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((h, w), self.padding, self.dilation,
-                                         self.kernel_size, self.stride))
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        oh, ow = conv_length(h, kh, sh, (ph, ph), dh), conv_length(w, kw, sw, (pw, pw), dw)
         return (n, self.out_channels, oh, ow)
 
     @property

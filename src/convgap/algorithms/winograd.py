@@ -65,6 +65,8 @@ from fractions import Fraction as Fr
 import torch
 import torch.nn.functional as F
 
+from ..ops.guard import jit_tracing, may_run_fast
+from ..ops.layouts import channels_last
 from .registry import Algorithm, register
 from .spec import ConvSpec
 
@@ -124,7 +126,7 @@ def _consts(m: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch
         hit = {"BT": mats["BT"].to(device, dtype), "AT": mats["AT"].to(device, dtype),
                "KB": torch.kron(mats["BT"], mats["BT"]).to(device, dtype),
                "KA": torch.kron(mats["AT"], mats["AT"]).to(device, dtype)}
-        if not torch.jit.is_tracing():  # a trace must record the same ops on every call
+        if not jit_tracing():  # a trace must record the same ops on every call
             _CONSTS[key] = hit
     return hit
 
@@ -171,17 +173,6 @@ _WORKSPACE = _Workspace()
 def clear_workspace() -> None:
     """Free this thread's cached Winograd scratch buffers (at most 256 MiB per thread)."""
     _WORKSPACE.clear()
-
-
-def _eager(*tensors: torch.Tensor | None) -> bool:
-    """True when the fast in-place / ``out=`` path may run: no autograd graph to record, not
-    tracing / exporting / compiling (those get the purely functional path)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return False
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and compiler.is_compiling())
 
 
 # --- element-wise input transforms B^T d along one axis (common subexpressions shared) ---
@@ -270,9 +261,10 @@ class _Winograd(Algorithm):
         out_dtype = x.dtype
         x = x.to(u.dtype)
         o = u.shape[2]
-        channels_last = not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
-        eager = _eager(x, u, bias)
+        cl = channels_last(x)
+        # the in-place / out= steps into reused buffers where no autograd graph is recorded
+        # and no graph is traced, exported or compiled (those get the functional steps)
+        eager = may_run_fast(x, (u, bias))
         # 1. zero-padded NHWC copy, extra zeros bottom/right for a last partial tile (NHWC
         # for NCHW inputs too: (tiles x C) GEMM operands measured faster than (C x tiles));
         # 2. input transform V = B^T d B of every tile and channel: (a^2, tiles, C);
@@ -304,10 +296,10 @@ class _Winograd(Algorithm):
             if bias is not None:
                 full = full + bias
             res = full.permute(0, 3, 1, 2).to(out_dtype)
-            if channels_last:
+            if cl:
                 return res.contiguous(memory_format=torch.channels_last)
             return res.contiguous()
-        if channels_last:
+        if cl:
             out = x.new_empty((n, oh, ow, o), dtype=out_dtype)
             res = out.permute(0, 3, 1, 2)
         else:

@@ -18,12 +18,12 @@ import torch.nn as nn
 from .. import allocator, config, hardware, timing
 from ..count import Call, Trace, check_input, run_trace
 from ..errors import ConvgapError
+from ..ops.layouts import LAYOUTS, memory_format
 from ..progress import make_progress
 from .report import Report, Row, Run
 
 __all__ = ["analyze", "LAYOUTS", "DTYPES"]
 
-LAYOUTS = ("nchw", "channels_last")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -35,14 +35,6 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ConvgapError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-
-
-def _memory_format(layout: str) -> torch.memory_format:
-    if layout == "nchw":
-        return torch.contiguous_format
-    if layout == "channels_last":
-        return torch.channels_last
-    raise ConvgapError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
 
 def _time_call(call: Call, cfg: timing.TimingConfig, device: str) -> float:
@@ -125,7 +117,7 @@ def analyze(
         raise ConvgapError(f"model must be an nn.Module or a zoo name, got {type(model).__name__}")
     dev = hardware.check_device(device)
     dt = parse_dtype(dtype)
-    fmt = _memory_format(layout)
+    fmt = memory_format(layout)
     shape = check_input(model, input_shape)
     if layout == "channels_last" and len(shape) != 4:
         raise ConvgapError(f"layout 'channels_last' needs a 4-D input, got shape {shape}")

@@ -17,14 +17,14 @@ from typing import Sequence, Union
 import torch
 
 from ..errors import ConvgapError
-from ..tracing import untraced
+from ..ops.guard import untraced
 from .cost import OBJECTIVES, Problem
 from .evaluate import run_plan
 from .parse import Expression, conv_params, conv_sizes, parse
 from .path import OPTIMAL_MAX, PathInfo, Step, info, path_to_plan, search
 
 __all__ = ["einsum", "einsum_path", "PathInfo", "Step", "Expression", "parse", "OBJECTIVES",
-           "OPTIMAL_MAX", "clear_cache"]
+           "OPTIMAL_MAX", "clear_cache", "plan", "run_plan"]
 
 _CACHE_SIZE = 1024
 _cache: "OrderedDict[tuple, tuple[Problem, PathInfo]]" = OrderedDict()
@@ -56,8 +56,12 @@ def _freeze(v):
     return (type(v).__name__, v)
 
 
-def _plan(expr: str, shapes, stride, padding, dilation, objective: str, path: PathSpec
-          ) -> tuple[Problem, PathInfo]:
+def plan(expr: str, shapes, stride, padding, dilation, objective: str, path: PathSpec
+         ) -> tuple[Problem, PathInfo]:
+    """The problem and the path (cached per expression, shapes and parameters) for
+    evaluating ``expr`` on operands of ``shapes`` (validated): what :func:`einsum_path`
+    returns the second of and :func:`einsum` runs. Layers that evaluate an expression
+    on every call plan it once per input shape here."""
     key = (expr, tuple(shapes), _freeze(stride), _freeze(padding), _freeze(dilation),
            objective, _freeze(path))
     hit = _cache.get(key)
@@ -73,10 +77,10 @@ def _plan(expr: str, shapes, stride, padding, dilation, objective: str, path: Pa
     params = conv_params(e, stride, padding, dilation, kernels)
     p = Problem(e, shapes, params)
     if isinstance(path, str):
-        plan, method = search(p, objective, path)
+        order, method = search(p, objective, path)
     else:
-        plan, method = path_to_plan(path, p), "given"
-    result = (p, info(p, plan, objective, method))
+        order, method = path_to_plan(path, p), "given"
+    result = (p, info(p, order, objective, method))
     _cache[key] = result
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
@@ -91,7 +95,7 @@ def einsum_path(expr: str, *operands, stride=1, padding=0, dilation=1,
     'combo' (MACs + 64 x elements). ``path``: 'auto' (optimal up to 8 operands, greedy
     beyond), 'optimal', 'greedy', 'left' (left to right), or an explicit opt_einsum-format
     path. Plans are cached per expression, shapes and parameters."""
-    return _plan(expr, _shapes(operands), stride, padding, dilation, objective, path)[1]
+    return plan(expr, _shapes(operands), stride, padding, dilation, objective, path)[1]
 
 
 def einsum(expr: str, *operands: torch.Tensor, stride=1, padding=0, dilation=1,
@@ -107,7 +111,7 @@ def einsum(expr: str, *operands: torch.Tensor, stride=1, padding=0, dilation=1,
         if not isinstance(op, torch.Tensor):
             raise ConvgapError(f"operand {i}: expected a tensor, got {type(op).__name__} "
                                "(einsum_path takes shapes)")
-    p, pinfo = _plan(expr, _shapes(operands), stride, padding, dilation, objective, path)
+    p, pinfo = plan(expr, _shapes(operands), stride, padding, dilation, objective, path)
     return run_plan(p, pinfo.plan, list(operands), fft)
 
 

@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .parse import ConvParams, Expression, conv_length, conv_sizes, mode_sizes
+from ..ops.sizes import conv_length
+from .parse import ConvParams, Expression, conv_sizes, mode_sizes
 
 __all__ = ["Problem", "StepCost", "OBJECTIVES", "COMBO_FACTOR"]
 

@@ -14,117 +14,31 @@ kernels (stride 1, dilation 1) a step runs by FFT when that is estimated cheaper
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import choice, config, timing
-from ..tracing import exporting, jit_tracing
+from ..ops.depthwise import depthwise_nhwc, depthwise_taps, tap_weights
+from ..ops.fft import fft_conv
+from ..ops.guard import frozen_parameters, jit_tracing
+from ..ops.layouts import channels_innermost
+from ..ops.measured import fastest
+from ..ops.memo import reuse
+from ..ops.onednn import conv as onednn_conv
+from ..ops.onednn import usable as onednn_usable
+from ..ops.pointwise import pointwise
 from .cost import Problem
 from .path import Plan
 
-__all__ = ["run_plan", "Program", "per_channel_conv", "depthwise_nhwc", "channels_innermost",
-           "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
+__all__ = ["run_plan", "Program", "FFT_MIN_KERNEL", "FFT_ADVANTAGE"]
 
 FFT_MIN_KERNEL = 32  # kernel elements below which a step never runs by FFT
 FFT_ADVANTAGE = 4.0  # FFT must be estimated this many times cheaper (its constants are big)
 SHIFT_MAX_TAPS = 32  # per-channel filters up to this many taps run as shifted multiply-adds
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-PACK_MAX_MISSES = 2  # a step whose weight changed this often stops packing it
-# timing of a measured kernel choice (once per shape; the layer's first call pays it)
-
-_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def _onednn_gemm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """True if ``x @ w.t()`` may run on oneDNN's linear kernel: CPU, fp32, inference (no
-    autograd through it), not under tracing or compilation. On this AMD CPU that runs at
-    350-450 GFLOP/s where torch.mm (MKL sgemm, no AVX-512 here) reaches about 200."""
-    return (_ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu"
-            and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not exporting())
-
-
-def _packed_weight(packed: dict | None, w: torch.Tensor, shape_key,
-                   reorder: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """``reorder()`` (``w`` in oneDNN's layout for ``shape_key``: a row count, an input
-    shape), kept in ``packed`` (one cache per compiled step) and reused while ``w`` is the
-    same memory at the same version. A weight built afresh every call never hits: after
-    ``PACK_MAX_MISSES`` misses the step stops packing (None)."""
-    if packed is None or packed.get("misses", 0) >= PACK_MAX_MISSES:
-        return None
-    sig = (w.data_ptr(), w._version, w.shape, w.stride(), shape_key)
-    hit = packed.get("w")
-    if hit is None or hit[0] != sig:
-        if hit is not None:
-            packed["misses"] = packed.get("misses", 0) + 1
-        # the entry holds ``w`` itself, so its memory cannot pass to a look-alike tensor
-        hit = packed["w"] = (sig, w, reorder())
-    return hit[2]
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None = None) -> torch.Tensor:
-    """``x @ w.t()`` by oneDNN (x: (..., C) in any strides, w: (O, C)). With a ``packed``
-    cache, the weight is reordered once for the row count and reused while unchanged (25%
-    off a 6272-row GEMM here)."""
-    rows = x.numel() // x.shape[-1]
-    wp = _packed_weight(packed, w, rows,
-                        lambda: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
-    return torch.ops.mkldnn._linear_pointwise(x, w if wp is None else wp, None, "none", [],
-                                              "")
-
-
-def _conv_onednn(x: torch.Tensor, w: torch.Tensor, pad, stride, dilation, groups: int,
-                 packed: dict | None = None, bias: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """A 2-D convolution step on oneDNN. With a ``packed`` cache, the weight is reordered
-    once into oneDNN's blocked layout for this input shape and reused while unchanged; a
-    plain weight is reordered inside every call (a Tucker core on a 7x7 map at batch 1:
-    most of the step)."""
-    pad, stride, dilation = list(pad), list(stride), list(dilation)
-    wp = _packed_weight(packed, w, x.shape, lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
-        w.contiguous().to_mkldnn(), pad, stride, dilation, groups, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, w if wp is None else wp, bias, pad,
-                                                   stride, dilation, groups, "none", [], "")
-
-
-def depthwise_nhwc(x: torch.Tensor, w: torch.Tensor, stride, pad, dilation, groups: int,
-                   packed: dict | None = None, bias: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """``F.conv2d(x, w, bias, stride, pad, dilation, groups)`` for a channels-innermost
-    ``x`` and one filter per channel (symmetric zero padding ``pad``, per spatial dim).
-    With a ``packed`` cache, in CPU fp32 inference, the filters may run blocked once on
-    oneDNN (:func:`_conv_onednn`) instead: F.conv2d reorders them on every call, most of
-    the time on a small map; a one-time paired measurement per shape picks."""
-    def native():
-        return F.conv2d(x, w, bias, stride, pad, dilation, groups)
-    if packed is None or not _onednn_gemm(x, w):
-        return native()
-
-    def onednn():
-        return _conv_onednn(x, w, pad, stride, dilation, groups, packed, bias)
-    key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), tuple(stride), tuple(pad),
-           tuple(dilation), groups, bias is not None, str(x.dtype))
-    return _fastest("einsum-depthwise", key, {"onednn": onednn, "native": native})()
-
-
-def _fastest(kind: str, key: tuple, fns: dict[str, Callable], device: str = "cpu",
-             rounds: timing.TimingConfig | None = None) -> Callable:
-    """The fastest of ``fns`` (name -> zero-argument callable; the first is the incumbent)
-    on this step's shapes, by the one measured-and-verified choice (:mod:`convgap.choice`:
-    checked against the incumbent, timed interleaved, replaced past the margin, stored by
-    name per device, threads and malloc policy). Used where the winner depends on the sizes
-    (oneDNN with a layout copy against BLAS: a 128-channel 28x28 map at batch 8, BLAS 1.3x
-    faster; a 512-channel 7x7 map, oneDNN 1.8x faster)."""
-    rounds = rounds or config.STEP_ROUNDS
-    return choice.pick(fns, kind=kind, spec_key=key, device=str(device), rounds=rounds,
-                       confirm=rounds)
 
 
 def run_plan(p: Problem, plan: Plan, operands: list[torch.Tensor], fft: str | bool = "auto",
@@ -191,7 +105,7 @@ class Program:
             live[1 << i] = t.sum(dim=drop) if drop else t
         if self.steps is None:
             return self._compile_and_run(live)
-        fixed = _frozen_parameters(operands) if self.owned else 0
+        fixed = frozen_parameters(operands) if self.owned else 0
         for a, b, swap, fn in self.steps:
             mask = a | b
             xa, xb = live.pop(a), live.pop(b)
@@ -241,39 +155,6 @@ class Program:
         self.steps = steps
         y = live[p.full]
         return y if self.out_perm is None else y.permute(self.out_perm)
-
-
-def signature(tensors: Sequence[torch.Tensor]) -> list:
-    """Identity, version counter and memory of each tensor: equal while none of them was
-    replaced, modified in place (through autograd-visible ops) or given new storage. (A
-    list, not a tuple: fused layers check it on every call.)"""
-    return [(id(t), t._version, t.data_ptr()) for t in tensors]
-
-
-def reuse(store: dict, slot, tensors: Sequence[torch.Tensor],
-          compute: Callable[[], torch.Tensor], extra: tuple = ()) -> torch.Tensor:
-    """``compute()``, kept in ``store[slot]`` as ``(signature, tensors, result)`` and
-    returned again while each of ``tensors`` is the same tensor (identity, version
-    counter, storage) and ``extra`` is equal. The entry holds the tensors, so no other
-    tensor can take their identity or memory meanwhile."""
-    sig = (*extra, *signature(tensors))
-    hit = store.get(slot)
-    if hit is None or hit[0] != sig:
-        hit = store[slot] = (sig, tuple(tensors), compute())
-    return hit[2]
-
-
-def _frozen_parameters(operands: list[torch.Tensor]) -> int:
-    """Bit mask of the operands that are ``nn.Parameter`` s not needing gradients now (no
-    autograd, or requires_grad off); 0 under tracing, export or compilation."""
-    if exporting():
-        return 0
-    grad = torch.is_grad_enabled()
-    mask = 0
-    for i, t in enumerate(operands):
-        if isinstance(t, nn.Parameter) and not (grad and t.requires_grad):
-            mask |= 1 << i
-    return mask
 
 
 def _einsum_step(equation: str) -> Callable:
@@ -366,7 +247,7 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
 
         def run(xs: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
             x, w = prepare(xs, xk)
-            return finish(_gemm_step(x, w, g, gemm_cl, packed))
+            return finish(pointwise(x, w, g, gemm_cl, packed))
         return run, out_modes
     if c == 1 and o == 1 and math.prod(wshape[2:]) <= SHIFT_MAX_TAPS:
         symmetric = len(spatial) == 2 and all(lo == hi for lo, hi in pads)
@@ -379,10 +260,12 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
                 # channels innermost: oneDNN's NHWC depthwise kernel, 3-10x faster than
                 # the shifted multiply-adds (whose strided views are slow in this layout)
                 return depthwise_nhwc(x, w, stride, dw_pad, dilation, g, packed_dw)
-            return per_channel_conv(x, w, stride, pads, dilation)
+            return depthwise_taps(x, tap_weights(w, g), w.shape[2:], stride, pads, dilation)
     elif _use_fft(fft, xshape, wshape, stride, dilation, g):
+        ones = (1,) * len(spatial)
+
         def op(x, w):
-            return _fft_conv(x, w, pads, g)
+            return fft_conv(x, w, ones, pads, ones, g)
     else:
         conv = _CONV[len(spatial)]
         pre = [v for pad in reversed(pads) for v in pad] \
@@ -394,17 +277,17 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
         def op(x, w):
             if pre:
                 x = F.pad(x, pre)
-            if len(cpad) == 2 and _onednn_gemm(x, w):
+            if len(cpad) == 2 and onednn_usable(x, w):
                 # torch sends small batch-1 convs to its slow reference kernel; oneDNN runs
                 # them on a weight blocked once: which is faster depends on sizes
                 def onednn():
-                    return _conv_onednn(x, w, cpad, stride, dilation, g, packed_conv)
+                    return onednn_conv(x, w, cpad, stride, dilation, g, packed_conv)
 
                 def native():
                     return conv(x, w, None, stride, cpad, dilation, g)
                 key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(),
                        tuple(stride), tuple(cpad), tuple(dilation), g, str(x.dtype))
-                return _fastest("einsum-conv", key, {"onednn": onednn, "native": native})()
+                return fastest("einsum-conv", key, {"onednn": onednn, "native": native})()
             return conv(x, w, None, stride, cpad, dilation, g)
 
     prepare = operands(wshape)
@@ -413,100 +296,6 @@ def _conv_step(p: Problem, shape_s: tuple, ms: str, shape_k: tuple, mk: str,
         x, w = prepare(xs, xk)
         return finish(op(x, w))
     return run, out_modes
-
-
-def channels_innermost(x: torch.Tensor) -> bool:
-    """True if ``x`` (N, C, *spatial) is stored with channels innermost (channels_last /
-    channels_last_3d, or any dense equivalent) and is not plainly contiguous."""
-    if x.dim() < 3 or x.shape[1] == 1:
-        return False
-    return x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
-
-
-def _gemm_step(x: torch.Tensor, w: torch.Tensor, g: int, channels_last: bool,
-               packed: dict | None = None) -> torch.Tensor:
-    """``w`` ((G, O, C), or (O, C) when G = 1) applied to ``x`` (N, G*C, *spatial) at every
-    position: (N, G*O, *spatial). Without groups this is one GEMM whose operands are read
-    in the layout they have (a transposed operand costs BLAS nothing; torch.matmul would
-    fold a transposed batch into rows by copying it, so bmm is explicit) and whose result
-    is written channels innermost when ``channels_last`` (the layout the next convolution
-    step runs fastest in) or channels-major otherwise. With groups, a batched GEMM over
-    (N, G)."""
-    nb, spatial = x.shape[0], x.shape[2:]
-    if g > 1:
-        o, c = w.shape[1], w.shape[2]
-        y = torch.matmul(w, x.reshape(nb, g, c, -1))
-        return y.reshape(nb, g * o, *spatial)
-    o, c = w.shape
-    # channels go back to dim 1 from ``last``, not -1: the TorchScript ONNX exporter's
-    # movedim writes a negative source dim into Transpose's perm, which ONNX rejects
-    if x.stride(1) == 1 and c > 1:  # channels innermost
-        last = x.dim() - 1
-        xp = x.movedim(1, -1)
-        if channels_last:
-            x2 = xp.reshape(-1, c)
-            # (N*P, O): one large GEMM
-            y = _linear(x2, w, packed) if _onednn_gemm(x2, w) else torch.mm(x2, w.t())
-            return y.view(nb, *spatial, o).movedim(last, 1)
-        def blas():
-            y = torch.bmm(w.expand(nb, o, c), xp.reshape(nb, -1, c).transpose(1, 2))
-            return y.view(nb, o, *spatial)
-        if not _onednn_gemm(xp, w):
-            return blas()
-
-        def onednn():  # channels innermost, then one transposing copy to NCHW
-            y = _linear(xp.reshape(-1, c), w, packed).view(nb, *spatial, o).movedim(last, 1)
-            return y.contiguous()
-
-        def swapped():
-            # the map as oneDNN's weight operand: (O, N*P) comes out channels-major per
-            # image, and one copy of whole P-long rows makes it (N, O, P); a 128-channel
-            # 28x28 map at batch 8 here: 0.30 ms against 0.55 with the transposing copy
-            y = _linear(w.contiguous(), xp.reshape(-1, c))
-            return y.view(o, nb, *spatial).transpose(0, 1).contiguous()
-        key = (tuple(x.shape), x.stride(), tuple(w.shape), str(x.dtype))
-        return _fastest("einsum-gemm-to-nchw", key,
-                        {"swapped": swapped, "onednn": onednn, "blas": blas})()
-    xc = x.reshape(nb, c, -1)  # (N, C, P)
-    if channels_last:
-        last = x.dim() - 1
-        xt = xc.transpose(1, 2)  # (N, P, C)
-
-        def onednn():  # oneDNN copies the transposed input first
-            return _linear(xt, w, packed).view(nb, *spatial, o).movedim(last, 1)
-
-        def blas():
-            y = torch.bmm(xt, w.t().expand(nb, c, o))  # (N, P, O)
-            return y.view(nb, *spatial, o).movedim(last, 1)
-        if not _onednn_gemm(xt, w):
-            return blas()
-        key = (tuple(x.shape), x.stride(), tuple(w.shape), str(x.dtype))
-        return _fastest("einsum-gemm-to-cl", key, {"onednn": onednn, "blas": blas})()
-    return torch.bmm(w.expand(nb, o, c), xc).view(nb, o, *spatial)
-
-
-def per_channel_conv(x: torch.Tensor, w: torch.Tensor, stride, pads, dilation) -> torch.Tensor:
-    """A per-channel (depthwise, one filter per channel) convolution as one multiply-add of
-    a strided view per tap. ``x``: (N, C, *spatial); ``w``: (C, 1, *kernel); ``pads``: a
-    (left, right) pair per spatial dim. oneDNN's NCHW depthwise kernels for 1-D (kx1)
-    filters measured 3-16x slower than this here."""
-    if any(lo or hi for lo, hi in pads):
-        x = F.pad(x, [v for pad in reversed(pads) for v in pad])
-    ksize = w.shape[2:]
-    spatial = x.shape[2:]
-    outs = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(spatial, ksize, stride, dilation)]
-    taps = w.reshape(w.shape[0], -1)
-    view = (1, -1) + (1,) * len(spatial)
-    y = None
-    for t, idx in enumerate(itertools.product(*[range(k) for k in ksize])):
-        sl = tuple(slice(i * d, i * d + (m - 1) * s + 1, s)
-                   for i, d, m, s in zip(idx, dilation, outs, stride))
-        xs = x[(slice(None), slice(None)) + sl]
-        if y is None:
-            y = xs * taps[:, t].view(view)
-        else:
-            y.addcmul_(xs, taps[:, t].view(view))
-    return y
 
 
 def _use_fft(fft, xshape, wshape, stride, dilation, groups) -> bool:
@@ -528,24 +317,3 @@ def _use_fft(fft, xshape, wshape, stride, dilation, groups) -> bool:
     spectral = (n * cin + o * (cin // groups)) * points * log + \
         4 * n * o * (cin // groups) * points / 2
     return spectral * FFT_ADVANTAGE < direct
-
-
-def _fft_conv(x: torch.Tensor, w: torch.Tensor, pads, groups: int) -> torch.Tensor:
-    """Grouped N-d cross-correlation by FFT (stride 1, dilation 1)."""
-    nd = x.dim() - 2
-    x = F.pad(x, [v for pad in reversed(pads) for v in pad])
-    dims = list(range(2, 2 + nd))
-    spatial = x.shape[2:]
-    size = [s + k - 1 for s, k in zip(spatial, w.shape[2:])]
-    real = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = torch.fft.rfftn(x.to(real), s=size, dim=dims)
-    wf = torch.fft.rfftn(w.flip(dims).to(real), s=size, dim=dims)
-    n, cin = x.shape[:2]
-    o = w.shape[0]
-    cg, og = cin // groups, o // groups
-    xf = xf.reshape(n, groups, cg, *xf.shape[2:])
-    wf = wf.reshape(groups, og, cg, *wf.shape[2:])
-    yf = torch.einsum("ngc...,goc...->ngo...", xf, wf).reshape(n, o, *xf.shape[3:])
-    y = torch.fft.irfftn(yf, s=size, dim=dims)
-    idx = [slice(None), slice(None)] + [slice(k - 1, s) for s, k in zip(spatial, w.shape[2:])]
-    return y[tuple(idx)].to(x.dtype)

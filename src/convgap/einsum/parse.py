@@ -4,9 +4,9 @@ Syntax: ``"bshw,oshw->bohw|hw"`` -- an einsum (one letter per mode, operands sep
 commas, an explicit ``->`` output) followed by ``|`` and the *convolved* modes. A convolved
 mode appears in exactly two operands: the first of them (in expression order) is the
 *signal*, the other the *kernel*; its output length is the usual convolution length
-``(n + pad_left + pad_right - dilation * (k - 1) - 1) // stride + 1``. Like ``F.conv2d`` the
-operation is a cross-correlation, so ``"bshw,oshw->bohw|hw"`` with padding 1 *is*
-``F.conv2d(x, w, padding=1)``.
+(:func:`convgap.ops.sizes.conv_length`). Like ``F.conv2d`` the operation is a
+cross-correlation, so ``"bshw,oshw->bohw|hw"`` with padding 1 *is* ``F.conv2d(x, w,
+padding=1)``.
 
 Stride, padding and dilation are an int (every convolved mode) or a dict per convolved mode;
 padding is also ``"same"`` (stride 1 only; the extra element of an even total goes right, as
@@ -152,11 +152,6 @@ def conv_params(e: Expression, stride: IntOrDict = 1, padding: Padding = 0,
                        f"'same' or 'valid'; got {p!r}")
     return ConvParams(tuple(strides.items()), tuple(out_pads.items()),
                       tuple(dilations.items()))
-
-
-def conv_length(n: int, k: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
-    """Output length of a convolved mode (signal length n, kernel length k)."""
-    return (n + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
 
 
 def mode_sizes(e: Expression, shapes: Sequence[Sequence[int]]) -> dict[str, int]:

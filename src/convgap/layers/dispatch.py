@@ -37,11 +37,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..einsum.evaluate import reuse
 from ..kernels import triton as gpu
 from ..kernels.cpu import pcp, pdp, planar
 from ..kernels.triton import pcp as gpu_pcp
-from ..tracing import exporting
+from ..ops.guard import may_run_fast
+from ..ops.memo import reuse
 
 __all__ = ["KERNEL_FAMILIES", "cpu_inference", "gpu_inference", "available",
            "planar_applies", "kernel_call"]
@@ -54,9 +54,7 @@ def _inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     tracing, export or compilation."""
     if x.dim() != 4 or any(p.dtype != x.dtype or p.device != x.device for p in params):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
-    return not exporting()
+    return may_run_fast(x, params)
 
 
 def cpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:

@@ -13,11 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..einsum.evaluate import (_frozen_parameters, _gemm_step,
-                               channels_innermost, depthwise_nhwc, reuse, signature)
-from ..einsum.parse import conv_length
 from ..errors import ConvgapError
 from ..kernels.cpu import pdp
+from ..ops.depthwise import depthwise_nhwc
+from ..ops.guard import frozen_parameters
+from ..ops.layouts import channels_innermost
+from ..ops.memo import reuse, signature
+from ..ops.pointwise import pointwise
+from ..ops.sizes import conv_length
 from . import dispatch
 from .tensorial import choose_kernel
 
@@ -95,7 +98,7 @@ class FlattenedConv2d(nn.Module):
 
         def build():
             return (v[:, :, None] * h[:, None, :])[:, None]
-        if _frozen_parameters([v, h]) != 0b11:  # gradients, tracing: built in the graph
+        if frozen_parameters([v, h]) != 0b11:  # gradients, tracing: built in the graph
             return build()
         return reuse(self._cache[r], "kernel", (v, h), build)
 
@@ -194,8 +197,8 @@ class FlattenedConv2d(nn.Module):
             # lateral 1x1: one GEMM over positions, written channels innermost (NHWC),
             # the layout oneDNN's depthwise kernels run fastest in
             cache = self._cache[r]
-            x = _gemm_step(x, self.lateral[r], 1, channels_last=True,
-                           packed=cache.setdefault("lateral", {}))
+            x = pointwise(x, self.lateral[r], 1, channels_last=True,
+                          packed=cache.setdefault("lateral", {}))
             if self.biases is not None:
                 x = x.add_(self._bias(r, 0).view(1, -1, 1, 1))
             v, h = self.vertical[r], self.horizontal[r]
@@ -233,9 +236,9 @@ class FlattenedConv2d(nn.Module):
             cin = self.lateral[r].shape[1]
             total += n * self.out_channels * cin * hgt * wid
             kh, kw = self.kernel_size
-            oh = (hgt + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            oh = conv_length(hgt, kh, sh, (ph, ph), dh)
             total += n * self.out_channels * oh * wid * kh
-            ow = (wid + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            ow = conv_length(wid, kw, sw, (pw, pw), dw)
             total += n * self.out_channels * oh * ow * kw
             hgt, wid = oh, ow
         return total

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from ..einsum import OBJECTIVES, PathInfo, _plan
-from ..einsum.evaluate import run_plan, signature
+from ..einsum import OBJECTIVES, PathInfo, run_plan
+from ..einsum import plan as einsum_plan
 from .. import choice, config
 from ..errors import ConvgapError
-from ..tracing import exporting, jit_tracing, untraced
+from ..ops.guard import jit_tracing, may_run_fast, untraced
+from ..ops.memo import signature
 from . import dispatch
 from .factorizations import Family, family, rebuild
 
@@ -179,8 +180,8 @@ class TensorialConv2d(nn.Module):
         args = self._conv_args()
 
         def plan(objective: str) -> tuple:
-            return _plan(self.expression, shapes, args["stride"], args["padding"],
-                         args["dilation"], objective, "auto")
+            return einsum_plan(self.expression, shapes, args["stride"], args["padding"],
+                               args["dilation"], objective, "auto")
         if self.objective != "auto":
             return plan(self.objective)
         fewest, combo = plan("flops"), plan("combo")
@@ -201,9 +202,10 @@ class TensorialConv2d(nn.Module):
         # parameters' signature (at batch 1 a fused layer runs 40-50 us, and each us of
         # Python here is 2% of it)
         fast = self._fast.get((x.shape, x.stride()))
-        if fast is not None and x.dtype is fast[1] and x.device == fast[0] and \
-                not torch.is_grad_enabled() and not exporting() and fast[2] == self._sig():
-            return fast[3](x)
+        if fast is not None and x.dtype is fast[1] and x.device == fast[0]:
+            params = self._params()
+            if may_run_fast(x, params) and fast[2] == signature(params):
+                return fast[3](x)
         # the plan for this input shape is looked up once; a call then only runs the steps
         # (parsing, validation and the plan-cache key cost more than a small layer's ops)
         plan = self._plans.get(x.shape)

@@ -2,7 +2,7 @@
 packing weights into the GEMM core's panel layout (gemm.h), the bias and scratch buffers,
 the checks on their arguments, the bound call (one argument struct, :mod:`.args`, built at
 bind time), and the layout rule: an input with channels innermost
-(einsum's :func:`channels_innermost`) is read in place as NHWC and the result written NHWC;
+(:func:`convgap.ops.layouts.channels_innermost`) is read in place as NHWC and the result written NHWC;
 any other runs as NCHW (read in place where contiguous, else copied once)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from ...einsum.evaluate import channels_innermost
 from ...errors import ConvgapError
+from ...ops.layouts import channels_innermost
 from .args import Args, check_layout
 from .build import library
 

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch.nn.modules.utils import _pair
 
-from ...einsum.evaluate import reuse
-from ...einsum.parse import conv_length
 from ...errors import ConvgapError
+from ...ops.memo import reuse
+from ...ops.sizes import conv_length
 from . import planar
 from .args import PdpArgs
 from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ...einsum.evaluate import channels_innermost
+from ...ops.layouts import channels_innermost
 from .args import PlanarArgs
 from .common import Kernel, bound_call, pack, padded
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ...ops.sizes import conv_length
+
 try:  # optional dependency
     import triton
     import triton.language as tl
@@ -282,10 +284,6 @@ def _check_config(config: dict) -> tuple[dict, dict]:
     return blocks, launch
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def conv2d_implicit_gemm(x: torch.Tensor, w_kxo: torch.Tensor, bias: torch.Tensor | None,
                          spec, *, allow_tf32: bool = False,
                          flat_k: bool | None = None,
@@ -327,7 +325,7 @@ def conv2d_implicit_gemm(x: torch.Tensor, w_kxo: torch.Tensor, bias: torch.Tenso
                          f"({groups}, {ktot}, O/groups); use pack_weight()")
     og = w_kxo.shape[2]
     o = og * groups
-    oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    oh, ow = conv_length(h, kh, sh, (ph, ph), dh), conv_length(w, kw, sw, (pw, pw), dw)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {h}x{w} is too small for the convolution (output {oh}x{ow})")
 

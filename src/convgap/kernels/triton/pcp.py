@@ -31,9 +31,10 @@ from typing import Any, Callable
 import torch
 from torch.nn.modules.utils import _pair
 
-from ...einsum.evaluate import reuse
-from ...einsum.parse import conv_length
 from ...errors import ConvgapError
+from ...ops.layouts import channels_last
+from ...ops.memo import reuse
+from ...ops.sizes import conv_length
 from .implicit_gemm import AVAILABLE, interpreting, tl, triton
 
 __all__ = ["AVAILABLE", "pointwise_conv_pointwise", "pointwise_depthwise_pointwise", "bind",
@@ -249,8 +250,7 @@ def _geometry(x: torch.Tensor, kh: int, kw: int, o: int, stride, padding,
     if oh < 1 or ow < 1:
         raise ConvgapError(f"the filter does not fit a {h}x{w} input (padding {(ph, pw)}, "
                            f"dilation {(dh, dw)})")
-    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
     return (n, o, oh, ow), fmt, (n * oh * ow, h, w, oh, ow, o), (sh, sw, ph, pw, dh, dw)
 
 
