@@ -506,6 +506,9 @@ def test_layout_variant_head_is_confirmed_head_to_head(monkeypatch, ratios, head
     ({"tuned": 0.5, "variant": 0.8, "eager_cl": 0.9}, "per_layer"),  # tuned wins: kept
     ({"tuned": 1.2, "variant": 1.1, "eager_cl": 1.05}, "torch"),     # nothing beats torch
     ({"tuned": 0.9, "variant": 0.8, "eager_cl": 0.7}, "eager_cl"),   # eager channels_last
+    # plain PyTorch is the incumbent: a tuned model within config.MARGIN of it is not taken
+    ({"tuned": 0.69, "variant": 0.8, "eager_cl": 0.7}, "eager_cl"),
+    ({"tuned": 0.99, "variant": 1.1, "eager_cl": 1.05}, "torch"),
 ])
 def test_layout_variant_loses(monkeypatch, speeds, expect):
     calls = _fake_compare(monkeypatch, speeds)
