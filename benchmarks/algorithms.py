@@ -141,7 +141,7 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
             "whole_speedup": speedup, "whole_samples": len(timings[0].samples),
             "auto_ratios": auto_vs,
             "choices_2": _counts(second) if second is not None else None,
-            "layouts": _layouts(tuned), "layouts_2": _layouts(second) if second else None}
+            "runs": _runs(tuned), "runs_2": _runs(second) if second else None}
 
 
 def _counts(tuned):
@@ -156,12 +156,11 @@ def _counts(tuned):
     return counts
 
 
-def _layouts(tuned):
-    """The layout each tuned layer saw, in forward order ('nchw' / 'channels_last' /
-    'contiguous'): two tunings that agree here chose the same layout variant."""
+def _runs(tuned):
+    """What each layer runs, in module order: two tunings that agree here made the same
+    choices (the tuning records say where a layer was tuned, not what it runs)."""
     from convgap.transforms import choices
-    return "".join({"nchw": "n", "channels_last": "c"}.get((c.tuning or {}).get("layout"), "-")
-                   for c in choices(tuned))
+    return [c.algorithm for c in choices(tuned)]
 
 
 def print_tables(results, console):
@@ -219,7 +218,7 @@ def print_twice(results, console):
                     "5%, auto / eager <= 1.0)", title_justify="left")
     for col in ("model", "batch", "eager NCHW", "eager CL", "auto run 1", "auto run 2",
                 "run 1 / run 2", "run 1 / NCHW", "run 1 / CL", "run 2 / NCHW",
-                "run 2 / CL", "same layouts"):
+                "run 2 / CL", "same choices"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
         w, q = r["whole_s"], r["auto_ratios"]
@@ -231,7 +230,7 @@ def print_twice(results, console):
                   *(f"{q[k]:.3f}" for k in ("auto/eager_nchw", "auto/eager_channels_last",
                                             "auto_2/eager_nchw",
                                             "auto_2/eager_channels_last")),
-                  "yes" if r["layouts"] == r["layouts_2"] else "no")
+                  "yes" if r["runs"] == r["runs_2"] else "no")
     console.print(t)
 
 

@@ -20,10 +20,11 @@ import torch.nn as nn
 from rich.table import Table
 
 from .. import allocator, config, timing
-from ..algorithms.spec import layout_of
-from ..count import detached_copy, formula_macs
+from ..ops.layouts import layout_of
+from ..count import formula_macs
 from ..progress import make_progress
 from .changes import Change, changes
+from .eligible import first_inputs
 
 __all__ = ["compare", "Comparison", "LayerComparison"]
 
@@ -156,19 +157,7 @@ class Comparison:
 
 def _inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:
     """A copy of the arguments of each named module's first call in ``model(x)``."""
-    seen: dict[str, tuple] = {}
-
-    def keep(name: str, args: tuple) -> None:
-        if name not in seen:
-            seen[name] = detached_copy(args)
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: keep(n, a)) for n in names]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return first_inputs({model.get_submodule(n): n for n in names}, lambda: model(x))[0]
 
 
 def _macs(module: nn.Module, args: tuple, out: Any) -> int | None:

@@ -13,7 +13,7 @@ it as it is and reports why (:func:`blocker`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from ..count import detached_copy
 from ..errors import ConvgapError
 
-__all__ = ["blocker", "is_conv", "is_linear", "Found", "find_layers"]
+__all__ = ["blocker", "is_conv", "is_linear", "Found", "find_layers", "first_inputs"]
 
 # Methods that together define what a layer computes; overriding any of them makes it a
 # different layer.
@@ -95,26 +95,34 @@ def find_layers(model: nn.Module, example_input, linear: bool = False) -> Found:
                 skipped.setdefault(n, reason)
     if example_input is None:
         return Found(list(names.values()), skipped, {})
-    order: list[str] = []
-    inputs: dict[str, tuple] = {}
-
-    def hook(m, args):
-        n = names[m]
-        if n not in inputs:
-            order.append(n)
-            inputs[n] = detached_copy(args)  # later in-place ops must not change the reference
-    handles = [m.register_forward_pre_hook(hook) for m in names]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            output = detached_copy(model(example_input))
+            inputs, output = first_inputs(names, lambda: model(example_input))
     except Exception as exc:
         raise ConvgapError(f"the model failed on example_input of shape "
                            f"{tuple(example_input.shape)}: {exc}") from exc
     finally:
         model.train(was_training)
+    unused = [n for n in names.values() if n not in inputs]
+    return Found([*inputs, *unused], skipped, inputs, detached_copy(output))
+
+
+def first_inputs(modules: Mapping[nn.Module, str],
+                 run: Callable[[], Any]) -> tuple[dict[str, tuple], Any]:
+    """Call ``run()`` and keep a detached copy of the arguments of each of ``modules``'
+    first call (keyed by its name, in call order: later in-place ops must not change them);
+    returns them and ``run()``'s result. A module not called has no entry."""
+    inputs: dict[str, tuple] = {}
+
+    def hook(m, args):
+        n = modules[m]
+        if n not in inputs:
+            inputs[n] = detached_copy(args)
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        return inputs, run()
+    finally:
         for h in handles:
             h.remove()
-    unused = [n for n in names.values() if n not in inputs]
-    return Found(order + unused, skipped, inputs, output)

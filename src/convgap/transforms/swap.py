@@ -21,8 +21,8 @@ from ..algorithms.tuner import tuning_progress
 from .. import allocator, config, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
-from ..count import detached_copy, tensors as _tensors
-from .eligible import Found, blocker, find_layers, is_linear
+from ..count import tensors as _tensors
+from .eligible import Found, blocker, find_layers, first_inputs, is_linear
 from .select import Layers, select
 
 __all__ = ["swap", "unswap", "choices", "Choice"]
@@ -271,14 +271,7 @@ def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], f
     Each step warns with the numbers."""
     rebuilt = {n: model.get_submodule(n) for n in originals}
     rebuilt = {n: m for n, m in rebuilt.items() if isinstance(m, (AlgoConv2d, AlgoLinear))}
-    seen: dict[str, tuple] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda m, args, n=n: seen.setdefault(n, detached_copy(args))) for n, m in rebuilt.items()]
-    try:
-        y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    seen, y = first_inputs({m: n for n, m in rebuilt.items()}, lambda: model(x))
     problems, tols, changed = [], [1e-4], False
     for n, layer in rebuilt.items():
         if n not in seen:
@@ -401,18 +394,15 @@ def _verify_model(model: nn.Module, x: torch.Tensor, variant: nn.Module | None =
     with torch.no_grad():
         timings = timing.compare(list(fns.values()), config.MODEL_CHECK, x.device.type)
     del reference
-    ratios = [timing.paired_ratio(t, timings[1]) for t in timings]
-    ms = [1e3 * t.median for t in timings]
-    names = list(fns)
-    by = dict(zip(names, timings))
-    ratio = dict(zip(names, ratios))
+    by = dict(zip(fns, timings))
+    ratio = {n: timing.paired_ratio(t, by["torch"]) for n, t in by.items()}
     # plain PyTorch (either layout) is the incumbent; a tuned configuration replaces it only
     # when faster by config.MARGIN against the faster plain one, paired in the same rounds
     # (the smallest ratio alone let a noisy 1% win stand for a real 4% loss)
     plain = min((n for n in ("torch", "eager_cl") if n in by), key=ratio.__getitem__)
     tuned = min((n for n in ("tuned", "variant") if n in by), key=ratio.__getitem__)
     best = tuned if timing.paired_ratio(by[tuned], by[plain]) <= 1 - config.MARGIN else plain
-    summary = ", ".join(f"{n} {t:.3g} ms ({r:.3f})" for n, t, r in zip(names, ms, ratios))
+    summary = ", ".join(f"{n} {1e3 * t.median:.3g} ms ({ratio[n]:.3f})" for n, t in by.items())
     if best == "variant":
         note = (f"layout variant: {first} runs channels_last and so does everything after "
                 f"it; whole model, paired ratio against torch everywhere: {summary}")
