@@ -16,7 +16,8 @@ For resnet50, mobilenet_v2 and convnext_tiny at batch 1 and 8 (224x224, fp32, NC
 4. with ``--twice``: each model tuned a second time from another empty cache, and both
    tuned models timed in the same interleaved rounds (run 1 / run 2 isolates what the
    choices change from the machine's drift; target within 5%), each against both eager
-   layouts (target <= 1.0).
+   layouts (target <= 1.0), and against eager channels_last given the same NCHW input as
+   auto (its conversion inside the timed call; the "eager CL" column gets it converted).
 
 On CPU everything runs under one malloc policy (``--malloc``, default 'retain': freed
 memory is reused, so nothing page-faults; under glibc's default a layer's time depends on
@@ -115,6 +116,9 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
                "auto": lambda: tuned(x)}
         if second is not None:
             fns["auto_2"] = lambda: second(x)
+            # eager channels_last given the same NCHW input as auto: the conversion inside
+            # the timed call, as auto pays it (above, the input arrives converted for free)
+            fns["eager_channels_last_nchw_in"] = lambda: cl(x)
         compile_s = None
         if do_compile:
             import torch._inductor.config as inductor_config
@@ -131,15 +135,20 @@ def run_model(name, batch, threads, do_compile, console, malloc, device="cpu",
         # auto / each eager layout, and the two tunings against each other (paired ratios)
         auto_vs = {}
         for a in [a for a in ("auto", "auto_2") if a in by]:
-            for k in ("eager_nchw", "eager_channels_last"):
+            for k in ("eager_nchw", "eager_channels_last", "eager_channels_last_nchw_in"):
+                if k not in by:
+                    continue
                 auto_vs[f"{a}/{k}"] = timing.paired_ratio(by[a], by[k])
         if "auto_2" in by:
             auto_vs["auto/auto_2"] = timing.paired_ratio(by["auto"], by["auto_2"])
+        cl_nchw_in = (timing.paired_ratio(by["eager_channels_last_nchw_in"],
+                                          by["eager_channels_last"])
+                      if "eager_channels_last_nchw_in" in by else None)
     return {"model": name, "batch": batch, "threads": threads, "device": device,
             "dtype": str(dtype).removeprefix("torch."), "tune_s": tune_s,
             "compile_s": compile_s, "choices": counts, "layers": rows, "whole_s": whole,
             "whole_speedup": speedup, "whole_samples": len(timings[0].samples),
-            "auto_ratios": auto_vs,
+            "auto_ratios": auto_vs, "whole_cl_nchw_in": cl_nchw_in,
             "choices_2": _counts(second) if second is not None else None,
             "runs": _runs(tuned), "runs_2": _runs(second) if second else None}
 
@@ -218,7 +227,8 @@ def print_twice(results, console):
                     "5%, auto / eager <= 1.0)", title_justify="left")
     for col in ("model", "batch", "eager NCHW", "eager CL", "auto run 1", "auto run 2",
                 "run 1 / run 2", "run 1 / NCHW", "run 1 / CL", "run 2 / NCHW",
-                "run 2 / CL", "same choices"):
+                "run 2 / CL", "CL NCHW-in / CL", "run 1 / CL NCHW-in",
+                "run 2 / CL NCHW-in", "same choices"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
         w, q = r["whole_s"], r["auto_ratios"]
@@ -230,6 +240,9 @@ def print_twice(results, console):
                   *(f"{q[k]:.3f}" for k in ("auto/eager_nchw", "auto/eager_channels_last",
                                             "auto_2/eager_nchw",
                                             "auto_2/eager_channels_last")),
+                  f"{r['whole_cl_nchw_in']:.3f}",
+                  f"{q['auto/eager_channels_last_nchw_in']:.3f}",
+                  f"{q['auto_2/eager_channels_last_nchw_in']:.3f}",
                   "yes" if r["runs"] == r["runs_2"] else "no")
     console.print(t)
 

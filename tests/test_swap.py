@@ -529,6 +529,12 @@ def test_layout_variant_loses(monkeypatch, speeds, expect):
         assert made[0].algorithm == "channels_last" and "eager channels_last" in \
             made[0].tuning["variant"]
         assert all(c.algorithm == "torch" for c in made[1:])
+        # as measured: the 4-D weights in channels_last, the user's model untouched
+        convs = [m for m in s.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                             and not m.weight.is_contiguous() for m in convs
+                             if m.weight.shape[1] > 1 and m.weight[0, 0].numel() > 1)
+        assert all(m.weight.is_contiguous() for m in net.modules() if isinstance(m, nn.Conv2d))
         with torch.no_grad():
             assert rel(s(x), net(x)) < 1e-5
         return
