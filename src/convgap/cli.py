@@ -4,6 +4,8 @@
 ``convgap roofs``: measured peak FLOP/s and bandwidth of this device (cached).
 ``convgap tune MODEL``: the fastest correct convolution algorithm per layer (cached).
 ``convgap factorize MODEL``: factorized convolutions; params, MACs, latency before and after.
+``convgap fuse MODEL``: whole residual blocks as fused kernels; per block the layer-wise and
+fused time against the fused-block roofline, and the whole model before and after.
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -22,7 +24,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from . import hardware, models, timing
+from . import config, hardware, models, timing
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, parse_dtype
 from .ops.layouts import LAYOUTS, memory_format
@@ -30,7 +32,8 @@ from .analysis.render import tables
 from .count import check_input
 from .errors import ConvgapError
 from .progress import make_progress
-from .transforms import Comparison, changes, compare, factorize, swap
+from .transforms import Comparison, changes, compare, factorize, fuse, swap
+from .transforms.fuse import fused_blocks
 
 __all__ = ["main", "build_parser"]
 
@@ -144,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep factorized layers that measure slower than the dense ones "
                         "(default: such layers are left dense, and listed)")
     f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
+
+    u = sub.add_parser("fuse", help="run whole residual blocks as fused kernels; per block "
+                       "layer-wise vs fused time and the fused-block roofline",
+                       description="Fold batch-norm, recognise residual blocks by what they "
+                                   "compute (inverted residual, MBConv, ResNet basic and "
+                                   "bottleneck, ConvFirst, ConvNeXt, conv + BN + act), run "
+                                   "each as one fused module where it is exact and measures "
+                                   "faster, and time the whole model before and after.")
+    _model_options(u, many=False, malloc="retain", what="measure")
+    u.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="block module names to fuse (default: every matched block)")
+    u.add_argument("--patterns", nargs="+", default=None, metavar="NAME",
+                   help="block patterns to use (default: all registered)")
+    u.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
 
     sub.add_parser("models", help="list the model zoo")
     return parser
@@ -265,6 +282,52 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{1e3 * t:.3g}"
+
+
+def _cmd_fuse(args: argparse.Namespace, console: Console) -> int:
+    net, x = _model_and_input(args)
+    dtype = parse_dtype(args.dtype)
+    with timing.threads(args.threads):
+        fused = fuse(net, x, layers=args.layers, patterns=args.patterns, quiet=args.quiet,
+                     malloc=_policy(args))
+        roof = hardware.roofs(args.device, dtype, threads=args.threads)
+        rows = fused_blocks(fused, roof)
+        with torch.no_grad():
+            before, after = timing.compare([lambda: net(x), lambda: fused(x)],
+                                           config.MODEL_COMPARE, x.device.type)
+    t = Table(title=f"convgap fuse {args.model} {tuple(x.shape)} {args.layout} {args.dtype}, "
+                    f"{torch.get_num_threads() if args.threads is None else args.threads} "
+                    f"threads (ms; roofline: the block as one kernel)", title_justify="left")
+    for col in ("block", "pattern", "layer-wise", "fused", "speedup", "fused roofline",
+                "fused / roofline", "efficiency"):
+        t.add_column(col, justify="left" if col in ("block", "pattern") else "right")
+    for r in rows:
+        t.add_row(r.name, r.pattern, _ms(r.layerwise_s), _ms(r.fused_s),
+                  f"{r.layerwise_s / r.fused_s:.2f}x" if r.fused_s and r.layerwise_s else "-",
+                  _ms(r.roofline_s), f"{r.of_roofline:.2f}" if r.of_roofline else "-",
+                  f"{r.efficiency:.0%}" if r.efficiency else "-")
+    console.print(t)
+    ratio = timing.paired_ratio(after, before)
+    console.print(f"whole model: {_ms(before.median)} ms -> {_ms(after.median)} ms "
+                  f"(paired ratio {ratio:.3f}, {1 / ratio:.2f}x); {len(rows)} blocks fused")
+    left = [c for c in changes(fused) if c.transform == "left" and c.reason]
+    for c in left:
+        console.print(f"left as it is: {c.name}: {c.reason}")
+    if args.json is not None:
+        import json
+        from dataclasses import asdict
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": args.model, "input_shape": list(x.shape), "layout": args.layout,
+            "before_s": before.median, "after_s": after.median, "ratio": ratio,
+            "blocks": [dict(asdict(r), efficiency=r.efficiency) for r in rows]},
+            indent=1, default=str))
+        console.print(f"JSON: {args.json}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
@@ -272,7 +335,7 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
-            "factorize": _cmd_factorize, "models": _cmd_models}
+            "factorize": _cmd_factorize, "fuse": _cmd_fuse, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

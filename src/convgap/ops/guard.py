@@ -24,11 +24,15 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils._python_dispatch
 
-__all__ = ["may_run_fast", "exporting", "jit_tracing", "untraced", "frozen_parameters"]
+__all__ = ["may_run_fast", "exporting", "jit_tracing", "untraced", "frozen_parameters",
+           "observed"]
 
 _grad_enabled = torch.is_grad_enabled
 _tracing_state = torch._C._get_tracing_state
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
@@ -43,6 +47,13 @@ def may_run_fast(x: torch.Tensor, params: Iterable[torch.Tensor | None] = ()) ->
             if p is not None and p.requires_grad:
                 return False
     return _tracing_state() is None and not _is_compiling()
+
+
+def observed() -> bool:
+    """True while a ``TorchFunctionMode`` or ``TorchDispatchMode`` watches the ops
+    (convgap.count's recorder, ``FlopCounterMode``, profilers built on them): a fused block
+    then runs its reference ops, so what is counted is what the block computes."""
+    return _function_mode() or _dispatch_mode() is not None
 
 
 def exporting() -> bool:

@@ -1,12 +1,14 @@
-"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs);
+"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs),
+fuse (whole blocks as fused modules);
 one layer selector (select), what they did (changes) and what it bought (compare)."""
 
 from .changes import Change, changes
 from .compare import Comparison, LayerComparison, compare
 from .factorize import factorize
+from .fuse import fuse
 from .refresh import refresh
 from .select import select
 from .swap import Choice, choices, swap, unswap
 
 __all__ = ["swap", "unswap", "choices", "Choice", "factorize", "changes", "Change", "compare",
-           "Comparison", "LayerComparison", "select", "refresh"]
+           "Comparison", "LayerComparison", "select", "refresh", "fuse"]

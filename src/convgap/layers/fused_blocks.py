@@ -1,0 +1,390 @@
+"""Fused residual blocks: a whole block (batch-norm folded) run as few calls as it can be.
+
+Each module holds the block's folded parameters as its own ``nn.Parameter`` s (so
+``state_dict`` saves and loads them) and computes the block two ways:
+
+- :meth:`reference`: the block's torch ops (``F.conv2d``, the activations, the add), used
+  where a fast path must step aside (autograd, ``torch.jit.trace``, ONNX export,
+  ``torch.compile``, another device or dtype): the same result, and training works;
+- the fast path (CPU, fp32, inference): one bound plan per input shape, built once and kept
+  while the parameters are unchanged (:func:`convgap.ops.memo.reuse`), calling oneDNN with
+  packed weights (:func:`convgap.ops.onednn.pack_conv`) in channels_last, every activation,
+  bias and residual add done as the convolution's post-op; or, for an inverted residual,
+  convgap's C kernel that keeps the expanded intermediate in cache (chosen by measurement,
+  :mod:`convgap.choice`). A block is then one Python call and 1-4 native calls instead of
+  10-15 modules.
+
+Inputs in either memory format; outputs in channels_last on the fast path (values equal).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..algorithms.spec import explicit_padding
+from ..ops import activations, onednn
+from ..ops.guard import may_run_fast, observed
+from ..ops.memo import reuse
+
+__all__ = ["FusedBlock", "FusedConvChain", "FusedConvAct", "FusedInvertedResidual",
+           "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst", "FusedMBConv",
+           "FusedConvNeXt", "FUSED_BLOCKS"]
+
+_conv_pw = torch.ops.mkldnn._convolution_pointwise.default
+_conv_bin = torch.ops.mkldnn._convolution_pointwise.binary
+_linear_pw = torch.ops.mkldnn._linear_pointwise.default
+_linear_bin = torch.ops.mkldnn._linear_pointwise.binary
+_CL = torch.channels_last
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` holding a copy of ``conv``'s geometry and (folded) parameters,
+    always with a bias."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"fused blocks take zero padding, not {conv.padding_mode!r}")
+    left, right, top, bottom = explicit_padding(conv)
+    if left != right or top != bottom:
+        raise ValueError("fused blocks take symmetric padding")
+    c = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  (top, left), conv.dilation, conv.groups, True, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+    with torch.no_grad():
+        c.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            c.bias.copy_(conv.bias)
+        else:
+            c.bias.zero_()
+    return c
+
+
+def _geometry(conv: nn.Conv2d) -> tuple[list, list, list, int]:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _out_shape(conv: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int, int, int]:
+    n, _, h, w = shape
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
+    kh, kw = conv.kernel_size
+    return (n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _bind_conv(conv: nn.Conv2d, shape: Sequence[int], act: str | None
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple]:
+    """A call running ``conv`` + ``act`` on a channels_last input of ``shape`` on oneDNN
+    (weight packed now), and its output shape."""
+    pad, stride, dil, groups = _geometry(conv)
+    w = onednn.pack_conv(conv.weight, pad, stride, dil, groups, shape)
+    b = conv.bias.detach()
+    attr, scalars, alg = activations.post_op(act)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return _conv_pw(x, w, b, pad, stride, dil, groups, attr, scalars, alg)
+    return call, _out_shape(conv, shape)
+
+
+def _bind_conv_add(conv: nn.Conv2d, shape: Sequence[int], post: str | None
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A call ``(x, other) -> post(conv(x) + other)`` on oneDNN (binary add post-op, then
+    the activation)."""
+    pad, stride, dil, groups = _geometry(conv)
+    w = onednn.pack_conv(conv.weight, pad, stride, dil, groups, shape)
+    b = conv.bias.detach()
+    attr, scalars, alg = activations.post_op(post)
+    unary = None if post is None else attr
+
+    def call(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return _conv_bin(x, other, w, b, pad, stride, dil, groups, "add", None, unary,
+                         scalars, alg)
+    return call
+
+
+class FusedBlock(nn.Module):
+    """Base of the fused blocks: the dispatch between the fast path and :meth:`reference`.
+    Subclasses define ``reference(x)`` and ``_bind(x) -> callable`` (the fast path for
+    inputs of ``x``'s shape and strides), and set ``pattern`` (the block pattern's name)."""
+
+    pattern = "block"
+    block_kind: str | None = None  # the block kind analyze reports (convgap.blocks)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._store: dict = {}
+        self._params_list: list[torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        """Bound plans hold packed oneDNN tensors (not copyable): copies and pickles drop
+        them; they are rebuilt on the next call."""
+        state = self.__dict__.copy()
+        state["_store"], state["_params_list"] = {}, None
+        return state
+
+    def refresh(self) -> None:
+        """Drop the bound plans (packed weights): after writes through
+        ``weight.data.<op>_()``, which bypass the version counter."""
+        self._store.clear()
+        self._params_list = None
+
+    def fast_path_ok(self, x: torch.Tensor) -> bool:
+        """May the fast path run on ``x``: a 4-D fp32 CPU tensor, oneDNN on, nothing
+        needing a gradient, no graph being recorded, no mode watching the ops
+        (:func:`convgap.ops.guard.observed`)."""
+        params = self._params_list
+        if params is None:
+            params = self._params_list = list(self.parameters())
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+                and onednn.AVAILABLE and torch.backends.mkldnn.enabled
+                and params[0].dtype == torch.float32 and may_run_fast(x, params)
+                and not observed())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast_path_ok(x):
+            return self.reference(x)
+        run = reuse(self._store, "plan", self._params_list, lambda: self._bind(x),
+                    (x.shape, x.stride()))
+        return run(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class FusedConvChain(FusedBlock):
+    """Convolutions in sequence, each followed by its activation (or none), an optional
+    shortcut added to the last convolution's output (``"identity"``: the block input; or a
+    convolution of it), and an activation after the add (``post``). ResNet basic and
+    bottleneck blocks, inverted residuals, ConvFirst blocks and conv + BN + act stems are
+    all this shape once batch-norm is folded.
+
+    ``convs``: the (folded) ``nn.Conv2d`` s in order (symmetric zero padding); ``acts``:
+    one activation name (:data:`convgap.ops.activations.ACTIVATIONS`) or None per conv
+    (the last None when there is a shortcut: the activation after the add is ``post``);
+    ``shortcut``: None, ``"identity"`` or an ``nn.Conv2d``. Parameters are copied."""
+
+    pattern = "conv_chain"
+
+    def __init__(self, convs: Sequence[nn.Conv2d], acts: Sequence[str | None],
+                 shortcut: nn.Conv2d | str | None = None, post: str | None = None) -> None:
+        super().__init__()
+        if len(convs) != len(acts) or not convs:
+            raise ValueError("one activation (or None) per convolution, at least one")
+        for a in list(acts) + [post]:
+            if a is not None and a not in activations.ACTIVATIONS:
+                raise ValueError(f"unknown activation {a!r}; known: "
+                                 f"{sorted(activations.ACTIVATIONS)}")
+        if shortcut is not None and acts[-1] is not None:
+            raise ValueError("with a shortcut the last convolution's activation comes after "
+                             "the add: pass it as post")
+        if shortcut is None and post is not None:
+            raise ValueError("post applies after the shortcut's add: without a shortcut use "
+                             "the last convolution's activation")
+        self.convs = nn.ModuleList(_plain_conv(c) for c in convs)
+        self.acts = list(acts)
+        self.identity = shortcut == "identity"
+        self.shortcut = _plain_conv(shortcut) if isinstance(shortcut, nn.Conv2d) else None
+        self.post = post
+
+    def extra_repr(self) -> str:
+        short = "identity" if self.identity else "conv" if self.shortcut is not None else "none"
+        return f"pattern={self.pattern}, acts={self.acts}, shortcut={short}, post={self.post}"
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for conv, act in zip(self.convs, self.acts):
+            h = activations.apply(act, conv(h))
+        if self.identity:
+            h = h + x
+        elif self.shortcut is not None:
+            h = h + self.shortcut(x)
+        return activations.apply(self.post, h)
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        shape = tuple(x.shape)
+        calls = []
+        for conv, act in zip(self.convs[:-1], self.acts[:-1]):
+            call, shape = _bind_conv(conv, shape, act)
+            calls.append(call)
+        last = self.convs[-1]
+        if not (self.identity or self.shortcut is not None):
+            call, _ = _bind_conv(last, shape, self.acts[-1])
+            calls.append(call)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                h = x.contiguous(memory_format=_CL)
+                for c in calls:
+                    h = c(h)
+                return h
+            return run
+        add = _bind_conv_add(last, shape, self.post)
+        short = None if self.identity else _bind_conv(self.shortcut, tuple(x.shape), None)[0]
+
+        def run_residual(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=_CL)
+            h = x
+            for c in calls:
+                h = c(h)
+            return add(h, x if short is None else short(x))
+        return run_residual
+
+
+class FusedConvAct(FusedConvChain):
+    """A convolution (+ folded batch-norm) + activation: a stem or a head conv."""
+    pattern = "conv_act"
+
+
+class FusedBasicBlock(FusedConvChain):
+    """ResNet basic block: kxk conv + ReLU, kxk conv, + shortcut, ReLU."""
+    block_kind = "basic"
+    pattern = "basic"
+
+
+class FusedBottleneck(FusedConvChain):
+    """ResNet bottleneck: 1x1 + ReLU, kxk (grouped for ResNeXt) + ReLU, 1x1, + shortcut,
+    ReLU."""
+    block_kind = "bottleneck"
+    pattern = "bottleneck"
+
+
+class FusedConvFirst(FusedConvChain):
+    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x."""
+    block_kind = "convfirst"
+    pattern = "convfirst"
+
+
+class FusedInvertedResidual(FusedConvChain):
+    """MobileNetV2 inverted residual: 1x1 expand + act, depthwise + act, 1x1 project
+    (+ x when shapes allow); the no-expand variant starts at the depthwise conv."""
+    block_kind = "inverted_residual"
+    pattern = "inverted_residual"
+
+
+class FusedMBConv(FusedBlock):
+    """EfficientNet MBConv: [1x1 expand + act], depthwise + act, squeeze-excitation
+    (global mean, 1x1 reduce + act, 1x1 expand + gate), 1x1 project (+ x).
+
+    Two passes, as the squeeze needs the whole depthwise output before the projection:
+    pass 1 runs the expansion and the depthwise conv (their activations as post-ops) and
+    writes the depthwise output once; the squeeze (a mean and two tiny GEMMs) follows;
+    pass 2 scales that output in place by the gate and runs the projection with the
+    residual add as its post-op."""
+
+    block_kind = "mbconv"
+    pattern = "mbconv"
+
+    def __init__(self, expand: nn.Conv2d | None, act: str, depthwise: nn.Conv2d,
+                 dw_act: str, reduce: nn.Conv2d, se_act: str, unreduce: nn.Conv2d,
+                 gate: str, project: nn.Conv2d, residual: bool) -> None:
+        super().__init__()
+        self.expand = None if expand is None else _plain_conv(expand)
+        self.depthwise = _plain_conv(depthwise)
+        self.reduce = _plain_conv(reduce)
+        self.unreduce = _plain_conv(unreduce)
+        self.project = _plain_conv(project)
+        self.act, self.dw_act, self.se_act, self.gate = act, dw_act, se_act, gate
+        self.residual = residual
+
+    def extra_repr(self) -> str:
+        return (f"pattern={self.pattern}, act={self.act}, se_act={self.se_act}, "
+                f"gate={self.gate}, residual={self.residual}")
+
+    def _gate(self, v: torch.Tensor) -> torch.Tensor:
+        """The squeeze-excitation gate (N, R) of the depthwise output ``v``."""
+        s = v.mean((2, 3))
+        r, u = self.reduce, self.unreduce
+        s = activations.apply(self.se_act, F.linear(s, r.weight.flatten(1), r.bias))
+        return activations.apply(self.gate, F.linear(s, u.weight.flatten(1), u.bias))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.expand is None else activations.apply(self.act, self.expand(x))
+        v = activations.apply(self.dw_act, self.depthwise(h))
+        y = self.project(v * self._gate(v)[:, :, None, None])
+        return y + x if self.residual else y
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        shape = tuple(x.shape)
+        expand = None
+        if self.expand is not None:
+            expand, shape = _bind_conv(self.expand, shape, self.act)
+        dw, shape = _bind_conv(self.depthwise, shape, self.dw_act)
+        r, u = self.reduce, self.unreduce
+        rw, rb = r.weight.detach().flatten(1), r.bias.detach()
+        uw, ub = u.weight.detach().flatten(1), u.bias.detach()
+        se_act = activations.ACTIVATIONS[self.se_act].fn
+        gate = activations.ACTIVATIONS[self.gate].fn
+        if self.residual:
+            add = _bind_conv_add(self.project, shape, None)
+        else:
+            project, _ = _bind_conv(self.project, shape, None)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=_CL)
+            v = dw(x if expand is None else expand(x))
+            s = gate(F.linear(se_act(F.linear(v.mean((2, 3)), rw, rb)), uw, ub))
+            v.mul_(s[:, :, None, None])
+            return add(v, x) if self.residual else project(v)
+        return run
+
+
+class FusedConvNeXt(FusedBlock):
+    """ConvNeXt block: depthwise kxk, LayerNorm over channels, Linear x4 + GELU, Linear,
+    layer scale (folded into the last Linear), + x. Fast path: the depthwise conv on
+    oneDNN in channels_last (whose NHWC view is the Linear layers' input as it is), the
+    GELU and the residual add as the Linear calls' post-ops."""
+
+    block_kind = "convnext"
+    pattern = "convnext"
+
+    def __init__(self, depthwise: nn.Conv2d, norm: nn.LayerNorm, fc1: nn.Linear, act: str,
+                 fc2: nn.Linear, scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.depthwise = _plain_conv(depthwise)
+        self.norm = nn.LayerNorm(norm.normalized_shape, norm.eps,
+                                 elementwise_affine=norm.weight is not None,
+                                 bias=norm.bias is not None)
+        self.norm.load_state_dict(norm.state_dict())
+        self.fc1 = nn.Linear(fc1.in_features, fc1.out_features)
+        self.fc2 = nn.Linear(fc2.in_features, fc2.out_features)
+        with torch.no_grad():
+            self.fc1.weight.copy_(fc1.weight)
+            self.fc1.bias.copy_(fc1.bias if fc1.bias is not None else 0)
+            g = torch.ones(fc2.out_features) if scale is None else scale.detach().reshape(-1)
+            self.fc2.weight.copy_(fc2.weight * g[:, None])
+            self.fc2.bias.copy_((fc2.bias if fc2.bias is not None else 0) * g)
+        self.act = act
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern}, act={self.act}"
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(x).permute(0, 2, 3, 1)
+        h = activations.apply(self.act, self.fc1(self.norm(h)))
+        return self.fc2(h).permute(0, 3, 1, 2) + x
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        dw, shape = _bind_conv(self.depthwise, tuple(x.shape), None)
+        rows = shape[0] * shape[2] * shape[3]
+        w1 = onednn.pack_linear(self.fc1.weight, rows, torch.float32)
+        w2 = onednn.pack_linear(self.fc2.weight, rows, torch.float32)
+        b1, b2 = self.fc1.bias.detach(), self.fc2.bias.detach()
+        attr, scalars, alg = activations.post_op(self.act)
+        norm = self.norm
+        nshape, nw, nb, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        nw = None if nw is None else nw.detach()
+        nb = None if nb is None else nb.detach()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=_CL)
+            h = F.layer_norm(dw(x).permute(0, 2, 3, 1), nshape, nw, nb, eps)
+            h = _linear_pw(h, w1, b1, attr, scalars, alg)
+            return _linear_bin(h, x.permute(0, 2, 3, 1), w2, b2, "add").permute(0, 3, 1, 2)
+        return run
+
+
+FUSED_BLOCKS = (FusedConvChain, FusedConvAct, FusedInvertedResidual, FusedBasicBlock,
+                FusedBottleneck, FusedConvFirst, FusedMBConv, FusedConvNeXt)

@@ -1,0 +1,245 @@
+"""fuse: run a model's residual blocks (and conv + BN + activation stems) as fused modules
+(:mod:`convgap.layers.fused_blocks`), verified and measured where they are applied.
+
+Steps: batch-norm folded into the convolutions (:func:`fold_batchnorm`); every module,
+from the top down, read as a chain (:func:`.patterns.describe`) and offered to the pattern
+registry (:data:`.patterns.PATTERNS`), a matched module not descended into; with an
+example input, each fused block run on the block's real input (relative error <= 1e-4
+in fp32, else not kept), then timed against the block it replaces through the one measured
+choice (:func:`convgap.choice.choose`, kind 'fuse': kept only where at least
+``config.MARGIN`` faster); last, the whole model checked against the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import allocator, choice
+from ..errors import ConvgapError
+from ..layers.fused_blocks import FusedBlock
+from ..ops.layouts import layout_of
+from ..progress import make_progress
+from .changes import LEFT_ATTR
+from .eligible import first_inputs
+from .fold import fold_batchnorm
+from .patterns import PATTERNS, Chain, Pattern, describe, match
+from .select import Layers, select
+from .trace import is_leaf
+
+__all__ = ["fuse", "fused_blocks", "BlockRow", "FusionWarning", "FUSED_ATTR",
+           "TOLERANCE"]
+
+TOLERANCE = 1e-4   # fp32 relative error of a fused block against the block it replaces
+FUSED_ATTR = "convgap_fused"  # on a fused module: what it replaced, measured (a dict)
+
+
+class FusionWarning(UserWarning):
+    """A matched block was not fused (it disagreed, or was not faster), or the fused
+    model as a whole disagreed with the original."""
+
+
+@dataclass
+class _Found:
+    name: str
+    module: nn.Module
+    chain: Chain
+    pattern: Pattern
+
+
+def _find(model: nn.Module, wanted, patterns: dict[str, Pattern]
+          ) -> tuple[list[_Found], dict[str, str]]:
+    """Matched blocks (top down, not descending into a match) and, for modules that look
+    like blocks (a residual add) but match no pattern, why."""
+    found: list[_Found] = []
+    left: dict[str, str] = {}
+
+    def visit(module: nn.Module, name: str) -> None:
+        if is_leaf(module) or isinstance(module, FusedBlock):
+            return
+        chain = describe(module) if name else None  # the model itself is never one block
+        if isinstance(chain, str):
+            if chain.residual:
+                left[name] = chain
+        elif chain is not None:
+            pattern, why = match(chain)
+            if pattern is not None and pattern.name in patterns and (
+                    wanted is None or name in wanted):
+                found.append(_Found(name, module, chain, pattern))
+                return
+            if chain.shortcut is not None:
+                left[name] = "; ".join(f"{k}: {v}" for k, v in why.items()) or (
+                    f"pattern {pattern.name} not selected" if pattern else "no pattern")
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+    visit(model, "")
+    return found, left
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
+         layers: Layers = None, inplace: bool = False, check: bool = True,
+         quiet: bool = False, patterns: list[str] | None = None,
+         malloc: str | None = "retain") -> nn.Module:
+    """Fold batch-norm and run every block that matches a registered pattern as one fused
+    module (``Fused...``); returns the model (a copy unless ``inplace``). Inference only:
+    the model must be in eval mode (batch-norm is folded from its running statistics).
+
+    ``layers``: which blocks (module names, a type, or ``callable(name, module)``, as
+    :func:`convgap.transforms.select`), default all; ``patterns``: the pattern names to
+    use (default every registered one, :data:`convgap.transforms.patterns.PATTERNS`).
+    With ``example_input`` and ``check`` (the default), each fused block is verified on
+    its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
+    (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
+    like the algorithm choices, :mod:`convgap.choice`), and the whole fused model is
+    checked against the original (if it disagrees, every block is put back, with a
+    :class:`FusionWarning`). Without them every matched block is fused, unmeasured (each
+    is exact by construction). ``malloc``: the CPU malloc policy while measuring
+    (:mod:`convgap.allocator`). What was fused, what was left and why:
+    :func:`convgap.changes`.
+    """
+    if model.training:
+        raise ConvgapError("fuse is for inference: batch-norm is folded from its running "
+                           "statistics; call model.eval() first")
+    use = list(PATTERNS) if patterns is None else list(patterns)
+    unknown = [p for p in use if p not in PATTERNS]
+    if unknown:
+        raise ConvgapError(f"unknown block patterns {unknown}; registered: {list(PATTERNS)}")
+    measure = check and example_input is not None
+    reference = None
+    if measure:
+        with torch.no_grad():
+            reference = model(example_input)
+    model = model if inplace else copy.deepcopy(model)
+    fold_batchnorm(model, example_input if check else None, inplace=True, check=check,
+                   quiet=True)
+    wanted = None
+    if layers is not None:
+        wanted = set(select(model, layers, lambda m: not is_leaf(m), lambda n, m: True,
+                            what="block (a module that is not a single layer)"))
+    found, left = _find(model, wanted, {p: PATTERNS[p] for p in use})
+    inputs: dict[str, tuple] = {}
+    if measure:
+        with torch.no_grad():
+            inputs, _ = first_inputs({f.module: f.name for f in found},
+                                     lambda: model(example_input))
+    fused: dict[str, tuple[nn.Module, nn.Module]] = {}
+    problems: list[str] = []
+    on_cpu = isinstance(example_input, torch.Tensor) and example_input.device.type == "cpu"
+    with allocator.use(malloc if (measure and on_cpu) else None), make_progress(quiet) as bar, \
+            torch.no_grad():
+        task = bar.add_task("fusing blocks", total=len(found))
+        for f in found:
+            bar.advance(task)
+            try:
+                new = f.pattern.build(f.chain)
+            except (ValueError, ConvgapError) as exc:
+                setattr(f.module, LEFT_ATTR, f"{f.pattern.name}: {exc}")
+                problems.append(f"{f.name}: {exc}")
+                continue
+            new = new.to(next(f.module.parameters()).device)
+            info = {"pattern": f.pattern.name, "chain": repr(f.chain)}
+            args = inputs.get(f.name)
+            if args is not None:
+                x = args[0]
+                info.update(input_shape=tuple(x.shape), layout=layout_of(x))
+                ref = f.module(x)
+                err = choice.relative_error(new(x), ref)
+                info["error"] = err
+                tol = choice.tolerance(TOLERANCE, x.dtype, x.device.type)
+                if not err <= tol:
+                    reason = (f"fused {f.pattern.name} disagrees with the block by {err:.2e} "
+                              f"> {tol:.0e}; the block is kept")
+                    setattr(f.module, LEFT_ATTR, reason)
+                    problems.append(f"{f.name}: {reason}")
+                    continue
+                spec = f"{tuple(x.shape)}|{layout_of(x)}|{new!r}"
+                decision = choice.choose(
+                    [choice.Candidate("layerwise", lambda m=f.module, x=x: m(x)),
+                     choice.Candidate("fused", lambda m=new, x=x: m(x), TOLERANCE)],
+                    kind="fuse", spec_key=spec, device=x.device.type, reference=ref)
+                info.update(layerwise_s=decision.times.get("layerwise"),
+                            fused_s=decision.times.get("fused"),
+                            cached=decision.cached)
+                if decision.choice != "fused":
+                    times = ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in decision.times.items())
+                    ratio = (decision.confirm or {}).get("ratio")
+                    setattr(f.module, LEFT_ATTR,
+                            f"fused {f.pattern.name} not faster ({times}"
+                            + (f"; paired ratio {ratio:.3f}" if ratio else "") + ")")
+                    continue
+            setattr(new, FUSED_ATTR, info)
+            fused[f.name] = (f.module, new)
+            _replace(model, f.name, new)
+    for name, reason in left.items():
+        module = model.get_submodule(name)
+        if not hasattr(module, LEFT_ATTR):
+            setattr(module, LEFT_ATTR, f"no block pattern matched ({reason})")
+    if reference is not None and fused:
+        with torch.no_grad():
+            err = choice.relative_error(model(example_input), reference)
+        tol = choice.tolerance(TOLERANCE, reference.dtype, example_input.device.type) * 10
+        if not err <= tol:
+            for name, (old, _) in fused.items():
+                _replace(model, name, old)
+            problems.append(f"the fused model disagrees with the original by {err:.2e} > "
+                            f"{tol:.0e}: every block was put back")
+    if problems:
+        warnings.warn("; ".join(problems), FusionWarning, stacklevel=2)
+    return model
+
+
+@dataclass
+class BlockRow:
+    """One fused block of a model: its module name and pattern; the block's layer-wise
+    time and the fused module's time (seconds, medians of the measured choice; None where
+    not measured); FLOPs and fused bytes (input + weights + output) from
+    :func:`convgap.count`; the fused-block roofline and ideal latencies (seconds) on
+    ``roofs``; computational efficiency = ideal / fused time."""
+
+    name: str
+    pattern: str
+    input_shape: tuple | None
+    layerwise_s: float | None
+    fused_s: float | None
+    flops: int
+    fused_bytes: int
+    roofline_s: float
+    ideal_s: float
+
+    @property
+    def efficiency(self) -> float | None:
+        return self.ideal_s / self.fused_s if self.fused_s else None
+
+    @property
+    def of_roofline(self) -> float | None:
+        """Fused time / fused-block roofline (1.0: at the roofline)."""
+        return self.fused_s / self.roofline_s if self.fused_s else None
+
+
+def fused_blocks(model: nn.Module, roofs) -> list[BlockRow]:
+    """The fused blocks of ``model`` (as :func:`fuse` left them, measured on its example
+    input) with their fused-block roofline on ``roofs`` (:func:`convgap.hardware.roofs`)."""
+    from ..count import count
+    rows = []
+    for name, m in model.named_modules():
+        info = getattr(m, FUSED_ATTR, None)
+        if info is None:
+            continue
+        shape = info.get("input_shape")
+        flops = nbytes = 0
+        if shape is not None:
+            c = count(m, shape, next(m.parameters()).dtype)
+            flops, nbytes = c.flops, c.min_bytes
+        rows.append(BlockRow(name, info["pattern"], shape, info.get("layerwise_s"),
+                             info.get("fused_s"), flops, nbytes,
+                             roofs.roofline_latency(flops, nbytes), roofs.ideal_latency(flops)))
+    return rows

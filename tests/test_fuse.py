@@ -1,0 +1,307 @@
+"""fuse: block patterns recognised by what they compute, fused modules exact against the
+blocks they replace, kept only where measured faster, and plain modules afterwards."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convgap import ConvgapError, choice, count, models
+from convgap.layers import fused_blocks as fb
+from convgap.transforms import changes
+from convgap.transforms.changes import LEFT_ATTR
+from convgap.transforms.fold import fold_batchnorm
+from convgap.transforms.fuse import FUSED_ATTR, FusionWarning, fuse
+from convgap.transforms.patterns import PATTERNS, Pattern, describe, match, register
+
+kernels = pytest.importorskip("convgap.kernels.cpu")
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def randomize_bn(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial batch-norm statistics, so that a wrong fold cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return net.eval()
+
+
+def fused_modules(net):
+    return {n: m for n, m in net.named_modules() if isinstance(m, fb.FusedBlock)}
+
+
+@pytest.fixture
+def always_fuse():
+    with choice.forced({"fuse": "fused"}):
+        yield
+
+
+# the blocks each zoo model has, by pattern (stems and head convs: conv_act)
+ZOO = {
+    "resnet18": {"basic": 8},
+    "mobilenet_v2": {"inverted_residual": 17, "conv_act": 2},
+    "efficientnet_b0": {"mbconv": 16, "conv_act": 2},
+    "convnext_tiny": {"convnext": 18},
+    "convfirst": {"convfirst": 18, "conv_act": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_blocks_fused_exact(name, always_fuse):
+    torch.manual_seed(0)
+    net = randomize_bn(models.create(name, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    f = fuse(net, x, quiet=True)
+    found = fused_modules(f)
+    by_pattern = {}
+    for m in found.values():
+        by_pattern[m.pattern] = by_pattern.get(m.pattern, 0) + 1
+    assert by_pattern == ZOO[name]
+    assert all(getattr(m, FUSED_ATTR)["error"] <= 1e-4 for m in found.values())
+    with torch.no_grad():
+        ref = net(x)
+        assert rel(f(x), ref) < 1e-4
+        assert rel(f(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-4
+    # the original model is untouched (inplace=False)
+    assert not fused_modules(net) and bns == sum(isinstance(m, nn.BatchNorm2d)
+                                                 for m in net.modules())
+
+
+def test_resnet50_bottleneck_with_projection(always_fuse):
+    torch.manual_seed(0)
+    net = randomize_bn(models.create("resnet50", num_classes=10))
+    x = torch.randn(1, 3, 64, 64)
+    f = fuse(net, x, quiet=True)
+    found = fused_modules(f)
+    assert len(found) == 16 and all(m.pattern == "bottleneck" for m in found.values())
+    assert sum(m.shortcut is not None for m in found.values()) == 4  # projection shortcuts
+    with torch.no_grad():
+        assert rel(f(x), net(x)) < 1e-4
+
+
+# -- blocks written the way third-party code writes them -------------------------------
+class FunctionalInvertedResidual(nn.Module):
+    """Functional activations, convs with biases, no BatchNorm, in-place add."""
+
+    def __init__(self, c=16, r=64):
+        super().__init__()
+        self.pw = nn.Conv2d(c, r, 1)
+        self.dw = nn.Conv2d(r, r, 3, padding=1, groups=r)
+        self.pwl = nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        y = F.relu6(self.pw(x))
+        y = F.hardtanh(self.dw(y), 0.0, 6.0)
+        y = self.pwl(y)
+        y += x
+        return y
+
+
+class TorchvisionStyleBasic(nn.Module):
+    def __init__(self, c_in=8, c=16, stride=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False),
+                                        nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        identity = self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TimmStyleSE(nn.Module):
+    """MBConv with a functional squeeze-excitation (mean, sigmoid) and SiLU."""
+
+    def __init__(self, c=16, r=48, s=8):
+        super().__init__()
+        self.conv_pw = nn.Conv2d(c, r, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(r)
+        self.conv_dw = nn.Conv2d(r, r, 5, padding=2, groups=r, bias=False)
+        self.bn2 = nn.BatchNorm2d(r)
+        self.se_reduce = nn.Conv2d(r, s, 1)
+        self.se_expand = nn.Conv2d(s, r, 1)
+        self.conv_pwl = nn.Conv2d(r, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.silu(self.bn1(self.conv_pw(x)))
+        y = F.silu(self.bn2(self.conv_dw(y)))
+        s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        y = y * s
+        return x + self.bn3(self.conv_pwl(y))
+
+
+@pytest.mark.parametrize("block, pattern", [
+    (FunctionalInvertedResidual, "inverted_residual"),
+    (TorchvisionStyleBasic, "basic"),
+    (TimmStyleSE, "mbconv"),
+])
+def test_third_party_blocks_recognised(block, pattern, always_fuse):
+    torch.manual_seed(1)
+    m = randomize_bn(block())
+    net = nn.Sequential(m).eval()
+    x = torch.randn(2, m.conv1.in_channels if hasattr(m, "conv1") else 16, 12, 12)
+    f = fuse(net, x, quiet=True)
+    found = fused_modules(f)
+    assert [b.pattern for b in found.values()] == [pattern]
+    with torch.no_grad():
+        assert rel(f(x), net(x)) < 1e-4
+
+
+def test_describe_normalises_activations():
+    chain = describe(FunctionalInvertedResidual())
+    assert repr(chain) == "conv1x1 -> act:relu6 -> conv3x3/dw -> act:relu6 -> conv1x1 + x"
+    p, _ = match(chain)
+    assert p.name == "inverted_residual"
+
+
+def test_unfusable_block_left_with_reason(always_fuse):
+    class Pooling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.pool = nn.MaxPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return x + self.pool(self.conv(x))
+
+    net = nn.Sequential(Pooling()).eval()
+    x = torch.randn(1, 8, 6, 6)
+    f = fuse(net, x, quiet=True)
+    assert not fused_modules(f)
+    assert "MaxPool2d" in getattr(f[0], LEFT_ATTR)
+    rows = [c for c in changes(f) if c.transform == "left" and c.name == "0"]
+    assert rows and "MaxPool2d" in rows[0].reason
+
+
+def test_not_faster_is_not_kept():
+    net = nn.Sequential(FunctionalInvertedResidual()).eval()
+    x = torch.randn(1, 16, 8, 8)
+    with choice.forced({"fuse": "layerwise"}):
+        f = fuse(net, x, quiet=True)
+    assert not fused_modules(f)
+    assert "not faster" in getattr(f[0], LEFT_ATTR)
+
+
+def test_disagreeing_fused_block_is_not_kept(monkeypatch, always_fuse):
+    real = fb.FusedConvChain._bind
+
+    def wrong(self, x):
+        run = real(self, x)
+        return lambda t: run(t) * 1.01
+    monkeypatch.setattr(fb.FusedConvChain, "_bind", wrong)
+    net = nn.Sequential(FunctionalInvertedResidual()).eval()
+    x = torch.randn(1, 16, 8, 8)
+    with pytest.warns(FusionWarning, match="disagrees"):
+        f = fuse(net, x, quiet=True)
+    assert not fused_modules(f)
+
+
+def test_selection_and_errors(always_fuse):
+    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    x = torch.randn(1, 3, 32, 32)
+    f = fuse(net, x, quiet=True, layers=["features.2", "features.3"])
+    assert sorted(fused_modules(f)) == ["features.2", "features.3"]
+    f = fuse(net, x, quiet=True, patterns=["conv_act"])
+    assert {m.pattern for m in fused_modules(f).values()} == {"conv_act"}
+    with pytest.raises(ConvgapError, match="unknown block patterns"):
+        fuse(net, x, patterns=["nope"])
+    with pytest.raises(ConvgapError, match="eval"):
+        fuse(net.train(), x)
+
+
+def test_state_dict_round_trip(always_fuse):
+    torch.manual_seed(0)
+    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    x = torch.randn(1, 3, 32, 32)
+    f = fuse(net, x, quiet=True)
+    other = fuse(randomize_bn(models.create("mobilenet_v2", num_classes=10), seed=5), x,
+                 quiet=True)
+    buf = io.BytesIO()
+    torch.save(f.state_dict(), buf)
+    buf.seek(0)
+    with torch.no_grad():
+        before = other(x)
+        other.load_state_dict(torch.load(buf, weights_only=True))
+        after = other(x)  # the bound plans follow the loaded weights
+        assert rel(after, f(x)) < 1e-6 and rel(before, after) > 1e-3
+
+
+def test_trace_export_and_training_use_the_torch_ops(always_fuse):
+    torch.manual_seed(0)
+    net = randomize_bn(models.create("resnet18", num_classes=10))
+    x = torch.randn(1, 3, 32, 32)
+    f = fuse(net, x, quiet=True)
+    with torch.no_grad():
+        ref = f(x)
+        traced = torch.jit.trace(f, x)
+        assert rel(traced(x), ref) < 1e-5
+        graph = str(traced.inlined_graph)
+        assert "mkldnn" not in graph and "aten::_convolution" in graph
+    ort = pytest.importorskip("onnxruntime")
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(f, (x,), buf, dynamo=False, opset_version=17)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert rel(torch.from_numpy(y), ref) < 1e-4
+    # training through a fused block: the reference ops, gradients reach its parameters
+    block = next(iter(fused_modules(f).values()))
+    xb = torch.randn(1, block.convs[0].in_channels, 8, 8, requires_grad=True)
+    block(xb).square().sum().backward()
+    assert block.convs[0].weight.grad is not None and xb.grad is not None
+
+
+def test_count_sees_what_the_fused_blocks_compute(always_fuse):
+    torch.manual_seed(0)
+    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    x = torch.randn(1, 3, 32, 32)
+    f = fuse(net, x, quiet=True)
+    folded = fold_batchnorm(net, x, quiet=True)
+    assert count(f, x.shape).macs == count(folded, x.shape).macs
+
+
+def test_user_pattern(always_fuse):
+    class Doubler(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    def matches(chain):
+        return None if [o.kind for o in chain.body] == ["conv", "act"] and \
+            chain.body[1].arg == "tanh" else "not conv + tanh"
+
+    def build(chain):
+        conv = chain.body[0].module
+        return nn.Sequential(conv, nn.Tanh())
+
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Tanh())).eval()
+    register(Pattern("conv_tanh", matches, build), first=True)
+    try:
+        assert list(PATTERNS)[0] == "conv_tanh"
+        f = fuse(net, torch.randn(1, 3, 4, 4), quiet=True, check=False)
+        assert isinstance(f[0], nn.Sequential) and getattr(f[0], FUSED_ATTR)["pattern"] == \
+            "conv_tanh"
+        with pytest.raises(ValueError, match="already registered"):
+            register(Pattern("conv_tanh", matches, build))
+    finally:
+        PATTERNS.pop("conv_tanh")
