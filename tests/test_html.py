@@ -185,9 +185,22 @@ def test_waterline_bars(report):
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     bars = [p for c in ax.containers for p in c]
-    assert len(bars) == 4 * len(report.runs[1].blocks)
+    assert len(bars) == 5 * len(report.runs[1].blocks)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[0] == "measured" and "ideal" in labels
+    assert labels[:2] == ["layers measured one by one", "measured"] and "ideal" in labels
+    assert not any(p.get_hatch() for p in bars)
+
+
+def test_waterline_marks_fused_blocks():
+    run = make_run("fused", 1, "nchw", 0.01, 10**9)
+    run.blocks[0].type = "FusedBottleneck"
+    for b in run.blocks:
+        b.layers_measured_s = 2 * b.measured_s
+    ax = plots.waterline(run).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "measured, fused" in labels and "measured" in labels
+    hatched = [p for c in ax.containers for p in c if p.get_hatch()]
+    assert len(hatched) == 1
 
 
 def test_layer_efficiency_many_layers():

@@ -402,6 +402,7 @@ def layer_efficiency(run: Run, max_labels: int = 30) -> Figure:
 
 
 _WATERLINE_SERIES = (
+    ("layers measured one by one", "layers_measured_s", "tab:pink"),
     ("measured", "measured_s", "tab:red"),
     ("sum of layer-wise rooflines", "layerwise_roofline_s", "tab:orange"),
     ("fused-block roofline", "roofline_s", "tab:green"),
@@ -410,9 +411,12 @@ _WATERLINE_SERIES = (
 
 
 def waterline(run: Run, max_labels: int = 40) -> Figure:
-    """Per block: measured latency, sum of its layers' rooflines, its fused (one-kernel)
-    roofline and its ideal latency, as grouped bars (ms, log). The distance between the
-    layer-wise and the fused roofline is what fusion can win."""
+    """Per block: its layers measured one by one, the block measured, sum of its layers'
+    rooflines, its fused (one-kernel) roofline and its ideal latency, as grouped bars (ms,
+    log). The distance between the layer-wise and the fused roofline is what fusion can
+    win; on a fused model (:func:`convgap.fuse`) a fused block's measured bar is hatched
+    ("measured, fused"): what fusion won is its distance to the layers measured one by
+    one."""
     fig = _figure()
     ax = fig.add_subplot()
     title = f"Waterline — {_run_title(run)}"
@@ -424,10 +428,21 @@ def waterline(run: Run, max_labels: int = 40) -> Figure:
     n_series = len(_WATERLINE_SERIES)
     width = 0.8 / n_series
     values: list[float] = []
+    fused = [b.type.startswith("Fused") for b in blocks]
     for i, (label, attr, color) in enumerate(_WATERLINE_SERIES):
         ys = [_ms(getattr(b, attr)) for b in blocks]
         xs = [j + (i - (n_series - 1) / 2) * width for j in range(len(blocks))]
-        ax.bar(xs, ys, width=width, color=color, label=label, zorder=2)
+        if attr == "measured_s" and any(fused):
+            plain = [k for k, f in enumerate(fused) if not f]
+            if plain:
+                ax.bar([xs[k] for k in plain], [ys[k] for k in plain], width=width,
+                       color=color, label=label, zorder=2)
+            done = [k for k, f in enumerate(fused) if f]
+            ax.bar([xs[k] for k in done], [ys[k] for k in done], width=width, color=color,
+                   hatch="//", edgecolor="black", linewidth=0.3, label="measured, fused",
+                   zorder=2)
+        else:
+            ax.bar(xs, ys, width=width, color=color, label=label, zorder=2)
         values += [y for y in ys if math.isfinite(y)]
     ax.set_yscale("log")
     if values:
