@@ -63,12 +63,16 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the interpreter's one configuration (tl.dot needs every dimension >= 16)
 INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_E": 16, "BLOCK_O": 16}
 # (BLOCK_P, BLOCK_R, BLOCK_O, num_warps) tried for the inverted residual on a GPU
-IR_CONFIGS = ((32, 32, 64, 4), (64, 32, 128, 4), (64, 64, 128, 8), (32, 64, 256, 8))
+IR_CONFIGS = ((64, 32, 32, 4), (32, 32, 64, 4), (64, 32, 128, 4), (64, 64, 128, 8),
+              (32, 64, 256, 8))
 # (BLOCK_P, BLOCK_E, BLOCK_O, num_warps) tried for the ConvFirst block on a GPU: wide
 # output tiles, so that the expansion is not recomputed per output tile
-CF_CONFIGS = ((64, 128, 128, 8), (32, 64, 256, 8), (32, 64, 512, 8), (16, 32, 1024, 8))
+CF_CONFIGS = ((64, 128, 128, 8), (128, 64, 128, 8), (32, 64, 256, 8), (32, 64, 512, 8),
+              (16, 32, 1024, 8))
 # fp32 registers a program's tiles may hold (the prune rule of both autotuners)
 _TILE_FLOATS = 24576
+_NOT_RUNNABLE = ("the Triton block kernels need triton and a CUDA tensor (or "
+                 "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
 
 
 def _act(v, ACT: tl.constexpr):
@@ -380,21 +384,18 @@ def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> int:
 
 def supports(block: str, x: torch.Tensor, *operands, **options) -> str | None:
     """None when ``block`` ('inverted_residual' or 'convfirst') can run here on these
-    operands (the arguments of that function, after ``x``), else the reason: triton
-    missing, x not a CUDA tensor (outside the interpreter), or the operands' shapes,
-    dtypes and geometry."""
+    operands (the arguments of that function, after ``x``), else the reason: the operands'
+    shapes, dtypes and geometry (what the function would raise), triton missing, or x not
+    a CUDA tensor (outside the interpreter)."""
     checks = {"inverted_residual": _ir_arguments, "convfirst": _cf_arguments}
     if block not in checks:
         raise ConvgapError(f"unknown block {block!r}: use one of {', '.join(checks)}")
-    if not AVAILABLE:
-        return "triton is not installed"
-    if not isinstance(x, torch.Tensor) or (x.device.type != "cuda" and not interpreting()):
-        return ("the Triton block kernels need a CUDA tensor (or TRITON_INTERPRET=1 set "
-                "before triton is imported, on CPU)")
     try:
         checks[block](x, *operands, **options)
     except (ConvgapError, TypeError) as exc:
         return str(exc)
+    if not AVAILABLE or (x.device.type != "cuda" and not interpreting()):
+        return _NOT_RUNNABLE
     return None
 
 
@@ -410,8 +411,7 @@ def _cf_arguments(x, w1, bias1, w2, bias2, w3, bias3, *, act="silu"):
 
 def _runnable(x: torch.Tensor) -> None:
     if not (AVAILABLE and (x.device.type == "cuda" or interpreting())):
-        raise RuntimeError("the Triton block kernels need triton and a CUDA tensor (or "
-                           "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
+        raise RuntimeError(_NOT_RUNNABLE)
 
 
 def _precision(x: torch.Tensor):
