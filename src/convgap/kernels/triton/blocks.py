@@ -32,11 +32,16 @@ into the weights and biases beforehand.
 
 Both take (N, C, H, W) tensors in any memory format (channels_last is the fast one; the
 output keeps x's format: channels_last stays channels_last, anything else comes back
-contiguous), float32, float16 or bfloat16 with float32 accumulation and the output in x's
-dtype (float32 products are IEEE unless ``torch.backends.cuda.matmul.allow_tf32``; half
-precision multiplies on tensor cores, the activations and the depthwise/grouped results
-rounded to x's dtype before the next 1x1 conv, as the layer-wise block does). Activations
-``"relu"``, ``"relu6"`` and ``"silu"`` (a constexpr: one binary each). Inference only.
+contiguous) and weights in any strides, read fastest with the dim the kernel's tiles run
+along innermost: ``a`` as given (C, R) row-major, ``d`` channels innermost
+(``d.permute(1, 2, 0).contiguous().permute(2, 0, 1)``), ``w1`` output channels innermost,
+and ``b``, ``w2``, ``w3`` transposed in memory (``b.t().contiguous().t()``). float32,
+float16 or bfloat16, with float32 accumulation and the output in x's dtype: float32
+products are IEEE unless ``torch.backends.cuda.matmul.allow_tf32``; in half precision
+every 1x1 conv multiplies x's dtype on tensor cores (its input rounded to it, as the
+layer-wise block's intermediates are), while the expansion feeding the depthwise conv stays
+float32. Activations ``"relu"``, ``"relu6"`` and ``"silu"`` (a constexpr: one binary
+each). Inference only.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors
 with one fixed block configuration; on a GPU they are autotuned over a few configurations
