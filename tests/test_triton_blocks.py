@@ -155,6 +155,47 @@ def test_supports_gives_the_reason_under_the_interpreter(results):
     assert "residual add" in results["refused"]
 
 
+# the constexprs of each kernel's first GPU config and a zoo-like problem; pointers and
+# ints as triton types, unit strides specialized as triton does for channels_last operands
+_COMPILED = {
+    "inverted_residual": (dict(KH=3, KW=3, EXPAND=True, RESIDUAL=True, ACT="relu6",
+                               BLOCK_C=32, BLOCK_P=blocks.IR_CONFIGS[0][0],
+                               BLOCK_R=blocks.IR_CONFIGS[0][1],
+                               BLOCK_O=blocks.IR_CONFIGS[0][2]),
+                          blocks.IR_CONFIGS[0][3], ("x_sc", "y_sc", "a_sr", "d_sr", "b_so")),
+    "convfirst": (dict(KH=3, KW=3, GW=8, ACT="silu", BLOCK_G=16,
+                       BLOCK_P=blocks.CF_CONFIGS[0][0], BLOCK_E=blocks.CF_CONFIGS[0][1],
+                       BLOCK_O=blocks.CF_CONFIGS[0][2]),
+                  blocks.CF_CONFIGS[0][3], ("x_sc", "y_sc", "w1_so", "w2_se", "w3_so")),
+}
+
+
+@pytest.mark.parametrize("block", list(_COMPILED))
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper(block, dtype):
+    """The interpreter runs what a GPU would reject (layouts, types, register-held tiles),
+    and no GPU runs the tests: each kernel is compiled here for sm_90 down to its cubin."""
+    import triton
+    if blocks.interpreting():
+        pytest.skip("this process interprets triton")
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        nvidia.get_ptxas(90).path
+    except Exception as exc:  # noqa: BLE001 - a triton without its bundled ptxas
+        pytest.skip(f"no ptxas: {exc}")
+    constexprs, warps, unit = _COMPILED[block]
+    constexprs = dict(constexprs, PRECISION="ieee" if dtype == "fp32" else None,
+                      UPCAST=False, **dict.fromkeys(unit, 1))
+    fn = triton.runtime.JITFunction(blocks._SPECS[block][0])
+    signature = {name: "constexpr" if name in constexprs else
+                 f"*{dtype}" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert kernel.asm["cubin"]
+
+
 def _ir_operands(**change) -> dict:
     ops = {"x": torch.randn(1, 8, 6, 6), "a": torch.randn(8, 16), "bias1": torch.randn(16),
            "d": torch.randn(16, 3, 3), "bias2": torch.randn(16), "b": torch.randn(8, 16),

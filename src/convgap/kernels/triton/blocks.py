@@ -28,7 +28,8 @@ into the weights and biases beforehand.
     grouped conv is recomputed once per hidden chunk and output tile,
     ``ceil(E / BLOCK_E) ceil(C / BLOCK_O)`` times, as dense BLOCK_G-wide dots (BLOCK_G /
     group width times its useful products): ``18 BLOCK_G C E / BLOCK_E`` tensor-core FLOPs
-    per pixel against the expansion's ``2 C E`` (1.1x of it at BLOCK_E 128, BLOCK_G 16).
+    per pixel against the expansion's ``2 C E`` (BLOCK_G 16: 1.1x of it at BLOCK_E 128,
+    2.25x at 64).
 
 Both take (N, C, H, W) tensors in any memory format (channels_last is the fast one; the
 output keeps x's format: channels_last stays channels_last, anything else comes back
@@ -67,12 +68,15 @@ ACTIVATIONS = ("relu", "relu6", "silu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the interpreter's one configuration (tl.dot needs every dimension >= 16)
 INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_E": 16, "BLOCK_O": 16}
-# (BLOCK_P, BLOCK_R, BLOCK_O, num_warps) tried for the inverted residual on a GPU
-IR_CONFIGS = ((64, 32, 32, 4), (32, 32, 64, 4), (64, 32, 128, 4), (64, 64, 128, 8),
+# (BLOCK_P, BLOCK_R, BLOCK_O, num_warps) tried for the inverted residual on a GPU, and
+# (BLOCK_P, BLOCK_E, BLOCK_O, num_warps) for the ConvFirst block (wide output tiles, so that
+# the expansion is not recomputed per output tile). Compiled offline for sm_90 (triton
+# 3.9, no GPU) each spills at most 80 bytes of registers in bf16 and 104 in fp32, but
+# ConvFirst's (64, 128, 128, 8) 1.6 KB in fp32 (4-warp tiles of 64 x 128 spilled over 1 KB
+# in every dtype); not yet timed on a GPU
+IR_CONFIGS = ((64, 32, 32, 8), (32, 32, 64, 4), (64, 32, 128, 8), (64, 64, 128, 8),
               (32, 64, 256, 8))
-# (BLOCK_P, BLOCK_E, BLOCK_O, num_warps) tried for the ConvFirst block on a GPU: wide
-# output tiles, so that the expansion is not recomputed per output tile
-CF_CONFIGS = ((64, 128, 128, 8), (128, 64, 128, 8), (32, 64, 256, 8), (32, 64, 512, 8),
+CF_CONFIGS = ((64, 64, 128, 8), (64, 128, 128, 8), (32, 64, 256, 8), (16, 64, 512, 8),
               (16, 32, 1024, 8))
 # fp32 registers a program's tiles may hold (the prune rule of both autotuners)
 _TILE_FLOATS = 24576
