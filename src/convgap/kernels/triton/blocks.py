@@ -78,8 +78,6 @@ IR_CONFIGS = ((64, 32, 32, 8), (32, 32, 64, 4), (64, 32, 128, 8), (64, 64, 128, 
               (32, 64, 256, 8))
 CF_CONFIGS = ((64, 64, 128, 8), (64, 128, 128, 8), (32, 64, 256, 8), (16, 64, 512, 8),
               (16, 32, 1024, 8))
-# fp32 registers a program's tiles may hold (the prune rule of both autotuners)
-_TILE_FLOATS = 24576
 _NOT_RUNNABLE = ("the Triton block kernels need triton and a CUDA tensor (or "
                  "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
 
@@ -256,29 +254,28 @@ def _cf_kernel(
 
 def _pruner(chunk: str, width: str, out: str):
     """An early_config_prune rule: configs whose hidden chunk (``chunk``) is not much wider
-    than the hidden width (argument ``width``), whose output tile is not much wider than
-    the output channels (argument ``out``) and whose tiles fit the registers; else the
-    smallest."""
+    than the hidden width (argument ``width``) and whose output tile is not much wider
+    than the output channels (argument ``out``); else the smallest."""
     def prune(configs, named_args, **kwargs):
         w_cap = max(16, triton.next_power_of_2(named_args[width]))
         o_cap = max(16, triton.next_power_of_2(named_args[out]))
-        kept = [c for c in configs if c.kwargs[chunk] <= w_cap and c.kwargs["BLOCK_O"] <= o_cap
-                and c.kwargs["BLOCK_P"] * (c.kwargs[chunk] + c.kwargs["BLOCK_O"])
-                <= _TILE_FLOATS]
+        kept = [c for c in configs
+                if c.kwargs[chunk] <= w_cap and c.kwargs["BLOCK_O"] <= o_cap]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_O"])]
     return prune
 
 
-# per kernel: its function, GPU configs, hidden-chunk name, autotune key, prune arguments;
-# sizes and strides as plain ints (one binary for every map size)
+# per kernel: its function, GPU configs, hidden-chunk name, autotune key (the problem's
+# sizes, stride and input layout), prune arguments; sizes and strides as plain ints (one
+# binary for every map size)
 _SPECS = {
     "inverted_residual": (_ir_kernel, IR_CONFIGS, "BLOCK_R",
-                          ["M", "C", "R", "O", "KH", "KW", "EXPAND", "RESIDUAL", "ACT",
-                           "PRECISION"], ("R", "O"),
+                          ["M", "C", "R", "O", "KH", "KW", "stride_h", "stride_w", "x_sc",
+                           "EXPAND", "RESIDUAL", "ACT", "PRECISION"], ("R", "O"),
                           ("M", "H", "W", "OH", "OW", "x_sn", "x_sh", "x_sw", "y_sn", "y_sh",
                            "y_sw", "stride_h", "stride_w", "pad_h", "pad_w")),
     "convfirst": (_cf_kernel, CF_CONFIGS, "BLOCK_E",
-                  ["M", "C", "E", "GW", "KH", "KW", "ACT", "PRECISION"], ("E", "C"),
+                  ["M", "C", "E", "GW", "KH", "KW", "x_sc", "ACT", "PRECISION"], ("E", "C"),
                   ("M", "H", "W", "x_sn", "x_sh", "x_sw", "y_sn", "y_sh", "y_sw")),
 }
 _KERNELS: dict[tuple[str, bool], Any] = {}
