@@ -27,9 +27,10 @@ into the weights and biases beforehand.
     hidden tile into the output tile by ``w3``. The E-channel map never reaches memory; the
     grouped conv is recomputed once per hidden chunk and output tile,
     ``ceil(E / BLOCK_E) ceil(C / BLOCK_O)`` times, as dense BLOCK_G-wide dots (BLOCK_G /
-    group width times its useful products): ``18 BLOCK_G C E / BLOCK_E`` tensor-core FLOPs
-    per pixel against the expansion's ``2 C E`` (BLOCK_G 16: 1.1x of it at BLOCK_E 128,
-    2.25x at 64).
+    group width times its useful products): per output tile ``2 kh kw BLOCK_G C E /
+    BLOCK_E`` tensor-core FLOPs a pixel against the expansion's ``2 C E`` (3x3, BLOCK_G 16:
+    1.1x of it at BLOCK_E 128, 2.25x at 64); the expansion itself is recomputed per output
+    tile (1 whenever the autotuner takes a BLOCK_O >= C).
 
 Both take (N, C, H, W) tensors in any memory format (channels_last is the fast one; the
 output keeps x's format: channels_last stays channels_last, anything else comes back
