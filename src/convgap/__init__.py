@@ -11,6 +11,8 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
   exact MAC counts per pairwise step, the optimal contraction order.
 - :class:`TensorialConv2d` (CP, Tucker, TT, TR, reshaped CP) and :class:`FlattenedConv2d`;
   :func:`factorize` -- replace a trained model's convolutions by them.
+- :func:`fold_batchnorm` -- fold each BatchNorm that follows a conv or linear layer into its
+  weights and bias (exact, eval mode; checked on an example input).
 - :func:`changes` -- what every transform did to a model, read from its modules;
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
@@ -29,8 +31,8 @@ from .count import Counts, count
 from .einsum import einsum, einsum_path
 from .errors import ConvgapError
 from .layers import FlattenedConv2d, TensorialConv2d
-from .transforms import changes, compare, factorize, swap
+from .transforms import changes, compare, factorize, fold_batchnorm, swap
 
-__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "changes",
-           "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
+__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
+           "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
            "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "__version__"]

@@ -1,12 +1,14 @@
-"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs);
+"""Model rewrites: swap (per-layer convolution algorithms), factorize (factorized convs),
+fold_batchnorm (BatchNorm folded into the conv / linear before it);
 one layer selector (select), what they did (changes) and what it bought (compare)."""
 
 from .changes import Change, changes
 from .compare import Comparison, LayerComparison, compare
 from .factorize import factorize
+from .fold import fold_batchnorm
 from .refresh import refresh
 from .select import select
 from .swap import Choice, choices, swap, unswap
 
-__all__ = ["swap", "unswap", "choices", "Choice", "factorize", "changes", "Change", "compare",
-           "Comparison", "LayerComparison", "select", "refresh"]
+__all__ = ["swap", "unswap", "choices", "Choice", "factorize", "fold_batchnorm", "changes",
+           "Change", "compare", "Comparison", "LayerComparison", "select", "refresh"]
