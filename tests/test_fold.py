@@ -211,11 +211,19 @@ class Twice(nn.Module):
         return self.bn(self.conv(x)) + self.conv(x)
 
 
-def test_a_conv_called_twice_is_not_folded_into():
+def test_shared_modules_are_not_folded():
     model = randomize(Twice())
     folded = fold_batchnorm(model, X)
-    assert "called more than once" in left(folded)["bn"]
+    assert "follows conv, which is called more than once" in left(folded)["bn"]
     agree(model, folded, X, 0.0)
+    conv = nn.Conv2d(3, 3, 1)
+    tied = nn.Conv2d(3, 3, 1)
+    tied.weight = conv.weight
+    bn = nn.BatchNorm2d(3)
+    model = randomize(nn.Sequential(conv, nn.BatchNorm2d(3), tied, bn, nn.ReLU(), bn))
+    reasons = left(fold_batchnorm(model, X))
+    assert "follows 0, which shares its parameters" in reasons["1"]
+    assert reasons["3"].startswith("it is registered under more than one name")
 
 
 class Branchy(nn.Module):

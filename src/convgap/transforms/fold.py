@@ -99,9 +99,9 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None, *, layers: Layer
     for b in linear:
         if b not in seen:
             left[b] = (f"follows the Linear {pairs[b]}: folds only on a 2-D input (on more "
-                       "dims BatchNorm1d normalizes dim 1, not the features), and its "
-                       + ("input's rank is unknown without example_input"
-                          if example_input is None else "was not called on example_input"))
+                       "dims BatchNorm1d normalizes dim 1, not the features), and "
+                       + ("its input's rank is unknown without example_input"
+                          if example_input is None else "it was not called on example_input"))
             del pairs[b]
         elif seen[b][0].dim() != 2:
             left[b] = (f"follows the Linear {pairs[b]} on a {seen[b][0].dim()}-D input: "
@@ -178,19 +178,24 @@ def _match(model: nn.Module, chosen: list[str]) -> tuple[dict[str, str], dict[st
                 if name in wanted:
                     nodes.setdefault(name, (node, prefix))
 
-    def once(m: nn.Module) -> bool:  # one call site, one place in the tree, own parameters
-        return calls[id(m)] == 1 and owners[id(m)] == 1 and all(
-            owners[id(p)] == 1 for p in m.parameters(recurse=False))
+    def shared(m: nn.Module) -> str | None:  # why folding would change another use of m
+        if owners[id(m)] > 1:
+            return "is registered under more than one name"
+        if any(owners[id(p)] > 1 for p in m.parameters(recurse=False)):
+            return "shares its parameters with another module"
+        if calls[id(m)] > 1:
+            return "is called more than once"
+        return None
 
     pairs, left = {}, {}
     for b in chosen:
         bn = modules[b]
         reason = _bn_blocker(bn)
+        if reason is None and (why := shared(bn)) is not None:
+            reason = f"it {why}: folding would change its other uses"
         if reason is None and b not in nodes:
             reason = ("not called where the model traces (called by code torch.fx cannot "
                       "trace, or not at all)")
-        if reason is None and not once(bn):
-            reason = "called more than once or shared: folding would change its other uses"
         if reason is not None:
             left[b] = reason
             continue
@@ -204,9 +209,8 @@ def _match(model: nn.Module, chosen: list[str]) -> tuple[dict[str, str], dict[st
             left[b] = f"follows {c}, which is not folded into: {why}"
         elif isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
             left[b] = f"follows {c}, which is not initialized yet (run the model once)"
-        elif not once(layer):
-            left[b] = (f"follows {c}, which is called more than once or shares its "
-                       "parameters: folding would change its other uses")
+        elif (why := shared(layer)) is not None:
+            left[b] = f"follows {c}, which {why}: folding would change its other uses"
         elif len(src.users) > 1:
             others = ", ".join(u.name for u in src.users if u is not node)
             left[b] = (f"{c}'s output is also used elsewhere ({others}): folding would "
