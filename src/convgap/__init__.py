@@ -11,10 +11,11 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
   exact MAC counts per pairwise step, the optimal contraction order.
 - :class:`TensorialConv2d` (CP, Tucker, TT, TR, reshaped CP) and :class:`FlattenedConv2d`;
   :func:`factorize` -- replace a trained model's convolutions by them.
-- :func:`fuse` -- fold batch-norm and run whole residual blocks (inverted residual, MBConv,
-  ResNet basic / bottleneck, ConvFirst, ConvNeXt) as fused modules, each verified and kept
-  only where measured faster; the patterns are a registry
-  (:mod:`convgap.transforms.patterns`).
+from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
+
+__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
+           "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
+           "ConvgapError",
 - :func:`changes` -- what every transform did to a model, read from its modules;
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
@@ -33,8 +34,9 @@ from .count import Counts, count
 from .einsum import einsum, einsum_path
 from .errors import ConvgapError
 from .layers import FlattenedConv2d, TensorialConv2d
-from .transforms import changes, compare, factorize, fuse, swap
+from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
 
-__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fuse", "changes",
-           "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report", "ConvgapError",
+__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
+           "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
+           "ConvgapError",
            "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "__version__"]

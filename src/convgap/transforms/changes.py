@@ -6,7 +6,9 @@ Nothing is kept on the model: a swapped layer is an :class:`AlgoConv2d` / :class
 structure); so after any later edit (a layer put back, replaced, swapped again) the list
 still says what the model is. Two attributes are set by :func:`convgap.factorize` on the
 modules it decides about: ``approximation_error`` on a new layer, and ``convgap_left`` (the
-reason) on a dense layer it measured and kept.
+reason) on a dense layer it measured and kept. :func:`convgap.fold_batchnorm` replaces each
+BatchNorm it folds by an ``nn.Identity`` carrying ``convgap_folded_into`` (the name of the
+conv / linear that now computes it), and sets ``convgap_left`` on each BatchNorm it leaves.
 """
 
 from __future__ import annotations
@@ -14,31 +16,35 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..algorithms.linear import AlgoLinear
 from ..algorithms.module import AlgoConv2d
 from ..layers import FlattenedConv2d, TensorialConv2d
 from .eligible import blocker
 
-__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR"]
+__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR", "FOLDED_ATTR"]
 
 ERROR_ATTR = "approximation_error"  # on a factorized layer: its relative output error
-LEFT_ATTR = "convgap_left"  # on a dense layer factorize measured and kept: why
+LEFT_ATTR = "convgap_left"  # on a dense layer factorize kept, a BatchNorm fold left: why
+FOLDED_ATTR = "convgap_folded_into"  # on the Identity standing for a folded BatchNorm
 
 
 @dataclass
 class Change:
     """One layer a transform rebuilt, or left as it is.
 
-    ``transform``: 'swap', 'factorize', or 'left' (a Conv2d / Linear that every transform
-    leaves as it is, or one factorize measured and kept dense; ``reason`` says why).
+    ``transform``: 'swap', 'factorize', 'fold' (a BatchNorm folded into the conv / linear
+    before it, named by ``into``; the module is now an ``nn.Identity``), or 'left' (a
+    Conv2d / Linear that every transform leaves as it is, one factorize measured and kept
+    dense, or a BatchNorm fold left as it is; ``reason`` says why).
     ``runs``: swap: the algorithm the layer runs; factorize: the factorization ('cp',
     'tucker', 'tt', 'tr', 'rcp', 'flattened'). ``requested``, ``layout`` (the input layout
     'auto' tuned on) and ``tuning`` (the measured candidates, seconds): swap only; ``reason``
     for a swapped layer: why the request was not honoured. ``ranks``, ``error`` (relative
     output error on the example input, None if not measured): factorize only. ``params``:
     weight parameters of the layer now (bias excluded); ``dense_params``: of the dense
-    layer it stands for."""
+    layer it stands for (None for a BatchNorm)."""
 
     name: str
     transform: str
@@ -51,6 +57,7 @@ class Change:
     error: float | None = None
     reason: str | None = None
     tuning: dict | None = None
+    into: str | None = None
 
     @property
     def compression(self) -> float | None:
@@ -82,10 +89,15 @@ def _change(name: str, m: nn.Module) -> Change | None:
         if reason is not None:
             n = m.weight.numel()
             return Change(name, "left", params=n, dense_params=n, reason=reason)
+    if isinstance(m, nn.Identity) and hasattr(m, FOLDED_ATTR):
+        return Change(name, "fold", into=getattr(m, FOLDED_ATTR))
+    if isinstance(m, _BatchNorm) and hasattr(m, LEFT_ATTR):
+        return Change(name, "left", reason=getattr(m, LEFT_ATTR))
     return None
 
 
 def changes(model: nn.Module) -> list[Change]:
     """What each transform did to ``model``, in module order: every swapped layer, every
-    factorized layer, and every Conv2d / Linear left as it is (with the reason)."""
+    factorized layer, every folded BatchNorm, and every Conv2d / Linear left as it is and
+    BatchNorm fold left (with the reason)."""
     return [c for n, m in model.named_modules() if (c := _change(n, m)) is not None]

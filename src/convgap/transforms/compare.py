@@ -2,7 +2,8 @@
 
 Works for any transform or combination (swap, factorize, both): the replaced layers are
 those :func:`~convgap.transforms.changes.changes` lists as swapped or factorized whose
-module in the original model is of another type. Each is timed against the module it
+module in the original model is of another type (a folded BatchNorm is no layer of its own:
+the whole models show what folding bought). Each is timed against the module it
 replaced, each on the input it sees in its own model (layout included), interleaved; then
 the two whole models, interleaved. Budgets: ``config.LAYER_COMPARE``,
 ``config.MODEL_COMPARE``.
@@ -129,7 +130,8 @@ class Comparison:
         counts: dict[str, int] = {}
         cached = 0
         for c in self.changes:
-            key = f"{c.transform} {c.runs}" if c.transform != "left" else "left as it is"
+            key = ("left as it is" if c.transform == "left" else
+                   c.transform if c.runs is None else f"{c.transform} {c.runs}")
             counts[key] = counts.get(key, 0) + 1
             cached += bool((c.tuning or {}).get("cached"))
         picked = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -188,7 +190,7 @@ def compare(original: nn.Module, transformed: nn.Module, example_input: torch.Te
         allocator.check_policy(malloc)
     made = changes(transformed)
     before = dict(original.named_modules())
-    rows = [c for c in made if c.transform != "left" and c.name in before
+    rows = [c for c in made if c.transform not in ("left", "fold") and c.name in before
             and type(before[c.name]) is not type(transformed.get_submodule(c.name))]
     names = [c.name for c in rows]
     modes = (original.training, transformed.training)

@@ -26,7 +26,8 @@ __all__ = ["blocker", "is_conv", "is_linear", "Found", "find_layers", "first_inp
 
 # Methods that together define what a layer computes; overriding any of them makes it a
 # different layer.
-_DEFINING = {nn.Conv2d: ("forward", "_conv_forward"), nn.Linear: ("forward",)}
+_DEFINING = {nn.Conv2d: ("forward", "_conv_forward"), nn.Linear: ("forward",),
+             nn.Conv1d: ("forward", "_conv_forward"), nn.Conv3d: ("forward", "_conv_forward")}
 
 
 def _own_rebuilds(module: nn.Module) -> bool:
@@ -37,11 +38,12 @@ def _own_rebuilds(module: nn.Module) -> bool:
 
 
 def blocker(module: nn.Module) -> str | None:
-    """Why ``module`` (an ``nn.Conv2d`` or ``nn.Linear``, or a subclass) must not be rebuilt,
+    """Why ``module`` (an ``nn.Conv2d`` or ``nn.Linear``, or a subclass; ``nn.Conv1d`` /
+    ``nn.Conv3d`` for :func:`~convgap.transforms.fold.fold_batchnorm`) must not be rebuilt,
     or None when it is provably the base layer's computation."""
     base = next((b for b in _DEFINING if isinstance(module, b)), None)
     if base is None:
-        return f"{type(module).__name__} is neither a Conv2d nor a Linear"
+        return f"{type(module).__name__} is neither a convolution nor a Linear"
     if _own_rebuilds(module):
         return None
     cls = type(module)
