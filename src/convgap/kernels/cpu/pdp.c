@@ -156,13 +156,13 @@ long scratch_floats(const PdpArgs *g)
  * W) with g->nchw (y alike); g->a: pack_b of the (C x R) pointwise weight; g->bias1: its bias
  * (R rounded up to 16 floats) or NULL; g->act1: the activation on u (act.h's ACT_ codes);
  * g->d: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past R are never read
- * back); g->bias2: the depthwise bias (Rp floats) or NULL; g->act2: the activation on v;
- * g->b: pack_b of the (R x O) pointwise weight, or NULL
- * for none (O = R: the depthwise result plus g->map, OW x Rp floats added per output column, or
- * NULL, is the output: a flattened convolution); g->bias: O rounded up to 16 floats, or NULL;
- * g->residual: 1 to add x to the output (only where C = O, OH = H and OW = W with stride 1:
- * the wrapper checks); y: (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split
- * evenly over the threads; each walks its rows in bands of TH. */
+ * back); g->bias2: their bias (Rp floats) or NULL; g->act2: the activation on v; g->b: pack_b
+ * of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus g->map,
+ * OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
+ * g->bias: O rounded up to 16 floats, or NULL; g->residual: 1 to add x to the output (only
+ * where C = O, OH = H and OW = W with stride 1: the wrapper checks); y: (N, OH, OW, O)
+ * contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split evenly over
+ * the threads; each walks its rows in bands of TH. */
 void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int threads)
 {
     const float *Ap = g->a, *bias1 = g->bias1, *D = g->d, *Bp = g->b, *bias = g->bias;
