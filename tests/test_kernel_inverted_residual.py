@@ -6,6 +6,9 @@ epilogues through ``pdp.bind`` without the second 1x1 (a flattened convolution's
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +113,14 @@ def test_any_thread_count_gives_the_same_result(threads, channels_last):
         torch.set_num_threads(before)
     ref = reference(x, a, d, b, bias1, bias2, bias, 1, 1, 1, "silu", "relu6", True)
     assert relative_error(y, ref) <= 1e-5
+
+
+def test_activation_codes_match_act_h():
+    """common.ACTIVATIONS mirrors act.h's ACT_ codes (names and numbers)."""
+    text = (Path(common.__file__).parent / "act.h").read_text()
+    codes = {name.lower(): int(code)
+             for name, code in re.findall(r"#define ACT_(\w+) (\d+)", text)}
+    assert codes == common.ACTIVATIONS
 
 
 @pytest.mark.parametrize("act", ["relu", "relu6", "silu"])
