@@ -9,8 +9,6 @@ import contextlib
 import ctypes
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from hypothesis import strategies as st
 from convgap.errors import ConvgapError
 from convgap.kernels import cpu
 from convgap.kernels.cpu import args, build, common, pcp, pdp, planar
+from scratch_guard import run_guarded
 
 needs_kernel = pytest.mark.skipif(not cpu.available(),
                                   reason="no AVX-512 CPU or no C compiler here")
@@ -847,13 +846,14 @@ def test_layout_check_catches_a_wrong_mirror(monkeypatch):
     sh, sw = names.index("sh"), names.index("sw")
     same_types = list(good)  # two ints of one size swapped: only the names tell
     same_types[sh], same_types[sw] = good[sw], good[sh]
-    cases = {"swapped": (swapped, "field 5: C has 'map'"),
+    cases = {"swapped": (swapped, "field 6: C has 'map'"),
              "same types swapped": (same_types, f"field {sh}: C has 'sh'"),
              "wider": (good[:ow] + [("ow", ctypes.c_long)] + good[ow + 1:],
-                       "C has 'ow' at byte 108 \\(4 bytes\\), ctypes 'ow' at byte 112 \\(8"),
-             "missing": (good[:-1], "C has 'nchw' at byte 116 \\(4 bytes\\), ctypes nothing"),
+                       "C has 'ow' at byte 116 \\(4 bytes\\), ctypes 'ow' at byte 120 \\(8"),
+             "missing": (good[:-1],
+                         "C has 'residual' at byte 136 \\(4 bytes\\), ctypes nothing"),
              "extra": (good + [("relu", ctypes.c_int)], "C has nothing, ctypes 'relu'"),
-             "renamed": (good[:-1] + [("nhwc", ctypes.c_int)], "C has 'nchw'")}
+             "renamed": (good[:-1] + [("shortcut", ctypes.c_int)], "C has 'residual'")}
     lib = pdp.KERNEL.lib()
     for case, (fields, message) in cases.items():
         bad = _mirror(fields)
@@ -887,7 +887,7 @@ def test_args_are_set_by_name_only():
     with pytest.raises(AttributeError, match="no field 'relu'"):
         g.relu = 1
     with pytest.raises(AttributeError, match="no field"):
-        g.copy(residual=1)
+        g.copy(shortcut=1)
     h = g.copy(a=4096, th=3)
     assert (h.a, h.th, h.ow) == (4096, 3, g.ow) and (g.a, g.th) == (None, geometry["th"])
 
@@ -941,39 +941,8 @@ def test_a_changed_header_rebuilds(tmp_path):
         assert build.digest(name, "cc", copy) != before
 
 
-# Runs every kernel with its scratch ending right at an unmapped page (PROT_NONE): a read or
-# write past a thread's share of the scratch (the last thread's) ends the process with
-# SIGSEGV; the results must equal those with the usual buffers.
+# Every kernel and form, with its scratch ending at an unmapped page (scratch_guard.py)
 _GUARDED = r"""
-import ctypes, mmap, sys
-import torch
-from convgap.kernels.cpu import build, common, pcp, pdp, planar
-for name, path in zip(["pdp", "pcp", "planar"], sys.argv[1:4]):
-    build._LOADED[name] = ctypes.CDLL(path)  # the libraries the tests loaded: no rebuild
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-keep, usual, checked = [], common.scratch, []
-
-def guarded(store, floats, owner=None):
-    page = mmap.PAGESIZE
-    used = -(-floats * 4 // page)  # pages holding the buffer
-    m = mmap.mmap(-1, (used + 1) * page)  # zeros, as a new owned buffer must be
-    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    assert libc.mprotect(base + used * page, page, 0) == 0  # PROT_NONE
-    buf = torch.frombuffer(m, dtype=torch.float32, count=floats, offset=used * page - floats * 4)
-    assert buf.data_ptr() % 64 == 0  # whole cache lines per thread
-    keep.append(m)
-    checked.append(floats)
-    return buf
-
-def run(fn):
-    common.scratch = usual
-    want = fn({})
-    common.scratch = guarded
-    got = fn({})
-    assert torch.equal(got, want), (got - want).abs().max()
-
-torch.manual_seed(0)
 for threads in (1, 2, 3):
     torch.set_num_threads(threads)
     for n, h, w, cl in [(2, 17, 11, False), (2, 17, 11, True), (1, 9, 13, False),
@@ -1010,7 +979,6 @@ for threads in (1, 2, 3):
                                bias6, omap)(x))  # a flattened convolution
         run(lambda s: pcp.pointwise_conv_pointwise(x, a, k, bk, None, (1, 2), 1, 1, store=s,
                                                    kernel="nhwc"))  # a width stride
-print("ok", len(checked))
 """
 
 
@@ -1022,14 +990,7 @@ def test_no_kernel_reads_or_writes_past_its_scratch(tmp_path):
     (1-3 threads, both layouts, batch 1 with shared window rows, Winograd, ring groups, a
     first 1x1 in pixel pairs or with dot-product tails, a flattened convolution) with the
     same results as usual."""
-    paths = [KERNELS[name].KERNEL.lib()._name for name in ("pdp", "pcp", "planar")]
-    script = tmp_path / "guarded.py"
-    script.write_text(_GUARDED)
-    done = subprocess.run([sys.executable, str(script), *paths], capture_output=True,
-                          text=True, timeout=600)
-    # (-11, SIGSEGV: a kernel touched the unmapped page past its scratch)
-    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
-    assert done.stdout.startswith("ok")
+    run_guarded(tmp_path, _GUARDED)
     for name in KERNELS:  # whole cache lines per thread
         kernel = KERNELS[name].KERNEL
         assert kernel.lib().scratch_floats(_some_args(kernel.args)) % 16 == 0

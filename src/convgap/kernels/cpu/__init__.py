@@ -1,7 +1,8 @@
 """Native CPU kernels: C with AVX-512 intrinsics, compiled at first use (:mod:`.build`).
 
 * :func:`pointwise_depthwise_pointwise` (``pdp.c``): 1x1 -> depthwise -> 1x1, a CP layer
-  (without the second 1x1, a FlattenedConv2d repeat);
+  (without the second 1x1, a FlattenedConv2d repeat; with activations and the residual add,
+  :func:`inverted_residual`, a MobileNetV2 block);
 * :func:`pointwise_conv_pointwise` (``pcp.c``): 1x1 -> conv (-> conv along rows) -> 1x1,
   Tucker-2, TT and (with groups sharing the filters) TR layers;
 * both on channels-innermost maps, or on NCHW maps in place (``planar.c``);
@@ -14,7 +15,7 @@ installs without them (:func:`available`)."""
 
 from .build import NativeKernelWarning, avx512, enabled, library
 from .pcp import pointwise_conv_pointwise
-from .pdp import available, pointwise_depthwise_pointwise
+from .pdp import available, inverted_residual, pointwise_depthwise_pointwise
 
 __all__ = ["NativeKernelWarning", "avx512", "enabled", "library", "available",
-           "pointwise_depthwise_pointwise", "pointwise_conv_pointwise"]
+           "pointwise_depthwise_pointwise", "inverted_residual", "pointwise_conv_pointwise"]

@@ -17,12 +17,14 @@
 #define CONVGAP_ARGS_H
 #include <stddef.h>
 
-/* pdp.c: 1x1 (C -> R) -> depthwise (kh x kw) -> 1x1 (R -> O), or without the second 1x1
- * (b NULL) a flattened convolution's lateral, vertical and horizontal filters */
+/* pdp.c: 1x1 (C -> R) -> depthwise (kh x kw) -> 1x1 (R -> O), with activations and a
+ * residual add an inverted residual block, or without the second 1x1 (b NULL) a flattened
+ * convolution's lateral, vertical and horizontal filters */
 #define PDP_ARGS(F) \
     F(const float *, a)      /* pack_b of the (C x R) first 1x1 weight */ \
     F(const float *, bias1)  /* its bias, R rounded up to 16 floats, or NULL */ \
     F(const float *, d)      /* (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 */ \
+    F(const float *, bias2)  /* the depthwise step's bias, Rp floats, or NULL */ \
     F(const float *, b)      /* pack_b of the (R x O) last 1x1 weight, or NULL: none */ \
     F(const float *, bias)   /* the output's bias, O rounded up to 16 floats, or NULL */ \
     F(const float *, map)    /* without b: OW x Rp floats added per output column, or NULL */ \
@@ -34,7 +36,10 @@
     F(int, dh) F(int, dw)    /* and dilation */ \
     F(int, o) F(int, oh) F(int, ow)  /* the output (N, O, OH, OW) */ \
     F(int, th)               /* output rows per band */ \
-    F(int, nchw)             /* 1: x and y NCHW in memory; 0: NHWC */
+    F(int, nchw)             /* 1: x and y NCHW in memory; 0: NHWC */ \
+    F(int, act1) F(int, act2)  /* activations after the first 1x1 and the depthwise step \
+                                  (act.h's ACT_ codes; 0: none) */ \
+    F(int, residual)         /* 1: y += x (C = O, stride 1, OH = H, OW = W) */
 
 /* pcp.c: 1x1 (C -> Z R1) -> conv (kh1 x kw1, R1 -> R2) [-> conv along rows (1 x kw2,
  * R2 -> R3)] -> 1x1 (Z R3 -> O), Z groups sharing the filters (a tensor ring's bond) */

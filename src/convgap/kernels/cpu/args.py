@@ -60,8 +60,8 @@ def _fields(weights: str, geometry: str) -> list:
 
 class PdpArgs(Args):
     """pdp.c's PdpArgs (see args.h for each field)."""
-    _fields_ = _fields("a bias1 d b bias map",
-                       "n h w c r kh kw sh sw ph pw dh dw o oh ow th nchw")
+    _fields_ = _fields("a bias1 d bias2 b bias map",
+                       "n h w c r kh kw sh sw ph pw dh dw o oh ow th nchw act1 act2 residual")
 
 
 class PcpArgs(Args):

@@ -20,10 +20,24 @@ from .build import library
 
 __all__ = ["P", "I", "L", "Kernel", "pack", "padded", "round16", "scratch",
            "check_tensors", "channels_innermost", "output_strides", "bound_call",
-           "kernel_choice", "BAND_PIXELS"]
+           "kernel_choice", "BAND_PIXELS", "ACTIVATIONS", "activation_code"]
 
 BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per loop turn)
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+# The activations the kernels apply in their epilogues, by name: act.h's ACT_ codes (keep
+# the two lists in the same order). silu is x * sigmoid(x), relu6 min(max(x, 0), 6).
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
+
+
+def activation_code(name: str) -> int:
+    """The kernels' code (act.h) for an activation of :data:`ACTIVATIONS`; ConvgapError
+    for any other name."""
+    code = ACTIVATIONS.get(name) if isinstance(name, str) else None
+    if code is None:
+        raise ConvgapError(f"unknown activation {name!r}; expected one of "
+                           f"{', '.join(map(repr, ACTIVATIONS))}")
+    return code
 
 
 class Kernel:

@@ -1,8 +1,14 @@
 /* Fused pointwise -> depthwise -> pointwise convolution, fp32, AVX-512, channels innermost.
  *
- *   u = x @ A            (1x1 conv, C -> R channels)
- *   v = depthwise(u, D)  (kh x kw, one filter per channel; stride, dilation, zero padding)
- *   y = v @ B + bias     (1x1 conv, R -> O channels)
+ *   u = act1(x @ A + bias1)            (1x1 conv, C -> R channels)
+ *   v = act2(depthwise(u, D) + bias2)  (kh x kw, one filter per channel; stride, dilation,
+ *                                       zero padding)
+ *   y = v @ B + bias (+ x: residual)   (1x1 conv, R -> O channels)
+ *
+ * With the activations (act.h) and the residual add this is a MobileNetV2 inverted residual
+ * block (batch norms folded into the weights and biases); each epilogue runs where its data
+ * is in cache: act1 on the u rows the first GEMM just wrote, bias2 and act2 in the depthwise
+ * step's registers, the residual add on the output band just stored.
  *
  * Each thread walks a contiguous range of output rows and keeps a sliding window of u rows
  * (and one band of v rows) in its own scratch, so u and v never travel to memory: every u row
@@ -12,6 +18,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "act.h"
 #include "args.h"
 #include "bands.h"
 #include "gemm.h"
@@ -19,12 +26,15 @@
 ARGS_LAYOUT(PdpArgs, PDP_ARGS)
 
 /* One 16-channel slice of the depthwise step: rows [0, th) of v from output rows oh.. of the
- * u window holding input rows [ulo, ...). The slice's kh x kw taps stay in registers; taps
- * that fall in the zero padding are skipped (checked only at the borders). */
+ * u window holding input rows [ulo, ...), plus the slice's bias2 (16 floats, or NULL), then
+ * act (an ACT_ code). The slice's kh x kw taps stay in registers; taps that fall in the zero
+ * padding are skipped (checked only at the borders). */
 static inline __attribute__((always_inline)) void dw_slice(const int kh, const int kw,
-        const float *u, int ulo, int H, int W, int Rp, const float *D, int sh, int sw, int ph,
-        int pw, int dh, int dw, int oh, int th, int OW, float *v)
+        const int act, const float *u, int ulo, int H, int W, int Rp, const float *D,
+        const float *bias2, int sh, int sw, int ph, int pw, int dh, int dw, int oh, int th,
+        int OW, float *v)
 {
+    const __m512 b0 = bias2 ? _mm512_loadu_ps(bias2) : _mm512_setzero_ps();
     __m512 d[kh * kw];
     for (int t = 0; t < kh * kw; t++) d[t] = _mm512_loadu_ps(D + (long)t * Rp);
     for (int r = 0; r < th; r++) {
@@ -33,7 +43,7 @@ static inline __attribute__((always_inline)) void dw_slice(const int kh, const i
         const float *base = u + (long)(ih0 - ulo) * W * Rp;
         float *out = v + (long)r * OW * Rp;
         for (int ow = 0; ow < OW; ow++) {
-            __m512 acc = _mm512_setzero_ps();
+            __m512 acc = b0;
             const int iw0 = ow * sw - pw;
             if (full && iw0 >= 0 && iw0 + (kw - 1) * dw < W) {
                 for (int i = 0; i < kh; i++)
@@ -50,38 +60,50 @@ static inline __attribute__((always_inline)) void dw_slice(const int kh, const i
                     }
                 }
             }
-            _mm512_storeu_ps(out + (long)ow * Rp, acc);
+            _mm512_storeu_ps(out + (long)ow * Rp, activate(act, acc));
         }
     }
 }
 
-typedef void (*dw_fn)(const float *, int, int, int, int, const float *, int, int, int, int,
-                      int, int, int, int, int, float *);
-#define DW_FIXED(a, b) static void dw_##a##x##b(const float *u, int ulo, int H, int W, \
-        int Rp, const float *D, int sh, int sw, int ph, int pw, int dh, int dw, int oh, \
-        int th, int OW, float *v) \
-        { dw_slice(a, b, u, ulo, H, W, Rp, D, sh, sw, ph, pw, dh, dw, oh, th, OW, v); }
+typedef void (*dw_fn)(int, const float *, int, int, int, int, const float *, const float *,
+                      int, int, int, int, int, int, int, int, int, float *);
+/* one instance per filter size, each compiled once per activation (no branch per pixel) */
+#define DW_ACT(a, b, A) dw_slice(a, b, A, u, ulo, H, W, Rp, D, bias2, sh, sw, ph, pw, dh, dw, \
+                                 oh, th, OW, v)
+#define DW_FIXED(a, b) static void dw_##a##x##b(int act, const float *u, int ulo, int H, \
+        int W, int Rp, const float *D, const float *bias2, int sh, int sw, int ph, int pw, \
+        int dh, int dw, int oh, int th, int OW, float *v) \
+        { \
+            switch (act) { \
+            case ACT_RELU: DW_ACT(a, b, ACT_RELU); break; \
+            case ACT_RELU6: DW_ACT(a, b, ACT_RELU6); break; \
+            case ACT_SILU: DW_ACT(a, b, ACT_SILU); break; \
+            default: DW_ACT(a, b, ACT_NONE); \
+            } \
+        }
 DW_FIXED(3, 3) DW_FIXED(5, 5) DW_FIXED(7, 7) DW_FIXED(3, 1) DW_FIXED(1, 3)
 
-/* v = depthwise(u window), all Rp channels, 16 at a time (common filter sizes keep their
- * taps in registers; any other size reads them from memory) */
+/* v = act(depthwise(u window) + bias2), all Rp channels, 16 at a time (bias2: Rp floats or
+ * NULL; act: an ACT_ code; common filter sizes keep their taps in registers, any other size
+ * reads them from memory) */
 static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float *D,
-                      int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, int oh,
-                      int th, int OW, float *v)
+                      const float *bias2, int act, int kh, int kw, int sh, int sw, int ph,
+                      int pw, int dh, int dw, int oh, int th, int OW, float *v)
 {
     dw_fn fixed = kh == 3 && kw == 3 ? dw_3x3 : kh == 5 && kw == 5 ? dw_5x5
                 : kh == 7 && kw == 7 ? dw_7x7 : kh == 3 && kw == 1 ? dw_3x1
                 : kh == 1 && kw == 3 ? dw_1x3 : 0;
     for (int c0 = 0; c0 < Rp; c0 += 16) {
-        const float *uc = u + c0, *Dc = D + c0;
+        const float *uc = u + c0, *Dc = D + c0, *bc = bias2 ? bias2 + c0 : 0;
         float *vc = v + c0;
         if (fixed) {
-            fixed(uc, ulo, H, W, Rp, Dc, sh, sw, ph, pw, dh, dw, oh, th, OW, vc);
+            fixed(act, uc, ulo, H, W, Rp, Dc, bc, sh, sw, ph, pw, dh, dw, oh, th, OW, vc);
             continue;
         }
+        const __m512 b0 = bc ? _mm512_loadu_ps(bc) : _mm512_setzero_ps();
         for (int r = 0; r < th; r++)
             for (int ow = 0; ow < OW; ow++) {
-                __m512 acc = _mm512_setzero_ps();
+                __m512 acc = b0;
                 for (int i = 0; i < kh; i++) {
                     int ih = (oh + r) * sh - ph + i * dh;
                     if (ih < 0 || ih >= H) continue;
@@ -93,8 +115,28 @@ static void depthwise(const float *u, int ulo, int H, int W, int Rp, const float
                             _mm512_loadu_ps(Dc + (long)(i * kw + j) * Rp), acc);
                     }
                 }
-                _mm512_storeu_ps(vc + ((long)r * OW + ow) * Rp, acc);
+                _mm512_storeu_ps(vc + ((long)r * OW + ow) * Rp, activate(act, acc));
             }
+    }
+}
+
+/* y += x over ``runs`` runs of len floats, ``apart`` floats from one run to the next: the
+ * residual add on an output band whose pixels are the input's (C = O, same rows and
+ * columns), one run for NHWC, one per channel plane for NCHW */
+static void add_runs(float *y, const float *x, int runs, long len, long apart)
+{
+    for (int p = 0; p < runs; p++) {
+        float *yp = y + p * apart;
+        const float *xp = x + p * apart;
+        long i = 0;
+        for (; i + 16 <= len; i += 16)
+            _mm512_storeu_ps(yp + i, _mm512_add_ps(_mm512_loadu_ps(yp + i),
+                                                   _mm512_loadu_ps(xp + i)));
+        if (i < len) {
+            const __mmask16 m = lanes((int)(len - i));
+            _mm512_mask_storeu_ps(yp + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yp + i),
+                                                           _mm512_maskz_loadu_ps(m, xp + i)));
+        }
     }
 }
 
@@ -112,16 +154,20 @@ long scratch_floats(const PdpArgs *g)
 
 /* g: the weights and the geometry (args.h's PdpArgs). x: (N, H, W, C) contiguous, or (N, C, H,
  * W) with g->nchw (y alike); g->a: pack_b of the (C x R) pointwise weight; g->bias1: its bias
- * (R rounded up to 16 floats) or NULL; g->d: (kh * kw) x Rp depthwise taps, Rp = R rounded up to
- * 16 (columns past R are never read back); g->b: pack_b of the (R x O) pointwise weight, or NULL
- * for none (O = R: the depthwise result plus g->map, OW x Rp floats added per output column, or
- * NULL, is the output: a flattened convolution); g->bias: O rounded up to 16 floats, or NULL; y:
- * (N, OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split
- * evenly over the threads; each walks its rows in bands of TH. */
+ * (R rounded up to 16 floats) or NULL; g->act1: the activation on u (act.h's ACT_ codes);
+ * g->d: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past R are never read
+ * back); g->bias2: their bias (Rp floats) or NULL; g->act2: the activation on v; g->b: pack_b
+ * of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus g->map,
+ * OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
+ * g->bias: O rounded up to 16 floats, or NULL; g->residual: 1 to add x to the output (only
+ * where C = O, OH = H and OW = W with stride 1: the wrapper checks); y: (N, OH, OW, O)
+ * contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split evenly over
+ * the threads; each walks its rows in bands of TH. */
 void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int threads)
 {
     const float *Ap = g->a, *bias1 = g->bias1, *D = g->d, *Bp = g->b, *bias = g->bias;
-    const float *map = g->map;
+    const float *map = g->map, *bias2 = g->bias2;
+    const int act1 = g->act1, act2 = g->act2, residual = g->residual;
     const int N = g->n, H = g->h, W = g->w, C = g->c, R = g->r, O = g->o;
     const int kh = g->kh, kw = g->kw, sh = g->sh, sw = g->sw, ph = g->ph;
     const int pw = g->pw, dh = g->dh, dw = g->dw, OH = g->oh, OW = g->ow;
@@ -151,8 +197,12 @@ void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int
             else if (hi > uhi)
                 gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, bias1,
                      u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
-            if (hi > uhi) wk.hi = hi;
-            depthwise(u, ulo, H, W, Rp, D, kh, kw, sh, sw, ph, pw, dh, dw, oh, th, OW, v);
+            if (hi > uhi) {  /* the new rows, still in cache */
+                activate_floats(act1, u + (long)(uhi - ulo) * W * Rp, (long)(hi - uhi) * W * Rp);
+                wk.hi = hi;
+            }
+            depthwise(u, ulo, H, W, Rp, D, bias2, act2, kh, kw, sh, sw, ph, pw, dh, dw, oh, th,
+                      OW, v);
             float *yb = nchw ? y + ((long)n * O * OH + oh) * OW : y + ((long)n * OH + oh) * OW * O;
             if (!Bp) {  /* no second 1x1 conv: v (+ the per-column map) is the output */
                 for (int r = 0; r < th; r++)
@@ -168,6 +218,11 @@ void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int
                 store_planes(th * OW, O, tile, O, yb, (long)OH * OW);
             } else
                 gemm(th * OW, O, R, v, Rp, Bp, bias, yb, O, PF_C);
+            if (residual) {  /* x's pixels at the band's offset in y */
+                const float *xb = x + (yb - y);
+                if (nchw) add_runs(yb, xb, O, (long)th * OW, (long)OH * OW);
+                else add_runs(yb, xb, 1, (long)th * OW * O, 0);
+            }
         }
     }
 }

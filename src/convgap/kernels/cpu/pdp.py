@@ -5,6 +5,10 @@ convolution (and of a MobileNet-style inverted bottleneck without its nonlineari
 three ops, the two R-channel intermediates travel to memory and back and each op pays its own
 dispatch; here every thread walks a band of output rows, keeping its window of the first
 intermediate and its band of the second in cache. Float32, CPU, inference (no autograd).
+
+With activations after the first 1x1 and the depthwise step, a depthwise bias and the
+residual add, the same pass runs a MobileNetV2 inverted residual block, batch norms folded
+(:func:`inverted_residual`): each epilogue applied while its data is in cache.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from ...ops.memo import reuse
 from ...ops.sizes import conv_length
 from . import planar
 from .args import PdpArgs
-from .common import (BAND_PIXELS, Kernel, bound_call, channels_innermost, check_tensors,
-                     kernel_choice, pack, padded, round16)
+from .common import (BAND_PIXELS, Kernel, activation_code, bound_call, channels_innermost,
+                     check_tensors, kernel_choice, pack, padded, round16)
 
-__all__ = ["available", "pointwise_depthwise_pointwise", "run", "bind"]
+__all__ = ["available", "pointwise_depthwise_pointwise", "inverted_residual", "run", "bind"]
 
 
 KERNEL = Kernel("pdp", "pdp_forward", PdpArgs)
@@ -32,10 +36,10 @@ available = KERNEL.available
 
 def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
              bias: torch.Tensor | None, bias1: torch.Tensor | None = None,
-             out_map: torch.Tensor | None = None) -> dict:
+             out_map: torch.Tensor | None = None, bias2: torch.Tensor | None = None) -> dict:
     """The kernel's operands by PdpArgs' field names: packed a, its padded bias (bias1), the
-    taps (d: kh kw x Rp), packed b, its padded bias, the output map padded to (OW, Rp);
-    None where absent."""
+    taps (d: kh kw x Rp), their padded bias (bias2), packed b, its padded bias, the output
+    map padded to (OW, Rp); None where absent."""
     r = a.shape[1]
     taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
     taps[:, :r] = d.detach().reshape(r, -1).t()
@@ -43,7 +47,7 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
     if out_map is not None:
         omap = torch.zeros(out_map.shape[0], round16(r), dtype=torch.float32)
         omap[:, :r] = out_map.detach()
-    return {"a": pack(lib, a), "bias1": padded(bias1), "d": taps,
+    return {"a": pack(lib, a), "bias1": padded(bias1), "d": taps, "bias2": padded(bias2),
             "b": None if b is None else pack(lib, b.t()), "bias": padded(bias), "map": omap}
 
 
@@ -53,8 +57,9 @@ def _planar_weights(a, d, b, bias, nhwc: bool = False) -> planar.Weights:
                           b=last, bias=bias_)
 
 
-def _check(x, a, d, b, bias) -> None:
-    check_tensors("pointwise_depthwise_pointwise", x=x, a=a, d=d, b=b, bias=bias)
+def _check(x, a, d, b, bias, fn: str = "pointwise_depthwise_pointwise", bias1=None,
+           bias2=None) -> None:
+    check_tensors(fn, x=x, a=a, d=d, b=b, bias=bias, bias1=bias1, bias2=bias2)
     if x.dim() != 4 or a.dim() != 2 or d.dim() != 3 or b.dim() != 2:
         raise ConvgapError(f"expected x (N, C, H, W), a (C, R), d (R, kh, kw), b (O, R); got "
                            f"{tuple(x.shape)}, {tuple(a.shape)}, {tuple(d.shape)}, "
@@ -63,8 +68,9 @@ def _check(x, a, d, b, bias) -> None:
     if x.shape[1] != c or d.shape[0] != r or b.shape[1] != r:
         raise ConvgapError(f"channel counts disagree: x has {x.shape[1]}, a is {tuple(a.shape)}"
                            f", d {tuple(d.shape)}, b {tuple(b.shape)}")
-    if bias is not None and tuple(bias.shape) != (b.shape[0],):
-        raise ConvgapError(f"bias must have shape ({b.shape[0]},), got {tuple(bias.shape)}")
+    for name, t, size in (("bias", bias, b.shape[0]), ("bias1", bias1, r), ("bias2", bias2, r)):
+        if t is not None and tuple(t.shape) != (size,):
+            raise ConvgapError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
 
 
 def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor,
@@ -97,6 +103,35 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
                use_planar)
 
 
+def inverted_residual(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor, *,
+                      bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                      act1: str = "none", act2: str = "none", residual: bool = False,
+                      store: dict | None = None) -> torch.Tensor:
+    """A MobileNetV2 inverted residual block (batch norms folded into the weights and
+    biases) in one pass of the NHWC kernel::
+
+        u = act1(F.conv2d(x, a.t()[..., None, None], bias1))             # expand, C -> R
+        v = act2(F.conv2d(u, d[:, None], bias2, stride, padding, dilation, groups=R))
+        y = F.conv2d(v, b[..., None, None], bias) (+ x if residual)       # project, R -> O
+
+    x: (N, C, H, W) float32 on CPU, either memory format (read in place; y is written in
+    x's); a: (C, R); d: (R, kh, kw); b: (O, R); bias1, bias2: (R,) or None; bias: (O,) or
+    None. act1, act2: a name of :data:`.common.ACTIVATIONS` ('none', 'relu', 'relu6',
+    'silu'). residual: add x to the result (needs C = O, stride 1 and an output of x's
+    height and width). ``store``: as :func:`pointwise_depthwise_pointwise`'s. Raises
+    ConvgapError on bad shapes, dtypes, devices, activation names, a residual the shapes do
+    not allow, or inputs needing gradients; RuntimeError where the kernel is not available
+    (see :func:`available`)."""
+    _check(x, a, d, b, bias, "inverted_residual", bias1, bias2)
+    if _lib() is None:
+        raise RuntimeError("convgap's C kernel is not available here (see "
+                           "convgap.kernels.cpu.available)")
+    return bind(x, a, d, b, bias, _pair(stride), _pair(padding), _pair(dilation),
+                {} if store is None else store, False, bias1, bias2=bias2, act1=act1,
+                act2=act2, residual=residual)(x)
+
+
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
               dilation, nchw: bool) -> tuple:
     """(pdp_forward's geometry as a PdpArgs without weights, output shape, scratch floats
@@ -109,7 +144,7 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
                            f"{(dh, dw)} does not fit a {h}x{w} input")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
     g = PdpArgs(n=n, h=h, w=w, c=c, r=r, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
-                dw=dw, o=o, oh=oh, ow=ow, th=band, nchw=int(nchw))
+                dw=dw, o=o, oh=oh, ow=ow, th=band, nchw=int(nchw), act1=0, act2=0, residual=0)
     return g, (n, o, oh, ow), lib.scratch_floats(g)
 
 
@@ -125,15 +160,21 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
 def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
          bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
          store: dict, use_planar: bool = False, bias1: torch.Tensor | None = None,
-         out_map: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+         out_map: torch.Tensor | None = None, *, bias2: torch.Tensor | None = None,
+         act1: str = "none", act2: str = "none", residual: bool = False
+         ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the kernel on inputs of ``x``'s shape and strides with these
     weights in their prepared forms (packed now, or reused from ``store`` while each weight
     is the same tensor at the same version): call it again only while the weights are
     unchanged. Per input geometry the kernel's arguments are worked out once and kept in
     ``store``, with the scratch. Without ``b`` (a flattened convolution; NHWC kernel only)
     the output is the depthwise result plus ``out_map`` ((OW, R), added per output column),
-    and ``bias1`` is the first 1x1 conv's bias."""
+    and ``bias1`` is the first 1x1 conv's bias. ``bias2`` (R,), ``act1``, ``act2`` and
+    ``residual`` (NHWC kernel only) make it an inverted residual block: see
+    :func:`inverted_residual` (ConvgapError for an unknown activation, or a residual the
+    shapes do not allow)."""
     lib = _lib()
+    codes = activation_code(act1), activation_code(act2)
     nhwc = channels_innermost(x)
     key = (x.shape, stride, padding, dilation, nhwc)
     geo = store.get(key)
@@ -142,7 +183,14 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
                                      d.shape[0] if b is None else b.shape[0], stride, padding,
                                      dilation, not nhwc)
     g, out_shape, per = geo
+    if residual and not (g.c == g.o and g.sh == g.sw == 1 and g.oh == g.h and g.ow == g.w):
+        raise ConvgapError(f"a residual add needs as many output channels as input ones, "
+                           f"stride 1 and the input's height and width; got {g.c} -> {g.o} "
+                           f"channels, stride {(g.sh, g.sw)}, {g.h}x{g.w} -> {g.oh}x{g.ow}")
     if use_planar:
+        if bias2 is not None or any(codes) or residual:
+            raise ConvgapError("the planar kernel runs no activations, depthwise bias or "
+                               "residual add: use the NHWC one")
         weights = reuse(store, ("planar_weights", nhwc),
                         [t for t in (a, d, b, bias) if t is not None],
                         lambda: _planar_weights(a, d, b, bias, nhwc))
@@ -154,8 +202,11 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
                                    dw1=g.dw, kw2=0, pw2=0, dw2=1, o=g.o, oh=g.oh, ow=g.ow,
                                    z=1, depthwise=1)
         return planar.bind(x, weights, geometry, out_shape, store)
-    weights = [t for t in (a, d, b, bias, bias1, out_map) if t is not None]
-    prepared = reuse(store, "weights", weights,
-                     lambda: _prepare(lib, a, d, b, bias, bias1, out_map))
-    args = g.copy(**{name: None if t is None else t.data_ptr() for name, t in prepared.items()})
+    given = (a, d, b, bias, bias1, out_map, bias2)
+    # which are given, too: one tensor in another role must not find these prepared forms
+    prepared = reuse(store, "weights", [t for t in given if t is not None],
+                     lambda: _prepare(lib, a, d, b, bias, bias1, out_map, bias2),
+                     tuple(t is not None for t in given))
+    args = g.copy(**{name: None if t is None else t.data_ptr() for name, t in prepared.items()},
+                  act1=codes[0], act2=codes[1], residual=int(residual))
     return bound_call(lib.pdp_forward, args, per, x.shape, out_shape, nhwc, store, prepared)
