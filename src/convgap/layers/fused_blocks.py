@@ -6,6 +6,8 @@ Each module holds the block's folded parameters as its own ``nn.Parameter`` s (s
 - :meth:`reference`: the block's torch ops (``F.conv2d``, the activations, the add), used
   where a fast path must step aside (autograd, ``torch.jit.trace``, ONNX export,
   ``torch.compile``, another device or dtype): the same result, and training works;
+- on a CUDA GPU (inference), the block's one-launch Triton kernel where it has one
+  (inverted residual, ConvFirst; :mod:`convgap.kernels.triton.blocks`), fp32 / fp16 / bf16;
 - the fast path (CPU, fp32, inference): one bound plan per input shape, built once and kept
   while the parameters are unchanged (:func:`convgap.ops.memo.reuse`), calling oneDNN with
   packed weights (:func:`convgap.ops.onednn.pack_conv`) in channels_last, every activation,
@@ -25,8 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import choice, config
 from ..algorithms.spec import explicit_padding
+from ..kernels.cpu import pdp
+from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
+from ..kernels.triton import blocks as gpu_blocks
 from ..ops import activations, onednn
+from ..ops.layouts import layout_of
 from ..ops.guard import may_run_fast, observed
 from ..ops.memo import reuse
 
@@ -141,7 +148,23 @@ class FusedBlock(nn.Module):
                 and params[0].dtype == torch.float32 and may_run_fast(x, params)
                 and not observed())
 
+    def gpu_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The block's one-launch Triton kernel for inputs like ``x`` (a CUDA tensor, or any
+        under ``TRITON_INTERPRET=1``), or None where the block has none or it does not
+        apply (:func:`convgap.kernels.triton.blocks.supports`)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            params = self._params_list
+            if params is None:
+                params = self._params_list = list(self.parameters())
+            if may_run_fast(x, params) and not observed():
+                run = reuse(self._store, "gpu", params, lambda: self.gpu_call(x) or False,
+                            (x.shape, x.stride(), x.dtype))
+                if run:
+                    return run(x)
+            return self.reference(x)
         if not self.fast_path_ok(x):
             return self.reference(x)
         run = reuse(self._store, "plan", self._params_list, lambda: self._bind(x),
@@ -252,16 +275,94 @@ class FusedBottleneck(FusedConvChain):
 
 
 class FusedConvFirst(FusedConvChain):
-    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x."""
+    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x. On a GPU, one
+    Triton launch (:func:`convgap.kernels.triton.blocks.convfirst`)."""
     block_kind = "convfirst"
     pattern = "convfirst"
+
+    def gpu_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        g, expand, project = self.convs
+        e, c = expand.weight.shape[:2]
+        if tuple(g.stride) != (1, 1) or tuple(g.dilation) != (1, 1) or \
+                tuple(g.padding) != (g.kernel_size[0] // 2, g.kernel_size[1] // 2):
+            return None
+        ops = (g.weight.detach(), g.bias.detach(), expand.weight.detach().reshape(e, c),
+               expand.bias.detach(), project.weight.detach().reshape(c, e),
+               project.bias.detach())
+        if gpu_blocks.supports("convfirst", x, *ops, act=self.acts[1]) is not None:
+            return None
+        return lambda x: gpu_blocks.convfirst(x, *ops, act=self.acts[1])
 
 
 class FusedInvertedResidual(FusedConvChain):
     """MobileNetV2 inverted residual: 1x1 expand + act, depthwise + act, 1x1 project
-    (+ x when shapes allow); the no-expand variant starts at the depthwise conv."""
+    (+ x when shapes allow); the no-expand variant starts at the depthwise conv.
+
+    Two fast paths, chosen per input shape by measurement (:mod:`convgap.choice`, kind
+    'fused_inverted_residual', the oneDNN chain the incumbent): the oneDNN chain of
+    :class:`FusedConvChain`, and convgap's C kernel (:func:`convgap.kernels.cpu.pdp.bind`),
+    one pass over bands of output rows with the expanded intermediate (6x the block's
+    width) kept in each thread's cache-sized scratch, the activations, biases and the
+    residual add in its epilogues (AVX-512 CPUs; with three convolutions and activations
+    it knows)."""
     block_kind = "inverted_residual"
     pattern = "inverted_residual"
+    KIND = "fused_inverted_residual"
+    kernel_choice: str | None = None  # what the last bound plan runs: "onednn" or "kernel"
+
+    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The C kernel bound to inputs like ``x``, or None where it does not apply."""
+        if len(self.convs) != 3 or not pdp.available() or any(
+                a not in KERNEL_ACTIVATIONS for a in self.acts[:2]):
+            return None
+        expand, dw, project = self.convs
+        r, c = expand.weight.shape[:2]
+        store = self._store.setdefault("kernel", {})
+        with torch.no_grad():
+            a = expand.weight.detach().reshape(r, c).t()
+            d = dw.weight.detach().reshape(r, *dw.kernel_size)
+            b = project.weight.detach().reshape(project.out_channels, r)
+        return pdp.bind(x, a, d, b, project.bias.detach(), tuple(dw.stride),
+                        tuple(dw.padding), tuple(dw.dilation), store, False,
+                        expand.bias.detach(), bias2=dw.bias.detach(), act1=self.acts[0],
+                        act2=self.acts[1], residual=self.identity)
+
+    def gpu_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if len(self.convs) == 3:
+            expand, dw, project = self.convs
+            r, c = expand.weight.shape[:2]
+            a, bias1 = expand.weight.detach().reshape(r, c).t(), expand.bias.detach()
+        elif len(self.convs) == 2:
+            (dw, project), a, bias1 = self.convs, None, None
+            r = dw.out_channels
+        else:
+            return None
+        if self.acts[0] != self.acts[-2] or tuple(dw.padding)[0] != tuple(dw.padding)[1] \
+                or tuple(dw.stride)[0] != tuple(dw.stride)[1] or tuple(dw.dilation) != (1, 1):
+            return None
+        ops = (a, bias1, dw.weight.detach().reshape(r, *dw.kernel_size), dw.bias.detach(),
+               project.weight.detach().reshape(project.out_channels, r),
+               project.bias.detach())
+        opts = dict(stride=dw.stride[0], padding=dw.padding[0], act=self.acts[0],
+                    residual=self.identity)
+        if gpu_blocks.supports("inverted_residual", x, *ops, **opts) is not None:
+            return None
+        return lambda x: gpu_blocks.inverted_residual(x, *ops, **opts)
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        chain = super()._bind(x)
+        kernel = self._kernel(x)
+        if kernel is None:
+            return chain
+        key = (tuple(x.shape), layout_of(x), repr(self),
+               tuple(tuple(c.weight.shape) for c in self.convs))
+        cands = [choice.Candidate("onednn", lambda: chain(x)),
+                 choice.Candidate("kernel", lambda: kernel(x), 1e-5)]
+        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
+                             rounds=config.KERNEL_ROUNDS,
+                             confirm=config.KERNEL_ROUNDS).choice
+        self.kernel_choice = name
+        return kernel if name == "kernel" else chain
 
 
 class FusedMBConv(FusedBlock):

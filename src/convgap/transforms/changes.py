@@ -6,7 +6,9 @@ Nothing is kept on the model: a swapped layer is an :class:`AlgoConv2d` / :class
 structure); so after any later edit (a layer put back, replaced, swapped again) the list
 still says what the model is. Two attributes are set by :func:`convgap.factorize` on the
 modules it decides about: ``approximation_error`` on a new layer, and ``convgap_left`` (the
-reason) on a dense layer it measured and kept. :func:`convgap.fold_batchnorm` replaces each
+reason) on a dense layer it measured and kept. :func:`convgap.fuse` sets ``convgap_fused``
+(its pattern, error and times) on each fused module and ``convgap_left`` on each block it
+left. :func:`convgap.fold_batchnorm` replaces each
 BatchNorm it folds by an ``nn.Identity`` carrying ``convgap_folded_into`` (the name of the
 conv / linear that now computes it), and sets ``convgap_left`` on each BatchNorm it leaves.
 """
@@ -23,11 +25,12 @@ from ..algorithms.module import AlgoConv2d
 from ..layers import FlattenedConv2d, TensorialConv2d
 from .eligible import blocker
 
-__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR", "FOLDED_ATTR"]
+__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR", "FOLDED_ATTR", "FUSED_ATTR"]
 
 ERROR_ATTR = "approximation_error"  # on a factorized layer: its relative output error
 LEFT_ATTR = "convgap_left"  # on a dense layer factorize kept, a BatchNorm fold left: why
 FOLDED_ATTR = "convgap_folded_into"  # on the Identity standing for a folded BatchNorm
+FUSED_ATTR = "convgap_fused"  # on a module fuse built: its pattern and measurements (a dict)
 
 
 @dataclass
@@ -35,11 +38,12 @@ class Change:
     """One layer a transform rebuilt, or left as it is.
 
     ``transform``: 'swap', 'factorize', 'fold' (a BatchNorm folded into the conv / linear
-    before it, named by ``into``; the module is now an ``nn.Identity``), or 'left' (a
+    before it, named by ``into``; the module is now an ``nn.Identity``), 'fuse' (a block
+    run as one fused module; ``tuning`` holds its chain, error and times), or 'left' (a
     Conv2d / Linear that every transform leaves as it is, one factorize measured and kept
-    dense, or a BatchNorm fold left as it is; ``reason`` says why).
+    dense, a BatchNorm fold left as it is, a block fuse left; ``reason`` says why).
     ``runs``: swap: the algorithm the layer runs; factorize: the factorization ('cp',
-    'tucker', 'tt', 'tr', 'rcp', 'flattened'). ``requested``, ``layout`` (the input layout
+    'tucker', 'tt', 'tr', 'rcp', 'flattened'); fuse: the block pattern. ``requested``, ``layout`` (the input layout
     'auto' tuned on) and ``tuning`` (the measured candidates, seconds): swap only; ``reason``
     for a swapped layer: why the request was not honoured. ``ranks``, ``error`` (relative
     output error on the example input, None if not measured): factorize only. ``params``:
@@ -92,6 +96,11 @@ def _change(name: str, m: nn.Module) -> Change | None:
     if isinstance(m, nn.Identity) and hasattr(m, FOLDED_ATTR):
         return Change(name, "fold", into=getattr(m, FOLDED_ATTR))
     if isinstance(m, _BatchNorm) and hasattr(m, LEFT_ATTR):
+        return Change(name, "left", reason=getattr(m, LEFT_ATTR))
+    info = getattr(m, FUSED_ATTR, None)
+    if info is not None:
+        return Change(name, "fuse", info["pattern"], error=info.get("error"), tuning=info)
+    if hasattr(m, LEFT_ATTR):  # a block fuse matched or saw and left
         return Change(name, "left", reason=getattr(m, LEFT_ATTR))
     return None
 

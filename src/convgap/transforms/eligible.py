@@ -83,12 +83,17 @@ class Found:
 
 
 def find_layers(model: nn.Module, example_input, linear: bool = False) -> Found:
-    """Names of the rebuildable Conv2d layers (and, with ``linear``, Linear layers) in
-    forward order (module order without an input), the Conv2d / Linear layers that must be
+    """Names of the rebuildable Conv2d layers (and, with ``linear``, Linear layers; not
+    those inside a fused block, which runs them itself) in forward order (module order without an input), the Conv2d / Linear layers that must be
     left as they are (:func:`blocker`), and the input of each
     one's first call and the model's output when ``example_input`` is given."""
+    from ..layers.fused_blocks import FusedBlock
     names, skipped = {}, {}
+    # a fused block's convolutions hold its parameters; the block runs them itself
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, FusedBlock))
     for n, m in model.named_modules():
+        if inside and n.startswith(inside):
+            continue
         if isinstance(m, nn.Conv2d) or (linear and isinstance(m, nn.Linear)):
             reason = blocker(m)
             if reason is None:

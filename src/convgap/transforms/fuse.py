@@ -24,7 +24,7 @@ from ..errors import ConvgapError
 from ..layers.fused_blocks import FusedBlock
 from ..ops.layouts import layout_of
 from ..progress import make_progress
-from .changes import LEFT_ATTR
+from .changes import FUSED_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
 from .patterns import PATTERNS, Chain, Pattern, describe, match
@@ -35,7 +35,6 @@ __all__ = ["fuse", "fused_blocks", "BlockRow", "FusionWarning", "FUSED_ATTR",
            "TOLERANCE"]
 
 TOLERANCE = 1e-4   # fp32 relative error of a fused block against the block it replaces
-FUSED_ATTR = "convgap_fused"  # on a fused module: what it replaced, measured (a dict)
 
 
 class FusionWarning(UserWarning):
