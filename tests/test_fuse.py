@@ -345,3 +345,23 @@ def test_gpu_path_is_the_triton_kernel_and_agrees():
     out = run_interpreted(_GPU_SCRIPT)
     assert len(out) == 4 and None not in out
     assert max(out) < 1e-4
+
+
+@pytest.mark.parametrize("runs", ["onednn", "kernel"])
+@pytest.mark.parametrize("name, kind", [("mobilenet_v2", "fused_inverted_residual"),
+                                        ("efficientnet_b0", "fused_mbconv")])
+def test_both_fast_paths_agree(name, kind, runs, always_fuse):
+    """Inverted residuals and MBConv blocks run the oneDNN chain or the C kernel (as the
+    measured choice decides): each, forced, agrees with the unfused model."""
+    if runs == "kernel" and not kernels.available():
+        pytest.skip("the C kernels need AVX-512")
+    torch.manual_seed(0)
+    net = randomize_bn(models.create(name, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with choice.forced({kind: runs}):
+        f = fuse(net, x, quiet=True)
+        with torch.no_grad():
+            assert rel(f(x), net(x)) < 1e-4
+    chose = {m.kernel_choice for m in fused_modules(f).values()
+             if m.pattern in ("inverted_residual", "mbconv")}
+    assert runs in chose and chose <= {runs, None}  # None: a block without the kernel

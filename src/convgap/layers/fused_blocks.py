@@ -370,13 +370,16 @@ class FusedMBConv(FusedBlock):
     (global mean, 1x1 reduce + act, 1x1 expand + gate), 1x1 project (+ x).
 
     Two passes, as the squeeze needs the whole depthwise output before the projection:
-    pass 1 runs the expansion and the depthwise conv (their activations as post-ops) and
+    pass 1 runs the expansion and the depthwise conv (their activations as post-ops; or,
+    where it measures faster, convgap's C kernel keeping the expansion in cache) and
     writes the depthwise output once; the squeeze (a mean and two tiny GEMMs) follows;
     pass 2 scales that output in place by the gate and runs the projection with the
     residual add as its post-op."""
 
     block_kind = "mbconv"
     pattern = "mbconv"
+    KIND = "fused_mbconv"
+    kernel_choice: str | None = None  # what pass 1 of the last bound plan runs
 
     def __init__(self, expand: nn.Conv2d | None, act: str, depthwise: nn.Conv2d,
                  dw_act: str, reduce: nn.Conv2d, se_act: str, unreduce: nn.Conv2d,
@@ -423,13 +426,48 @@ class FusedMBConv(FusedBlock):
         else:
             project, _ = _bind_conv(self.project, shape, None)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            x = x.contiguous(memory_format=_CL)
-            v = dw(x if expand is None else expand(x))
+        def squeeze_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             s = gate(F.linear(se_act(F.linear(v.mean((2, 3)), rw, rb)), uw, ub))
             v.mul_(s[:, :, None, None])
             return add(v, x) if self.residual else project(v)
-        return run
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=_CL)
+            return squeeze_project(x, dw(x if expand is None else expand(x)))
+
+        first = self._kernel(x.contiguous(memory_format=_CL))
+        if first is None:
+            return run
+
+        def run_kernel(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=_CL)
+            return squeeze_project(x, first(x))
+        xc = x.contiguous(memory_format=_CL)
+        key = (tuple(x.shape), repr(self), tuple(self.depthwise.weight.shape),
+               tuple(self.project.weight.shape))
+        cands = [choice.Candidate("onednn", lambda: run(xc)),
+                 choice.Candidate("kernel", lambda: run_kernel(xc), 1e-5)]
+        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
+                             rounds=config.KERNEL_ROUNDS,
+                             confirm=config.KERNEL_ROUNDS).choice
+        self.kernel_choice = name
+        return run_kernel if name == "kernel" else run
+
+    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The first pass (expansion and depthwise conv with their activations) as
+        convgap's C kernel (:func:`convgap.kernels.cpu.pdp.bind` without its last 1x1),
+        bound to inputs like ``x``; None where it does not apply."""
+        if self.expand is None or not pdp.available() or any(
+                a not in KERNEL_ACTIVATIONS for a in (self.act, self.dw_act)):
+            return None
+        e, dw = self.expand, self.depthwise
+        r, c = e.weight.shape[:2]
+        a = e.weight.detach().reshape(r, c).t()
+        d = dw.weight.detach().reshape(r, *dw.kernel_size)
+        return pdp.bind(x, a, d, None, None, tuple(dw.stride), tuple(dw.padding),
+                        tuple(dw.dilation), self._store.setdefault("kernel", {}), False,
+                        e.bias.detach(), bias2=dw.bias.detach(), act1=self.act,
+                        act2=self.dw_act)
 
 
 class FusedConvNeXt(FusedBlock):
