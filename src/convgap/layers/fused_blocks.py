@@ -174,6 +174,23 @@ class FusedBlock(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    KIND = "fused_block"  # the measured choice's kind for this block's fast paths
+    kernel_choice: str | None = None  # what the last bound plan runs: 'onednn' or 'kernel'
+
+    def _choose(self, x: torch.Tensor, onednn_run: Callable, kernel_run: Callable,
+                shapes: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The faster of the oneDNN path and convgap's C kernel on inputs like ``x`` (the
+        one measured choice, :mod:`convgap.choice`: the kernel verified against the
+        oneDNN path, kept only past the margin), recorded in ``kernel_choice``."""
+        key = (tuple(x.shape), layout_of(x), repr(self), shapes)
+        cands = [choice.Candidate("onednn", lambda: onednn_run(x)),
+                 choice.Candidate("kernel", lambda: kernel_run(x), 1e-5)]
+        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
+                             rounds=config.KERNEL_ROUNDS,
+                             confirm=config.KERNEL_ROUNDS).choice
+        self.kernel_choice = name
+        return kernel_run if name == "kernel" else onednn_run
+
     def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -308,7 +325,6 @@ class FusedInvertedResidual(FusedConvChain):
     block_kind = "inverted_residual"
     pattern = "inverted_residual"
     KIND = "fused_inverted_residual"
-    kernel_choice: str | None = None  # what the last bound plan runs: "onednn" or "kernel"
 
     def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The C kernel bound to inputs like ``x``, or None where it does not apply."""
@@ -354,15 +370,8 @@ class FusedInvertedResidual(FusedConvChain):
         kernel = self._kernel(x)
         if kernel is None:
             return chain
-        key = (tuple(x.shape), layout_of(x), repr(self),
-               tuple(tuple(c.weight.shape) for c in self.convs))
-        cands = [choice.Candidate("onednn", lambda: chain(x)),
-                 choice.Candidate("kernel", lambda: kernel(x), 1e-5)]
-        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
-                             rounds=config.KERNEL_ROUNDS,
-                             confirm=config.KERNEL_ROUNDS).choice
-        self.kernel_choice = name
-        return kernel if name == "kernel" else chain
+        return self._choose(x, chain, kernel,
+                            tuple(tuple(c.weight.shape) for c in self.convs))
 
 
 class FusedMBConv(FusedBlock):
@@ -379,7 +388,6 @@ class FusedMBConv(FusedBlock):
     block_kind = "mbconv"
     pattern = "mbconv"
     KIND = "fused_mbconv"
-    kernel_choice: str | None = None  # what pass 1 of the last bound plan runs
 
     def __init__(self, expand: nn.Conv2d | None, act: str, depthwise: nn.Conv2d,
                  dw_act: str, reduce: nn.Conv2d, se_act: str, unreduce: nn.Conv2d,
@@ -442,16 +450,8 @@ class FusedMBConv(FusedBlock):
         def run_kernel(x: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=_CL)
             return squeeze_project(x, first(x))
-        xc = x.contiguous(memory_format=_CL)
-        key = (tuple(x.shape), repr(self), tuple(self.depthwise.weight.shape),
-               tuple(self.project.weight.shape))
-        cands = [choice.Candidate("onednn", lambda: run(xc)),
-                 choice.Candidate("kernel", lambda: run_kernel(xc), 1e-5)]
-        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
-                             rounds=config.KERNEL_ROUNDS,
-                             confirm=config.KERNEL_ROUNDS).choice
-        self.kernel_choice = name
-        return run_kernel if name == "kernel" else run
+        return self._choose(x, run, run_kernel, (tuple(self.depthwise.weight.shape),
+                                                 tuple(self.project.weight.shape)))
 
     def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The first pass (expansion and depthwise conv with their activations) as

@@ -485,15 +485,6 @@ def _mbconv_parts(chain: Chain) -> tuple | str:
             se[3].module, se[4].arg, ops[3].module, chain.shortcut == [])
 
 
-def _mbconv_match(chain: Chain) -> str | None:
-    parts = _mbconv_parts(chain)
-    return parts if isinstance(parts, str) else None
-
-
-def _mbconv_build(chain: Chain) -> nn.Module:
-    return fb.FusedMBConv(*_mbconv_parts(chain))
-
-
 def _convnext_parts(chain: Chain) -> tuple | str:
     ops = chain.body
     kinds = [o.kind for o in ops]
@@ -519,25 +510,29 @@ def _convnext_parts(chain: Chain) -> tuple | str:
     return dw.module, ln.module, fc1.module, act.arg, fc2.module, scale
 
 
-def _convnext_match(chain: Chain) -> str | None:
-    parts = _convnext_parts(chain)
-    return parts if isinstance(parts, str) else None
+def _from_parts(parts: Callable[[Chain], tuple | str], cls: type
+                ) -> tuple[Callable[[Chain], str | None], Callable[[Chain], nn.Module]]:
+    """(match, build) of a pattern whose ``parts(chain)`` is the fused module's arguments
+    or why the chain is not the pattern."""
+    def matches(chain: Chain) -> str | None:
+        got = parts(chain)
+        return got if isinstance(got, str) else None
 
-
-def _convnext_build(chain: Chain) -> nn.Module:
-    return fb.FusedConvNeXt(*_convnext_parts(chain))
+    def build(chain: Chain) -> nn.Module:
+        return cls(*parts(chain))
+    return matches, build
 
 
 for _p in (
     Pattern("inverted_residual", _shape_rule("inverted_residual", _ir_rule),
             _builder(fb.FusedInvertedResidual)),
-    Pattern("mbconv", _mbconv_match, _mbconv_build),
+    Pattern("mbconv", *_from_parts(_mbconv_parts, fb.FusedMBConv)),
     Pattern("basic", _shape_rule("basic", _basic_rule), _builder(fb.FusedBasicBlock)),
     Pattern("bottleneck", _shape_rule("bottleneck", _bottleneck_rule),
             _builder(fb.FusedBottleneck)),
     Pattern("convfirst", _shape_rule("convfirst", _convfirst_rule),
             _builder(fb.FusedConvFirst)),
-    Pattern("convnext", _convnext_match, _convnext_build),
+    Pattern("convnext", *_from_parts(_convnext_parts, fb.FusedConvNeXt)),
     Pattern("conv_act", _shape_rule("conv_act", _conv_act_rule), _builder(fb.FusedConvAct)),
     Pattern("conv_chain", _shape_rule("conv_chain", _any_chain_rule),
             _builder(fb.FusedConvChain)),
