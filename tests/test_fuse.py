@@ -365,3 +365,12 @@ def test_both_fast_paths_agree(name, kind, runs, always_fuse):
     chose = {m.kernel_choice for m in fused_modules(f).values()
              if m.pattern in ("inverted_residual", "mbconv")}
     assert runs in chose and chose <= {runs, None}  # None: a block without the kernel
+
+
+def test_stages_holding_fused_blocks_are_not_reported_left(always_fuse):
+    net = randomize_bn(models.create("efficientnet_b0", num_classes=10))
+    f = fuse(net, torch.randn(1, 3, 32, 32), quiet=True)
+    left = [c.name for c in changes(f) if c.transform == "left"]
+    # the stem-to-head Sequentials hold fused blocks: none of them is a block left as is
+    assert not any(n.startswith("features") and n.count(".") == 1 for n in left), left
+    assert [c for c in changes(f) if c.transform == "fuse"]

@@ -73,8 +73,11 @@ def _find(model: nn.Module, wanted, patterns: dict[str, Pattern]
             if chain.shortcut is not None:
                 left[name] = "; ".join(f"{k}: {v}" for k, v in why.items()) or (
                     f"pattern {pattern.name} not selected" if pattern else "no pattern")
+        before = len(found)
         for child_name, child in module.named_children():
             visit(child, f"{name}.{child_name}" if name else child_name)
+        if len(found) > before:  # a container of blocks (a stage), not a block left
+            left.pop(name, None)
     visit(model, "")
     return found, left
 
