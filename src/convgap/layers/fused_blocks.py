@@ -327,21 +327,28 @@ class FusedInvertedResidual(FusedConvChain):
     KIND = "fused_inverted_residual"
 
     def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The C kernel bound to inputs like ``x``, or None where it does not apply."""
-        if len(self.convs) != 3 or not pdp.available() or any(
-                a not in KERNEL_ACTIVATIONS for a in self.acts[:2]):
+        """The C kernel bound to inputs like ``x``, or None where it does not apply. The
+        no-expand variant runs it with an identity expansion (C more MACs per pixel, the
+        depthwise input still read once and the intermediate kept in cache)."""
+        acts = self.acts[-3:-1] if len(self.convs) == 3 else ["none", self.acts[0]]
+        if len(self.convs) not in (2, 3) or not pdp.available() or any(
+                a not in KERNEL_ACTIVATIONS for a in acts):
             return None
-        expand, dw, project = self.convs
-        r, c = expand.weight.shape[:2]
+        dw, project = self.convs[-2:]
+        r = dw.out_channels
         store = self._store.setdefault("kernel", {})
         with torch.no_grad():
-            a = expand.weight.detach().reshape(r, c).t()
+            if len(self.convs) == 3:
+                expand = self.convs[0]
+                a, bias1 = expand.weight.detach().reshape(r, -1).t(), expand.bias.detach()
+            else:  # kept in the store: the kernel's packed copy follows a's identity
+                a, bias1 = store.setdefault("eye", torch.eye(r, dtype=x.dtype)), None
             d = dw.weight.detach().reshape(r, *dw.kernel_size)
             b = project.weight.detach().reshape(project.out_channels, r)
         return pdp.bind(x, a, d, b, project.bias.detach(), tuple(dw.stride),
-                        tuple(dw.padding), tuple(dw.dilation), store, False,
-                        expand.bias.detach(), bias2=dw.bias.detach(), act1=self.acts[0],
-                        act2=self.acts[1], residual=self.identity)
+                        tuple(dw.padding), tuple(dw.dilation), store, False, bias1,
+                        bias2=dw.bias.detach(), act1=acts[0], act2=acts[1],
+                        residual=self.identity)
 
     def gpu_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if len(self.convs) == 3:
