@@ -388,7 +388,8 @@ class FusedMBConv(FusedBlock):
     Two passes, as the squeeze needs the whole depthwise output before the projection:
     pass 1 runs the expansion and the depthwise conv (their activations as post-ops; or,
     where it measures faster, convgap's C kernel keeping the expansion in cache) and
-    writes the depthwise output once; the squeeze (a mean and two tiny GEMMs) follows;
+    writes the depthwise output once; the squeeze (a mean and two tiny GEMMs, their
+    activations as post-ops) follows;
     pass 2 scales that output in place by the gate and runs the projection with the
     residual add as its post-op."""
 
@@ -432,17 +433,20 @@ class FusedMBConv(FusedBlock):
             expand, shape = _bind_conv(self.expand, shape, self.act)
         dw, shape = _bind_conv(self.depthwise, shape, self.dw_act)
         r, u = self.reduce, self.unreduce
-        rw, rb = r.weight.detach().flatten(1), r.bias.detach()
-        uw, ub = u.weight.detach().flatten(1), u.bias.detach()
-        se_act = activations.ACTIVATIONS[self.se_act].fn
-        gate = activations.ACTIVATIONS[self.gate].fn
+        # the squeeze's two GEMMs on oneDNN, weights packed for N rows, their activations
+        # as post-ops: three calls (mean, two linears) where torch needs five
+        n = shape[0]
+        rw = onednn.pack_linear(r.weight.flatten(1), n, torch.float32)
+        uw = onednn.pack_linear(u.weight.flatten(1), n, torch.float32)
+        rb, ub = r.bias.detach(), u.bias.detach()
+        se_op, gate_op = activations.post_op(self.se_act), activations.post_op(self.gate)
         if self.residual:
             add = _bind_conv_add(self.project, shape, None)
         else:
             project, _ = _bind_conv(self.project, shape, None)
 
         def squeeze_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            s = gate(F.linear(se_act(F.linear(v.mean((2, 3)), rw, rb)), uw, ub))
+            s = _linear_pw(_linear_pw(v.mean((2, 3)), rw, rb, *se_op), uw, ub, *gate_op)
             v.mul_(s[:, :, None, None])
             return add(v, x) if self.residual else project(v)
 
