@@ -218,3 +218,20 @@ def test_factorize_and_tune_list_subclasses_left_as_they_are(capsys, user_module
 def test_tune_unknown_algorithm_lists_them(capsys):
     code, _, err = run(capsys, "tune", "resnet18", "--algos", "winogradd", "--quiet")
     assert code == 2 and "unknown algorithm 'winogradd'" in err and "prepacked" in err
+
+
+def test_fuse_prints_blocks_and_writes_json(capsys, user_module, small_roofs, tmp_path):
+    import json
+    from convgap import choice
+    with choice.forced({"fuse": "fused"}):
+        code, out, err = run(capsys, "fuse", "mobilenet_v2", "--image-size", "32",
+                             "--threads", "1", "--quiet", "--layers", "features.2",
+                             "features.3", "--json", str(tmp_path / "f.json"))
+    assert code == 0, err
+    assert "inverted_residual" in out and "whole model:" in out and "2 blocks fused" in out
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert [b["name"] for b in data["blocks"]] == ["features.2", "features.3"]
+    assert all(b["flops"] > 0 and b["roofline_s"] > 0 for b in data["blocks"])
+    code, _, err = run(capsys, "fuse", "mobilenet_v2", "--patterns", "nope", "--quiet",
+                       "--image-size", "32")
+    assert code == 2 and "unknown block patterns" in err

@@ -14,25 +14,10 @@ import convgap
 from convgap import ConvgapError, config, timing
 from convgap.algorithms import AlgoConv2d
 import convgap.transforms.fold as fold
+from batchnorm import randomize
 from convgap.transforms import changes, compare, fold_batchnorm, swap
 
 X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters in every BatchNorm, so that a fold
-    that ignored any of them would disagree with the original."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    return model.eval()
 
 
 def rel(y, ref) -> float:

@@ -10,31 +10,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convgap import ConvgapError, choice, count, models
+from convgap.kernels import cpu as kernels
 from convgap.layers import fused_blocks as fb
 from convgap.transforms import changes
 from convgap.transforms.changes import LEFT_ATTR
 from convgap.transforms.fold import fold_batchnorm
 from convgap.transforms.fuse import FUSED_ATTR, FusionWarning, fuse
 from convgap.transforms.patterns import PATTERNS, Pattern, describe, match, register
+from batchnorm import randomize
 
-kernels = pytest.importorskip("convgap.kernels.cpu")
 
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randomize_bn(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial batch-norm statistics, so that a wrong fold cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return net.eval()
 
 
 def fused_modules(net):
@@ -60,7 +48,7 @@ ZOO = {
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_blocks_fused_exact(name, always_fuse):
     torch.manual_seed(0)
-    net = randomize_bn(models.create(name, num_classes=10))
+    net = randomize(models.create(name, num_classes=10))
     x = torch.randn(2, 3, 64, 64)
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     f = fuse(net, x, quiet=True)
@@ -81,7 +69,7 @@ def test_zoo_blocks_fused_exact(name, always_fuse):
 
 def test_resnet50_bottleneck_with_projection(always_fuse):
     torch.manual_seed(0)
-    net = randomize_bn(models.create("resnet50", num_classes=10))
+    net = randomize(models.create("resnet50", num_classes=10))
     x = torch.randn(1, 3, 64, 64)
     f = fuse(net, x, quiet=True)
     found = fused_modules(f)
@@ -157,7 +145,7 @@ class TimmStyleSE(nn.Module):
 ])
 def test_third_party_blocks_recognised(block, pattern, always_fuse):
     torch.manual_seed(1)
-    m = randomize_bn(block())
+    m = randomize(block())
     net = nn.Sequential(m).eval()
     x = torch.randn(2, m.conv1.in_channels if hasattr(m, "conv1") else 16, 12, 12)
     f = fuse(net, x, quiet=True)
@@ -217,7 +205,7 @@ def test_disagreeing_fused_block_is_not_kept(monkeypatch, always_fuse):
 
 
 def test_selection_and_errors(always_fuse):
-    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    net = randomize(models.create("mobilenet_v2", num_classes=10))
     x = torch.randn(1, 3, 32, 32)
     f = fuse(net, x, quiet=True, layers=["features.2", "features.3"])
     assert sorted(fused_modules(f)) == ["features.2", "features.3"]
@@ -231,10 +219,10 @@ def test_selection_and_errors(always_fuse):
 
 def test_state_dict_round_trip(always_fuse):
     torch.manual_seed(0)
-    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    net = randomize(models.create("mobilenet_v2", num_classes=10))
     x = torch.randn(1, 3, 32, 32)
     f = fuse(net, x, quiet=True)
-    other = fuse(randomize_bn(models.create("mobilenet_v2", num_classes=10), seed=5), x,
+    other = fuse(randomize(models.create("mobilenet_v2", num_classes=10), seed=5), x,
                  quiet=True)
     buf = io.BytesIO()
     torch.save(f.state_dict(), buf)
@@ -248,7 +236,7 @@ def test_state_dict_round_trip(always_fuse):
 
 def test_trace_export_and_training_use_the_torch_ops(always_fuse):
     torch.manual_seed(0)
-    net = randomize_bn(models.create("resnet18", num_classes=10))
+    net = randomize(models.create("resnet18", num_classes=10))
     x = torch.randn(1, 3, 32, 32)
     f = fuse(net, x, quiet=True)
     with torch.no_grad():
@@ -274,7 +262,7 @@ def test_trace_export_and_training_use_the_torch_ops(always_fuse):
 
 def test_count_sees_what_the_fused_blocks_compute(always_fuse):
     torch.manual_seed(0)
-    net = randomize_bn(models.create("mobilenet_v2", num_classes=10))
+    net = randomize(models.create("mobilenet_v2", num_classes=10))
     x = torch.randn(1, 3, 32, 32)
     f = fuse(net, x, quiet=True)
     folded = fold_batchnorm(net, x, quiet=True)
@@ -356,7 +344,7 @@ def test_both_fast_paths_agree(name, kind, runs, always_fuse):
     if runs == "kernel" and not kernels.available():
         pytest.skip("the C kernels need AVX-512")
     torch.manual_seed(0)
-    net = randomize_bn(models.create(name, num_classes=10))
+    net = randomize(models.create(name, num_classes=10))
     x = torch.randn(2, 3, 64, 64)
     with choice.forced({kind: runs}):
         f = fuse(net, x, quiet=True)
@@ -368,7 +356,7 @@ def test_both_fast_paths_agree(name, kind, runs, always_fuse):
 
 
 def test_stages_holding_fused_blocks_are_not_reported_left(always_fuse):
-    net = randomize_bn(models.create("efficientnet_b0", num_classes=10))
+    net = randomize(models.create("efficientnet_b0", num_classes=10))
     f = fuse(net, torch.randn(1, 3, 32, 32), quiet=True)
     left = [c.name for c in changes(f) if c.transform == "left"]
     # the stem-to-head Sequentials hold fused blocks: none of them is a block left as is

@@ -14,9 +14,11 @@ Every user error prints one line ``convgap: error: ...`` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -316,8 +318,6 @@ def _cmd_fuse(args: argparse.Namespace, console: Console) -> int:
     for c in left:
         console.print(f"left as it is: {c.name}: {c.reason}")
     if args.json is not None:
-        import json
-        from dataclasses import asdict
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "model": args.model, "input_shape": list(x.shape), "layout": args.layout,

@@ -21,6 +21,7 @@ Inputs in either memory format; outputs in channels_last on the fast path (value
 
 from __future__ import annotations
 
+import abc
 from typing import Callable, Sequence
 
 import torch
@@ -36,6 +37,7 @@ from ..ops import activations, onednn
 from ..ops.layouts import layout_of
 from ..ops.guard import may_run_fast, observed
 from ..ops.memo import reuse
+from ..ops.sizes import conv_length
 
 __all__ = ["FusedBlock", "FusedConvChain", "FusedConvAct", "FusedInvertedResidual",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst", "FusedMBConv",
@@ -68,25 +70,27 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return c
 
 
-def _geometry(conv: nn.Conv2d) -> tuple[list, list, list, int]:
-    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+def _packed(conv: nn.Conv2d, shape: Sequence[int]) -> tuple:
+    """``conv``'s oneDNN operands for a channels_last input of ``shape``: the weight
+    packed now, the bias, padding, stride, dilation, groups."""
+    pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+    w = onednn.pack_conv(conv.weight, pad, stride, dil, conv.groups, shape)
+    return w, conv.bias.detach(), pad, stride, dil, conv.groups
 
 
 def _out_shape(conv: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int, int, int]:
     n, _, h, w = shape
     (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
     kh, kw = conv.kernel_size
-    return (n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return (n, conv.out_channels, conv_length(h, kh, sh, (ph, ph), dh),
+            conv_length(w, kw, sw, (pw, pw), dw))
 
 
 def _bind_conv(conv: nn.Conv2d, shape: Sequence[int], act: str | None
                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple]:
     """A call running ``conv`` + ``act`` on a channels_last input of ``shape`` on oneDNN
     (weight packed now), and its output shape."""
-    pad, stride, dil, groups = _geometry(conv)
-    w = onednn.pack_conv(conv.weight, pad, stride, dil, groups, shape)
-    b = conv.bias.detach()
+    w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(act)
 
     def call(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +102,7 @@ def _bind_conv_add(conv: nn.Conv2d, shape: Sequence[int], post: str | None
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A call ``(x, other) -> post(conv(x) + other)`` on oneDNN (binary add post-op, then
     the activation)."""
-    pad, stride, dil, groups = _geometry(conv)
-    w = onednn.pack_conv(conv.weight, pad, stride, dil, groups, shape)
-    b = conv.bias.detach()
+    w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(post)
     unary = None if post is None else attr
 
@@ -110,7 +112,7 @@ def _bind_conv_add(conv: nn.Conv2d, shape: Sequence[int], post: str | None
     return call
 
 
-class FusedBlock(nn.Module):
+class FusedBlock(nn.Module, abc.ABC):
     """Base of the fused blocks: the dispatch between the fast path and :meth:`reference`.
     Subclasses define ``reference(x)`` and ``_bind(x) -> callable`` (the fast path for
     inputs of ``x``'s shape and strides), and set ``pattern`` (the block pattern's name)."""
@@ -136,13 +138,18 @@ class FusedBlock(nn.Module):
         self._store.clear()
         self._params_list = None
 
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters (listed once: the plans' memo key and the fast-path guard)."""
+        params = self._params_list
+        if params is None:
+            params = self._params_list = list(self.parameters())
+        return params
+
     def fast_path_ok(self, x: torch.Tensor) -> bool:
         """May the fast path run on ``x``: a 4-D fp32 CPU tensor, oneDNN on, nothing
         needing a gradient, no graph being recorded, no mode watching the ops
         (:func:`convgap.ops.guard.observed`)."""
-        params = self._params_list
-        if params is None:
-            params = self._params_list = list(self.parameters())
+        params = self._params()
         return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
                 and onednn.AVAILABLE and torch.backends.mkldnn.enabled
                 and params[0].dtype == torch.float32 and may_run_fast(x, params)
@@ -156,9 +163,7 @@ class FusedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            params = self._params_list
-            if params is None:
-                params = self._params_list = list(self.parameters())
+            params = self._params()
             if may_run_fast(x, params) and not observed():
                 run = reuse(self._store, "gpu", params, lambda: self.gpu_call(x) or False,
                             (x.shape, x.stride(), x.dtype))
@@ -171,8 +176,9 @@ class FusedBlock(nn.Module):
                     (x.shape, x.stride()))
         return run(x)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as torch ops (autograd, tracing, export, count, other devices)."""
 
     KIND = "fused_block"  # the measured choice's kind for this block's fast paths
     kernel_choice: str | None = None  # what the last bound plan runs: 'onednn' or 'kernel'
@@ -191,8 +197,9 @@ class FusedBlock(nn.Module):
         self.kernel_choice = name
         return kernel_run if name == "kernel" else onednn_run
 
+    @abc.abstractmethod
     def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The fast path for inputs of ``x``'s shape and strides (CPU, fp32, inference)."""
 
 
 class FusedConvChain(FusedBlock):

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from ..count import detached_copy
 from ..errors import ConvgapError
+from ..layers.fused_blocks import FusedBlock
 
 __all__ = ["blocker", "is_conv", "is_linear", "Found", "find_layers", "first_inputs"]
 
@@ -87,7 +88,6 @@ def find_layers(model: nn.Module, example_input, linear: bool = False) -> Found:
     those inside a fused block, which runs them itself) in forward order (module order without an input), the Conv2d / Linear layers that must be
     left as they are (:func:`blocker`), and the input of each
     one's first call and the model's output when ``example_input`` is given."""
-    from ..layers.fused_blocks import FusedBlock
     names, skipped = {}, {}
     # a fused block's convolutions hold its parameters; the block runs them itself
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, FusedBlock))

@@ -32,7 +32,6 @@ from .changes import FOLDED_ATTR, LEFT_ATTR
 from .eligible import blocker, first_inputs
 from .refresh import refresh
 from .select import Layers, select
-from .swap import _replace
 from .trace import roots
 
 __all__ = ["fold_batchnorm", "TOLERANCE"]
@@ -118,7 +117,7 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None, *, layers: Layer
         undo[b] = _fold(modules[c], modules[b], keep=measure)
         folded = nn.Identity()
         setattr(folded, FOLDED_ATTR, c)
-        _replace(model, b, folded)
+        model.set_submodule(b, folded)
     for b, reason in left.items():
         setattr(modules[b], LEFT_ATTR, reason)
     if measure:
@@ -275,7 +274,7 @@ def _unfold(model: nn.Module, layer: nn.Module, bn: _BatchNorm, name: str,
         layer.bias.copy_(b)
     refresh(layer)
     setattr(bn, LEFT_ATTR, reason)
-    _replace(model, name, bn)
+    model.set_submodule(name, bn)
 
 
 @torch.no_grad()

@@ -82,11 +82,6 @@ def _find(model: nn.Module, wanted, patterns: dict[str, Pattern]
     return found, left
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
          layers: Layers = None, inplace: bool = False, check: bool = True,
          quiet: bool = False, patterns: list[str] | None = None,
@@ -180,7 +175,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                     continue
             setattr(new, FUSED_ATTR, info)
             fused[f.name] = (f.module, new)
-            _replace(model, f.name, new)
+            model.set_submodule(f.name, new)
     for name, reason in left.items():
         module = model.get_submodule(name)
         if not hasattr(module, LEFT_ATTR):
@@ -191,7 +186,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
         tol = choice.tolerance(TOLERANCE, reference.dtype, example_input.device.type) * 10
         if not err <= tol:
             for name, (old, _) in fused.items():
-                _replace(model, name, old)
+                model.set_submodule(name, old)
             problems.append(f"the fused model disagrees with the original by {err:.2e} > "
                             f"{tol:.0e}: every block was put back")
     if problems:

@@ -399,7 +399,7 @@ def _conv_chain_parts(chain: Chain) -> tuple | str:
     return steps[0], steps[1], _shortcut(chain), (chain.post[0].arg if chain.post else None)
 
 
-def _shape_rule(name: str, rule: Callable[[list, list, Any, Any], str | None]):
+def _shape_rule(rule: Callable[[list, list, Any, Any], str | None]):
     def m(chain: Chain) -> str | None:
         parts = _conv_chain_parts(chain)
         if isinstance(parts, str):
@@ -524,17 +524,17 @@ def _from_parts(parts: Callable[[Chain], tuple | str], cls: type
 
 
 for _p in (
-    Pattern("inverted_residual", _shape_rule("inverted_residual", _ir_rule),
+    Pattern("inverted_residual", _shape_rule(_ir_rule),
             _builder(fb.FusedInvertedResidual)),
     Pattern("mbconv", *_from_parts(_mbconv_parts, fb.FusedMBConv)),
-    Pattern("basic", _shape_rule("basic", _basic_rule), _builder(fb.FusedBasicBlock)),
-    Pattern("bottleneck", _shape_rule("bottleneck", _bottleneck_rule),
+    Pattern("basic", _shape_rule(_basic_rule), _builder(fb.FusedBasicBlock)),
+    Pattern("bottleneck", _shape_rule(_bottleneck_rule),
             _builder(fb.FusedBottleneck)),
-    Pattern("convfirst", _shape_rule("convfirst", _convfirst_rule),
+    Pattern("convfirst", _shape_rule(_convfirst_rule),
             _builder(fb.FusedConvFirst)),
     Pattern("convnext", *_from_parts(_convnext_parts, fb.FusedConvNeXt)),
-    Pattern("conv_act", _shape_rule("conv_act", _conv_act_rule), _builder(fb.FusedConvAct)),
-    Pattern("conv_chain", _shape_rule("conv_chain", _any_chain_rule),
+    Pattern("conv_act", _shape_rule(_conv_act_rule), _builder(fb.FusedConvAct)),
+    Pattern("conv_chain", _shape_rule(_any_chain_rule),
             _builder(fb.FusedConvChain)),
 ):
     register(_p)

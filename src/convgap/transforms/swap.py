@@ -95,12 +95,6 @@ def _requests(model: nn.Module, algos: Algos, found: Found) -> dict[str, str]:
                        f"{type(algos).__name__}")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def swap(model: nn.Module, what: Algos, example_input: torch.Tensor | None = None, *,
          layers: Layers = None, inplace: bool = False, check: bool = True,
          quiet: bool = False, candidates: Sequence[str] | None = None,
@@ -197,7 +191,7 @@ def swap(model: nn.Module, what: Algos, example_input: torch.Tensor | None = Non
             if reason is not None:
                 layer.set_algorithm("torch", reason)
                 fallbacks.append(f"{n} ({spec.short()}): {reason}")
-        _replace(model, n, layer)
+        model.set_submodule(n, layer)
     for n in linears:
         layer = AlgoLinear(modules[n], linear)
         if linear == "prepacked" and n in inputs:
@@ -206,7 +200,7 @@ def swap(model: nn.Module, what: Algos, example_input: torch.Tensor | None = Non
             if reason is not None:
                 layer.set_algorithm("torch", reason)
                 fallbacks.append(f"{n} ({spec.short()}): {reason}")
-        _replace(model, n, layer)
+        model.set_submodule(n, layer)
     if fallbacks:
         warnings.warn(f"{len(fallbacks)} layer(s) fall back to torch: " + "; ".join(fallbacks),
                       AlgorithmFallbackWarning, stacklevel=2)
@@ -290,7 +284,7 @@ def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], f
             tol = _tolerance(layer, args[0])
             err = _output_error(layer(*args), ref)
         if err > tol:  # even torch: the rebuilt layer is not the original's computation
-            _replace(model, n, orig)
+            model.set_submodule(n, orig)
             problems.append(f"{n}: the rebuilt layer differs from the original by {err:.2e}; "
                             "the original is kept")
             changed = True
@@ -308,7 +302,7 @@ def _check_against_original(model: nn.Module, originals: dict[str, nn.Module], f
         err = _output_error(model(x), found.output)
         if err > tol:
             for n in swapped:
-                _replace(model, n, originals[n])
+                model.set_submodule(n, originals[n])
             reason = (f"model-level check against the original model: output differs by "
                       f"{err:.2e} > {tol:.0e} even with torch everywhere; the original "
                       "layers are kept")
@@ -459,7 +453,7 @@ def unswap(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for n, m in list(model.named_modules()):
         if isinstance(m, AlgoConv2d):
-            _replace(model, n, m.to_conv2d())
+            model.set_submodule(n, m.to_conv2d())
         elif isinstance(m, AlgoLinear):
-            _replace(model, n, m.to_linear())
+            model.set_submodule(n, m.to_linear())
     return model
