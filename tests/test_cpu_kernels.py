@@ -846,14 +846,17 @@ def test_layout_check_catches_a_wrong_mirror(monkeypatch):
     sh, sw = names.index("sh"), names.index("sw")
     same_types = list(good)  # two ints of one size swapped: only the names tell
     same_types[sh], same_types[sw] = good[sw], good[sh]
-    cases = {"swapped": (swapped, "field 6: C has 'map'"),
+    at = args.PdpArgs.ow.offset  # an int: a long in its place moves to the next 8 bytes
+    last, last_at = names[-1], getattr(args.PdpArgs, names[-1]).offset
+    cases = {"swapped": (swapped, f"field {i}: C has 'map'"),
              "same types swapped": (same_types, f"field {sh}: C has 'sh'"),
              "wider": (good[:ow] + [("ow", ctypes.c_long)] + good[ow + 1:],
-                       "C has 'ow' at byte 116 \\(4 bytes\\), ctypes 'ow' at byte 120 \\(8"),
+                       f"C has 'ow' at byte {at} \\(4 bytes\\), ctypes 'ow' at byte "
+                       f"{(at + 7) // 8 * 8} \\(8"),
              "missing": (good[:-1],
-                         "C has 'residual' at byte 136 \\(4 bytes\\), ctypes nothing"),
+                         f"C has '{last}' at byte {last_at} \\(4 bytes\\), ctypes nothing"),
              "extra": (good + [("relu", ctypes.c_int)], "C has nothing, ctypes 'relu'"),
-             "renamed": (good[:-1] + [("shortcut", ctypes.c_int)], "C has 'residual'")}
+             "renamed": (good[:-1] + [("shortcut", ctypes.c_int)], f"C has '{last}'")}
     lib = pdp.KERNEL.lib()
     for case, (fields, message) in cases.items():
         bad = _mirror(fields)

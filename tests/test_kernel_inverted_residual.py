@@ -23,18 +23,24 @@ from scratch_guard import run_guarded
 pytestmark = pytest.mark.skipif(not cpu.available(),
                                 reason="no AVX-512 CPU or no C compiler here")
 
-TORCH_ACTS = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu}
+TORCH_ACTS = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
+              "sigmoid": torch.sigmoid}
 
 
 def reference(x, a, d, b, bias1, bias2, bias, stride, padding, dilation, act1, act2,
-              residual):
-    """The block as torch ops in float64."""
+              residual, squeeze=None):
+    """The block as torch ops in float64 (with a pdp.Squeeze: an MBConv block)."""
     def f64(t):
         return None if t is None else t.double()
     x64 = x.double()
     u = TORCH_ACTS[act1](F.conv2d(x64, f64(a).t()[..., None, None], f64(bias1)))
     v = TORCH_ACTS[act2](F.conv2d(u, f64(d)[:, None], f64(bias2), stride, padding, dilation,
                                   groups=d.shape[0]))
+    if squeeze is not None:
+        sq = squeeze
+        t = TORCH_ACTS[sq.act](F.linear(v.mean((2, 3)), f64(sq.reduce), f64(sq.reduce_bias)))
+        v = v * TORCH_ACTS[sq.gate](F.linear(t, f64(sq.expand), f64(sq.expand_bias)))[
+            :, :, None, None]
     y = F.conv2d(v, f64(b)[..., None, None], f64(bias))
     return y + x64 if residual else y
 
@@ -123,7 +129,7 @@ def test_activation_codes_match_act_h():
     assert codes == common.ACTIVATIONS
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6", "silu"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu", "sigmoid"])
 def test_activations_elementwise(act):
     """Identity weights make the block its activation alone: each element within 3e-7 of
     torch's (relative), over [-100, 100] and at 1e30 and -1e30, with no inf or NaN."""
@@ -137,7 +143,7 @@ def test_activations_elementwise(act):
         assert torch.isfinite(y).all()
         diff, big = (y.double() - ref).abs(), ref.abs() > 1e-30
         assert (diff[big] / ref.abs()[big]).max().item() <= 3e-7
-        # silu's far negative tail: 0 below -80, where it is under 2e-33
+        # silu's and sigmoid's far negative tail: 0 below -80, where it is under 2e-33
         assert diff[~big].max().item() <= 2e-33
 
 
@@ -166,6 +172,97 @@ def test_rejects_bad_inputs():
         f(x, a.requires_grad_(), d, b)
     with pytest.raises(ConvgapError, match="planar kernel runs no activations"):
         pdp.bind(x, a.detach(), d, b, None, (1, 1), (1, 1), (1, 1), {}, True, act1="relu")
+
+
+def squeeze_of(r: int, s: int, act: str = "silu", gate: str = "sigmoid") -> pdp.Squeeze:
+    return pdp.Squeeze(torch.randn(s, r) / r ** 0.5, torch.randn(s),
+                       torch.randn(r, s) / s ** 0.5, torch.randn(r), act, gate)
+
+
+# (n, c, r, o, h, w, kernel, stride, S): EfficientNet-B0's shapes scaled down; several
+# bands per image, images split between threads, R not a multiple of 16
+SE_GEOMETRIES = [
+    (1, 16, 96, 24, 14, 14, 3, 2, 4),
+    (2, 24, 144, 24, 12, 11, 3, 1, 6),
+    (3, 40, 240, 40, 7, 9, 5, 1, 10),
+    (1, 16, 40, 16, 37, 9, 5, 1, 20),
+    (2, 8, 8, 4, 10, 10, 3, 1, 2),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_squeeze_excitation_matches_the_torch_block(threads, channels_last):
+    """An MBConv block (the gate computed between the kernel's two passes): every
+    geometry, the residual where its shapes allow it, against float64 torch, with 1-3
+    threads (the depthwise output's mean summed over the threads' ranges)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, c, r, o, h, w, k, s, rows in SE_GEOMETRIES:
+            x, a, d, b, bias1, bias2, bias = block(n, c, r, o, h, w, k, True, channels_last,
+                                                   scale=1.0)
+            sq = squeeze_of(r, rows)
+            residual = c == o and s == 1
+            with torch.no_grad():
+                y = pdp.inverted_residual(x, a, d, b, bias1=bias1, bias2=bias2, bias=bias,
+                                          stride=s, padding=k // 2, act1="silu",
+                                          act2="silu", residual=residual, squeeze=sq)
+            ref = reference(x, a, d, b, bias1, bias2, bias, s, k // 2, 1, "silu", "silu",
+                            residual, sq)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert y.shape == ref.shape and y.is_contiguous(memory_format=fmt)
+            assert relative_error(y, ref) <= 1e-5, (n, c, r, o, h, w, k, s, rows)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_squeeze_ignores_what_the_scratch_held():
+    """Channels past R (the padding of R up to 16 lanes, which no GEMM writes) hold
+    whatever the scratch held before: NaNs there must not reach the gate."""
+    x, a, d, b, bias1, bias2, bias = block(1, 16, 40, 16, 20, 9, 3, True, True, scale=1.0)
+    sq = squeeze_of(40, 20)
+    store: dict = {}
+    kwargs = dict(bias1=bias1, bias2=bias2, bias=bias, padding=1, act1="silu", act2="silu",
+                  squeeze=sq, store=store)
+    ref = reference(x, a, d, b, bias1, bias2, bias, 1, 1, 1, "silu", "silu", False, sq)
+    with torch.no_grad():
+        pdp.inverted_residual(x, a, d, b, **kwargs)
+        buffers = [v for k, v in store.items() if isinstance(k, tuple) and k[0] == "scratch"]
+        assert buffers
+        for buf in buffers:
+            buf.fill_(float("nan"))
+        y = pdp.inverted_residual(x, a, d, b, **kwargs)
+    assert relative_error(y, ref) <= 1e-5
+
+
+def test_squeeze_activations_are_applied():
+    """The squeeze's own activations (relu, and a relu6 'gate') reach the result."""
+    x, a, d, b, bias1, bias2, bias = block(2, 16, 32, 16, 9, 9, 3, True, True, scale=1.0)
+    sq = squeeze_of(32, 8, "relu", "relu6")
+    with torch.no_grad():
+        y = pdp.inverted_residual(x, a, d, b, bias1=bias1, bias2=bias2, bias=bias, padding=1,
+                                  act1="relu6", act2="relu6", residual=True, squeeze=sq)
+    ref = reference(x, a, d, b, bias1, bias2, bias, 1, 1, 1, "relu6", "relu6", True, sq)
+    assert relative_error(y, ref) <= 1e-5
+
+
+def test_rejects_a_bad_squeeze():
+    x, a, d, b, bias1, bias2, bias = block(1, 16, 24, 16, 8, 8, 3, True, False)
+    good = squeeze_of(24, 6)
+    f = pdp.inverted_residual
+    with pytest.raises(ConvgapError, match=r"squeeze.reduce must have shape"):
+        f(x, a, d, b, squeeze=good._replace(reduce=torch.randn(6, 20)))
+    with pytest.raises(ConvgapError, match=r"squeeze.expand must have shape \(24, 6\)"):
+        f(x, a, d, b, squeeze=good._replace(expand=torch.randn(6, 24)))
+    with pytest.raises(ConvgapError, match=r"squeeze.expand_bias must have shape"):
+        f(x, a, d, b, squeeze=good._replace(expand_bias=torch.randn(6)))
+    with pytest.raises(ConvgapError, match="unknown activation 'gelu'"):
+        f(x, a, d, b, squeeze=good._replace(gate="gelu"))
+    with pytest.raises(ConvgapError, match="float32"):
+        f(x, a, d, b, squeeze=good._replace(reduce_bias=good.reduce_bias.double()))
+    with pytest.raises(ConvgapError, match="give b"):
+        pdp.bind(x, a, d, None, None, (1, 1), (1, 1), (1, 1), {}, squeeze=good)
 
 
 def test_bind_defaults_leave_the_plain_kernel_and_store_follows_bias2():
@@ -248,11 +345,19 @@ for threads in (1, 2, 3):
         run(lambda s: pdp.bind(x, a[:, :24], d[:24], None, None, (1, 1), (1, 1), (1, 1), s,
                                False, bias[:24], None, bias2=bias2[:24], act1="silu",
                                act2="silu", residual=True)(x))
+        sq = pdp.Squeeze(torch.randn(10, 40), torch.randn(10), torch.randn(40, 10),
+                         torch.randn(40))
+        run(lambda s: pdp.inverted_residual(x, a, d, b, bias1=bias, bias2=bias2,
+                                            bias=bias[:24], padding=1, act1="silu",
+                                            act2="silu", residual=True, squeeze=sq,
+                                            store=s))
+        run(lambda s: pdp.inverted_residual(x, a, d, b[:20], stride=2, padding=1,
+                                            act1="relu", act2="silu", squeeze=sq, store=s))
 """
 
 
 def test_epilogues_stay_within_the_scratch(tmp_path):
     """With the scratch ending at an unmapped page, blocks with every epilogue (1-3
-    threads, both layouts, stride 1 with the residual and 2 without, the flattened form)
-    run with the same results as usual."""
+    threads, both layouts, stride 1 with the residual and 2 without, the flattened form,
+    the squeeze-excitation's two passes) run with the same results as usual."""
     run_guarded(tmp_path, _GUARDED)

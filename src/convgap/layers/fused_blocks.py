@@ -181,21 +181,22 @@ class FusedBlock(nn.Module, abc.ABC):
         """The block as torch ops (autograd, tracing, export, count, other devices)."""
 
     KIND = "fused_block"  # the measured choice's kind for this block's fast paths
-    kernel_choice: str | None = None  # what the last bound plan runs: 'onednn' or 'kernel'
+    kernel_choice: str | None = None  # what the last bound plan runs ('onednn', 'kernel', ...)
 
-    def _choose(self, x: torch.Tensor, onednn_run: Callable, kernel_run: Callable,
+    def _choose(self, x: torch.Tensor, runs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                 shapes: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The faster of the oneDNN path and convgap's C kernel on inputs like ``x`` (the
-        one measured choice, :mod:`convgap.choice`: the kernel verified against the
-        oneDNN path, kept only past the margin), recorded in ``kernel_choice``."""
+        """The fastest of the block's fast paths ``runs`` (name -> call; the first, the
+        oneDNN path, is the incumbent) on inputs like ``x``: the one measured choice
+        (:mod:`convgap.choice`: each other path verified against the first, kept only past
+        the margin), recorded in ``kernel_choice``."""
         key = (tuple(x.shape), layout_of(x), repr(self), shapes)
-        cands = [choice.Candidate("onednn", lambda: onednn_run(x)),
-                 choice.Candidate("kernel", lambda: kernel_run(x), 1e-5)]
+        cands = [choice.Candidate(name, lambda run=run: run(x), 1e-5 if i else 1e-4)
+                 for i, (name, run) in enumerate(runs.items())]
         name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
                              rounds=config.KERNEL_ROUNDS,
                              confirm=config.KERNEL_ROUNDS).choice
         self.kernel_choice = name
-        return kernel_run if name == "kernel" else onednn_run
+        return runs[name]
 
     @abc.abstractmethod
     def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -384,7 +385,7 @@ class FusedInvertedResidual(FusedConvChain):
         kernel = self._kernel(x)
         if kernel is None:
             return chain
-        return self._choose(x, chain, kernel,
+        return self._choose(x, {"onednn": chain, "kernel": kernel},
                             tuple(tuple(c.weight.shape) for c in self.convs))
 
 
@@ -393,12 +394,19 @@ class FusedMBConv(FusedBlock):
     (global mean, 1x1 reduce + act, 1x1 expand + gate), 1x1 project (+ x).
 
     Two passes, as the squeeze needs the whole depthwise output before the projection:
-    pass 1 runs the expansion and the depthwise conv (their activations as post-ops; or,
-    where it measures faster, convgap's C kernel keeping the expansion in cache) and
-    writes the depthwise output once; the squeeze (a mean and two tiny GEMMs, their
-    activations as post-ops) follows;
-    pass 2 scales that output in place by the gate and runs the projection with the
-    residual add as its post-op."""
+    pass 1 runs the expansion and the depthwise conv and writes the depthwise output once;
+    the squeeze (a mean and two tiny GEMMs) follows; pass 2 scales that output by the gate
+    and runs the projection with the residual add. Three fast paths, chosen per input shape
+    by measurement (:mod:`convgap.choice`, kind 'fused_mbconv'):
+
+    - 'onednn': every step on oneDNN, activations and the residual add as post-ops (five
+      native calls);
+    - 'kernel': pass 1 as convgap's C kernel keeping the expansion in cache, the rest as
+      'onednn';
+    - 'block': the whole block as one call of the C kernel (both passes in one parallel
+      region, each thread's pass 2 reading the rows it wrote in pass 1; the gate computed
+      between them): the batch-1 path, where five native calls cost more than the
+      arithmetic."""
 
     block_kind = "mbconv"
     pattern = "mbconv"
@@ -461,22 +469,31 @@ class FusedMBConv(FusedBlock):
             x = x.contiguous(memory_format=_CL)
             return squeeze_project(x, dw(x if expand is None else expand(x)))
 
-        first = self._kernel(x.contiguous(memory_format=_CL))
-        if first is None:
+        runs = {"onednn": run}
+        xc = x.contiguous(memory_format=_CL)
+        first = self._first_pass(xc)
+        if first is not None:
+            def run_kernel(x: torch.Tensor) -> torch.Tensor:
+                x = x.contiguous(memory_format=_CL)
+                return squeeze_project(x, first(x))
+            runs["kernel"] = run_kernel
+        whole = self._block(xc)
+        if whole is not None:
+            runs["block"] = lambda x: whole(x.contiguous(memory_format=_CL))
+        if len(runs) == 1:
             return run
+        return self._choose(x, runs, (tuple(self.depthwise.weight.shape),
+                                      tuple(self.project.weight.shape)))
 
-        def run_kernel(x: torch.Tensor) -> torch.Tensor:
-            x = x.contiguous(memory_format=_CL)
-            return squeeze_project(x, first(x))
-        return self._choose(x, run, run_kernel, (tuple(self.depthwise.weight.shape),
-                                                 tuple(self.project.weight.shape)))
+    def _kernel_ok(self) -> bool:
+        return pdp.available() and all(a in KERNEL_ACTIVATIONS for a in (
+            self.act, self.dw_act, self.se_act, self.gate))
 
-    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def _first_pass(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The first pass (expansion and depthwise conv with their activations) as
         convgap's C kernel (:func:`convgap.kernels.cpu.pdp.bind` without its last 1x1),
         bound to inputs like ``x``; None where it does not apply."""
-        if self.expand is None or not pdp.available() or any(
-                a not in KERNEL_ACTIVATIONS for a in (self.act, self.dw_act)):
+        if self.expand is None or not self._kernel_ok():
             return None
         e, dw = self.expand, self.depthwise
         r, c = e.weight.shape[:2]
@@ -486,6 +503,30 @@ class FusedMBConv(FusedBlock):
                         tuple(dw.dilation), self._store.setdefault("kernel", {}), False,
                         e.bias.detach(), bias2=dw.bias.detach(), act1=self.act,
                         act2=self.dw_act)
+
+    def _block(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The whole block as one call of convgap's C kernel (:func:`convgap.kernels.cpu.pdp.bind`
+        with a :class:`~convgap.kernels.cpu.pdp.Squeeze`: both passes and the gate in one
+        parallel region), bound to inputs like ``x``; without an expansion, an identity one
+        (as :class:`FusedInvertedResidual`'s). None where it does not apply."""
+        if not self._kernel_ok():
+            return None
+        dw, p, rd, ud = self.depthwise, self.project, self.reduce, self.unreduce
+        r = dw.out_channels
+        store = self._store.setdefault("block", {})
+        if self.expand is None:  # kept in the store: the packed copy follows a's identity
+            a, bias1, act = store.setdefault("eye", torch.eye(r, dtype=x.dtype)), None, "none"
+        else:
+            a, bias1, act = self.expand.weight.detach().reshape(r, -1).t(), \
+                self.expand.bias.detach(), self.act
+        squeeze = pdp.Squeeze(rd.weight.detach().flatten(1), rd.bias.detach(),
+                              ud.weight.detach().flatten(1), ud.bias.detach(), self.se_act,
+                              self.gate)
+        return pdp.bind(x, a, dw.weight.detach().reshape(r, *dw.kernel_size),
+                        p.weight.detach().flatten(1), p.bias.detach(), tuple(dw.stride),
+                        tuple(dw.padding), tuple(dw.dilation), store, False, bias1,
+                        bias2=dw.bias.detach(), act1=act, act2=self.dw_act,
+                        residual=self.residual, squeeze=squeeze)
 
 
 class FusedConvNeXt(FusedBlock):

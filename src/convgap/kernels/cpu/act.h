@@ -5,6 +5,7 @@
  *   ACT_RELU   max(x, 0)
  *   ACT_RELU6  min(max(x, 0), 6)
  *   ACT_SILU   x * sigmoid(x) = x / (1 + exp(-x))   (about 2e-7 relative error)
+ *   ACT_SIGMOID 1 / (1 + exp(-x))                    (about 2e-7 relative error)
  */
 #ifndef CONVGAP_ACT_H
 #define CONVGAP_ACT_H
@@ -14,6 +15,7 @@
 #define ACT_RELU 1
 #define ACT_RELU6 2
 #define ACT_SILU 3
+#define ACT_SIGMOID 4
 
 /* exp(x) for x in [-80, 80] (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, ln2 in two parts so
  * n ln2 is exact; exp(r) a degree-5 polynomial, about 1 ulp; 2^n by vscalefps) */
@@ -33,20 +35,27 @@ static inline __attribute__((always_inline)) __m512 exp_ps(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-/* x / (1 + exp(-x)), the exponent clamped to [-80, 80]: x past 80, 0 below -80 (where the
- * result is under 2e-33 in magnitude), so no input makes an inf or a NaN that x itself is
- * not, nor a denormal. The division is a reciprocal estimate (14 bits) and one Newton
- * step. */
+/* 1 / (1 + exp(-x)), the exponent clamped to [-80, 80] (the result is 0 or 1 to float
+ * precision past that), so no input makes an inf, nor a denormal; a NaN stays NaN (vminps
+ * and vmaxps return their second operand where either is NaN). The division is a
+ * reciprocal estimate (14 bits) and one Newton step. */
+static inline __attribute__((always_inline)) __m512 sigmoid_ps(__m512 x)
+{
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 t = _mm512_max_ps(_mm512_set1_ps(-80.0f),
+                                   _mm512_min_ps(_mm512_set1_ps(80.0f), x));
+    const __m512 den = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), t)));
+    const __m512 inv = _mm512_rcp14_ps(den);
+    return _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(den, inv, one), inv);
+}
+
+/* x * sigmoid(x): 0 below -80 (where the result is under 2e-33 in magnitude), x past 80; a
+ * NaN is kept */
 static inline __attribute__((always_inline)) __m512 silu_ps(__m512 x)
 {
-    const __m512 limit = _mm512_set1_ps(80.0f), low = _mm512_set1_ps(-80.0f);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 t = _mm512_max_ps(_mm512_min_ps(x, limit), low);
-    const __m512 den = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), t)));
-    __m512 inv = _mm512_rcp14_ps(den);
-    inv = _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(den, inv, one), inv);
+    const __m512 low = _mm512_set1_ps(-80.0f);
     /* lanes not below -80 (a NaN is kept) */
-    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ), x, inv);
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, low, _CMP_NLT_UQ), x, sigmoid_ps(x));
 }
 
 /* act (an ACT_ code) of 16 floats; a NaN stays NaN (vmaxps and vminps return their second
@@ -58,6 +67,7 @@ static inline __attribute__((always_inline)) __m512 activate(int act, __m512 x)
     case ACT_RELU6:
         return _mm512_min_ps(_mm512_set1_ps(6.0f), _mm512_max_ps(_mm512_setzero_ps(), x));
     case ACT_SILU: return silu_ps(x);
+    case ACT_SIGMOID: return sigmoid_ps(x);
     default: return x;
     }
 }
@@ -71,6 +81,7 @@ __attribute__((unused)) static void activate_floats(int act, float *p, long n)
     case ACT_RELU: ACT_LOOP(ACT_RELU); break;
     case ACT_RELU6: ACT_LOOP(ACT_RELU6); break;
     case ACT_SILU: ACT_LOOP(ACT_SILU); break;
+    case ACT_SIGMOID: ACT_LOOP(ACT_SIGMOID); break;
     default: break;
     }
 }

@@ -28,6 +28,10 @@
     F(const float *, b)      /* pack_b of the (R x O) last 1x1 weight, or NULL: none */ \
     F(const float *, bias)   /* the output's bias, O rounded up to 16 floats, or NULL */ \
     F(const float *, map)    /* without b: OW x Rp floats added per output column, or NULL */ \
+    F(const float *, wr)     /* squeeze-excitation: the (S x Rp) reduce weight, row-major */ \
+    F(const float *, br)     /* its bias, S rounded up to 16 floats */ \
+    F(const float *, wu)     /* the (S x Rp) expand weight, row-major (gate = s @ wu + bu) */ \
+    F(const float *, bu)     /* its bias, Rp floats */ \
     F(int, n) F(int, h) F(int, w) F(int, c)  /* the input (N, C, H, W) */ \
     F(int, r)                /* channels of the intermediates */ \
     F(int, kh) F(int, kw)    /* the depthwise filter's size, */ \
@@ -39,7 +43,11 @@
     F(int, nchw)             /* 1: x and y NCHW in memory; 0: NHWC */ \
     F(int, act1) F(int, act2)  /* activations after the first 1x1 and the depthwise step \
                                   (act.h's ACT_ codes; 0: none) */ \
-    F(int, residual)         /* 1: y += x (C = O, stride 1, OH = H, OW = W) */
+    F(int, residual)         /* 1: y += x (C = O, stride 1, OH = H, OW = W) */ \
+    F(int, se)               /* squeeze-excitation's reduced channels S (0: none): v is \
+                                scaled per image and channel by gate(se_act(mean(v) @ wr^T \
+                                + br) @ wu + bu) before the last 1x1 (needs b) */ \
+    F(int, se_act) F(int, gate)  /* its two activations (act.h's ACT_ codes) */
 
 /* pcp.c: 1x1 (C -> Z R1) -> conv (kh1 x kw1, R1 -> R2) [-> conv along rows (1 x kw2,
  * R2 -> R3)] -> 1x1 (Z R3 -> O), Z groups sharing the filters (a tensor ring's bond) */

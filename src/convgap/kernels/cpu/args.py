@@ -60,8 +60,9 @@ def _fields(weights: str, geometry: str) -> list:
 
 class PdpArgs(Args):
     """pdp.c's PdpArgs (see args.h for each field)."""
-    _fields_ = _fields("a bias1 d bias2 b bias map",
-                       "n h w c r kh kw sh sw ph pw dh dw o oh ow th nchw act1 act2 residual")
+    _fields_ = _fields("a bias1 d bias2 b bias map wr br wu bu",
+                       "n h w c r kh kw sh sw ph pw dh dw o oh ow th nchw act1 act2 residual "
+                       "se se_act gate")
 
 
 class PcpArgs(Args):

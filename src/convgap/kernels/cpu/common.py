@@ -26,8 +26,9 @@ BAND_PIXELS = 96  # output pixels per band of rows (rows of the last GEMM per lo
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 # The activations the kernels apply in their epilogues, by name: act.h's ACT_ codes (keep
-# the two lists in the same order). silu is x * sigmoid(x), relu6 min(max(x, 0), 6).
-ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
+# the two lists in the same order). silu is x * sigmoid(x), relu6 min(max(x, 0), 6),
+# sigmoid 1 / (1 + exp(-x)).
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "sigmoid": 4}
 
 
 def activation_code(name: str) -> int:

@@ -78,6 +78,7 @@ typedef void (*dw_fn)(int, const float *, int, int, int, int, const float *, con
             case ACT_RELU: DW_ACT(a, b, ACT_RELU); break; \
             case ACT_RELU6: DW_ACT(a, b, ACT_RELU6); break; \
             case ACT_SILU: DW_ACT(a, b, ACT_SILU); break; \
+            case ACT_SIGMOID: DW_ACT(a, b, ACT_SIGMOID); break; \
             default: DW_ACT(a, b, ACT_NONE); \
             } \
         }
@@ -143,13 +144,185 @@ static void add_runs(float *y, const float *x, int runs, long len, long apart)
 /* Rows of the u window a band of TH output rows needs */
 static int window_rows(int TH, int kh, int sh, int dh) { return (TH - 1) * sh + (kh - 1) * dh + 1; }
 
-/* Floats of scratch one thread needs: the u window, one band of v (and of y, for NCHW), in
+/* Floats of one thread's band scratch: the u window, one band of v (and of y, for NCHW), in
  * whole cache lines (bands.h). */
-long scratch_floats(const PdpArgs *g)
+static long band_floats(const PdpArgs *g)
 {
     const int Rp = (g->r + 15) / 16 * 16;
     return whole_lines((long)window_rows(g->th, g->kh, g->sh, g->dh) * g->w * Rp
                        + (long)g->th * g->ow * Rp + (g->nchw ? (long)g->th * g->ow * g->o : 0));
+}
+
+/* Floats of scratch one thread needs. With squeeze-excitation the depthwise output of the
+ * whole batch (the map), the per-thread channel sums, the gates and the squeeze's S values
+ * follow the threads' band scratch in one buffer: each thread's share counts them whole, so
+ * that threads x this covers them for any thread count. */
+long scratch_floats(const PdpArgs *g)
+{
+    const long Rp = (g->r + 15) / 16 * 16;
+    if (!g->se) return band_floats(g);
+    return band_floats(g) + (long)g->n * g->oh * g->ow * Rp + 2L * g->n * Rp
+           + whole_lines(g->se);
+}
+
+/* The first part of a band (image n, output rows [oh, oh + th)): slide the thread's window
+ * of u rows (u: its buffer) down to the rows the band needs, computing the new ones (the
+ * first 1x1 conv, bias1 and act1, still in cache), then the depthwise step into v (rows of
+ * OW x Rp floats). */
+static void band_v(const PdpArgs *g, Walk *wk, const float *x, float *u, int n, int oh,
+                   int th, float *v)
+{
+    const int H = g->h, W = g->w, C = g->c, R = g->r, kh = g->kh, sh = g->sh, ph = g->ph;
+    const int dh = g->dh, Rp = (R + 15) / 16 * 16;
+    int lo = oh * sh - ph, hi = (oh + th - 1) * sh - ph + (kh - 1) * dh + 1;
+    if (lo < 0) lo = 0;
+    if (hi > H) hi = H;
+    int drop = slide(wk, n, lo);  /* the window: input rows [ulo, uhi) */
+    if (drop)
+        memmove(u, u + (long)drop * W * Rp, sizeof(float) * (wk->hi - wk->lo) * W * Rp);
+    const int ulo = wk->lo, uhi = wk->hi;
+    if (hi > uhi && g->nchw)
+        gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
+                    g->a, g->bias1, u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
+    else if (hi > uhi)
+        gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, g->a, g->bias1,
+             u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
+    if (hi > uhi) {  /* the new rows, still in cache */
+        activate_floats(g->act1, u + (long)(uhi - ulo) * W * Rp, (long)(hi - uhi) * W * Rp);
+        wk->hi = hi;
+    }
+    depthwise(u, ulo, H, W, Rp, g->d, g->bias2, g->act2, kh, g->kw, sh, g->sw, ph, g->pw, dh,
+              g->dw, oh, th, g->ow, v);
+}
+
+/* The last part of a band: y's rows [oh, oh + th) of image n from the band's v (rows of OW x
+ * Rp floats): the last 1x1 conv with its bias (through tile, th x OW x O floats, for NCHW),
+ * or without one v itself (plus the map); then the residual add. */
+static void band_y(const PdpArgs *g, const float *x, float *y, float *v, float *tile, int n,
+                   int oh, int th)
+{
+    const int O = g->o, OH = g->oh, OW = g->ow, R = g->r, nchw = g->nchw;
+    const int Rp = (R + 15) / 16 * 16;
+    float *yb = nchw ? y + ((long)n * O * OH + oh) * OW : y + ((long)n * OH + oh) * OW * O;
+    if (!g->b) {  /* no second 1x1 conv: v (+ the per-column map) is the output */
+        for (int r = 0; r < th; r++)
+            for (int ow = 0; ow < OW; ow++) {
+                float *vp = v + ((long)r * OW + ow) * Rp;
+                if (g->map)
+                    for (int c = 0; c < R; c++) vp[c] += g->map[(long)ow * Rp + c];
+                if (!nchw) memcpy(yb + ((long)r * OW + ow) * O, vp, sizeof(float) * R);
+            }
+        if (nchw) store_planes(th * OW, O, v, Rp, yb, (long)OH * OW);
+    } else if (nchw) {  /* the band in NHWC, then into the output's planes */
+        gemm(th * OW, O, R, v, Rp, g->b, g->bias, tile, O, 0);
+        store_planes(th * OW, O, tile, O, yb, (long)OH * OW);
+    } else
+        gemm(th * OW, O, R, v, Rp, g->b, g->bias, yb, O, PF_C);
+    if (g->residual) {  /* x's pixels at the band's offset in y */
+        const float *xb = x + (yb - y);
+        if (nchw) add_runs(yb, xb, O, (long)th * OW, (long)OH * OW);
+        else add_runs(yb, xb, 1, (long)th * OW * O, 0);
+    }
+}
+
+/* sum[c] += v[p][c] over the band's pixels (rows of Rp floats), while the band is in cache */
+static void add_channels(float *sum, const float *v, long pixels, int Rp)
+{
+    for (int c0 = 0; c0 < Rp; c0 += 16) {
+        __m512 acc = _mm512_loadu_ps(sum + c0);
+        for (long p = 0; p < pixels; p++)
+            acc = _mm512_add_ps(acc, _mm512_loadu_ps(v + p * Rp + c0));
+        _mm512_storeu_ps(sum + c0, acc);
+    }
+}
+
+/* The squeeze-excitation gate of image n (Rp floats into gate): the mean of the depthwise
+ * output (the nt threads' sums, each Rp floats per image), s = se_act(mean @ wr^T + br) (S
+ * values, in s), gate = gate_act(s @ wu + bu). */
+static void squeeze(const PdpArgs *g, const float *sums, int nt, int n, float *s, float *gate)
+{
+    const int Rp = (g->r + 15) / 16 * 16, S = g->se;
+    const long each = (long)g->n * Rp;
+    const __m512 inv = _mm512_set1_ps(1.0f / ((float)g->oh * g->ow));
+    /* the mean, kept in gate until the last step; channels past R (whatever the first
+     * GEMM left in u's padding columns, never written) as zeros */
+    for (int c0 = 0; c0 < Rp; c0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++)
+            acc = _mm512_add_ps(acc, _mm512_loadu_ps(sums + t * each + (long)n * Rp + c0));
+        _mm512_storeu_ps(gate + c0, _mm512_maskz_mul_ps(lanes(g->r - c0), acc, inv));
+    }
+    for (int j = 0; j < S; j++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c0 = 0; c0 < Rp; c0 += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(gate + c0),
+                                  _mm512_loadu_ps(g->wr + (long)j * Rp + c0), acc);
+        s[j] = _mm512_reduce_add_ps(acc) + g->br[j];
+    }
+    for (int j = S; j < (S + 15) / 16 * 16; j++) s[j] = 0.0f;
+    activate_floats(g->se_act, s, (S + 15) / 16 * 16);
+    for (int c0 = 0; c0 < Rp; c0 += 16) {
+        __m512 acc = _mm512_loadu_ps(g->bu + c0);
+        for (int j = 0; j < S; j++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]),
+                                  _mm512_loadu_ps(g->wu + (long)j * Rp + c0), acc);
+        _mm512_storeu_ps(gate + c0, activate(g->gate, acc));
+    }
+}
+
+/* v[p][c] *= gate[c] over the band's pixels (rows of Rp floats) */
+static void scale_channels(float *v, const float *gate, long pixels, int Rp)
+{
+    for (int c0 = 0; c0 < Rp; c0 += 16) {
+        const __m512 s = _mm512_loadu_ps(gate + c0);
+        for (long p = 0; p < pixels; p++)
+            _mm512_storeu_ps(v + p * Rp + c0, _mm512_mul_ps(s, _mm512_loadu_ps(v + p * Rp + c0)));
+    }
+}
+
+/* The block with squeeze-excitation (g->se > 0), whose gate needs the whole depthwise
+ * output of an image before the last 1x1 conv: two passes in one parallel region. Pass 1
+ * walks each thread's range of output rows as pdp_forward does, writing v into the map (the
+ * batch's depthwise output, NHWC) and adding each band into the thread's channel sums while
+ * it is in cache; after a barrier the threads compute the images' gates; after another, pass
+ * 2 walks the same range again, scaling each band of the map by its gate and running the
+ * last 1x1 conv and the residual add on it (the band each thread reads is the one it wrote).
+ * One call, where the block as torch ops is twelve. */
+static void se_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int threads)
+{
+    const int N = g->n, OH = g->oh, OW = g->ow, TH = g->th;
+    const int Rp = (g->r + 15) / 16 * 16;
+    const long band = band_floats(g), total = (long)N * OH;
+    float *map = scratch + band * threads;  /* the layout scratch_floats counts */
+    float *sums = map + total * OW * Rp;
+    float *gates = sums + (long)threads * N * Rp;
+    float *svals = gates + (long)N * Rp;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *u = scratch + band * t;
+        float *tile = u + (long)window_rows(TH, g->kh, g->sh, g->dh) * g->w * Rp
+                      + (long)TH * OW * Rp;
+        float *sum = sums + (long)t * N * Rp;
+        memset(sum, 0, sizeof(float) * N * Rp);
+        Walk wk = walk_start(total, t, nt);
+        int n, oh, th;
+        while (next_band(&wk, OH, TH, &n, &oh, &th)) {
+            float *v = map + ((long)n * OH + oh) * OW * Rp;
+            band_v(g, &wk, x, u, n, oh, th, v);
+            add_channels(sum + (long)n * Rp, v, (long)th * OW, Rp);
+        }
+        #pragma omp barrier
+        for (int i = t; i < N; i += nt)
+            squeeze(g, sums, nt, i, svals + t * whole_lines(g->se), gates + (long)i * Rp);
+        #pragma omp barrier
+        wk = walk_start(total, t, nt);
+        while (next_band(&wk, OH, TH, &n, &oh, &th)) {
+            float *v = map + ((long)n * OH + oh) * OW * Rp;
+            scale_channels(v, gates + (long)n * Rp, (long)th * OW, Rp);
+            band_y(g, x, y, v, tile, n, oh, th);
+        }
+    }
 }
 
 /* g: the weights and the geometry (args.h's PdpArgs). x: (N, H, W, C) contiguous, or (N, C, H,
@@ -160,69 +333,31 @@ long scratch_floats(const PdpArgs *g)
  * of the (R x O) pointwise weight, or NULL for none (O = R: the depthwise result plus g->map,
  * OW x Rp floats added per output column, or NULL, is the output: a flattened convolution);
  * g->bias: O rounded up to 16 floats, or NULL; g->residual: 1 to add x to the output (only
- * where C = O, OH = H and OW = W with stride 1: the wrapper checks); y: (N, OH, OW, O)
- * contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split evenly over
- * the threads; each walks its rows in bands of TH. */
+ * where C = O, OH = H and OW = W with stride 1: the wrapper checks); g->se > 0: a
+ * squeeze-excitation between the depthwise step and the last 1x1 conv (se_forward); y: (N,
+ * OH, OW, O) contiguous; scratch: threads x scratch_floats(g) floats. Output rows are split
+ * evenly over the threads; each walks its rows in bands of TH. */
 void pdp_forward(const PdpArgs *g, const float *x, float *y, float *scratch, int threads)
 {
-    const float *Ap = g->a, *bias1 = g->bias1, *D = g->d, *Bp = g->b, *bias = g->bias;
-    const float *map = g->map, *bias2 = g->bias2;
-    const int act1 = g->act1, act2 = g->act2, residual = g->residual;
-    const int N = g->n, H = g->h, W = g->w, C = g->c, R = g->r, O = g->o;
-    const int kh = g->kh, kw = g->kw, sh = g->sh, sw = g->sw, ph = g->ph;
-    const int pw = g->pw, dh = g->dh, dw = g->dw, OH = g->oh, OW = g->ow;
-    const int TH = g->th, nchw = g->nchw;
-    const int Rp = (R + 15) / 16 * 16;
+    if (g->se) {
+        se_forward(g, x, y, scratch, threads);
+        return;
+    }
+    const int OH = g->oh, OW = g->ow, TH = g->th;
+    const int Rp = (g->r + 15) / 16 * 16;
     const long per = scratch_floats(g);
-    const long total = (long)N * OH;
+    const long total = (long)g->n * OH;
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *u = scratch + per * t;
-        float *v = u + (long)window_rows(TH, kh, sh, dh) * W * Rp;
+        float *v = u + (long)window_rows(TH, g->kh, g->sh, g->dh) * g->w * Rp;
         float *tile = v + (long)TH * OW * Rp;  /* the output band, for NCHW */
         Walk wk = walk_start(total, t, nt);
         int n, oh, th;
         while (next_band(&wk, OH, TH, &n, &oh, &th)) {
-            int lo = oh * sh - ph, hi = (oh + th - 1) * sh - ph + (kh - 1) * dh + 1;
-            if (lo < 0) lo = 0;
-            if (hi > H) hi = H;
-            int drop = slide(&wk, n, lo);  /* the window: input rows [ulo, uhi) */
-            if (drop)
-                memmove(u, u + (long)drop * W * Rp, sizeof(float) * (wk.hi - wk.lo) * W * Rp);
-            const int ulo = wk.lo, uhi = wk.hi;
-            if (hi > uhi && nchw)
-                gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
-                            Ap, bias1, u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
-            else if (hi > uhi)
-                gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, Ap, bias1,
-                     u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
-            if (hi > uhi) {  /* the new rows, still in cache */
-                activate_floats(act1, u + (long)(uhi - ulo) * W * Rp, (long)(hi - uhi) * W * Rp);
-                wk.hi = hi;
-            }
-            depthwise(u, ulo, H, W, Rp, D, bias2, act2, kh, kw, sh, sw, ph, pw, dh, dw, oh, th,
-                      OW, v);
-            float *yb = nchw ? y + ((long)n * O * OH + oh) * OW : y + ((long)n * OH + oh) * OW * O;
-            if (!Bp) {  /* no second 1x1 conv: v (+ the per-column map) is the output */
-                for (int r = 0; r < th; r++)
-                    for (int ow = 0; ow < OW; ow++) {
-                        float *vp = v + ((long)r * OW + ow) * Rp;
-                        if (map)
-                            for (int c = 0; c < R; c++) vp[c] += map[(long)ow * Rp + c];
-                        if (!nchw) memcpy(yb + ((long)r * OW + ow) * O, vp, sizeof(float) * R);
-                    }
-                if (nchw) store_planes(th * OW, O, v, Rp, yb, (long)OH * OW);
-            } else if (nchw) {  /* the band in NHWC, then into the output's planes */
-                gemm(th * OW, O, R, v, Rp, Bp, bias, tile, O, 0);
-                store_planes(th * OW, O, tile, O, yb, (long)OH * OW);
-            } else
-                gemm(th * OW, O, R, v, Rp, Bp, bias, yb, O, PF_C);
-            if (residual) {  /* x's pixels at the band's offset in y */
-                const float *xb = x + (yb - y);
-                if (nchw) add_runs(yb, xb, O, (long)th * OW, (long)OH * OW);
-                else add_runs(yb, xb, 1, (long)th * OW * O, 0);
-            }
+            band_v(g, &wk, x, u, n, oh, th, v);
+            band_y(g, x, y, v, tile, n, oh, th);
         }
     }
 }

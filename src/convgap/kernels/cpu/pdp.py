@@ -13,7 +13,7 @@ residual add, the same pass runs a MobileNetV2 inverted residual block, batch no
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.nn.modules.utils import _pair
@@ -26,7 +26,23 @@ from .args import PdpArgs
 from .common import (BAND_PIXELS, Kernel, activation_code, bound_call, channels_innermost,
                      check_tensors, kernel_choice, pack, padded, round16)
 
-__all__ = ["available", "pointwise_depthwise_pointwise", "inverted_residual", "run", "bind"]
+__all__ = ["available", "pointwise_depthwise_pointwise", "inverted_residual", "Squeeze", "run",
+           "bind"]
+
+
+class Squeeze(NamedTuple):
+    """A squeeze-excitation between an inverted residual's depthwise step and its last 1x1
+    conv (EfficientNet's MBConv): ``v *= gate(F.linear(act(F.linear(v.mean((2, 3)),
+    reduce, reduce_bias)), expand, expand_bias))[:, :, None, None]``. reduce: (S, R);
+    reduce_bias: (S,); expand: (R, S); expand_bias: (R,); act, gate: names of
+    :data:`.common.ACTIVATIONS`."""
+
+    reduce: torch.Tensor
+    reduce_bias: torch.Tensor
+    expand: torch.Tensor
+    expand_bias: torch.Tensor
+    act: str = "silu"
+    gate: str = "sigmoid"
 
 
 KERNEL = Kernel("pdp", "pdp_forward", PdpArgs)
@@ -36,10 +52,12 @@ available = KERNEL.available
 
 def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
              bias: torch.Tensor | None, bias1: torch.Tensor | None = None,
-             out_map: torch.Tensor | None = None, bias2: torch.Tensor | None = None) -> dict:
+             out_map: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+             squeeze: Squeeze | None = None) -> dict:
     """The kernel's operands by PdpArgs' field names: packed a, its padded bias (bias1), the
     taps (d: kh kw x Rp), their padded bias (bias2), packed b, its padded bias, the output
-    map padded to (OW, Rp); None where absent."""
+    map padded to (OW, Rp), the squeeze's weights as (S, Rp) rows and padded biases; None
+    where absent."""
     r = a.shape[1]
     taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
     taps[:, :r] = d.detach().reshape(r, -1).t()
@@ -47,8 +65,17 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
     if out_map is not None:
         omap = torch.zeros(out_map.shape[0], round16(r), dtype=torch.float32)
         omap[:, :r] = out_map.detach()
+    se = dict.fromkeys(("wr", "br", "wu", "bu"))
+    if squeeze is not None:
+        rows = squeeze.reduce.shape[0]
+        wr, wu = (torch.zeros(rows, round16(r), dtype=torch.float32) for _ in range(2))
+        wr[:, :r] = squeeze.reduce.detach()
+        wu[:, :r] = squeeze.expand.detach().t()
+        se = {"wr": wr, "br": padded(squeeze.reduce_bias), "wu": wu,
+              "bu": padded(squeeze.expand_bias)}
     return {"a": pack(lib, a), "bias1": padded(bias1), "d": taps, "bias2": padded(bias2),
-            "b": None if b is None else pack(lib, b.t()), "bias": padded(bias), "map": omap}
+            "b": None if b is None else pack(lib, b.t()), "bias": padded(bias), "map": omap,
+            **se}
 
 
 def _planar_weights(a, d, b, bias, nhwc: bool = False) -> planar.Weights:
@@ -107,29 +134,45 @@ def inverted_residual(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torc
                       bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                       act1: str = "none", act2: str = "none", residual: bool = False,
-                      store: dict | None = None) -> torch.Tensor:
+                      squeeze: Squeeze | None = None, store: dict | None = None
+                      ) -> torch.Tensor:
     """A MobileNetV2 inverted residual block (batch norms folded into the weights and
     biases) in one pass of the NHWC kernel::
 
         u = act1(F.conv2d(x, a.t()[..., None, None], bias1))             # expand, C -> R
         v = act2(F.conv2d(u, d[:, None], bias2, stride, padding, dilation, groups=R))
+        v = v * gate(v)      # with a squeeze-excitation (Squeeze): an MBConv block
         y = F.conv2d(v, b[..., None, None], bias) (+ x if residual)       # project, R -> O
 
     x: (N, C, H, W) float32 on CPU, either memory format (read in place; y is written in
     x's); a: (C, R); d: (R, kh, kw); b: (O, R); bias1, bias2: (R,) or None; bias: (O,) or
     None. act1, act2: a name of :data:`.common.ACTIVATIONS` ('none', 'relu', 'relu6',
     'silu'). residual: add x to the result (needs C = O, stride 1 and an output of x's
-    height and width). ``store``: as :func:`pointwise_depthwise_pointwise`'s. Raises
+    height and width). squeeze: a :class:`Squeeze` (weights of S = reduce.shape[0]
+    channels), or None. ``store``: as :func:`pointwise_depthwise_pointwise`'s. Raises
     ConvgapError on bad shapes, dtypes, devices, activation names, a residual the shapes do
     not allow, or inputs needing gradients; RuntimeError where the kernel is not available
     (see :func:`available`)."""
     _check(x, a, d, b, bias, "inverted_residual", bias1, bias2)
+    if squeeze is not None:
+        _check_squeeze(squeeze, a.shape[1])
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
     return bind(x, a, d, b, bias, _pair(stride), _pair(padding), _pair(dilation),
                 {} if store is None else store, False, bias1, bias2=bias2, act1=act1,
-                act2=act2, residual=residual)(x)
+                act2=act2, residual=residual, squeeze=squeeze)(x)
+
+
+def _check_squeeze(sq: Squeeze, r: int) -> None:
+    check_tensors("inverted_residual", reduce=sq.reduce, reduce_bias=sq.reduce_bias,
+                  expand=sq.expand, expand_bias=sq.expand_bias)
+    s = sq.reduce.shape[0] if sq.reduce.dim() == 2 else -1
+    want = {"reduce": (s, r), "reduce_bias": (s,), "expand": (r, s), "expand_bias": (r,)}
+    for name, shape in want.items():
+        if s < 1 or tuple(getattr(sq, name).shape) != shape:
+            raise ConvgapError(f"squeeze.{name} must have shape {shape} (S reduced channels "
+                               f"of R = {r}), got {tuple(getattr(sq, name).shape)}")
 
 
 def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, padding,
@@ -144,7 +187,8 @@ def _geometry(lib, x: torch.Tensor, r: int, kh: int, kw: int, o: int, stride, pa
                            f"{(dh, dw)} does not fit a {h}x{w} input")
     band = max(1, min(oh, round(BAND_PIXELS / ow)))
     g = PdpArgs(n=n, h=h, w=w, c=c, r=r, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
-                dw=dw, o=o, oh=oh, ow=ow, th=band, nchw=int(nchw), act1=0, act2=0, residual=0)
+                dw=dw, o=o, oh=oh, ow=ow, th=band, nchw=int(nchw), act1=0, act2=0, residual=0,
+                se=0, se_act=0, gate=0)
     return g, (n, o, oh, ow), lib.scratch_floats(g)
 
 
@@ -161,8 +205,8 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
          bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
          store: dict, use_planar: bool = False, bias1: torch.Tensor | None = None,
          out_map: torch.Tensor | None = None, *, bias2: torch.Tensor | None = None,
-         act1: str = "none", act2: str = "none", residual: bool = False
-         ) -> Callable[[torch.Tensor], torch.Tensor]:
+         act1: str = "none", act2: str = "none", residual: bool = False,
+         squeeze: Squeeze | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the kernel on inputs of ``x``'s shape and strides with these
     weights in their prepared forms (packed now, or reused from ``store`` while each weight
     is the same tensor at the same version): call it again only while the weights are
@@ -172,9 +216,12 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
     and ``bias1`` is the first 1x1 conv's bias. ``bias2`` (R,), ``act1``, ``act2`` and
     ``residual`` (NHWC kernel only) make it an inverted residual block: see
     :func:`inverted_residual` (ConvgapError for an unknown activation, or a residual the
-    shapes do not allow)."""
+    shapes do not allow); ``squeeze`` (NHWC kernel, with ``b``) a squeeze-excitation before
+    the last 1x1 conv."""
     lib = _lib()
     codes = activation_code(act1), activation_code(act2)
+    se = (0, 0, 0) if squeeze is None else \
+        (squeeze.reduce.shape[0], activation_code(squeeze.act), activation_code(squeeze.gate))
     nhwc = channels_innermost(x)
     key = (x.shape, stride, padding, dilation, nhwc)
     geo = store.get(key)
@@ -183,12 +230,17 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
                                      d.shape[0] if b is None else b.shape[0], stride, padding,
                                      dilation, not nhwc)
     g, out_shape, per = geo
+    if squeeze is not None:  # the squeeze's map and sums take scratch too
+        if b is None:
+            raise ConvgapError("a squeeze-excitation runs before the last 1x1 conv: give b")
+        g = g.copy(se=se[0])
+        per = lib.scratch_floats(g)
     if residual and not (g.c == g.o and g.sh == g.sw == 1 and g.oh == g.h and g.ow == g.w):
         raise ConvgapError(f"a residual add needs as many output channels as input ones, "
                            f"stride 1 and the input's height and width; got {g.c} -> {g.o} "
                            f"channels, stride {(g.sh, g.sw)}, {g.h}x{g.w} -> {g.oh}x{g.ow}")
     if use_planar:
-        if bias2 is not None or any(codes) or residual:
+        if bias2 is not None or any(codes) or residual or squeeze is not None:
             raise ConvgapError("the planar kernel runs no activations, depthwise bias or "
                                "residual add: use the NHWC one")
         weights = reuse(store, ("planar_weights", nhwc),
@@ -202,11 +254,12 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
                                    dw1=g.dw, kw2=0, pw2=0, dw2=1, o=g.o, oh=g.oh, ow=g.ow,
                                    z=1, depthwise=1)
         return planar.bind(x, weights, geometry, out_shape, store)
-    given = (a, d, b, bias, bias1, out_map, bias2)
+    given = (a, d, b, bias, bias1, out_map, bias2) + (() if squeeze is None else squeeze[:4])
     # which are given, too: one tensor in another role must not find these prepared forms
     prepared = reuse(store, "weights", [t for t in given if t is not None],
-                     lambda: _prepare(lib, a, d, b, bias, bias1, out_map, bias2),
+                     lambda: _prepare(lib, a, d, b, bias, bias1, out_map, bias2, squeeze),
                      tuple(t is not None for t in given))
     args = g.copy(**{name: None if t is None else t.data_ptr() for name, t in prepared.items()},
-                  act1=codes[0], act2=codes[1], residual=int(residual))
+                  act1=codes[0], act2=codes[1], residual=int(residual), se=se[0],
+                  se_act=se[1], gate=se[2])
     return bound_call(lib.pdp_forward, args, per, x.shape, out_shape, nhwc, store, prepared)
