@@ -236,6 +236,24 @@ def test_squeeze_ignores_what_the_scratch_held():
     assert relative_error(y, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_without_the_first_conv_the_depthwise_step_reads_x(channels_last):
+    """a None: no expansion (R = C), act1 on x's rows, both layouts, with and without a
+    squeeze-excitation; the same as an identity expansion."""
+    x, _, d, b, _, bias2, bias = block(2, 24, 24, 24, 13, 11, 3, True, channels_last)
+    eye = torch.eye(24)
+    for sq in (None, squeeze_of(24, 6)):
+        with torch.no_grad():
+            y = pdp.bind(x, None, d, b, bias, (1, 1), (1, 1), (1, 1), {}, bias2=bias2,
+                         act1="relu", act2="silu", residual=True, squeeze=sq)(x)
+        ref = reference(x, eye, d, b, None, bias2, bias, 1, 1, 1, "relu", "silu", True, sq)
+        assert relative_error(y, ref) <= 1e-5
+    with pytest.raises(ConvgapError, match=r"needs 16 input channels \(got 24\)"):
+        pdp.bind(x, None, d[:16], b[:, :16], bias, (1, 1), (1, 1), (1, 1), {})
+    with pytest.raises(ConvgapError, match="no bias1"):
+        pdp.bind(x, None, d, b, bias, (1, 1), (1, 1), (1, 1), {}, bias1=bias2)
+
+
 def test_squeeze_activations_are_applied():
     """The squeeze's own activations (relu, and a relu6 'gate') reach the result."""
     x, a, d, b, bias1, bias2, bias = block(2, 16, 32, 16, 9, 9, 3, True, True, scale=1.0)
@@ -353,11 +371,15 @@ for threads in (1, 2, 3):
                                             store=s))
         run(lambda s: pdp.inverted_residual(x, a, d, b[:20], stride=2, padding=1,
                                             act1="relu", act2="silu", squeeze=sq, store=s))
+        run(lambda s: pdp.bind(x, None, d[:24], b[:, :24], bias[:24], (1, 1), (1, 1),
+                               (1, 1), s, act2="silu", residual=True,
+                               squeeze=pdp.Squeeze(sq.reduce[:, :24], sq.reduce_bias,
+                                                   sq.expand[:24], sq.expand_bias[:24]))(x))
 """
 
 
 def test_epilogues_stay_within_the_scratch(tmp_path):
     """With the scratch ending at an unmapped page, blocks with every epilogue (1-3
     threads, both layouts, stride 1 with the residual and 2 without, the flattened form,
-    the squeeze-excitation's two passes) run with the same results as usual."""
+    the squeeze-excitation's two passes, no first 1x1) run with the same results as usual."""
     run_guarded(tmp_path, _GUARDED)

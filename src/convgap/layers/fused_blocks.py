@@ -335,9 +335,8 @@ class FusedInvertedResidual(FusedConvChain):
     KIND = "fused_inverted_residual"
 
     def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The C kernel bound to inputs like ``x``, or None where it does not apply. The
-        no-expand variant runs it with an identity expansion (C more MACs per pixel, the
-        depthwise input still read once and the intermediate kept in cache)."""
+        """The C kernel bound to inputs like ``x``, or None where it does not apply (the
+        no-expand variant without its first 1x1: the depthwise step reads x's rows)."""
         acts = self.acts[-3:-1] if len(self.convs) == 3 else ["none", self.acts[0]]
         if len(self.convs) not in (2, 3) or not pdp.available() or any(
                 a not in KERNEL_ACTIVATIONS for a in acts):
@@ -349,8 +348,8 @@ class FusedInvertedResidual(FusedConvChain):
             if len(self.convs) == 3:
                 expand = self.convs[0]
                 a, bias1 = expand.weight.detach().reshape(r, -1).t(), expand.bias.detach()
-            else:  # kept in the store: the kernel's packed copy follows a's identity
-                a, bias1 = store.setdefault("eye", torch.eye(r, dtype=x.dtype)), None
+            else:  # no expansion: the kernel's depthwise step reads x
+                a, bias1 = None, None
             d = dw.weight.detach().reshape(r, *dw.kernel_size)
             b = project.weight.detach().reshape(project.out_channels, r)
         return pdp.bind(x, a, d, b, project.bias.detach(), tuple(dw.stride),
@@ -507,15 +506,15 @@ class FusedMBConv(FusedBlock):
     def _block(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The whole block as one call of convgap's C kernel (:func:`convgap.kernels.cpu.pdp.bind`
         with a :class:`~convgap.kernels.cpu.pdp.Squeeze`: both passes and the gate in one
-        parallel region), bound to inputs like ``x``; without an expansion, an identity one
-        (as :class:`FusedInvertedResidual`'s). None where it does not apply."""
+        parallel region), bound to inputs like ``x``; without an expansion the depthwise
+        step reads x's rows. None where it does not apply."""
         if not self._kernel_ok():
             return None
         dw, p, rd, ud = self.depthwise, self.project, self.reduce, self.unreduce
         r = dw.out_channels
         store = self._store.setdefault("block", {})
-        if self.expand is None:  # kept in the store: the packed copy follows a's identity
-            a, bias1, act = store.setdefault("eye", torch.eye(r, dtype=x.dtype)), None, "none"
+        if self.expand is None:  # the kernel's depthwise step reads x
+            a, bias1, act = None, None, "none"
         else:
             a, bias1, act = self.expand.weight.detach().reshape(r, -1).t(), \
                 self.expand.bias.detach(), self.act

@@ -21,7 +21,7 @@
  * residual add an inverted residual block, or without the second 1x1 (b NULL) a flattened
  * convolution's lateral, vertical and horizontal filters */
 #define PDP_ARGS(F) \
-    F(const float *, a)      /* pack_b of the (C x R) first 1x1 weight */ \
+    F(const float *, a)      /* pack_b of the (C x R) first 1x1 weight, or NULL: none */ \
     F(const float *, bias1)  /* its bias, R rounded up to 16 floats, or NULL */ \
     F(const float *, d)      /* (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 */ \
     F(const float *, bias2)  /* the depthwise step's bias, Rp floats, or NULL */ \

@@ -167,8 +167,8 @@ long scratch_floats(const PdpArgs *g)
 
 /* The first part of a band (image n, output rows [oh, oh + th)): slide the thread's window
  * of u rows (u: its buffer) down to the rows the band needs, computing the new ones (the
- * first 1x1 conv, bias1 and act1, still in cache), then the depthwise step into v (rows of
- * OW x Rp floats). */
+ * first 1x1 conv, bias1 and act1, still in cache; without a first conv, g->a NULL, x's rows
+ * copied), then the depthwise step into v (rows of OW x Rp floats). */
 static void band_v(const PdpArgs *g, Walk *wk, const float *x, float *u, int n, int oh,
                    int th, float *v)
 {
@@ -181,14 +181,25 @@ static void band_v(const PdpArgs *g, Walk *wk, const float *x, float *u, int n, 
     if (drop)
         memmove(u, u + (long)drop * W * Rp, sizeof(float) * (wk->hi - wk->lo) * W * Rp);
     const int ulo = wk->lo, uhi = wk->hi;
-    if (hi > uhi && g->nchw)
-        gemm_kmajor((hi - uhi) * W, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
-                    g->a, g->bias1, u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
-    else if (hi > uhi)
-        gemm((hi - uhi) * W, R, C, x + ((long)n * H + uhi) * W * C, C, g->a, g->bias1,
-             u + (long)(uhi - ulo) * W * Rp, Rp, PF_X);
-    if (hi > uhi) {  /* the new rows, still in cache */
-        activate_floats(g->act1, u + (long)(uhi - ulo) * W * Rp, (long)(hi - uhi) * W * Rp);
+    if (hi > uhi) {
+        float *rows = u + (long)(uhi - ulo) * W * Rp;
+        const long pixels = (long)(hi - uhi) * W;
+        if (!g->a && g->nchw)  /* no first 1x1 (C = R): x's rows themselves, transposed */
+            for (int c = 0; c < C; c++) {
+                const float *plane = x + ((long)n * C + c) * H * W + (long)uhi * W;
+                for (long p = 0; p < pixels; p++) rows[p * Rp + c] = plane[p];
+            }
+        else if (!g->a)
+            for (long p = 0; p < pixels; p++)
+                memcpy(rows + p * Rp, x + ((long)n * H + uhi) * W * C + p * C,
+                       sizeof(float) * C);
+        else if (g->nchw)
+            gemm_kmajor((int)pixels, R, C, x + ((long)n * C * H + uhi) * W, (long)H * W,
+                        g->a, g->bias1, rows, Rp, PF_X);
+        else
+            gemm((int)pixels, R, C, x + ((long)n * H + uhi) * W * C, C, g->a, g->bias1,
+                 rows, Rp, PF_X);
+        activate_floats(g->act1, rows, pixels * Rp);  /* the new rows, still in cache */
         wk->hi = hi;
     }
     depthwise(u, ulo, H, W, Rp, g->d, g->bias2, g->act2, kh, g->kw, sh, g->sw, ph, g->pw, dh,
@@ -326,7 +337,8 @@ static void se_forward(const PdpArgs *g, const float *x, float *y, float *scratc
 }
 
 /* g: the weights and the geometry (args.h's PdpArgs). x: (N, H, W, C) contiguous, or (N, C, H,
- * W) with g->nchw (y alike); g->a: pack_b of the (C x R) pointwise weight; g->bias1: its bias
+ * W) with g->nchw (y alike); g->a: pack_b of the (C x R) pointwise weight, or NULL for none
+ * (C = R: the depthwise step reads x, after act1); g->bias1: its bias
  * (R rounded up to 16 floats) or NULL; g->act1: the activation on u (act.h's ACT_ codes);
  * g->d: (kh * kw) x Rp depthwise taps, Rp = R rounded up to 16 (columns past R are never read
  * back); g->bias2: their bias (Rp floats) or NULL; g->act2: the activation on v; g->b: pack_b

@@ -58,7 +58,7 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
     taps (d: kh kw x Rp), their padded bias (bias2), packed b, its padded bias, the output
     map padded to (OW, Rp), the squeeze's weights as (S, Rp) rows and padded biases; None
     where absent."""
-    r = a.shape[1]
+    r = d.shape[0]
     taps = torch.zeros(d.shape[1] * d.shape[2], round16(r), dtype=torch.float32)
     taps[:, :r] = d.detach().reshape(r, -1).t()
     omap = None
@@ -73,7 +73,7 @@ def _prepare(lib, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
         wu[:, :r] = squeeze.expand.detach().t()
         se = {"wr": wr, "br": padded(squeeze.reduce_bias), "wu": wu,
               "bu": padded(squeeze.expand_bias)}
-    return {"a": pack(lib, a), "bias1": padded(bias1), "d": taps, "bias2": padded(bias2),
+    return {"a": None if a is None else pack(lib, a), "bias1": padded(bias1), "d": taps, "bias2": padded(bias2),
             "b": None if b is None else pack(lib, b.t()), "bias": padded(bias), "map": omap,
             **se}
 
@@ -201,7 +201,7 @@ def run(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor,
     return bind(x, a, d, b, bias, stride, padding, dilation, store, use_planar)(x)
 
 
-def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | None,
+def bind(x: torch.Tensor, a: torch.Tensor | None, d: torch.Tensor, b: torch.Tensor | None,
          bias: torch.Tensor | None, stride: tuple, padding: tuple, dilation: tuple,
          store: dict, use_planar: bool = False, bias1: torch.Tensor | None = None,
          out_map: torch.Tensor | None = None, *, bias2: torch.Tensor | None = None,
@@ -217,7 +217,9 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
     ``residual`` (NHWC kernel only) make it an inverted residual block: see
     :func:`inverted_residual` (ConvgapError for an unknown activation, or a residual the
     shapes do not allow); ``squeeze`` (NHWC kernel, with ``b``) a squeeze-excitation before
-    the last 1x1 conv."""
+    the last 1x1 conv. ``a`` None (NHWC kernel, no ``bias1``): no first 1x1 conv, the
+    depthwise step reads x (act1 applied), which has R channels: an inverted residual
+    without expansion."""
     lib = _lib()
     codes = activation_code(act1), activation_code(act2)
     se = (0, 0, 0) if squeeze is None else \
@@ -230,6 +232,10 @@ def bind(x: torch.Tensor, a: torch.Tensor, d: torch.Tensor, b: torch.Tensor | No
                                      d.shape[0] if b is None else b.shape[0], stride, padding,
                                      dilation, not nhwc)
     g, out_shape, per = geo
+    if a is None and (use_planar or bias1 is not None or g.c != g.r):
+        raise ConvgapError(f"without a first 1x1 conv (a None) the depthwise step reads x: "
+                           f"it needs {g.r} input channels (got {g.c}), no bias1, and the "
+                           f"NHWC kernel")
     if squeeze is not None:  # the squeeze's map and sums take scratch too
         if b is None:
             raise ConvgapError("a squeeze-excitation runs before the last 1x1 conv: give b")
