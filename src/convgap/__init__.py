@@ -20,6 +20,8 @@ __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fo
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
 - :mod:`models` -- the model zoo: ``models.create(name)``, ``models.names()``.
+- :mod:`data` -- datasets for training: ``data.shapes()`` (generated, seeded),
+  ``data.image_folder(path, image_size)`` (the user's images), ``augment``, ``normalize``.
 - :mod:`hardware` -- measured roofs: ``hardware.roofs(device, dtype)``.
 - :mod:`timing` -- the timing discipline used for every number convgap reports.
 - :mod:`train` -- ``train.fit`` (training with distillation, exact resume, torchrun) and
@@ -30,8 +32,7 @@ __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fo
 
 __version__ = "0.1.0"
 
-from . import algorithms, allocator, hardware, layers, models, timing, transforms
-from . import train
+from . import algorithms, allocator, data, hardware, layers, models, timing, train, transforms
 from .analysis import Report, analyze
 from .count import Counts, count
 from .einsum import einsum, einsum_path
@@ -42,5 +43,5 @@ from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
 __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
            "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
            "ConvgapError",
-           "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "train",
-           "__version__"]
+           "algorithms", "allocator", "data", "hardware", "layers", "models", "timing", "train",
+           "transforms", "__version__"]
