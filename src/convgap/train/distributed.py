@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, Subset
 from .. import hardware
 from ..errors import ConvgapError
 
-__all__ = ["Group", "join", "leave", "choose_device", "sum_over", "gather", "shard"]
+__all__ = ["Group", "join", "leave", "choose_device", "sum_over", "gather", "shard",
+           "share_buffers"]
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,15 @@ def _env_int(name: str, default: int) -> int:
                            "integer; launch with torchrun") from None
 
 
-def choose_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    """``device`` checked, or (None) the GPU of this process (``cuda:local_rank``) when CUDA
+def choose_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked, or (None) the GPU of this process (``cuda:LOCAL_RANK``) when CUDA
     is available, else the CPU. Under several processes a bare ``"cuda"`` also means this
     process's GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = hardware.check_device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = hardware.check_device(f"cuda:{local_rank}")
+        dev = hardware.check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}")
     return dev
 
 
@@ -104,6 +105,15 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def share_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every process: after the
+    last training step each process holds the statistics of its own batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, 0)
 
 
 def shard(data: Dataset) -> Dataset:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..errors import ConvgapError
 from ..progress import make_progress
 from . import checkpoint as ckpt_io
-from .distributed import Group, choose_device, gather, join, leave, sum_over
+from .distributed import Group, choose_device, gather, join, leave, share_buffers, sum_over
 from .evaluate import evaluate
 from .history import EpochRecord, History
 from .losses import check_labels, distillation_loss
@@ -85,7 +85,7 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, *, epochs: int, batch_si
     if not 0 <= kd_alpha <= 1 or kd_temperature <= 0:
         raise ConvgapError(f"kd_alpha must be in [0, 1] and kd_temperature > 0, got "
                            f"{kd_alpha} and {kd_temperature}")
-    dev = choose_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    dev = choose_device(device)
     group = join(dev)
     try:
         return _fit(model, train, val, group, dev, epochs=epochs, batch_size=batch_size,
@@ -190,6 +190,7 @@ def _fit(model: nn.Module, train: Dataset, val: Dataset, group: Group, dev: torc
             train_s = time.perf_counter() - began
             total_loss, total_correct, total_seen = sum_over(
                 [loss_sum.item(), correct.item(), seen], dev)
+            share_buffers(net)  # validate, and save, rank 0's batch-norm statistics
             checked = evaluate(net, val, batch_size=batch_size // world, workers=workers)
             rows.append(EpochRecord(
                 epoch=epoch + 1, train_loss=total_loss / total_seen,
