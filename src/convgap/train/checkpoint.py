@@ -84,9 +84,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, seed: int,
-         optimizer_name: str, rng: list[dict[str, Any]], history: list[dict]) -> Path:
+         optimizer_name: str, rng: list[dict[str, Any]], history: dict) -> Path:
     """Write the checkpoint of a run after ``epoch`` finished epochs and ``step`` optimizer
-    steps (``rng``: one :func:`rng_state` per process, by rank)."""
+    steps (``rng``: one :func:`rng_state` per process, by rank; ``history``: the run's
+    :meth:`History.to_dict <convgap.train.History.to_dict>`)."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "epoch": epoch, "step": step, "seed": seed,
                 "optimizer_name": optimizer_name, "model": model.state_dict(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,6 @@ class Evaluation:
     top1: float
     top5: float
     images: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256,

@@ -43,8 +43,11 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, *, epochs: int, batch_si
 
     - Batches: ``batch_size`` is the *global* batch, images per optimizer step over all
       processes (each of N processes takes ``batch_size / N``; it must divide). The
-      training order is a permutation seeded from (``seed``, epoch), the same for any
-      number of processes; the last batch of an epoch may be smaller.
+      training order is a permutation seeded from (``seed``, epoch): the same global
+      batches for any number of processes (when the dataset size is a multiple of N:
+      PyTorch's DistributedSampler repeats a few images otherwise); the last batch of an
+      epoch may be smaller. The training loss reported is the objective minimised
+      (cross-entropy, or the distillation loss, plus ``extra_loss``).
     - ``optimizer``: ``"sgd"`` (``momentum``) or ``"adamw"``; ``weight_decay`` None is 5e-4
       for SGD, 1e-2 for AdamW. ``lr`` is the peak learning rate. The schedule steps per
       optimizer step: ``warmup`` *epochs* (a float; rounded to whole steps) of linear
@@ -140,7 +143,7 @@ def _fit(model: nn.Module, train: Dataset, val: Dataset, group: Group, dev: torc
         saved = ckpt_io.read(checkpoint)
         ckpt_io.restore(saved, checkpoint, net, opt, sched, optimizer, seed)
         start, step = saved["epoch"], saved["step"]
-        rows = [EpochRecord(**r) for r in saved["history"]]
+        rows = History.from_dict(saved["history"]).epochs
         if rank < len(saved["rng"]):
             ckpt_io.set_rng_state(saved["rng"][rank])
     runner: nn.Module = net
@@ -200,11 +203,12 @@ def _fit(model: nn.Module, train: Dataset, val: Dataset, group: Group, dev: torc
             progress.update(task, description=_describe(
                 epoch, epochs, rows[-1].train_loss, rows[-1].val_top1,
                 rows[-1].images_per_s, "val acc"))
-            rng = gather(ckpt_io.rng_state())
+            if checkpoint is not None:
+                rng = gather(ckpt_io.rng_state())  # every process's, for rank 0 to save
             if group.main and checkpoint is not None:
                 ckpt_io.save(checkpoint, model=net, optimizer=opt, scheduler=sched,
                              epoch=epoch + 1, step=step, seed=seed, optimizer_name=optimizer,
-                             rng=rng, history=History(rows).to_dict()["epochs"])
+                             rng=rng, history=History(rows).to_dict())
             if group.main and log is not None:
                 History(rows).to_json(log)
     return History(rows)

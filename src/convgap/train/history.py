@@ -1,7 +1,8 @@
 """What a training run measured: one :class:`EpochRecord` per epoch, in a :class:`History`.
 
-Units: losses are mean cross-entropy per image (nats; with distillation the training loss is
-the distillation objective, see :func:`convgap.train.losses.distillation_loss`), accuracies
+Units: losses are mean cross-entropy per image (nats; the training loss is the objective
+minimised: with a teacher the distillation loss of
+:func:`convgap.train.losses.distillation_loss`, plus any extra loss), accuracies
 are fractions in [0, 1], throughput is training images per second (all processes together),
 times are seconds.
 """

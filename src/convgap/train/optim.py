@@ -47,8 +47,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
     if name not in SCHEDULES:
         raise ConvgapError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
     if not 0 <= warmup_steps < total_steps:
-        raise ConvgapError(f"the warm-up ({warmup_steps} steps) must be shorter than the run "
-                           f"({total_steps} steps): lower warmup or raise epochs")
+        raise ConvgapError(f"the warm-up ({warmup_steps} steps) must be >= 0 and shorter than "
+                           f"the run ({total_steps} steps): lower warmup or raise epochs")
     main_steps = total_steps - warmup_steps
     main: lr_scheduler.LRScheduler
     if name == "cosine":
