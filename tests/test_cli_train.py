@@ -72,6 +72,10 @@ def test_train_writes_resumes_and_evaluate_agrees(capsys, tiny, tmp_path):
                           "--data", DATA, "--device", "cpu")
     assert code == 0, err
     assert f"top-1 {log[-1]['val_top1']:.2%}" in text and "32 images" in text
+    # the checkpoint holds the same weights under "model"
+    code, again, err = run(capsys, "evaluate", f"{tiny}:net", "--weights",
+                           out / "checkpoint.pt", "--data", DATA, "--device", "cpu")
+    assert code == 0 and again.splitlines()[-1] == text.splitlines()[-1], err
 
 
 def test_train_distils_from_a_teacher(capsys, tiny, tmp_path):
@@ -145,3 +149,21 @@ def test_evaluate_refuses_weights_of_another_model(capsys, tiny, tmp_path):
     code, _, err = run(capsys, "evaluate", f"{tiny}:net", "--data", DATA, "--device", "cpu",
                        *_other_weights(tmp_path))
     assert code == 2 and "do not fit" in err
+
+
+def test_train_and_evaluate_on_an_image_folder(capsys, tiny, tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("dark", "light")):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 100 + 120 * c).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "pics" / name / f"{i}.png")
+    data = ["--data", tmp_path / "pics", "--image-size", "16"]
+    code, text, err = run(capsys, "train", f"{tiny}:net", "--epochs", "2", "--out",
+                          tmp_path / "run", "--num-classes", "2", *TRAIN, *data)
+    assert code == 0, err
+    assert "(18 train, 2 val images, 2 classes)" in " ".join(text.split())
+    code, text, err = run(capsys, "evaluate", f"{tiny}:net", "--num-classes", "2", "--weights",
+                          tmp_path / "run" / "weights.pt", "--split", "all", *data)
+    assert code == 0 and "20 images" in text, err

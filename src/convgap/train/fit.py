@@ -83,8 +83,9 @@ def fit(model: nn.Module, train: Dataset, val: Dataset, *, epochs: int, batch_si
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConvgapError(f"{name} must be a positive integer, got {value!r}")
-    if len(train) == 0 or len(val) == 0:
-        raise ConvgapError("the training and validation datasets must not be empty")
+    for name, data in (("training", train), ("validation", val)):
+        if len(data) == 0:
+            raise ConvgapError(f"the {name} dataset is empty; give it images")
     if not 0 <= kd_alpha <= 1 or kd_temperature <= 0:
         raise ConvgapError(f"kd_alpha must be in [0, 1] and kd_temperature > 0, got "
                            f"{kd_alpha} and {kd_temperature}")
