@@ -50,7 +50,8 @@ class Shapes(Dataset):
     (3, image_size, image_size) tensor in [0, 1], the label an int in [0, num_classes).
 
     ``transform`` (a callable on the image tensor, e.g. :func:`convgap.data.augment`) is
-    applied on every access, after the cache. Build it with :func:`shapes`.
+    applied on every access, after the cache; :meth:`object_box` says where an image's
+    object is. Build it with :func:`shapes`.
     """
 
     def __init__(self, num_classes: int, image_size: int, size: int, seed: int,
@@ -65,7 +66,9 @@ class Shapes(Dataset):
         self._blur = upsampler(image_size, _BLOTCH_GRID)
         self._cache: torch.Tensor | None = None
         if cache:
-            self._cache = torch.from_numpy(np.stack([self._draw(i)[0] for i in range(size)]))
+            self._cache = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8)
+            for i in range(size):
+                self._cache[i] = torch.from_numpy(self._draw(i)[0])
 
     def __len__(self) -> int:
         return self.size
