@@ -50,7 +50,8 @@ class Shapes(Dataset):
     (3, image_size, image_size) tensor in [0, 1], the label an int in [0, num_classes).
 
     ``transform`` (a callable on the image tensor, e.g. :func:`convgap.data.augment`) is
-    applied on every access, after the cache. Build it with :func:`shapes`.
+    applied on every access, after the cache; :meth:`object_box` says where an image's
+    object is. Build it with :func:`shapes`.
     """
 
     def __init__(self, num_classes: int, image_size: int, size: int, seed: int,
@@ -65,7 +66,9 @@ class Shapes(Dataset):
         self._blur = upsampler(image_size, _BLOTCH_GRID)
         self._cache: torch.Tensor | None = None
         if cache:
-            self._cache = torch.from_numpy(np.stack([self._draw(i) for i in range(size)]))
+            self._cache = torch.empty((size, 3, image_size, image_size), dtype=torch.uint8)
+            for i in range(size):
+                self._cache[i] = torch.from_numpy(self._draw(i)[0])
 
     def __len__(self) -> int:
         return self.size
@@ -73,7 +76,7 @@ class Shapes(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         i = self._check(index)
         pixels = (self._cache[i] if self._cache is not None
-                  else torch.from_numpy(self._draw(i)))
+                  else torch.from_numpy(self._draw(i)[0]))
         image = pixels.float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
@@ -87,13 +90,20 @@ class Shapes(Dataset):
             raise IndexError(f"index {index} out of range for {self.size} images")
         return i
 
-    def _draw(self, i: int) -> np.ndarray:
-        """Image ``i`` as a uint8 (3, H, W) array, from its own (seed, split, i) stream."""
+    def object_box(self, index: int) -> tuple[float, float, float, float]:
+        """Where image ``index``'s object is: (left, top, right, bottom) in pixels, the
+        square around the circle the shape fits in (redraws the image to find out)."""
+        cx, cy, radius = self._draw(self._check(index))[1]
+        return cx - radius, cy - radius, cx + radius, cy + radius
+
+    def _draw(self, i: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """Image ``i`` as a uint8 (3, H, W) array, from its own (seed, split, i) stream,
+        and its object's centre and radius in pixels."""
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
         canvas = Canvas(self.image_size, self._grid)
         kind, texture = CLASSES[i % self.num_classes]
-        _draw_image(rng, canvas, self._blur, kind, texture)
-        return np.clip(canvas.pixels * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+        placed = _draw_image(rng, canvas, self._blur, kind, texture)
+        return np.clip(canvas.pixels * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8), placed
 
 
 def _unit(angle: float) -> tuple[float, float]:
@@ -101,11 +111,16 @@ def _unit(angle: float) -> tuple[float, float]:
 
 
 def _draw_image(rng: np.random.Generator, canvas: Canvas, blur: np.ndarray, kind: str,
-                texture: str) -> None:
-    """Draw one image of class (kind, texture) on ``canvas`` from ``rng``."""
+                texture: str) -> tuple[float, float, float]:
+    """Draw one image of class (kind, texture) on ``canvas`` from ``rng``; return the
+    object's centre and radius in pixels."""
     n = canvas.size
     # difficulty in [0, 1], skewed towards easy: it sets object size, opacity and clutter
-    hard = rng.random() ** 1.5
+    hard = rng.random() ** 2
+    # the object: diameter 10-50% of the side, placed (almost) inside the image
+    diameter = min(max(0.5 - 0.38 * hard + rng.uniform(-0.06, 0.06), 0.1), 0.5)
+    radius = diameter * n / 2
+    cx, cy = rng.uniform(radius * 0.9, n - radius * 0.9, 2)
     # background: a colour gradient at a random angle, smooth blotches, maybe stripes
     base, far = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
     gx, gy = _unit(rng.uniform(0, _TAU))
@@ -115,40 +130,37 @@ def _draw_image(rng: np.random.Generator, canvas: Canvas, blur: np.ndarray, kind
     np.multiply(far[:, None, None], ramp, out=pixels)
     pixels += base[:, None, None]
     coarse = rng.standard_normal((3, _BLOTCH_GRID, _BLOTCH_GRID), dtype=np.float32)
-    pixels += blur @ (coarse * (0.05 + 0.2 * hard)) @ blur.T
-    if rng.random() < 0.3 + 0.6 * hard:
+    pixels += blur @ (coarse * (0.04 + 0.14 * hard)) @ blur.T
+    if rng.random() < 0.2 + 0.6 * hard:
         period = n * rng.uniform(0.06, 0.2)
         sx, sy = _unit(rng.uniform(0, _TAU))
         phase = (canvas.xs * sx + canvas.ys * sy) * (_TAU / period)
         tint = rng.uniform(0.3, 1.0, 3).astype(np.float32)
-        pixels += (tint * rng.uniform(0.04, 0.1 + 0.2 * hard))[:, None, None] * np.sin(phase)
-    # distractors: small solid shapes of the other kinds, anywhere
+        pixels += (tint * rng.uniform(0.03, 0.08 + 0.12 * hard))[:, None, None] * np.sin(phase)
+    # distractors: solid shapes of the other kinds, a quarter to half the object's size
     others = [k for k in KINDS if k != kind]
     for _ in range(rng.integers(0, 2 + int(6 * hard))):
         pick = others[rng.integers(len(others))]
-        radius = n * rng.uniform(0.025, 0.06)
-        cx, cy = rng.uniform(0, n, 2)
-        canvas.shape(pick, cx, cy, radius, rng.uniform(0, _TAU),
-                     rng.random(3, dtype=np.float32), rng.uniform(0.5, 1.0))
-    # the object: diameter 10-50% of the side, a colour that stands out from the background
-    diameter = min(max(0.5 - 0.38 * hard + rng.uniform(-0.06, 0.06), 0.1), 0.5)
-    radius = diameter * n / 2
-    cx, cy = rng.uniform(radius * 0.9, n - radius * 0.9, 2)
+        canvas.shape(pick, *rng.uniform(0, n, 2), radius * rng.uniform(0.25, 0.5),
+                     rng.uniform(0, _TAU), rng.random(3, dtype=np.float32),
+                     rng.uniform(0.5, 1.0))
+    # the object, in a colour that stands out from the background's gradient behind it
     behind = base + far * (((cx - n / 2) * gx + (cy - n / 2) * gy) / n + 0.5)
     colour = rng.random(3, dtype=np.float32)
     for _ in range(8):
-        if np.abs(colour - behind).sum() >= 0.6:
+        if np.abs(colour - behind).sum() >= 0.75:
             break
         colour = rng.random(3, dtype=np.float32)
     second = colour * 0.35 if colour.mean() > 0.5 else colour + (1 - colour) * 0.65
     canvas.shape(kind, cx, cy, radius, rng.uniform(0, _TAU), colour,
-                 opacity=1.0 - 0.5 * hard, texture=texture, second=second,
+                 opacity=1.0 - 0.35 * hard, texture=texture, second=second,
                  period=max(2.5, radius * rng.uniform(0.4, 0.6)))
-    # sensor noise over everything: uniform (a sixth of the cost of normal), std 0.01..0.09
+    # sensor noise over everything: uniform (a sixth of the cost of normal), std 0.01..0.07
     noise = rng.random(pixels.shape, dtype=np.float32)
     noise -= 0.5
-    noise *= (0.01 + 0.08 * hard) * math.sqrt(12)
+    noise *= (0.01 + 0.06 * hard) * math.sqrt(12)
     pixels += noise
+    return float(cx), float(cy), radius
 
 
 def _whole(name: str, value: Any, least: int) -> int:
