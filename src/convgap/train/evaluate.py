@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +34,16 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256,
              device: str | torch.device | None = None, workers: int = 0) -> Evaluation:
     """``model`` in eval mode under ``no_grad`` on every ``(image, label)`` of ``data``, in
     batches of ``batch_size`` images loaded by ``workers`` processes (0: this one). The
-    model is moved to ``device`` if one is given (None: it stays where it is) and its
-    training mode is restored afterwards. Inside a multi-process run each process evaluates
-    its share and the sums are combined: every process returns the whole dataset's numbers."""
+    model is moved to ``device`` if one is given (None: it stays where it is; the CPU for a
+    model without parameters or buffers) and its training mode is restored afterwards.
+    Inside a multi-process run each process evaluates its share and the sums are combined:
+    every process returns the whole dataset's numbers."""
     if len(data) == 0:
         raise ConvgapError("the evaluation dataset is empty")
     if device is not None:
         model.to(hardware.check_device(device))
-    dev = next(model.parameters()).device
+    held = next(itertools.chain(model.parameters(), model.buffers()), None)
+    dev = torch.device("cpu") if held is None else held.device
     loader = DataLoader(shard(data), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=dev.type == "cuda")
     was_training = model.training
