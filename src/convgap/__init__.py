@@ -20,15 +20,19 @@ __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fo
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
 - :mod:`models` -- the model zoo: ``models.create(name)``, ``models.names()``.
+- :mod:`data` -- datasets for training: ``data.shapes()`` (generated, seeded),
+  ``data.image_folder(path, image_size)`` (the user's images), ``augment``, ``normalize``.
 - :mod:`hardware` -- measured roofs: ``hardware.roofs(device, dtype)``.
 - :mod:`timing` -- the timing discipline used for every number convgap reports.
+- :mod:`train` -- ``train.fit`` (training with distillation, exact resume, torchrun) and
+  ``train.evaluate`` (loss, top-1, top-5; accuracies as fractions in [0, 1]).
 - :mod:`allocator` -- the CPU malloc policy (``allocator.set_policy("retain")`` stops large
   activations from page-faulting on every call) and what the default one costs.
 """
 
 __version__ = "0.1.0"
 
-from . import algorithms, allocator, hardware, layers, models, timing, transforms
+from . import algorithms, allocator, data, hardware, layers, models, timing, train, transforms
 from .analysis import Report, analyze
 from .count import Counts, count
 from .einsum import einsum, einsum_path
@@ -39,4 +43,5 @@ from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
 __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
            "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
            "ConvgapError",
-           "algorithms", "allocator", "hardware", "layers", "models", "timing", "transforms", "__version__"]
+           "algorithms", "allocator", "data", "hardware", "layers", "models", "timing", "train",
+           "transforms", "__version__"]

@@ -14,9 +14,10 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
-__all__ = ["CacheWarning", "cache_dir", "read_json", "write_json", "update_json"]
+__all__ = ["CacheWarning", "cache_dir", "read_json", "write_atomic", "write_json",
+           "update_json"]
 
 
 class CacheWarning(UserWarning):
@@ -55,20 +56,27 @@ def read_json(name: str) -> dict[str, Any]:
     return data
 
 
-def write_json(name: str, data: dict[str, Any]) -> Path:
-    """Write ``data`` to cache file ``name`` atomically; return its path."""
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Create ``path`` (and its folders) atomically: ``write(file)`` fills a temporary file
+    (binary) in the same folder, which then replaces ``path`` in one rename, so readers and
+    crashes see the old file or the whole new one, never part of it. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    """Write ``data`` to cache file ``name`` atomically; return its path."""
+    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    return write_atomic(cache_dir() / name, lambda fh: fh.write(text))
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@
 ``convgap factorize MODEL``: factorized convolutions; params, MACs, latency before and after.
 ``convgap fuse MODEL``: whole residual blocks as fused kernels; per block the layer-wise and
 fused time against the fused-block roofline, and the whole model before and after.
+``convgap train MODEL --data ... --out DIR``: train (or fine-tune, or distil into) a model;
+writes DIR/checkpoint.pt (resumable), DIR/weights.pt (the state_dict) and DIR/log.json, and
+runs the same under ``torchrun`` (DistributedDataParallel).
+``convgap evaluate MODEL --weights FILE --data ...``: loss, top-1 and top-5 on a dataset.
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -14,6 +18,7 @@ Every user error prints one line ``convgap: error: ...`` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -26,15 +31,18 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from . import config, hardware, models, timing
+from . import config, data, hardware, models, timing, train
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, parse_dtype
 from .ops.layouts import LAYOUTS, memory_format
 from .analysis.render import tables
+from .cache import write_atomic
 from .count import check_input
 from .errors import ConvgapError
 from .progress import make_progress
 from .transforms import Comparison, changes, compare, factorize, fuse, swap
+from .train.checkpoint import check_writable
+from .train.optim import OPTIMIZERS, SCHEDULES
 from .transforms.fuse import fused_blocks
 
 __all__ = ["main", "build_parser"]
@@ -164,8 +172,83 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block patterns to use (default: all registered)")
     u.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
 
+    n = sub.add_parser("train", help="train a model on a dataset (one process or torchrun)",
+                       description="Train MODEL on --data, validating after every epoch; "
+                                   "write OUT/checkpoint.pt after each epoch (continue it "
+                                   "with --resume), OUT/weights.pt (the state_dict) and "
+                                   "OUT/log.json at the end, and print the per-epoch table. "
+                                   "Under torchrun the same command trains in every process "
+                                   "(DistributedDataParallel; --batch-size is the global "
+                                   "batch).")
+    _data_options(n)
+    n.add_argument("--epochs", type=_positive, required=True, help="epochs to train")
+    n.add_argument("--batch-size", type=_positive, required=True,
+                   help="images per optimizer step, over all processes")
+    n.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    n.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="(sgd)")
+    n.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    n.add_argument("--weight-decay", type=float, default=None,
+                   help="(default: 5e-4 for sgd, 1e-2 for adamw)")
+    n.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                   help="learning rate after the warm-up (cosine: down to 0 at the end)")
+    n.add_argument("--warmup", type=float, default=0.0,
+                   help="epochs of linear warm-up (a fraction is rounded to steps; 0)")
+    n.add_argument("--no-augment", action="store_true",
+                   help="no random crop (4 pixels) and flip of the training images")
+    n.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="distil from this model (needs --teacher-weights)")
+    n.add_argument("--teacher-weights", type=Path, default=None, metavar="FILE",
+                   help="the teacher's state_dict")
+    n.add_argument("--kd-alpha", type=float, default=0.5,
+                   help="weight of the distillation term, 0..1 (0.5)")
+    n.add_argument("--kd-temperature", type=float, default=4.0, help="softening T (4)")
+    n.add_argument("--weights", type=Path, default=None,
+                   help="initial weights (state_dict file) of the model")
+    n.add_argument("--out", type=Path, required=True,
+                   help="folder for checkpoint.pt, weights.pt and log.json")
+    n.add_argument("--resume", action="store_true",
+                   help="continue OUT/checkpoint.pt (without it, an existing checkpoint is "
+                        "an error: nothing is overwritten)")
+    n.add_argument("--workers", type=int, default=0, help="data loading processes (0)")
+    n.add_argument("--seed", type=int, default=0, help="seed of the data order and "
+                   "augmentation (0); the model's initial weights are seeded with it too")
+    n.add_argument("--sync-batchnorm", action="store_true",
+                   help="under torchrun on GPUs: batch-norm statistics over the global batch")
+
+    e = sub.add_parser("evaluate", help="loss, top-1 and top-5 of a model on a dataset",
+                       description="Evaluate MODEL with --weights on the validation split "
+                                   "of --data (or --split).")
+    _data_options(e)
+    e.add_argument("--weights", type=Path, required=True,
+                   help="state_dict file (weights.pt or checkpoint.pt of convgap train)")
+    e.add_argument("--split", default="val", choices=("val", "train", "all"),
+                   help="which images: val (default), train, or all (a folder's every "
+                        "image; for shapes, both splits)")
+    e.add_argument("--batch-size", type=_positive, default=256, help="(256)")
+
     sub.add_parser("models", help="list the model zoo")
     return parser
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """The model and the dataset of ``train`` and ``evaluate``, and where they run."""
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo name (see `convgap models`) or package.module:factory")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="'shapes' (generated) with options as shapes:key=value,... "
+                        "(num_classes, image_size, train_size, val_size, seed, cache), or a "
+                        "folder with one sub-folder of images per class (split 90/10 into "
+                        "train and val)")
+    p.add_argument("--image-size", type=_positive, default=None,
+                   help="image side in pixels (default: shapes' own, 64 for a folder)")
+    p.add_argument("--num-classes", type=_positive, default=None,
+                   help="classes of the model (default: the data's; a "
+                        "package.module:factory gets num_classes only when this is given)")
+    p.add_argument("--device", default=None,
+                   help="'cpu' or 'cuda[:N]' (default: this process's GPU if there is one)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (default: torch's current setting)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _load(spec: str, args: argparse.Namespace) -> nn.Module:
@@ -328,6 +411,114 @@ def _cmd_fuse(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+SHAPES_OPTIONS = ("num_classes", "image_size", "train_size", "val_size", "seed", "cache")
+
+
+def _datasets(args: argparse.Namespace, augment: bool):
+    """(train, val, class count) of ``--data``: the generated shapes or an image folder,
+    the training images randomly cropped and flipped when ``augment``."""
+    spec = args.data
+    transform = data.augment() if augment else None
+    if spec == "shapes" or spec.startswith("shapes:"):
+        options: dict[str, int] = {}
+        for item in filter(None, spec.partition(":")[2].split(",")):
+            key, eq, value = item.partition("=")
+            if key not in SHAPES_OPTIONS or not eq:
+                raise ConvgapError(f"bad --data option {item!r}: write shapes:key=value,... "
+                                   f"with keys {', '.join(SHAPES_OPTIONS)}")
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise ConvgapError(f"--data option {key} must be an integer, got "
+                                   f"{value!r}") from None
+        if args.image_size is not None:
+            if options.get("image_size", args.image_size) != args.image_size:
+                raise ConvgapError(f"--image-size {args.image_size} and image_size="
+                                   f"{options['image_size']} in --data disagree; give one")
+            options["image_size"] = args.image_size
+        options["cache"] = bool(options.get("cache", 0))
+        train_set, val_set = data.shapes(**options, transform=transform)
+    else:
+        size = args.image_size or 64
+        train_set = data.image_folder(spec, size, split="train", transform=transform)
+        val_set = data.image_folder(spec, size, split="val")
+    return train_set, val_set, len(train_set.classes)
+
+
+def _classifier(spec: str, weights: Path | None, classes: int,
+                args: argparse.Namespace) -> nn.Module:
+    """Model ``spec`` for ``classes`` data classes (``--num-classes`` overrides; a
+    ``module:factory`` gets num_classes only from ``--num-classes``), with ``weights``."""
+    wanted = args.num_classes if args.num_classes is not None or ":" in spec else classes
+    net = models.load(spec, num_classes=wanted)
+    if weights is not None:
+        models.load_weights(net, weights)
+    return net
+
+
+def _main_process() -> bool:
+    """Whether this is the process that prints and writes (rank 0 under torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    out = args.out
+    ckpt, weights, log = out / "checkpoint.pt", out / "weights.pt", out / "log.json"
+    for path, what in ((ckpt, "checkpoint"), (weights, "weights"), (log, "log")):
+        check_writable(path, what)
+    if ckpt.exists() and not args.resume:
+        raise ConvgapError(f"{ckpt} exists: pass --resume to continue it, or choose another "
+                           "--out (nothing was overwritten)")
+    if (args.teacher is None) != (args.teacher_weights is None):
+        raise ConvgapError("--teacher and --teacher-weights go together: a teacher needs its "
+                           "trained weights")
+    train_set, val_set, classes = _datasets(args, augment=not args.no_augment)
+    torch.manual_seed(args.seed)  # the model's initial weights
+    net = _classifier(args.model, args.weights, classes, args)
+    teacher = None if args.teacher is None else _classifier(
+        args.teacher, args.teacher_weights, classes, args)
+    with timing.threads(args.threads):
+        history = train.fit(
+            net, train_set, val_set, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup,
+            weight_decay=args.weight_decay, momentum=args.momentum, teacher=teacher,
+            kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, checkpoint=ckpt,
+            resume=args.resume, device=args.device, workers=args.workers, seed=args.seed,
+            log=log, quiet=args.quiet, sync_batchnorm=args.sync_batchnorm)
+    if not _main_process():
+        return 0
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_atomic(weights, lambda fh: fh.write(buffer.getbuffer()))
+    t = Table(title=f"convgap train {args.model} on {args.data} ({len(train_set)} train, "
+                    f"{len(val_set)} val images, {classes} classes)", title_justify="left")
+    for col in ("epoch", "train loss", "train top-1", "val loss", "val top-1", "images/s",
+                "lr", "seconds"):
+        t.add_column(col, justify="right")
+    for r in history.epochs:
+        t.add_row(str(r.epoch), f"{r.train_loss:.4f}", f"{r.train_top1:.2%}",
+                  f"{r.val_loss:.4f}", f"{r.val_top1:.2%}", f"{r.images_per_s:,.0f}",
+                  f"{r.lr:.3g}", f"{r.seconds:.1f}")
+    console.print(t)
+    console.print(f"weights: {weights}\ncheckpoint: {ckpt}\nlog: {log}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
+    train_set, val_set, classes = _datasets(args, augment=False)
+    chosen = {"val": val_set, "train": train_set,
+              "all": torch.utils.data.ConcatDataset([train_set, val_set])}[args.split]
+    net = _classifier(args.model, args.weights, classes, args)
+    with timing.threads(args.threads):
+        result = train.evaluate(net, chosen, batch_size=args.batch_size,
+                                device=args.device or ("cuda" if torch.cuda.is_available()
+                                                       else "cpu"))
+    console.print(f"convgap evaluate {args.model} ({args.weights}) on {args.data}, "
+                  f"{args.split}: {result.images} images")
+    console.print(f"loss {result.loss:.4f}  top-1 {result.top1:.2%}  top-5 {result.top5:.2%}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
@@ -335,7 +526,8 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
-            "factorize": _cmd_factorize, "fuse": _cmd_fuse, "models": _cmd_models}
+            "factorize": _cmd_factorize, "fuse": _cmd_fuse, "train": _cmd_train,
+            "evaluate": _cmd_evaluate, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

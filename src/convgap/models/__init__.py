@@ -29,7 +29,8 @@ from . import efficientnet as _efficientnet  # noqa: F401
 from . import mobilenet as _mobilenet  # noqa: F401
 from . import resnet as _resnet  # noqa: F401
 
-__all__ = ["BLOCK_KINDS", "create", "load", "load_weights", "names", "register"]
+__all__ = ["BLOCK_KINDS", "check_state_dict", "create", "load", "load_weights", "names",
+           "register"]
 
 BLOCK_KINDS = ("basic", "bottleneck", "inverted_residual", "mbconv", "convnext", "convfirst")
 
@@ -206,7 +207,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "(it is loaded with weights_only=True)"
         ) from e
 
-    state = _extract_state_dict(obj, path_str)
+    model.load_state_dict(check_state_dict(model, _extract_state_dict(obj, path_str), path_str),
+                          strict=True)
+    return model
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
+                     source: str) -> dict[str, torch.Tensor]:
+    """``state`` (read from ``source``, named in the message) checked against ``model``
+    without loading it: keys and shapes must match exactly, else :class:`ConvgapError`
+    listing what differs. A "module." prefix (DistributedDataParallel) is stripped when the
+    model's own keys lack it. Returns the state to pass to ``model.load_state_dict``."""
+    state = dict(state)
     expected = model.state_dict()
     if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -227,8 +239,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_name_keys(mismatched)}")
     if problems:
         raise ConvgapError(
-            f"weights in {path_str} do not fit {type(model).__name__}: " + "; ".join(problems)
+            f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems)
             + ". Use a checkpoint saved from the same architecture and num_classes."
         )
-    model.load_state_dict(state, strict=True)
-    return model
+    return state
