@@ -91,8 +91,9 @@ class Shapes(Dataset):
         return i
 
     def object_box(self, index: int) -> tuple[float, float, float, float]:
-        """Where image ``index``'s object is: (left, top, right, bottom) in pixels, the
-        square around the circle the shape fits in (redraws the image to find out)."""
+        """Where image ``index``'s object is: (left, top, right, bottom) in pixels, its
+        centre plus and minus its radius (round shapes fit inside; the corners of square
+        ones reach up to 25% of the radius beyond). Redraws the image to find out."""
         cx, cy, radius = self._draw(self._check(index))[1]
         return cx - radius, cy - radius, cx + radius, cy + radius
 
