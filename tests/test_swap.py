@@ -290,7 +290,8 @@ def test_auto_rejects_wrong_results(monkeypatch):
         s = swap(nn.Sequential(nn.Conv2d(3, 4, 3)), "auto", torch.randn(1, 3, 8, 8),
                  candidates=["test_wrong"], quiet=True)
         (c,) = choices(s)
-        assert c.algorithm == "torch"
+        # torch, or eager channels_last where the model-level check measures it faster
+        assert c.algorithm in ("torch", "channels_last")
         assert "relative error" in c.tuning["rejected"]["test_wrong"]
     finally:
         unregister("test_wrong")
