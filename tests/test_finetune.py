@@ -1,0 +1,125 @@
+"""``convgap.train.finetune``: accuracy before and after factorizing and after distilled
+fine-tuning; factorized layers train through their torch path, and afterwards their fused
+inference path runs the trained weights (no stale packed weights)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from convgap import data, factorize, models, train
+from convgap.errors import ConvgapError
+from convgap.layers import FlattenedConv2d, TensorialConv2d
+
+FUSED = {"tensorial": ["planar", "nhwc"], "flattened": "nhwc"}
+
+
+@pytest.fixture(scope="module")
+def shapes32():
+    return data.shapes(image_size=32, train_size=64, val_size=32)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return models.load("resnet18", num_classes=10).eval()
+
+
+def _factorized_layers(model):
+    return [m for m in model.modules() if isinstance(m, (TensorialConv2d, FlattenedConv2d))]
+
+
+def _inputs_of(model, layers, x):
+    """Each layer's input in ``model(x)``."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach()))
+             for m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[m] for m in layers]
+
+
+@pytest.mark.parametrize("what", ["cp", "tucker", "flattened"])
+def test_finetune_trains_the_factors_and_leaves_the_teacher(what, resnet, shapes32, force):
+    train_set, val_set = shapes32
+    force(FUSED)  # the fused kernels run in inference, chosen without timing
+    if what == "flattened":  # (one rank-1 repeat per output channel: slow to decompose)
+        fact = factorize(resnet, what, layers=["layer1.0.conv1", "layer1.0.conv2"])
+    else:
+        fact = factorize(resnet, what, compression=10.0)
+    layers = _factorized_layers(fact)
+    assert layers
+    teacher = copy.deepcopy(resnet.state_dict())
+    x = torch.stack([val_set[i][0] for i in range(16)])
+    # an inference call first: the fused paths bind (and pack) the factorized weights
+    inputs = _inputs_of(fact, layers, x)
+    assert {m.kernel_for(i) for m, i in zip(layers, inputs)} & {"planar", "nhwc"}
+    factors = [p.detach().clone() for m in layers for p in m.parameters()]
+
+    got = train.finetune(resnet, fact, train_set, val_set, epochs=1, batch_size=16,
+                         device="cpu", quiet=True)
+
+    # three real evaluations of the whole validation set; the last one after training
+    for stage, ev in got.stages():
+        assert ev.images == len(val_set) and 0 <= ev.top1 <= ev.top5 <= 1 and ev.loss > 0
+    assert [s for s, _ in got.stages()] == ["original", "factorized", "fine-tuned"]
+    assert got.original == train.evaluate(resnet, val_set)
+    assert len(got.history.epochs) == 1
+    assert got.finetuned.top1 == pytest.approx(got.history.epochs[0].val_top1)
+    assert got.finetuned.loss == pytest.approx(got.history.epochs[0].val_loss)
+    assert train.History.from_dict(got.to_dict()) == got.history
+    # gradients reached every factor; the teacher (and its mode) is as it was
+    after = [p.detach() for m in layers for p in m.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(factors, after))
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in teacher.items())
+    assert not resnet.training and not fact.training
+
+    # the fused inference path runs the trained factors: it agrees with the torch steps
+    # (autograd on: every fast path steps aside) on the same inputs as before training
+    inputs = _inputs_of(fact, layers, x)
+    assert {m.kernel_for(i) for m, i in zip(layers, inputs)} & {"planar", "nhwc"}
+    for m, i in zip(layers, inputs):
+        with torch.no_grad():
+            fast = m(i)
+        with torch.enable_grad():
+            reference = m(i.clone().requires_grad_(True)).detach()
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        fast = fact(x)
+    with torch.enable_grad():
+        reference = fact(x.clone().requires_grad_(True)).detach()
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_without_epochs_evaluates_only(resnet, shapes32, torch_steps):
+    train_set, val_set = shapes32
+    fact = factorize(resnet, "tucker", compression=10.0)
+    state = copy.deepcopy(fact.state_dict())
+    got = train.finetune(resnet, fact, train_set, val_set, epochs=0, batch_size=32,
+                         device="cpu")
+    assert got.finetuned is None and got.history.epochs == []
+    assert [s for s, _ in got.stages()] == ["original", "factorized"]
+    assert got.factorized == train.evaluate(fact, val_set)
+    assert all(torch.equal(v, fact.state_dict()[k]) for k, v in state.items())
+
+
+def test_finetune_refuses_bad_input(resnet, shapes32):
+    train_set, val_set = shapes32
+    with pytest.raises(ConvgapError, match="shares parameters"):
+        train.finetune(resnet, resnet, train_set, val_set, epochs=1)
+    other = copy.deepcopy(resnet)
+    with pytest.raises(ConvgapError, match="no teacher"):
+        train.finetune(resnet, other, train_set, val_set, epochs=1, teacher=resnet)
+    with pytest.raises(ConvgapError, match="non-negative"):
+        train.finetune(resnet, other, train_set, val_set, epochs=-1)
+    with pytest.raises(ConvgapError, match="unknown optimizer"):
+        train.finetune(resnet, other, train_set, val_set, epochs=1, optimizer="lbfgs")
+    few = models.load("resnet18", num_classes=4)
+    with pytest.raises(ConvgapError):  # labels 0..9 beyond a 4-class model
+        train.finetune(few, copy.deepcopy(few), train_set, val_set, epochs=1)
