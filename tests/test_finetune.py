@@ -5,11 +5,16 @@ inference path runs the trained weights (no stale packed weights)."""
 from __future__ import annotations
 
 import copy
+import importlib
+import json
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from convgap import data, factorize, models, train
+from convgap.cli import main
 from convgap.errors import ConvgapError
 from convgap.layers import FlattenedConv2d, TensorialConv2d
 
@@ -123,3 +128,78 @@ def test_finetune_refuses_bad_input(resnet, shapes32):
     few = models.load("resnet18", num_classes=4)
     with pytest.raises(ConvgapError):  # labels 0..9 beyond a 4-class model
         train.finetune(few, copy.deepcopy(few), train_set, val_set, epochs=1)
+
+
+# ---- convgap factorize --data ... --finetune EPOCHS ----
+
+TINY = textwrap.dedent("""
+    import torch.nn as nn
+
+    def net(num_classes=4):
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(16, num_classes))
+""")
+DATA = "shapes:num_classes=4,image_size=16,train_size=64,val_size=32"
+FACTORIZE = ["factorize", "-f", "tucker", "--rank", "4", "--keep-slower", "--threads", "1",
+             "--quiet"]
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    (tmp_path / "tinyfinetune.py").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tinyfinetune"
+    sys.modules.pop("tinyfinetune", None)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_reports_accuracy_and_writes_the_finetuned_model(capsys, tiny, tmp_path):
+    net = importlib.import_module(tiny).net()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "run"
+    code, text, err = run(capsys, *FACTORIZE, f"{tiny}:net", "--weights", tmp_path / "w.pt",
+                          "--data", DATA, "--finetune", "1", "--batch-size", "16",
+                          "--out", out, "--json", tmp_path / "f.json")
+    assert code == 0, err
+    assert "whole model" in text and "val top-1" in text   # one table, then the accuracies
+    for row in ("original", "factorized", "fine-tuned (1 epoch, distilled)"):
+        assert row in text
+    # the original's row is the user's weights on the validation split
+    val = data.shapes(num_classes=4, image_size=16, train_size=64, val_size=32)[1]
+    expected = train.evaluate(net, val)
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["accuracy"]["original"]["top1"] == pytest.approx(expected.top1)
+    assert report["accuracy"]["original"]["loss"] == pytest.approx(expected.loss)
+    assert report["layers"] and report["accuracy"]["finetuned"]["images"] == len(val)
+    log = json.loads((out / "log.json").read_text())
+    assert log == report["accuracy"] and len(train.History.from_dict(log).epochs) == 1
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert any(".factors." in k for k in weights)
+    # with --data alone: the two evaluations, no fine-tuning
+    code, text, err = run(capsys, *FACTORIZE, f"{tiny}:net", "--data", DATA)
+    assert code == 0, err
+    assert "factorized" in text and "fine-tuned" not in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--finetune", "1"], "--finetune trains on a dataset: give --data"),
+    (["--data", DATA, "--out", "o"], "--out sets up fine-tuning: give --finetune"),
+    (["--data", DATA, "--lr", "0.1", "--optimizer", "adamw"], "--lr, --optimizer set up"),
+    (["--data", "shapes:size=3"], "bad --data option 'size=3'"),
+    (["--data", DATA, "--dtype", "bfloat16"], "float32"),
+    (["--data", DATA, "--image-size", "32"], "disagree"),
+    (["--data", "nowhere"], "nowhere"),
+    (["--data", DATA, "--num-classes", "2"], "label"),
+])
+def test_cli_bad_input_is_one_line_exit_2(capsys, tiny, tmp_path, argv, match):
+    code, _, err = run(capsys, *FACTORIZE, f"{tiny}:net", *argv)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
