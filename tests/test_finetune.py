@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convgap import data, factorize, models, train
 from convgap.cli import main
@@ -85,21 +86,64 @@ def test_finetune_trains_the_factors_and_leaves_the_teacher(what, resnet, shapes
     assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in teacher.items())
     assert not resnet.training and not fact.training
 
-    # the fused inference path runs the trained factors: it agrees with the torch steps
-    # (autograd on: every fast path steps aside) on the same inputs as before training
+    # the fused inference path runs the trained factors, on the same inputs as before
+    # training: each layer agrees with a dense convolution by the kernel its factors make
+    # now, and the model with its torch steps (autograd on: every fast path steps aside)
     inputs = _inputs_of(fact, layers, x)
     assert {m.kernel_for(i) for m, i in zip(layers, inputs)} & {"planar", "nhwc"}
     for m, i in zip(layers, inputs):
         with torch.no_grad():
             fast = m(i)
-        with torch.enable_grad():
-            reference = m(i.clone().requires_grad_(True)).detach()
+            reference = _dense(m, i)
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         fast = fact(x)
     with torch.enable_grad():
         reference = fact(x.clone().requires_grad_(True)).detach()
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+
+def _dense(layer, x):
+    """The layer as a dense convolution by the kernel its factors make now."""
+    return F.conv2d(x, layer.dense_weight(), getattr(layer, "bias", None), layer.stride,
+                    layer.padding, layer.dilation)
+
+
+def _close(got, want):
+    """Equal within 1e-4 of ``want``'s largest magnitude (float32 sums in other orders)."""
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TensorialConv2d(16, 16, 3, "cp", rank=8, padding=1),
+    lambda: TensorialConv2d(16, 24, 3, "tucker", rank=[8, 8], padding=1, stride=2),
+    lambda: FlattenedConv2d(16, 16, 3, padding=1, bias=False),
+], ids=["cp", "tucker", "flattened"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_steps_of_training_between_fused_inference_calls(make, layout, force):
+    """Optimizer steps alternating with inference calls: every forward (the fused kernel in
+    inference, the torch steps with autograd) and every gradient is the dense
+    convolution's by the factors as they are at that step."""
+    force(FUSED)
+    layer = make()
+    x = torch.randn(2, 16, 10, 10).contiguous(memory_format=layout)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            _close(layer(x), _dense(layer, x))
+        assert layer.kernel_for(x) in ("planar", "nhwc")
+        y = layer(x)
+        _close(y.detach(), _dense(layer, x).detach())
+        g = torch.randn_like(y)
+        params = list(layer.parameters())
+        want = torch.autograd.grad((_dense(layer, x) * g).sum(), params)
+        opt.zero_grad()
+        (y * g).sum().backward()
+        for p, w in zip(params, want):
+            _close(p.grad, w)
+        opt.step()
 
 
 def test_finetune_without_epochs_evaluates_only(resnet, shapes32, torch_steps):
