@@ -3,7 +3,8 @@
 ``convgap analyze MODEL [MODEL ...]``: the efficiency-gap report (terminal table, JSON, HTML).
 ``convgap roofs``: measured peak FLOP/s and bandwidth of this device (cached).
 ``convgap tune MODEL``: the fastest correct convolution algorithm per layer (cached).
-``convgap factorize MODEL``: factorized convolutions; params, MACs, latency before and after.
+``convgap factorize MODEL``: factorized convolutions; params, MACs, latency before and after
+(with ``--data``, validation accuracy too, and after ``--finetune`` epochs of distillation).
 ``convgap fuse MODEL``: whole residual blocks as fused kernels; per block the layer-wise and
 fused time against the fused-block roofline, and the whole model before and after.
 ``convgap train MODEL --data ... --out DIR``: train (or fine-tune, or distil into) a model;
@@ -48,14 +49,22 @@ from .transforms.fuse import fused_blocks
 __all__ = ["main", "build_parser"]
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _nonnegative(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
 
 
 def _device_options(p: argparse.ArgumentParser) -> None:
@@ -68,22 +77,28 @@ def _device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _model_options(p: argparse.ArgumentParser, many: bool, malloc: str, what: str) -> None:
+def _model_options(p: argparse.ArgumentParser, many: bool, malloc: str, what: str,
+                   sized_by_data: bool = False) -> None:
     """The model and its input, shared by the commands that run a model: ``many`` takes
     several models, batch sizes and layouts (analyze), else one of each; ``malloc``: the
-    default policy, to ``what`` under. Adds the device options too."""
+    default policy, to ``what`` under; ``sized_by_data``: the command takes ``--data``,
+    whose image size is the default input size. Adds the device options too."""
     p.add_argument("models" if many else "model", nargs="+" if many else None, metavar="MODEL",
                    help="zoo name (see `convgap models`) or package.module:factory")
     p.add_argument("--batch", type=_positive, nargs="+" if many else None,
                    default=[1] if many else 1, help="batch size(s) (1)")
-    p.add_argument("--image-size", type=_positive, default=224, help="input H = W (224)")
+    p.add_argument("--image-size", type=_positive, default=None if sized_by_data else 224,
+                   help="input H = W (224; with --data, the data's image size)"
+                   if sized_by_data else "input H = W (224)")
     p.add_argument("--channels", type=_positive, default=3, help="input channels (3)")
     p.add_argument("--layout", nargs="+" if many else None, default=["nchw"] if many else "nchw",
                    choices=LAYOUTS, help="memory layout(s) of the input and the model's "
                                          "weights (nchw)")
     p.add_argument("--num-classes", type=_positive, default=None,
-                   help="classes of the model: zoo models (default 1000), or passed to a "
-                        "package.module:factory that takes num_classes (an error otherwise)")
+                   help="classes of the model: zoo models (default 1000" +
+                        ("; with --data, the data's" if sized_by_data else "") +
+                        "), or passed to a package.module:factory that takes num_classes "
+                        "(an error otherwise)")
     p.add_argument("--weights", type=Path, default=None,
                    help="state_dict file for the (single) model, loaded with weights_only")
     p.add_argument("--malloc", default=malloc, choices=("asis", "default", "retain"),
@@ -139,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "conv_einsum on their optimal path (or, in CPU fp32 "
                                    "inference, by a fused C kernel, and on a CUDA GPU by a "
                                    "fused Triton kernel, where that measures faster), and "
-                                   "time each layer and the whole model before and after.")
-    _model_options(f, many=False, malloc="retain", what="time")
+                                   "time each layer and the whole model before and after. "
+                                   "With --data, also the validation accuracy before and "
+                                   "after, and after --finetune EPOCHS of fine-tuning with "
+                                   "distillation from the original model.")
+    _model_options(f, many=False, malloc="retain", what="time", sized_by_data=True)
     f.add_argument("--factorization", "-f", default="cp",
                    help="cp, tucker, tt, tr, rcp or flattened (cp)")
     g = f.add_mutually_exclusive_group()
@@ -157,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep factorized layers that measure slower than the dense ones "
                         "(default: such layers are left dense, and listed)")
     f.add_argument("--json", type=Path, default=None, help="write the comparison as JSON")
+    f.add_argument("--data", default=None, metavar="SPEC", help="validation accuracy (and "
+                   "fine-tuning) on 'shapes[:key=value,...]' or an image folder, as for "
+                   "`convgap train`; the input size and class count default to the data's")
+    f.add_argument("--finetune", type=_nonnegative, default=0, metavar="EPOCHS",
+                   help="with --data: fine-tune the factorized model for EPOCHS epochs, "
+                        "distilling from the original (0)")
+    f.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning peak learning rate (0.01 for sgd, 1e-4 for adamw)")
+    f.add_argument("--batch-size", type=_positive, default=None,
+                   help="fine-tuning and evaluation images per batch (64)")
+    f.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="fine-tuning optimizer (sgd)")
+    f.add_argument("--out", type=Path, default=None,
+                   help="with --finetune: folder for the fine-tuned weights.pt and log.json "
+                        "(the accuracies and the per-epoch history)")
 
     u = sub.add_parser("fuse", help="run whole residual blocks as fused kernels; per block "
                        "layer-wise vs fused time and the fused-block roofline",
@@ -260,14 +293,18 @@ def _load(spec: str, args: argparse.Namespace) -> nn.Module:
     return net
 
 
-def _model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+def _model_and_input(args: argparse.Namespace, image_size: int | None = None,
+                     classes: int | None = None) -> tuple[nn.Module, torch.Tensor]:
     """The one model of tune / factorize, in eval mode on ``--device`` in ``--dtype`` with
     its weights in ``--layout``, and a seeded random input of the requested shape in that
-    layout."""
+    layout. ``image_size`` and ``classes`` (a dataset's) stand in for ``--image-size`` and
+    ``--num-classes`` when those are not given."""
     dtype = parse_dtype(args.dtype)
     dev = hardware.check_device(args.device)
-    net = _load(args.model, args)
-    shape = check_input(net, (args.batch, args.channels, args.image_size, args.image_size))
+    net = _load(args.model, args) if classes is None else \
+        _classifier(args.model, args.weights, classes, args)
+    size = args.image_size or image_size or 224
+    shape = check_input(net, (args.batch, args.channels, size, size))
     fmt = memory_format(args.layout)
     net = net.eval().to(device=dev, dtype=dtype, memory_format=fmt)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
@@ -321,16 +358,42 @@ def _cmd_roofs(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(result: Comparison, title: str, args: argparse.Namespace,
-            console: Console) -> None:
-    """Print a comparison's table, summary and the layers left as they are; write its
-    JSON with ``--json``."""
+            console: Console, recovery: train.Recovery | None = None) -> None:
+    """Print a comparison's table, summary and the layers left as they are, and the
+    accuracies of ``recovery``; write the comparison's JSON with ``--json`` (with the
+    accuracies under ``"accuracy"``)."""
     console.print(result.table(title=f"{title} {result.input_shape} {result.layout} "
                                      f"{args.dtype}, {result.threads} threads"))
     console.print(result.summary())
     for name, reason in result.left.items():
         console.print(f"left as it is: {name}: {reason}")
+    if recovery is not None:
+        console.print(_accuracy_table(recovery, args))
     if args.json is not None:
-        console.print(f"JSON: {result.to_json(args.json)}")
+        if recovery is None:
+            console.print(f"JSON: {result.to_json(args.json)}")
+        else:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(
+                {**result.to_dict(), "accuracy": recovery.to_dict()}, indent=1))
+            console.print(f"JSON: {args.json}")
+
+
+def _accuracy_table(recovery: train.Recovery, args: argparse.Namespace) -> Table:
+    """One row per stage of ``recovery``: validation top-1, top-5, loss, and top-1 against
+    the original's (percentage points)."""
+    epochs = len(recovery.history.epochs)
+    t = Table(title=f"accuracy on {args.data} ({recovery.original.images} validation "
+                    "images)", title_justify="left")
+    for col in ("model", "val top-1", "val top-5", "val loss", "top-1 change"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for stage, ev in recovery.stages():
+        name = f"{stage} ({epochs} epoch{'s' * (epochs != 1)}, distilled)" \
+            if stage == "fine-tuned" else stage
+        change = "" if stage == "original" else \
+            f"{100 * (ev.top1 - recovery.original.top1):+.1f} pt"
+        t.add_row(name, f"{ev.top1:.2%}", f"{ev.top5:.2%}", f"{ev.loss:.4f}", change)
+    return t
 
 
 def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
@@ -346,7 +409,25 @@ def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
-    net, x = _model_and_input(args)
+    tuning = {"--lr": args.lr, "--batch-size": args.batch_size, "--optimizer": args.optimizer,
+              "--out": args.out}
+    if args.data is None and args.finetune:
+        raise ConvgapError("--finetune trains on a dataset: give --data "
+                           "shapes[:key=value,...] or an image folder")
+    given = [name for name, value in tuning.items() if value is not None]
+    if given and not args.finetune:
+        raise ConvgapError(f"{', '.join(given)} set{'s' * (len(given) == 1)} up fine-tuning: "
+                           "give --finetune EPOCHS (and --data)")
+    if args.data is not None and args.dtype != "float32":
+        raise ConvgapError("--data evaluates and fine-tunes in float32: drop --dtype")
+    if args.out is not None:
+        for name in ("weights.pt", "log.json"):
+            check_writable(args.out / name, name.split(".")[0])
+    train_set = val_set = classes = size = None
+    if args.data is not None:
+        train_set, val_set, classes = _datasets(args, augment=True)
+        size = val_set[0][0].shape[-1]
+    net, x = _model_and_input(args, size, classes)
     compression = args.compression
     if args.factorization != "flattened" and args.rank is None and compression is None:
         compression = 10.0
@@ -359,11 +440,26 @@ def _cmd_factorize(args: argparse.Namespace, console: Console) -> int:
     if not any(c.transform == "factorize" for c in made):
         raise ConvgapError("no layer was factorized: " + "; ".join(
             f"{c.name}: {c.reason}" for c in made) + " (--keep-slower keeps slower layers)")
+    recovery = None
+    if args.data is not None:
+        with timing.threads(args.threads):
+            recovery = train.finetune(
+                net, fact, train_set, val_set, epochs=args.finetune,
+                batch_size=args.batch_size or 64, lr=args.lr,
+                optimizer=args.optimizer or "sgd", device=args.device, quiet=args.quiet,
+                log=None if args.out is None else args.out / "log.json")
     result = compare(net, fact, x, threads=args.threads, quiet=args.quiet,
                      malloc=_policy(args))
     what = args.factorization + (f", {compression:g}x" if compression else "") + \
         (f", rank {rank}" if rank else "")
-    _report(result, f"convgap factorize {args.model} ({what})", args, console)
+    _report(result, f"convgap factorize {args.model} ({what})", args, console, recovery)
+    if args.out is not None:
+        buffer = io.BytesIO()
+        torch.save(fact.state_dict(), buffer)
+        write_atomic(args.out / "weights.pt", lambda fh: fh.write(buffer.getbuffer()))
+        write_atomic(args.out / "log.json",
+                     lambda fh: fh.write(json.dumps(recovery.to_dict(), indent=1).encode()))
+        console.print(f"weights: {args.out / 'weights.pt'}\nlog: {args.out / 'log.json'}")
     return 0
 
 
