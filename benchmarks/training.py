@@ -18,8 +18,9 @@ On CPU under ``--threads`` threads (2), the zoo's resnet18 with 10 classes on
    against the images per second training consumes (part 1's median).
 4. **factorize** -- the trained model factorized (Tucker and CP, compression 10, every
    dense non-1x1 conv, ``keep='all'``), validation top-1 before, right after factorizing
-   and after ``--finetune`` epochs of fit with distillation from the original
-   (``convgap.train.factorize_and_finetune``), with params, MACs (``convgap.count``) and
+   and after ``--finetune`` epochs (on ``--finetune-size`` images) of fit with
+   distillation from the original
+   (``convgap.train.finetune``), with params, MACs (``convgap.count``) and
    latency (batch 1, 64x64, inference, interleaved with the original: the paired ratio).
 5. **torchrun** -- one epoch of ``fit`` on ``--loop-size`` images in one process (``--threads``
    threads) against ``torchrun --nproc_per_node 2`` (one thread each), the same global
@@ -161,7 +162,7 @@ def data_rate(args, console, consumed: float | None) -> dict:
 def factorize_part(args, console, weights: Path) -> dict:
     from convgap import count, factorize, timing, train
     from rich.table import Table
-    train_set, val_set = datasets(args.train_size, args.val_size)
+    train_set, val_set = datasets(args.finetune_size, args.val_size)
     original = new_model()
     original.load_state_dict(torch.load(weights, weights_only=True))
     original.eval()
@@ -170,7 +171,7 @@ def factorize_part(args, console, weights: Path) -> dict:
     rows = []
     for what in ("tucker", "cp"):
         fact = factorize(original, what, x, compression=10, keep="all", quiet=True)
-        result = train.factorize_and_finetune(
+        result = train.finetune(
             original, fact, train_set, val_set, epochs=args.finetune,
             batch_size=args.batch, lr=args.finetune_lr, quiet=True)
         fact.eval()
@@ -178,7 +179,7 @@ def factorize_part(args, console, weights: Path) -> dict:
             a, b = timing.compare([lambda: original(x), lambda: fact(x)], cfg)
         rows.append({
             "factorization": what,
-            "top1_before": result.before.top1, "top1_factorized": result.factorized.top1,
+            "top1_before": result.original.top1, "top1_factorized": result.factorized.top1,
             "top1_finetuned": result.finetuned.top1,
             "params_before": sum(p.numel() for p in original.parameters()),
             "params_after": sum(p.numel() for p in fact.parameters()),
@@ -251,6 +252,8 @@ def parse_args():
     p.add_argument("--data-images", type=int, default=1000)
     p.add_argument("--finetune", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--finetune-size", type=int, default=10000,
+                   help="training images of part 4's fine-tuning")
     p.add_argument("--out", type=Path, default=RESULTS / "training.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
