@@ -4,7 +4,8 @@ and torchrun (issue 19).
 On CPU under ``--threads`` threads (2), the zoo's resnet18 with 10 classes on
 ``convgap.data.shapes`` at 64x64 (cached; random crop and flip on the training images):
 
-1. **curve** -- ``convgap.train.fit`` (SGD, momentum 0.9, ``--lr``, one epoch of warm-up
+1. **curve** -- ``convgap.train.fit`` (``--optimizer``: SGD with momentum 0.9 or AdamW;
+   ``--lr``, one epoch of warm-up
    (a quarter of the run if shorter) then cosine, ``--batch`` images a step) for ``--epochs`` epochs on ``--train-size``
    images, validated on ``--val-size``: per epoch the validation top-1, the training images
    per second and the wall time since the start; the first epoch at >= 90% and when.
@@ -69,7 +70,8 @@ def curve(args, console) -> dict:
     model = new_model()
     start = time.perf_counter()
     hist = train.fit(model, train_set, val_set, epochs=args.epochs, batch_size=args.batch,
-                     lr=args.lr, warmup=min(1, args.epochs / 4), quiet=True)
+                     lr=args.lr, optimizer=args.optimizer, warmup=min(1, args.epochs / 4),
+                     quiet=True)
     total = time.perf_counter() - start
     rows, elapsed = [], 0.0
     for r in hist.epochs:
@@ -81,7 +83,7 @@ def curve(args, console) -> dict:
     torch.save(model.state_dict(), weights)
     from rich.table import Table
     t = Table(title=f"resnet18 on shapes ({args.train_size} train / {args.val_size} val, "
-                    f"{SIZE}x{SIZE}, batch {args.batch}, lr {args.lr})")
+                    f"{SIZE}x{SIZE}, batch {args.batch}, {args.optimizer} lr {args.lr})")
     for c in ("epoch", "val top-1", "train loss", "images/s", "elapsed s"):
         t.add_column(c, justify="right")
     for r in rows:
@@ -167,7 +169,7 @@ def factorize_part(args, console, weights: Path) -> dict:
     original.load_state_dict(torch.load(weights, weights_only=True))
     original.eval()
     x = torch.randn(1, 3, SIZE, SIZE)
-    cfg = timing.TimingConfig(rounds=15, min_time=0.1)
+    cfg = timing.TimingConfig(min_repeats=15, min_time=0.2)
     rows = []
     for what in ("tucker", "cp"):
         fact = factorize(original, what, x, compression=10, keep="all", quiet=True)
@@ -246,6 +248,8 @@ def parse_args():
     p.add_argument("--val-size", type=int, default=2000)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                   help="part 1's optimizer (parts 2 and 5 use SGD, as the plain loop)")
     p.add_argument("--loop-size", type=int, default=2048,
                    help="training images per round of parts 2 and 5")
     p.add_argument("--rounds", type=int, default=4)
