@@ -136,3 +136,16 @@ def test_bad_input_shapes(shape, match):
 def test_failing_forward_is_a_clear_error():
     with pytest.raises(ConvgapError, match=r"failed on an input of shape \(1, 3, 3, 3\)"):
         count(nn.Conv2d(3, 4, 5), (1, 3, 3, 3))
+
+
+def test_counts_a_model_whose_first_conv_was_factorized():
+    """The input check reads the first layer taking channels: a factorized stem is not
+    skipped for a later plain conv (which would demand its channels of the input)."""
+    from convgap import TensorialConv2d
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    net[0] = TensorialConv2d.from_conv(net[0], "cp", rank=2)
+    c = count(net, (1, 3, 12, 12))
+    assert c.macs == sum(layer.macs for layer in c.layers) + c.unattributed_macs
+    assert c.macs > 8 * 4 * 9 * 8 * 8  # the plain conv's, plus the factorized layer's
+    with pytest.raises(ConvgapError, match="has 3 channels"):
+        count(nn.Sequential(nn.Conv2d(8, 4, 3)), (1, 3, 12, 12))

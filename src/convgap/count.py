@@ -213,8 +213,11 @@ def check_input(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]
         raise ConvgapError(f"input shape must be a sequence of ints, got {input_shape!r}") from exc
     if any(s < 1 for s in shape):
         raise ConvgapError(f"input shape {shape} has a non-positive size")
-    first = next((m for m in model.modules() if isinstance(m, _CONVS + _TCONVS)), None)
-    if first is not None:
+    # the first layer that takes channels: a plain convolution is checked; another kind
+    # (a factorized or fused layer in its place) is not, rather than checking a later conv
+    first = next((m for m in model.modules() if isinstance(m, _CONVS + _TCONVS) or
+                  isinstance(getattr(m, "in_channels", None), int)), None)
+    if isinstance(first, _CONVS + _TCONVS):
         rank = first.weight.dim()  # (N, C, *spatial) has as many dims as the kernel
         if len(shape) != rank:
             raise ConvgapError(
