@@ -40,7 +40,7 @@ import torch
 from ..kernels import triton as gpu
 from ..kernels.cpu import pcp, pdp, planar
 from ..kernels.triton import pcp as gpu_pcp
-from ..ops.guard import may_run_fast
+from ..ops.guard import may_run_fast, observed
 from ..ops.memo import reuse
 
 __all__ = ["KERNEL_FAMILIES", "cpu_inference", "gpu_inference", "available",
@@ -51,10 +51,11 @@ KERNEL_FAMILIES = ("cp", "tucker", "tt", "tr")
 
 def _inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     """A 4-D ``x`` and parameters of its dtype and device, nothing needing gradients, no
-    tracing, export or compilation."""
+    tracing, export or compilation, and no mode watching the ops (``convgap.count``,
+    ``FlopCounterMode``: they count what the steps compute, which a kernel hides)."""
     if x.dim() != 4 or any(p.dtype != x.dtype or p.device != x.device for p in params):
         return False
-    return may_run_fast(x, params)
+    return may_run_fast(x, params) and not observed()
 
 
 def cpu_inference(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:

@@ -16,7 +16,7 @@ from ..einsum import OBJECTIVES, PathInfo, run_plan
 from ..einsum import plan as einsum_plan
 from .. import choice, config
 from ..errors import ConvgapError
-from ..ops.guard import jit_tracing, may_run_fast, untraced
+from ..ops.guard import jit_tracing, may_run_fast, observed, untraced
 from ..ops.memo import signature
 from . import dispatch
 from .factorizations import Family, family, rebuild
@@ -204,7 +204,7 @@ class TensorialConv2d(nn.Module):
         fast = self._fast.get((x.shape, x.stride()))
         if fast is not None and x.dtype is fast[1] and x.device == fast[0]:
             params = self._params()
-            if may_run_fast(x, params) and fast[2] == signature(params):
+            if may_run_fast(x, params) and fast[2] == signature(params) and not observed():
                 return fast[3](x)
         # the plan for this input shape is looked up once; a call then only runs the steps
         # (parsing, validation and the plan-cache key cost more than a small layer's ops)
