@@ -175,7 +175,8 @@ def factorize_part(args, console, weights: Path) -> dict:
         fact = factorize(original, what, x, compression=10, keep="all", quiet=True)
         result = train.finetune(
             original, fact, train_set, val_set, epochs=args.finetune,
-            batch_size=args.batch, lr=args.finetune_lr, quiet=True)
+            batch_size=args.batch, lr=args.finetune_lr, optimizer=args.finetune_optimizer,
+            quiet=True)
         fact.eval()
         with torch.no_grad():
             a, b = timing.compare([lambda: original(x), lambda: fact(x)], cfg)
@@ -190,7 +191,8 @@ def factorize_part(args, console, weights: Path) -> dict:
             "ms_before": a.median_ms, "ms_after": b.median_ms,
             "latency_ratio": timing.paired_ratio(b, a)})
     t = Table(title=f"resnet18 factorized at 10x, fine-tuned {args.finetune} epochs with "
-                    f"distillation (val top-1; latency batch 1, {SIZE}x{SIZE})")
+                    f"distillation, {args.finetune_optimizer} lr {args.finetune_lr} (val "
+                    f"top-1; latency batch 1, {SIZE}x{SIZE})")
     for c in ("factorization", "top-1 before", "factorized", "fine-tuned", "params",
               "MACs (M)", "ms before", "ms after", "after / before"):
         t.add_column(c, justify="right")
@@ -203,7 +205,7 @@ def factorize_part(args, console, weights: Path) -> dict:
                   f"{r['latency_ratio']:.2f}")
     console.print(t)
     return {"rows": rows, "compression": 10, "epochs": args.finetune,
-            "lr": args.finetune_lr}
+            "lr": args.finetune_lr, "optimizer": args.finetune_optimizer}
 
 
 def torchrun_child(args) -> None:
@@ -256,6 +258,7 @@ def parse_args():
     p.add_argument("--data-images", type=int, default=1000)
     p.add_argument("--finetune", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--finetune-optimizer", default="sgd", choices=("sgd", "adamw"))
     p.add_argument("--finetune-size", type=int, default=10000,
                    help="training images of part 4's fine-tuning")
     p.add_argument("--out", type=Path, default=RESULTS / "training.json")

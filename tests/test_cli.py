@@ -9,6 +9,8 @@ import torch
 
 from convgap import models
 from convgap.cli import main
+import cli_support
+from cli_support import run
 
 TINY = textwrap.dedent("""
     import torch.nn as nn
@@ -36,17 +38,9 @@ TINY = textwrap.dedent("""
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    (tmp_path / "tinynet.py").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "tinynet"
-    sys.modules.pop("tinynet", None)
+    with cli_support.user_module(tmp_path, monkeypatch, "tinynet", TINY) as name:
+        yield name
 
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_models_lists_the_zoo(capsys):

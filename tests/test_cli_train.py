@@ -4,13 +4,13 @@ and resumes; every bad input is one line, exit code 2, and nothing written."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from convgap.cli import main
+import cli_support
+from cli_support import run
 
 TINY = textwrap.dedent("""
     import torch.nn as nn
@@ -35,17 +35,9 @@ TRAIN = ["--data", DATA, "--batch-size", "16", "--lr", "0.05", "--quiet", "--dev
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    (tmp_path / "tinytrain.py").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "tinytrain"
-    sys.modules.pop("tinytrain", None)
+    with cli_support.user_module(tmp_path, monkeypatch, "tinytrain", TINY) as name:
+        yield name
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_writes_resumes_and_evaluate_agrees(capsys, tiny, tmp_path):

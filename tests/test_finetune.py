@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from convgap import data, factorize, models, train
-from convgap.cli import main
+import cli_support
+from cli_support import run
 from convgap.errors import ConvgapError
 from convgap.layers import FlattenedConv2d, TensorialConv2d
 
@@ -192,17 +192,9 @@ FACTORIZE = ["factorize", "-f", "tucker", "--rank", "4", "--keep-slower", "--thr
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    (tmp_path / "tinyfinetune.py").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "tinyfinetune"
-    sys.modules.pop("tinyfinetune", None)
+    with cli_support.user_module(tmp_path, monkeypatch, "tinyfinetune", TINY) as name:
+        yield name
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_reports_accuracy_and_writes_the_finetuned_model(capsys, tiny, tmp_path):
