@@ -279,7 +279,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path):
     proc = subprocess.run(
         _torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                   "--master_port", str(_free_port())) + [str(tmp_path)],
-        env=_env(), capture_output=True, text=True, timeout=120)
+        env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _agrees(tmp_path, *_single_process())
 
@@ -294,6 +294,6 @@ def test_two_nodes_through_a_loopback_rendezvous_agree_too(tmp_path):
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)]
     for node in nodes:
-        _, err = node.communicate(timeout=120)
+        _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     _agrees(tmp_path, *_single_process())
