@@ -84,8 +84,11 @@ def join(device: torch.device) -> Group:
 
 
 def leave(group: Group) -> None:
-    """End the process group if :func:`join` began it."""
+    """End the process group if :func:`join` began it, once every process got here: a
+    process tearing gloo down while a peer still works (rank 0 writing the last
+    checkpoint) can abort that peer ("terminate called without an active exception")."""
     if group.created:
+        dist.barrier()
         dist.destroy_process_group()
 
 
