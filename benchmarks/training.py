@@ -18,7 +18,7 @@ On CPU under ``--threads`` threads (2), the zoo's resnet18 with 10 classes on
 3. **data** -- images per second ``shapes`` makes (uncached, one process, image by image)
    against the images per second training consumes (part 1's median).
 4. **factorize** -- the trained model factorized (Tucker and CP, compression 10, every
-   dense non-1x1 conv, ``keep='all'``), validation top-1 before, right after factorizing
+   dense non-1x1 conv but the stem (``--factorize-stem`` includes it), ``keep='all'``), validation top-1 before, right after factorizing
    and after ``--finetune`` epochs (on ``--finetune-size`` images) of fit with
    distillation from the original
    (``convgap.train.finetune``), with params, MACs (``convgap.count``) and
@@ -161,6 +161,15 @@ def data_rate(args, console, consumed: float | None) -> dict:
             "ratio": made / consumed if consumed else None}
 
 
+def not_stem(name: str, m: torch.nn.Module) -> bool:
+    """factorize's default selection (dense, non-1x1 convs) without the stem: the conv
+    reading the image (3 input channels) holds 0.08% of resnet18's weights, and
+    factorizing it at 10x cost 50-60 points of accuracy before fine-tuning
+    (docs/2026-12-03-training.md)."""
+    return (isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1
+            and m.in_channels > 3)
+
+
 def factorize_part(args, console, weights: Path) -> dict:
     from convgap import count, factorize, timing, train
     from rich.table import Table
@@ -172,7 +181,8 @@ def factorize_part(args, console, weights: Path) -> dict:
     cfg = timing.TimingConfig(min_repeats=15, min_time=0.2)
     rows = []
     for what in ("tucker", "cp"):
-        fact = factorize(original, what, x, compression=10, keep="all", quiet=True)
+        fact = factorize(original, what, x, compression=10, keep="all", quiet=True,
+                         layers=None if args.factorize_stem else not_stem)
         result = train.finetune(
             original, fact, train_set, val_set, epochs=args.finetune,
             batch_size=args.batch, lr=args.finetune_lr, optimizer=args.finetune_optimizer,
@@ -205,7 +215,8 @@ def factorize_part(args, console, weights: Path) -> dict:
                   f"{r['latency_ratio']:.2f}")
     console.print(t)
     return {"rows": rows, "compression": 10, "epochs": args.finetune,
-            "lr": args.finetune_lr, "optimizer": args.finetune_optimizer}
+            "lr": args.finetune_lr, "optimizer": args.finetune_optimizer,
+            "stem_factorized": args.factorize_stem, "finetune_size": args.finetune_size}
 
 
 def torchrun_child(args) -> None:
@@ -257,9 +268,11 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--data-images", type=int, default=1000)
     p.add_argument("--finetune", type=int, default=3)
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--finetune-optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--finetune-size", type=int, default=10000,
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-optimizer", default="adamw", choices=("sgd", "adamw"))
+    p.add_argument("--factorize-stem", action="store_true",
+                   help="part 4 factorizes the stem conv too")
+    p.add_argument("--finetune-size", type=int, default=16000,
                    help="training images of part 4's fine-tuning")
     p.add_argument("--out", type=Path, default=RESULTS / "training.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("runtime", frozenset({"ops", "hardware", "count", "blocks", "choice"})),
     ("operations", frozenset({"kernels", "einsum", "algorithms", "models"})),
     ("layers", frozenset({"layers"})),
-    ("model tools", frozenset({"transforms", "analysis", "predict", "train", "data"})),
+    ("model tools", frozenset({"transforms", "analysis", "predict", "train", "data",
+                                "dynamic"})),
     # the package root re-exports the public API; __main__ runs the command line
     ("entry points", frozenset({"cli", "__main__", ""})),
 ]

@@ -1,0 +1,181 @@
+"""The training budget of a dynamic model: what to pass as ``convgap.train.fit(...,
+extra_loss=budget)``.
+
+:class:`Budget` adds ``weight`` x (network term + block term) to the loss (LAUDNet's
+weight is 10): the network term is the squared difference between the dynamic blocks' cost
+at the masks of this step and ``target`` times their dense cost; the block term keeps each
+block's own cost fraction within bounds that start at the target and widen to [0, 1] over
+the first third of training (the schedule of LAUDNet's and DynConv's code: the blocks start
+even, then each finds its own density while the network term holds the total). Each call
+also sets the maskers' Gumbel temperature, decaying exponentially from ``tau[0]`` to
+``tau[1]`` over ``steps``.
+
+Costs, per block, as a function of its density ``d`` (the fraction of its output kept):
+
+- ``'latency'`` (the default): the block's sparse execution timed on this device at
+  densities 0, 0.25, 0.5, 0.75 and 1 (:func:`measure_latency`, on the example input's
+  shapes), interpolated linearly, so training removes computation where it buys most time;
+- ``'flops'``: the body's MACs at that density (each stage's share: spatial, the positions
+  it computes, its halo included; channel, its kept input and output channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import config, timing
+from ..errors import ConvgapError
+from ..layers.dynamic import DynamicBlock
+from ..progress import make_progress
+from ..transforms.eligible import first_inputs
+from .transform import dynamic_blocks
+
+__all__ = ["Budget", "LatencyTable", "measure_latency", "DENSITIES", "KINDS",
+           "temperature"]
+
+DENSITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
+KINDS = ("latency", "flops")
+
+
+def temperature(step: int, steps: int, tau: tuple[float, float] = (5.0, 0.1)) -> float:
+    """The Gumbel temperature at ``step`` of ``steps``: exponential from tau[0] to
+    tau[1]."""
+    p = min(max(step / max(steps, 1), 0.0), 1.0)
+    return tau[0] * (tau[1] / tau[0]) ** p
+
+
+@dataclass
+class LatencyTable:
+    """A block's measured sparse latency (seconds) at ``densities``."""
+
+    densities: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        """The latency at density ``d`` (a tensor; linear between the measured points,
+        differentiable in ``d``)."""
+        xs = torch.tensor(self.densities, dtype=d.dtype, device=d.device)
+        ys = torch.tensor(self.seconds, dtype=d.dtype, device=d.device)
+        d = d.clamp(xs[0], xs[-1])
+        i = torch.searchsorted(xs, d.detach().reshape(1)).clamp(1, len(xs) - 1)[0]
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (d - x0) / (x1 - x0)
+
+
+def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
+                    densities: Sequence[float] = DENSITIES, quiet: bool = False
+                    ) -> dict[str, LatencyTable]:
+    """Each dynamic block of ``model`` timed sparse (eval, no autograd) on its input from
+    ``example_input`` at each forced density (interleaved rounds, medians; seconds)."""
+    blocks = dynamic_blocks(model)
+    if not blocks:
+        raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
+    was = model.training
+    model.eval()
+    forced = {n: b.masker.forced for n, b in blocks.items()}
+    try:
+        with torch.no_grad():
+            inputs, _ = first_inputs({b: n for n, b in blocks.items()},
+                                     lambda: model(example_input))
+            tables = {}
+            with make_progress(quiet) as bar:
+                task = bar.add_task("timing dynamic blocks", total=len(blocks))
+                for name, b in blocks.items():
+                    x = inputs[name][0]
+
+                    def run(d: float, b=b, x=x) -> torch.Tensor:
+                        b.masker.force(d, seed=0)
+                        return b(x)
+                    res = timing.compare([lambda d=d: run(d) for d in densities],
+                                         config.LAYER_COMPARE)
+                    tables[name] = LatencyTable(tuple(densities),
+                                                tuple(r.median for r in res))
+                    bar.advance(task)
+    finally:
+        for n, b in blocks.items():
+            b.masker.forced = forced[n]
+        model.train(was)
+    return tables
+
+
+class Budget:
+    """``extra_loss(model, inputs, outputs, step)`` for :func:`convgap.train.fit`: the
+    computation budget of ``model``'s dynamic blocks (module docstring). ``steps``: the
+    optimizer steps of the whole training (epochs x batches per epoch); ``kind``:
+    'latency' (needs ``example_input``, a batch of the shape to run at, or ``tables``
+    from :func:`measure_latency`) or 'flops'; ``target``: the fraction of the dense cost
+    to keep; ``weight``: the term's weight; ``tau``: the temperature's start and end.
+    The last values are kept: ``last`` (dict: network fraction, block fractions, bounds,
+    temperature)."""
+
+    def __init__(self, model: nn.Module, target: float = 0.5, *, steps: int,
+                 kind: str = "latency", example_input: torch.Tensor | None = None,
+                 tables: dict[str, LatencyTable] | None = None, weight: float = 10.0,
+                 tau: tuple[float, float] = (5.0, 0.1), anneal: float = 0.33,
+                 quiet: bool = False) -> None:
+        if kind not in KINDS:
+            raise ConvgapError(f"unknown budget kind {kind!r}: use one of {', '.join(KINDS)}")
+        if not 0.0 < float(target) <= 1.0:
+            raise ConvgapError(f"target must be in (0, 1], got {target!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConvgapError(f"steps must be a positive integer, got {steps!r}")
+        self.blocks = dynamic_blocks(model)
+        if not self.blocks:
+            raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
+        self.target, self.steps, self.kind = float(target), steps, kind
+        self.weight, self.tau, self.anneal = float(weight), tuple(tau), float(anneal)
+        self.last: dict = {}
+        if kind == "latency":
+            if tables is None:
+                if example_input is None:
+                    raise ConvgapError("a latency budget times the blocks: give "
+                                       "example_input (or tables, or kind='flops')")
+                tables = measure_latency(model, example_input, quiet=quiet)
+            missing = set(self.blocks) - set(tables)
+            if missing:
+                raise ConvgapError(f"no latency table for blocks {sorted(missing)}")
+            self.tables = tables
+        else:
+            self.tables = None
+        for b in self.blocks.values():
+            b.masker.tau = self.tau[0]
+
+    def bounds(self, step: int) -> tuple[float, float]:
+        """(lower, upper) bound of a block's cost fraction at ``step``."""
+        p = step / (self.anneal * self.steps) if self.anneal > 0 else 1.0
+        progress = math.cos(min(max(p, 0.0), 1.0) * math.pi / 2) ** 2
+        return progress * self.target, 1 - progress * (1 - self.target)
+
+    def __call__(self, model: nn.Module, inputs, outputs, step: int) -> torch.Tensor:
+        tau = temperature(step, self.steps, self.tau)
+        lower, upper = self.bounds(step)
+        cost = full = None
+        block_terms = []
+        fractions = {}
+        for name, b in self.blocks.items():
+            b.masker.tau = tau     # for the next step (this step's masks are drawn)
+            if b.last_mask is None:
+                continue
+            if self.kind == "flops":
+                c, t = b.cost_macs(b.last_mask)
+            else:
+                d = b.density().mean()
+                table = self.tables[name]
+                c, t = table(d), table(torch.ones((), dtype=d.dtype, device=d.device))
+            frac = c / t
+            fractions[name] = float(frac.detach())
+            block_terms.append(torch.relu(frac - upper) ** 2 + torch.relu(lower - frac) ** 2)
+            cost = c if cost is None else cost + c
+            full = t if full is None else full + t
+        if cost is None:
+            raise ConvgapError("no dynamic block ran in this step's forward pass")
+        network = cost / full
+        loss = (network - self.target) ** 2 + torch.stack(block_terms).mean()
+        self.last = {"network": float(network.detach()), "blocks": fractions,
+                     "bounds": (lower, upper), "tau": tau}
+        return self.weight * loss

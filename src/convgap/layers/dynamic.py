@@ -1,0 +1,697 @@
+"""Dynamic blocks (LAUDNet, Han et al. 2023): a residual block that decides per input where
+to compute, with its masker, run either *masked* (the dense body times the mask: the
+reference and the training path) or *sparse* (only what the mask keeps is computed).
+
+A :class:`DynamicBlock` is built from a block's chain (:mod:`convgap.transforms.patterns`):
+its body is a sequence of stages ``conv [bn] [act]``, its shortcut runs dense, and the
+activations after the residual add follow. Three modes:
+
+- ``spatial``: the masker average-pools the block input to a grid of cells, each an
+  ``S x S`` tile of the block's *output* (``S`` the granularity), and a 1x1 conv gives a
+  keep logit per cell. The mask multiplies the body's output before the residual add, so an
+  inactive position is the shortcut (through the post activations).
+- ``channel``: global pool and a two-layer MLP give one keep logit per group of the body's
+  hidden channels (the input channels of its last conv, and the outputs of the trailing
+  stages that produce them); the mask multiplies those stages' outputs.
+- ``layer``: the spatial masker on a 1x1 grid: one keep bit per sample for the whole body.
+
+Maskers start with every position kept (the keep logit's bias is +5). While training the
+decision is a hard Gumbel (logistic-noise) sample with a straight-through gradient at
+temperature ``tau``; in eval a plain comparison (logit > 0). ``force`` fixes a masker to keep
+a seeded random fraction (benchmarks and tests).
+
+Sparse execution (eval, no autograd, CPU or CUDA): spatial gathers, per stage, the pixels
+whose output is needed (the kept tiles, dilated backwards by each convolution's halo) as
+rows, runs 1x1 convolutions as matrix products on those rows and k x k convolutions on the
+gathered k x k neighbourhoods (im2col of the kept pixels only), and adds the last stage's
+rows into the shortcut's output at the kept positions. Channel runs the convolutions on the
+kept channels' weight slices (at batch > 1 the batch's union, then each sample's own mask).
+Layer runs the body on the samples that keep it only. Batch-norm is folded into each
+stage's weights for sparse execution (float64, kept while the weights are unchanged).
+Sparse output equals masked output within fp32 rounding (``tests/test_dynamic.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConvgapError
+from ..ops import activations, guard, memo, onednn
+
+__all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "ChannelMasker",
+           "LayerMasker", "DynamicBlock", "gumbel_keep"]
+
+MODES = ("spatial", "channel", "layer")
+EXECUTIONS = ("sparse", "masked")
+KEEP_BIAS = 5.0   # a new masker's keep logit: every position starts active (LAUDNet)
+
+
+def gumbel_keep(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
+    """Keep (1.0) or skip (0.0) per logit. Training: a hard sample of the two-way Gumbel
+    softmax (keep logit ``l`` against skip 0: logistic noise on ``l``), straight-through
+    (the gradient of the soft sample at temperature ``tau``). Eval: ``logits > 0``."""
+    if not training:
+        return (logits > 0).to(logits.dtype)
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class _Masker(nn.Module):
+    """What the three maskers share: temperature, forced density, the last mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tau = 1.0
+        self.forced: tuple[float, int] | None = None
+
+    def force(self, density: float | None, seed: int = 0) -> None:
+        """Keep a seeded random ``density`` fraction of the cells (None: decide again)."""
+        if density is not None and not 0.0 <= float(density) <= 1.0:
+            raise ConvgapError(f"density must be in [0, 1], got {density!r}")
+        self.forced = None if density is None else (float(density), int(seed))
+
+    def _forced(self, n: int, cells: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, cells) with exactly round(density * cells) ones per sample, seeded."""
+        density, seed = self.forced
+        g = torch.Generator().manual_seed(seed)
+        keep = int(round(density * cells))
+        order = torch.rand(n, cells, generator=g).argsort(dim=1)
+        m = torch.zeros(n, cells)
+        m.scatter_(1, order[:, :keep], 1.0)
+        return m.to(like.device, like.dtype)
+
+
+class SpatialMasker(_Masker):
+    """Keep logits per ``granularity x granularity`` tile of an ``out_size`` output, from
+    the block input average-pooled to the tile grid and a 1x1 conv. ``forward(x, out_hw)``
+    returns (N, 1, gh, gw) with gh = ceil(Ho / S), gw = ceil(Wo / S)."""
+
+    def __init__(self, in_channels: int, granularity: int) -> None:
+        super().__init__()
+        if granularity < 1:
+            raise ConvgapError(f"granularity must be >= 1, got {granularity}")
+        self.granularity = int(granularity)
+        self.conv = nn.Conv2d(in_channels, 1, 1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.constant_(self.conv.bias, KEEP_BIAS)
+
+    def grid(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        s = self.granularity
+        return -(-out_hw[0] // s), -(-out_hw[1] // s)
+
+    def forward(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        gh, gw = self.grid(out_hw)
+        if self.forced is not None:
+            return self._forced(x.shape[0], gh * gw, x).view(-1, 1, gh, gw)
+        logits = self.conv(F.adaptive_avg_pool2d(x, (gh, gw)))
+        return gumbel_keep(logits, self.tau, self.training)
+
+
+class LayerMasker(SpatialMasker):
+    """The spatial masker on a 1x1 grid: one keep bit per sample (N, 1, 1, 1)."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(in_channels, 1)
+
+    def grid(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        return 1, 1
+
+
+class ChannelMasker(_Masker):
+    """Keep logits per group of ``channels`` hidden channels: global pool, linear, ReLU,
+    linear. ``forward(x)`` returns (N, groups)."""
+
+    def __init__(self, in_channels: int, channels: int, groups: int,
+                 hidden: int | None = None) -> None:
+        super().__init__()
+        if groups < 1 or channels % groups:
+            raise ConvgapError(f"{channels} hidden channels do not split into {groups} "
+                               "equal groups")
+        self.groups = int(groups)
+        self.channels = int(channels)
+        hidden = hidden or max(16, in_channels // 4)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, groups)
+        nn.init.normal_(self.fc2.weight, std=0.01)
+        nn.init.constant_(self.fc2.bias, KEEP_BIAS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forced is not None:
+            return self._forced(x.shape[0], self.groups, x)
+        logits = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        return gumbel_keep(logits, self.tau, self.training)
+
+    def expand(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, groups) -> (N, channels, 1, 1)."""
+        return mask.repeat_interleave(self.channels // self.groups, dim=1)[:, :, None, None]
+
+
+@dataclass
+class Stage:
+    """One stage of a block body: names (in the block) of its conv and batch-norm, and its
+    activation's name."""
+
+    conv: str
+    bn: str | None = None
+    act: str | None = None
+
+
+def _size(n: int, conv: nn.Conv2d, d: int) -> int:
+    k, s, p = conv.kernel_size[d], conv.stride[d], conv.padding[d]
+    return (n + 2 * p - k) // s + 1
+
+
+class DynamicBlock(nn.Module):
+    """A residual block run dynamically. Its children are the original block's children
+    (the state dict keeps the block's names, plus ``masker.*``); ``stages`` the body,
+    ``shortcut`` the names of the shortcut's modules in order (empty: identity), ``post``
+    the activations after the add. ``execution``: 'sparse' (the default; eval without
+    autograd) or 'masked'. ``last_mask`` holds the mask of the last forward."""
+
+    def __init__(self, block: nn.Module, stages: Sequence[Stage], shortcut: Sequence[str],
+                 post: Sequence[str], mode: str, *, granularity: int = 1, groups: int = 4,
+                 name: str = "") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ConvgapError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        for child_name, child in block.named_children():
+            self.add_module(child_name, child)
+        self._block = [block]  # the original, not a child (its children are ours)
+        self.block_name = name
+        self.stages = list(stages)
+        self.shortcut = list(shortcut)
+        self.post = list(post)
+        self.mode = mode
+        self.execution = "sparse"
+        self.last_mask: torch.Tensor | None = None
+        self.last_hw: tuple[int, int] | None = None
+        self._fold: dict = {}
+        convs = self.convs()
+        cin = convs[0].in_channels
+        if mode == "spatial":
+            self.masker = SpatialMasker(cin, granularity)
+        elif mode == "layer":
+            self.masker = LayerMasker(cin)
+        else:
+            self.hidden = self._hidden_stages()
+            width = convs[-1].in_channels
+            self.masker = ChannelMasker(cin, width, groups)
+
+    # -- structure ----------------------------------------------------------------------
+    def convs(self) -> list[nn.Conv2d]:
+        return [self.get_submodule(s.conv) for s in self.stages]
+
+    def _hidden_stages(self) -> list[int]:
+        """The trailing stages (before the last) whose outputs are the last conv's input
+        channels: the stages a channel mask multiplies."""
+        convs = self.convs()
+        width = convs[-1].in_channels
+        out = []
+        for i in range(len(convs) - 2, -1, -1):
+            if convs[i].out_channels != width:
+                break
+            out.insert(0, i)
+        if not out:
+            raise ConvgapError("channel mode needs a stage producing the last conv's input")
+        for i in out + [len(convs) - 1]:
+            c = convs[i]
+            if c.groups > 1 and not _depthwise(c):
+                raise ConvgapError(f"channel mode slices channels, and {self.stages[i].conv}"
+                                   f" is a grouped conv ({c.groups} groups)")
+        return out
+
+    def out_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = hw
+        for c in self.convs():
+            h, w = _size(h, c, 0), _size(w, c, 1)
+        return h, w
+
+    def granularity(self) -> int | None:
+        return self.masker.granularity if self.mode == "spatial" else None
+
+    # -- masks ----------------------------------------------------------------------------
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The masker's decision for ``x``: spatial/layer (N, 1, gh, gw), channel (N, G)."""
+        if self.mode == "channel":
+            return self.masker(x)
+        return self.masker(x, self.out_size(tuple(x.shape[-2:])))
+
+    def pixel_mask(self, mask: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """A spatial/layer mask (N, 1, gh, gw) at the output's resolution (N, 1, Ho, Wo)."""
+        ho, wo = out_hw
+        if mask.shape[-2:] == (1, 1):
+            return mask.expand(-1, -1, ho, wo)
+        s = self.masker.granularity
+        m = mask.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+        return m[:, :, :ho, :wo]
+
+    def density(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fraction of the body's outputs computed, per sample (N,)."""
+        mask = self.last_mask if mask is None else mask
+        if mask is None:
+            raise ConvgapError("the block has not run yet: no mask")
+        return mask.flatten(1).mean(1)
+
+    def stage_macs(self, hw: tuple[int, int]) -> list[int]:
+        """Each stage's dense MACs per sample for an input of spatial size ``hw``."""
+        out = []
+        for c in self.convs():
+            hw = (_size(hw[0], c, 0), _size(hw[1], c, 1))
+            kh, kw = c.kernel_size
+            out.append(hw[0] * hw[1] * c.out_channels * (c.in_channels // c.groups) * kh * kw)
+        return out
+
+    def cost_macs(self, mask: torch.Tensor | None = None, hw: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MACs the body computes at ``mask``, its dense MACs), per sample, averaged over
+        the batch; differentiable in the mask (a stage's halo enters at its measured
+        share). Spatial: each stage's share is the fraction of its output positions
+        computed (the kept tiles, dilated by the later convolutions' windows); channel: its
+        kept output and input channels; layer: the keep bit."""
+        mask = self.last_mask if mask is None else mask
+        hw = self.last_hw if hw is None else hw
+        if mask is None or hw is None:
+            raise ConvgapError("the block has not run yet: no mask")
+        macs = self.stage_macs(hw)
+        dense = float(sum(macs))
+        d = mask.flatten(1).mean(1)                       # (N,)
+        if self.mode == "layer":
+            cost = d * dense
+        elif self.mode == "channel":
+            cost = torch.zeros_like(d)
+            convs = self.convs()
+            for i, mac in enumerate(macs):
+                share = torch.ones_like(d)
+                if i in self.hidden:
+                    share = share * d
+                if i - 1 in self.hidden and not _depthwise(convs[i]):
+                    share = share * d
+                cost = cost + share * mac
+        else:
+            convs = self.convs()
+            sizes = [hw]
+            for c in convs:
+                sizes.append((_size(sizes[-1][0], c, 0), _size(sizes[-1][1], c, 1)))
+            with torch.no_grad():
+                need = self.pixel_mask(mask.detach(), sizes[-1])[:, 0] > 0
+                kept = need.flatten(1).float().mean(1).clamp_min(1e-12)
+                shares = [None] * len(convs)
+                shares[-1] = torch.ones_like(kept)
+                for i in range(len(convs) - 1, 0, -1):
+                    need = _needed_input(need, convs[i], sizes[i])
+                    shares[i - 1] = need.flatten(1).float().mean(1) / kept
+            d = self.pixel_mask(mask, sizes[-1]).flatten(1).mean(1)
+            cost = sum(d * s * mac for s, mac in zip(shares, macs))
+        return cost.mean(), torch.tensor(dense, dtype=cost.dtype, device=cost.device)
+
+    # -- execution ------------------------------------------------------------------------
+    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        s = self.stages[i]
+        h = self.get_submodule(s.conv)(h)
+        if s.bn is not None:
+            h = self.get_submodule(s.bn)(h)
+        return activations.apply(s.act, h)
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.shortcut:
+            x = self.get_submodule(name)(x)
+        return x
+
+    def _finish(self, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        for a in self.post:
+            if inplace and a == "relu":
+                y = y.relu_()
+            else:
+                y = activations.apply(a, y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask(x)
+        self.last_mask = m
+        self.last_hw = tuple(x.shape[-2:])
+        if (self.execution == "sparse" and not self.training and not torch.is_grad_enabled()
+                and x.dtype == torch.float32 and not guard.observed()
+                and not guard.exporting()):
+            return self.sparse(x, m)
+        return self.masked(x, m)
+
+    def masked(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The reference: the dense body times the mask, plus the dense shortcut."""
+        h = x
+        if self.mode == "channel":
+            cm = self.masker.expand(m).to(x.dtype)
+            for i in range(len(self.stages)):
+                h = self._stage(i, h)
+                if i in self.hidden:
+                    h = h * cm
+        else:
+            for i in range(len(self.stages)):
+                h = self._stage(i, h)
+            h = h * self.pixel_mask(m, tuple(h.shape[-2:])).to(h.dtype)
+        return self._finish(self._shortcut(x) + h)
+
+    # sparse ------------------------------------------------------------------------------
+    def _folded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage ``i``'s conv weight and bias with its batch-norm folded in (float64
+        arithmetic), kept while the parameters are unchanged."""
+        s = self.stages[i]
+        conv = self.get_submodule(s.conv)
+        bn = None if s.bn is None else self.get_submodule(s.bn)
+        tensors = [conv.weight] + ([] if conv.bias is None else [conv.bias])
+        if bn is not None:
+            tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                        if t is not None]
+
+        def compute():
+            w = conv.weight.detach().double()
+            b = (conv.bias.detach().double() if conv.bias is not None
+                 else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
+            if bn is not None:
+                scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.detach().double()
+                b = (b - bn.running_mean.double()) * scale
+                if bn.bias is not None:
+                    b = b + bn.bias.detach().double()
+                w = w * scale.view(-1, 1, 1, 1)
+            return (w.to(conv.weight.dtype), b.to(conv.weight.dtype))
+
+        return memo.reuse(self._fold, i, tensors, compute)
+
+    def _im2col(self, i: int) -> torch.Tensor:
+        """Stage ``i``'s folded weight in window order (:func:`_im2col_weight`)."""
+        w, b = self._folded(i)
+        return memo.reuse(self._fold, ("im2col", i), [w], lambda: _im2col_weight(
+            w, self.get_submodule(self.stages[i].conv).groups))
+
+    def sparse(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The block computing only what ``m`` keeps (eval, no autograd)."""
+        if self.mode == "layer":
+            return self._sparse_layer(x, m)
+        if self.mode == "channel":
+            return self._sparse_channel(x, m)
+        return self._sparse_spatial(x, m)
+
+    def _sparse_layer(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out = self._shortcut(x)
+        keep = m.view(-1) > 0
+        n = int(keep.sum())
+        if n:
+            if n == x.shape[0]:
+                h = self._body_folded(x)
+                out = out + h
+            else:
+                idx = keep.nonzero().view(-1)
+                h = self._body_folded(x.index_select(0, idx))
+                out = out.index_add(0, idx, h)
+        return self._finish(out)
+
+    def _body_folded(self, h: torch.Tensor) -> torch.Tensor:
+        for i, s in enumerate(self.stages):
+            conv = self.get_submodule(s.conv)
+            w, b = self._folded(i)
+            h = activations.apply(s.act, F.conv2d(h, w, b, conv.stride, conv.padding,
+                                                  conv.dilation, conv.groups))
+        return h
+
+    def _sparse_channel(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out = self._shortcut(x)
+        per = self.masker.channels // self.masker.groups
+        union = m.amax(0) > 0
+        if not bool(union.any()):   # the last conv sees zeros: its output is its bias
+            w, b = self._folded(len(self.stages) - 1)
+            y = activations.apply(self.stages[-1].act, b.view(1, -1, 1, 1))
+            return self._finish(out + y)
+        kept = union.nonzero().view(-1)
+        ch = (kept[:, None] * per + torch.arange(per, device=kept.device)).view(-1)
+        full = len(ch) == self.masker.channels
+        exact = bool((m == m[:1]).all())  # every sample keeps the same groups
+        cm = None if exact else self.masker.expand(m)[:, ch].to(x.dtype)
+        h = x
+        for i, s in enumerate(self.stages):
+            conv = self.get_submodule(s.conv)
+            w, b = self._folded(i)
+            groups = conv.groups
+            if not full:
+                dw = _depthwise(conv)
+                if i in self.hidden:
+                    w, b = w[ch], b[ch]
+                    if dw:
+                        groups = len(ch)
+                        if i - 1 not in self.hidden:
+                            h = h[:, ch]
+                if i - 1 in self.hidden and not dw:
+                    w = w[:, ch]
+            h = activations.apply(s.act, F.conv2d(h, w, b, conv.stride, conv.padding,
+                                                  conv.dilation, groups))
+            if cm is not None and i in self.hidden:
+                h = h * cm
+        return self._finish(out + h)
+
+    def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        convs = self.convs()
+        n = x.shape[0]
+        sizes = [tuple(x.shape[-2:])]
+        for c in convs:
+            sizes.append((_size(sizes[-1][0], c, 0), _size(sizes[-1][1], c, 1)))
+        need = [None] * (len(convs) + 1)    # per stage output: bool (N, H, W)
+        need[-1] = self.pixel_mask(m, sizes[-1])[:, 0] > 0
+        for i in range(len(convs) - 1, 0, -1):
+            need[i] = _needed_input(need[i + 1], convs[i], sizes[i])
+        out = self._shortcut(x) if self.shortcut else x.clone()
+        if not bool(need[-1].any()):
+            return self._finish(out)
+        # the last k x k stage runs on the kept tiles (every later stage is 1x1, stride 1)
+        tiled = max((i for i, c in enumerate(convs) if not _pointwise(c)), default=-1)
+        tiles = m[:, 0].nonzero() if tiled >= 0 else None      # (T, 3): n, ty, tx
+        h = None       # the current stage's input: None (x), a padded map or _Sparse rows
+        idx = None
+        for i, c in enumerate(convs):
+            w, b = self._folded(i)
+            act = self.stages[i].act
+            if isinstance(h, _Sparse):
+                rows = _linear_act(h.rows, w.view(w.shape[0], -1), b, act)
+            elif i == tiled:
+                if h is None:
+                    h = _padded(x, _pads(c, sizes[0], sizes[-1], self.masker.granularity))
+                rows, idx = _tile_conv(h, c, w, b, act, tiles, self.masker.granularity,
+                                       sizes[-1])
+            else:
+                idx = need[i + 1].view(-1).nonzero().view(-1)
+                if h is None and _pointwise(c):
+                    rows = _linear_act(_rows_view(x).index_select(0, idx),
+                                       w.view(w.shape[0], -1), b, act)
+                else:
+                    if h is None:
+                        h = _padded(x, _pads(c, sizes[0]))
+                    rows = _pixel_conv(h, c, self._im2col(i), b, act, idx, sizes[i + 1])
+            if i == len(convs) - 1:
+                break
+            nxt = convs[i + 1]
+            if _pointwise(nxt):
+                h = _Sparse(rows, idx)
+            else:   # the next conv reads neighbourhoods: scatter into a zero padded map
+                g = self.masker.granularity if i + 1 == tiled else None
+                pads = _pads(nxt, sizes[i + 1], sizes[-1] if g else None, g)
+                h = _scatter(rows, idx, n, sizes[i + 1], pads)
+        if _is_rows_view(out):
+            _rows_view(out).index_add_(0, idx, rows)
+        else:   # NCHW at batch > 1: write through the (N, H, W, C) view
+            ho, wo = sizes[-1]
+            at = (idx // (ho * wo), (idx % (ho * wo)) // wo, idx % wo)
+            view = out.permute(0, 2, 3, 1)
+            view.index_put_(at, view[at] + rows)
+        return self._finish(out, inplace=True)
+
+
+def _linear_act(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str | None
+                ) -> torch.Tensor:
+    """act(rows @ w.t() + b): oneDNN's GEMM with the activation as a post-op where it can
+    run (twice MKL's addmm on these row counts here), else torch."""
+    if onednn.usable(rows, w):
+        attr, scalars, algo = activations.post_op(act)
+        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w, b, attr, scalars,
+                                                  algo)
+    return activations.apply(act, F.linear(rows, w, b))
+
+
+def _conv_act(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
+              act: str | None) -> torch.Tensor:
+    """act(conv(x)) without padding (the windows are gathered with their halo)."""
+    if onednn.usable(x, w):
+        attr, scalars, algo = activations.post_op(act)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, w, b, [0, 0], list(conv.stride), list(conv.dilation), conv.groups, attr,
+            scalars, algo)
+    return activations.apply(act, F.conv2d(x, w, b, conv.stride, 0, conv.dilation,
+                                           conv.groups))
+
+
+class _Sparse:
+    """Rows of a map at flat positions ``idx`` only (what a 1x1 stride-1 conv needs)."""
+
+    def __init__(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        self.rows, self.idx = rows, idx
+
+
+def _depthwise(c: nn.Conv2d) -> bool:
+    return c.groups > 1 and c.groups == c.in_channels == c.out_channels
+
+
+def _pointwise(c: nn.Conv2d) -> bool:
+    return c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+
+
+def _is_rows_view(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) or (
+        t.shape[0] == 1 and t.is_contiguous())
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) as (N*H*W, C): a view when channels-last (or N == 1), else a copy."""
+    n, c = t.shape[:2]
+    if n == 1 and t.is_contiguous():
+        return t.view(c, -1).t()
+    return t.permute(0, 2, 3, 1).reshape(-1, c)
+
+
+def _needed_input(need_out: torch.Tensor, conv: nn.Conv2d, in_hw: tuple[int, int]
+                  ) -> torch.Tensor:
+    """The input positions (N, H, W) that the needed outputs of ``conv`` read."""
+    if _pointwise(conv):
+        return need_out
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding
+    dh, dw = conv.dilation
+    ones = need_out.new_ones((1, 1, kh, kw), dtype=torch.float32)
+    full = F.conv_transpose2d(need_out[:, None].float(), ones, stride=(sh, sw),
+                              dilation=(dh, dw))[:, 0]
+    h, w = in_hw
+    full = F.pad(full, (0, max(0, w + pw - full.shape[2]), 0, max(0, h + ph - full.shape[1])))
+    return full[:, ph:ph + h, pw:pw + w] > 0
+
+
+def _pads(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int] | None = None,
+          granularity: int | None = None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of ``conv``'s input map: its own padding,
+    and with ``granularity`` room below and right for the partial tiles of an ``out_hw``
+    output (a tile may run past the output's edge)."""
+    ph, pw = conv.padding
+    bottom, right = ph, pw
+    if granularity:
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        gh, gw = -(-out_hw[0] // granularity), -(-out_hw[1] // granularity)
+        bottom = max(ph, (gh * granularity - 1) * sh - ph + kh - in_hw[0])
+        right = max(pw, (gw * granularity - 1) * sw - pw + kw - in_hw[1])
+    return ph, bottom, pw, right
+
+
+def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> "_Map":
+    """``x`` (N, C, H, W) as a zero-padded channels-last map."""
+    t, b, l, r = pads
+    data = F.pad(x.permute(0, 2, 3, 1), (0, 0, l, r, t, b)).contiguous()
+    return _Map(data, t, l)
+
+
+def _scatter(rows: torch.Tensor, idx: torch.Tensor, n: int, hw: tuple[int, int],
+             pads: tuple[int, int, int, int]) -> "_Map":
+    """Rows at flat positions ``idx`` of an (N, H, W) map, into a zero-padded map."""
+    t, b, l, r = pads
+    h, w = hw
+    hp, wp = h + t + b, w + l + r
+    data = rows.new_zeros(n, hp, wp, rows.shape[1])
+    at = (idx // (h * w)) * (hp * wp) + ((idx % (h * w)) // w + t) * wp + idx % w + l
+    data.view(-1, rows.shape[1]).index_copy_(0, at, rows)
+    return _Map(data, t, l)
+
+
+class _Map:
+    """A channels-last map (N, Hp, Wp, C) with ``top`` / ``left`` rows / columns of zero
+    padding."""
+
+    def __init__(self, data: torch.Tensor, top: int, left: int) -> None:
+        self.data, self.top, self.left = data, top, left
+
+
+def _pixel_conv(h: _Map, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
+                act: str | None, idx: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """act(``conv``) at the flat output positions ``idx`` only, from their gathered
+    windows (im2col of those positions): (P, C_out). ``w``: the weight in window order
+    (:meth:`DynamicBlock._im2col`), ``b`` the bias (batch-norm folded)."""
+    ho, wo = out_hw
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding
+    n, hp, wp, c = h.data.shape
+    nn_, rem = idx // (ho * wo), idx % (ho * wo)
+    base = (nn_ * (hp * wp) + ((rem // wo) * sh + h.top - ph) * wp
+            + (rem % wo) * sw + h.left - pw)
+    offs = (torch.arange(kh, device=idx.device)[:, None] * wp
+            + torch.arange(kw, device=idx.device)[None, :]).view(-1)
+    patches = h.data.view(-1, c).index_select(0, (base[:, None] + offs).view(-1))
+    patches = patches.view(len(idx), kh * kw, c)
+    p, kk = patches.shape[:2]
+    g = conv.groups
+    if g == 1:
+        return _linear_act(patches.view(p, -1), w, b, act)
+    if _depthwise(conv):
+        y = torch.einsum("pkc,kc->pc", patches, w) + b
+    else:
+        og, ig = conv.out_channels // g, c // g
+        pg = patches.view(p, kk, g, ig).permute(2, 0, 1, 3).reshape(g, p, kk * ig)
+        y = torch.bmm(pg, w).permute(1, 0, 2).reshape(p, g * og) + b
+    return activations.apply(act, y)
+
+
+def _im2col_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A conv weight (O, C/g, kh, kw) in the order of gathered windows (kk, C): dense
+    (O, kk*C), depthwise (kk, C), grouped (g, kk*C/g, O/g)."""
+    o, ig, kh, kw = w.shape
+    if groups == 1:
+        return w.permute(0, 2, 3, 1).reshape(o, -1).contiguous()
+    if ig == 1 and groups == o:
+        return w.view(o, kh * kw).t().contiguous()
+    og = o // groups
+    return w.view(groups, og, ig, kh * kw).permute(0, 3, 2, 1).reshape(
+        groups, kh * kw * ig, og).contiguous()
+
+
+def _tile_conv(h: _Map, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
+               act: str | None, tiles: torch.Tensor, s: int, out_hw: tuple[int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv`` on the kept ``s x s`` output tiles (``tiles``: (T, 3) rows n, ty, tx): each
+    tile's input window gathered from the padded map into a batch, one convolution without
+    padding. Returns the rows (P, C_out) of the tiles' pixels inside the output and their
+    flat positions (P,)."""
+    ho, wo = out_hw
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding
+    n, hp, wp, c = h.data.shape
+    side_h, side_w = (s - 1) * sh + kh, (s - 1) * sw + kw
+    tn, ty, tx = tiles[:, 0], tiles[:, 1], tiles[:, 2]
+    base = tn * (hp * wp) + (ty * s * sh + h.top - ph) * wp + tx * s * sw + h.left - pw
+    offs = (torch.arange(side_h, device=tiles.device)[:, None] * wp
+            + torch.arange(side_w, device=tiles.device)[None, :]).view(-1)
+    t = len(tiles)
+    patches = h.data.view(-1, c).index_select(0, (base[:, None] + offs).view(-1))
+    patches = patches.view(t, side_h, side_w, c).permute(0, 3, 1, 2)   # channels-last
+    y = _conv_act(patches, conv, w, b, act)
+    rows = y.permute(0, 2, 3, 1).reshape(t * s * s, -1)
+    r = torch.arange(s, device=tiles.device)
+    oy = (ty * s)[:, None, None] + r[None, :, None]
+    ox = (tx * s)[:, None, None] + r[None, None, :]
+    idx = (tn[:, None, None] * (ho * wo) + oy * wo + ox).view(-1)
+    if ho % s or wo % s:
+        valid = ((oy < ho) & (ox < wo)).view(-1)
+        rows, idx = rows[valid], idx[valid]
+    return rows, idx

@@ -1,0 +1,371 @@
+"""Dynamic networks: make_dynamic finds residual blocks by structure; sparse execution
+equals masked execution for given masks (random masks, strides, odd sizes, both layouts,
+the three modes); forced densities are exact; the budget's costs are counts of what the
+masks keep; training moves the maskers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convgap import ConvgapError, models
+from convgap.dynamic import (DynamicBlock, dynamic_blocks, force_density, make_dynamic,
+                             set_execution)
+from convgap.dynamic.budget import Budget, LatencyTable, temperature
+from convgap.transforms.changes import LEFT_ATTR
+
+
+class Bottleneck(nn.Module):
+    """torchvision's style: stride on the 3x3, a projection shortcut in a Sequential."""
+
+    def __init__(self, cin, width, cout, stride=1, groups=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + idt)
+
+
+class Basic(nn.Module):
+    """Functional activations, the shortcut an identity."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, 1, 1)
+        self.b = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.b(F.relu(self.a(x))))
+
+
+class Inverted(nn.Module):
+    """An inverted residual as a Sequential body (1x1, depthwise 3x3, 1x1)."""
+
+    def __init__(self, c, e=4):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.ReLU6(),
+            nn.Conv2d(c * e, c * e, 3, 1, 1, groups=c * e, bias=False),
+            nn.BatchNorm2d(c * e), nn.ReLU6(),
+            nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def _net():
+    return _randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1), Basic(16), Bottleneck(16, 8, 32, stride=2),
+        Bottleneck(32, 8, 32), Bottleneck(32, 8, 32, groups=2), Inverted(32),
+        Bottleneck(32, 16, 64, stride=2)).eval())
+
+
+def _random_masks(block: DynamicBlock, x: torch.Tensor, density: float, seed: int):
+    block.masker.force(density, seed)
+    return block.mask(x)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel", "layer"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_equals_masked_for_random_masks(mode, channels_last):
+    torch.manual_seed(0)
+    net = _net()
+    granularity = 1 if mode != "spatial" else [3, 2, 1]
+    grans = granularity if isinstance(granularity, list) else [1]
+    for g in grans:
+        dyn = make_dynamic(net, mode, granularity=g, check=False, quiet=True)
+        blocks = dynamic_blocks(dyn)
+        if mode == "channel":   # slicing a grouped conv's channels would break its groups
+            assert len(blocks) == 5 and "grouped" in getattr(dyn[4], LEFT_ATTR)
+        else:
+            assert len(blocks) == 6
+        for n, size in ((1, 13), (3, 11), (2, 16)):    # odd sizes, partial tiles
+            x = torch.randn(n, 3, size, size)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for density in (1.0, 0.6, 0.3, 0.0):
+                for seed in range(2):
+                    force_density(dyn, density, seed)
+                    with torch.no_grad():
+                        set_execution(dyn, "masked")
+                        ref = dyn(x)
+                        set_execution(dyn, "sparse")
+                        got = dyn(x)
+                    assert _rel(got, ref) <= 1e-4, (mode, g, n, size, density, seed)
+                    if density == 1.0:
+                        with torch.no_grad():
+                            assert _rel(got, net(x)) <= 1e-4
+
+
+def test_sparse_runs_sparse():
+    """The sparse path is what runs in eval without autograd (a block whose masked
+    path is broken still gives the right answer), and the masked path under autograd."""
+    net = _net()
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    force_density(dyn, 0.5)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = dyn(x)
+    for b in dynamic_blocks(dyn).values():
+        b.masked = None   # would raise if called
+    with torch.no_grad():
+        assert torch.equal(dyn(x), ref)
+    with pytest.raises(TypeError):
+        dyn(x)            # autograd on: masked
+
+
+def test_force_density_keeps_exact_counts():
+    dyn = make_dynamic(_net(), "spatial", granularity=1, check=False, quiet=True)
+    force_density(dyn, 0.3, seed=5)
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        dyn(x)
+    for b in dynamic_blocks(dyn).values():
+        m = b.last_mask
+        cells = m[0].numel()
+        assert (m.flatten(1).sum(1) == round(0.3 * cells)).all()
+    force_density(dyn, None)
+    assert all(b.masker.forced is None for b in dynamic_blocks(dyn).values())
+    with pytest.raises(ConvgapError, match="density"):
+        force_density(dyn, 1.5)
+
+
+def test_new_maskers_keep_everything():
+    """A new masker keeps every position (keep logit +5): the dynamic model computes
+    what the static one does, in eval and (almost surely) in training."""
+    net = _net()
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _rel(dyn(x), net(x)) <= 1e-5
+    dens = [float(b.density().mean()) for b in dynamic_blocks(dyn).values()]
+    assert dens == [1.0] * len(dens)
+
+
+def test_make_dynamic_finds_blocks_by_structure_and_says_what_it_left():
+    class NoResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.c2(F.relu(self.c1(x)))
+
+    class WithSE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.fc = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            h = self.c1(x)
+            h = h * torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+            return x + self.c2(h)
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), NoResidual(), WithSE(), Basic(8))
+    dyn = make_dynamic(net, "spatial", granularity=2, quiet=True)
+    assert list(dynamic_blocks(dyn)) == ["3"]
+    assert "squeeze" in getattr(dyn[2], LEFT_ATTR) or "se" in getattr(dyn[2], LEFT_ATTR)
+    assert not isinstance(dyn[1], DynamicBlock)
+    # the original is untouched; inplace changes it
+    assert not isinstance(net[3], DynamicBlock)
+    make_dynamic(net, "layer", inplace=True, quiet=True)
+    assert isinstance(net[3], DynamicBlock)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "convfirst"])
+def test_zoo_models_become_dynamic_and_agree(name):
+    torch.manual_seed(0)
+    net = _randomize_bn(models.create(name, num_classes=10)).eval()
+    x = torch.randn(1, 3, 40, 40)
+    dyn = make_dynamic(net, "spatial", x, granularity=2, quiet=True)  # checked
+    assert len(dynamic_blocks(dyn)) >= 8
+    assert all(b.execution == "sparse" for b in dynamic_blocks(dyn).values())
+    force_density(dyn, 0.5)
+    with torch.no_grad():
+        got = dyn(x)
+        set_execution(dyn, "masked")
+        assert _rel(got, dyn(x)) <= 1e-4
+
+
+def test_state_dict_keeps_the_block_names():
+    net = _net()
+    dyn = make_dynamic(net, "channel", groups=2, check=False, quiet=True)
+    static = net.state_dict()
+    keys = set(dyn.state_dict())
+    assert set(static) <= keys
+    assert all(".masker." in k for k in keys - set(static))
+    fresh = make_dynamic(_net(), "channel", groups=2, check=False, quiet=True)
+    missing, unexpected = fresh.load_state_dict(static, strict=False)
+    assert not unexpected and all(".masker." in k for k in missing)
+
+
+def test_bad_arguments():
+    net = _net()
+    with pytest.raises(ConvgapError, match="mode"):
+        make_dynamic(net, "pixels")
+    with pytest.raises(ConvgapError, match="example_input"):
+        make_dynamic(net, "spatial")              # granularity='auto' times the blocks
+    with pytest.raises(ConvgapError, match="target"):
+        make_dynamic(net, "spatial", granularity=2, target=0)
+    with pytest.raises(ConvgapError, match="per stage"):
+        make_dynamic(net, "spatial", torch.randn(1, 3, 16, 16), granularity=[1, 2])
+    with pytest.raises(ConvgapError, match="no residual block"):
+        make_dynamic(nn.Sequential(nn.Conv2d(3, 3, 3)), "layer")
+    with pytest.raises(ConvgapError, match="execution"):
+        set_execution(make_dynamic(net, "layer", quiet=True), "dense")
+    with pytest.raises(ConvgapError, match="no dynamic blocks"):
+        force_density(net, 0.5)
+
+
+def test_auto_granularity_picks_a_measured_candidate(force):
+    x = torch.randn(1, 3, 32, 32)
+    force({"dynamic-granularity": "g2"})
+    dyn = make_dynamic(_net(), "spatial", x, quiet=True)
+    assert {b.granularity() for b in dynamic_blocks(dyn).values()} == {2}
+    dyn = make_dynamic(_net(), "spatial", x, granularity=[1, 2, 4], quiet=True)
+    assert [b.granularity() for b in dynamic_blocks(dyn).values()] == [1, 2, 2, 2, 2, 4]
+
+
+def _count_macs(block: DynamicBlock, x: torch.Tensor) -> float:
+    """MACs of the stages over the positions / channels the mask keeps, counted
+    independently: each stage run masked, positions whose output is needed counted."""
+    m = block.last_mask
+    total = 0.0
+    convs = block.convs()
+    if block.mode == "spatial":
+        # a position of stage i is needed if any kept output reads it: differentiate
+        h = x.detach().clone().requires_grad_(True)
+        outs = []
+        t = h
+        for i, c in enumerate(convs):
+            t = block._stage(i, t)
+            t.retain_grad()
+            outs.append(t)
+        keep = block.pixel_mask(m, tuple(t.shape[-2:]))
+        (t * keep).sum().backward()  # the kept outputs' dependencies
+        for c, o in zip(convs, outs):
+            touched = (o.grad.abs().sum(1) != 0).float()   # (N, H, W)
+            # exact zeros of the gradient are possible but not with these weights
+            total += float(touched.mean()) * o.shape[-2] * o.shape[-1] * c.out_channels * (
+                c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
+        return total
+    raise AssertionError
+
+
+def test_flops_cost_counts_the_positions_computed():
+    torch.manual_seed(0)
+    net = nn.Sequential(Basic(8), Bottleneck(8, 4, 8)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.uniform_(m.weight, 0.5, 1.0)   # positive: no gradient cancels
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    force_density(dyn, 0.4, seed=2)
+    x = torch.rand(1, 8, 10, 10) + 0.1
+    with torch.no_grad():
+        dyn(x)
+    h = x
+    for b in dynamic_blocks(dyn).values():
+        cost, dense = b.cost_macs()
+        assert float(dense) == sum(b.stage_macs(tuple(h.shape[-2:])))
+        expected = _count_macs(b, h)
+        assert abs(float(cost) - expected) <= 1e-6 * expected
+        with torch.no_grad():
+            h = b(h)
+
+
+def test_budget_moves_the_maskers_toward_the_target():
+    """A few steps of the budget loss alone lower the density of every block."""
+    torch.manual_seed(0)
+    net = _net().train()
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    for p in dyn.parameters():
+        p.requires_grad_(False)
+    maskers = [b.masker for b in dynamic_blocks(dyn).values()]
+    params = [p for mk in maskers for p in mk.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    for mk in maskers:
+        nn.init.constant_(mk.conv.bias, 0.5)
+    budget = Budget(dyn, 0.25, steps=60, kind="flops", tau=(1.0, 1.0))
+    opt = torch.optim.SGD(params, lr=2.0)
+    x = torch.randn(8, 3, 16, 16)
+    start = None
+    for step in range(60):
+        out = dyn(x)
+        loss = budget(dyn, x, out, step)
+        if start is None:
+            start = budget.last["network"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert start > 0.5 and budget.last["network"] < 0.4
+
+
+def test_budget_schedule_and_tables():
+    dyn = make_dynamic(_net(), "layer", check=False, quiet=True)
+    b = Budget(dyn, 0.5, steps=99, kind="flops")
+    assert b.bounds(0) == pytest.approx((0.5, 0.5))
+    assert b.bounds(33) == pytest.approx((0.0, 1.0), abs=1e-6)
+    assert temperature(0, 10) == pytest.approx(5.0)
+    assert temperature(10, 10) == pytest.approx(0.1)
+    t = LatencyTable((0.0, 0.5, 1.0), (1.0, 2.0, 4.0))
+    d = torch.tensor(0.75, requires_grad=True)
+    y = t(d)
+    y.backward()
+    assert float(y.detach()) == pytest.approx(3.0) and float(d.grad) == pytest.approx(4.0)
+    with pytest.raises(ConvgapError, match="example_input"):
+        Budget(dyn, 0.5, steps=10)
+    with pytest.raises(ConvgapError, match="kind"):
+        Budget(dyn, 0.5, steps=10, kind="energy")
+    with pytest.raises(ConvgapError, match="steps"):
+        Budget(dyn, 0.5, steps=0, kind="flops")
+
+
+def test_latency_budget_trains_through_fit():
+    """fit with the latency budget as extra_loss: one epoch runs, the masker's
+    parameters receive gradients and change."""
+    from convgap import data, train
+    torch.manual_seed(0)
+    net = models.create("resnet18", num_classes=4)
+    tr, va = data.shapes(4, 24, 32, 16, 0)
+    x = torch.randn(2, 3, 24, 24)
+    dyn = make_dynamic(net, "spatial", x, granularity=1, quiet=True)
+    budget = Budget(dyn, 0.5, steps=4, example_input=x, quiet=True)
+    before = [b.masker.conv.weight.detach().clone() for b in dynamic_blocks(dyn).values()]
+    train.fit(dyn, tr, va, epochs=1, batch_size=8, lr=1e-2, optimizer="adamw",
+              extra_loss=budget, quiet=True)
+    after = [b.masker.conv.weight for b in dynamic_blocks(dyn).values()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert 0.0 <= budget.last["network"] <= 1.0
