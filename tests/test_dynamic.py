@@ -369,3 +369,61 @@ def test_latency_budget_trains_through_fit():
     after = [b.masker.conv.weight for b in dynamic_blocks(dyn).values()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert 0.0 <= budget.last["network"] <= 1.0
+
+
+def test_report_and_densities(fixed_roofs):
+    from convgap import data
+    from convgap.dynamic import densities, report
+    net = _net()
+    dyn = make_dynamic(net, "spatial", granularity=1, check=False, quiet=True)
+    x = torch.randn(1, 3, 16, 16)
+    rows = report(dyn, x, density=0.5, roofs=fixed_roofs)
+    assert [r.name for r in rows] == list(dynamic_blocks(dyn))
+    for r in rows:
+        assert 0.45 <= r.density <= 0.55          # forced, exact per cell
+        assert 0.0 < r.macs < r.dense_macs
+        assert r.ideal_s == pytest.approx(2 * r.macs / fixed_roofs.peak_flops)
+        assert r.efficiency == pytest.approx(r.ideal_s / r.dynamic_s)
+    assert all(b.masker.forced is None for b in dynamic_blocks(dyn).values())
+    _, val = data.shapes(4, 16, 4, 6, 0)
+    dens = densities(dyn, val, batch_size=4)
+    assert set(dens) == set(dynamic_blocks(dyn))
+    assert all(m == 1.0 and s == 0.0 for m, s in dens.values())   # new maskers keep all
+
+
+def test_train_dynamic_recipe():
+    from convgap import data
+    from convgap.dynamic import train_dynamic
+    torch.manual_seed(0)
+    static = models.create("resnet18", num_classes=4).eval()
+    before = {k: v.clone() for k, v in static.state_dict().items()}
+    tr, va = data.shapes(4, 24, 24, 8, 0)
+    res = train_dynamic(static, tr, va, epochs=1, mode="channel", budget="flops",
+                        batch_size=8, quiet=True)
+    assert all(torch.equal(before[k], v) for k, v in static.state_dict().items())
+    assert res.static.images == res.dynamic.images == 8
+    assert set(res.density) == set(dynamic_blocks(res.model))
+    assert 0.0 <= res.mean_density <= 1.0 and "network" in res.budget
+    with pytest.raises(ConvgapError, match="teacher"):
+        train_dynamic(static, tr, va, epochs=1, teacher=static)
+
+
+def test_cli_dynamic(tmp_path, capsys):
+    import json
+    from convgap.cli import main
+    spec = "shapes:num_classes=3,image_size=24,train_size=12,val_size=6"
+    st = tmp_path / "st"
+    assert main(["train", "resnet18", "--data", spec, "--epochs", "1", "--batch-size", "6",
+                 "--lr", "1e-3", "--out", str(st), "--quiet"]) == 0
+    out = tmp_path / "dyn"
+    assert main(["dynamic", "resnet18", "--weights", str(st / "weights.pt"), "--data", spec,
+                 "--epochs", "1", "--batch-size", "6", "--granularity", "2", "--budget",
+                 "flops", "--mode", "layer", "--out", str(out), "--quiet"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert log["mode"] == "layer" and 0 <= log["dynamic_top1"] <= 1
+    net = make_dynamic(models.create("resnet18", num_classes=3), "layer", quiet=True)
+    net.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
+    capsys.readouterr()
+    assert main(["dynamic", "resnet18", "--weights", str(st / "weights.pt"), "--data", spec,
+                 "--epochs", "1", "--target", "2", "--out", str(out / "x")]) == 2
+    assert "target" in capsys.readouterr().err

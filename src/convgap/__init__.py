@@ -11,11 +11,13 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
   exact MAC counts per pairwise step, the optimal contraction order.
 - :class:`TensorialConv2d` (CP, Tucker, TT, TR, reshaped CP) and :class:`FlattenedConv2d`;
   :func:`factorize` -- replace a trained model's convolutions by them.
-from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
-
-__all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
-           "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
-           "ConvgapError",
+- :func:`fold_batchnorm` -- batch-norm folded into the preceding convs / linears, exact;
+  :func:`fuse` -- whole residual blocks (inverted residual, MBConv, ResNet, ConvFirst,
+  ConvNeXt) run as fused kernels where exact and faster.
+- :func:`make_dynamic` -- residual blocks that decide per input where to compute (spatial
+  tiles, channel groups, whole blocks), run truly sparse; :mod:`dynamic` holds their
+  switches, the training budget (``dynamic.Budget``, ``dynamic.train_dynamic``) and the
+  per-block report.
 - :func:`changes` -- what every transform did to a model, read from its modules;
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
@@ -32,16 +34,18 @@ __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fo
 
 __version__ = "0.1.0"
 
-from . import algorithms, allocator, data, hardware, layers, models, timing, train, transforms
+from . import (algorithms, allocator, data, dynamic, hardware, layers, models, timing, train,
+               transforms)
 from .analysis import Report, analyze
 from .count import Counts, count
 from .einsum import einsum, einsum_path
 from .errors import ConvgapError
+from .dynamic import make_dynamic
 from .layers import FlattenedConv2d, TensorialConv2d
 from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
 
 __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
-           "fuse", "changes", "compare", "TensorialConv2d", "FlattenedConv2d", "Counts", "Report",
-           "ConvgapError",
-           "algorithms", "allocator", "data", "hardware", "layers", "models", "timing", "train",
+           "fuse", "make_dynamic", "changes", "compare", "TensorialConv2d", "FlattenedConv2d",
+           "Counts", "Report", "ConvgapError",
+           "algorithms", "allocator", "data", "dynamic", "hardware", "layers", "models", "timing", "train",
            "transforms", "__version__"]

@@ -11,6 +11,9 @@ fused time against the fused-block roofline, and the whole model before and afte
 writes DIR/checkpoint.pt (resumable), DIR/weights.pt (the state_dict) and DIR/log.json, and
 runs the same under ``torchrun`` (DistributedDataParallel).
 ``convgap evaluate MODEL --weights FILE --data ...``: loss, top-1 and top-5 on a dataset.
+``convgap dynamic MODEL --weights STATIC.pt --data ... --out DIR``: make a trained model
+dynamic (spatial, channel or layer skipping), train it under a latency or FLOPs budget with
+distillation, and report accuracy, density per block and latency against the static model.
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -258,6 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which images: val (default), train, or all (a folder's every "
                         "image; for shapes, both splits)")
     e.add_argument("--batch-size", type=_positive, default=256, help="(256)")
+
+    y = sub.add_parser("dynamic", help="make a trained model dynamic and train it under a "
+                       "latency budget; accuracy, density and latency against the static one",
+                       description="Wrap MODEL's residual blocks with maskers (LAUDNet: "
+                                   "spatial tiles, channel groups or whole blocks), train "
+                                   "under a latency (measured here) or FLOPs budget with "
+                                   "distillation from the static model, then evaluate it "
+                                   "as deployed (sparse execution) and time both models. "
+                                   "Writes OUT/weights.pt and OUT/log.json. Runs under "
+                                   "torchrun too.")
+    _data_options(y)
+    y.add_argument("--weights", type=Path, required=True,
+                   help="the trained static model's state_dict")
+    y.add_argument("--mode", default="spatial", choices=("spatial", "channel", "layer"),
+                   help="(spatial)")
+    y.add_argument("--target", type=float, default=0.5,
+                   help="fraction of the dynamic blocks' cost to keep (0.5)")
+    y.add_argument("--budget", default="latency", choices=("latency", "flops"),
+                   help="what the target counts: latency measured here, or MACs (latency)")
+    y.add_argument("--granularity", nargs="+", default=["auto"], metavar="S",
+                   help="spatial tile side: 'auto' (timed per stage), one int, or one per "
+                        "stage (auto)")
+    y.add_argument("--groups", type=_positive, default=4,
+                   help="channel mode: keep bits per block (4)")
+    y.add_argument("--epochs", type=_positive, required=True, help="epochs to train")
+    y.add_argument("--batch-size", type=_positive, default=64, help="(64)")
+    y.add_argument("--lr", type=float, default=None, help="(1e-3 for adamw, 0.01 for sgd)")
+    y.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="(adamw)")
+    y.add_argument("--out", type=Path, required=True,
+                   help="folder for weights.pt and log.json")
+    y.add_argument("--seed", type=int, default=0, help="(0)")
 
     sub.add_parser("models", help="list the model zoo")
     return parser
@@ -615,6 +649,67 @@ def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_dynamic(args: argparse.Namespace, console: Console) -> int:
+    from . import dynamic
+    weights, log = args.out / "weights.pt", args.out / "log.json"
+    for path, what in ((weights, "weights"), (log, "log")):
+        check_writable(path, what)
+    if not 0.0 < args.target <= 1.0:
+        raise ConvgapError(f"--target must be in (0, 1], got {args.target}")
+    gran = args.granularity
+    if gran != ["auto"]:
+        try:
+            gran = [int(g) for g in gran]
+        except ValueError:
+            raise ConvgapError(f"--granularity: 'auto' or integers, got {gran}") from None
+        gran = gran[0] if len(gran) == 1 else gran
+    else:
+        gran = "auto"
+    train_set, val_set, classes = _datasets(args, augment=True)
+    static = _classifier(args.model, args.weights, classes, args).eval()
+    with timing.threads(args.threads):
+        result = dynamic.train_dynamic(
+            static, train_set, val_set, epochs=args.epochs, mode=args.mode,
+            target=args.target, budget=args.budget, granularity=gran, groups=args.groups,
+            batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+            device=args.device, seed=args.seed, quiet=args.quiet)
+        if not _main_process():
+            return 0
+        net = result.model.cpu().eval()
+        x = torch.stack([val_set[0][0]])
+        with torch.no_grad():
+            a, b = timing.compare([lambda: static.cpu()(x), lambda: net(x)],
+                                  config.MODEL_COMPARE)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_atomic(weights, lambda fh: fh.write(buffer.getbuffer()))
+    blocks = dynamic.dynamic_blocks(net)
+    summary = {
+        "model": args.model, "mode": args.mode, "target": args.target, "budget": args.budget,
+        "groups": args.groups, "granularity": {n: b.granularity() for n, b in blocks.items()},
+        "static_top1": result.static.top1, "dynamic_top1": result.dynamic.top1,
+        "density": result.density, "mean_density": result.mean_density,
+        "static_ms": a.median_ms, "dynamic_ms": b.median_ms,
+        "latency_ratio": timing.paired_ratio(b, a),
+        "history": [asdict(r) for r in result.history.epochs]}
+    write_atomic(log, lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+    t = Table(title=f"convgap dynamic {args.model} ({args.mode}, target {args.target} of "
+                    f"the {args.budget}) on {args.data}", title_justify="left")
+    for col in ("block", "granularity", "density mean", "density std"):
+        t.add_column(col, justify="right")
+    for n, (mean, std) in result.density.items():
+        t.add_row(n, str(blocks[n].granularity() or "-"), f"{mean:.2f}", f"{std:.2f}")
+    console.print(t)
+    console.print(f"val top-1: static {result.static.top1:.2%}, dynamic "
+                  f"{result.dynamic.top1:.2%}; mean density {result.mean_density:.2f}")
+    console.print(f"latency at batch 1: static {a.median_ms:.3g} ms, dynamic "
+                  f"{b.median_ms:.3g} ms (paired ratio {summary['latency_ratio']:.2f})")
+    console.print(f"weights: {weights}\nlog: {log}\n(load: make_dynamic(model, "
+                  f"'{args.mode}', granularity=<log.json's>, groups={args.groups}) then "
+                  "load_state_dict)")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
@@ -623,7 +718,7 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
             "factorize": _cmd_factorize, "fuse": _cmd_fuse, "train": _cmd_train,
-            "evaluate": _cmd_evaluate, "models": _cmd_models}
+            "evaluate": _cmd_evaluate, "dynamic": _cmd_dynamic, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,11 @@ class DynamicBlock(nn.Module):
             self.masker = ChannelMasker(cin, width, groups)
 
     # -- structure ----------------------------------------------------------------------
+    def original(self) -> nn.Module:
+        """The block this one was made from (it shares these parameters): the static
+        computation."""
+        return self._block[0]
+
     def convs(self) -> list[nn.Conv2d]:
         return [self.get_submodule(s.conv) for s in self.stages]
 

@@ -1,0 +1,268 @@
+"""Benchmark: dynamic networks (issue 20), sparse execution against the static blocks, and
+trained dynamic models against the static model.
+
+Parts:
+
+1. **kernels** -- a resnet50 stage-2 and stage-3 bottleneck and a mobilenet_v2 inverted
+   residual (their real inputs at 224x224), spatial masks forced at densities 1.0 / 0.75 /
+   0.5 / 0.25 / 0.1 and granularities 1 / 2 / 4 / 7, batch 1 and 8, NCHW and
+   channels-last: sparse ms, masked ms (dense times the mask), the static block (eager) and
+   the block fused by ``convgap.fuse`` where that measured faster; sparse / fastest static
+   as the median of per-round paired ratios (all candidates of one block, batch and layout
+   in one interleaved run), and the MAC ratio (MACs at the masks / dense, halo included).
+2. **e2e** -- a zoo ResNet trained static on ``shapes`` at 128x128, then made dynamic
+   (spatial, channel, layer) at targets 0.5 and 0.3 and trained with distillation from it
+   under the latency budget: validation top-1, mean density, latency at batch 1 and 8
+   against the static model in its fastest convgap form (fused where faster), paired.
+
+Prints the tables and writes benchmarks/results/dynamic.json (``--out``), with the CPU,
+threads and batch sizes::
+
+    python benchmarks/dynamic.py [--parts kernels e2e] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+RESULTS = Path(__file__).parent / "results"
+PARTS = ("kernels", "e2e")
+DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1)
+GRANULARITIES = (1, 2, 4, 7)
+
+
+def find_blocks():
+    """(label, model, block name, input shape at batch 1) of the three kernel-level blocks."""
+    from convgap import models
+    from convgap.dynamic import make_dynamic, dynamic_blocks
+    from convgap.transforms.eligible import first_inputs
+    out = []
+    for model_name, wanted in (("resnet50", {"layer2.1": "resnet50 stage 2",
+                                             "layer3.1": "resnet50 stage 3"}),
+                               ("mobilenet_v2", None)):
+        net = models.create(model_name).eval()
+        dyn = make_dynamic(net, "spatial", granularity=1, check=False, quiet=True)
+        blocks = dynamic_blocks(dyn)
+        with torch.no_grad():
+            inputs, _ = first_inputs({b: n for n, b in blocks.items()},
+                                     lambda: dyn(torch.randn(1, 3, 224, 224)))
+        if wanted is None:   # mobilenet_v2: the first residual block at 28x28
+            name = next(n for n, a in inputs.items() if a[0].shape[-1] == 28)
+            wanted = {name: f"mobilenet_v2 {name}"}
+        for name, label in wanted.items():
+            out.append((label, net, name, tuple(inputs[name][0].shape)))
+    return out
+
+
+def kernels(args, console) -> list[dict]:
+    from rich.table import Table
+    from convgap import fuse, timing
+    from convgap.dynamic import dynamic_blocks, make_dynamic
+    cfg = timing.TimingConfig(warmup=2, min_repeats=args.repeats, max_repeats=60,
+                              min_time=args.min_time)
+    rows = []
+    for label, net, name, shape in find_blocks():
+        for batch in args.batch:
+            for layout in ("nchw", "channels_last"):
+                fmt = torch.channels_last if layout == "channels_last" else \
+                    torch.contiguous_format
+                torch.manual_seed(0)
+                x = torch.randn(batch, *shape[1:]).contiguous(memory_format=fmt)
+                static = copy.deepcopy(net.get_submodule(name)).eval().to(memory_format=fmt)
+                with torch.no_grad(), __import__("warnings").catch_warnings():
+                    __import__("warnings").simplefilter("ignore")
+                    fused = fuse(nn.Sequential(static), x, quiet=True)
+                variants = {}
+                for g in GRANULARITIES:
+                    if g > shape[-1]:
+                        continue
+                    dyn = make_dynamic(net, "spatial", granularity=g, layers=[name],
+                                       check=False, quiet=True)
+                    b = dynamic_blocks(dyn)[name].to(memory_format=fmt)
+                    variants[g] = b
+                fns = [lambda: static(x), lambda: fused(x)]
+                keys = []
+                for g, b in variants.items():
+                    for d in DENSITIES:
+                        def run(b=b, d=d):
+                            b.masker.force(d, seed=0)
+                            return b(x)
+                        fns.append(run)
+                        keys.append((g, d))
+
+                def run_masked(b=variants[GRANULARITIES[0]]):
+                    b.masker.force(0.5, seed=0)
+                    return b.masked(x, b.mask(x))
+                fns.append(run_masked)
+                with torch.no_grad():
+                    res = timing.compare(fns, cfg)
+                    st, fu, ma = res[0], res[1], res[-1]
+                    fastest = st if st.median <= fu.median else fu
+                    for (g, d), r in zip(keys, res[2:-1]):
+                        b = variants[g]
+                        b.masker.force(d, seed=0)
+                        b(x)
+                        macs, dense = b.cost_macs()
+                        rows.append({
+                            "block": label, "batch": batch, "layout": layout,
+                            "granularity": g, "density": d,
+                            "mac_ratio": float(macs) / float(dense),
+                            "sparse_ms": r.median_ms, "masked_ms": ma.median_ms,
+                            "static_ms": st.median_ms, "fused_ms": fu.median_ms,
+                            "fastest_static": "fused" if fastest is fu else "eager",
+                            "ratio": timing.paired_ratio(r, fastest)})
+                console.print(f"{label} batch {batch} {layout}: static {st.median_ms:.3f} ms, "
+                              f"fused {fu.median_ms:.3f} ms, masked {ma.median_ms:.3f} ms")
+    t = Table(title="sparse block / fastest static block (paired; ms)")
+    for c in ("block", "batch", "layout", "S", "density", "MACs", "sparse", "static",
+              "fused", "ratio"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["block"], str(r["batch"]), r["layout"], str(r["granularity"]),
+                  f"{r['density']:.2f}", f"{r['mac_ratio']:.2f}", f"{r['sparse_ms']:.3f}",
+                  f"{r['static_ms']:.3f}", f"{r['fused_ms']:.3f}", f"{r['ratio']:.2f}")
+    console.print(t)
+    best = Table(title="best granularity per block, batch, layout and density "
+                       "(targets: <= 0.55 at 0.5, <= 0.30 at 0.25)")
+    for c in ("block", "batch", "layout", "density", "best S", "ratio"):
+        best.add_column(c, justify="right")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["block"], r["batch"], r["layout"], r["density"]), []).append(r)
+    for (blk, batch, layout, d), rs in groups.items():
+        r = min(rs, key=lambda r: r["ratio"])
+        best.add_row(blk, str(batch), layout, f"{d:.2f}", str(r["granularity"]),
+                     f"{r['ratio']:.2f}")
+    console.print(best)
+    return rows
+
+
+def e2e(args, console) -> dict:
+    from rich.table import Table
+    from convgap import data, fuse, models, timing, train
+    from convgap.dynamic import train_dynamic
+    size = args.image_size
+    train_set, val_set = data.shapes(args.classes, size, args.train_size, args.val_size, 0,
+                                     transform=data.augment(), cache=True)
+    weights = RESULTS / f"dynamic_static_{args.model}_{size}.pt"
+    torch.manual_seed(0)
+    static = models.create(args.model, num_classes=args.classes)
+    if weights.exists():
+        static.load_state_dict(torch.load(weights, weights_only=True))
+        console.print(f"static weights from {weights}")
+    else:
+        t0 = time.perf_counter()
+        hist = train.fit(static, train_set, val_set, epochs=args.static_epochs,
+                         batch_size=args.batch_size, lr=2e-3, optimizer="adamw", warmup=1,
+                         quiet=args.quiet)
+        console.print(f"static: {hist.epochs[-1].val_top1:.3f} top-1 after "
+                      f"{args.static_epochs} epochs ({time.perf_counter() - t0:.0f} s)")
+        torch.save(static.state_dict(), weights)
+    static.eval()
+    results = []
+    for mode, target in args.variants:
+        t0 = time.perf_counter()
+        res = train_dynamic(static, train_set, val_set, epochs=args.epochs, mode=mode,
+                            target=target, batch_size=args.batch_size, quiet=args.quiet,
+                            granularity=args.granularity)
+        dyn = res.model.eval()
+        lat = {}
+        for batch in args.batch:
+            x = torch.randn(batch, 3, size, size)
+            with torch.no_grad(), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                fast = fuse(static, x, quiet=True)
+                # the dynamic model's masks come from this input; the maskers decide
+                r = timing.compare([lambda: static(x), lambda: fast(x), lambda: dyn(x)],
+                                   timing.TimingConfig(warmup=2, min_repeats=7,
+                                                       max_repeats=30, min_time=0.5))
+            fastest = r[0] if r[0].median <= r[1].median else r[1]
+            lat[batch] = {"static_ms": r[0].median_ms, "fused_ms": r[1].median_ms,
+                          "dynamic_ms": r[2].median_ms,
+                          "ratio": timing.paired_ratio(r[2], fastest)}
+        row = {"mode": mode, "target": target, "static_top1": res.static.top1,
+               "dynamic_top1": res.dynamic.top1, "mean_density": res.mean_density,
+               "density": res.density, "latency": lat,
+               "train_s": time.perf_counter() - t0,
+               "history": [vars(e) for e in res.history.epochs]}
+        results.append(row)
+        console.print(f"{mode} {target}: top-1 {res.static.top1:.3f} -> "
+                      f"{res.dynamic.top1:.3f}, density {res.mean_density:.2f}, "
+                      + ", ".join(f"b{b} {v['ratio']:.2f}x" for b, v in lat.items()))
+    t = Table(title=f"{args.model} on shapes {size}x{size}: dynamic against static "
+                    f"(fastest convgap form), latency paired")
+    for c in ("mode", "target", "top-1 static", "top-1 dynamic", "density",
+              *[f"b{b} static ms" for b in args.batch], *[f"b{b} dynamic ms" for b in args.batch],
+              *[f"b{b} ratio" for b in args.batch]):
+        t.add_column(c, justify="right")
+    for r in results:
+        lat = r["latency"]
+        t.add_row(r["mode"], f"{r['target']}", f"{r['static_top1']:.3f}",
+                  f"{r['dynamic_top1']:.3f}", f"{r['mean_density']:.2f}",
+                  *[f"{min(lat[b]['static_ms'], lat[b]['fused_ms']):.2f}" for b in args.batch],
+                  *[f"{lat[b]['dynamic_ms']:.2f}" for b in args.batch],
+                  *[f"{lat[b]['ratio']:.2f}" for b in args.batch])
+    console.print(t)
+    return {"model": args.model, "image_size": size, "train_size": args.train_size,
+            "val_size": args.val_size, "static_epochs": args.static_epochs,
+            "epochs": args.epochs, "rows": results}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--min-time", type=float, default=0.05)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-size", type=int, default=8000)
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--static-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--granularity", default="auto")
+    p.add_argument("--variants", nargs="+", default=["spatial:0.5", "spatial:0.3",
+                                                     "channel:0.5", "layer:0.5"],
+                   help="mode:target pairs of part 2")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS / "dynamic.json")
+    args = p.parse_args(argv)
+    args.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants]
+    if args.granularity != "auto":
+        args.granularity = int(args.granularity)
+    return args
+
+
+def main() -> None:
+    from rich.console import Console
+    from convgap import hardware
+    args = parse()
+    torch.set_num_threads(args.threads)
+    console = Console(width=200)
+    cpu = hardware.device_name("cpu")
+    console.print(f"{cpu}, {args.threads} threads, fp32, batch {args.batch}")
+    out = {"benchmark": "dynamic", "cpu": cpu, "threads": args.threads,
+           "batches": args.batch, "torch": torch.__version__}
+    if args.out.exists():
+        out = {**json.loads(args.out.read_text()), **out}
+    if "kernels" in args.parts:
+        out["kernels"] = kernels(args, console)
+        args.out.write_text(json.dumps(out, indent=1))
+    if "e2e" in args.parts:
+        out["e2e"] = e2e(args, console)
+        args.out.write_text(json.dumps(out, indent=1))
+    console.print(f"JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
