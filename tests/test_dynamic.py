@@ -427,3 +427,34 @@ def test_cli_dynamic(tmp_path, capsys):
     assert main(["dynamic", "resnet18", "--weights", str(st / "weights.pt"), "--data", spec,
                  "--epochs", "1", "--target", "2", "--out", str(out / "x")]) == 2
     assert "target" in capsys.readouterr().err
+
+
+def test_dense_from_switches_to_the_dense_body():
+    from convgap.dynamic.budget import _crossover
+    assert _crossover((0.0, 0.5, 1.0), (1.0, 2.0, 4.0), 3.0) == pytest.approx(0.75)
+    assert _crossover((0.0, 1.0), (1.0, 2.0), 5.0) == 2.0
+    assert _crossover((0.0, 1.0), (3.0, 4.0), 2.0) == 0.0
+    dyn = make_dynamic(_net(), "spatial", granularity=2, check=False, quiet=True)
+    force_density(dyn, 0.5)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = dyn(x)
+        for b in dynamic_blocks(dyn).values():
+            b.dense_from = 0.4          # 0.5 >= 0.4: the dense body runs
+            b.sparse = None
+        assert _rel(dyn(x), ref) <= 1e-5
+        for b in dynamic_blocks(dyn).values():
+            b.dense_from = 0.6          # 0.5 < 0.6: sparse (broken here)
+        with pytest.raises(TypeError):
+            dyn(x)
+
+
+def test_measure_latency_sets_crossovers():
+    from convgap.dynamic import measure_latency
+    dyn = make_dynamic(_net(), "spatial", granularity=2, check=False, quiet=True)
+    tables = measure_latency(dyn, torch.randn(1, 3, 16, 16), densities=(0.0, 1.0),
+                             quiet=True)
+    assert set(tables) == set(dynamic_blocks(dyn))
+    for b in dynamic_blocks(dyn).values():
+        assert 0.0 <= b.dense_from <= 2.0 and b.masker.forced is None
+    assert all(len(t.seconds) == 2 and min(t.seconds) > 0 for t in tables.values())

@@ -70,11 +70,16 @@ class LatencyTable:
 def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                     densities: Sequence[float] = DENSITIES, quiet: bool = False
                     ) -> dict[str, LatencyTable]:
-    """Each dynamic block of ``model`` timed sparse (eval, no autograd) on its input from
-    ``example_input`` at each forced density (interleaved rounds, medians; seconds)."""
+    """Each dynamic block of ``model`` timed on its input from ``example_input`` (eval, no
+    autograd): sparse at each forced density and dense (the body times the mask), in one
+    interleaved run (medians, seconds). Each block's ``dense_from`` is set to the density
+    from which the dense body is faster (linear between the measured points; above 1:
+    never). The tables hold the sparse times (rising with density: the slope the budget's
+    gradient follows, where the faster dense body would flatten it)."""
     blocks = dynamic_blocks(model)
     if not blocks:
         raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
+    densities = tuple(sorted(densities))
     was = model.training
     model.eval()
     forced = {n: b.masker.forced for n, b in blocks.items()}
@@ -88,19 +93,37 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                 for name, b in blocks.items():
                     x = inputs[name][0]
 
-                    def run(d: float, b=b, x=x) -> torch.Tensor:
+                    def sparse(d: float, b=b, x=x) -> torch.Tensor:
                         b.masker.force(d, seed=0)
-                        return b(x)
-                    res = timing.compare([lambda d=d: run(d) for d in densities],
+                        return b.sparse(x, b.mask(x))
+
+                    def dense(b=b, x=x) -> torch.Tensor:
+                        b.masker.force(1.0, seed=0)
+                        return b.masked(x, b.mask(x))
+                    res = timing.compare([lambda d=d: sparse(d) for d in densities] + [dense],
                                          config.LAYER_COMPARE)
-                    tables[name] = LatencyTable(tuple(densities),
-                                                tuple(r.median for r in res))
+                    times = [r.median for r in res[:-1]]
+                    full = res[-1].median
+                    b.dense_from = _crossover(densities, times, full)
+                    tables[name] = LatencyTable(densities, tuple(times))
                     bar.advance(task)
     finally:
         for n, b in blocks.items():
             b.masker.forced = forced[n]
         model.train(was)
     return tables
+
+
+def _crossover(densities: Sequence[float], times: Sequence[float], dense: float) -> float:
+    """The lowest density from which sparse ``times`` (at ``densities``, ascending) reach
+    the ``dense`` time, linear between points; 2.0 if they never do."""
+    for i, t in enumerate(times):
+        if t >= dense:
+            if i == 0:
+                return 0.0
+            d0, d1, t0 = densities[i - 1], densities[i], times[i - 1]
+            return d0 + (d1 - d0) * (dense - t0) / (t - t0)
+    return 2.0
 
 
 class Budget:

@@ -191,6 +191,9 @@ class DynamicBlock(nn.Module):
         self.post = list(post)
         self.mode = mode
         self.execution = "sparse"
+        # sparse execution runs below this density, the dense body times the mask from it
+        # (set by measurement: convgap.dynamic.measure_latency); above 1: always sparse
+        self.dense_from = 2.0
         self.last_mask: torch.Tensor | None = None
         self.last_hw: tuple[int, int] | None = None
         self._fold: dict = {}
@@ -344,7 +347,8 @@ class DynamicBlock(nn.Module):
         self.last_hw = tuple(x.shape[-2:])
         if (self.execution == "sparse" and not self.training and not torch.is_grad_enabled()
                 and x.dtype == torch.float32 and not guard.observed()
-                and not guard.exporting()):
+                and not guard.exporting()
+                and (self.dense_from > 1.0 or float(m.mean()) < self.dense_from)):
             return self.sparse(x, m)
         return self.masked(x, m)
 
