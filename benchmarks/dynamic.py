@@ -78,7 +78,7 @@ def kernels(args, console) -> list[dict]:
                 static = copy.deepcopy(net.get_submodule(name)).eval().to(memory_format=fmt)
                 with torch.no_grad(), __import__("warnings").catch_warnings():
                     __import__("warnings").simplefilter("ignore")
-                    fused = fuse(nn.Sequential(static), x, quiet=True)
+                    fused = fuse(nn.Sequential(static).eval(), x, quiet=True)
                 variants = {}
                 for g in GRANULARITIES:
                     if g > shape[-1]:

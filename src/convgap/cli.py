@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: fine-tune the factorized model for EPOCHS epochs, "
                         "distilling from the original (0)")
     f.add_argument("--lr", type=float, default=None,
-                   help="fine-tuning peak learning rate (3e-4 for adamw, 0.01 for sgd)")
+                   help="fine-tuning peak learning rate (1e-3 for adamw, 0.01 for sgd)")
     f.add_argument("--batch-size", type=_positive, default=None,
                    help="fine-tuning and evaluation images per batch (64)")
     f.add_argument("--optimizer", default=None, choices=OPTIMIZERS,

@@ -50,6 +50,7 @@ __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "Channe
 MODES = ("spatial", "channel", "layer")
 EXECUTIONS = ("sparse", "masked")
 KEEP_BIAS = 5.0   # a new masker's keep logit: every position starts active (LAUDNet)
+TILES = True
 
 
 def gumbel_keep(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
@@ -479,7 +480,7 @@ class DynamicBlock(nn.Module):
         if not bool(need[-1].any()):
             return self._finish(out)
         # the last k x k stage runs on the kept tiles (every later stage is 1x1, stride 1)
-        tiled = max((i for i, c in enumerate(convs) if not _pointwise(c)), default=-1)
+        tiled = max((i for i, c in enumerate(convs) if not _pointwise(c)), default=-1) if TILES else -1
         tiles = m[:, 0].nonzero() if tiled >= 0 else None      # (T, 3): n, ty, tx
         h = None       # the current stage's input: None (x), a padded map or _Sparse rows
         idx = None
