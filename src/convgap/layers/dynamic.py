@@ -50,7 +50,6 @@ __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "Channe
 MODES = ("spatial", "channel", "layer")
 EXECUTIONS = ("sparse", "masked")
 KEEP_BIAS = 5.0   # a new masker's keep logit: every position starts active (LAUDNet)
-TILES = True
 
 
 def gumbel_keep(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
@@ -479,9 +478,6 @@ class DynamicBlock(nn.Module):
         out = self._shortcut(x) if self.shortcut else x.clone()
         if not bool(need[-1].any()):
             return self._finish(out)
-        # the last k x k stage runs on the kept tiles (every later stage is 1x1, stride 1)
-        tiled = max((i for i, c in enumerate(convs) if not _pointwise(c)), default=-1) if TILES else -1
-        tiles = m[:, 0].nonzero() if tiled >= 0 else None      # (T, 3): n, ty, tx
         h = None       # the current stage's input: None (x), a padded map or _Sparse rows
         idx = None
         for i, c in enumerate(convs):
@@ -489,11 +485,6 @@ class DynamicBlock(nn.Module):
             act = self.stages[i].act
             if isinstance(h, _Sparse):
                 rows = _linear_act(h.rows, w.view(w.shape[0], -1), b, act)
-            elif i == tiled:
-                if h is None:
-                    h = _padded(x, _pads(c, sizes[0], sizes[-1], self.masker.granularity))
-                rows, idx = _tile_conv(h, c, w, b, act, tiles, self.masker.granularity,
-                                       sizes[-1])
             else:
                 idx = need[i + 1].view(-1).nonzero().view(-1)
                 if h is None and _pointwise(c):
@@ -501,7 +492,7 @@ class DynamicBlock(nn.Module):
                                        w.view(w.shape[0], -1), b, act)
                 else:
                     if h is None:
-                        h = _padded(x, _pads(c, sizes[0]))
+                        h = _padded(x, _pads(c))
                     rows = _pixel_conv(h, c, self._im2col(i), b, act, idx, sizes[i + 1])
             if i == len(convs) - 1:
                 break
@@ -509,9 +500,7 @@ class DynamicBlock(nn.Module):
             if _pointwise(nxt):
                 h = _Sparse(rows, idx)
             else:   # the next conv reads neighbourhoods: scatter into a zero padded map
-                g = self.masker.granularity if i + 1 == tiled else None
-                pads = _pads(nxt, sizes[i + 1], sizes[-1] if g else None, g)
-                h = _scatter(rows, idx, n, sizes[i + 1], pads)
+                h = _scatter(rows, idx, n, sizes[i + 1], _pads(nxt))
         if _is_rows_view(out):
             _rows_view(out).index_add_(0, idx, rows)
         else:   # NCHW at batch > 1: write through the (N, H, W, C) view
@@ -531,18 +520,6 @@ def _linear_act(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str |
         return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w, b, attr, scalars,
                                                   algo)
     return activations.apply(act, F.linear(rows, w, b))
-
-
-def _conv_act(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
-              act: str | None) -> torch.Tensor:
-    """act(conv(x)) without padding (the windows are gathered with their halo)."""
-    if onednn.usable(x, w):
-        attr, scalars, algo = activations.post_op(act)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, w, b, [0, 0], list(conv.stride), list(conv.dilation), conv.groups, attr,
-            scalars, algo)
-    return activations.apply(act, F.conv2d(x, w, b, conv.stride, 0, conv.dilation,
-                                           conv.groups))
 
 
 class _Sparse:
@@ -590,19 +567,10 @@ def _needed_input(need_out: torch.Tensor, conv: nn.Conv2d, in_hw: tuple[int, int
     return full[:, ph:ph + h, pw:pw + w] > 0
 
 
-def _pads(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int] | None = None,
-          granularity: int | None = None) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) zero padding of ``conv``'s input map: its own padding,
-    and with ``granularity`` room below and right for the partial tiles of an ``out_hw``
-    output (a tile may run past the output's edge)."""
+def _pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of ``conv``'s input map."""
     ph, pw = conv.padding
-    bottom, right = ph, pw
-    if granularity:
-        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-        gh, gw = -(-out_hw[0] // granularity), -(-out_hw[1] // granularity)
-        bottom = max(ph, (gh * granularity - 1) * sh - ph + kh - in_hw[0])
-        right = max(pw, (gw * granularity - 1) * sw - pw + kw - in_hw[1])
-    return ph, bottom, pw, right
+    return ph, ph, pw, pw
 
 
 def _padded(x: torch.Tensor, pads: tuple[int, int, int, int]) -> "_Map":
@@ -673,35 +641,3 @@ def _im2col_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
     og = o // groups
     return w.view(groups, og, ig, kh * kw).permute(0, 3, 2, 1).reshape(
         groups, kh * kw * ig, og).contiguous()
-
-
-def _tile_conv(h: _Map, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
-               act: str | None, tiles: torch.Tensor, s: int, out_hw: tuple[int, int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv`` on the kept ``s x s`` output tiles (``tiles``: (T, 3) rows n, ty, tx): each
-    tile's input window gathered from the padded map into a batch, one convolution without
-    padding. Returns the rows (P, C_out) of the tiles' pixels inside the output and their
-    flat positions (P,)."""
-    ho, wo = out_hw
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    ph, pw = conv.padding
-    n, hp, wp, c = h.data.shape
-    side_h, side_w = (s - 1) * sh + kh, (s - 1) * sw + kw
-    tn, ty, tx = tiles[:, 0], tiles[:, 1], tiles[:, 2]
-    base = tn * (hp * wp) + (ty * s * sh + h.top - ph) * wp + tx * s * sw + h.left - pw
-    offs = (torch.arange(side_h, device=tiles.device)[:, None] * wp
-            + torch.arange(side_w, device=tiles.device)[None, :]).view(-1)
-    t = len(tiles)
-    patches = h.data.view(-1, c).index_select(0, (base[:, None] + offs).view(-1))
-    patches = patches.view(t, side_h, side_w, c).permute(0, 3, 1, 2)   # channels-last
-    y = _conv_act(patches, conv, w, b, act)
-    rows = y.permute(0, 2, 3, 1).reshape(t * s * s, -1)
-    r = torch.arange(s, device=tiles.device)
-    oy = (ty * s)[:, None, None] + r[None, :, None]
-    ox = (tx * s)[:, None, None] + r[None, None, :]
-    idx = (tn[:, None, None] * (ho * wo) + oy * wo + ox).view(-1)
-    if ho % s or wo % s:
-        valid = ((oy < ho) & (ox < wo)).view(-1)
-        rows, idx = rows[valid], idx[valid]
-    return rows, idx
