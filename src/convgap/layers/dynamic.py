@@ -71,6 +71,7 @@ class _Masker(nn.Module):
         super().__init__()
         self.tau = 1.0
         self.forced: tuple[float, int] | None = None
+        self._forced_masks: dict = {}
 
     def force(self, density: float | None, seed: int = 0) -> None:
         """Keep a seeded random ``density`` fraction of the cells (None: decide again)."""
@@ -79,14 +80,21 @@ class _Masker(nn.Module):
         self.forced = None if density is None else (float(density), int(seed))
 
     def _forced(self, n: int, cells: int, like: torch.Tensor) -> torch.Tensor:
-        """(n, cells) with exactly round(density * cells) ones per sample, seeded."""
-        density, seed = self.forced
-        g = torch.Generator().manual_seed(seed)
-        keep = int(round(density * cells))
-        order = torch.rand(n, cells, generator=g).argsort(dim=1)
-        m = torch.zeros(n, cells)
-        m.scatter_(1, order[:, :keep], 1.0)
-        return m.to(like.device, like.dtype)
+        """(n, cells) with exactly round(density * cells) ones per sample, seeded (the
+        same for the same shape: kept, so that timing a forced block times the block)."""
+        key = (self.forced, n, cells, like.device, like.dtype)
+        hit = self._forced_masks.get(key)
+        if hit is None:
+            density, seed = self.forced
+            g = torch.Generator().manual_seed(seed)
+            keep = int(round(density * cells))
+            order = torch.rand(n, cells, generator=g).argsort(dim=1)
+            m = torch.zeros(n, cells)
+            m.scatter_(1, order[:, :keep], 1.0)
+            if len(self._forced_masks) > 64:
+                self._forced_masks.clear()
+            hit = self._forced_masks[key] = m.to(like.device, like.dtype)
+        return hit
 
 
 class SpatialMasker(_Masker):
@@ -555,6 +563,11 @@ def _needed_input(need_out: torch.Tensor, conv: nn.Conv2d, in_hw: tuple[int, int
     """The input positions (N, H, W) that the needed outputs of ``conv`` read."""
     if _pointwise(conv):
         return need_out
+    if conv.stride == (1, 1) and conv.dilation == (1, 1) and all(
+            k == 2 * p + 1 for k, p in zip(conv.kernel_size, conv.padding)):
+        # a window centred on each output: dilate the needed set by it
+        return F.max_pool2d(need_out[:, None].float(), conv.kernel_size, 1,
+                            conv.padding)[:, 0] > 0
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     ph, pw = conv.padding
