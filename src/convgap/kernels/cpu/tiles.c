@@ -193,7 +193,9 @@ static void middle_depthwise(const TilesArgs *g, const long *tiles, int count,
     }
 }
 
-/* y += the group's output rows (rows of Op floats) at its tiles' pixels inside the output */
+/* y += the group's output rows (rows of Op floats) at its tiles' pixels inside the output:
+ * NHWC, a vector add per pixel; NCHW, per tile row and channel, the row's pixels (one run
+ * of a plane) */
 static void add_tiles(const TilesArgs *g, const long *tiles, int count, const float *rows,
                       float *y)
 {
@@ -201,23 +203,22 @@ static void add_tiles(const TilesArgs *g, const long *tiles, int count, const fl
     const long plane = (long)OH * OW;
     for (int e = 0; e < count; e++) {
         const long *t = tiles + 3L * e;
+        const int X0 = (int)t[2] * S, cols = OW - X0 < S ? OW - X0 : S;
         float *img = y + t[0] * O * plane;
-        for (int i = 0; i < S; i++) {
-            const int Y = (int)t[1] * S + i;
-            for (int j = 0; j < S; j++) {
-                const int X = (int)t[2] * S + j;
-                const float *r = rows + ((long)(e * S + i) * S + j) * Op;
-                if (Y >= OH || X >= OW) continue;
-                const long p = (long)Y * OW + X;
-                if (g->ynchw) {
-                    for (int o = 0; o < O; o++) img[o * plane + p] += r[o];
-                    continue;
-                }
-                float *d = img + p * O;
+        for (int i = 0; i < S && (int)t[1] * S + i < OH; i++) {
+            const long p = (long)((int)t[1] * S + i) * OW + X0;
+            const float *r = rows + (long)(e * S + i) * S * Op;
+            if (g->ynchw) {
+                for (int o = 0; o < O; o++)
+                    for (int j = 0; j < cols; j++) img[o * plane + p + j] += r[(long)j * Op + o];
+                continue;
+            }
+            for (int j = 0; j < cols; j++) {
+                float *d = img + (p + j) * O;
                 for (int o = 0; o < O; o += 16) {
                     const __mmask16 m = lanes(O - o);
                     _mm512_mask_storeu_ps(d + o, m, _mm512_add_ps(
-                        _mm512_maskz_loadu_ps(m, d + o), _mm512_loadu_ps(r + o)));
+                        _mm512_maskz_loadu_ps(m, d + o), _mm512_loadu_ps(r + (long)j * Op + o)));
                 }
             }
         }
@@ -248,7 +249,7 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
     #pragma omp parallel num_threads(threads)
     {
         if (g->a) {
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(dynamic, 1)  /* chunks hold unequal runs */
             for (long w = 0; w < g->n * chunks; w++) {
                 const long p0 = w % chunks * CHUNK;
                 first_conv(g, x, mark, u, (int)(w / chunks), p0, p0 + CHUNK < HW ? p0 + CHUNK : HW);
