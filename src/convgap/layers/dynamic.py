@@ -20,7 +20,11 @@ decision is a hard Gumbel (logistic-noise) sample with a straight-through gradie
 temperature ``tau``; in eval a plain comparison (logit > 0). ``force`` fixes a masker to keep
 a seeded random fraction (benchmarks and tests).
 
-Sparse execution (eval, no autograd, CPU or CUDA): spatial gathers, per stage, the pixels
+Sparse execution (eval, no autograd, CPU or CUDA): spatial runs a bottleneck or inverted
+residual body ([1x1,] k x k dense or depthwise, 1x1) on fp32 CPU inputs as one call of the
+tile kernel (:mod:`convgap.kernels.cpu.tiles`: the first 1x1 once per pixel a kept tile's
+window reads, the rest per group of kept tiles, added into the shortcut's output in
+place); elsewhere (other bodies, CUDA, no AVX-512) it gathers, per stage, the pixels
 whose output is needed (the kept tiles, dilated backwards by each convolution's halo) as
 rows, runs 1x1 convolutions as matrix products on those rows and k x k convolutions on the
 gathered k x k neighbourhoods (im2col of the kept pixels only), and adds the last stage's
