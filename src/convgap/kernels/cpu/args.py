@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "TilesArgs", "ArgsLayoutError", "check_layout",
-           "c_layout", "py_layout"]
+__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "TilesArgs", "ArgsLayoutError",
+           "check_layout", "c_layout", "py_layout"]
 
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int
 

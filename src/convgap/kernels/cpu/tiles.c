@@ -251,8 +251,8 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
         if (g->a) {
             #pragma omp for schedule(dynamic, 1)  /* chunks hold unequal runs */
             for (long w = 0; w < g->n * chunks; w++) {
-                const long p0 = w % chunks * CHUNK;
-                first_conv(g, x, mark, u, (int)(w / chunks), p0, p0 + CHUNK < HW ? p0 + CHUNK : HW);
+                const long p0 = w % chunks * CHUNK, p1 = p0 + CHUNK < HW ? p0 + CHUNK : HW;
+                first_conv(g, x, mark, u, (int)(w / chunks), p0, p1);
             }
         }
         float *col = own + per * omp_get_thread_num();

@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from ...errors import ConvgapError
-from ...ops.sizes import conv_length
 from ...ops.memo import reuse
+from ...ops.sizes import conv_length
 from . import common
 from .args import TilesArgs
 from .common import I, L, P, Kernel, activation_code, check_tensors, pack, padded, round16
