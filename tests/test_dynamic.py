@@ -145,6 +145,36 @@ def test_sparse_runs_sparse():
         dyn(x)            # autograd on: masked
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
+    """Bottleneck and inverted residual bodies (dense, depthwise) run the tile kernel where
+    it is available, the torch path where it is not; both equal masked execution."""
+    from convgap.kernels.cpu import tiles
+    from convgap.layers import dynamic as layer
+    if native and not tiles.available():
+        pytest.skip("no AVX-512 CPU or no C compiler here")
+    calls = []
+    bind = tiles.bind
+    monkeypatch.setattr(layer.tile_kernel, "available", lambda: native)
+    monkeypatch.setattr(layer.tile_kernel, "bind",
+                        lambda *a, **k: calls.append(1) or bind(*a, **k))
+    net = _net()
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    planned = [b for b in dynamic_blocks(dyn).values() if b._tile_plan is not None]
+    assert len(planned) == 4   # the bottlenecks but the grouped one, the inverted residual
+    for channels_last in (False, True):
+        x = torch.randn(2, 3, 15, 15)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        force_density(dyn, 0.5, 1)
+        with torch.no_grad():
+            set_execution(dyn, "masked")
+            ref = dyn(x)
+            set_execution(dyn, "sparse")
+            assert _rel(dyn(x), ref) <= 1e-4
+    assert (len(calls) > 0) == native
+
+
 def test_force_density_keeps_exact_counts():
     dyn = make_dynamic(_net(), "spatial", granularity=1, check=False, quiet=True)
     force_density(dyn, 0.3, seed=5)

@@ -20,7 +20,11 @@ decision is a hard Gumbel (logistic-noise) sample with a straight-through gradie
 temperature ``tau``; in eval a plain comparison (logit > 0). ``force`` fixes a masker to keep
 a seeded random fraction (benchmarks and tests).
 
-Sparse execution (eval, no autograd, CPU or CUDA): spatial gathers, per stage, the pixels
+Sparse execution (eval, no autograd, CPU or CUDA): spatial runs a bottleneck or inverted
+residual body ([1x1,] k x k dense or depthwise, 1x1) on fp32 CPU inputs as one call of the
+tile kernel (:mod:`convgap.kernels.cpu.tiles`: the first 1x1 once per pixel a kept tile's
+window reads, the rest per group of kept tiles, added into the shortcut's output in
+place); elsewhere (other bodies, CUDA, no AVX-512) it gathers, per stage, the pixels
 whose output is needed (the kept tiles, dilated backwards by each convolution's halo) as
 rows, runs 1x1 convolutions as matrix products on those rows and k x k convolutions on the
 gathered k x k neighbourhoods (im2col of the kept pixels only), and adds the last stage's
@@ -42,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConvgapError
+from ..kernels.cpu import tiles as tile_kernel
+from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..ops import activations, guard, memo, onednn
 
 __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "ChannelMasker",
@@ -205,7 +211,9 @@ class DynamicBlock(nn.Module):
         self.last_mask: torch.Tensor | None = None
         self.last_hw: tuple[int, int] | None = None
         self._fold: dict = {}
+        self._tile_store: dict = {}   # the tile kernel's packed weights and scratch
         convs = self.convs()
+        self._tile_plan = _tile_plan(self.stages, convs) if mode == "spatial" else None
         cin = convs[0].in_channels
         if mode == "spatial":
             self.masker = SpatialMasker(cin, granularity)
@@ -376,18 +384,28 @@ class DynamicBlock(nn.Module):
         return self._finish(self._shortcut(x) + h)
 
     # sparse ------------------------------------------------------------------------------
+    def _stage_tensors(self, i: int) -> list[torch.Tensor]:
+        """The tensors stage ``i``'s folded weights are computed from: its conv's weight
+        and bias, its batch-norm's affine parameters and running statistics (where present;
+        looked up through the modules' dicts: a few microseconds less per stage than
+        ``get_submodule`` and attribute access, on every sparse call)."""
+        s = self.stages[i]
+        conv = _child(self, s.conv)
+        found = [conv._parameters.get("weight"), conv._parameters.get("bias")]
+        if s.bn is not None:
+            bn = _child(self, s.bn)
+            found += [bn._parameters.get("weight"), bn._parameters.get("bias"),
+                      bn._buffers.get("running_mean"), bn._buffers.get("running_var")]
+        return [t for t in found if t is not None]
+
     def _folded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage ``i``'s conv weight and bias with its batch-norm folded in (float64
         arithmetic), kept while the parameters are unchanged."""
         s = self.stages[i]
-        conv = self.get_submodule(s.conv)
-        bn = None if s.bn is None else self.get_submodule(s.bn)
-        tensors = [conv.weight] + ([] if conv.bias is None else [conv.bias])
-        if bn is not None:
-            tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                        if t is not None]
 
         def compute():
+            conv = self.get_submodule(s.conv)
+            bn = None if s.bn is None else self.get_submodule(s.bn)
             w = conv.weight.detach().double()
             b = (conv.bias.detach().double() if conv.bias is not None
                  else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
@@ -401,7 +419,7 @@ class DynamicBlock(nn.Module):
                 w = w * scale.view(-1, 1, 1, 1)
             return (w.to(conv.weight.dtype), b.to(conv.weight.dtype))
 
-        return memo.reuse(self._fold, i, tensors, compute)
+        return memo.reuse(self._fold, i, self._stage_tensors(i), compute)
 
     def _im2col(self, i: int) -> torch.Tensor:
         """Stage ``i``'s folded weight in window order (:func:`_im2col_weight`)."""
@@ -473,7 +491,44 @@ class DynamicBlock(nn.Module):
                 h = h * cm
         return self._finish(out + h)
 
+    def _tile_body(self) -> tile_kernel.Body:
+        """The body, batch norms folded, as the tile kernel takes it (:func:`_tile_plan`),
+        kept while the parameters are unchanged (one check of them all, not one per
+        stage)."""
+        first, mid, last = self._tile_plan
+        order = (mid, last) + (() if first is None else (first,))
+
+        def build():
+            folded = [self._folded(i) for i in order]
+            (w2, b2), (w3, b3) = folded[:2]
+            w1, b1 = folded[2] if first is not None else (None, None)
+            return tile_kernel.Body(
+                None if w1 is None else w1.view(w1.shape[0], -1), b1, w2, b2,
+                w3.view(w3.shape[0], -1), b3, self.get_submodule(self.stages[mid].conv).stride[0],
+                None if first is None else self.stages[first].act, self.stages[mid].act)
+        return memo.reuse(self._fold, "tile_body",
+                          [t for i in order for t in self._stage_tensors(i)], build)
+
+    def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Spatial sparse execution as one call of the tile kernel
+        (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles, added into the
+        shortcut's output in place."""
+        out = self._shortcut(x) if self.shortcut else x.clone()
+        if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+            out = out.contiguous()
+        tiles = m[:, 0].nonzero().contiguous()    # nonzero's rows are not
+        if len(tiles):
+            body = self._tile_body()
+            key = ("tiles", x.shape, x.is_contiguous(), out.is_contiguous())
+            call = memo.reuse(self._fold, key, [body.w2], lambda: tile_kernel.bind(
+                x, out, self.masker.granularity, body, self._tile_store))
+            call(x, out, tiles)
+        return self._finish(out, inplace=True)
+
     def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if (self._tile_plan is not None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and tile_kernel.available()):
+            return self._sparse_tiles(x, m)
         convs = self.convs()
         n = x.shape[0]
         sizes = [tuple(x.shape[-2:])]
@@ -535,6 +590,41 @@ class _Sparse:
 
     def __init__(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
         self.rows, self.idx = rows, idx
+
+
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """``module.get_submodule(name)`` through the ``_modules`` dicts."""
+    for part in name.split("."):
+        module = module._modules[part]
+    return module
+
+
+def _tile_plan(stages: Sequence[Stage], convs: Sequence[nn.Conv2d]
+               ) -> tuple[int | None, int, int] | None:
+    """(first, middle, last) stage indices where the tile kernel
+    (:mod:`convgap.kernels.cpu.tiles`) runs the body: [1x1, k x k (dense or depthwise), 1x1]
+    (a bottleneck, an inverted residual) or [k x k depthwise, 1x1] (first None: an inverted
+    residual without expansion), 1x1 convs of stride 1 and one group, a square k x k conv of
+    padding k // 2 and no dilation, the kernel's activations and none after the last conv;
+    None for any other body."""
+    def plain_1x1(c):
+        return _pointwise(c) and c.groups == 1
+
+    def middle(c):
+        k, s = c.kernel_size[0], c.stride[0]
+        return (c.kernel_size == (k, k) and c.stride == (s, s) and c.padding == (k // 2, k // 2)
+                and c.dilation == (1, 1) and c.padding_mode == "zeros"
+                and (c.groups == 1 or _depthwise(c)))
+
+    acts = [s.act for s in stages]
+    if acts[-1] is not None or any(a is not None and a not in KERNEL_ACTIVATIONS
+                                   for a in acts):
+        return None
+    if len(convs) == 3 and plain_1x1(convs[0]) and middle(convs[1]) and plain_1x1(convs[2]):
+        return 0, 1, 2
+    if len(convs) == 2 and middle(convs[0]) and _depthwise(convs[0]) and plain_1x1(convs[1]):
+        return None, 0, 1
+    return None
 
 
 def _depthwise(c: nn.Conv2d) -> bool:

@@ -6,6 +6,9 @@
 * :func:`pointwise_conv_pointwise` (``pcp.c``): 1x1 -> conv (-> conv along rows) -> 1x1,
   Tucker-2, TT and (with groups sharing the filters) TR layers;
 * both on channels-innermost maps, or on NCHW maps in place (``planar.c``);
+* :func:`residual_tiles` (``tiles.c``): a residual block's body ([1x1 ->] k x k dense or
+  depthwise -> 1x1) on kept output tiles only, added into the output in place (the sparse
+  execution of :class:`convgap.layers.dynamic.DynamicBlock`);
 * ``gemm.h``: the GEMM core they share (filter taps as shifted views of a zero-padded
   window; packed weights for NHWC, broadcast weights for NCHW).
 
@@ -16,6 +19,8 @@ installs without them (:func:`available`)."""
 from .build import NativeKernelWarning, avx512, enabled, library
 from .pcp import pointwise_conv_pointwise
 from .pdp import available, inverted_residual, pointwise_depthwise_pointwise
+from .tiles import residual_tiles
 
 __all__ = ["NativeKernelWarning", "avx512", "enabled", "library", "available",
-           "pointwise_depthwise_pointwise", "inverted_residual", "pointwise_conv_pointwise"]
+           "pointwise_depthwise_pointwise", "inverted_residual", "pointwise_conv_pointwise",
+           "residual_tiles"]

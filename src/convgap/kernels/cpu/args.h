@@ -1,6 +1,6 @@
 /* The fused kernels' arguments by name: one struct per kernel (PdpArgs for pdp.c, PcpArgs
- * for pcp.c, PlanarArgs for planar.c) holding its weights and its geometry, built once per
- * bound call by the Python wrapper and passed by pointer:
+ * for pcp.c, PlanarArgs for planar.c, TilesArgs for tiles.c) holding its weights and its
+ * geometry, built once per bound call by the Python wrapper and passed by pointer:
  *
  *   void <kernel>_forward(const <Kernel>Args *g, const float *x, float *y, float *scratch,
  *                         int threads);
@@ -92,10 +92,32 @@
     F(int, tail)             /* nhwc: the first 1x1's last channels run as dot products */ \
     F(int, pairs)            /* nhwc: the first 1x1 computed two pixels at a time */
 
+/* tiles.c: a residual block's body on kept S x S output tiles, added into the output:
+ * [1x1 (C -> R)] -> k x k (R -> R, dense or depthwise, stride st, padding k / 2) -> 1x1
+ * (R -> O) */
+#define TILES_ARGS(F) \
+    F(const float *, a)      /* pack_b of the (C x R) first 1x1 weight, or NULL: none */ \
+    F(const float *, bias1)  /* its bias, R rounded up to 16 floats, or NULL */ \
+    F(const float *, k)      /* dense: pack_b of the (k k R x R) middle weight, rows in \
+                                window order (ky, kx, channel); depthwise: k k x Rp taps */ \
+    F(const float *, bias2)  /* the middle conv's bias, Rp floats, or NULL */ \
+    F(const float *, b)      /* pack_b of the (R x O) last 1x1 weight */ \
+    F(const float *, bias)   /* its bias, O rounded up to 16 floats, or NULL */ \
+    F(int, n) F(int, h) F(int, w) F(int, c)  /* the input (N, C, H, W) */ \
+    F(int, r)                /* channels of the intermediates */ \
+    F(int, ks) F(int, st)    /* the middle conv's size and stride (padding ks / 2) */ \
+    F(int, depthwise)        /* 1: the middle conv is depthwise */ \
+    F(int, o) F(int, oh) F(int, ow)  /* the output (N, O, OH, OW) */ \
+    F(int, s)                /* the tiles' side (granularity) */ \
+    F(int, group)            /* tiles per GEMM call, at most */ \
+    F(int, act1) F(int, act2)  /* activations after the first and middle convs (ACT_) */ \
+    F(int, xnchw) F(int, ynchw)  /* 1: x (y) NCHW in memory; 0: NHWC */
+
 #define ARGS_FIELD(type, name) type name;
 typedef struct { PDP_ARGS(ARGS_FIELD) } PdpArgs;
 typedef struct { PCP_ARGS(ARGS_FIELD) } PcpArgs;
 typedef struct { PLANAR_ARGS(ARGS_FIELD) } PlanarArgs;
+typedef struct { TILES_ARGS(ARGS_FIELD) } TilesArgs;
 
 /* The layout check's exports, for one kernel's struct S and its list:
  *   const char *args_names(void): the field names in order, separated by spaces;

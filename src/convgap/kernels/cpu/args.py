@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "ArgsLayoutError", "check_layout",
-           "c_layout", "py_layout"]
+__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "TilesArgs", "ArgsLayoutError",
+           "check_layout", "c_layout", "py_layout"]
 
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int
 
@@ -77,6 +77,12 @@ class PlanarArgs(Args):
     _fields_ = _fields("a k1 k2 b bias",
                        "n h w c r1 r2 r3 kh1 kw1 sh1 ph1 pw1 dh1 dw1 kw2 pw2 dw2 o oh ow th z "
                        "depthwise nhwc wino tail pairs")
+
+
+class TilesArgs(Args):
+    """tiles.c's TilesArgs (see args.h for each field)."""
+    _fields_ = _fields("a bias1 k bias2 b bias",
+                       "n h w c r ks st depthwise o oh ow s group act1 act2 xnchw ynchw")
 
 
 def c_layout(lib: ctypes.CDLL) -> tuple[int, list[tuple[str, int, int]]]:
