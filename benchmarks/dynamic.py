@@ -248,7 +248,7 @@ def main() -> None:
     from convgap import hardware
     args = parse()
     torch.set_num_threads(args.threads)
-    console = Console(width=200)
+    console = Console(width=200, force_terminal=False)
     cpu = hardware.device_name("cpu")
     console.print(f"{cpu}, {args.threads} threads, fp32, batch {args.batch}")
     out = {"benchmark": "dynamic", "cpu": cpu, "threads": args.threads,
