@@ -488,3 +488,20 @@ def test_measure_latency_sets_crossovers():
     for b in dynamic_blocks(dyn).values():
         assert 0.0 <= b.dense_from <= 2.0 and b.masker.forced is None
     assert all(len(t.seconds) == 2 and min(t.seconds) > 0 for t in tables.values())
+
+
+def test_granularity_changed_after_a_run():
+    """A block run at one granularity and then another (as granularity='auto' does) runs
+    the new one (a bound kernel call kept for the first must not be reused)."""
+    dyn = make_dynamic(_net(), "spatial", granularity=1, check=False, quiet=True)
+    x = torch.randn(1, 3, 24, 24)
+    force_density(dyn, 0.5, seed=1)
+    with torch.no_grad():
+        for g in (1, 4, 2, 1):
+            for b in dynamic_blocks(dyn).values():
+                b.masker.granularity = g
+            got = dyn(x)
+            set_execution(dyn, "masked")
+            ref = dyn(x)
+            set_execution(dyn, "sparse")
+            assert _rel(got, ref) <= 1e-4, g

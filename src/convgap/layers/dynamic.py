@@ -519,7 +519,8 @@ class DynamicBlock(nn.Module):
         tiles = m[:, 0].nonzero().contiguous()    # nonzero's rows are not
         if len(tiles):
             body = self._tile_body()
-            key = ("tiles", x.shape, x.is_contiguous(), out.is_contiguous())
+            key = ("tiles", x.shape, x.is_contiguous(), out.is_contiguous(),
+                   self.masker.granularity)
             call = memo.reuse(self._fold, key, [body.w2], lambda: tile_kernel.bind(
                 x, out, self.masker.granularity, body, self._tile_store))
             call(x, out, tiles)
