@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,8 +77,8 @@ def kernels(args, console) -> list[dict]:
                 torch.manual_seed(0)
                 x = torch.randn(batch, *shape[1:]).contiguous(memory_format=fmt)
                 static = copy.deepcopy(net.get_submodule(name)).eval().to(memory_format=fmt)
-                with torch.no_grad(), __import__("warnings").catch_warnings():
-                    __import__("warnings").simplefilter("ignore")
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
                     fused = fuse(nn.Sequential(static).eval(), x, quiet=True)
                 variants = {}
                 for g in GRANULARITIES:
@@ -176,8 +177,8 @@ def e2e(args, console) -> dict:
         lat = {}
         for batch in args.batch:
             x = torch.randn(batch, 3, size, size)
-            with torch.no_grad(), __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore")
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 fast = fuse(static, x, quiet=True)
                 # the dynamic model's masks come from this input; the maskers decide
                 r = timing.compare([lambda: static(x), lambda: fast(x), lambda: dyn(x)],

@@ -30,10 +30,9 @@ import torch.nn as nn
 
 from .. import config, timing
 from ..errors import ConvgapError
-from ..layers.dynamic import DynamicBlock
 from ..progress import make_progress
 from ..transforms.eligible import first_inputs
-from .transform import dynamic_blocks
+from .transform import dynamic_blocks, evaluating
 
 __all__ = ["Budget", "LatencyTable", "measure_latency", "DENSITIES", "KINDS",
            "temperature"]
@@ -80,37 +79,28 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
     if not blocks:
         raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
     densities = tuple(sorted(densities))
-    was = model.training
-    model.eval()
-    forced = {n: b.masker.forced for n, b in blocks.items()}
-    try:
-        with torch.no_grad():
-            inputs, _ = first_inputs({b: n for n, b in blocks.items()},
-                                     lambda: model(example_input))
-            tables = {}
-            with make_progress(quiet) as bar:
-                task = bar.add_task("timing dynamic blocks", total=len(blocks))
-                for name, b in blocks.items():
-                    x = inputs[name][0]
+    with evaluating(model), torch.no_grad():
+        inputs, _ = first_inputs({b: n for n, b in blocks.items()},
+                                 lambda: model(example_input))
+        tables = {}
+        with make_progress(quiet) as bar:
+            task = bar.add_task("timing dynamic blocks", total=len(blocks))
+            for name, b in blocks.items():
+                x = inputs[name][0]
 
-                    def sparse(d: float, b=b, x=x) -> torch.Tensor:
-                        b.masker.force(d, seed=0)
-                        return b.sparse(x, b.mask(x))
+                def sparse(d: float, b=b, x=x) -> torch.Tensor:
+                    b.masker.force(d, seed=0)
+                    return b.sparse(x, b.mask(x))
 
-                    def dense(b=b, x=x) -> torch.Tensor:
-                        b.masker.force(1.0, seed=0)
-                        return b.masked(x, b.mask(x))
-                    res = timing.compare([lambda d=d: sparse(d) for d in densities] + [dense],
-                                         config.LAYER_COMPARE)
-                    times = [r.median for r in res[:-1]]
-                    full = res[-1].median
-                    b.dense_from = _crossover(densities, times, full)
-                    tables[name] = LatencyTable(densities, tuple(times))
-                    bar.advance(task)
-    finally:
-        for n, b in blocks.items():
-            b.masker.forced = forced[n]
-        model.train(was)
+                def dense(b=b, x=x) -> torch.Tensor:
+                    b.masker.force(1.0, seed=0)
+                    return b.masked(x, b.mask(x))
+                res = timing.compare([lambda d=d: sparse(d) for d in densities] + [dense],
+                                     config.LAYER_COMPARE)
+                times = [r.median for r in res[:-1]]
+                b.dense_from = _crossover(densities, times, res[-1].median)
+                tables[name] = LatencyTable(densities, tuple(times))
+                bar.advance(task)
     return tables
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import config, timing
 from ..errors import ConvgapError
 from ..transforms.eligible import first_inputs
-from .transform import dynamic_blocks, force_density
+from .transform import dynamic_blocks, evaluating, force_density
 
 __all__ = ["densities", "BlockReport", "report"]
 
@@ -26,18 +26,13 @@ def densities(model: nn.Module, data: Dataset, batch_size: int = 64
     blocks = dynamic_blocks(model)
     if not blocks:
         raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in blocks}
-    try:
-        with torch.no_grad():
-            for x, _ in DataLoader(data, batch_size=batch_size):
-                model(x.to(device))
-                for n, b in blocks.items():
-                    seen[n].append(b.density().cpu())
-    finally:
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        for x, _ in DataLoader(data, batch_size=batch_size):
+            model(x.to(device))
+            for n, b in blocks.items():
+                seen[n].append(b.density().cpu())
     out = {}
     for n, parts in seen.items():
         d = torch.cat(parts).double()
@@ -85,29 +80,20 @@ def report(model: nn.Module, example_input: torch.Tensor, *, density: float | No
     if roofs is None:
         from ..hardware import roofs as measure_roofs
         roofs = measure_roofs(example_input.device.type, example_input.dtype)
-    was = model.training
-    forced = {n: b.masker.forced for n, b in blocks.items()}
-    model.eval()
     rows = []
-    try:
+    with evaluating(model), torch.no_grad():
         if density is not None:
             force_density(model, density, seed)
-        with torch.no_grad():
-            inputs, _ = first_inputs({b: n for n, b in blocks.items()},
-                                     lambda: model(example_input))
-            for name, b in blocks.items():
-                x = inputs[name][0]
-                b(x)
-                macs, dense = b.cost_macs()
-                static = b.original()
-                a, d = timing.compare([lambda: static(x), lambda: b(x)], config.LAYER_COMPARE)
-                n = x.shape[0]
-                rows.append(BlockReport(
-                    name, b.mode, b.granularity(), float(b.density().mean()), float(macs),
-                    float(dense), a.median, d.median, timing.paired_ratio(d, a),
-                    roofs.ideal_latency(2 * float(macs) * n)))
-    finally:
-        for n, b in blocks.items():
-            b.masker.forced = forced[n]
-        model.train(was)
+        inputs, _ = first_inputs({b: n for n, b in blocks.items()},
+                                 lambda: model(example_input))
+        for name, b in blocks.items():
+            x = inputs[name][0]
+            b(x)
+            macs, dense = b.cost_macs()
+            static = b.original()
+            a, d = timing.compare([lambda: static(x), lambda: b(x)], config.LAYER_COMPARE)
+            rows.append(BlockReport(
+                name, b.mode, b.granularity(), float(b.density().mean()), float(macs),
+                float(dense), a.median, d.median, timing.paired_ratio(d, a),
+                roofs.ideal_latency(2 * float(macs) * x.shape[0])))
     return rows

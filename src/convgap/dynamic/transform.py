@@ -12,9 +12,10 @@ zoo writes them or as third-party code does. Anything else is left, with the rea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from ..transforms.patterns import Chain, describe
 from ..transforms.select import Layers, select
 from ..transforms.trace import is_leaf
 
-__all__ = ["make_dynamic", "force_density", "set_execution", "dynamic_blocks",
+__all__ = ["make_dynamic", "force_density", "set_execution", "dynamic_blocks", "evaluating",
            "DynamicWarning", "GRANULARITIES", "TOLERANCE", "block_stages"]
 
 GRANULARITIES = (1, 2, 4, 8)   # what granularity="auto" times (those <= the output side)
@@ -158,11 +159,8 @@ def make_dynamic(model: nn.Module, mode: str = "spatial",
             ": " + "; ".join(f"{k}: {v}" for k, v in list(left.items())[:4]) if left else ""))
     inputs: dict[str, tuple] = {}
     if example_input is not None:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             inputs, _ = first_inputs({m: n for n, m, _ in found}, lambda: model(example_input))
-        model.train(was)
     blocks: dict[str, DynamicBlock] = {}
     for name, module, (stages, short, post) in found:
         try:
@@ -224,21 +222,16 @@ def _auto(block: DynamicBlock, x: torch.Tensor, target: float) -> int:
     cands = [g for g in GRANULARITIES if g <= max(1, side)]
     first = 4 if 4 in cands else cands[-1]
     cands = [first] + [g for g in cands if g != first]
-    was, forced = block.training, block.masker.forced
-    block.eval()
-    block.masker.force(target, seed=0)
 
     def run(g: int) -> torch.Tensor:
         block.masker.granularity = g
         return block(x)
     spec = f"{tuple(x.shape)}|{block.mode}|{[repr(c) for c in block.convs()]}|{target}"
-    try:
+    with evaluating(block):
+        block.masker.force(target, seed=0)
         decision = choice.choose(
             [choice.Candidate(f"g{g}", lambda g=g: run(g), float("inf")) for g in cands],
             kind="dynamic-granularity", spec_key=spec, device=x.device.type)
-    finally:
-        block.masker.forced = forced
-        block.train(was)
     return int(decision.choice[1:])
 
 
@@ -250,19 +243,33 @@ def _check(blocks: dict[str, DynamicBlock], inputs: dict) -> None:
             if args is None or b.execution != "sparse":
                 continue
             x = args[0]
-            was, forced = b.training, b.masker.forced
-            b.eval()
-            b.masker.force(0.5, seed=0)
-            m = b.mask(x)
-            err = choice.relative_error(b.sparse(x, m), b.masked(x, m))
-            b.masker.forced = forced
-            b.train(was)
+            with evaluating(b):
+                b.masker.force(0.5, seed=0)
+                m = b.mask(x)
+                err = choice.relative_error(b.sparse(x, m), b.masked(x, m))
             if not err <= TOLERANCE:
                 b.execution = "masked"
                 problems.append(f"{name}: sparse disagrees with masked by {err:.2e}")
     if problems:
         warnings.warn("; ".join(problems) + " (those blocks run masked)", DynamicWarning,
                       stacklevel=3)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; every submodule's training flag and every
+    masker's forced density as they were after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    forced = [(b.masker, b.masker.forced) for b in module.modules()
+              if isinstance(b, DynamicBlock)]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for masker, f in forced:
+            masker.forced = f
 
 
 def dynamic_blocks(model: nn.Module) -> dict[str, DynamicBlock]:

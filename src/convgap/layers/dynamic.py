@@ -37,7 +37,6 @@ Sparse output equals masked output within fp32 rounding (``tests/test_dynamic.py
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,6 +48,7 @@ from ..errors import ConvgapError
 from ..kernels.cpu import tiles as tile_kernel
 from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..ops import activations, guard, memo, onednn
+from ..ops.sizes import conv_length
 
 __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "ChannelMasker",
            "LayerMasker", "DynamicBlock", "gumbel_keep"]
@@ -178,9 +178,11 @@ class Stage:
     act: str | None = None
 
 
-def _size(n: int, conv: nn.Conv2d, d: int) -> int:
-    k, s, p = conv.kernel_size[d], conv.stride[d], conv.padding[d]
-    return (n + 2 * p - k) // s + 1
+def _out_hw(hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv``'s output size for an input of spatial size ``hw``."""
+    return tuple(conv_length(n, conv.kernel_size[d], conv.stride[d],
+                             (conv.padding[d], conv.padding[d]), conv.dilation[d])
+                 for d, n in enumerate(hw))
 
 
 class DynamicBlock(nn.Module):
@@ -252,11 +254,15 @@ class DynamicBlock(nn.Module):
                                    f" is a grouped conv ({c.groups} groups)")
         return out
 
-    def out_size(self, hw: tuple[int, int]) -> tuple[int, int]:
-        h, w = hw
+    def sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """The spatial sizes of the body's input and of each stage's output."""
+        out = [tuple(hw)]
         for c in self.convs():
-            h, w = _size(h, c, 0), _size(w, c, 1)
-        return h, w
+            out.append(_out_hw(out[-1], c))
+        return out
+
+    def out_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return self.sizes(hw)[-1]
 
     def granularity(self) -> int | None:
         return self.masker.granularity if self.mode == "spatial" else None
@@ -286,12 +292,8 @@ class DynamicBlock(nn.Module):
 
     def stage_macs(self, hw: tuple[int, int]) -> list[int]:
         """Each stage's dense MACs per sample for an input of spatial size ``hw``."""
-        out = []
-        for c in self.convs():
-            hw = (_size(hw[0], c, 0), _size(hw[1], c, 1))
-            kh, kw = c.kernel_size
-            out.append(hw[0] * hw[1] * c.out_channels * (c.in_channels // c.groups) * kh * kw)
-        return out
+        return [h * w * c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0]
+                * c.kernel_size[1] for c, (h, w) in zip(self.convs(), self.sizes(hw)[1:])]
 
     def cost_macs(self, mask: torch.Tensor | None = None, hw: tuple[int, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,9 +323,7 @@ class DynamicBlock(nn.Module):
                 cost = cost + share * mac
         else:
             convs = self.convs()
-            sizes = [hw]
-            for c in convs:
-                sizes.append((_size(sizes[-1][0], c, 0), _size(sizes[-1][1], c, 1)))
+            sizes = self.sizes(hw)
             with torch.no_grad():
                 need = self.pixel_mask(mask.detach(), sizes[-1])[:, 0] > 0
                 kept = need.flatten(1).float().mean(1).clamp_min(1e-12)
@@ -532,9 +532,7 @@ class DynamicBlock(nn.Module):
             return self._sparse_tiles(x, m)
         convs = self.convs()
         n = x.shape[0]
-        sizes = [tuple(x.shape[-2:])]
-        for c in convs:
-            sizes.append((_size(sizes[-1][0], c, 0), _size(sizes[-1][1], c, 1)))
+        sizes = self.sizes(tuple(x.shape[-2:]))
         need = [None] * (len(convs) + 1)    # per stage output: bool (N, H, W)
         need[-1] = self.pixel_mask(m, sizes[-1])[:, 0] > 0
         for i in range(len(convs) - 1, 0, -1):
