@@ -48,6 +48,7 @@ from ..errors import ConvgapError
 from ..kernels.cpu import tiles as tile_kernel
 from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..ops import activations, guard, memo, onednn
+from ..ops.batchnorm import folded
 from ..ops.sizes import conv_length
 
 __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "ChannelMasker",
@@ -405,19 +406,13 @@ class DynamicBlock(nn.Module):
 
         def compute():
             conv = self.get_submodule(s.conv)
-            bn = None if s.bn is None else self.get_submodule(s.bn)
-            w = conv.weight.detach().double()
-            b = (conv.bias.detach().double() if conv.bias is not None
-                 else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
-            if bn is not None:
-                scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.detach().double()
-                b = (b - bn.running_mean.double()) * scale
-                if bn.bias is not None:
-                    b = b + bn.bias.detach().double()
-                w = w * scale.view(-1, 1, 1, 1)
-            return (w.to(conv.weight.dtype), b.to(conv.weight.dtype))
+            w, b = conv.weight.detach(), conv.bias
+            if s.bn is not None:
+                w, b = folded(w, b, self.get_submodule(s.bn))
+            elif b is None:
+                b = torch.zeros(w.shape[0])
+            like = conv.weight
+            return w.to(like.device, like.dtype), b.detach().to(like.device, like.dtype)
 
         return memo.reuse(self._fold, i, self._stage_tensors(i), compute)
 

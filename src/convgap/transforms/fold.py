@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from ..choice import relative_error, tolerance
 from ..count import detached_copy, tensors
 from ..errors import ConvgapError
+from ..ops.batchnorm import folded
 from ..progress import make_progress
 from .changes import FOLDED_ATTR, LEFT_ATTR
 from .eligible import blocker, first_inputs
@@ -235,10 +236,6 @@ def _run(model: nn.Module, watched: dict[nn.Module, str],
     return seen, detached_copy(output)
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float64)
-
-
 @torch.no_grad()
 def _fold(layer: nn.Module, bn: _BatchNorm, keep: bool) -> tuple | None:
     """Fold ``bn`` into ``layer``'s weight and bias (in place, in float64, stored in the
@@ -246,13 +243,8 @@ def _fold(layer: nn.Module, bn: _BatchNorm, keep: bool) -> tuple | None:
     w, b = layer.weight, layer.bias
     before = (w.detach().clone(memory_format=torch.preserve_format),
               None if b is None else b.detach().clone()) if keep else None
-    scale = 1.0 / torch.sqrt(_f64(bn.running_var) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * _f64(bn.weight)
-    shift = ((0.0 if b is None else _f64(b)) - _f64(bn.running_mean)) * scale
-    if bn.bias is not None:
-        shift = shift + _f64(bn.bias)
-    w.copy_(_f64(w) * scale.view(-1, *([1] * (w.dim() - 1))))
+    new_w, shift = folded(w, b, bn)
+    w.copy_(new_w)
     if b is None:
         layer.bias = nn.Parameter(shift.to(w.device, w.dtype), requires_grad=w.requires_grad)
     else:
