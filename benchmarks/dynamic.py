@@ -159,9 +159,14 @@ def e2e(args, console) -> dict:
         static.load_state_dict(torch.load(weights, weights_only=True))
         console.print(f"static weights from {weights}")
     else:
+        lr = 2e-3
+        if args.init is not None:  # trained at another size: a shorter, gentler fine-tune
+            static.load_state_dict(torch.load(args.init, weights_only=True))
+            console.print(f"static starts from {args.init}")
+            lr = 1e-3
         t0 = time.perf_counter()
         hist = train.fit(static, train_set, val_set, epochs=args.static_epochs,
-                         batch_size=args.batch_size, lr=2e-3, optimizer="adamw", warmup=1,
+                         batch_size=args.batch_size, lr=lr, optimizer="adamw", warmup=1,
                          quiet=args.quiet)
         console.print(f"static: {hist.epochs[-1].val_top1:.3f} top-1 after "
                       f"{args.static_epochs} epochs ({time.perf_counter() - t0:.0f} s)")
@@ -229,10 +234,13 @@ def parse(argv=None):
     p.add_argument("--train-size", type=int, default=8000)
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--static-epochs", type=int, default=8)
+    p.add_argument("--init", type=Path, default=None,
+                   help="static weights to start the static training from (e.g. the same "
+                        "model trained at another image size by benchmarks/training.py)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--granularity", default="auto")
-    p.add_argument("--variants", nargs="+", default=["spatial:0.5", "spatial:0.3",
+    p.add_argument("--variants", nargs="*", default=["spatial:0.5", "spatial:0.3",
                                                      "channel:0.5", "layer:0.5"],
                    help="mode:target pairs of part 2")
     p.add_argument("--quiet", action="store_true")

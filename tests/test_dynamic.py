@@ -147,8 +147,9 @@ def test_sparse_runs_sparse():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
-    """Bottleneck and inverted residual bodies (dense, depthwise) run the tile kernel where
-    it is available, the torch path where it is not; both equal masked execution."""
+    """Basic, bottleneck and inverted residual bodies (dense, depthwise) run the tile
+    kernel where it is available, the torch path where it is not; both equal masked
+    execution."""
     from convgap.kernels.cpu import tiles
     from convgap.layers import dynamic as layer
     if native and not tiles.available():
@@ -161,7 +162,8 @@ def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
     net = _net()
     dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
     planned = [b for b in dynamic_blocks(dyn).values() if b._tile_plan is not None]
-    assert len(planned) == 4   # the bottlenecks but the grouped one, the inverted residual
+    # the basic block, the bottlenecks but the grouped one, the inverted residual
+    assert len(planned) == 5
     for channels_last in (False, True):
         x = torch.randn(2, 3, 15, 15)
         if channels_last:

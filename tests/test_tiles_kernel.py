@@ -1,5 +1,6 @@
-"""convgap.kernels.cpu.tiles.residual_tiles: a residual block's body (optional 1x1, dense
-or depthwise k x k, 1x1; batch norms folded) added into the output at kept S x S tiles only,
+"""convgap.kernels.cpu.tiles.residual_tiles: a residual block's body (optional first conv:
+1x1, or k1 x k1 / strided as in a basic block; dense or depthwise k x k; optional 1x1; batch
+norms folded) added into the output at kept S x S tiles only,
 against a float64 torch reference (the dense body times the tile mask, plus the shortcut):
 random tile sets, odd sizes (partial tiles), strides 1 and 2, granularities 1 to 7, both
 memory formats, every activation, 1 to 3 threads; an empty tile list; its errors; its
@@ -36,12 +37,15 @@ def reference(x, out, kept, s, body: tiles.Body):
         return None if t is None else t.double()
     h = x.double()
     if body.w1 is not None:
-        h = TORCH_ACTS[body.act1](F.conv2d(h, f64(body.w1)[..., None, None], f64(body.b1)))
+        w1 = f64(body.w1) if body.w1.dim() == 4 else f64(body.w1)[..., None, None]
+        h = TORCH_ACTS[body.act1](F.conv2d(h, w1, f64(body.b1), body.stride1,
+                                           w1.shape[2] // 2))
     k = body.w2.shape[2]
     groups = body.w2.shape[0] if body.depthwise() else 1
     h = TORCH_ACTS[body.act2](F.conv2d(h, f64(body.w2), f64(body.b2), body.stride, k // 2,
                                        1, groups))
-    h = F.conv2d(h, f64(body.w3)[..., None, None], f64(body.b3))
+    if body.w3 is not None:
+        h = F.conv2d(h, f64(body.w3)[..., None, None], f64(body.b3))
     mask = torch.zeros(out.shape[0], 1, *out.shape[2:], dtype=torch.float64)
     for n, ty, tx in kept.tolist():
         mask[n, :, ty * s:(ty + 1) * s, tx * s:(tx + 1) * s] = 1.0
@@ -54,21 +58,25 @@ def relative_error(y, ref) -> float:
 
 
 def case(n, c, r, o, h, w, k, stride, s, depthwise, first, act1, act2, x_last, out_last,
-         density, seed=0):
+         density, seed=0, k1=1, stride1=1, last=True):
     """x, out, the kept tiles (a random ``density`` of the grid) and a body; ``first``
-    False: no first conv (then C = R and no act1). Weights scaled so the intermediates have
+    False: no first conv (then C = R and no act1); ``k1``, ``stride1``: the first conv's
+    side and stride; ``last`` False: no last conv (then O = R). Weights scaled so the intermediates have
     a standard deviation of about 2 (relu6 clips, silu and sigmoid see both tails)."""
     g = torch.Generator().manual_seed(seed)
     c = c if first else r
     x = torch.randn(n, c, h, w, generator=g)
-    w1 = torch.randn(r, c, generator=g) * 2 / c ** 0.5 if first else None
+    o = o if last else r
+    w1 = (torch.randn(r, c, *((k1, k1) if k1 > 1 else ()), generator=g) * 2
+          / (c * k1 * k1) ** 0.5 if first else None)
     b1 = torch.randn(r, generator=g) if first else None
     fan = k * k * (1 if depthwise else r)
     w2 = torch.randn(r, 1 if depthwise else r, k, k, generator=g) * 2 / fan ** 0.5
     body = tiles.Body(w1, b1, w2, torch.randn(r, generator=g),
-                      torch.randn(o, r, generator=g) / r ** 0.5, torch.randn(o, generator=g),
-                      stride, act1 if first else None, act2)
-    oh, ow = output_size(h, w, k, stride)
+                      torch.randn(o, r, generator=g) / r ** 0.5 if last else None,
+                      torch.randn(o, generator=g) if last else None,
+                      stride, act1 if first else None, act2, stride1 if first else 1)
+    oh, ow = output_size(*output_size(h, w, k1, body.stride1), k, stride)
     out = torch.randn(n, o, oh, ow, generator=g)
     if x_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -101,6 +109,32 @@ def test_matches_the_masked_dense_body(n, c, r, o, h, w, k, stride, s, depthwise
     finally:
         torch.set_num_threads(before)
     assert got is out   # in place, in its layout
+    assert relative_error(out, want) <= 1e-4
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.sampled_from([1, 2]), c=st.integers(1, 24), r=st.integers(1, 24),
+       o=st.integers(1, 24), h=st.integers(1, 15), w=st.integers(1, 15),
+       k1=st.sampled_from([1, 3, 5]), stride1=st.sampled_from([1, 2]),
+       s=st.sampled_from([1, 2, 4, 7]), depthwise=st.booleans(), last=st.booleans(),
+       x_last=st.booleans(), out_last=st.booleans(), density=st.sampled_from([0.3, 1.0]),
+       threads=st.sampled_from([1, 2]))
+def test_windowed_first_conv_and_no_last_conv(n, c, r, o, h, w, k1, stride1, s, depthwise,
+                                              last, x_last, out_last, density, threads):
+    """A basic block's body (3x3 of stride 1 or 2, 3x3, no last conv) and its relatives: a
+    k1 x k1 or strided first conv from x's windows, the middle conv's output added as it is
+    without a last conv."""
+    x, out, kept, body = case(n, c, r, o, h, w, 3, 1, s, depthwise, True, "relu", None,
+                              x_last, out_last, density, k1=k1, stride1=stride1, last=last)
+    want = reference(x, out, kept, s, body)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = tiles.residual_tiles(x, out, kept, s, body)
+    finally:
+        torch.set_num_threads(before)
+    assert got is out
     assert relative_error(out, want) <= 1e-4
 
 
@@ -164,6 +198,10 @@ def test_bad_arguments_raise():
         call(x, out, kept, 2, body._replace(act2="gelu"))
     with pytest.raises(ConvgapError, match="granularity"):
         call(x, out, kept, 0, body)
+    with pytest.raises(ConvgapError, match="k1 odd"):
+        call(x, out, kept, 2, body._replace(w1=torch.randn(16, 8, 2, 2)))
+    with pytest.raises(ConvgapError, match="no b3"):
+        call(x, out, kept, 2, body._replace(w3=None))
     with pytest.raises(ConvgapError, match="float32"):
         call(x.double(), out, kept, 2, body)
 
@@ -200,6 +238,10 @@ for threads in (1, 2, 3):
                                                 (4, 2, False, False, False, False)]:
         x, out, kept, body = case(2, 10, 13, 9, 11, 9, 3, stride, s, depthwise, first,
                                   "relu", "silu", xl, ol, 0.6)
+        run(lambda store: tiles.residual_tiles(x, out.clone(), kept, s, body, store))
+    for s, k1, stride1, last in [(1, 3, 2, False), (4, 3, 1, False), (2, 1, 2, True)]:
+        x, out, kept, body = case(2, 10, 13, 9, 11, 9, 3, 1, s, False, True, "relu", None,
+                                  True, False, 0.6, k1=k1, stride1=stride1, last=last)
         run(lambda store: tiles.residual_tiles(x, out.clone(), kept, s, body, store))
 """
 

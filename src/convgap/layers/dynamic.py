@@ -491,16 +491,19 @@ class DynamicBlock(nn.Module):
         kept while the parameters are unchanged (one check of them all, not one per
         stage)."""
         first, mid, last = self._tile_plan
-        order = (mid, last) + (() if first is None else (first,))
+        order = [i for i in (first, mid, last) if i is not None]
 
         def build():
-            folded = [self._folded(i) for i in order]
-            (w2, b2), (w3, b3) = folded[:2]
-            w1, b1 = folded[2] if first is not None else (None, None)
+            folded = {i: self._folded(i) for i in order}
+            w1, b1 = folded.get(first, (None, None))
+            w2, b2 = folded[mid]
+            w3, b3 = folded.get(last, (None, None))
+            stride = (lambda i: self.get_submodule(self.stages[i].conv).stride[0])
             return tile_kernel.Body(
-                None if w1 is None else w1.view(w1.shape[0], -1), b1, w2, b2,
-                w3.view(w3.shape[0], -1), b3, self.get_submodule(self.stages[mid].conv).stride[0],
-                None if first is None else self.stages[first].act, self.stages[mid].act)
+                w1 if w1 is None or w1.shape[2] > 1 else w1.view(w1.shape[0], -1), b1,
+                w2, b2, None if w3 is None else w3.view(w3.shape[0], -1), b3, stride(mid),
+                None if first is None else self.stages[first].act, self.stages[mid].act,
+                1 if first is None else stride(first))
         return memo.reuse(self._fold, "tile_body",
                           [t for i in order for t in self._stage_tensors(i)], build)
 
@@ -594,30 +597,40 @@ def _child(module: nn.Module, name: str) -> nn.Module:
 
 
 def _tile_plan(stages: Sequence[Stage], convs: Sequence[nn.Conv2d]
-               ) -> tuple[int | None, int, int] | None:
+               ) -> tuple[int | None, int, int | None] | None:
     """(first, middle, last) stage indices where the tile kernel
-    (:mod:`convgap.kernels.cpu.tiles`) runs the body: [1x1, k x k (dense or depthwise), 1x1]
-    (a bottleneck, an inverted residual) or [k x k depthwise, 1x1] (first None: an inverted
-    residual without expansion), 1x1 convs of stride 1 and one group, a square k x k conv of
-    padding k // 2 and no dilation, the kernel's activations and none after the last conv;
-    None for any other body."""
+    (:mod:`convgap.kernels.cpu.tiles`) runs the body: [first, k x k (dense or depthwise),
+    1x1] (a bottleneck, an inverted residual), [k x k depthwise, 1x1] (first None: an
+    inverted residual without expansion) or [first, k x k dense] (last None: a basic block);
+    a first conv of one group, square, odd and padded by half its side (a 1x1, or a basic
+    block's 3x3, of any stride), a square k x k conv of padding k // 2 and no dilation, a
+    last 1x1 of stride 1 and one group, the kernel's activations and none after the last
+    conv; None for any other body."""
     def plain_1x1(c):
         return _pointwise(c) and c.groups == 1
 
-    def middle(c):
+    def square(c):
         k, s = c.kernel_size[0], c.stride[0]
         return (c.kernel_size == (k, k) and c.stride == (s, s) and c.padding == (k // 2, k // 2)
-                and c.dilation == (1, 1) and c.padding_mode == "zeros"
-                and (c.groups == 1 or _depthwise(c)))
+                and c.dilation == (1, 1) and c.padding_mode == "zeros")
+
+    def first(c):
+        return square(c) and c.kernel_size[0] % 2 == 1 and c.groups == 1
+
+    def middle(c):
+        return square(c) and (c.groups == 1 or _depthwise(c))
 
     acts = [s.act for s in stages]
     if acts[-1] is not None or any(a is not None and a not in KERNEL_ACTIVATIONS
                                    for a in acts):
         return None
-    if len(convs) == 3 and plain_1x1(convs[0]) and middle(convs[1]) and plain_1x1(convs[2]):
+    if len(convs) == 3 and first(convs[0]) and middle(convs[1]) and plain_1x1(convs[2]):
         return 0, 1, 2
     if len(convs) == 2 and middle(convs[0]) and _depthwise(convs[0]) and plain_1x1(convs[1]):
         return None, 0, 1
+    if (len(convs) == 2 and first(convs[0]) and middle(convs[1]) and convs[1].groups == 1
+            and convs[1].in_channels == convs[1].out_channels):
+        return 0, 1, None
     return None
 
 

@@ -93,17 +93,21 @@
     F(int, pairs)            /* nhwc: the first 1x1 computed two pixels at a time */
 
 /* tiles.c: a residual block's body on kept S x S output tiles, added into the output:
- * [1x1 (C -> R)] -> k x k (R -> R, dense or depthwise, stride st, padding k / 2) -> 1x1
- * (R -> O) */
+ * [k1 x k1 (C -> R, stride st1, padding k1 / 2)] -> k x k (R -> R, dense or depthwise,
+ * stride st, padding k / 2) -> [1x1 (R -> O)] */
 #define TILES_ARGS(F) \
-    F(const float *, a)      /* pack_b of the (C x R) first 1x1 weight, or NULL: none */ \
+    F(const float *, a)      /* pack_b of the (k1 k1 C x R) first weight, rows in window \
+                                order (ky, kx, channel), or NULL: none */ \
     F(const float *, bias1)  /* its bias, R rounded up to 16 floats, or NULL */ \
     F(const float *, k)      /* dense: pack_b of the (k k R x R) middle weight, rows in \
                                 window order (ky, kx, channel); depthwise: k k x Rp taps */ \
     F(const float *, bias2)  /* the middle conv's bias, Rp floats, or NULL */ \
-    F(const float *, b)      /* pack_b of the (R x O) last 1x1 weight */ \
+    F(const float *, b)      /* pack_b of the (R x O) last 1x1 weight, or NULL: none \
+                                (O = R, the middle conv's output is the body's) */ \
     F(const float *, bias)   /* its bias, O rounded up to 16 floats, or NULL */ \
-    F(int, n) F(int, h) F(int, w) F(int, c)  /* the input (N, C, H, W) */ \
+    F(int, n) F(int, h) F(int, w)  /* images; the middle conv's input's height, width */ \
+    F(int, c) F(int, xh) F(int, xw)  /* the input's channels, height and width */ \
+    F(int, k1) F(int, st1)   /* the first conv's size and stride (padding k1 / 2) */ \
     F(int, r)                /* channels of the intermediates */ \
     F(int, ks) F(int, st)    /* the middle conv's size and stride (padding ks / 2) */ \
     F(int, depthwise)        /* 1: the middle conv is depthwise */ \

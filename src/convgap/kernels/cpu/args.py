@@ -82,7 +82,8 @@ class PlanarArgs(Args):
 class TilesArgs(Args):
     """tiles.c's TilesArgs (see args.h for each field)."""
     _fields_ = _fields("a bias1 k bias2 b bias",
-                       "n h w c r ks st depthwise o oh ow s group act1 act2 xnchw ynchw")
+                       "n h w c xh xw k1 st1 r ks st depthwise o oh ow s group act1 act2 xnchw "
+                       "ynchw")
 
 
 def c_layout(lib: ctypes.CDLL) -> tuple[int, list[tuple[str, int, int]]]:

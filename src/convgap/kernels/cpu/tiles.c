@@ -1,9 +1,12 @@
 /* A residual block's body on kept output tiles, added into the output: fp32, AVX-512.
  *
- *   u = act1(x @ A + bias1)              (1x1 conv, C -> R; absent: u = x, C = R)
+ *   u = act1(conv(x, A) + bias1)         (k1 x k1, stride st1, zero padding k1 / 2, C -> R:
+ *                                         a 1x1 in a bottleneck or inverted residual, the
+ *                                         first 3x3 of a basic block; absent: u = x, C = R)
  *   v = act2(conv(u, K) + bias2)         (k x k, dense or depthwise, stride st, zero
  *                                         padding k / 2 around u)
- *   y += v @ B + bias                    (1x1 conv, R -> O), at the kept tiles' pixels only
+ *   y += v @ B + bias                    (1x1 conv, R -> O; absent: y += v, O = R), at the
+ *                                         kept tiles' pixels only
  *
  * y holds the shortcut's output; a tile (n, ty, tx) is the S x S output pixels from (ty S,
  * tx S) of image n (clipped at the output's bottom and right edges). Batch norms are folded
@@ -12,7 +15,8 @@
  * Two steps in one parallel region. First (with a first conv) the u pixels that some kept
  * tile's window reads are marked, and the first conv runs on each run of marked pixels
  * (in flat order, within an image) straight from x into a shared u map (N x H x W x Rp):
- * each u pixel is computed once, however many windows share it. Then the tiles, in groups
+ * each u pixel is computed once, however many windows share it (a k1 x k1 or strided first
+ * conv gathers the run's windows of x as im2col rows first, x NHWC). Then the tiles, in groups
  * of up to ``group`` (a few tiles per GEMM call, so that 1x1 and 2x2 tiles still give the
  * micro-kernel rows): a dense middle conv gathers its tiles' k x k windows (im2col, zeros
  * outside the image) and runs one GEMM, a depthwise one runs per pixel in registers; the last
@@ -45,13 +49,26 @@ long shared_floats(const TilesArgs *g)
     return g->a ? mark_floats(g) + whole_lines((long)g->n * g->h * g->w * round16i(g->r)) : 0;
 }
 
-/* Floats of one thread's scratch: a group's im2col rows (dense middle conv), its v rows
- * and its output rows */
+/* Whether the first conv reads windows of x (k1 x k1 or strided) rather than its pixels */
+static int windowed(const TilesArgs *g) { return g->a && (g->k1 > 1 || g->st1 > 1); }
+
+/* Floats of a thread's im2col rows: a group's windows (dense middle conv), or a run's
+ * (windowed first conv: the first step, before the tiles, uses the same rows) */
+static long col_floats(const TilesArgs *g)
+{
+    const long rows = (long)g->group * g->s * g->s;
+    const long mid = g->depthwise ? 0 : rows * g->ks * g->ks * g->r;
+    const long first = windowed(g) ? (long)CHUNK * g->k1 * g->k1 * g->c : 0;
+    return whole_lines(mid > first ? mid : first);
+}
+
+/* Floats of one thread's scratch: its im2col rows, a group's v rows and its output rows
+ * (none without a last conv) */
 long scratch_floats(const TilesArgs *g)
 {
     const long rows = (long)g->group * g->s * g->s;
-    return whole_lines(g->depthwise ? 0 : rows * g->ks * g->ks * g->r)
-           + whole_lines(rows * round16i(g->r)) + whole_lines(rows * round16i(g->o));
+    return col_floats(g) + whole_lines(rows * round16i(g->r))
+           + (g->b ? whole_lines(rows * round16i(g->o)) : 0);
 }
 
 /* Whether tile i is inside the output (others are skipped) */
@@ -81,10 +98,34 @@ static void mark_needed(const TilesArgs *g, const long *tiles, int T, unsigned c
     }
 }
 
+/* The k1 x k1 windows of x (NHWC) at u pixels [p, q) of image n as im2col rows (k1 k1 C
+ * floats: tap-major, zeros outside the image) */
+static void first_windows(const TilesArgs *g, const float *x, int n, long p, long q,
+                          float *col)
+{
+    const int C = g->c, k1 = g->k1, pad = k1 / 2;
+    const long K = (long)k1 * k1 * C;
+    const float *img = x + (long)n * g->xh * g->xw * C;
+    for (long e = p; e < q; e++, col += K) {
+        const int uy = (int)(e / g->w), ux = (int)(e % g->w);
+        for (int dy = 0; dy < k1; dy++) {
+            const int iy = uy * g->st1 - pad + dy;
+            for (int dx = 0; dx < k1; dx++) {
+                const int ix = ux * g->st1 - pad + dx;
+                float *dst = col + (long)(dy * k1 + dx) * C;
+                if (iy < 0 || iy >= g->xh || ix < 0 || ix >= g->xw)
+                    memset(dst, 0, sizeof(float) * C);
+                else
+                    memcpy(dst, img + ((long)iy * g->xw + ix) * C, sizeof(float) * C);
+            }
+        }
+    }
+}
+
 /* u's marked pixels among [p0, p1) of image n (flat within the image): the first conv on
- * each run of them, then act1 */
+ * each run of them, then act1; ``col``: the thread's im2col rows (windowed first conv) */
 static void first_conv(const TilesArgs *g, const float *x, const unsigned char *mark,
-                       float *u, int n, long p0, long p1)
+                       float *u, int n, long p0, long p1, float *col)
 {
     const long HW = (long)g->h * g->w;
     const int C = g->c, R = g->r, Rp = round16i(R);
@@ -96,7 +137,11 @@ static void first_conv(const TilesArgs *g, const float *x, const unsigned char *
         while (q < p1 && m[q]) q++;
         if (q > p) {
             float *rows = u + (n * HW + p) * Rp;
-            if (g->xnchw)
+            if (windowed(g)) {
+                const int K = g->k1 * g->k1 * C;
+                first_windows(g, x, n, p, q, col);
+                gemm((int)(q - p), R, K, col, K, g->a, g->bias1, rows, Rp, PF_X);
+            } else if (g->xnchw)
                 gemm_kmajor((int)(q - p), R, C, x + (long)n * C * HW + p, HW, g->a, g->bias1,
                             rows, Rp, PF_X);
             else
@@ -225,8 +270,8 @@ static void add_tiles(const TilesArgs *g, const long *tiles, int count, const fl
     }
 }
 
-/* g: the weights and geometry (args.h's TilesArgs). x: (N, C, H, W) float32, NCHW
- * (g->xnchw) or NHWC in memory; y: (N, O, OH, OW), NCHW (g->ynchw) or NHWC, holding the
+/* g: the weights and geometry (args.h's TilesArgs). x: (N, C, XH, XW) float32, NCHW
+ * (g->xnchw, a 1x1 stride-1 first conv only) or NHWC in memory; y: (N, O, OH, OW), NCHW (g->ynchw) or NHWC, holding the
  * shortcut, the body added at the kept tiles; tiles: T rows (n, ty, tx) (rows outside the
  * output are skipped); scratch: shared_floats(g) + threads x scratch_floats(g) floats. */
 void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *tiles, int T,
@@ -236,6 +281,7 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
     const int Rp = round16i(g->r);
     const long HW = (long)g->h * g->w, per = scratch_floats(g);
     const long rows = (long)g->group * g->s * g->s;
+    const int Op = g->b ? round16i(g->o) : Rp;
     unsigned char *mark = (unsigned char *)scratch;
     float *u = scratch + mark_floats(g), *own = scratch + shared_floats(g);
     const float *src = g->a ? u : x;  /* what the middle conv reads, pixels sp floats apart */
@@ -248,16 +294,16 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
     if (g->a) mark_needed(g, tiles, T, mark);
     #pragma omp parallel num_threads(threads)
     {
+        float *col = own + per * omp_get_thread_num();
+        float *v = col + col_floats(g);
+        float *out = g->b ? v + whole_lines(rows * Rp) : v;
         if (g->a) {
             #pragma omp for schedule(dynamic, 1)  /* chunks hold unequal runs */
             for (long w = 0; w < g->n * chunks; w++) {
                 const long p0 = w % chunks * CHUNK, p1 = p0 + CHUNK < HW ? p0 + CHUNK : HW;
-                first_conv(g, x, mark, u, (int)(w / chunks), p0, p1);
+                first_conv(g, x, mark, u, (int)(w / chunks), p0, p1, col);
             }
         }
-        float *col = own + per * omp_get_thread_num();
-        float *v = col + whole_lines(g->depthwise ? 0 : rows * g->ks * g->ks * g->r);
-        float *out = v + whole_lines(rows * Rp);
         #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < groups; i++) {
             /* the group's valid tiles, packed at its front (rows outside are skipped) */
@@ -271,8 +317,8 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
             if (!count) continue;
             if (g->depthwise) middle_depthwise(g, kept, count, src, sp, v);
             else middle_dense(g, kept, count, src, sp, col, v);
-            gemm(count * g->s * g->s, g->o, g->r, v, Rp, g->b, g->bias, out, round16i(g->o),
-                 0);
+            if (g->b)
+                gemm(count * g->s * g->s, g->o, g->r, v, Rp, g->b, g->bias, out, Op, 0);
             add_tiles(g, kept, count, out, y);
         }
     }
