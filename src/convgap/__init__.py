@@ -18,6 +18,9 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
   tiles, channel groups, whole blocks), run truly sparse; :mod:`dynamic` holds their
   switches, the training budget (``dynamic.Budget``, ``dynamic.train_dynamic``) and the
   per-block report.
+- :func:`predict_latency` -- a model's latency per layer, block and whole on this device,
+  predicted from its operators' shapes without running it; :mod:`predict` holds the
+  calibration (``predict.calibrate``: micro-benchmarks of random networks, cached).
 - :func:`changes` -- what every transform did to a model, read from its modules;
   :func:`compare` -- a transformed model against the original, per replaced layer and whole
   (timed interleaved), as one :class:`~convgap.transforms.Comparison`.
@@ -34,18 +37,19 @@ Public API (units: latencies in seconds, MACs as counts, bytes in bytes, FLOP/s,
 
 __version__ = "0.1.0"
 
-from . import (algorithms, allocator, data, dynamic, hardware, layers, models, timing, train,
-               transforms)
+from . import (algorithms, allocator, data, dynamic, hardware, layers, models, predict, timing,
+               train, transforms)
 from .analysis import Report, analyze
 from .count import Counts, count
 from .einsum import einsum, einsum_path
 from .errors import ConvgapError
 from .dynamic import make_dynamic
 from .layers import FlattenedConv2d, TensorialConv2d
+from .predict import predict_latency
 from .transforms import changes, compare, factorize, fold_batchnorm, fuse, swap
 
 __all__ = ["analyze", "count", "swap", "einsum", "einsum_path", "factorize", "fold_batchnorm",
-           "fuse", "make_dynamic", "changes", "compare", "TensorialConv2d", "FlattenedConv2d",
+           "fuse", "make_dynamic", "predict_latency", "changes", "compare", "TensorialConv2d", "FlattenedConv2d",
            "Counts", "Report", "ConvgapError",
-           "algorithms", "allocator", "data", "dynamic", "hardware", "layers", "models", "timing", "train",
-           "transforms", "__version__"]
+           "algorithms", "allocator", "data", "dynamic", "hardware", "layers", "models",
+           "predict", "timing", "train", "transforms", "__version__"]

@@ -14,6 +14,9 @@ runs the same under ``torchrun`` (DistributedDataParallel).
 ``convgap dynamic MODEL --weights STATIC.pt --data ... --out DIR``: make a trained model
 dynamic (spatial, channel or layer skipping), train it under a latency or FLOPs budget with
 distillation, and report accuracy, density per block and latency against the static model.
+``convgap calibrate [--quick]``: fit this device's latency predictor (cached).
+``convgap predict MODEL [--measure]``: predicted latency per layer and model, without running
+it; with ``--measure``, against measurement.
 ``convgap models``: the names in the model zoo.
 
 Every user error prints one line ``convgap: error: ...`` and exits with code 2.
@@ -35,7 +38,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from . import config, data, hardware, models, timing, train
+from . import config, data, hardware, models, predict, timing, train
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, parse_dtype
 from .ops.layouts import LAYOUTS, memory_format
@@ -292,6 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--out", type=Path, required=True,
                    help="folder for weights.pt and log.json")
     y.add_argument("--seed", type=int, default=0, help="(0)")
+
+    c = sub.add_parser("calibrate", help="fit this device's latency predictor "
+                       "(micro-benchmarks of random networks; cached)",
+                       description="Record the operators of random networks at batch 1 and "
+                                   "8 in both layouts, time each alone and each network "
+                                   "whole, and fit one latency model per operator kind "
+                                   "(cached per device, threads, dtype, malloc policy and "
+                                   "torch version).")
+    c.add_argument("--quick", action="store_true",
+                   help="fewer calibration networks (a few minutes on 2 cores)")
+    c.add_argument("--refresh", action="store_true", help="calibrate even if cached")
+    _device_options(c)
+
+    q = sub.add_parser("predict", help="predicted latency per layer and model, without "
+                       "running the model",
+                       description="Predict the model's latency from its operators' shapes "
+                                   "with the device's calibration (`convgap calibrate`, run "
+                                   "first if there is none); with --measure, also time it "
+                                   "(as `analyze` does) and show the error.")
+    _model_options(q, many=True, malloc="asis", what="measure")
+    q.add_argument("--measure", action="store_true",
+                   help="also measure the model and each layer, and show the errors")
+    q.add_argument("--top", type=_positive, default=10,
+                   help="layers shown per run, by predicted time (10)")
+    q.add_argument("--json", type=Path, default=None, help="write the predictions as JSON")
 
     sub.add_parser("models", help="list the model zoo")
     return parser
@@ -710,6 +738,85 @@ def _cmd_dynamic(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    dtype = parse_dtype(args.dtype)
+    cal = predict.calibrate(args.device, dtype, args.threads, quick=args.quick,
+                            refresh=args.refresh, quiet=args.quiet)
+    t = Table(title=f"latency predictor of {cal.roofs.device_name} ({cal.roofs.threads} "
+                    f"threads, {cal.roofs.dtype}; calibrated {cal.measured_at})",
+              title_justify="left")
+    for col in ("operator kind", "samples", "fit: median |error|"):
+        t.add_column(col, justify="right" if col != "operator kind" else "left")
+    for kind, st in cal.stats.items():
+        if isinstance(st, dict) and "samples" in st:
+            err = st.get("median_abs_rel_error")
+            t.add_row(kind, str(st["samples"]), "baseline" if err is None else f"{err:.1%}")
+    console.print(t)
+    console.print(f"one call: {cal.overhead_s * 1e6:.1f} us; whole network / sum of "
+                  f"operators: {cal.correction:.3f}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    dtype = parse_dtype(args.dtype)
+    hardware.check_device(args.device)
+    nets = [(spec.split(":")[-1], _load(spec, args)) for spec in args.models]
+    cal = predict.calibrate(args.device, dtype, args.threads, quiet=args.quiet)
+    out = []
+    for name, net in nets:
+        for batch in args.batch:
+            for layout in args.layout:
+                shape = check_input(net, (batch, args.channels, args.image_size,
+                                          args.image_size))
+                model = net.eval().to(dtype=dtype, memory_format=memory_format(layout))
+                pred = predict.predict_latency(model, shape, args.device, dtype, layout,
+                                               args.threads, calibration=cal)
+                measured = None
+                if args.measure:
+                    measured = analyze(model, shape, device=args.device, dtype=dtype,
+                                       layout=layout, threads=args.threads, name=name,
+                                       quiet=args.quiet, malloc=_policy(args),
+                                       allocation=False).runs[0]
+                console.print(_prediction_table(name, pred, measured, args.top))
+                out.append({"model": name, "batch": batch, "layout": layout,
+                            "predicted_s": pred.total_s,
+                            "measured_s": None if measured is None else
+                            measured.total.measured_s,
+                            "layers": [asdict(r) for r in pred.layers]})
+    if args.json is not None:
+        write_atomic(args.json, lambda fh: fh.write(json.dumps(out, indent=1).encode()))
+        console.print(f"JSON: {args.json}")
+    return 0
+
+
+def _prediction_table(name: str, pred: "predict.Prediction", measured, top: int) -> Table:
+    """The model's and its ``top`` slowest-predicted layers' predicted ms, and with a
+    measured run (an analysis Run) the measured ms and the error."""
+    t = Table(title=f"{name} {pred.input_shape} {pred.layout} {pred.dtype}, {pred.threads} "
+                    f"threads: predicted" + (" against measured" if measured else ""),
+              title_justify="left")
+    cols = ["layer", "type", "predicted ms"] + (["measured ms", "error"] if measured else [])
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    times = {}
+    if measured is not None:
+        for r in measured.layers:
+            base = r.name.split("#")[0]
+            times[base] = times.get(base, 0.0) + r.measured_s
+
+    def row(label, typ, p, m):
+        cells = [label, typ, f"{p * 1e3:.3f}"]
+        if measured is not None:
+            cells += ["-", "-"] if m is None else [f"{m * 1e3:.3f}", f"{p / m - 1:+.1%}"]
+        t.add_row(*cells)
+
+    row("(whole model)", "", pred.total_s, None if measured is None else
+        measured.total.measured_s)
+    for r in sorted(pred.layers, key=lambda r: -r.seconds)[:top]:
+        row(r.name, r.type, r.seconds, times.get(r.name))
+    return t
+
+
 def _cmd_models(args: argparse.Namespace, console: Console) -> int:
     for name in models.names():
         console.print(name)
@@ -718,7 +825,8 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 COMMANDS = {"analyze": _cmd_analyze, "roofs": _cmd_roofs, "tune": _cmd_tune,
             "factorize": _cmd_factorize, "fuse": _cmd_fuse, "train": _cmd_train,
-            "evaluate": _cmd_evaluate, "dynamic": _cmd_dynamic, "models": _cmd_models}
+            "evaluate": _cmd_evaluate, "dynamic": _cmd_dynamic, "calibrate": _cmd_calibrate,
+            "predict": _cmd_predict, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,171 @@
+"""What an operator's latency is predicted from: its kind, its work and its shape.
+
+Each recorded :class:`~convgap.predict.record.Op` falls in one :data:`KINDS`:
+
+- ``'conv'``: convolutions (any groups, either layout, transposed too), described by the
+  input and weight shapes, stride, padding, dilation, groups and layout;
+- ``'matmul'``: GEMMs (``addmm``, ``mm``, ``bmm``, ``linear``), by M, N, K and batch;
+- ``'memory'``: every other operator that reads or writes tensors (element-wise,
+  normalization, pooling, reductions, copies), by the bytes it moves, its elements, its
+  layout and which operator it is;
+- ``'call'``: operators that move no data (views, transposes, ``empty``): a call's cost only.
+
+:func:`work` gives an operator's FLOPs and minimum bytes (inputs + outputs once), from
+which :func:`baseline` makes its roofline latency plus one call's overhead; the calibrated
+models (:mod:`convgap.predict.calibration`) learn each kind's measured latency as a factor
+of that baseline, from :func:`features`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..hardware import Roofs
+from .record import Op, TensorSpec
+
+__all__ = ["KINDS", "kind", "work", "baseline", "features", "FEATURES", "MEMORY_OPS"]
+
+KINDS = ("conv", "matmul", "memory", "call")
+
+_CONV = {"aten.convolution.default", "aten._convolution.default",
+         "mkldnn._convolution_pointwise.default", "mkldnn._convolution_pointwise.binary",
+         "aten.mkldnn_convolution.default"}
+_MATMUL = {"aten.addmm.default", "aten.mm.default", "aten.bmm.default", "aten.linear.default",
+           "aten.baddbmm.default", "mkldnn._linear_pointwise.default"}
+# operators that only make views or allocate: no data moves
+_CALL = {"view", "_unsafe_view", "t", "permute", "transpose", "expand", "as_strided",
+         "squeeze", "unsqueeze", "detach", "alias", "slice", "select", "empty",
+         "empty_strided", "empty_like", "split", "split_with_sizes", "unbind", "chunk",
+         "flatten", "reshape", "lift_fresh", "_reshape_alias", "new_empty", "unfold"}
+# the memory-bound operators calibration samples, each its own category (others: 'other')
+MEMORY_OPS = ("native_batch_norm", "_native_batch_norm_legit_no_training",
+              "native_layer_norm", "relu", "relu_", "hardtanh", "hardtanh_", "silu", "silu_",
+              "gelu", "sigmoid", "hardswish", "hardsigmoid", "add", "add_", "mul", "mul_",
+              "max_pool2d_with_indices", "avg_pool2d", "mean", "_adaptive_avg_pool2d",
+              "clone", "_to_copy", "copy_", "cat", "clamp", "div", "sub", "other")
+
+FEATURES = {
+    "conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
+             "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
+             "log_bytes", "log_weight_bytes"),
+    "matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes"),
+    "memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
+               "log_kernel"),
+    "call": (),
+}
+
+
+def _short(op: Op) -> str:
+    """'aten.relu_.default' -> 'relu_'"""
+    parts = op.name.split(".")
+    return parts[1] if len(parts) > 1 else op.name
+
+
+def kind(op: Op) -> str:
+    """The op's kind, one of :data:`KINDS`."""
+    if op.name in _CONV:
+        return "conv"
+    if op.name in _MATMUL:
+        return "matmul"
+    if _short(op) in _CALL or (not op.inputs and not op.outputs):
+        return "call"
+    return "memory"
+
+
+def _conv_parts(op: Op) -> dict:
+    """The convolution's input, weight and geometry from its arguments (aten.convolution:
+    input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
+    (args, kwargs) = op.args()
+    x, w = args[0], args[1]
+    if op.name.startswith("mkldnn._convolution_pointwise"):
+        # (x, [other,] weight, bias, padding, stride, dilation, groups, ...)
+        w = args[2] if op.name.endswith("binary") else args[1]
+        rest = args[4:] if op.name.endswith("binary") else args[3:]
+        padding, stride, dilation, groups = rest[0], rest[1], rest[2], rest[3]
+        transposed = False
+    else:
+        stride, padding, dilation = args[3], args[4], args[5]
+        transposed, groups = bool(args[6]), args[8]
+    return {"x": x, "w": w, "stride": list(stride), "padding": list(padding),
+            "dilation": list(dilation), "transposed": transposed, "groups": int(groups)}
+
+
+def _matmul_mnk(op: Op) -> tuple[int, int, int, int]:
+    """(batch, M, N, K) of a GEMM operator."""
+    t = [s for s in op.inputs]
+    name = _short(op)
+    if name in ("addmm",):
+        a, b = t[1], t[2]
+    elif name in ("baddbmm",):
+        a, b = t[1], t[2]
+    elif name in ("linear", "_linear_pointwise"):
+        a, w = t[0], t[1]
+        m = math.prod(a.shape[:-1])
+        # oneDNN's packed weight is not (N, K): N comes from the output
+        n = op.outputs[0].shape[-1] if op.outputs else w.shape[0]
+        return 1, m, n, a.shape[-1]
+    else:
+        a, b = t[0], t[1]
+    batch = a.shape[0] if len(a.shape) == 3 else 1
+    return batch, a.shape[-2], b.shape[-1], a.shape[-1]
+
+
+def work(op: Op) -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of the op: FLOPs = 2 x MACs of a conv or GEMM, 0 otherwise;
+    bytes = its tensor inputs and outputs, each once."""
+    nbytes = float(sum(t.nbytes for t in op.inputs) + sum(t.nbytes for t in op.outputs))
+    k = kind(op)
+    if k == "conv":
+        p = _conv_parts(op)
+        w: TensorSpec = p["w"]
+        # an output element meets C_in/groups x k x k weights; transposed (weight (C_in,
+        # C_out/groups, k, k)), an input element meets C_out/groups x k x k
+        macs = (p["x"] if p["transposed"] else op.outputs[0]).numel * math.prod(w.shape[1:])
+        return 2.0 * macs, nbytes
+    if k == "matmul":
+        b, m, n, kk = _matmul_mnk(op)
+        return 2.0 * b * m * n * kk, nbytes
+    if k == "call":
+        return 0.0, 0.0
+    return 0.0, nbytes
+
+
+def baseline(op: Op, roofs: Roofs, overhead_s: float) -> float:
+    """The op's roofline latency (seconds) plus one call's overhead: what the calibrated
+    model scales."""
+    flops, nbytes = work(op)
+    return overhead_s + max(flops / roofs.peak_flops, nbytes / roofs.bandwidth)
+
+
+def _log(v: float) -> float:
+    return math.log(max(v, 1.0))
+
+
+def features(op: Op) -> tuple[float, ...]:
+    """The op's feature vector, in the order of :data:`FEATURES` for its kind."""
+    k = kind(op)
+    flops, nbytes = work(op)
+    if k == "conv":
+        p = _conv_parts(op)
+        x, w, out = p["x"], p["w"], op.outputs[0]
+        g = p["groups"]
+        return (x.shape[0], x.shape[1], x.shape[2], x.shape[3], out.shape[1], w.shape[2],
+                w.shape[3], p["stride"][0], p["stride"][1], g, out.shape[2], out.shape[3],
+                x.shape[1] // g, out.shape[1] // g, float(x.channels_last),
+                float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes))
+    if k == "matmul":
+        b, m, n, kk = _matmul_mnk(op)
+        return (m, n, kk, b, _log(flops), _log(nbytes))
+    if k == "memory":
+        name = _short(op)
+        code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")
+        big = max(op.inputs + list(op.outputs), key=lambda t: t.numel, default=None)
+        numel = big.numel if big is not None else 0
+        inner = big.shape[-1] if big is not None and big.shape else 1
+        kernel = 1
+        if name in ("max_pool2d_with_indices", "avg_pool2d"):
+            args, _ = op.args()
+            kernel = math.prod(args[1]) if isinstance(args[1], (list, tuple)) else args[1] ** 2
+        return (code, _log(nbytes), _log(numel), len(op.inputs),
+                float(big is not None and big.channels_last), inner, _log(kernel))
+    return ()

@@ -1,0 +1,130 @@
+"""``predict_latency``: a model's latency on this device from its operators, without
+running it.
+
+The model's operators are recorded (:func:`~convgap.predict.record.record`: shapes only),
+each is predicted by its kind's calibrated model (:mod:`convgap.predict.calibration`), and
+the whole model is their sum times the calibration's correction. Rows are per module: each
+leaf module's own operators, each top-level child's (a stage, a block), and the model's.
+Seconds throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import hardware, timing
+from ..errors import ConvgapError
+from .calibration import Calibration, calibrate
+from ..layers.dynamic import DynamicBlock
+from .features import work
+from ..ops.layouts import memory_format
+from .record import Op, record
+
+__all__ = ["Prediction", "PredictedRow", "predict_latency"]
+
+
+@dataclass
+class PredictedRow:
+    """A module's predicted latency: ``seconds`` of its operators (alone, summed; the
+    correction applies to the model's total only), ``ops`` their count, ``flops`` and
+    ``bytes`` their work."""
+
+    name: str
+    type: str
+    seconds: float
+    ops: int
+    flops: float
+    bytes: float
+
+
+@dataclass
+class Prediction:
+    """Predicted latency of one model on one input. ``total_s``: the whole forward pass;
+    ``ops_s``: its operators' predictions summed (before the calibration's correction);
+    ``layers``: a row per leaf module that ran operators (call order), ``blocks``: a row per
+    top-level child module, plus one row ('(model)') for operators in the model's own
+    forward; ``op_seconds``: each recorded operator's prediction, in call order."""
+
+    input_shape: tuple[int, ...]
+    layout: str
+    dtype: str
+    threads: int
+    total_s: float
+    ops_s: float
+    layers: list[PredictedRow]
+    blocks: list[PredictedRow]
+    ops: list[Op] = field(repr=False, default_factory=list)
+    op_seconds: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def total_ms(self) -> float:
+        return self.total_s * 1e3
+
+    def layer(self, name: str) -> PredictedRow:
+        for r in self.layers + self.blocks:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
+          ) -> list[PredictedRow]:
+    types = {n: type(m).__name__ for n, m in model.named_modules()}
+    acc: dict[str, list] = {n: [0.0, 0, 0.0, 0.0] for n in names}
+    for op, s in zip(ops, seconds):
+        owner = _owner(op.module, acc)
+        if owner is None:
+            continue
+        flops, nbytes = work(op)
+        row = acc[owner]
+        row[0] += float(s)
+        row[1] += 1
+        row[2] += flops
+        row[3] += nbytes
+    return [PredictedRow(n or "(model)", types.get(n, type(model).__name__), *acc[n])
+            for n in names if acc[n][1]]
+
+
+def _owner(module: str, names) -> str | None:
+    """The longest name in ``names`` that is ``module`` or one of its parents."""
+    while True:
+        if module in names:
+            return module
+        if not module:
+            return None
+        module = module.rpartition(".")[0]
+
+
+def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, layout: str = "nchw",
+                    threads: int | None = None, density: float | None = None,
+                    calibration: Calibration | None = None, quiet: bool = True
+                    ) -> Prediction:
+    """Predict ``model``'s forward latency (seconds) on ``device`` for an input of
+    ``input_shape`` (N, C, H, W) in ``dtype`` and ``layout`` ('nchw' or 'channels_last';
+    the model's weights are taken as they are: convert them as you would to run it), under
+    ``threads`` (default: the current count). Uses ``calibration`` or the cached one
+    (:func:`~convgap.predict.calibration.calibrate`, run now if there is none: minutes).
+    The model is not run. ``density`` is for dynamic models, which are not predicted yet:
+    it must be None. Raises ConvgapError where the model's forward needs real data."""
+    memory_format(layout)   # checks the name
+    dev = hardware.check_device(device)
+    if density is not None:
+        raise ConvgapError("dynamic models are not predicted yet (density must be None)")
+    if any(isinstance(m, DynamicBlock) for m in model.modules()):
+        raise ConvgapError("dynamic models (convgap.make_dynamic) are not predicted yet")
+    with timing.threads(threads if dev.type == "cpu" else None) as n:
+        cal = calibration or calibrate(dev, dtype, n, quiet=quiet)
+        ops = record(model, input_shape, dtype, layout)
+    seconds = cal.op_seconds(ops)
+    ops_s = float(seconds.sum())
+    leaves = [name for name, m in model.named_modules() if not any(True for _ in m.children())]
+    tops = [""] + [name for name, _ in model.named_children()]
+    return Prediction(tuple(int(s) for s in input_shape), layout,
+                      str(dtype).removeprefix("torch."), n, ops_s * cal.correction, ops_s,
+                      _rows(model, ops, seconds, leaves), _rows(model, ops, seconds, tops),
+                      list(ops), [float(s) for s in seconds])

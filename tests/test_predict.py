@@ -1,0 +1,177 @@
+"""convgap.predict: operators recorded without running the model (against the real forward
+pass and an independent MAC counter), replayed on real tensors, a tiny calibration fitted
+and cached, predictions per layer and model, the CLI, and the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convgap
+from convgap import cli, predict
+from convgap.count import count
+from convgap.errors import ConvgapError
+from convgap.predict import calibration, features, synthetic
+from convgap.predict.record import record, replay
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn(self.conv(x)))   # functional ops: the block's own
+
+
+def small():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), Block(8), Block(8),
+                         nn.Conv2d(8, 16, 1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 5)).eval()
+
+
+class MakesCpuTensors(nn.Module):
+    """A forward that makes a CPU tensor: meta recording fails, fake tensors do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.ones(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_record_sees_what_the_forward_pass_runs(layout):
+    """Every conv's input and output shapes and strides as in a real run (hooks on the real
+    forward pass), the functional add and relu attributed to their block, the linear."""
+    model = small().to(memory_format=torch.channels_last if layout != "nchw" else
+                       torch.contiguous_format)
+    ops = record(model, (2, 3, 17, 17), layout=layout)
+    seen = {}
+
+    def hook(m, args, out):
+        seen[m] = (args[0].shape, args[0].stride(), out.shape, out.stride())
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    x = torch.randn(2, 3, 17, 17).contiguous(memory_format=convgap.ops.layouts.memory_format(
+        layout))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    names = {m: n for n, m in model.named_modules()}
+    conv_ops = [o for o in ops if features.kind(o) == "conv"]
+    assert [o.module for o in conv_ops] == [names[m] for m in convs]
+    for op, m in zip(conv_ops, convs):
+        xin, out = op.inputs[0], op.outputs[0]
+        shape, stride, oshape, ostride = seen[m]
+        assert xin.shape == tuple(shape) and out.shape == tuple(oshape)
+        if math.prod(oshape[2:]) > 1:
+            assert xin.stride == tuple(stride) and out.stride == tuple(ostride)
+    in_block = {o.name for o in ops if o.module == "2"}
+    assert {"aten.add.Tensor", "aten.relu.default"} <= in_block
+    assert any(features.kind(o) == "matmul" and o.module == "7" for o in ops)
+
+
+def test_fake_tensors_when_meta_fails():
+    ops = record(MakesCpuTensors(), (1, 3, 8, 8))
+    assert [features.kind(o) for o in ops].count("conv") == 1
+    assert any(o.name == "aten.add.Tensor" for o in ops)
+
+
+def test_conv_and_gemm_flops_equal_the_counter():
+    """2 x the MACs counted by convgap.count (closed formulas on a real run) equal the
+    recorded convs' and GEMMs' FLOPs."""
+    model = small()
+    ops = record(model, (2, 3, 17, 17))
+    flops = sum(features.work(o)[0] for o in ops)
+    assert flops == 2 * count(model, (2, 3, 17, 17)).macs
+
+
+def test_replay_runs_the_op_on_real_tensors():
+    model = small()
+    ops = record(model, (1, 3, 16, 16))
+    for op in ops:
+        out = replay(op, torch.Generator().manual_seed(0))()
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(t, torch.Tensor)]
+        # the first output (batch norm's saved statistics are empty in eval, not on meta)
+        assert tuple(outs[0].shape) == op.outputs[0].shape
+
+
+@pytest.mark.parametrize("family", range(len(synthetic.FAMILIES)))
+def test_synthetic_networks_run(family):
+    net, side = synthetic.network(family, 32)
+    assert side == 32 and synthetic.network(family)[1] >= 32
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 32, 32))
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+
+
+def _tiny(monkeypatch, tmp_path):
+    """A calibration on two small random networks at batch 1 (seconds, not minutes), in a
+    temporary cache."""
+    monkeypatch.setenv("CONVGAP_CACHE", str(tmp_path))
+    monkeypatch.setitem(calibration.NETWORKS, True, 2)
+    monkeypatch.setattr(calibration, "BATCHES", (1,))
+    real = synthetic.network
+
+    def smaller(seed):
+        return real(seed, 32)
+
+    monkeypatch.setattr(calibration, "network", smaller)
+    return predict.calibrate(quick=True, refresh=True, quiet=True)
+
+
+def test_calibration_fits_caches_and_predicts(monkeypatch, tmp_path):
+    cal = _tiny(monkeypatch, tmp_path)
+    assert cal.overhead_s > 0 and cal.correction > 0
+    assert cal.stats["conv"]["samples"] >= 8 and cal.models["conv"] is not None
+    again = predict.load()
+    assert again is not None and again.key == cal.key
+    model = small()
+    p = convgap.predict_latency(model, (1, 3, 32, 32), calibration=cal)
+    assert p.total_s > 0 and math.isclose(p.total_s, p.ops_s * cal.correction)
+    assert math.isclose(sum(p.op_seconds), p.ops_s)
+    # rows: the blocks' ops include their functional ones; leaves only their own
+    assert math.isclose(sum(r.seconds for r in p.blocks), p.ops_s)
+    assert p.layer("2").ops > p.layer("2.conv").ops + p.layer("2.bn").ops
+    assert {r.name for r in p.layers} >= {"0", "1", "2.conv", "2.bn", "7"}
+    # the cached calibration is used without arguments
+    q = convgap.predict_latency(model, (1, 3, 32, 32))
+    assert math.isclose(q.total_s, p.total_s)
+    # more work, more time: a batch of 8 predicts slower than 1
+    assert convgap.predict_latency(model, (8, 3, 32, 32)).total_s > p.total_s
+
+
+def test_cli_calibrate_and_predict(monkeypatch, tmp_path, capsys):
+    _tiny(monkeypatch, tmp_path)
+    assert cli.main(["calibrate", "--quiet"]) == 0       # the cached one
+    assert "whole network / sum of operators" in capsys.readouterr().out
+    out = tmp_path / "p.json"
+    assert cli.main(["predict", "resnet18", "--image-size", "32", "--batch", "1",
+                     "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "(whole model)" in text and "layer1.0.conv1" in text
+    assert out.exists()
+
+
+def test_errors(monkeypatch, tmp_path):
+    cal = _tiny(monkeypatch, tmp_path)
+    with pytest.raises(ConvgapError, match="unknown layout"):
+        convgap.predict_latency(small(), (1, 3, 16, 16), layout="nhwc", calibration=cal)
+    with pytest.raises(ConvgapError, match="density"):
+        convgap.predict_latency(small(), (1, 3, 16, 16), density=0.5, calibration=cal)
+    dyn = convgap.make_dynamic(convgap.models.create("resnet18", num_classes=4), "spatial",
+                               granularity=2, check=False, quiet=True)
+    with pytest.raises(ConvgapError, match="dynamic models"):
+        convgap.predict_latency(dyn, (1, 3, 32, 32), calibration=cal)
+    with pytest.raises(ConvgapError, match="cannot record"):
+        record(small(), (1, 5, 16, 16))    # 5 channels into a 3-channel conv
