@@ -1,0 +1,164 @@
+"""Benchmark: convgap.predict_latency against measurement (issue 21).
+
+The calibration (``convgap.predict.calibrate``, on random networks only; ``--quick`` for
+the quick one, timed) predicts every zoo model at 224x224 and the third-party-style models
+of ``benchmarks/third_party_models.py`` (written to differ from the zoo; none is used in
+calibration) at several image sizes, at each batch size and layout. Each is measured as
+``convgap.analyze`` measures (whole model, and every leaf layer alone on its real input):
+
+- per model: predicted ms, measured ms, error; the time one prediction takes;
+- summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
+  per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
+  predicted and measured over all models.
+
+Only plain models for now: swapped, factorized, fused and dynamic models are not predicted
+yet. Prints the tables and writes benchmarks/results/predict.json::
+
+    python benchmarks/predict.py [--quick] [--recalibrate] [--threads 2] [--batch 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+ZOO = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "convfirst")
+# third-party-style models and the image side each is predicted at
+VALIDATION = {"resnet_d": 160, "resnext": 128, "regnet": 160, "mobilenetv3": 224,
+              "mixnet": 128, "ghostnet": 192, "repvgg": 128, "densenet": 96,
+              "dla": 128, "hrnet": 96, "res2net": 128, "inception_v3": 160,
+              "xception": 128, "cspresnet": 160, "vgg_bn": 96, "lcnet": 224}
+
+
+def models(names):
+    from convgap import models as zoo
+    sys.path.insert(0, str(Path(__file__).parent))
+    from third_party_models import MODELS
+    for name in names:
+        torch.manual_seed(0)
+        if name in ZOO:
+            yield name, zoo.create(name).eval(), 224
+        else:
+            yield name, MODELS[name]().eval(), VALIDATION[name]
+
+
+def run_one(name, model, side, batch, layout, cal):
+    from convgap import analyze, predict_latency
+    from convgap.ops.layouts import memory_format
+    model = model.to(memory_format=memory_format(layout))
+    shape = (batch, 3, side, side)
+    t0 = time.perf_counter()
+    pred = predict_latency(model, shape, layout=layout, calibration=cal)
+    predict_s = time.perf_counter() - t0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = analyze(model, shape, layout=layout, name=name, quiet=True,
+                      allocation=False).runs[0]
+    measured = {}
+    for r in run.layers:
+        base = r.name.split("#")[0]
+        measured[base] = measured.get(base, 0.0) + r.measured_s
+    layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
+               "measured_s": measured[r.name]}
+              for r in pred.layers if measured.get(r.name)]
+    return {"model": name, "batch": batch, "layout": layout, "side": side,
+            "predicted_s": pred.total_s, "measured_s": run.total.measured_s,
+            "error": pred.total_s / run.total.measured_s - 1, "predict_s": predict_s,
+            "ops": len(pred.ops), "layers": layers}
+
+
+def summary(rows):
+    from scipy.stats import spearmanr
+    errs = [abs(r["error"]) for r in rows]
+    layer = [(abs(l["predicted_s"] / l["measured_s"] - 1), l["measured_s"])
+             for r in rows for l in r["layers"]]
+    return {"models": len(rows), "mape": statistics.mean(errs),
+            "within_10": sum(e <= 0.10 for e in errs) / len(errs),
+            "layer_mape": statistics.mean(e for e, _ in layer),
+            "layer_weighted_mape": sum(e * w for e, w in layer) / sum(w for _, w in layer),
+            "spearman": float(spearmanr([r["predicted_s"] for r in rows],
+                                        [r["measured_s"] for r in rows]).statistic),
+            "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
+    p.add_argument("--models", nargs="+", default=list(ZOO) + list(VALIDATION))
+    p.add_argument("--quick", action="store_true", help="the quick calibration")
+    p.add_argument("--recalibrate", action="store_true", help="calibrate even if cached")
+    p.add_argument("--out", type=Path, default=RESULTS / "predict.json")
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from convgap import hardware, predict
+    args = parse()
+    torch.set_num_threads(args.threads)
+    console = Console(width=200, force_terminal=False)
+    cpu = hardware.device_name("cpu")
+    console.print(f"{cpu}, {args.threads} threads, fp32, batch {args.batch}")
+    t0 = time.perf_counter()
+    cal = predict.calibrate(quick=args.quick, refresh=args.recalibrate)
+    cal_s = time.perf_counter() - t0
+    console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
+                  f"{'' if args.recalibrate else ', possibly cached'}); correction "
+                  f"{cal.correction:.3f}, spread {cal.stats.get('correction_spread')}")
+    rows = []
+    for name, model, side in models(args.models):
+        for batch in args.batch:
+            for layout in args.layouts:
+                r = run_one(name, model, side, batch, layout, cal)
+                rows.append(r)
+                console.print(f"{name} b{batch} {layout}: predicted {r['predicted_s']*1e3:.2f}"
+                              f" ms, measured {r['measured_s']*1e3:.2f} ms, "
+                              f"{r['error']:+.1%}", highlight=False)
+    t = Table(title=f"predicted against measured, {cpu}, {args.threads} threads, fp32")
+    for c in ("model", "side", "batch", "layout", "predicted ms", "measured ms", "error",
+              "layer MAPE", "predict ms"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        lm = statistics.mean(abs(l["predicted_s"] / l["measured_s"] - 1)
+                             for l in r["layers"]) if r["layers"] else float("nan")
+        t.add_row(r["model"], str(r["side"]), str(r["batch"]), r["layout"],
+                  f"{r['predicted_s']*1e3:.2f}", f"{r['measured_s']*1e3:.2f}",
+                  f"{r['error']:+.1%}", f"{lm:.1%}", f"{r['predict_s']*1e3:.0f}")
+    console.print(t)
+    groups = {"zoo": [r for r in rows if r["model"] in ZOO],
+              "validation": [r for r in rows if r["model"] not in ZOO], "all": rows}
+    s = Table(title="summary")
+    for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
+              "Spearman", "predict ms (median)"):
+        s.add_column(c, justify="right")
+    sums = {}
+    for g, rs in groups.items():
+        if not rs:
+            continue
+        v = sums[g] = summary(rs)
+        s.add_row(g, str(v["models"]), f"{v['mape']:.1%}", f"{v['within_10']:.0%}",
+                  f"{v['layer_mape']:.1%}", f"{v['layer_weighted_mape']:.1%}",
+                  f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}")
+    console.print(s)
+    out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
+           "torch": torch.__version__, "calibration_s": cal_s, "quick": args.quick,
+           "correction": cal.correction, "calibration_stats": {
+               k: v for k, v in cal.stats.items() if k != "networks"},
+           "summary": sums, "rows": rows}
+    args.out.write_text(json.dumps(out, indent=1))
+    console.print(f"JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
