@@ -114,8 +114,8 @@ def main() -> None:
     cal = predict.calibrate(quick=args.quick, refresh=args.recalibrate)
     cal_s = time.perf_counter() - t0
     console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
-                  f"{'' if args.recalibrate else ', possibly cached'}); correction "
-                  f"{cal.correction:.3f}, spread {cal.stats.get('correction_spread')}")
+                  f"{'' if args.recalibrate else ', possibly cached'}); whole-network "
+                  f"weights {cal.weights}, fit {cal.stats.get('network_fit_mape', 0):.1%}")
     rows = []
     for name, model, side in models(args.models):
         for batch in args.batch:
@@ -153,7 +153,7 @@ def main() -> None:
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
            "torch": torch.__version__, "calibration_s": cal_s, "quick": args.quick,
-           "correction": cal.correction, "calibration_stats": {
+           "weights": cal.weights, "calibration_stats": {
                k: v for k, v in cal.stats.items() if k != "networks"},
            "summary": sums, "rows": rows}
     args.out.write_text(json.dumps(out, indent=1))

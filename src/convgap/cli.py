@@ -752,8 +752,13 @@ def _cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
             err = st.get("median_abs_rel_error")
             t.add_row(kind, str(st["samples"]), "baseline" if err is None else f"{err:.1%}")
     console.print(t)
-    console.print(f"one call: {cal.overhead_s * 1e6:.1f} us; whole network / sum of "
-                  f"operators: {cal.correction:.3f}")
+    w = cal.weights
+    console.print(f"one operator call: {cal.overhead_s * 1e6:.1f} us; a whole network: "
+                  + ", ".join(f"{w.get(k, 0):.2f} x its {k} operators" for k in
+                              ("conv", "matmul", "memory", "call"))
+                  + f" + {w.get('module', 0) * 1e6:.1f} us per module (fit to the "
+                  f"calibration networks within {cal.stats.get('network_fit_mape', 0):.1%} "
+                  "mean error)")
     return 0
 
 

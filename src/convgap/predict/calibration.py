@@ -8,10 +8,11 @@ or user model) at batch 1 and 8 in both layouts, times each distinct operator al
 ``HistGradientBoostingRegressor``) learns log(measured / baseline) from the operator's
 features, the baseline being its roofline latency on the measured roofs plus one call's
 overhead (the median time of a call that moves no data), so the model only learns how far
-each shape falls from the roofs. A whole network is then predicted as the sum of its
-operators times a correction factor (measured whole / sum of its operators' predictions,
-the median over the calibration networks): operators inside a network meet caches their
-lone timing did not.
+each shape falls from the roofs. A whole network is then predicted from its operators'
+predictions summed per kind and its module count, with weights fitted (non-negative least
+squares on relative errors) to the calibration networks' measured latencies
+(:meth:`Calibration.total`): operators inside a network meet caches their lone timing did
+not, and every module call costs Python time no operator shows.
 
 Cached (``$CONVGAP_CACHE/predict/``) per device name, threads, dtype, malloc policy, torch
 version and :data:`VERSION`, like the roofs. Seconds throughout.
@@ -41,7 +42,7 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "time_ops", "VERSION", "OP_TIMING",
            "NETWORK_TIMING"]
 
-VERSION = 1
+VERSION = 2  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 OP_TIMING = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=9, min_time=0.01)
 NETWORK_TIMING = timing.TimingConfig(warmup=1, min_repeats=3, max_repeats=9, min_time=0.05)
@@ -53,16 +54,22 @@ BATCHES = (1, 8)
 class Calibration:
     """A device's fitted latency models. ``models``: per kind, a regressor of log(measured
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
-    ``overhead_s``: one call's cost; ``correction``: whole network / sum of its operators;
-    ``stats``: sample counts and fit errors."""
+    ``overhead_s``: one call's cost; ``weights``: of each kind's summed predictions and of
+    the module count ('module') in a whole network (:meth:`total`); ``stats``: sample
+    counts and fit errors."""
 
     key: str
     roofs: hardware.Roofs
     overhead_s: float
     models: dict[str, Any]
-    correction: float
+    weights: dict[str, float]
     stats: dict = field(default_factory=dict)
     measured_at: str = ""
+
+    def total(self, ops: Sequence[Op], seconds: np.ndarray, modules: int) -> float:
+        """A whole network's predicted latency from its ops, their predictions
+        (:meth:`op_seconds`) and its number of modules."""
+        return float(_terms(ops, seconds, modules) @ _weight_vector(self.weights))
 
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
         """Each op's predicted latency alone (seconds)."""
@@ -79,6 +86,31 @@ class Calibration:
             x = np.array([features(ops[i]) for i in idx], dtype=np.float64)
             out[idx] = base * np.exp(model.predict(x))
         return out
+
+
+TERMS = KINDS + ("module",)
+
+
+def _terms(ops: Sequence[Op], seconds: np.ndarray, modules: int) -> np.ndarray:
+    """Per kind, the ops' predicted seconds summed; then the module count."""
+    out = np.zeros(len(TERMS))
+    for op, s in zip(ops, seconds):
+        out[KINDS.index(kind(op))] += s
+    out[-1] = modules
+    return out
+
+
+def _weight_vector(weights: dict[str, float]) -> np.ndarray:
+    return np.array([weights.get(t, 0.0) for t in TERMS])
+
+
+def fit_weights(terms: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    """Non-negative weights of :data:`TERMS` minimizing the relative error of
+    ``terms @ w`` against ``measured`` (one row per network)."""
+    from scipy.optimize import nnls
+    scale = 1.0 / measured
+    w, _ = nnls(terms * scale[:, None], np.ones(len(measured)))
+    return dict(zip(TERMS, (float(v) for v in w)))
 
 
 def _key(device: torch.device, dtype: torch.dtype, threads: int) -> str:
@@ -191,6 +223,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
             net = net.to(dtype)
             shape = (batch, 3, side, side)
             recorded.append((net, shape, layout, record(net, shape, dtype, layout)))
+        modules = [sum(1 for _ in net.modules()) for net, *_ in recorded]
         total = sum(len(ops) for *_, ops in recorded)
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: operators", total=total)
@@ -211,19 +244,20 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         calls = [s for op, s in distinct.values() if kind(op) == "call"]
         overhead = statistics.median(calls) if calls else 1e-6
         models, stats = fit(list(distinct.values()), roofs, overhead)
-        cal = Calibration(key, roofs, overhead, models, 1.0, stats,
+        cal = Calibration(key, roofs, overhead, models, {}, stats,
                           _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        ratios = []
-        per_network = []
-        for (net, shape, layout, ops), whole in zip(recorded, wholes):
-            summed = float(cal.op_seconds(ops).sum())
-            ratios.append(whole / summed)
-            per_network.append({"shape": shape, "layout": layout, "ops": len(ops),
-                                "whole_s": whole, "ops_predicted_s": summed,
-                                "ops_measured_s": sum(measured[o.key()] for o in ops)})
-        cal.correction = statistics.median(ratios)
-        cal.stats["networks"] = per_network
-        cal.stats["correction_spread"] = (min(ratios), max(ratios))
+        predicted = [cal.op_seconds(ops) for *_, ops in recorded]
+        terms = np.array([_terms(ops, p, m) for (*_, ops), p, m in
+                          zip(recorded, predicted, modules)])
+        cal.weights = fit_weights(terms, np.array(wholes))
+        fitted = terms @ _weight_vector(cal.weights)
+        cal.stats["networks"] = [
+            {"shape": shape, "layout": layout, "ops": len(ops), "modules": m,
+             "whole_s": whole, "predicted_s": float(f), "ops_predicted_s": float(p.sum()),
+             "ops_measured_s": sum(measured[o.key()] for o in ops)}
+            for (_, shape, layout, ops), m, whole, f, p in
+            zip(recorded, modules, wholes, fitted, predicted)]
+        cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / np.array(wholes) - 1)))
         path = _path(key)
         cache.write_atomic(path, lambda fh: pickle.dump(cal, fh))
         return cal

@@ -3,9 +3,9 @@ running it.
 
 The model's operators are recorded (:func:`~convgap.predict.record.record`: shapes only),
 each is predicted by its kind's calibrated model (:mod:`convgap.predict.calibration`), and
-the whole model is their sum times the calibration's correction. Rows are per module: each
-leaf module's own operators, each top-level child's (a stage, a block), and the model's.
-Seconds throughout.
+the whole model from their sums per kind and its module count, with the calibration's
+weights. Rows are per module: each leaf module's operators plus one module call, each
+top-level child's (a stage, a block), and the model's. Seconds throughout.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ __all__ = ["Prediction", "PredictedRow", "predict_latency"]
 
 @dataclass
 class PredictedRow:
-    """A module's predicted latency: ``seconds`` of its operators (alone, summed; the
-    correction applies to the model's total only), ``ops`` their count, ``flops`` and
-    ``bytes`` their work."""
+    """A module's predicted latency: ``seconds`` of its operators alone, summed, plus one
+    module call (as a module timed alone would run; the whole model's weights apply to its
+    total only), ``ops`` their count, ``flops`` and ``bytes`` their work."""
 
     name: str
     type: str
@@ -44,7 +44,7 @@ class PredictedRow:
 @dataclass
 class Prediction:
     """Predicted latency of one model on one input. ``total_s``: the whole forward pass;
-    ``ops_s``: its operators' predictions summed (before the calibration's correction);
+    ``ops_s``: its operators' predictions summed (before the calibration's weights);
     ``layers``: a row per leaf module that ran operators (call order), ``blocks``: a row per
     top-level child module, plus one row ('(model)') for operators in the model's own
     forward; ``op_seconds``: each recorded operator's prediction, in call order."""
@@ -71,10 +71,10 @@ class Prediction:
         raise KeyError(name)
 
 
-def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
-          ) -> list[PredictedRow]:
+def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str],
+          call_s: float = 0.0) -> list[PredictedRow]:
     types = {n: type(m).__name__ for n, m in model.named_modules()}
-    acc: dict[str, list] = {n: [0.0, 0, 0.0, 0.0] for n in names}
+    acc: dict[str, list] = {n: [call_s, 0, 0.0, 0.0] for n in names}
     for op, s in zip(ops, seconds):
         owner = _owner(op.module, acc)
         if owner is None:
@@ -121,10 +121,11 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
         cal = calibration or calibrate(dev, dtype, n, quiet=quiet)
         ops = record(model, input_shape, dtype, layout)
     seconds = cal.op_seconds(ops)
-    ops_s = float(seconds.sum())
+    modules = sum(1 for _ in model.modules())
     leaves = [name for name, m in model.named_modules() if not any(True for _ in m.children())]
     tops = [""] + [name for name, _ in model.named_children()]
     return Prediction(tuple(int(s) for s in input_shape), layout,
-                      str(dtype).removeprefix("torch."), n, ops_s * cal.correction, ops_s,
-                      _rows(model, ops, seconds, leaves), _rows(model, ops, seconds, tops),
-                      list(ops), [float(s) for s in seconds])
+                      str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, modules),
+                      float(seconds.sum()),
+                      _rows(model, ops, seconds, leaves, cal.weights.get("module", 0.0)),
+                      _rows(model, ops, seconds, tops), list(ops), [float(s) for s in seconds])
