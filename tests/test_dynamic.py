@@ -377,6 +377,8 @@ def test_budget_schedule_and_tables():
     y = t(d)
     y.backward()
     assert float(y.detach()) == pytest.approx(3.0) and float(d.grad) == pytest.approx(4.0)
+    # fractions are of the static block's time where measured, else of the densest point
+    assert t.reference == 4.0 and LatencyTable((0.0, 1.0), (1.0, 4.0), 2.5).reference == 2.5
     with pytest.raises(ConvgapError, match="example_input"):
         Budget(dyn, 0.5, steps=10)
     with pytest.raises(ConvgapError, match="kind"):
@@ -395,6 +397,7 @@ def test_latency_budget_trains_through_fit():
     x = torch.randn(2, 3, 24, 24)
     dyn = make_dynamic(net, "spatial", x, granularity=1, quiet=True)
     budget = Budget(dyn, 0.5, steps=4, example_input=x, quiet=True)
+    assert all(t.static_s > 0 for t in budget.tables.values())
     before = [b.masker.conv.weight.detach().clone() for b in dynamic_blocks(dyn).values()]
     train.fit(dyn, tr, va, epochs=1, batch_size=8, lr=1e-2, optimizer="adamw",
               extra_loss=budget, quiet=True)

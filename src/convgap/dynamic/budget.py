@@ -14,14 +14,20 @@ Costs, per block, as a function of its density ``d`` (the fraction of its output
 
 - ``'latency'`` (the default): the block's sparse execution timed on this device at
   densities 0, 0.25, 0.5, 0.75 and 1 (:func:`measure_latency`, on the example input's
-  shapes), interpolated linearly, so training removes computation where it buys most time;
+  shapes), interpolated linearly, as a fraction of the static block's time (the faster of
+  the original block and the block fused by :func:`convgap.fuse`): training removes
+  computation where it buys most time, and ``target`` is a fraction of the static
+  network's block time (a sparse block slower than its static one at full density costs
+  more than 1, and is pushed below its crossover);
 - ``'flops'``: the body's MACs at that density (each stage's share: spatial, the positions
   it computes, its halo included; channel, its kept input and output channels).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +37,7 @@ import torch.nn as nn
 from .. import config, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
+from ..transforms import fuse
 from ..transforms.eligible import first_inputs
 from .transform import dynamic_blocks, evaluating
 
@@ -50,10 +57,18 @@ def temperature(step: int, steps: int, tau: tuple[float, float] = (5.0, 0.1)) ->
 
 @dataclass
 class LatencyTable:
-    """A block's measured sparse latency (seconds) at ``densities``."""
+    """A block's measured sparse latency (seconds) at ``densities``, and its static time
+    (``static_s``: the faster of the original block and its fused form; None: the sparse
+    time at the highest density stands in)."""
 
     densities: tuple[float, ...]
     seconds: tuple[float, ...]
+    static_s: float | None = None
+
+    @property
+    def reference(self) -> float:
+        """What the budget's fractions are of (seconds)."""
+        return self.seconds[-1] if self.static_s is None else self.static_s
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         """The latency at density ``d`` (a tensor; linear between the measured points,
@@ -70,11 +85,13 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                     densities: Sequence[float] = DENSITIES, quiet: bool = False
                     ) -> dict[str, LatencyTable]:
     """Each dynamic block of ``model`` timed on its input from ``example_input`` (eval, no
-    autograd): sparse at each forced density and dense (the body times the mask), in one
-    interleaved run (medians, seconds). Each block's ``dense_from`` is set to the density
-    from which the dense body is faster (linear between the measured points; above 1:
-    never). The tables hold the sparse times (rising with density: the slope the budget's
-    gradient follows, where the faster dense body would flatten it)."""
+    autograd): sparse at each forced density, dense (the body times the mask), the original
+    block and the original block fused (:func:`convgap.fuse`), in one interleaved run
+    (medians, seconds). Each block's ``dense_from`` is set to the density from which the
+    dense body is faster (linear between the measured points; above 1: never). The tables
+    hold the sparse times (rising with density: the slope the budget's gradient follows,
+    where the faster dense body would flatten it) and the static time (the faster of the
+    original and the fused block)."""
     blocks = dynamic_blocks(model)
     if not blocks:
         raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
@@ -95,11 +112,19 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                 def dense(b=b, x=x) -> torch.Tensor:
                     b.masker.force(1.0, seed=0)
                     return b.masked(x, b.mask(x))
-                res = timing.compare([lambda d=d: sparse(d) for d in densities] + [dense],
+                static = b.original()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # fuse's notes on what it left
+                    # a copy: the original shares the block's children, whose modes
+                    # evaluating() restores
+                    fused = fuse(copy.deepcopy(static).eval(), x, quiet=True, malloc=None)
+                res = timing.compare([lambda d=d: sparse(d) for d in densities]
+                                     + [dense, lambda: static(x), lambda: fused(x)],
                                      config.LAYER_COMPARE)
-                times = [r.median for r in res[:-1]]
-                b.dense_from = _crossover(densities, times, res[-1].median)
-                tables[name] = LatencyTable(densities, tuple(times))
+                times = [r.median for r in res[:len(densities)]]
+                b.dense_from = _crossover(densities, times, res[len(densities)].median)
+                tables[name] = LatencyTable(densities, tuple(times),
+                                            min(r.median for r in res[-2:]))
                 bar.advance(task)
     return tables
 
@@ -179,7 +204,8 @@ class Budget:
             else:
                 d = b.density().mean()
                 table = self.tables[name]
-                c, t = table(d), table(torch.ones((), dtype=d.dtype, device=d.device))
+                c = table(d)
+                t = torch.full((), table.reference, dtype=c.dtype, device=c.device)
             frac = c / t
             fractions[name] = float(frac.detach())
             block_terms.append(torch.relu(frac - upper) ** 2 + torch.relu(lower - frac) ** 2)
