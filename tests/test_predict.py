@@ -159,8 +159,8 @@ def test_cli_calibrate_and_predict(monkeypatch, tmp_path, capsys):
     assert cli.main(["calibrate", "--quiet"]) == 0       # the cached one
     assert "per module" in capsys.readouterr().out
     out = tmp_path / "p.json"
-    assert cli.main(["predict", "resnet18", "--image-size", "32", "--batch", "1", "--top", "99",
-                     "--json", str(out), "--quiet"]) == 0
+    assert cli.main(["predict", "resnet18", "--image-size", "32", "--batch", "1",
+                     "--top", "99", "--json", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "(whole model)" in text and "layer1.0.conv1" in text
     assert out.exists()

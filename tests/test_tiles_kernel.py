@@ -61,8 +61,9 @@ def case(n, c, r, o, h, w, k, stride, s, depthwise, first, act1, act2, x_last, o
          density, seed=0, k1=1, stride1=1, last=True):
     """x, out, the kept tiles (a random ``density`` of the grid) and a body; ``first``
     False: no first conv (then C = R and no act1); ``k1``, ``stride1``: the first conv's
-    side and stride; ``last`` False: no last conv (then O = R). Weights scaled so the intermediates have
-    a standard deviation of about 2 (relu6 clips, silu and sigmoid see both tails)."""
+    side and stride; ``last`` False: no last conv (then O = R). Weights scaled so the
+    intermediates have a standard deviation of about 2 (relu6 clips, silu and sigmoid see
+    both tails)."""
     g = torch.Generator().manual_seed(seed)
     c = c if first else r
     x = torch.randn(n, c, h, w, generator=g)

@@ -6,8 +6,8 @@ The body, batch norms folded into its weights (:class:`Body`): an optional first
 R, k1 x k1 of stride s1 and zero padding k1 // 2: a bottleneck's or inverted residual's 1x1,
 a basic block's first 3x3) with ``act1``, a k x k conv (R -> R, dense or depthwise, stride 1
 or more, zero padding k // 2 around the first conv's output) with ``act2``, an optional 1x1
-conv (R -> O) without activation (absent in a basic block). A tile (n, ty, tx) is the S x S output pixels from (ty S, tx S) of image n, clipped at the
-output's bottom and right edges. The first conv runs once on every input pixel some kept
+conv (R -> O) without activation (absent in a basic block). A tile (n, ty, tx) is the S x S
+output pixels from (ty S, tx S) of image n, clipped at the output's bottom and right edges. The first conv runs once on every input pixel some kept
 tile's window reads; the middle and last convs on the kept tiles only, a few tiles per
 GEMM call (:data:`GROUP_ROWS`)."""
 
@@ -137,8 +137,8 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
     tx) of ``tiles`` (S = ``granularity``), in place; returns ``out``.
 
     x: (N, C, H, W) float32 on CPU, NCHW or channels_last (read as channels_last, copied if
-    NCHW, without a first conv or with a k x k or strided one); out: (N, O, OH, OW), the body's output size, NCHW or
-    channels_last (modified in place); tiles: (T, 3) integers; body: a :class:`Body`.
+    NCHW, without a first conv or with a k x k or strided one); out: (N, O, OH, OW), the
+    body's output size, NCHW or channels_last (modified in place); tiles: (T, 3) integers; body: a :class:`Body`.
     ``store``: a dict kept by the caller where the packed weights live (rebuilt when a weight
     is a different tensor or was modified in place). Raises ConvgapError on bad shapes,
     dtypes, devices, tiles outside the grid, unknown activations or inputs needing
