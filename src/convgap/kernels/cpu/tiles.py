@@ -7,9 +7,10 @@ R, k1 x k1 of stride s1 and zero padding k1 // 2: a bottleneck's or inverted res
 a basic block's first 3x3) with ``act1``, a k x k conv (R -> R, dense or depthwise, stride 1
 or more, zero padding k // 2 around the first conv's output) with ``act2``, an optional 1x1
 conv (R -> O) without activation (absent in a basic block). A tile (n, ty, tx) is the S x S
-output pixels from (ty S, tx S) of image n, clipped at the output's bottom and right edges. The first conv runs once on every input pixel some kept
-tile's window reads; the middle and last convs on the kept tiles only, a few tiles per
-GEMM call (:data:`GROUP_ROWS`)."""
+output pixels from (ty S, tx S) of image n, clipped at the output's bottom and right edges.
+The first conv runs once on every pixel of its output some kept tile's window reads; the
+middle and last convs on the kept tiles only, a few tiles per GEMM call
+(:data:`GROUP_ROWS`)."""
 
 from __future__ import annotations
 
