@@ -90,6 +90,17 @@ def case(n, c, r, o, h, w, k, stride, s, depthwise, first, act1, act2, x_last, o
 ACTS = st.sampled_from([None, "relu", "relu6", "silu", "sigmoid"])
 
 
+def run_threads(threads, fn):
+    """fn() under ``threads`` torch threads and no autograd (the count restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.sampled_from([1, 3]), c=st.integers(1, 40), r=st.integers(1, 40),
        o=st.integers(1, 40), h=st.integers(1, 17), w=st.integers(1, 17),
@@ -102,13 +113,7 @@ def test_matches_the_masked_dense_body(n, c, r, o, h, w, k, stride, s, depthwise
     x, out, kept, body = case(n, c, r, o, h, w, k, stride, s, depthwise, first, act1, act2,
                               x_last, out_last, density)
     want = reference(x, out, kept, s, body)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            got = tiles.residual_tiles(x, out, kept, s, body)
-    finally:
-        torch.set_num_threads(before)
+    got = run_threads(threads, lambda: tiles.residual_tiles(x, out, kept, s, body))
     assert got is out   # in place, in its layout
     assert relative_error(out, want) <= 1e-4
 
@@ -128,13 +133,7 @@ def test_windowed_first_conv_and_no_last_conv(n, c, r, o, h, w, k1, stride1, s, 
     x, out, kept, body = case(n, c, r, o, h, w, 3, 1, s, depthwise, True, "relu", None,
                               x_last, out_last, density, k1=k1, stride1=stride1, last=last)
     want = reference(x, out, kept, s, body)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            got = tiles.residual_tiles(x, out, kept, s, body)
-    finally:
-        torch.set_num_threads(before)
+    got = run_threads(threads, lambda: tiles.residual_tiles(x, out, kept, s, body))
     assert got is out
     assert relative_error(out, want) <= 1e-4
 
