@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from convgap import ConvgapError, train
 from convgap.cache import write_atomic
-from convgap.train.optim import make_optimizer, make_schedule
+from convgap.train.optim import make_optimizer, make_schedule, param_groups
 from training import RUN, Augmented, tiny_data, tiny_net
 
 TESTS = Path(__file__).resolve().parent
@@ -236,6 +236,32 @@ def test_the_schedule_warms_up_linearly_then_follows_the_cosine():
         make_schedule(opt, "cosine", total_steps=5, warmup_steps=5)
     with pytest.raises(ConvgapError, match="unknown optimizer"):
         make_optimizer("lion", [p], 0.1, None, 0.9)
+
+
+def test_a_module_lr_scale_sets_its_parameters_learning_rate():
+    """Parameters under a module with ``lr_scale`` (the nearest one above) train at that
+    multiple of the rate, through the schedule; the others at the rate."""
+    class Fast(nn.Linear):
+        lr_scale = 10.0
+
+    class Slow(nn.Sequential):
+        lr_scale = 0.5
+
+    model = nn.Sequential(nn.Linear(2, 2), Slow(nn.Linear(2, 2), Fast(2, 2)))
+    groups = param_groups(model, 0.1)
+    by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {0.05: {id(p) for p in model[1][0].parameters()},
+                     0.1: {id(p) for p in model[0].parameters()},
+                     1.0: {id(p) for p in model[1][1].parameters()}}
+    opt = make_optimizer("sgd", groups, 0.1, None, 0.9)
+    sched = make_schedule(opt, "cosine", total_steps=4, warmup_steps=0)
+    opt.step()
+    sched.step()
+    ratios = sorted(g["lr"] / 0.1 / (1 + math.cos(math.pi / 4)) * 2 for g in opt.param_groups)
+    assert ratios == pytest.approx([0.5, 1.0, 10.0])
+    Fast.lr_scale = 0.0
+    with pytest.raises(ConvgapError, match="lr_scale must be positive"):
+        param_groups(model, 0.1)
 
 
 def _free_port() -> int:

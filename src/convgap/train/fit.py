@@ -22,7 +22,7 @@ from .distributed import Group, choose_device, gather, join, leave, share_buffer
 from .evaluate import evaluate
 from .history import EpochRecord, History
 from .losses import check_labels, distillation_loss
-from .optim import make_optimizer, make_schedule
+from .optim import make_optimizer, make_schedule, param_groups
 
 __all__ = ["fit"]
 
@@ -135,7 +135,7 @@ def _fit(model: nn.Module, train: Dataset, val: Dataset, group: Group, dev: torc
     loader = DataLoader(train, batch_size=batch_size // world, sampler=sampler,
                         num_workers=workers, generator=order, pin_memory=dev.type == "cuda")
     steps_per_epoch = len(loader)
-    opt = make_optimizer(optimizer, net.parameters(), lr, weight_decay, momentum)
+    opt = make_optimizer(optimizer, param_groups(net, lr), lr, weight_decay, momentum)
     sched = make_schedule(opt, schedule, epochs * steps_per_epoch,
                           round(warmup * steps_per_epoch))
 

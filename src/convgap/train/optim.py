@@ -16,7 +16,7 @@ from torch.optim import lr_scheduler
 
 from ..errors import ConvgapError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_schedule"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_schedule", "param_groups"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -24,10 +24,38 @@ SCHEDULES = ("cosine", "constant")
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
+def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
+    """The model's parameters as optimizer groups: those of a module with an
+    ``lr_scale`` attribute (a number; the nearest such module above a parameter counts) at
+    ``lr`` times it, the rest at ``lr``. Schedules scale every group alike."""
+    scales: dict[str, float] = {}
+    for name, m in model.named_modules():
+        scale = getattr(m, "lr_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            if not scale > 0:
+                raise ConvgapError(f"{name or 'the model'}.lr_scale must be positive, got "
+                                   f"{scale}")
+            scales[name] = float(scale)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        scale = 1.0
+        while True:
+            if owner in scales:
+                scale = scales[owner]
+                break
+            if not owner:
+                break
+            owner = owner.rpartition(".")[0]
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in sorted(groups.items())]
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter] | list[dict], lr: float,
                    weight_decay: float | None, momentum: float) -> torch.optim.Optimizer:
     """``"sgd"`` (with ``momentum``, not Nesterov) or ``"adamw"`` (``momentum`` unused) at
-    learning rate ``lr``; ``weight_decay`` None takes :data:`DEFAULT_WEIGHT_DECAY`."""
+    learning rate ``lr`` (``params`` may be groups with their own, :func:`param_groups`);
+    ``weight_decay`` None takes :data:`DEFAULT_WEIGHT_DECAY`."""
     if name not in OPTIMIZERS:
         raise ConvgapError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
     if not lr > 0:
