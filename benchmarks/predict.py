@@ -6,7 +6,9 @@ of ``benchmarks/third_party_models.py`` (written to differ from the zoo; none is
 calibration) at several image sizes, at each batch size and layout. Each is measured as
 ``convgap.analyze`` measures (whole model, and every leaf layer alone on its real input):
 
-- per model: predicted ms, measured ms, error; the time one prediction takes;
+- per model: predicted ms, measured ms (the median of two interleaved timings of the whole
+  model), error; the time one prediction takes; the two timings' disagreement (the
+  measurement's own noise, the floor of any prediction error);
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
   predicted and measured over all models.
@@ -51,7 +53,7 @@ def models(names):
 
 
 def run_one(name, model, side, batch, layout, cal):
-    from convgap import analyze, predict_latency
+    from convgap import analyze, config, predict_latency, timing
     from convgap.ops.layouts import memory_format
     model = model.to(memory_format=memory_format(layout))
     shape = (batch, 3, side, side)
@@ -62,6 +64,12 @@ def run_one(name, model, side, batch, layout, cal):
         warnings.simplefilter("ignore")
         run = analyze(model, shape, layout=layout, name=name, quiet=True,
                       allocation=False).runs[0]
+    # the whole model twice more, interleaved: their median is the measured latency, their
+    # disagreement the measurement's own noise on this machine (the floor of any error)
+    x = torch.randn(shape).contiguous(memory_format=memory_format(layout))
+    with torch.no_grad():
+        a, b = timing.compare([lambda: model(x), lambda: model(x)], config.MODEL_COMPARE)
+    measured_s = (a.median + b.median) / 2
     measured = {}
     for r in run.layers:
         base = r.name.split("#")[0]
@@ -70,8 +78,9 @@ def run_one(name, model, side, batch, layout, cal):
                "measured_s": measured[r.name]}
               for r in pred.layers if measured.get(r.name)]
     return {"model": name, "batch": batch, "layout": layout, "side": side,
-            "predicted_s": pred.total_s, "measured_s": run.total.measured_s,
-            "error": pred.total_s / run.total.measured_s - 1, "predict_s": predict_s,
+            "predicted_s": pred.total_s, "measured_s": measured_s,
+            "analyze_s": run.total.measured_s, "repeat": a.median / b.median - 1,
+            "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
             "ops": len(pred.ops), "layers": layers}
 
 
@@ -84,6 +93,7 @@ def summary(rows):
             "within_10": sum(e <= 0.10 for e in errs) / len(errs),
             "layer_mape": statistics.mean(e for e, _ in layer),
             "layer_weighted_mape": sum(e * w for e, w in layer) / sum(w for _, w in layer),
+            "repeat_mape": statistics.mean(abs(r["repeat"]) for r in rows),
             "spearman": float(spearmanr([r["predicted_s"] for r in rows],
                                         [r["measured_s"] for r in rows]).statistic),
             "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3}
@@ -97,6 +107,9 @@ def parse(argv=None):
     p.add_argument("--models", nargs="+", default=list(ZOO) + list(VALIDATION))
     p.add_argument("--quick", action="store_true", help="the quick calibration")
     p.add_argument("--recalibrate", action="store_true", help="calibrate even if cached")
+    p.add_argument("--malloc", default="retain", choices=("default", "retain"),
+                   help="the malloc policy calibration and measurement run under (retain: "
+                        "no page faults on large activations, the same for all)")
     p.add_argument("--out", type=Path, default=RESULTS / "predict.json")
     return p.parse_args(argv)
 
@@ -104,12 +117,14 @@ def parse(argv=None):
 def main() -> None:
     from rich.console import Console
     from rich.table import Table
-    from convgap import hardware, predict
+    from convgap import allocator, hardware, predict
     args = parse()
     torch.set_num_threads(args.threads)
+    allocator.set_policy(args.malloc)
     console = Console(width=200, force_terminal=False)
     cpu = hardware.device_name("cpu")
-    console.print(f"{cpu}, {args.threads} threads, fp32, batch {args.batch}")
+    console.print(f"{cpu}, {args.threads} threads, fp32, batch {args.batch}, malloc "
+                  f"{args.malloc}")
     t0 = time.perf_counter()
     cal = predict.calibrate(quick=args.quick, refresh=args.recalibrate)
     cal_s = time.perf_counter() - t0
@@ -140,7 +155,7 @@ def main() -> None:
               "validation": [r for r in rows if r["model"] not in ZOO], "all": rows}
     s = Table(title="summary")
     for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
-              "Spearman", "predict ms (median)"):
+              "Spearman", "predict ms (median)", "repeat |error| (noise)"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -149,9 +164,11 @@ def main() -> None:
         v = sums[g] = summary(rs)
         s.add_row(g, str(v["models"]), f"{v['mape']:.1%}", f"{v['within_10']:.0%}",
                   f"{v['layer_mape']:.1%}", f"{v['layer_weighted_mape']:.1%}",
-                  f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}")
+                  f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}",
+                  f"{v['repeat_mape']:.1%}")
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
+           "malloc": args.malloc,
            "torch": torch.__version__, "calibration_s": cal_s, "quick": args.quick,
            "weights": cal.weights, "calibration_stats": {
                k: v for k, v in cal.stats.items() if k != "networks"},

@@ -4,8 +4,9 @@ running it.
 The model's operators are recorded (:func:`~convgap.predict.record.record`: shapes only),
 each is predicted by its kind's calibrated model (:mod:`convgap.predict.calibration`), and
 the whole model from their sums per kind and its module count, with the calibration's
-weights. Rows are per module: each leaf module's operators plus one module call, each
-top-level child's (a stage, a block), and the model's. Seconds throughout.
+weights. Rows are per module: each leaf module's operators (as the module timed alone
+runs them), each top-level child's (a stage, a block), and the model's. Seconds
+throughout.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ __all__ = ["Prediction", "PredictedRow", "predict_latency"]
 
 @dataclass
 class PredictedRow:
-    """A module's predicted latency: ``seconds`` of its operators alone, summed, plus one
-    module call (as a module timed alone would run; the whole model's weights apply to its
-    total only), ``ops`` their count, ``flops`` and ``bytes`` their work."""
+    """A module's predicted latency: ``seconds`` of its operators alone, summed (as the
+    module timed alone runs them; the whole model's weights apply to its total only),
+    ``ops`` their count, ``flops`` and ``bytes`` their work."""
 
     name: str
     type: str
@@ -71,10 +72,10 @@ class Prediction:
         raise KeyError(name)
 
 
-def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str],
-          call_s: float = 0.0) -> list[PredictedRow]:
+def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
+          ) -> list[PredictedRow]:
     types = {n: type(m).__name__ for n, m in model.named_modules()}
-    acc: dict[str, list] = {n: [call_s, 0, 0.0, 0.0] for n in names}
+    acc: dict[str, list] = {n: [0.0, 0, 0.0, 0.0] for n in names}
     for op, s in zip(ops, seconds):
         owner = _owner(op.module, acc)
         if owner is None:
@@ -127,5 +128,5 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
     return Prediction(tuple(int(s) for s in input_shape), layout,
                       str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, modules),
                       float(seconds.sum()),
-                      _rows(model, ops, seconds, leaves, cal.weights.get("module", 0.0)),
+                      _rows(model, ops, seconds, leaves),
                       _rows(model, ops, seconds, tops), list(ops), [float(s) for s in seconds])
