@@ -173,7 +173,7 @@ def main() -> None:
            "weights": cal.weights, "calibration_stats": {
                k: v for k, v in cal.stats.items() if k != "networks"},
            "summary": sums, "rows": rows}
-    args.out.write_text(json.dumps(out, indent=1))
+    args.out.write_text(json.dumps(out, separators=(",", ":")))   # every layer: compact
     console.print(f"JSON: {args.out}")
 
 
