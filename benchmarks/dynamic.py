@@ -149,8 +149,9 @@ def kernels(args, console) -> list[dict]:
 def latency(static: nn.Module, dyn: nn.Module, val_set, batch: int) -> dict:
     """ms per batch of ``batch`` validation images (the maskers decide from what they see:
     noise would give other masks; one timed call runs TIMED_IMAGES of them) of the static
-    model eager and fused, and of the dynamic model, each in both layouts, all interleaved;
-    the ratio of the dynamic model's faster layout to the static model's fastest form,
+    model eager and fused, and of the dynamic model as it is and fused (``convgap.fuse``
+    folds and fuses what lies outside its dynamic blocks), each in both layouts, all
+    interleaved; the ratio of the dynamic model's fastest form to the static model's,
     paired."""
     from convgap import fuse, timing
     cl = torch.channels_last
@@ -164,14 +165,16 @@ def latency(static: nn.Module, dyn: nn.Module, val_set, batch: int) -> dict:
         forms = {"static": (static, xs), "fused": (fuse(static, xs[0], quiet=True), xs),
                  "static_cl": (static_cl, xs_cl),
                  "fused_cl": (fuse(static_cl, xs_cl[0], quiet=True), xs_cl),
-                 "dynamic": (dyn, xs), "dynamic_cl": (dyn_cl, xs_cl)}
+                 "dynamic": (dyn, xs), "dynamic_cl": (dyn_cl, xs_cl),
+                 "dynamic_fused": (fuse(dyn, xs[0], quiet=True), xs),
+                 "dynamic_fused_cl": (fuse(dyn_cl, xs_cl[0], quiet=True), xs_cl)}
         r = timing.compare([lambda m=m, xs=xs: [m(x) for x in xs] for m, xs in forms.values()],
                            timing.TimingConfig(warmup=2, min_repeats=7, max_repeats=30,
                                                min_time=0.5))
     ms = {name: t.median_ms / len(xs) for name, t in zip(forms, r)}
     res = dict(zip(forms, r))
     best_static = min(("static", "fused", "static_cl", "fused_cl"), key=ms.get)
-    best_dyn = min(("dynamic", "dynamic_cl"), key=ms.get)
+    best_dyn = min(("dynamic", "dynamic_cl", "dynamic_fused", "dynamic_fused_cl"), key=ms.get)
     return {**{f"{k}_ms": v for k, v in ms.items()}, "best_static": best_static,
             "best_dynamic": best_dyn, "fastest_static_ms": ms[best_static],
             "fastest_dynamic_ms": ms[best_dyn],
@@ -181,7 +184,7 @@ def latency(static: nn.Module, dyn: nn.Module, val_set, batch: int) -> dict:
 def e2e(args, console) -> dict:
     from rich.table import Table
     from convgap import data, models, train
-    from convgap.dynamic import dynamic_blocks, train_dynamic
+    from convgap.dynamic import dynamic_blocks, make_dynamic, train_dynamic
     size = args.image_size
     train_set, val_set = data.shapes(args.classes, size, args.train_size, args.val_size, 0,
                                      transform=data.augment(), cache=True)
@@ -206,7 +209,25 @@ def e2e(args, console) -> dict:
         torch.save(static.state_dict(), weights)
     static.eval()
     results = []
+    earlier = {(r["mode"], r["target"]): r for r in
+               json.loads(args.out.read_text()).get("e2e", {}).get("rows", [])
+               } if args.out.exists() else {}
     for mode, target in args.variants:
+        saved = RESULTS / f"dynamic_{args.model}_{size}_{mode}_{target}.pt"
+        if args.remeasure:   # the trained model again, its latency measured anew
+            row = earlier[(mode, target)]
+            # the zoo's ResNets: a stage's first block is its "*.0"
+            per_stage = [v for n, v in row["granularity"].items() if n.endswith(".0")]
+            dyn = make_dynamic(copy.deepcopy(static), mode,
+                               granularity=per_stage if mode == "spatial" else 1,
+                               check=False, quiet=True)
+            dyn.load_state_dict(torch.load(saved, weights_only=True))
+            dyn.eval()
+            row["latency"] = {b: latency(static, dyn, val_set, b) for b in args.batch}
+            results.append(row)
+            console.print(f"{mode} {target} (remeasured): " + ", ".join(
+                f"b{b} {v['ratio']:.2f}x" for b, v in row["latency"].items()))
+            continue
         t0 = time.perf_counter()
         res = train_dynamic(static, train_set, val_set, epochs=args.epochs, mode=mode,
                             target=target, batch_size=args.batch_size, quiet=args.quiet,
@@ -215,8 +236,9 @@ def e2e(args, console) -> dict:
         lat = {}
         for batch in args.batch:
             lat[batch] = latency(static, dyn, val_set, batch)
-        # to measure again: make_dynamic(static, mode, granularity=row's) + these weights
-        torch.save(dyn.state_dict(), RESULTS / f"dynamic_{args.model}_{size}_{mode}_{target}.pt")
+        # to measure again (--remeasure): make_dynamic(static, mode, granularity=the row's)
+        # + these weights
+        torch.save(dyn.state_dict(), saved)
         row = {"mode": mode, "target": target, "epochs": args.epochs,
                "granularity": {n: b.granularity() for n, b in dynamic_blocks(dyn).items()},
                "static_top1": res.static.top1,
@@ -269,6 +291,9 @@ def parse(argv=None):
     p.add_argument("--variants", nargs="*", default=["spatial:0.5", "spatial:0.3",
                                                      "channel:0.5", "layer:0.5"],
                    help="mode:target pairs of part 2")
+    p.add_argument("--remeasure", action="store_true",
+                   help="e2e: measure the latency of the variants trained earlier (their "
+                        "weights in results/, their rows in --out) instead of training")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "dynamic.json")
     args = p.parse_args(argv)
