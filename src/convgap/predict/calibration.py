@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import math
 import pickle
 import statistics
 from dataclasses import dataclass, field
