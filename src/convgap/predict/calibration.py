@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from .. import allocator, cache, hardware, timing
 from ..errors import ConvgapError
@@ -69,10 +70,10 @@ class Calibration:
     stats: dict = field(default_factory=dict)
     measured_at: str = ""
 
-    def total(self, ops: Sequence[Op], seconds: np.ndarray, modules: int) -> float:
+    def total(self, ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> float:
         """A whole network's predicted latency from its ops, their predictions
-        (:meth:`op_seconds`) and its number of modules."""
-        return float(_terms(ops, seconds, modules) @ _weight_vector(self.weights))
+        (:meth:`op_seconds`) and the model they were recorded from (its module count)."""
+        return float(_terms(ops, seconds, model) @ _weight_vector(self.weights))
 
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
         """Each op's predicted latency alone (seconds)."""
@@ -94,12 +95,12 @@ class Calibration:
 TERMS = KINDS + ("module",)
 
 
-def _terms(ops: Sequence[Op], seconds: np.ndarray, modules: int) -> np.ndarray:
-    """Per kind, the ops' predicted seconds summed; then the module count."""
+def _terms(ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> np.ndarray:
+    """Per kind, the ops' predicted seconds summed; then the model's module count."""
     out = np.zeros(len(TERMS))
     for op, s in zip(ops, seconds):
         out[KINDS.index(kind(op))] += s
-    out[-1] = modules
+    out[-1] = sum(1 for _ in model.modules())
     return out
 
 
@@ -226,7 +227,6 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
             net = net.to(dtype)
             shape = (batch, 3, side, side)
             recorded.append((net, shape, layout, record(net, shape, dtype, layout)))
-        modules = [sum(1 for _ in net.modules()) for net, *_ in recorded]
         total = sum(len(ops) for *_, ops in recorded)
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: operators", total=total)
@@ -250,16 +250,16 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         cal = Calibration(key, roofs, overhead, models, {}, stats,
                           _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         predicted = [cal.op_seconds(ops) for *_, ops in recorded]
-        terms = np.array([_terms(ops, p, m) for (*_, ops), p, m in
-                          zip(recorded, predicted, modules)])
+        terms = np.array([_terms(ops, p, net) for (net, *_, ops), p in
+                          zip(recorded, predicted)])
         cal.weights = fit_weights(terms, np.array(wholes))
         fitted = terms @ _weight_vector(cal.weights)
         cal.stats["networks"] = [
-            {"shape": shape, "layout": layout, "ops": len(ops), "modules": m,
+            {"shape": shape, "layout": layout, "ops": len(ops), "modules": int(t[-1]),
              "whole_s": whole, "predicted_s": float(f), "ops_predicted_s": float(p.sum()),
              "ops_measured_s": sum(measured[o.key()] for o in ops)}
-            for (_, shape, layout, ops), m, whole, f, p in
-            zip(recorded, modules, wholes, fitted, predicted)]
+            for (_, shape, layout, ops), t, whole, f, p in
+            zip(recorded, terms, wholes, fitted, predicted)]
         cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / np.array(wholes) - 1)))
         path = _path(key)
         cache.write_atomic(path, lambda fh: pickle.dump(cal, fh))

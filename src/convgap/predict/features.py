@@ -92,11 +92,9 @@ def _conv_parts(op: Op) -> dict:
 
 def _matmul_mnk(op: Op) -> tuple[int, int, int, int]:
     """(batch, M, N, K) of a GEMM operator."""
-    t = [s for s in op.inputs]
+    t = op.inputs
     name = _short(op)
-    if name in ("addmm",):
-        a, b = t[1], t[2]
-    elif name in ("baddbmm",):
+    if name in ("addmm", "baddbmm"):   # (bias, a, b)
         a, b = t[1], t[2]
     elif name in ("linear", "_linear_pointwise"):
         a, w = t[0], t[1]

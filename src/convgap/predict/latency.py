@@ -23,6 +23,7 @@ from .calibration import Calibration, calibrate
 from ..layers.dynamic import DynamicBlock
 from .features import work
 from ..ops.layouts import memory_format
+from ..transforms.select import enclosing
 from .record import Op, record
 
 __all__ = ["Prediction", "PredictedRow", "predict_latency"]
@@ -55,11 +56,14 @@ class Prediction:
     dtype: str
     threads: int
     total_s: float
-    ops_s: float
     layers: list[PredictedRow]
     blocks: list[PredictedRow]
     ops: list[Op] = field(repr=False, default_factory=list)
     op_seconds: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def ops_s(self) -> float:
+        return sum(self.op_seconds)
 
     @property
     def total_ms(self) -> float:
@@ -77,7 +81,7 @@ def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
     types = {n: type(m).__name__ for n, m in model.named_modules()}
     acc: dict[str, list] = {n: [0.0, 0, 0.0, 0.0] for n in names}
     for op, s in zip(ops, seconds):
-        owner = _owner(op.module, acc)
+        owner = enclosing(op.module, acc)
         if owner is None:
             continue
         flops, nbytes = work(op)
@@ -88,16 +92,6 @@ def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
         row[3] += nbytes
     return [PredictedRow(n or "(model)", types.get(n, type(model).__name__), *acc[n])
             for n in names if acc[n][1]]
-
-
-def _owner(module: str, names) -> str | None:
-    """The longest name in ``names`` that is ``module`` or one of its parents."""
-    while True:
-        if module in names:
-            return module
-        if not module:
-            return None
-        module = module.rpartition(".")[0]
 
 
 def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = "cpu",
@@ -122,11 +116,9 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
         cal = calibration or calibrate(dev, dtype, n, quiet=quiet)
         ops = record(model, input_shape, dtype, layout)
     seconds = cal.op_seconds(ops)
-    modules = sum(1 for _ in model.modules())
     leaves = [name for name, m in model.named_modules() if not any(True for _ in m.children())]
     tops = [""] + [name for name, _ in model.named_children()]
     return Prediction(tuple(int(s) for s in input_shape), layout,
-                      str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, modules),
-                      float(seconds.sum()),
+                      str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, model),
                       _rows(model, ops, seconds, leaves),
                       _rows(model, ops, seconds, tops), list(ops), [float(s) for s in seconds])

@@ -15,6 +15,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from ..errors import ConvgapError
+from ..transforms.select import enclosing
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_schedule", "param_groups"]
 
@@ -38,16 +39,8 @@ def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
             scales[name] = float(scale)
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        owner = name.rpartition(".")[0]
-        scale = 1.0
-        while True:
-            if owner in scales:
-                scale = scales[owner]
-                break
-            if not owner:
-                break
-            owner = owner.rpartition(".")[0]
-        groups.setdefault(scale, []).append(p)
+        owner = enclosing(name.rpartition(".")[0], scales)
+        groups.setdefault(1.0 if owner is None else scales[owner], []).append(p)
     return [{"params": ps, "lr": lr * scale} for scale, ps in sorted(groups.items())]
 
 

@@ -16,9 +16,20 @@ import torch.nn as nn
 
 from ..errors import ConvgapError
 
-__all__ = ["Layers", "select"]
+__all__ = ["Layers", "select", "enclosing"]
 
 Layers = Union[None, str, Sequence[str], type, tuple, Callable[[str, nn.Module], bool]]
+
+
+def enclosing(name: str, names) -> str | None:
+    """The longest of ``names`` (module names, '' the model) that is the module ``name``
+    or one above it; None if none is."""
+    while True:
+        if name in names:
+            return name
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
 
 
 def select(model: nn.Module, layers: Layers, accepts: Callable[[nn.Module], bool],
