@@ -3,8 +3,10 @@
 The calibration (``convgap.predict.calibrate``, on random networks only; ``--quick`` for
 the quick one, timed) predicts every zoo model at 224x224 and the third-party-style models
 of ``benchmarks/third_party_models.py`` (written to differ from the zoo; none is used in
-calibration) at several image sizes, at each batch size and layout. Each is measured as
-``convgap.analyze`` measures (whole model, and every leaf layer alone on its real input):
+calibration) at several image sizes, at each batch size and layout. Each is measured whole
+(as ``convgap.analyze`` times it) and per leaf layer inside the running model
+(``convgap.predict.profile``: every operator timed where it runs; the layers sum to the
+run, which layers timed alone do not):
 
 - per model: predicted ms, measured ms (the median of two interleaved timings of the whole
   model), error; the time one prediction takes; the two timings' disagreement (the
@@ -26,7 +28,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -53,33 +54,28 @@ def models(names):
 
 
 def run_one(name, model, side, batch, layout, cal):
-    from convgap import analyze, config, predict_latency, timing
+    from convgap import config, predict_latency, timing
     from convgap.ops.layouts import memory_format
+    from convgap.predict.profile import align, by_module, profile
     model = model.to(memory_format=memory_format(layout))
     shape = (batch, 3, side, side)
     t0 = time.perf_counter()
     pred = predict_latency(model, shape, layout=layout, calibration=cal)
     predict_s = time.perf_counter() - t0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run = analyze(model, shape, layout=layout, name=name, quiet=True,
-                      allocation=False).runs[0]
-    # the whole model twice more, interleaved: their median is the measured latency, their
+    # the whole model twice, interleaved: their median is the measured latency, their
     # disagreement the measurement's own noise on this machine (the floor of any error)
     x = torch.randn(shape).contiguous(memory_format=memory_format(layout))
     with torch.no_grad():
         a, b = timing.compare([lambda: model(x), lambda: model(x)], config.MODEL_COMPARE)
     measured_s = (a.median + b.median) / 2
-    measured = {}
-    for r in run.layers:
-        base = r.name.split("#")[0]
-        measured[base] = measured.get(base, 0.0) + r.measured_s
+    prof = profile(model, x, repeats=7)
+    measured = by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])
     layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
                "measured_s": measured[r.name]}
               for r in pred.layers if measured.get(r.name)]
     return {"model": name, "batch": batch, "layout": layout, "side": side,
             "predicted_s": pred.total_s, "measured_s": measured_s,
-            "analyze_s": run.total.measured_s, "repeat": a.median / b.median - 1,
+            "profiled_s": sum(prof), "repeat": a.median / b.median - 1,
             "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
             "ops": len(pred.ops), "layers": layers}
 
@@ -131,6 +127,9 @@ def main() -> None:
     console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
                   f"{'' if args.recalibrate else ', possibly cached'}); whole-network "
                   f"weights {cal.weights}, fit {cal.stats.get('network_fit_mape', 0):.1%}")
+    if args.quick and not args.recalibrate:
+        console.print("(--quick without --recalibrate: a cached full calibration is used "
+                      "if there is one)")
     rows = []
     for name, model, side in models(args.models):
         for batch in args.batch:

@@ -1,6 +1,7 @@
 """convgap.predict: operators recorded without running the model (against the real forward
-pass and an independent MAC counter), replayed on real tensors, a tiny calibration fitted
-and cached, predictions per layer and model, the CLI, and the errors."""
+pass and an independent MAC counter), replayed on real tensors, profiled inside a real run,
+their reuse distances, a tiny calibration fitted and cached, predictions per layer and
+model, the CLI, and the errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from convgap import cli, predict
 from convgap.count import count
 from convgap.errors import ConvgapError
 from convgap.predict import calibration, features, synthetic
+from convgap.predict.profile import by_module, profile
 from convgap.predict.record import record, replay
 
 
@@ -106,6 +108,69 @@ def test_replay_runs_the_op_on_real_tensors():
         assert tuple(outs[0].shape) == op.outputs[0].shape
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_profile_times_the_recorded_ops_in_a_real_run(layout):
+    """The profiled run dispatches exactly the recorded operators, in order; each op's time
+    is positive and the ops' sum fits inside the profiled runs' wall time; per module sums
+    add up to the whole."""
+    fmt = torch.channels_last if layout != "nchw" else torch.contiguous_format
+    model = small().to(memory_format=fmt)
+    x = torch.randn(2, 3, 17, 17).contiguous(memory_format=fmt)
+    ops = record(model, x.shape, layout=layout)
+    t = profile(model, x, repeats=3, warmup=1)
+    assert t.names == [op.name for op in ops] and len(t.wholes) == 3
+    assert all(s > 0 for s in t) and sum(t) < max(t.wholes)
+    rows = by_module(ops, t, ["", "0", "2", "3"])
+    assert math.isclose(sum(rows.values()), sum(t)) and rows["2"] > 0
+
+
+class Alternates(nn.Module):
+    """Runs a different operator on every other call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x.relu() if self.calls % 2 else x.sigmoid()
+
+
+def test_profile_errors():
+    with pytest.raises(ConvgapError, match="different operators"):
+        profile(Alternates(), torch.randn(4), repeats=2, warmup=0)
+    with pytest.raises(ConvgapError, match="repeats"):
+        profile(small(), torch.randn(1, 3, 8, 8), repeats=0)
+
+
+def test_context_reuse_distances():
+    """Reuse distances by hand: conv(x, w, b) reads three tensors no op wrote (one pass
+    ago), relu reads what conv just wrote (0 bytes since), the add reads x again after relu
+    moved its bytes."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + torch.relu(self.conv(x))
+
+    ops = record(Net().eval(), (1, 4, 8, 8))
+    assert [features._short(o) for o in ops] == ["convolution", "relu", "add"]
+    conv, relu, add = ops
+    moved = [features.work(o)[1] for o in ops]
+    cold = 4 * (1 * 4 * 8 * 8 + 4 * 4 * 3 * 3 + 4)
+    where = features.context(ops)
+    lg = math.log
+    assert where[0] == pytest.approx((lg(sum(moved)), lg(sum(moved)), lg(cold)))
+    assert where[1] == pytest.approx((0.0, 0.0, 0.0))
+    # add: x last touched by conv (relu's bytes since), relu's output just written
+    nx = 4 * 4 * 8 * 8
+    assert where[2] == pytest.approx(((nx * lg(moved[1]) + nx * 0.0) / (2 * nx),
+                                      lg(moved[1]), 0.0))
+
+
 @pytest.mark.parametrize("family", range(len(synthetic.FAMILIES)))
 def test_synthetic_networks_run(family):
     net, side = synthetic.network(family, 32)
@@ -141,10 +206,8 @@ def test_calibration_fits_caches_and_predicts(monkeypatch, tmp_path):
     p = convgap.predict_latency(model, (1, 3, 32, 32), calibration=cal)
     assert p.total_s > 0
     assert p.op_seconds == pytest.approx(list(cal.op_seconds(p.ops)), rel=1e-12)
-    w = cal.weights   # the whole model: kinds' sums and the module count, weighted
-    by_kind = {k: sum(s for o, s in zip(p.ops, p.op_seconds) if features.kind(o) == k)
-               for k in features.KINDS}
-    assert math.isclose(p.total_s, sum(w[k] * v for k, v in by_kind.items())
+    w = cal.weights   # the whole model: the ops' sum, their count and the module count
+    assert math.isclose(p.total_s, w["ops"] * p.ops_s + w["op"] * len(p.ops)
                         + w["module"] * len(list(model.modules())), rel_tol=1e-9)
     # rows: the blocks' ops include their functional ones; leaves only their own
     assert math.isclose(sum(r.seconds for r in p.blocks), p.ops_s)

@@ -38,7 +38,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from . import config, data, hardware, models, predict, timing, train
+from . import allocator, config, data, hardware, models, predict, timing, train
 from .analysis import Report, analyze
 from .analysis.analyze import DTYPES, parse_dtype
 from .ops.layouts import LAYOUTS, memory_format
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the model's latency from its operators' shapes "
                                    "with the device's calibration (`convgap calibrate`, run "
                                    "first if there is none); with --measure, also time it "
-                                   "(as `analyze` does) and show the error.")
+                                   "whole (as `analyze` does) and each layer inside the "
+                                   "run, and show the errors.")
     _model_options(q, many=True, malloc="asis", what="measure")
     q.add_argument("--measure", action="store_true",
                    help="also measure the model and each layer, and show the errors")
@@ -754,11 +755,10 @@ def _cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     console.print(t)
     w = cal.weights
     console.print(f"one operator call: {cal.overhead_s * 1e6:.1f} us; a whole network: "
-                  + ", ".join(f"{w.get(k, 0):.2f} x its {k} operators" for k in
-                              ("conv", "matmul", "memory", "call"))
-                  + f" + {w.get('module', 0) * 1e6:.1f} us per module (fit to the "
-                  f"calibration networks within {cal.stats.get('network_fit_mape', 0):.1%} "
-                  "mean error)")
+                  f"{w.get('ops', 0):.2f} x its operators' predictions + "
+                  f"{w.get('op', 0) * 1e6:.1f} us per operator + "
+                  f"{w.get('module', 0) * 1e6:.1f} us per module (fit to the calibration "
+                  f"networks within {cal.stats.get('network_fit_mape', 0):.1%} mean error)")
     return 0
 
 
@@ -778,16 +778,17 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
                                                args.threads, calibration=cal)
                 measured = None
                 if args.measure:
-                    measured = analyze(model, shape, device=args.device, dtype=dtype,
-                                       layout=layout, threads=args.threads, name=name,
-                                       quiet=args.quiet, malloc=_policy(args),
-                                       allocation=False).runs[0]
+                    with timing.threads(args.threads), allocator.use(_policy(args)):
+                        x = torch.randn(shape).to(dtype=dtype).contiguous(
+                            memory_format=memory_format(layout))
+                        measured = predict.profile.measure(
+                            model, x, pred.ops, [r.name for r in pred.layers])
                 console.print(_prediction_table(name, pred, measured, args.top))
                 out.append({"model": name, "batch": batch, "layout": layout,
                             "predicted_s": pred.total_s,
-                            "measured_s": None if measured is None else
-                            measured.total.measured_s,
-                            "layers": [asdict(r) for r in pred.layers]})
+                            "measured_s": None if measured is None else measured[0],
+                            "layers": [asdict(r) | ({} if measured is None else {
+                                "measured_s": measured[1][r.name]}) for r in pred.layers]})
     if args.json is not None:
         write_atomic(args.json, lambda fh: fh.write(json.dumps(out, indent=1).encode()))
         console.print(f"JSON: {args.json}")
@@ -795,19 +796,16 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def _prediction_table(name: str, pred: "predict.Prediction", measured, top: int) -> Table:
-    """The model's and its ``top`` slowest-predicted layers' predicted ms, and with a
-    measured run (an analysis Run) the measured ms and the error."""
+    """The model's and its ``top`` slowest-predicted layers' predicted ms, and with
+    ``measured`` (:func:`convgap.predict.profile.measure`: whole seconds, seconds per layer
+    inside the run) the measured ms and the error."""
     t = Table(title=f"{name} {pred.input_shape} {pred.layout} {pred.dtype}, {pred.threads} "
                     f"threads: predicted" + (" against measured" if measured else ""),
               title_justify="left")
     cols = ["layer", "type", "predicted ms"] + (["measured ms", "error"] if measured else [])
     for col in cols:
         t.add_column(col, justify="left" if col in ("layer", "type") else "right")
-    times = {}
-    if measured is not None:
-        for r in measured.layers:
-            base = r.name.split("#")[0]
-            times[base] = times.get(base, 0.0) + r.measured_s
+    times = {} if measured is None else measured[1]
 
     def row(label, typ, p, m):
         cells = [label, typ, f"{p * 1e3:.3f}"]
@@ -815,8 +813,7 @@ def _prediction_table(name: str, pred: "predict.Prediction", measured, top: int)
             cells += ["-", "-"] if m is None else [f"{m * 1e3:.3f}", f"{p / m - 1:+.1%}"]
         t.add_row(*cells)
 
-    row("(whole model)", "", pred.total_s, None if measured is None else
-        measured.total.measured_s)
+    row("(whole model)", "", pred.total_s, None if measured is None else measured[0])
     for r in sorted(pred.layers, key=lambda r: -r.seconds)[:top]:
         row(r.name, r.type, r.seconds, times.get(r.name))
     return t

@@ -194,11 +194,16 @@ def _out_hw(hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
                  for d, n in enumerate(hw))
 
 
+# a dynamic block's own attributes: no child of the block it wraps may bear these names
+_OWN = ("stages", "shortcut_path", "post_acts", "masker", "mode", "execution", "hidden",
+        "dense_from", "block_name", "last_mask", "last_hw")
+
+
 class DynamicBlock(nn.Module):
     """A residual block run dynamically. Its children are the original block's children
     (the state dict keeps the block's names, plus ``masker.*``); ``stages`` the body,
-    ``shortcut`` the names of the shortcut's modules in order (empty: identity), ``post``
-    the activations after the add. ``execution``: 'sparse' (the default; eval without
+    ``shortcut_path`` the names of the shortcut's modules in order (empty: identity),
+    ``post_acts`` the activations after the add. ``execution``: 'sparse' (the default; eval without
     autograd) or 'masked'. ``last_mask`` holds the mask of the last forward."""
 
     def __init__(self, block: nn.Module, stages: Sequence[Stage], shortcut: Sequence[str],
@@ -208,12 +213,16 @@ class DynamicBlock(nn.Module):
         if mode not in MODES:
             raise ConvgapError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         for child_name, child in block.named_children():
+            if child_name in _OWN:
+                raise ConvgapError(f"the block's child {child_name!r} has the name of a "
+                                   "dynamic block's own attribute: rename it to make the "
+                                   "block dynamic")
             self.add_module(child_name, child)
         self._block = [block]  # the original, not a child (its children are ours)
         self.block_name = name
         self.stages = list(stages)
-        self.shortcut = list(shortcut)
-        self.post = list(post)
+        self.shortcut_path = list(shortcut)
+        self.post_acts = list(post)
         self.mode = mode
         self.execution = "sparse"
         # sparse execution runs below this density, the dense body times the mask from it
@@ -354,12 +363,12 @@ class DynamicBlock(nn.Module):
         return activations.apply(s.act, h)
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.shortcut:
+        for name in self.shortcut_path:
             x = self.get_submodule(name)(x)
         return x
 
     def _finish(self, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        for a in self.post:
+        for a in self.post_acts:
             if inplace and a == "relu":
                 y = y.relu_()
             else:
@@ -519,7 +528,7 @@ class DynamicBlock(nn.Module):
         """Spatial sparse execution as one call of the tile kernel
         (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles, added into the
         shortcut's output in place."""
-        out = self._shortcut(x) if self.shortcut else x.clone()
+        out = self._shortcut(x) if self.shortcut_path else x.clone()
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
             out = out.contiguous()
         tiles = m[:, 0].nonzero().contiguous()    # nonzero's rows are not
@@ -543,7 +552,7 @@ class DynamicBlock(nn.Module):
         need[-1] = self.pixel_mask(m, sizes[-1])[:, 0] > 0
         for i in range(len(convs) - 1, 0, -1):
             need[i] = _needed_input(need[i + 1], convs[i], sizes[i])
-        out = self._shortcut(x) if self.shortcut else x.clone()
+        out = self._shortcut(x) if self.shortcut_path else x.clone()
         if not bool(need[-1].any()):
             return self._finish(out)
         h = None       # the current stage's input: None (x), a padded map or _Sparse rows

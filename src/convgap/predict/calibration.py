@@ -1,18 +1,21 @@
-"""Calibration: micro-benchmarks of the operators convgap's models run, fitted into one
+"""Calibration: the operators of random networks timed where they run, fitted into one
 latency model per operator kind, cached per device.
 
 :func:`calibrate` records the operators of random networks (:mod:`.synthetic`; never a zoo
-or user model) at batch 1 and 8 in both layouts, times each distinct operator alone
-(:func:`~convgap.predict.record.replay`), and times each whole network. Per kind
+or user model) at batch 1 and 8 in both layouts and runs each network for real under
+:func:`~convgap.predict.profile.profile`: every operator's time inside the network, with
+the caches as the operators before it left them (an operator timed alone, again and
+again, finds its weights in cache; at batch 1 in a network most do not: whole networks
+here ran up to 2.3x the sum of their layers timed alone). Per kind
 (:data:`~convgap.predict.features.KINDS`) a gradient-boosted regressor (scikit-learn's
 ``HistGradientBoostingRegressor``) learns log(measured / baseline) from the operator's
-features, the baseline being its roofline latency on the measured roofs plus one call's
+shape and its :func:`~convgap.predict.features.context` (how long ago its inputs were last
+touched), the baseline being its roofline latency on the measured roofs plus one call's
 overhead (the median time of a call that moves no data), so the model only learns how far
-each shape falls from the roofs. A whole network is then predicted from its operators'
-predictions summed per kind and its module count, with weights fitted (non-negative least
-squares on relative errors) to the calibration networks' measured latencies
-(:meth:`Calibration.total`): operators inside a network meet caches their lone timing did
-not, and every module call costs Python time no operator shows.
+each operator falls from the roofs. A whole network is its operators' predictions summed
+plus what eager PyTorch spends around them, per operator and per module (Python calls,
+argument parsing), three weights fitted (non-negative least squares on relative errors) to
+the calibration networks timed whole (:meth:`Calibration.total`).
 
 Cached (``$CONVGAP_CACHE/predict/``) per device name, threads, dtype, malloc policy, torch
 version and :data:`VERSION`, like the roofs. Seconds throughout.
@@ -34,23 +37,22 @@ import torch.nn as nn
 from .. import allocator, cache, hardware, timing
 from ..errors import ConvgapError
 from ..progress import make_progress
-from .features import FEATURES, KINDS, baseline, features, kind
-from ..ops.layouts import LAYOUTS
-from .record import Op, record, replay
+from .features import FEATURES, KINDS, baseline, context, features, kind
+from ..ops.layouts import LAYOUTS, memory_format
+from .profile import align, profile
+from .record import Op, record
 from .synthetic import network
 
-__all__ = ["Calibration", "calibrate", "load", "fit", "time_ops", "VERSION", "OP_TIMING",
-           "NETWORK_TIMING"]
+__all__ = ["Calibration", "calibrate", "load", "fit", "VERSION", "NETWORK_TIMING",
+           "PROFILE_REPEATS"]
 
-VERSION = 4  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 6  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
-# each operator alone: short timings on a shared machine read high (slowdowns, not
-# speedups): 0.01 s per operator gave convs 17% above analyze's per-layer times
-OP_TIMING = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.03)
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
 NETWORK_TIMING = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.2)
-NETWORKS = {True: 12, False: 40}     # quick: networks recorded and timed
+PROFILE_REPEATS = 7                   # profiled runs per network: each op's median
+NETWORKS = {True: 24, False: 80}     # quick: networks recorded and timed
 BATCHES = (1, 8)
 
 
@@ -58,9 +60,9 @@ BATCHES = (1, 8)
 class Calibration:
     """A device's fitted latency models. ``models``: per kind, a regressor of log(measured
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
-    ``overhead_s``: one call's cost; ``weights``: of each kind's summed predictions and of
-    the module count ('module') in a whole network (:meth:`total`); ``stats``: sample
-    counts and fit errors."""
+    ``overhead_s``: one call's cost; ``weights``: of the summed operator predictions
+    ('ops'), the operator count ('op') and the module count ('module') in a whole network
+    (:meth:`total`); ``stats``: sample counts and fit errors."""
 
     key: str
     roofs: hardware.Roofs
@@ -73,10 +75,13 @@ class Calibration:
     def total(self, ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> float:
         """A whole network's predicted latency from its ops, their predictions
         (:meth:`op_seconds`) and the model they were recorded from (its module count)."""
-        return float(_terms(ops, seconds, model) @ _weight_vector(self.weights))
+        modules = sum(1 for _ in model.modules())
+        return float(_terms(ops, seconds, modules) @ _weight_vector(self.weights))
 
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
-        """Each op's predicted latency alone (seconds)."""
+        """Each op's predicted latency inside the pass ``ops`` were recorded from, in call
+        order (seconds)."""
+        where = context(ops)
         out = np.empty(len(ops))
         by_kind: dict[str, list[int]] = {}
         for i, op in enumerate(ops):
@@ -87,21 +92,17 @@ class Calibration:
             if model is None:
                 out[idx] = base
                 continue
-            x = np.array([features(ops[i]) for i in idx], dtype=np.float64)
+            x = np.array([features(ops[i], where[i]) for i in idx], dtype=np.float64)
             out[idx] = base * np.exp(model.predict(x))
         return out
 
 
-TERMS = KINDS + ("module",)
+TERMS = ("ops", "op", "module")
 
 
-def _terms(ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> np.ndarray:
-    """Per kind, the ops' predicted seconds summed; then the model's module count."""
-    out = np.zeros(len(TERMS))
-    for op, s in zip(ops, seconds):
-        out[KINDS.index(kind(op))] += s
-    out[-1] = sum(1 for _ in model.modules())
-    return out
+def _terms(ops: Sequence[Op], seconds: np.ndarray, modules: int) -> np.ndarray:
+    """The ops' predicted seconds summed, their count, the model's module count."""
+    return np.array([float(np.sum(seconds)), len(ops), modules])
 
 
 def _weight_vector(weights: dict[str, float]) -> np.ndarray:
@@ -144,49 +145,30 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     return found if isinstance(found, Calibration) and found.key == key else None
 
 
-def time_ops(ops: Sequence[Op], device: torch.device, config: timing.TimingConfig = OP_TIMING,
-             found: dict[tuple, float] | None = None, progress=None, task=None
-             ) -> dict[tuple, float]:
-    """Median seconds of each distinct op (by :meth:`Op.key`) run alone on real tensors,
-    added to ``found`` (ops already there are not timed again)."""
-    found = {} if found is None else found
-    gen = torch.Generator().manual_seed(0)
-    for op in ops:
-        k = op.key()
-        if k not in found:
-            fn = replay(op, gen)
-            with torch.no_grad():
-                found[k] = timing.measure(fn, config, device.type).median
-            del fn
-        if progress is not None:
-            progress.advance(task)
-    return found
-
-
 def _regressor(k: str):
     from sklearn.ensemble import HistGradientBoostingRegressor
-    categorical = [FEATURES[k].index("op")] if "op" in FEATURES[k] else None
+    categorical = [FEATURES[k].index(c) for c in ("op", "type") if c in FEATURES[k]] or None
     return HistGradientBoostingRegressor(max_iter=400, learning_rate=0.05,
                                          min_samples_leaf=4, l2_regularization=1e-3,
                                          categorical_features=categorical, random_state=0)
 
 
-def fit(samples: Sequence[tuple[Op, float]], roofs: hardware.Roofs, overhead_s: float
-        ) -> tuple[dict[str, Any], dict]:
-    """Per kind, a regressor of log(measured / baseline) on (op, measured seconds) samples;
-    returns (models, stats) with each kind's sample count and in-sample median absolute
-    relative error."""
+def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
+        overhead_s: float) -> tuple[dict[str, Any], dict]:
+    """Per kind, a regressor of log(measured / baseline) on (op, its context, measured
+    seconds) samples; returns (models, stats) with each kind's sample count and in-sample
+    median absolute relative error."""
     models: dict[str, Any] = {}
     stats: dict[str, dict] = {}
     for k in KINDS:
-        mine = [(op, s) for op, s in samples if kind(op) == k]
+        mine = [(op, w, s) for op, w, s in samples if kind(op) == k]
         if not FEATURES[k] or len(mine) < 8:
             models[k] = None
             stats[k] = {"samples": len(mine)}
             continue
-        x = np.array([features(op) for op, _ in mine], dtype=np.float64)
-        base = np.array([baseline(op, roofs, overhead_s) for op, _ in mine])
-        y = np.log(np.array([s for _, s in mine]) / base)
+        x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
+        base = np.array([baseline(op, roofs, overhead_s) for op, _, _ in mine])
+        y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)
         err = np.abs(np.exp(model.predict(x) - y) - 1)
         models[k] = model
@@ -219,49 +201,40 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         key = _key(dev, dtype, n)
         roofs = hardware.roofs(dev, dtype)
         runs = _networks(quick)
-        recorded = []
-        for seed, batch, layout in runs:
-            net, side = network(seed)
-            if layout == "channels_last":
-                net = net.to(memory_format=torch.channels_last)
-            net = net.to(dtype)
-            shape = (batch, 3, side, side)
-            recorded.append((net, shape, layout, record(net, shape, dtype, layout)))
-        total = sum(len(ops) for *_, ops in recorded)
+        samples: list[tuple[Op, tuple, float]] = []
+        recorded = []     # (ops, module count, whole seconds, profiled op sum)
         with make_progress(quiet) as progress:
-            task = progress.add_task("calibrating: operators", total=total)
-            measured: dict[tuple, float] = {}
-            for *_, ops in recorded:
-                time_ops(ops, dev, found=measured, progress=progress, task=task)
-            wholes = []
-            task2 = progress.add_task("calibrating: networks", total=len(recorded))
-            for net, shape, layout, ops in recorded:
-                x = torch.randn(shape).to(dtype)
-                if layout == "channels_last":
-                    x = x.contiguous(memory_format=torch.channels_last)
+            task = progress.add_task("calibrating: random networks", total=len(runs))
+            for seed, batch, layout in runs:
+                net, side = network(seed)
+                fmt = memory_format(layout)
+                net = net.to(dtype=dtype, memory_format=fmt)
+                shape = (batch, 3, side, side)
+                ops = record(net, shape, dtype, layout)
+                x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+                seconds = align(ops, profile(net, x, PROFILE_REPEATS))
+                samples += [(op, w, s) for op, w, s in zip(ops, context(ops), seconds)
+                            if s is not None]
                 with torch.no_grad():
-                    wholes.append(timing.measure(lambda: net(x), NETWORK_TIMING,
-                                                 dev.type).median)
-                progress.advance(task2)
-        distinct = {op.key(): (op, measured[op.key()]) for *_, ops in recorded for op in ops}
-        calls = [s for op, s in distinct.values() if kind(op) == "call"]
+                    whole = timing.measure(lambda: net(x), NETWORK_TIMING, dev.type).median
+                recorded.append((ops, sum(1 for _ in net.modules()), whole,
+                                 sum(s for s in seconds if s is not None)))
+                progress.advance(task)
+        calls = [s for op, _, s in samples if kind(op) == "call"]
         overhead = statistics.median(calls) if calls else 1e-6
-        models, stats = fit(list(distinct.values()), roofs, overhead)
+        models, stats = fit(samples, roofs, overhead)
         cal = Calibration(key, roofs, overhead, models, {}, stats,
                           _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        predicted = [cal.op_seconds(ops) for *_, ops in recorded]
-        terms = np.array([_terms(ops, p, net) for (net, *_, ops), p in
-                          zip(recorded, predicted)])
-        cal.weights = fit_weights(terms, np.array(wholes))
+        terms = np.array([_terms(ops, cal.op_seconds(ops), modules)
+                          for ops, modules, _, _ in recorded])
+        wholes = np.array([whole for _, _, whole, _ in recorded])
+        cal.weights = fit_weights(terms, wholes)
         fitted = terms @ _weight_vector(cal.weights)
         cal.stats["networks"] = [
-            {"shape": shape, "layout": layout, "ops": len(ops), "modules": int(t[-1]),
-             "whole_s": whole, "predicted_s": float(f), "ops_predicted_s": float(p.sum()),
-             "ops_measured_s": sum(measured[o.key()] for o in ops)}
-            for (_, shape, layout, ops), t, whole, f, p in
-            zip(recorded, terms, wholes, fitted, predicted)]
-        cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / np.array(wholes) - 1)))
+            {"ops": len(ops), "modules": modules, "whole_s": whole, "predicted_s": float(f),
+             "ops_predicted_s": float(t[0]), "ops_profiled_s": profiled}
+            for (ops, modules, whole, profiled), t, f in zip(recorded, terms, fitted)]
+        cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / wholes - 1)))
         path = _path(key)
         cache.write_atomic(path, lambda fh: pickle.dump(cal, fh))
         return cal
-

@@ -8,7 +8,10 @@ Each recorded :class:`~convgap.predict.record.Op` falls in one :data:`KINDS`:
 - ``'memory'``: every other operator that reads or writes tensors (element-wise,
   normalization, pooling, reductions, copies), by the bytes it moves, its elements, its
   layout and which operator it is;
-- ``'call'``: operators that move no data (views, transposes, ``empty``): a call's cost only.
+- ``'call'``: operators that move no data (views, transposes, ``empty``): a call's cost only;
+- ``'unit'``: a convgap module run as one call (:mod:`convgap.predict.units`: a fused
+  block, a sparse dynamic block), by its type, its reference operators' work, its input and
+  output, its density and granularity.
 
 :func:`work` gives an operator's FLOPs and minimum bytes (inputs + outputs once), from
 which :func:`baseline` makes its roofline latency plus one call's overhead; the calibrated
@@ -19,13 +22,16 @@ of that baseline, from :func:`features`.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from ..hardware import Roofs
 from .record import Op, TensorSpec
+from .units import UNIT_TYPES
 
-__all__ = ["KINDS", "kind", "work", "baseline", "features", "FEATURES", "MEMORY_OPS"]
+__all__ = ["KINDS", "kind", "work", "baseline", "context", "features", "FEATURES",
+           "CONTEXT", "MEMORY_OPS"]
 
-KINDS = ("conv", "matmul", "memory", "call")
+KINDS = ("conv", "matmul", "memory", "call", "unit")
 
 _CONV = {"aten.convolution.default", "aten._convolution.default",
          "mkldnn._convolution_pointwise.default", "mkldnn._convolution_pointwise.binary",
@@ -44,14 +50,23 @@ MEMORY_OPS = ("native_batch_norm", "_native_batch_norm_legit_no_training",
               "max_pool2d_with_indices", "avg_pool2d", "mean", "_adaptive_avg_pool2d",
               "clone", "_to_copy", "copy_", "cat", "clamp", "div", "sub", "other")
 
+# where an op sits in its network (:func:`context`), bytes: the bytes-weighted mean and the
+# largest log reuse distance of its inputs (capped at REUSE_CAP), the bytes of its inputs
+# no op of the pass made (weights, the model's input: last touched a whole pass ago)
+CONTEXT = ("log_reuse", "log_reuse_max", "log_cold_bytes")
+# reuse distances beyond any cache read the same: past this, an input comes from memory
+# (and a network's size alone would let a fit tell calibration networks apart)
+REUSE_CAP = 2.0 ** 28
 FEATURES = {
     "conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
              "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
-             "log_bytes", "log_weight_bytes"),
-    "matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes"),
+             "log_bytes", "log_weight_bytes") + CONTEXT,
+    "matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT,
     "memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
-               "log_kernel"),
+               "log_kernel") + CONTEXT,
     "call": (),
+    "unit": ("type", "log_flops", "log_ref_bytes", "ref_ops", "density", "granularity",
+             "log_bytes", "n", "c", "h", "w", "o", "oh", "ow", "channels_last") + CONTEXT,
 }
 
 
@@ -63,6 +78,8 @@ def _short(op: Op) -> str:
 
 def kind(op: Op) -> str:
     """The op's kind, one of :data:`KINDS`."""
+    if op.unit:
+        return "unit"
     if op.name in _CONV:
         return "conv"
     if op.name in _MATMUL:
@@ -109,10 +126,13 @@ def _matmul_mnk(op: Op) -> tuple[int, int, int, int]:
 
 
 def work(op: Op) -> tuple[float, float]:
-    """(FLOPs, minimum bytes) of the op: FLOPs = 2 x MACs of a conv or GEMM, 0 otherwise;
-    bytes = its tensor inputs and outputs, each once."""
+    """(FLOPs, minimum bytes) of the op: FLOPs = 2 x MACs of a conv or GEMM (a unit: its
+    reference ops' at its density), 0 otherwise; bytes = its tensor inputs and outputs,
+    each once."""
     nbytes = float(sum(t.nbytes for t in op.inputs) + sum(t.nbytes for t in op.outputs))
     k = kind(op)
+    if k == "unit":
+        return op.detail[0] * op.detail[3], nbytes
     if k == "conv":
         p = _conv_parts(op)
         w: TensorSpec = p["w"]
@@ -139,8 +159,38 @@ def _log(v: float) -> float:
     return math.log(max(v, 1.0))
 
 
-def features(op: Op) -> tuple[float, ...]:
-    """The op's feature vector, in the order of :data:`FEATURES` for its kind."""
+def context(ops: Sequence[Op]) -> list[tuple[float, ...]]:
+    """Each op's place in the pass (:data:`CONTEXT`), from the tensors it reads
+    (:attr:`Op.reads`): an input's reuse distance is the bytes (:func:`work`) the ops
+    between its last touch and this op moved, at most :data:`REUSE_CAP`; an input no op of
+    the pass wrote (a weight, the model's input) was last touched one pass ago (the bytes
+    the whole pass moves), as in a model served call after call."""
+    moved = [work(op)[1] for op in ops]
+    pass_bytes = sum(moved)
+    last: dict[int, float] = {}
+    done = 0.0
+    out = []
+    for op, nbytes in zip(ops, moved):
+        weighted = size = cold = 0.0
+        far = 1.0
+        for t, tid in zip(op.inputs, op.reads):
+            seen = last.get(tid)
+            dist = min(REUSE_CAP, pass_bytes if seen is None else done - seen)
+            if seen is None:
+                cold += t.nbytes
+            weighted += t.nbytes * _log(dist)
+            size += t.nbytes
+            far = max(far, dist)
+        out.append((weighted / size if size else 0.0, _log(far), _log(cold)))
+        done += nbytes
+        for tid in op.reads + op.writes:
+            last[tid] = done
+    return out
+
+
+def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
+    """The op's feature vector, in the order of :data:`FEATURES` for its kind; ``where``:
+    its :func:`context` entry."""
     k = kind(op)
     flops, nbytes = work(op)
     if k == "conv":
@@ -150,10 +200,18 @@ def features(op: Op) -> tuple[float, ...]:
         return (x.shape[0], x.shape[1], x.shape[2], x.shape[3], out.shape[1], w.shape[2],
                 w.shape[3], p["stride"][0], p["stride"][1], g, out.shape[2], out.shape[3],
                 x.shape[1] // g, out.shape[1] // g, float(x.channels_last),
-                float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes))
+                float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes)) + where
     if k == "matmul":
         b, m, n, kk = _matmul_mnk(op)
-        return (m, n, kk, b, _log(flops), _log(nbytes))
+        return (m, n, kk, b, _log(flops), _log(nbytes)) + where
+    if k == "unit":
+        ref_flops, ref_bytes, ref_ops, density, granularity = op.detail
+        x, out = op.inputs[0], op.outputs[0]
+        x4 = tuple(x.shape) + (1,) * (4 - len(x.shape))
+        o4 = tuple(out.shape) + (1,) * (4 - len(out.shape))
+        return (UNIT_TYPES.index(_short(op)), _log(ref_flops), _log(ref_bytes), ref_ops,
+                density, granularity, _log(nbytes), x4[0], x4[1], x4[2], x4[3], o4[1],
+                o4[2], o4[3], float(x.channels_last)) + where
     if k == "memory":
         name = _short(op)
         code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")
@@ -165,5 +223,5 @@ def features(op: Op) -> tuple[float, ...]:
             args, _ = op.args()
             kernel = math.prod(args[1]) if isinstance(args[1], (list, tuple)) else args[1] ** 2
         return (code, _log(nbytes), _log(numel), len(op.inputs),
-                float(big is not None and big.channels_last), inner, _log(kernel))
+                float(big is not None and big.channels_last), inner, _log(kernel)) + where
     return ()

@@ -8,19 +8,23 @@ operator the pass dispatches as an :class:`Op`: its name, its arguments with eac
 replaced by a :class:`TensorSpec`, its outputs' specs and the innermost module it ran in.
 These are the calls eager PyTorch makes, functional code in a ``forward`` included (a
 residual ``+``, an ``F.relu``). :func:`replay` turns an :class:`Op` back into a callable on
-real tensors of the same shapes and strides, for timing it alone (calibration, and the
-per-operator check of the benchmark).
+real tensors of the same shapes and strides. Each op also names the tensors it reads and
+writes (numbers unique within one recording), from which
+:func:`~convgap.predict.features.context` tells how long ago its inputs were last touched.
 
-convgap's fast paths (C kernels, fused blocks) step aside while a dispatch mode watches
-(:func:`convgap.ops.guard.observed`): what is recorded is their reference ops. A model
-whose forward needs real data (a mask decided by the values) cannot be recorded this way:
+convgap's fast paths (fused blocks, sparse dynamic blocks) step aside while a dispatch
+mode watches (:func:`convgap.ops.guard.observed`): such a module (:mod:`.units`) is kept
+as one *unit* op named ``'unit.<type>'``, reading the tensors its reference ops read from
+outside it (its input first, then its weights), writing its output, its reference ops'
+FLOPs, bytes and count and its density and granularity in ``detail``. A model whose
+forward needs real data (a mask decided by the values) cannot be recorded this way:
 :func:`record` raises a ConvgapError naming the module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConvgapError
 from ..ops.layouts import memory_format
+from .units import describe, outermost, unit_type
 
 __all__ = ["TensorSpec", "Op", "record", "replay"]
 
@@ -79,13 +84,23 @@ class Op:
     ``module``: the innermost module it ran in ('' for the model's own forward);
     ``leaves``: its arguments (args, kwargs) flattened, tensors as :class:`TensorSpec`;
     ``tree``: how to rebuild (args, kwargs) from ``leaves``; ``outputs``: its tensor
-    outputs' specs."""
+    outputs' specs; ``reads`` / ``writes``: which tensors its inputs / outputs are (in the
+    order of :attr:`inputs` / ``outputs``; the same number is the same tensor within one
+    recording); ``detail``: a unit's (reference FLOPs, reference bytes, reference op count,
+    density, granularity), empty for an ATen op."""
 
     name: str
     module: str
     leaves: tuple
     tree: Any
     outputs: tuple[TensorSpec, ...]
+    reads: tuple[int, ...] = ()
+    writes: tuple[int, ...] = ()
+    detail: tuple[float, ...] = ()
+
+    @property
+    def unit(self) -> bool:
+        return self.name.startswith(UNIT_PREFIX)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -98,6 +113,9 @@ class Op:
     def key(self) -> tuple:
         """What its cost depends on: the operator and its arguments (not the module)."""
         return (self.name, self.leaves)
+
+
+UNIT_PREFIX = "unit."
 
 
 def _spec(v: Any) -> Any:
@@ -117,6 +135,14 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.where = where
         self.ops: list[Op] = []
+        self.inner: list[Op] | None = None   # a unit's reference ops, while inside one
+        self._ids: dict[int, tuple[int, torch.Tensor]] = {}   # id() -> (number, tensor kept)
+
+    def _number(self, t: torch.Tensor) -> int:
+        found = self._ids.get(id(t))
+        if found is None:
+            found = self._ids[id(t)] = (len(self._ids), t)
+        return found[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,10 +154,34 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
             # input or weight gives a channels-last output, as fake tensors know
             out = out.contiguous(memory_format=torch.channels_last)
         leaves, tree = tree_flatten((args, kwargs))
-        outs = [TensorSpec.of(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        self.ops.append(Op(str(func), self.where(), tuple(_spec(v) for v in leaves), tree,
-                           tuple(outs)))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        into = self.ops if self.inner is None else self.inner
+        into.append(Op(str(func), self.where(), tuple(_spec(v) for v in leaves), tree,
+                           tuple(TensorSpec.of(t) for t in outs),
+                           tuple(self._number(v) for v in leaves
+                                 if isinstance(v, torch.Tensor)),
+                           tuple(self._number(t) for t in outs)))
         return out
+
+    def unit(self, name: str, kind: str, x: torch.Tensor, out: Any, inner: list[Op],
+             describe: tuple[float, float]) -> None:
+        """Keep the unit ``name`` (registered type ``kind``) that read ``x`` and returned
+        ``out`` as one op, from its reference ops ``inner``."""
+        from .features import work
+        written = {t for op in inner for t in op.writes}
+        first = self._number(x)
+        reads: dict[int, TensorSpec] = {first: TensorSpec.of(x)}
+        for op in inner:
+            for spec, t in zip(op.inputs, op.reads):
+                if t not in written:
+                    reads.setdefault(t, spec)
+        flops = sum(work(op)[0] for op in inner)
+        nbytes = sum(work(op)[1] for op in inner)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.ops.append(Op(UNIT_PREFIX + kind, name, tuple(reads.values()), None,
+                           tuple(TensorSpec.of(t) for t in outs), tuple(reads),
+                           tuple(self._number(t) for t in outs),
+                           (flops, nbytes, float(len(inner))) + describe))
 
 
 def _example(input_shape: Sequence[int], dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -139,19 +189,24 @@ def _example(input_shape: Sequence[int], dtype: torch.dtype, layout: str) -> tor
         memory_format=memory_format(layout))
 
 
+Density = Union[float, Mapping[str, float], None]
+
+
 @torch.no_grad()
 def record(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-           layout: str = "nchw") -> list[Op]:
+           layout: str = "nchw", density: Density = None) -> list[Op]:
     """Every ATen operator ``model``'s forward pass dispatches on an input of
     ``input_shape`` (N, C, H, W), ``dtype`` and ``layout`` ('nchw' or 'channels_last'; the
-    model's weights as they are), in call order. The model is not run: see the module
-    docstring. Raises ConvgapError where the forward pass needs real data."""
+    model's weights as they are), in call order, each unit (:mod:`.units`) as one op.
+    ``density``: of the dynamic blocks (one for all, or per block name; None: each one's
+    forced density, else 1). The model is not run: see the module docstring. Raises
+    ConvgapError where the forward pass needs real data."""
     memory_format(layout)   # checks the name
     x = _example(input_shape, dtype, layout)
     try:
-        return _record(model, x, meta=True)
+        return _record(model, x, True, density)
     except Exception:    # noqa: BLE001 - e.g. a CPU tensor made in forward: fake tensors
-        return _record(model, x, meta=False)
+        return _record(model, x, False, density)
 
 
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -163,16 +218,23 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in found.items()}
 
 
-def _record(model: nn.Module, x: torch.Tensor, meta: bool) -> list[Op]:
+def _record(model: nn.Module, x: torch.Tensor, meta: bool, density: Density) -> list[Op]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     names = {m: n for n, m in model.named_modules()}
+    units = outermost(model)
     stack: list[str] = []
 
     def pre(m, args):
         stack.append(names.get(m, stack[-1] if stack else ""))
+        if m in units:
+            recorder.inner = []
 
     def post(m, args, out):
-        stack.pop()
+        name = stack.pop()
+        if m in units and recorder.inner is not None:
+            inner, recorder.inner = recorder.inner, None
+            d = density.get(name) if isinstance(density, Mapping) else density
+            recorder.unit(name, unit_type(m), args[0], out, inner, describe(m, d))
 
     hooks = [m.register_forward_pre_hook(pre) for m in names] + [
         m.register_forward_hook(post, always_call=True) for m in names]
@@ -209,7 +271,11 @@ def _resolve(name: str):
 
 
 def replay(op: Op, generator: torch.Generator | None = None) -> Callable[[], Any]:
-    """A callable running ``op`` on real tensors of its specs (random values, made now)."""
+    """A callable running ``op`` (an ATen op, not a unit) on real tensors of its specs
+    (random values, made now)."""
+    if op.unit:
+        raise ConvgapError(f"{op.name} is a module ({op.module}), not one ATen operator: "
+                           "it cannot be replayed alone")
     func = _resolve(op.name)
     leaves = [v.make(generator) if isinstance(v, TensorSpec) else v for v in op.leaves]
     args, kwargs = tree_unflatten(leaves, op.tree)

@@ -4,8 +4,9 @@ in the contexts they run in, from no model a user (or the validation set) would 
 :func:`network` draws one from a seed: a stem, three to five stages of residual blocks of
 one family (basic, bottleneck with groups, inverted residual with or without
 squeeze-excitation, ConvNeXt-style depthwise 7x7 + LayerNorm + MLP), random widths, depths,
-kernel sizes, activations and expansion, global pooling and a linear head; and the image
-side its input should have.
+kernel sizes, activations (in place or not) and expansion, squeeze-excitation gates
+(sigmoid or hard sigmoid, 1x1 convs or linear layers), global pooling and a linear head; and
+the image side its input should have.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ __all__ = ["network", "FAMILIES"]
 FAMILIES = ("basic", "bottleneck", "inverted", "convnext")
 _ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU,
          "hardswish": nn.Hardswish}
+_IN_PLACE = ("relu", "relu6", "silu", "hardswish")
+
+
+def _act(name: str) -> nn.Module:
+    """The activation ``name``; a trailing '_' (e.g. 'relu_'): in place."""
+    if name.endswith("_"):
+        return _ACTS[name[:-1]](inplace=True)
+    return _ACTS[name]()
 
 
 def _cba(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
@@ -28,7 +37,7 @@ def _cba(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
               nn.BatchNorm2d(cout)]
     if act is not None:
-        layers.append(_ACTS[act]())
+        layers.append(_act(act))
     return nn.Sequential(*layers)
 
 
@@ -36,7 +45,7 @@ class _Residual(nn.Module):
     def __init__(self, body: nn.Module, shortcut: nn.Module | None, act: str | None) -> None:
         super().__init__()
         self.body, self.shortcut = body, shortcut
-        self.act = None if act is None else _ACTS[act]()
+        self.act = None if act is None else _act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x) + (x if self.shortcut is None else self.shortcut(x))
@@ -44,13 +53,25 @@ class _Residual(nn.Module):
 
 
 class _SE(nn.Module):
-    def __init__(self, c: int, r: int) -> None:
+    """Squeeze-excitation: the gate from 1x1 convs on the mean, or linear layers on the
+    pooled vector; a sigmoid or a hard sigmoid."""
+
+    def __init__(self, c: int, r: int, linear: bool, hard: bool) -> None:
         super().__init__()
-        self.reduce, self.expand = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+        self.linear = linear
+        if linear:
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.reduce, self.expand = nn.Linear(c, r), nn.Linear(r, c)
+        else:
+            self.reduce, self.expand = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+        self.gate = nn.Hardsigmoid() if hard else nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            s = self.gate(self.expand(F.relu(self.reduce(self.pool(x).flatten(1)))))
+            return x * s[:, :, None, None]
         s = F.silu(self.reduce(x.mean((2, 3), keepdim=True)))
-        return x * torch.sigmoid(self.expand(s))
+        return x * self.gate(self.expand(s))
 
 
 class _ConvNeXt(nn.Module):
@@ -78,7 +99,7 @@ def _block(family: str, cin: int, cout: int, stride: int, rng: random.Random,
         return _Residual(body, proj, act)
     if family == "bottleneck":
         mid = max(8, cout // rng.choice((2, 4)))
-        groups = rng.choice((1, 1, 2, 4, 8))
+        groups = rng.choice((1, 1, 2, 4, 8, 16, 32))
         mid = max(groups, mid // groups * groups)
         body = nn.Sequential(_cba(cin, mid, 1, act=act),
                              _cba(mid, mid, k, stride, groups, act=act),
@@ -90,7 +111,8 @@ def _block(family: str, cin: int, cout: int, stride: int, rng: random.Random,
         layers = ([_cba(cin, mid, 1, act=act)] if e > 1 else []) + [
             _cba(mid, mid, k, stride, mid, act=act)]
         if rng.random() < 0.5:
-            layers.append(_SE(mid, max(4, cin // 4)))
+            layers.append(_SE(mid, max(4, cin // 4), rng.random() < 0.3,
+                              rng.random() < 0.4))
         layers.append(_cba(mid, cout, 1, act=None))
         body = nn.Sequential(*layers)
         if stride == 1 and cin == cout:
@@ -108,6 +130,8 @@ def network(seed: int, side: int | None = None) -> tuple[nn.Module, int]:
     rng = random.Random(seed)
     family = FAMILIES[seed % len(FAMILIES)]
     act = rng.choice(("gelu",) if family == "convnext" else tuple(_ACTS))
+    if act in _IN_PLACE and rng.random() < 0.5:
+        act += "_"
     drawn = rng.choice((32, 48, 64, 96, 112, 128, 160, 192, 224, 256))
     side = drawn if side is None else side
     stages = rng.randint(3, 5 if side >= 96 else 4)

@@ -1,0 +1,77 @@
+"""Modules predicted and profiled as one operation: convgap's own fast paths.
+
+A fused block (:class:`~convgap.layers.fused_blocks.FusedBlock`), a dynamic block
+(:class:`~convgap.layers.dynamic.DynamicBlock`: its sparse kernel, at the density its masks
+keep) or a factorized layer with a fused kernel runs one C call where eager PyTorch would
+dispatch a dozen operators, and it steps aside (runs its reference operators) while a
+dispatch mode watches (:func:`convgap.ops.guard.observed`). So :func:`~convgap.predict.
+record.record` keeps such a module as one *unit* op (its reference operators give its work;
+:func:`describe` its density and granularity), and :func:`~convgap.predict.profile.profile`
+times it as one call, the dispatch mode lifted, so its fast path runs.
+
+:data:`UNIT_TYPES` names the unit classes (a unit's type is a categorical feature of the
+'unit' kind); a module of a subclass counts as its nearest registered class.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..layers.dynamic import DynamicBlock
+from ..layers.fused_blocks import FusedBlock
+
+__all__ = ["UNIT_TYPES", "is_unit", "unit_type", "describe", "outermost"]
+
+# the registered unit classes by name, most specific first; 'other': an unregistered
+# FusedBlock subclass
+UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst",
+              "FusedInvertedResidual", "FusedConvChain", "FusedMBConv", "FusedConvNeXt",
+              "DynamicBlock", "other")
+
+
+def is_unit(m: nn.Module) -> bool:
+    """Does ``m`` run as one call in inference: a fused block, or a dynamic block whose
+    execution is sparse."""
+    if isinstance(m, FusedBlock):
+        return True
+    return isinstance(m, DynamicBlock) and m.execution == "sparse"
+
+
+def unit_type(m: nn.Module) -> str:
+    """The registered name ``m`` counts as (its class or nearest registered base)."""
+    for cls in type(m).__mro__:
+        if cls.__name__ in UNIT_TYPES:
+            return cls.__name__
+    return "other"
+
+
+def describe(m: nn.Module, density: float | None = None) -> tuple[float, float]:
+    """(density, granularity) of a unit: a fused block (1, 0); a dynamic block at
+    ``density`` (the kept share of its mask cells; None: its masker's forced density, else
+    1) and its granularity (0 where its mode has none)."""
+    if not isinstance(m, DynamicBlock):
+        return (1.0, 0.0)
+    if density is None:
+        density = m.masker.forced[0] if m.masker.forced is not None else 1.0
+    return (float(density), float(m.granularity() or 0))
+
+
+def measured_density(m: nn.Module) -> float | None:
+    """The share of mask cells a dynamic block kept in its last forward (None: not a
+    dynamic block, or no forward yet)."""
+    if not isinstance(m, DynamicBlock) or m.last_mask is None:
+        return None
+    return float(m.last_mask.float().mean())
+
+
+def outermost(model: nn.Module) -> dict[nn.Module, str]:
+    """The units of ``model`` not inside another unit, with their names."""
+    found: dict[nn.Module, str] = {}
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if is_unit(m):
+            found[m] = name
+            inside.append(name)
+    return found
