@@ -13,12 +13,18 @@ run, which layers timed alone do not):
   measurement's own noise, the floor of any prediction error);
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
-  predicted and measured over all models.
+  predicted and measured over all models; per variant; and the dynamic blocks' own MAPE
+  over the densities.
 
-Only plain models for now: swapped, factorized, fused and dynamic models are not predicted
-yet. Prints the tables and writes benchmarks/results/predict.json::
+Every model plain (both layouts); the zoo and the first eight validation models also as
+variants (channels-last): swapped (``convgap.swap``: Winograd F(2x2, 3x3) on every dense 3x3
+stride-1 conv), factorized in two families (``convgap.factorize`` Tucker and TT at compression
+4), fused (``convgap.fuse``, every matched block) and dynamic (``convgap.make_dynamic``,
+spatial, granularity 4, forced to densities 0.75 / 0.5 / 0.25). Prints the tables and
+writes benchmarks/results/predict.json::
 
     python benchmarks/predict.py [--quick] [--recalibrate] [--threads 2] [--batch 1 8]
+        [--variants plain swapped tucker tt fused dyn0.75 dyn0.5 dyn0.25]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +60,43 @@ def models(names):
             yield name, MODELS[name]().eval(), VALIDATION[name]
 
 
+VARIANTS = ("plain", "swapped", "tucker", "tt", "fused", "dyn0.75", "dyn0.5", "dyn0.25")
+VARIANT_MODELS = list(ZOO) + list(VALIDATION)[:8]
+
+
+def variant(model, name):
+    """``model`` as the variant ``name``, or None where it changes nothing."""
+    import convgap
+    from convgap.dynamic import force_density
+    from convgap.predict.units import is_unit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "plain":
+            return model
+        if name == "swapped":
+            def winograd(n, m):   # dense 3x3 stride-1 convs: where Winograd applies
+                return (type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)
+                        and m.stride == (1, 1) and m.groups == 1)
+            if not any(winograd(n, m) for n, m in model.named_modules()):
+                return None
+            return convgap.swap(model, "winograd_f2", layers=winograd, quiet=True)
+        if name in ("tucker", "tt"):
+            try:
+                out = convgap.factorize(model, name, compression=4.0, quiet=True)
+            except convgap.ConvgapError:
+                return None
+        elif name == "fused":
+            out = convgap.fuse(model, quiet=True)
+        else:
+            try:
+                out = convgap.make_dynamic(model, "spatial", granularity=4, check=False,
+                                           quiet=True)
+            except convgap.ConvgapError:
+                return None
+            force_density(out, float(name[3:]))
+    return out if any(is_unit(m) for m in out.modules()) else None
+
+
 def run_one(name, model, side, batch, layout, cal):
     from convgap import config, predict_latency, timing
     from convgap.ops.layouts import memory_format
@@ -66,9 +110,9 @@ def run_one(name, model, side, batch, layout, cal):
     # disagreement the measurement's own noise on this machine (the floor of any error)
     x = torch.randn(shape).contiguous(memory_format=memory_format(layout))
     with torch.no_grad():
-        a, b = timing.compare([lambda: model(x), lambda: model(x)], config.MODEL_COMPARE)
+        a, b = timing.compare([lambda: model(x), lambda: model(x)], config.ANALYZE_MODEL)
     measured_s = (a.median + b.median) / 2
-    prof = profile(model, x, repeats=7)
+    prof = profile(model, x, repeats=5)
     measured = by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])
     layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
                "measured_s": measured[r.name]}
@@ -83,6 +127,8 @@ def run_one(name, model, side, batch, layout, cal):
 def summary(rows):
     from scipy.stats import spearmanr
     errs = [abs(r["error"]) for r in rows]
+    dyn = [abs(l["predicted_s"] / l["measured_s"] - 1) for r in rows for l in r["layers"]
+           if l["type"] == "DynamicBlock"]
     layer = [(abs(l["predicted_s"] / l["measured_s"] - 1), l["measured_s"])
              for r in rows for l in r["layers"]]
     return {"models": len(rows), "mape": statistics.mean(errs),
@@ -92,7 +138,8 @@ def summary(rows):
             "repeat_mape": statistics.mean(abs(r["repeat"]) for r in rows),
             "spearman": float(spearmanr([r["predicted_s"] for r in rows],
                                         [r["measured_s"] for r in rows]).statistic),
-            "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3}
+            "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3,
+            "dynamic_block_mape": statistics.mean(dyn) if dyn else None}
 
 
 def parse(argv=None):
@@ -101,6 +148,7 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
     p.add_argument("--models", nargs="+", default=list(ZOO) + list(VALIDATION))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--quick", action="store_true", help="the quick calibration")
     p.add_argument("--recalibrate", action="store_true", help="calibrate even if cached")
     p.add_argument("--malloc", default="retain", choices=("default", "retain"),
@@ -115,6 +163,7 @@ def main() -> None:
     from rich.table import Table
     from convgap import allocator, hardware, predict
     args = parse()
+    warnings.simplefilter("ignore")   # the transforms' notes on what they left as it was
     torch.set_num_threads(args.threads)
     allocator.set_policy(args.malloc)
     console = Console(width=200, force_terminal=False)
@@ -131,30 +180,43 @@ def main() -> None:
         console.print("(--quick without --recalibrate: a cached full calibration is used "
                       "if there is one)")
     rows = []
-    for name, model, side in models(args.models):
-        for batch in args.batch:
-            for layout in args.layouts:
-                r = run_one(name, model, side, batch, layout, cal)
-                rows.append(r)
-                console.print(f"{name} b{batch} {layout}: predicted {r['predicted_s']*1e3:.2f}"
-                              f" ms, measured {r['measured_s']*1e3:.2f} ms, "
-                              f"{r['error']:+.1%}", highlight=False)
+    for name, base, side in models(args.models):
+        for var in args.variants:
+            if var != "plain" and name not in VARIANT_MODELS:
+                continue
+            model = variant(base, var)
+            if model is None:
+                continue
+            for batch in args.batch:
+                for layout in (args.layouts if var == "plain" else ["channels_last"]):
+                    r = run_one(name, model, side, batch, layout, cal)
+                    r["variant"] = var
+                    rows.append(r)
+                    console.print(f"{name} {var} b{batch} {layout}: predicted "
+                                  f"{r['predicted_s']*1e3:.2f} ms, measured "
+                                  f"{r['measured_s']*1e3:.2f} ms, {r['error']:+.1%}",
+                                  highlight=False)
     t = Table(title=f"predicted against measured, {cpu}, {args.threads} threads, fp32")
-    for c in ("model", "side", "batch", "layout", "predicted ms", "measured ms", "error",
-              "layer MAPE", "predict ms"):
+    for c in ("model", "variant", "side", "batch", "layout", "predicted ms", "measured ms",
+              "error", "layer MAPE", "predict ms"):
         t.add_column(c, justify="right")
     for r in rows:
         lm = statistics.mean(abs(l["predicted_s"] / l["measured_s"] - 1)
                              for l in r["layers"]) if r["layers"] else float("nan")
-        t.add_row(r["model"], str(r["side"]), str(r["batch"]), r["layout"],
+        t.add_row(r["model"], r["variant"], str(r["side"]), str(r["batch"]), r["layout"],
                   f"{r['predicted_s']*1e3:.2f}", f"{r['measured_s']*1e3:.2f}",
                   f"{r['error']:+.1%}", f"{lm:.1%}", f"{r['predict_s']*1e3:.0f}")
     console.print(t)
-    groups = {"zoo": [r for r in rows if r["model"] in ZOO],
-              "validation": [r for r in rows if r["model"] not in ZOO], "all": rows}
+    plain = [r for r in rows if r["variant"] == "plain"]
+    groups = {"zoo, plain": [r for r in plain if r["model"] in ZOO],
+              "validation, plain": [r for r in plain if r["model"] not in ZOO]}
+    groups.update({v: [r for r in rows if r["variant"] == v] for v in VARIANTS
+                   if v != "plain"})
+    groups["all"] = rows
     s = Table(title="summary")
     for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
-              "Spearman", "predict ms (median)", "repeat |error| (noise)"):
+              "dynamic blocks MAPE", "Spearman", "predict ms (median)",
+              "repeat |error| (noise)"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -163,6 +225,7 @@ def main() -> None:
         v = sums[g] = summary(rs)
         s.add_row(g, str(v["models"]), f"{v['mape']:.1%}", f"{v['within_10']:.0%}",
                   f"{v['layer_mape']:.1%}", f"{v['layer_weighted_mape']:.1%}",
+                  "-" if v["dynamic_block_mape"] is None else f"{v['dynamic_block_mape']:.1%}",
                   f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}",
                   f"{v['repeat_mape']:.1%}")
     console.print(s)

@@ -370,3 +370,30 @@ def test_stages_holding_fused_blocks_are_not_reported_left(always_fuse):
     # the stem-to-head Sequentials hold fused blocks: none of them is a block left as is
     assert not any(n.startswith("features") and n.count(".") == 1 for n in left), left
     assert [c for c in changes(f) if c.transform == "fuse"]
+
+
+class _ActResidual(nn.Module):
+    """conv-bn-act, conv-bn, + x, then ``act`` (not only ReLU: timm's blocks take any)."""
+
+    def __init__(self, c, act):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.act1, self.act2 = act(), act()
+
+    def forward(self, x):
+        return self.act2(self.b2(self.c2(self.act1(self.b1(self.c1(x))))) + x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_residual_blocks_with_any_post_activation_run_fused(act, fmt):
+    """oneDNN fuses only relu after its binary add: any other activation after the
+    residual add runs after the fused conv + add, exact."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), _ActResidual(8, act)).eval()
+    randomize(net)
+    fused = fuse(net, quiet=True)
+    assert len(fused_modules(fused)) >= 1
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert rel(fused(x), net(x)) < 1e-5

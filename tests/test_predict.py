@@ -16,8 +16,8 @@ import convgap
 from convgap import cli, predict
 from convgap.count import count
 from convgap.errors import ConvgapError
-from convgap.predict import calibration, features, synthetic
-from convgap.predict.profile import by_module, profile
+from convgap.predict import calibration, features, synthetic, units
+from convgap.predict.profile import align, by_module, profile, with_densities
 from convgap.predict.record import record, replay
 
 
@@ -180,23 +180,31 @@ def test_synthetic_networks_run(family):
     assert out.shape[0] == 1 and torch.isfinite(out).all()
 
 
-def _tiny(monkeypatch, tmp_path):
-    """A calibration on two small random networks at batch 1 (seconds, not minutes), in a
-    temporary cache."""
-    monkeypatch.setenv("CONVGAP_CACHE", str(tmp_path))
-    monkeypatch.setitem(calibration.NETWORKS, True, 2)
-    monkeypatch.setattr(calibration, "BATCHES", (1,))
-    real = synthetic.network
+@pytest.fixture(scope="module")
+def tiny_calibration(tmp_path_factory):
+    """A calibration on two small random networks at batch 1, each also fused, dynamic,
+    factorized and swapped (seconds, not minutes), and the cache directory it is in."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVGAP_CACHE", str(cache))
+        mp.setitem(calibration.NETWORKS, True, 2)
+        mp.setattr(calibration, "BATCHES", (1,))
+        real = synthetic.network
+        mp.setattr(calibration, "network", lambda seed: real(seed, 32))
+        cal = predict.calibrate(quick=True, refresh=True, quiet=True)
+    return cal, cache
 
-    def smaller(seed):
-        return real(seed, 32)
 
-    monkeypatch.setattr(calibration, "network", smaller)
-    return predict.calibrate(quick=True, refresh=True, quiet=True)
+@pytest.fixture
+def tiny(tiny_calibration, monkeypatch):
+    """The tiny calibration, its cache this test's."""
+    cal, cache = tiny_calibration
+    monkeypatch.setenv("CONVGAP_CACHE", str(cache))
+    return cal
 
 
-def test_calibration_fits_caches_and_predicts(monkeypatch, tmp_path):
-    cal = _tiny(monkeypatch, tmp_path)
+def test_calibration_fits_caches_and_predicts(tiny):
+    cal = tiny
     assert cal.overhead_s > 0 and set(cal.weights) == set(calibration.TERMS)
     assert all(w >= 0 for w in cal.weights.values())
     assert cal.stats["conv"]["samples"] >= 8 and cal.models["conv"] is not None
@@ -218,8 +226,7 @@ def test_calibration_fits_caches_and_predicts(monkeypatch, tmp_path):
     assert math.isclose(q.total_s, p.total_s)
 
 
-def test_cli_calibrate_and_predict(monkeypatch, tmp_path, capsys):
-    _tiny(monkeypatch, tmp_path)
+def test_cli_calibrate_and_predict(tiny, tmp_path, capsys):
     assert cli.main(["calibrate", "--quiet"]) == 0       # the cached one
     assert "per module" in capsys.readouterr().out
     out = tmp_path / "p.json"
@@ -230,15 +237,153 @@ def test_cli_calibrate_and_predict(monkeypatch, tmp_path, capsys):
     assert out.exists()
 
 
-def test_errors(monkeypatch, tmp_path):
-    cal = _tiny(monkeypatch, tmp_path)
+def test_errors(tiny):
+    cal = tiny
     with pytest.raises(ConvgapError, match="unknown layout"):
         convgap.predict_latency(small(), (1, 3, 16, 16), layout="nhwc", calibration=cal)
     with pytest.raises(ConvgapError, match="density"):
         convgap.predict_latency(small(), (1, 3, 16, 16), density=0.5, calibration=cal)
     dyn = convgap.make_dynamic(convgap.models.create("resnet18", num_classes=4), "spatial",
                                granularity=2, check=False, quiet=True)
-    with pytest.raises(ConvgapError, match="dynamic models"):
+    with pytest.raises(ConvgapError, match="give density"):
         convgap.predict_latency(dyn, (1, 3, 32, 32), calibration=cal)
+    with pytest.raises(ConvgapError, match=r"in \[0, 1\]"):
+        convgap.predict_latency(dyn, (1, 3, 32, 32), density=1.5, calibration=cal)
+    with pytest.raises(ConvgapError, match="no such dynamic block"):
+        convgap.predict_latency(dyn, (1, 3, 32, 32), density={"fc": 0.5}, calibration=cal)
+    with pytest.raises(ConvgapError, match="have none"):
+        convgap.predict_latency(dyn, (1, 3, 32, 32), density={"layer1.0": 0.5},
+                                calibration=cal)
     with pytest.raises(ConvgapError, match="cannot record"):
         record(small(), (1, 5, 16, 16))    # 5 channels into a 3-channel conv
+
+
+def _resnet(**kw):
+    torch.manual_seed(0)
+    return convgap.models.create("resnet18", num_classes=4, **kw).eval()
+
+
+def test_fused_blocks_are_one_op_each():
+    """Each fused block is one unit op: it reads the op before it's output first, then
+    its weights; its FLOPs are the original block's (an independent count); a real run
+    times the same ops (the fast path running: one call per block)."""
+    import warnings
+    model = _resnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = convgap.fuse(model, quiet=True)
+    x = torch.randn(1, 3, 32, 32)
+    ops = record(fused, x.shape)
+    blocks = {n: m for n, m in fused.named_modules() if units.is_unit(m)}
+    unit_ops = [op for op in ops if op.unit]
+    assert [op.module for op in unit_ops] == list(blocks) and len(blocks) == 8
+    for op in unit_ops:
+        i = ops.index(op)
+        assert op.reads[0] in ops[i - 1].writes
+        assert op.inputs[0].shape == ops[i - 1].outputs[0].shape
+        orig = model.get_submodule(op.module)
+        assert op.detail[0] == 2 * count(orig, op.inputs[0].shape).macs
+        assert op.detail[3:] == (1.0, 0.0)
+    t = profile(fused, x, repeats=2, warmup=1)
+    assert [n for n in t.names if n.startswith("unit.")] == [op.name for op in unit_ops]
+    assert None not in align(ops, t)    # (a real run adds an as_strided_ after the pool)
+
+
+def test_dynamic_blocks_at_a_density():
+    """A sparse dynamic block is one unit op at the density given (one for all, per block,
+    or forced); the profiled run reports the density its masks kept."""
+    dyn = convgap.make_dynamic(_resnet(), "spatial", granularity=1, check=False, quiet=True)
+    names = [n for n, m in dyn.named_modules() if units.is_unit(m)]
+    shape = (1, 3, 64, 64)      # every block's output 2 x 2 or more: even cell counts
+    ops = record(dyn, shape, density=0.25)
+    assert [op.detail[3:] for op in ops if op.unit] == [(0.25, 1.0)] * len(names)
+    per = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
+    ops = record(dyn, shape, density=per)
+    assert [op.detail[3] for op in ops if op.unit] == pytest.approx(list(per.values()))
+    convgap.dynamic.force_density(dyn, 0.5)
+    ops = record(dyn, shape)
+    assert all(op.detail[3] == 0.5 for op in ops if op.unit)
+    t = profile(dyn, torch.randn(shape), repeats=1, warmup=1)
+    kept = with_densities(record(dyn, shape, density=1.0), t)
+    # forced: exactly round(0.5 x cells) per sample
+    assert [op.detail[3] for op in kept if op.unit] == [0.5] * len(names)
+    assert None not in align(kept, t)
+
+
+def test_factorized_layers_with_kernels_are_units():
+    model = nn.Sequential(convgap.TensorialConv2d(8, 16, 3, "tucker", rank=4, padding=1),
+                          nn.ReLU()).eval()
+    ops = record(model, (1, 8, 12, 12))
+    assert ops[0].name == "unit.TensorialConv2d-tucker" and ops[0].module == "0"
+    assert ops[0].detail[0] == 2 * model[0].macs((1, 8, 12, 12))   # its own path count
+    assert profile(model, torch.randn(1, 8, 12, 12), 1, 1).names == [op.name for op in ops]
+
+
+def test_swapped_layers_leave_out_weight_preparation():
+    """AlgoConv2d transforms its weights once: no recorded op inside one reads only
+    tensors computed without the model's input."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convgap.swap(small(), "winograd_f2", quiet=True)
+    ops = record(model, (1, 3, 16, 16))
+    from_input = {ops[0].reads[0]}
+    for op in ops:
+        if any(r in from_input for r in op.reads):
+            from_input.update(op.writes)
+        elif op.module in ("2.conv", "3.conv"):
+            pytest.fail(f"{op.name} in {op.module} computes from weights only")
+    t = profile(model, torch.randn(1, 3, 16, 16), repeats=1, warmup=1)
+    assert sum(v is None for v in align(ops, t)) <= len(ops) / 10
+
+
+def test_granularity_and_budget_from_predictions(tiny):
+    """granularity='predict' keeps, per stage, the granularity the predictor puts fastest;
+    the 'predicted' budget's tables come from predictions at each density."""
+    x = torch.randn(1, 3, 32, 32)
+    dyn = convgap.make_dynamic(_resnet(), "spatial", x, granularity="predict", check=False,
+                               quiet=True)
+    block = dyn.get_submodule("layer1.0")
+    chosen = block.granularity()
+    times = {}
+    for g in (1, 2, 4, 8):
+        block.masker.granularity = g
+        times[g] = convgap.predict_latency(block, (1, 64, 8, 8), density=0.5).total_s
+    assert times[chosen] == min(times.values())
+    block.masker.granularity = chosen
+    from convgap.dynamic.budget import Budget, DENSITIES, predict_tables
+    tables = predict_tables(dyn, x)
+    assert set(tables) == set(convgap.dynamic.dynamic_blocks(dyn))
+    t = tables["layer1.0"]
+    assert t.densities == DENSITIES and all(s > 0 for s in t.seconds) and t.static_s > 0
+    b = Budget(dyn, 0.5, steps=10, kind="predicted", example_input=x, quiet=True)
+    assert set(b.tables) == set(tables)
+
+
+def test_analyze_with_predictions(tiny, capsys):
+    """analyze(predict=True): the model's and each layer call's predicted seconds beside the
+    measured ones (a module called twice: half its time each), in the tables and the CLI."""
+    from rich.console import Console
+    from convgap.analysis.render import tables
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    model = Twice().eval()
+    run = convgap.analyze(model, (1, 3, 16, 16), predict=True, quiet=True,
+                          allocation=False).runs[0]
+    p = convgap.predict_latency(model, (1, 3, 16, 16))
+    assert run.total.predicted_s == pytest.approx(p.total_s)
+    assert [r.name for r in run.layers] == ["conv", "conv#2"]
+    assert all(r.predicted_s == pytest.approx(p.layer("conv").seconds / 2) for r in run.layers)
+    console = Console(width=250, record=True)
+    console.print(tables(convgap.analysis.Report([run])))
+    assert "predicted ms" in console.export_text()
+    assert cli.main(["analyze", "resnet18", "--image-size", "32", "--batch", "1",
+                     "--predict", "--no-malloc-cost", "--quiet"]) == 0
+    assert "predicted ms" in capsys.readouterr().out

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip timing the whole model again with freed memory retained")
     a.add_argument("--no-per-layer", action="store_true",
                    help="time only whole models (faster; no layer or block latencies)")
+    a.add_argument("--predict", action="store_true",
+                   help="also the latency predictor's model and layer times, and its error "
+                        "(calibrates first if needed: `convgap calibrate`)")
 
     r = sub.add_parser("roofs", help="measured peak FLOP/s and memory bandwidth",
                        description="Measure (or read from the cache) the roofs of a device.")
@@ -281,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(spatial)")
     y.add_argument("--target", type=float, default=0.5,
                    help="fraction of the dynamic blocks' cost to keep (0.5)")
-    y.add_argument("--budget", default="latency", choices=("latency", "flops"),
-                   help="what the target counts: latency measured here, or MACs (latency)")
+    y.add_argument("--budget", default="latency", choices=("latency", "predicted", "flops"),
+                   help="what the target counts: latency measured here, latency from the "
+                        "device's predictor (convgap calibrate), or MACs (latency)")
     y.add_argument("--granularity", nargs="+", default=["auto"], metavar="S",
-                   help="spatial tile side: 'auto' (timed per stage), one int, or one per "
-                        "stage (auto)")
+                   help="spatial tile side: 'auto' (timed per stage), 'predict' (from the "
+                        "device's predictor), one int, or one per stage (auto)")
     y.add_argument("--groups", type=_positive, default=4,
                    help="channel mode: keep bits per block (4)")
     y.add_argument("--epochs", type=_positive, required=True, help="epochs to train")
@@ -392,7 +396,7 @@ def _cmd_analyze(args: argparse.Namespace, console: Console) -> int:
                         net, shape, device=args.device, dtype=dtype, layout=layout,
                         threads=args.threads, name=name, per_layer=not args.no_per_layer,
                         progress=progress, malloc=_policy(args),
-                        allocation=not args.no_malloc_cost))
+                        allocation=not args.no_malloc_cost, predict=args.predict))
     report = Report.combine(reports)
     console.print(tables(report, top=args.top, blocks=args.blocks))
     if args.json is not None:
@@ -686,14 +690,15 @@ def _cmd_dynamic(args: argparse.Namespace, console: Console) -> int:
     if not 0.0 < args.target <= 1.0:
         raise ConvgapError(f"--target must be in (0, 1], got {args.target}")
     gran = args.granularity
-    if gran != ["auto"]:
+    if gran in (["auto"], ["predict"]):
+        gran = gran[0]
+    else:
         try:
             gran = [int(g) for g in gran]
         except ValueError:
-            raise ConvgapError(f"--granularity: 'auto' or integers, got {gran}") from None
+            raise ConvgapError(f"--granularity: 'auto', 'predict' or integers, got "
+                               f"{gran}") from None
         gran = gran[0] if len(gran) == 1 else gran
-    else:
-        gran = "auto"
     train_set, val_set, classes = _datasets(args, augment=True)
     static = _classifier(args.model, args.weights, classes, args).eval()
     with timing.threads(args.threads):

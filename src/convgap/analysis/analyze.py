@@ -86,6 +86,7 @@ def analyze(
     progress=None,
     malloc: str | None = None,
     allocation: bool = True,
+    predict: bool = False,
 ) -> Report:
     """Analyse ``model`` (an ``nn.Module`` or a zoo name) on one input shape.
 
@@ -107,7 +108,9 @@ def analyze(
     chunk lies in the heap, so the first model analysed in a fresh process shows what a
     process serving only that model pays, and later ones may read less. The model is
     copied, put in eval mode and moved to ``device``/``dtype``/``layout``; the caller's model
-    is not changed. Latencies are in seconds.
+    is not changed. ``predict``: also fill each layer's and the model's ``predicted_s``
+    from :func:`convgap.predict_latency` (the device's calibration, made first if there is
+    none: minutes). Latencies are in seconds.
     """
     if isinstance(model, str):
         from .. import models
@@ -176,6 +179,8 @@ def analyze(
             layerwise_bytes=c.layerwise_bytes,
             layerwise_roofline_s=sum(r.roofline_s for r in layers),
             layers_measured_s=sum(layer_s))
+        if predict:
+            _add_predictions(net, shape, dev, dt, layout, n_threads, total, layers)
         run = Run(model=name, batch=shape[0], input_shape=shape, layout=layout,
                   dtype=str(dt).removeprefix("torch."), device=str(dev),
                   device_name=roof.device_name, threads=n_threads, peak_flops=roof.peak_flops,
@@ -185,6 +190,24 @@ def analyze(
                   faults_per_call=measured.faults_per_call if on_cpu else None,
                   allocation=cost.to_dict() if cost is not None else None)
     return Report([run], meta=report_meta())
+
+
+def _add_predictions(net: nn.Module, shape, dev, dt, layout: str, threads: int, total: Row,
+                     layers: list[Row]) -> None:
+    """``predicted_s`` of the model and of each layer call (a module called k times: each
+    call a k-th of its predicted time)."""
+    from ..predict import predict_latency
+    p = predict_latency(net, shape, dev, dt, layout, threads, quiet=False)
+    total.predicted_s = p.total_s
+    by_name = {r.name: r.seconds for r in p.layers}
+    calls: dict[str, int] = {}
+    for r in layers:
+        base = r.name.split("#")[0]
+        calls[base] = calls.get(base, 0) + 1
+    for r in layers:
+        base = r.name.split("#")[0]
+        if base in by_name:
+            r.predicted_s = by_name[base] / calls[base]
 
 
 def report_meta() -> dict:

@@ -45,8 +45,11 @@ def summary_table(report: Report) -> Table:
                    "LD_PRELOAD jemalloc/tcmalloc.")
     t = Table(title=f"convgap analyze ({'; '.join(devices)})", title_justify="left",
               caption=caption, caption_justify="left")
-    cols = ["model", "batch", "layout", "GMACs", "params M", "measured ms", "ideal ms",
-            "roofline ms", "efficiency", "bound", "layers/model"]
+    predicted = any(r.total.predicted_s is not None for r in report.runs)
+    cols = ["model", "batch", "layout", "GMACs", "params M", "measured ms"]
+    if predicted:
+        cols += ["predicted ms", "error"]
+    cols += ["ideal ms", "roofline ms", "efficiency", "bound", "layers/model"]
     if alloc:
         cols += ["faults/call", "malloc cost ms"]
     for col in cols:
@@ -54,9 +57,12 @@ def summary_table(report: Report) -> Table:
     for r in report.runs:
         m = r.total
         cells = [r.model, str(r.batch), r.layout,
-                 f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s),
-                 _ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
-                 f"{r.layers_ratio:.2f}x" if r.layers_timed else "-"]
+                 f"{m.macs / 1e9:.3g}", f"{m.params / 1e6:.3g}", _ms(m.measured_s)]
+        if predicted:
+            p = m.predicted_s
+            cells += ["-", "-"] if p is None else [_ms(p), f"{p / m.measured_s - 1:+.1%}"]
+        cells += [_ms(m.ideal_s), _ms(m.roofline_s), _pct(m.efficiency), m.bound,
+                  f"{r.layers_ratio:.2f}x" if r.layers_timed else "-"]
         if alloc:
             cells += [f"{r.faults_per_call:.0f}" if r.faults_per_call is not None else "-",
                       allocation_cell(r)]
@@ -64,22 +70,28 @@ def summary_table(report: Report) -> Table:
     return t
 
 
-def _row_cells(row: Row) -> list[str]:
-    return [row.name, row.type, f"{row.macs / 1e6:.3g}", f"{row.intensity:.3g}",
-            _ms(row.measured_s), _ms(row.roofline_s), _pct(row.efficiency),
-            _pct(row.roofline_efficiency), row.bound, _pct(row.share)]
+def _row_cells(row: Row, predicted: bool = False) -> list[str]:
+    cells = [row.name, row.type, f"{row.macs / 1e6:.3g}", f"{row.intensity:.3g}",
+             _ms(row.measured_s)]
+    if predicted:
+        cells.append("-" if row.predicted_s is None else _ms(row.predicted_s))
+    return cells + [_ms(row.roofline_s), _pct(row.efficiency), _pct(row.roofline_efficiency),
+                    row.bound, _pct(row.share)]
 
 
 def layers_table(run: Run, top: int = 10) -> Table:
-    """The ``top`` layers of ``run`` by share of the summed isolated layer time."""
+    """The ``top`` layers of ``run`` by share of the summed isolated layer time (with
+    predictions: also the predictor's time of each inside the model's pass)."""
+    predicted = any(r.predicted_s is not None for r in run.layers)
     t = Table(title=f"{run.label}: top {top} layers by time "
                     f"({run.device_name}, {run.threads} threads, {run.dtype})",
               title_justify="left")
-    for col in ("layer", "type", "MMACs", "FLOP/B", "measured ms", "roofline ms",
-                "efficiency", "of roofline", "bound", "share"):
+    cols = ["layer", "type", "MMACs", "FLOP/B", "measured ms"]
+    cols += ["predicted ms (in model)"] if predicted else []
+    for col in cols + ["roofline ms", "efficiency", "of roofline", "bound", "share"]:
         t.add_column(col, justify="left" if col in ("layer", "type", "bound") else "right")
     for row in sorted(run.layers, key=lambda r: -r.measured_s)[:top]:
-        t.add_row(*_row_cells(row))
+        t.add_row(*_row_cells(row, predicted))
     return t
 
 

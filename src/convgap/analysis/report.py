@@ -25,6 +25,8 @@ class Row:
     roofline_efficiency: roofline_s / measured_s (how close to the nearer roof).
     bound: 'compute' or 'memory' by the roofline. share: fraction of the total time (layers:
     of the sum of isolated layer times; blocks: of the whole-model time).
+    predicted_s: with ``analyze(predict=True)``, the latency predictor's (model: whole
+    forward; layer: its time inside the model's pass, a call's share of its module's).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Row:
     layerwise_bytes: int | None = None     # blocks/model: sum of the layers' minimum bytes
     layerwise_roofline_s: float | None = None  # blocks/model: sum of the layers' rooflines
     layers_measured_s: float | None = None     # blocks/model: sum of isolated layer times
+    predicted_s: float | None = None           # layers/model: convgap.predict_latency's
 
     @property
     def flops(self) -> int:

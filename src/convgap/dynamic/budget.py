@@ -19,6 +19,10 @@ Costs, per block, as a function of its density ``d`` (the fraction of its output
   computation where it buys most time, and ``target`` is a fraction of the static
   network's block time (a sparse block slower than its static one at full density costs
   more than 1, and is pushed below its crossover);
+- ``'predicted'``: the same tables from the device's latency predictor
+  (:func:`predict_tables`: :func:`convgap.predict_latency` of the model at each density,
+  and of its static and fused forms; nothing timed but the predictor's one-time
+  calibration);
 - ``'flops'``: the body's MACs at that density (each stage's share: spatial, the positions
   it computes, its halo included; channel, its kept input and output channels).
 """
@@ -41,11 +45,11 @@ from ..transforms import fuse
 from ..transforms.eligible import first_inputs
 from .transform import dynamic_blocks, evaluating
 
-__all__ = ["Budget", "LatencyTable", "measure_latency", "DENSITIES", "KINDS",
-           "temperature"]
+__all__ = ["Budget", "LatencyTable", "measure_latency", "predict_tables", "DENSITIES",
+           "KINDS", "temperature"]
 
 DENSITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
-KINDS = ("latency", "flops")
+KINDS = ("latency", "predicted", "flops")
 
 
 def temperature(step: int, steps: int, tau: tuple[float, float] = (5.0, 0.1)) -> float:
@@ -129,6 +133,38 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
     return tables
 
 
+def predict_tables(model: nn.Module, example_input: torch.Tensor, *,
+                   densities: Sequence[float] = DENSITIES) -> dict[str, LatencyTable]:
+    """:func:`measure_latency`'s tables from the latency predictor
+    (:func:`convgap.predict_latency`, on ``example_input``'s shape and layout): each sparse
+    block's time inside the model with every block at each density, and its static time
+    (the faster of the original block and its fused form, each inside the static model).
+    Seconds. Nothing is timed (the predictor calibrates once per device, minutes)."""
+    from ..ops.layouts import layout_of
+    from ..predict import predict_latency
+    from ..predict.profile import by_module
+    blocks = dynamic_blocks(model)
+    if not blocks:
+        raise ConvgapError("the model has no dynamic blocks (convgap.make_dynamic)")
+    densities = tuple(sorted(densities))
+    shape, layout = tuple(example_input.shape), layout_of(example_input)
+
+    def per_block(net: nn.Module, density: float | None) -> dict[str, float]:
+        p = predict_latency(net, shape, layout=layout, density=density)
+        return by_module(p.ops, p.op_seconds, list(blocks))
+    with evaluating(model):
+        sparse = [per_block(model, d) for d in densities]
+    static = copy.deepcopy(model).eval()
+    for name, b in dynamic_blocks(static).items():
+        static.set_submodule(name, b.original())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # fuse's notes on what it left
+        fused = fuse(static, quiet=True)
+    plain, folded = per_block(static, None), per_block(fused, None)
+    return {n: LatencyTable(densities, tuple(s[n] for s in sparse),
+                            min(plain[n], folded[n]) or None) for n in blocks}
+
+
 def _crossover(densities: Sequence[float], times: Sequence[float], dense: float) -> float:
     """The lowest density from which sparse ``times`` (at ``densities``, ascending) reach
     the ``dense`` time, linear between points; 2.0 if they never do."""
@@ -168,12 +204,13 @@ class Budget:
         self.target, self.steps, self.kind = float(target), steps, kind
         self.weight, self.tau, self.anneal = float(weight), tuple(tau), float(anneal)
         self.last: dict = {}
-        if kind == "latency":
+        if kind in ("latency", "predicted"):
             if tables is None:
                 if example_input is None:
-                    raise ConvgapError("a latency budget times the blocks: give "
+                    raise ConvgapError(f"a {kind} budget needs the blocks' inputs: give "
                                        "example_input (or tables, or kind='flops')")
-                tables = measure_latency(model, example_input, quiet=quiet)
+                tables = (measure_latency(model, example_input, quiet=quiet)
+                          if kind == "latency" else predict_tables(model, example_input))
             missing = set(self.blocks) - set(tables)
             if missing:
                 raise ConvgapError(f"no latency table for blocks {sorted(missing)}")

@@ -56,8 +56,8 @@ def train_dynamic(static: nn.Module, train: Dataset, val: Dataset, *, epochs: in
     """Make a copy of the trained ``static`` classifier dynamic (:func:`make_dynamic`,
     ``mode``, ``granularity``, ``groups``) and train it for ``epochs`` on ``train`` with
     cross-entropy, distillation from ``static`` (``kd_alpha``, ``kd_temperature``) and a
-    ``budget`` ('latency', measured on this device at batch ``example_batch``, or
-    'flops') at ``target`` (the fraction of the dynamic blocks' cost to keep;
+    ``budget`` ('latency', measured on this device at batch ``example_batch``;
+    'predicted', the same from the device's latency predictor; or 'flops') at ``target`` (the fraction of the dynamic blocks' cost to keep;
     ``budget_weight``, Gumbel temperature ``tau`` from start to end). ``lr`` None takes
     :data:`DYNAMIC_LR`; other keywords go to :func:`convgap.train.fit`. Returns a
     :class:`DynamicTraining`; ``static`` is not changed."""

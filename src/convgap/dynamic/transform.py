@@ -102,14 +102,15 @@ def _find(model: nn.Module, wanted) -> tuple[list[tuple[str, nn.Module, tuple]],
 
 
 def _granularities(granularity, n_stages: int) -> list | None:
-    if granularity == "auto":
+    if granularity in ("auto", "predict"):
         return None
     if isinstance(granularity, int) and not isinstance(granularity, bool):
         return [granularity] * n_stages
     g = list(granularity)
     if len(g) != n_stages or not all(isinstance(v, int) and v >= 1 for v in g):
-        raise ConvgapError(f"granularity: 'auto', one int, or one int per stage ({n_stages} "
-                           f"stages of blocks by output size), got {granularity!r}")
+        raise ConvgapError(f"granularity: 'auto', 'predict', one int, or one int per stage "
+                           f"({n_stages} stages of blocks by output size), got "
+                           f"{granularity!r}")
     return g
 
 
@@ -125,9 +126,12 @@ def make_dynamic(model: nn.Module, mode: str = "spatial",
 
     - ``granularity`` (spatial): the side, in output pixels, of the tiles a mask keeps or
       skips: one int for every block, one per stage (blocks grouped by output size, in
-      order), or 'auto' (needs ``example_input``): each stage's first block is timed sparse
+      order), 'auto' (needs ``example_input``): each stage's first block is timed sparse
       at density ``target`` for each of :data:`GRANULARITIES` (up to its output side) and
-      the fastest is kept (the one measured choice, kind 'dynamic-granularity').
+      the fastest is kept (the one measured choice, kind 'dynamic-granularity'), or
+      'predict' (needs ``example_input``, for the blocks' input shapes): the same choice
+      from the device's latency predictor (:func:`convgap.predict_latency`, calibrated
+      once), no block timed.
     - ``groups`` (channel): keep bits per block, each over an equal share of the hidden
       channels (the last conv's input channels).
     - ``target``: the fraction of the computation to keep (used by 'auto' here; the
@@ -145,9 +149,9 @@ def make_dynamic(model: nn.Module, mode: str = "spatial",
         raise ConvgapError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if not 0.0 < float(target) <= 1.0:
         raise ConvgapError(f"target must be in (0, 1], got {target!r}")
-    if granularity == "auto" and mode == "spatial" and example_input is None:
-        raise ConvgapError("granularity='auto' times the blocks: give example_input, or "
-                           "an int granularity")
+    if granularity in ("auto", "predict") and mode == "spatial" and example_input is None:
+        raise ConvgapError(f"granularity={granularity!r} needs the blocks' inputs: give "
+                           "example_input, or an int granularity")
     model = model if inplace else copy.deepcopy(model)
     wanted = None
     if layers is not None:
@@ -205,23 +209,44 @@ def _set_granularity(blocks, inputs, granularity, target: float, quiet: bool) ->
     chosen = _granularities(granularity, len(stages))
     if chosen is None:
         chosen = []
+        pick = _predicted if granularity == "predict" else _auto
+        what = "predicting" if granularity == "predict" else "timing"
         with make_progress(quiet) as bar, torch.no_grad():
-            task = bar.add_task("timing granularities", total=len(stages))
+            task = bar.add_task(f"{what} granularities", total=len(stages))
             for names in stages:
-                chosen.append(_auto(blocks[names[0]], inputs[names[0]][0], target))
+                chosen.append(pick(blocks[names[0]], inputs[names[0]][0], target))
                 bar.advance(task)
     for names, g in zip(stages, chosen):
         for n in names:
             blocks[n].masker.granularity = int(g)
 
 
-def _auto(block: DynamicBlock, x: torch.Tensor, target: float) -> int:
-    """The granularity at which ``block`` runs fastest sparse at density ``target`` (the
-    incumbent: 4, or the largest candidate up to the output side)."""
+def _candidates(block: DynamicBlock, x: torch.Tensor) -> list[int]:
+    """The granularities to try on ``block`` (up to its output side), the incumbent
+    first: 4, or the largest."""
     side = min(block.out_size(tuple(x.shape[-2:])))
     cands = [g for g in GRANULARITIES if g <= max(1, side)]
     first = 4 if 4 in cands else cands[-1]
-    cands = [first] + [g for g in cands if g != first]
+    return [first] + [g for g in cands if g != first]
+
+
+def _predicted(block: DynamicBlock, x: torch.Tensor, target: float) -> int:
+    """The granularity at which the latency predictor puts ``block`` fastest sparse at
+    density ``target`` on inputs like ``x`` (the first of equals: the incumbent)."""
+    from ..predict import predict_latency
+    from ..ops.layouts import layout_of
+    times = {}
+    for g in _candidates(block, x):
+        block.masker.granularity = g
+        times[g] = predict_latency(block, tuple(x.shape), layout=layout_of(x),
+                                   density=target).total_s
+    return min(times, key=times.get)
+
+
+def _auto(block: DynamicBlock, x: torch.Tensor, target: float) -> int:
+    """The granularity at which ``block`` runs fastest sparse at density ``target`` (the
+    incumbent: 4, or the largest candidate up to the output side)."""
+    cands = _candidates(block, x)
 
     def run(g: int) -> torch.Tensor:
         block.masker.granularity = g

@@ -104,12 +104,21 @@ def _bind_conv_add(conv: nn.Conv2d, shape: Sequence[int], post: str | None
     the activation)."""
     w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(post)
-    unary = None if post is None else attr
+    if post is None or attr == "relu":
+        unary = None if post is None else attr
 
-    def call(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return _conv_bin(x, other, w, b, pad, stride, dil, groups, "add", None, unary,
-                         scalars, alg)
-    return call
+        def call(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+            return _conv_bin(x, other, w, b, pad, stride, dil, groups, "add", None, unary,
+                             scalars, alg)
+        return call
+    # oneDNN fuses only relu after a binary add ("Unary Fusion behavior undefined"
+    # otherwise): the add as a post-op, the activation after it
+    _, none_scalars, none_alg = activations.post_op(None)
+
+    def call_then_act(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return activations.apply(post, _conv_bin(x, other, w, b, pad, stride, dil, groups,
+                                                 "add", None, None, none_scalars, none_alg))
+    return call_then_act
 
 
 class FusedBlock(nn.Module, abc.ABC):

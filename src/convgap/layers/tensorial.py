@@ -279,7 +279,7 @@ class TensorialConv2d(nn.Module):
         spans = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
         return None if any(t % 2 for t in spans) else (spans[0] // 2, spans[1] // 2)
 
-    def _has_kernel(self, device: str = "cpu") -> bool:
+    def has_kernel(self, device: str = "cpu") -> bool:
         """A family and geometry with a fused kernel on ``device`` ('cpu' or 'cuda')."""
         return self.factorization in dispatch.KERNEL_FAMILIES and self._pads() is not None and \
             dispatch.available(self.factorization, self.stride, device)
@@ -287,8 +287,8 @@ class TensorialConv2d(nn.Module):
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         """A fused kernel for this layer on ``x``: CPU float32 or CUDA inference."""
         if x.device.type == "cuda":
-            return self._has_kernel("cuda") and dispatch.gpu_inference(x, self._params())
-        return self._has_kernel() and dispatch.cpu_inference(x, self._params())
+            return self.has_kernel("cuda") and dispatch.gpu_inference(x, self._params())
+        return self.has_kernel() and dispatch.cpu_inference(x, self._params())
 
     def _candidates(self, x: torch.Tensor) -> list[str]:
         """The fused kernels to try on ``x``, in order (see :func:`dispatch.kernel_call`): on a
@@ -338,7 +338,7 @@ class TensorialConv2d(nn.Module):
         choice = None if plan is None else plan[2].get(slot, {}).get("choice")
         if choice is None:
             device = "cuda" if x.device.type == "cuda" else "cpu"
-            return None if self._has_kernel(device) else "steps"
+            return None if self.has_kernel(device) else "steps"
         names = self._candidates(x)
         return names[choice] if choice < len(names) else "steps"
 

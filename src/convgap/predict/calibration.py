@@ -2,7 +2,12 @@
 latency model per operator kind, cached per device.
 
 :func:`calibrate` records the operators of random networks (:mod:`.synthetic`; never a zoo
-or user model) at batch 1 and 8 in both layouts and runs each network for real under
+or user model) at batch 1 and 8 in both layouts, some of them fused (:func:`convgap.fuse`,
+every matched block), made dynamic (:func:`convgap.make_dynamic`, spatial, at a random
+granularity and forced density) or factorized (each full conv with a kernel replaced by a
+randomly initialised CP, Tucker, TT or flattened layer at a random compression: latency
+depends on the ranks, not on the values): their fused, sparse and factorized layers are
+units (:mod:`.units`), each one op. Each network runs for real under
 :func:`~convgap.predict.profile.profile`: every operator's time inside the network, with
 the caches as the operators before it left them (an operator timed alone, again and
 again, finds its weights in cache; at batch 1 in a network most do not: whole networks
@@ -39,20 +44,27 @@ from ..errors import ConvgapError
 from ..progress import make_progress
 from .features import FEATURES, KINDS, baseline, context, features, kind
 from ..ops.layouts import LAYOUTS, memory_format
-from .profile import align, profile
+from .profile import align, profile, with_densities
+from .units import is_unit
 from .record import Op, record
 from .synthetic import network
 
 __all__ = ["Calibration", "calibrate", "load", "fit", "VERSION", "NETWORK_TIMING",
            "PROFILE_REPEATS"]
 
-VERSION = 6  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 9  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
 NETWORK_TIMING = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.2)
 PROFILE_REPEATS = 7                   # profiled runs per network: each op's median
 NETWORKS = {True: 24, False: 80}     # quick: networks recorded and timed
+# every network as it is at each batch and layout, and changed by convgap's transforms at
+# one (seeded) batch and layout per entry: dynamic three times (three densities: a sparse
+# block's time is a function of its density), swapped twice (Winograd's batched GEMMs are
+# shapes no plain network has)
+VARIANTS = ("plain", "fused", "dynamic", "dynamic", "dynamic", "factorized", "swapped",
+            "swapped")
 BATCHES = (1, 8)
 
 
@@ -176,10 +188,87 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
     return models, stats
 
 
-def _networks(quick: bool) -> list[tuple[int, int, str]]:
-    """(seed, batch, layout) of the calibration runs."""
-    return [(seed, batch, layout) for seed in range(NETWORKS[quick]) for batch in BATCHES
-            for layout in LAYOUTS]
+def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
+    """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
+    import random
+    out = []
+    for seed in range(NETWORKS[quick]):
+        out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
+        rng = random.Random(seed)
+        out += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
+                for i, v in enumerate(VARIANTS[1:])]
+    return out
+
+
+def _variant(net: nn.Module, seed: int, variant: str) -> nn.Module | None:
+    """``net`` as calibrated: as it is, fused (every matched block), dynamic (spatial, a
+    seeded granularity and forced density), factorized (:func:`_factorized`) or swapped (a
+    seeded algorithm on every conv it supports); None where the variant changes
+    nothing."""
+    import random
+    import warnings
+
+    from ..dynamic.transform import dynamic_blocks, force_density, make_dynamic
+    from ..transforms.fuse import fuse
+    if variant == "plain":
+        return net
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # what was left unfused or static
+        if variant == "fused":
+            out = fuse(net, quiet=True)
+            return out if any(is_unit(m) for m in out.modules()) else None
+        rng = random.Random(seed)
+        if variant == "factorized":
+            return _factorized(net, rng)
+        if variant == "swapped":
+            return _swapped(net, rng)
+        try:
+            out = make_dynamic(net, "spatial", granularity=rng.choice((1, 2, 4, 8)),
+                               check=False, quiet=True)
+        except ConvgapError:     # no residual block it recognises
+            return None
+    return force_density(out, rng.choice((0.1, 0.25, 0.5, 0.75, 1.0)), seed) \
+        if dynamic_blocks(out) else None
+
+
+def _factorized(net: nn.Module, rng) -> nn.Module | None:
+    """``net`` with each ungrouped conv with a kernel above 1x1 replaced by a randomly
+    initialised factorized layer of the same geometry: one family for the network (CP,
+    Tucker, TT, flattened), a compression of 2, 4 or 8 (None: no such conv)."""
+    from ..layers import FlattenedConv2d, TensorialConv2d
+    fam = rng.choice(("cp", "tucker", "tt", "flattened"))
+    compression = rng.choice((2.0, 4.0, 8.0))
+    convs = [(n, m) for n, m in net.named_modules() if type(m) is nn.Conv2d
+             and m.groups == 1 and max(m.kernel_size) > 1 and isinstance(m.padding, tuple)
+             and m.padding[0] == m.padding[1]]
+    for name, c in convs:
+        args = (c.in_channels, c.out_channels, c.kernel_size)
+        geo = {"stride": c.stride, "padding": c.padding, "bias": c.bias is not None}
+        layer = (FlattenedConv2d(*args, **geo) if fam == "flattened" else
+                 TensorialConv2d(*args, fam, compression=compression, **geo))
+        net.set_submodule(name, layer)
+    return net.eval() if convs else None
+
+
+SWAPPED = ("winograd_f2", "winograd_f4", "winograd_f2", "winograd_f4", "im2col", "fft",
+           "implicit_gemm", "depthwise", "prepacked", "channels_last")   # Winograd: twice
+
+
+def _swapped(net: nn.Module, rng) -> nn.Module | None:
+    """``net`` with one seeded algorithm (:data:`SWAPPED`) on every conv it supports (None:
+    on none)."""
+    from ..algorithms import ConvSpec, registry
+    from ..transforms.swap import swap
+    alg = registry.get(rng.choice(SWAPPED))
+
+    def supported(name: str, m: nn.Module) -> bool:
+        if type(m) is not nn.Conv2d:
+            return False
+        x = torch.empty(1, m.in_channels, 32, 32, device="meta")
+        return alg.supports(ConvSpec.from_conv(m, x)) is None
+    if not any(supported(n, m) for n, m in net.named_modules()):
+        return None
+    return swap(net, alg.name, layers=supported, quiet=True)
 
 
 def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -205,14 +294,20 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         recorded = []     # (ops, module count, whole seconds, profiled op sum)
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: random networks", total=len(runs))
-            for seed, batch, layout in runs:
+            for seed, variant, batch, layout, own in runs:
                 net, side = network(seed)
+                net = _variant(net, own, variant)
+                if net is None:
+                    progress.advance(task)
+                    continue
                 fmt = memory_format(layout)
                 net = net.to(dtype=dtype, memory_format=fmt)
                 shape = (batch, 3, side, side)
                 ops = record(net, shape, dtype, layout)
                 x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
-                seconds = align(ops, profile(net, x, PROFILE_REPEATS))
+                prof = profile(net, x, PROFILE_REPEATS)
+                ops = with_densities(ops, prof)
+                seconds = align(ops, prof)
                 samples += [(op, w, s) for op, w, s in zip(ops, context(ops), seconds)
                             if s is not None]
                 with torch.no_grad():

@@ -2,17 +2,17 @@
 running it.
 
 The model's operators are recorded (:func:`~convgap.predict.record.record`: shapes only),
-each is predicted by its kind's calibrated model (:mod:`convgap.predict.calibration`), and
-the whole model from their sums per kind and its module count, with the calibration's
-weights. Rows are per module: each leaf module's operators (as the module timed alone
-runs them), each top-level child's (a stage, a block), and the model's. Seconds
-throughout.
+each is predicted inside the pass by its kind's calibrated model
+(:mod:`convgap.predict.calibration`), and the whole model from their sum, their count and
+its module count, with the calibration's weights. Rows are per module: each leaf module's
+(or unit's: a fused or sparse dynamic block, :mod:`convgap.predict.units`) operators, each
+top-level child's (a stage, a block), and the model's. Seconds throughout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,16 +24,17 @@ from ..layers.dynamic import DynamicBlock
 from .features import work
 from ..ops.layouts import memory_format
 from ..transforms.select import enclosing
-from .record import Op, record
+from .record import Density, Op, record
+from .units import is_unit, outermost
 
 __all__ = ["Prediction", "PredictedRow", "predict_latency"]
 
 
 @dataclass
 class PredictedRow:
-    """A module's predicted latency: ``seconds`` of its operators alone, summed (as the
-    module timed alone runs them; the whole model's weights apply to its total only),
-    ``ops`` their count, ``flops`` and ``bytes`` their work."""
+    """A module's predicted latency: ``seconds`` of its operators inside the model's pass,
+    summed (the whole model's weights apply to its total only), ``ops`` their count,
+    ``flops`` and ``bytes`` their work."""
 
     name: str
     type: str
@@ -94,9 +95,35 @@ def _rows(model: nn.Module, ops: Sequence[Op], seconds, names: Sequence[str]
             for n in names if acc[n][1]]
 
 
+def _check_density(model: nn.Module, density: Density) -> None:
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, DynamicBlock)}
+    if density is None:
+        free = [n for n, m in blocks.items() if is_unit(m) and m.masker.forced is None]
+        if free:
+            raise ConvgapError(
+                f"a dynamic model's latency depends on how much its masks keep: give "
+                f"density (one for all, or per block name; {len(free)} blocks, e.g. "
+                f"{free[0]!r}), or force_density() the model")
+        return
+    if not blocks:
+        raise ConvgapError("density is for dynamic models (convgap.make_dynamic); this one "
+                           "has no dynamic blocks")
+    given = density.items() if isinstance(density, Mapping) else [("", density)]
+    for name, d in given:
+        if name and name not in blocks:
+            raise ConvgapError(f"density for {name!r}: no such dynamic block (the model's: "
+                               f"{', '.join(list(blocks)[:4])}...)")
+        if not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
+            raise ConvgapError(f"density must be in [0, 1], got {d!r}")
+    if isinstance(density, Mapping) and set(density) != set(blocks):
+        missing = [n for n in blocks if n not in density]
+        raise ConvgapError(f"density per block: {len(missing)} dynamic blocks have none "
+                           f"(e.g. {missing[0]!r})")
+
+
 def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = "cpu",
                     dtype: torch.dtype = torch.float32, layout: str = "nchw",
-                    threads: int | None = None, density: float | None = None,
+                    threads: int | None = None, density: Density = None,
                     calibration: Calibration | None = None, quiet: bool = True
                     ) -> Prediction:
     """Predict ``model``'s forward latency (seconds) on ``device`` for an input of
@@ -104,19 +131,23 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
     the model's weights are taken as they are: convert them as you would to run it), under
     ``threads`` (default: the current count). Uses ``calibration`` or the cached one
     (:func:`~convgap.predict.calibration.calibrate`, run now if there is none: minutes).
-    The model is not run. ``density`` is for dynamic models, which are not predicted yet:
-    it must be None. Raises ConvgapError where the model's forward needs real data."""
+    The model is not run. Fused blocks (:func:`convgap.fuse`) and sparse dynamic blocks
+    (:func:`convgap.make_dynamic`) are predicted as one call each; ``density``: the share
+    of mask cells the dynamic blocks keep, one for all or a dict by block name (None: each
+    block's forced density, :func:`convgap.dynamic.force_density`; required otherwise).
+    Raises ConvgapError where the model's forward needs real data."""
     memory_format(layout)   # checks the name
     dev = hardware.check_device(device)
-    if density is not None:
-        raise ConvgapError("dynamic models are not predicted yet (density must be None)")
-    if any(isinstance(m, DynamicBlock) for m in model.modules()):
-        raise ConvgapError("dynamic models (convgap.make_dynamic) are not predicted yet")
+    _check_density(model, density)
     with timing.threads(threads if dev.type == "cpu" else None) as n:
         cal = calibration or calibrate(dev, dtype, n, quiet=quiet)
-        ops = record(model, input_shape, dtype, layout)
+        ops = record(model, input_shape, dtype, layout, density)
     seconds = cal.op_seconds(ops)
-    leaves = [name for name, m in model.named_modules() if not any(True for _ in m.children())]
+    units = outermost(model)
+    inside = tuple(n + "." for n in units.values())
+    leaves = [name for name, m in model.named_modules()
+              if not name.startswith(inside) and (m in units or not any(True for _ in
+                                                                        m.children()))]
     tops = [""] + [name for name, _ in model.named_children()]
     return Prediction(tuple(int(s) for s in input_shape), layout,
                       str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, model),

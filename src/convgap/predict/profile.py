@@ -14,6 +14,7 @@ the timed spans. Seconds throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import statistics
 import time
@@ -29,7 +30,7 @@ from ..transforms.select import enclosing
 from .record import UNIT_PREFIX
 from .units import measured_density, outermost, unit_type
 
-__all__ = ["profile", "OpTimes", "align", "by_module", "measure"]
+__all__ = ["profile", "OpTimes", "align", "with_densities", "by_module", "measure"]
 
 
 class _Clock(TorchDispatchMode):
@@ -58,9 +59,10 @@ class _Clock(TorchDispatchMode):
                 t0 = time.perf_counter()
                 out = forward(*args, **kwargs)
                 t1 = time.perf_counter()
+                density = measured_density(m)
             self.funcs.append(name)
             self.seconds.append(t1 - t0)
-            self.densities.append(measured_density(m))
+            self.densities.append(density)
             return out
         return timed
 
@@ -80,8 +82,9 @@ class OpTimes(list):
 def profile(model: nn.Module | Callable[[torch.Tensor], object], x: torch.Tensor,
             repeats: int = 5, warmup: int = 2) -> OpTimes:
     """Run ``model(x)`` ``warmup + repeats`` times, each ATen operator timed where it runs;
-    per operator the median over the ``repeats`` runs. Raises ConvgapError if the runs do
-    not dispatch the same operators (a forward that depends on the data)."""
+    per operator the median over the ``repeats`` runs (the warm-up runs may prepare what
+    later ones reuse). Raises ConvgapError if the measured runs do not dispatch the same
+    operators (a forward that depends on the data)."""
     if repeats < 1 or warmup < 0:
         raise ConvgapError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     runs: list[list[float]] = []
@@ -100,14 +103,15 @@ def profile(model: nn.Module | Callable[[torch.Tensor], object], x: torch.Tensor
         finally:
             for m in units:
                 del m.forward
+        if i < warmup:      # (first calls may prepare what later ones reuse)
+            continue
         if funcs is None:
             funcs = clock.funcs
         elif clock.funcs != funcs:
             raise ConvgapError("the model dispatched different operators on two runs of "
                                "the same input: it cannot be profiled per operator")
-        if i >= warmup:
-            runs.append(clock.seconds)
-            wholes.append(whole)
+        runs.append(clock.seconds)
+        wholes.append(whole)
     out = OpTimes(statistics.median(s) for s in zip(*runs)) if funcs else OpTimes()
     out.names = [str(f) for f in (funcs or [])]
     out.densities = clock.densities
@@ -140,6 +144,20 @@ def align(ops: Sequence, times: OpTimes) -> list[float | None]:
     if sum(v is None for v in out) > len(out) / 10:
         raise ConvgapError("the model ran other operators than were recorded for this "
                            "input: its layers cannot be matched to the prediction's")
+    return out
+
+
+def with_densities(ops: Sequence, times: OpTimes) -> list:
+    """``ops`` with each dynamic unit's density the one its profiled run kept (units in
+    order: the k-th recorded unit is the k-th profiled one)."""
+    kept = iter([d for n, d in zip(times.names, times.densities) if n.startswith(UNIT_PREFIX)])
+    out = []
+    for op in ops:
+        if op.unit:
+            d = next(kept, None)
+            if d is not None:
+                op = dataclasses.replace(op, detail=op.detail[:3] + (d,) + op.detail[4:])
+        out.append(op)
     return out
 
 

@@ -16,7 +16,9 @@ convgap's fast paths (fused blocks, sparse dynamic blocks) step aside while a di
 mode watches (:func:`convgap.ops.guard.observed`): such a module (:mod:`.units`) is kept
 as one *unit* op named ``'unit.<type>'``, reading the tensors its reference ops read from
 outside it (its input first, then its weights), writing its output, its reference ops'
-FLOPs, bytes and count and its density and granularity in ``detail``. A model whose
+FLOPs, bytes and count and its density and granularity in ``detail``. Inside a module
+that keeps what it computes from its weights alone (:data:`~convgap.predict.units.PREPARED`),
+operators that do not depend on the model's input are left out. A model whose
 forward needs real data (a mask decided by the values) cannot be recorded this way:
 :func:`record` raises a ConvgapError naming the module.
 """
@@ -32,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConvgapError
 from ..ops.layouts import memory_format
-from .units import describe, outermost, unit_type
+from .units import PREPARED, describe, outermost, unit_type
 
 __all__ = ["TensorSpec", "Op", "record", "replay"]
 
@@ -136,6 +138,8 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         self.where = where
         self.ops: list[Op] = []
         self.inner: list[Op] | None = None   # a unit's reference ops, while inside one
+        self.prepared: set[str] = set()     # names of PREPARED modules (see .units)
+        self.from_input: set[int] = set()   # tensors computed from the model's input
         self._ids: dict[int, tuple[int, torch.Tensor]] = {}   # id() -> (number, tensor kept)
 
     def _number(self, t: torch.Tensor) -> int:
@@ -155,12 +159,16 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
             out = out.contiguous(memory_format=torch.channels_last)
         leaves, tree = tree_flatten((args, kwargs))
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        reads = tuple(self._number(v) for v in leaves if isinstance(v, torch.Tensor))
+        writes = tuple(self._number(t) for t in outs)
+        where = self.where()
+        if any(r in self.from_input for r in reads):
+            self.from_input.update(writes)
+        elif where in self.prepared:
+            return out        # computed from weights alone: kept between calls
         into = self.ops if self.inner is None else self.inner
-        into.append(Op(str(func), self.where(), tuple(_spec(v) for v in leaves), tree,
-                           tuple(TensorSpec.of(t) for t in outs),
-                           tuple(self._number(v) for v in leaves
-                                 if isinstance(v, torch.Tensor)),
-                           tuple(self._number(t) for t in outs)))
+        into.append(Op(str(func), where, tuple(_spec(v) for v in leaves), tree,
+                       tuple(TensorSpec.of(t) for t in outs), reads, writes))
         return out
 
     def unit(self, name: str, kind: str, x: torch.Tensor, out: Any, inner: list[Op],
@@ -239,14 +247,17 @@ def _record(model: nn.Module, x: torch.Tensor, meta: bool, density: Density) -> 
     hooks = [m.register_forward_pre_hook(pre) for m in names] + [
         m.register_forward_hook(post, always_call=True) for m in names]
     recorder = _Recorder(lambda: stack[-1] if stack else "")
+    recorder.prepared = {n for m, n in names.items() if isinstance(m, PREPARED)}
     try:
         if meta:
             state, xm = _meta_state(model), x.to("meta")
+            recorder.from_input.add(recorder._number(xm))
             with recorder:
                 torch.func.functional_call(model, state, (xm,))
         else:
             with FakeTensorMode(allow_non_fake_inputs=True) as fake:
                 xf = fake.from_tensor(x)
+                recorder.from_input.add(recorder._number(xf))
                 with recorder:
                     model(xf)
     except ConvgapError:

@@ -2,7 +2,8 @@
 
 A fused block (:class:`~convgap.layers.fused_blocks.FusedBlock`), a dynamic block
 (:class:`~convgap.layers.dynamic.DynamicBlock`: its sparse kernel, at the density its masks
-keep) or a factorized layer with a fused kernel runs one C call where eager PyTorch would
+keep) or a factorized layer with a fused kernel (:class:`~convgap.layers.TensorialConv2d`,
+:class:`~convgap.layers.FlattenedConv2d`) runs one C call where eager PyTorch would
 dispatch a dozen operators, and it steps aside (runs its reference operators) while a
 dispatch mode watches (:func:`convgap.ops.guard.observed`). So :func:`~convgap.predict.
 record.record` keeps such a module as one *unit* op (its reference operators give its work;
@@ -10,35 +11,54 @@ record.record` keeps such a module as one *unit* op (its reference operators giv
 times it as one call, the dispatch mode lifted, so its fast path runs.
 
 :data:`UNIT_TYPES` names the unit classes (a unit's type is a categorical feature of the
-'unit' kind); a module of a subclass counts as its nearest registered class.
+'unit' kind; a factorized layer's type names its factorization); a module of a subclass
+counts as its nearest registered class.
+
+Modules of :data:`PREPARED` (:class:`~convgap.algorithms.AlgoConv2d`) are no units: they
+run ordinary operators, but compute what depends on their weights alone (a Winograd or FFT
+transform of the weight) once and keep it; the recording leaves those operators out.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from ..algorithms import AlgoConv2d
+from ..kernels.cpu import pdp
 from ..layers.dynamic import DynamicBlock
+from ..layers.flattened import FlattenedConv2d
 from ..layers.fused_blocks import FusedBlock
+from ..layers.tensorial import TensorialConv2d
 
-__all__ = ["UNIT_TYPES", "is_unit", "unit_type", "describe", "outermost"]
+__all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "outermost"]
 
 # the registered unit classes by name, most specific first; 'other': an unregistered
 # FusedBlock subclass
 UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst",
               "FusedInvertedResidual", "FusedConvChain", "FusedMBConv", "FusedConvNeXt",
-              "DynamicBlock", "other")
+              "DynamicBlock", "TensorialConv2d-cp", "TensorialConv2d-tucker",
+              "TensorialConv2d-tt", "TensorialConv2d-tr", "FlattenedConv2d", "other")
+PREPARED = (AlgoConv2d,)
 
 
 def is_unit(m: nn.Module) -> bool:
-    """Does ``m`` run as one call in inference: a fused block, or a dynamic block whose
-    execution is sparse."""
+    """Does ``m`` run as one call in inference: a fused block, a dynamic block whose
+    execution is sparse, a factorized layer with a fused CPU kernel."""
     if isinstance(m, FusedBlock):
         return True
+    if isinstance(m, TensorialConv2d):
+        return m.has_kernel()
+    if isinstance(m, FlattenedConv2d):
+        return not m.as_written and pdp.available()
     return isinstance(m, DynamicBlock) and m.execution == "sparse"
 
 
 def unit_type(m: nn.Module) -> str:
-    """The registered name ``m`` counts as (its class or nearest registered base)."""
+    """The registered name ``m`` counts as (its class or nearest registered base; a
+    factorized layer's with its factorization)."""
+    if isinstance(m, TensorialConv2d):
+        name = f"TensorialConv2d-{m.factorization}"
+        return name if name in UNIT_TYPES else "other"
     for cls in type(m).__mro__:
         if cls.__name__ in UNIT_TYPES:
             return cls.__name__
