@@ -235,6 +235,8 @@ def test_cli_calibrate_and_predict(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "(whole model)" in text and "layer1.0.conv1" in text
     assert out.exists()
+    assert cli.main(["predict", "resnet18", "--image-size", "32", "--density", "0.5",
+                     "--quiet"]) == 2     # not a dynamic model
 
 
 def test_errors(tiny):

@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(q, many=True, malloc="asis", what="measure")
     q.add_argument("--measure", action="store_true",
                    help="also measure the model and each layer, and show the errors")
+    q.add_argument("--density", type=float, default=None,
+                   help="dynamic models: the share of mask cells every dynamic block keeps "
+                        "(default: as forced on the model)")
     q.add_argument("--top", type=_positive, default=10,
                    help="layers shown per run, by predicted time (10)")
     q.add_argument("--json", type=Path, default=None, help="write the predictions as JSON")
@@ -780,7 +783,8 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
                                           args.image_size))
                 model = net.eval().to(dtype=dtype, memory_format=memory_format(layout))
                 pred = predict.predict_latency(model, shape, args.device, dtype, layout,
-                                               args.threads, calibration=cal)
+                                               args.threads, density=args.density,
+                                               calibration=cal)
                 measured = None
                 if args.measure:
                     with timing.threads(args.threads), allocator.use(_policy(args)):

@@ -292,6 +292,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         runs = _networks(quick)
         samples: list[tuple[Op, tuple, float]] = []
         recorded = []     # (ops, module count, whole seconds, profiled op sum)
+        skipped: list[str] = []
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: random networks", total=len(runs))
             for seed, variant, batch, layout, own in runs:
@@ -305,9 +306,14 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                 shape = (batch, 3, side, side)
                 ops = record(net, shape, dtype, layout)
                 x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
-                prof = profile(net, x, PROFILE_REPEATS)
-                ops = with_densities(ops, prof)
-                seconds = align(ops, prof)
+                try:
+                    prof = profile(net, x, PROFILE_REPEATS)
+                    ops = with_densities(ops, prof)
+                    seconds = align(ops, prof)
+                except ConvgapError as exc:  # ran other operators than recorded: no labels
+                    skipped.append(f"{seed} {variant} b{batch} {layout}: {exc}")
+                    progress.advance(task)
+                    continue
                 samples += [(op, w, s) for op, w, s in zip(ops, context(ops), seconds)
                             if s is not None]
                 with torch.no_grad():
@@ -329,6 +335,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
             {"ops": len(ops), "modules": modules, "whole_s": whole, "predicted_s": float(f),
              "ops_predicted_s": float(t[0]), "ops_profiled_s": profiled}
             for (ops, modules, whole, profiled), t, f in zip(recorded, terms, fitted)]
+        cal.stats["skipped"] = skipped
         cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / wholes - 1)))
         path = _path(key)
         cache.write_atomic(path, lambda fh: pickle.dump(cal, fh))

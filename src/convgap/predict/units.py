@@ -33,11 +33,13 @@ from ..layers.tensorial import TensorialConv2d
 __all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "outermost"]
 
 # the registered unit classes by name, most specific first; 'other': an unregistered
-# FusedBlock subclass
+# FusedBlock subclass; a dynamic block's by its mode ('DynamicBlock': spatial, the one
+# calibrated); new names go last (a calibration knows each by its index)
 UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst",
               "FusedInvertedResidual", "FusedConvChain", "FusedMBConv", "FusedConvNeXt",
               "DynamicBlock", "TensorialConv2d-cp", "TensorialConv2d-tucker",
-              "TensorialConv2d-tt", "TensorialConv2d-tr", "FlattenedConv2d", "other")
+              "TensorialConv2d-tt", "TensorialConv2d-tr", "FlattenedConv2d", "other",
+              "DynamicBlock-channel", "DynamicBlock-layer")
 PREPARED = (AlgoConv2d,)
 
 
@@ -59,6 +61,8 @@ def unit_type(m: nn.Module) -> str:
     if isinstance(m, TensorialConv2d):
         name = f"TensorialConv2d-{m.factorization}"
         return name if name in UNIT_TYPES else "other"
+    if isinstance(m, DynamicBlock) and m.mode != "spatial":
+        return f"DynamicBlock-{m.mode}"
     for cls in type(m).__mro__:
         if cls.__name__ in UNIT_TYPES:
             return cls.__name__
