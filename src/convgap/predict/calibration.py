@@ -17,7 +17,9 @@ here ran up to 2.3x the sum of their layers timed alone). Per kind
 shape and its :func:`~convgap.predict.features.context` (how long ago its inputs were last
 touched), the baseline being its roofline latency on the measured roofs plus one call's
 overhead (the median time of a call that moves no data), so the model only learns how far
-each operator falls from the roofs. A whole network is its operators' predictions summed
+each operator falls from the roofs; a unit's baseline is its reference operators as the
+other kinds' models predict them, so its model learns the unit's speed-up on them (a fused
+block's, a sparse block's at its density), which carries to sizes calibration never saw. A whole network is its operators' predictions summed
 plus what eager PyTorch spends around them, per operator and per module (Python calls,
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
@@ -49,10 +51,10 @@ from .units import is_unit
 from .record import Op, record
 from .synthetic import network
 
-__all__ = ["Calibration", "calibrate", "load", "fit", "VERSION", "NETWORK_TIMING",
-           "PROFILE_REPEATS"]
+__all__ = ["Calibration", "calibrate", "load", "fit", "predict_seconds", "VERSION",
+           "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 9  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 10  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -93,20 +95,36 @@ class Calibration:
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
         """Each op's predicted latency inside the pass ``ops`` were recorded from, in call
         order (seconds)."""
-        where = context(ops)
-        out = np.empty(len(ops))
-        by_kind: dict[str, list[int]] = {}
-        for i, op in enumerate(ops):
-            by_kind.setdefault(kind(op), []).append(i)
-        for k, idx in by_kind.items():
-            base = np.array([baseline(ops[i], self.roofs, self.overhead_s) for i in idx])
-            model = self.models.get(k)
-            if model is None:
-                out[idx] = base
-                continue
-            x = np.array([features(ops[i], where[i]) for i in idx], dtype=np.float64)
-            out[idx] = base * np.exp(model.predict(x))
-        return out
+        return predict_seconds(ops, self.models, self.roofs, self.overhead_s)
+
+
+def _base(op: Op, models: dict[str, Any], roofs: hardware.Roofs, overhead_s: float) -> float:
+    """What an op's calibrated factor multiplies: an ATen op's roofline plus one call; a
+    unit's reference ops as predicted (inside the unit) plus one call, so that the unit's
+    factor is its speed-up on them, learned where the reference ops' models are sure."""
+    if op.unit:
+        return overhead_s + float(predict_seconds(op.inner, models, roofs, overhead_s).sum())
+    return baseline(op, roofs, overhead_s)
+
+
+def predict_seconds(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
+                    overhead_s: float) -> np.ndarray:
+    """Each op's predicted seconds inside the pass ``ops`` form, by its kind's model
+    (None: the base alone)."""
+    where = context(ops)
+    out = np.empty(len(ops))
+    by_kind: dict[str, list[int]] = {}
+    for i, op in enumerate(ops):
+        by_kind.setdefault(kind(op), []).append(i)
+    for k, idx in by_kind.items():
+        base = np.array([_base(ops[i], models, roofs, overhead_s) for i in idx])
+        model = models.get(k)
+        if model is None:
+            out[idx] = base
+            continue
+        x = np.array([features(ops[i], where[i]) for i in idx], dtype=np.float64)
+        out[idx] = base * np.exp(model.predict(x))
+    return out
 
 
 TERMS = ("ops", "op", "module")
@@ -167,8 +185,9 @@ def _regressor(k: str):
 
 def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
         overhead_s: float) -> tuple[dict[str, Any], dict]:
-    """Per kind, a regressor of log(measured / baseline) on (op, its context, measured
-    seconds) samples; returns (models, stats) with each kind's sample count and in-sample
+    """Per kind, a regressor of log(measured / base) on (op, its context, measured
+    seconds) samples (units last: their base is their reference ops predicted by the other
+    kinds' models); returns (models, stats) with each kind's sample count and in-sample
     median absolute relative error."""
     models: dict[str, Any] = {}
     stats: dict[str, dict] = {}
@@ -179,7 +198,7 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
             stats[k] = {"samples": len(mine)}
             continue
         x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
-        base = np.array([baseline(op, roofs, overhead_s) for op, _, _ in mine])
+        base = np.array([_base(op, models, roofs, overhead_s) for op, _, _ in mine])
         y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)
         err = np.abs(np.exp(model.predict(x) - y) - 1)

@@ -89,7 +89,7 @@ class Op:
     outputs' specs; ``reads`` / ``writes``: which tensors its inputs / outputs are (in the
     order of :attr:`inputs` / ``outputs``; the same number is the same tensor within one
     recording); ``detail``: a unit's (reference FLOPs, reference bytes, reference op count,
-    density, granularity), empty for an ATen op."""
+    density, granularity), empty for an ATen op; ``inner``: a unit's reference ops."""
 
     name: str
     module: str
@@ -99,6 +99,7 @@ class Op:
     reads: tuple[int, ...] = ()
     writes: tuple[int, ...] = ()
     detail: tuple[float, ...] = ()
+    inner: tuple["Op", ...] = ()
 
     @property
     def unit(self) -> bool:
@@ -189,7 +190,7 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         self.ops.append(Op(UNIT_PREFIX + kind, name, tuple(reads.values()), None,
                            tuple(TensorSpec.of(t) for t in outs), tuple(reads),
                            tuple(self._number(t) for t in outs),
-                           (flops, nbytes, float(len(inner))) + describe))
+                           (flops, nbytes, float(len(inner))) + describe, tuple(inner)))
 
 
 def _example(input_shape: Sequence[int], dtype: torch.dtype, layout: str) -> torch.Tensor:
