@@ -18,8 +18,9 @@ shape and its :func:`~convgap.predict.features.context` (how long ago its inputs
 touched), the baseline being its roofline latency on the measured roofs plus one call's
 overhead (the median time of a call that moves no data), so the model only learns how far
 each operator falls from the roofs; a unit's baseline is its reference operators as the
-other kinds' models predict them, so its model learns the unit's speed-up on them (a fused
-block's, a sparse block's at its density), which carries to sizes calibration never saw. A whole network is its operators' predictions summed
+other kinds' models predict them, times its density, so its model learns the unit's
+speed-up on the work it keeps (a fused block's; a sparse block's, masker and gathers
+included), which carries to sizes calibration never saw. A whole network is its operators' predictions summed
 plus what eager PyTorch spends around them, per operator and per module (Python calls,
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
@@ -54,7 +55,7 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "predict_seconds", "VERSION",
            "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 10  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 11  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -100,10 +101,12 @@ class Calibration:
 
 def _base(op: Op, models: dict[str, Any], roofs: hardware.Roofs, overhead_s: float) -> float:
     """What an op's calibrated factor multiplies: an ATen op's roofline plus one call; a
-    unit's reference ops as predicted (inside the unit) plus one call, so that the unit's
-    factor is its speed-up on them, learned where the reference ops' models are sure."""
+    unit's reference ops as predicted (inside the unit) times its density, plus one call,
+    so that the unit's factor is its speed-up on the work it keeps, learned where the
+    reference ops' models are sure."""
     if op.unit:
-        return overhead_s + float(predict_seconds(op.inner, models, roofs, overhead_s).sum())
+        dense = float(predict_seconds(op.inner, models, roofs, overhead_s).sum())
+        return overhead_s + dense * op.detail[3]
     return baseline(op, roofs, overhead_s)
 
 
