@@ -34,7 +34,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import pickle
+import random
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -99,28 +101,41 @@ class Calibration:
         return predict_seconds(ops, self.models, self.roofs, self.overhead_s)
 
 
-def _base(op: Op, models: dict[str, Any], roofs: hardware.Roofs, overhead_s: float) -> float:
-    """What an op's calibrated factor multiplies: an ATen op's roofline plus one call; a
-    unit's reference ops as predicted (inside the unit) times its density, plus one call,
-    so that the unit's factor is its speed-up on the work it keeps, learned where the
-    reference ops' models are sure."""
-    if op.unit:
-        dense = float(predict_seconds(op.inner, models, roofs, overhead_s).sum())
-        return overhead_s + dense * op.detail[3]
-    return baseline(op, roofs, overhead_s)
+def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
+           overhead_s: float) -> np.ndarray:
+    """What each op's calibrated factor multiplies (all ops of one kind): an ATen op's
+    roofline plus one call; a unit's reference ops as predicted (each unit its own pass)
+    times its density, plus one call, so that the unit's factor is its speed-up on the
+    work it keeps, learned where the reference ops' models are sure. The units' reference
+    ops are predicted together: one regressor call per kind, not per unit."""
+    if not ops or not ops[0].unit:
+        return np.array([baseline(op, roofs, overhead_s) for op in ops])
+    inner = [r for op in ops for r in op.inner]
+    seconds = _seconds(inner, [w for op in ops for w in context(op.inner)], models, roofs,
+                       overhead_s)
+    out, start = np.empty(len(ops)), 0
+    for i, op in enumerate(ops):
+        end = start + len(op.inner)
+        out[i] = overhead_s + float(seconds[start:end].sum()) * op.detail[3]
+        start = end
+    return out
 
 
 def predict_seconds(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
                     overhead_s: float) -> np.ndarray:
     """Each op's predicted seconds inside the pass ``ops`` form, by its kind's model
     (None: the base alone)."""
-    where = context(ops)
+    return _seconds(ops, context(ops), models, roofs, overhead_s)
+
+
+def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
+             roofs: hardware.Roofs, overhead_s: float) -> np.ndarray:
     out = np.empty(len(ops))
     by_kind: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
         by_kind.setdefault(kind(op), []).append(i)
     for k, idx in by_kind.items():
-        base = np.array([_base(ops[i], models, roofs, overhead_s) for i in idx])
+        base = _bases([ops[i] for i in idx], models, roofs, overhead_s)
         model = models.get(k)
         if model is None:
             out[idx] = base
@@ -201,7 +216,7 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
             stats[k] = {"samples": len(mine)}
             continue
         x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
-        base = np.array([_base(op, models, roofs, overhead_s) for op, _, _ in mine])
+        base = _bases([op for op, _, _ in mine], models, roofs, overhead_s)
         y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)
         err = np.abs(np.exp(model.predict(x) - y) - 1)
@@ -212,7 +227,6 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
 
 def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
     """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
-    import random
     out = []
     for seed in range(NETWORKS[quick]):
         out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
@@ -227,8 +241,6 @@ def _variant(net: nn.Module, seed: int, variant: str) -> nn.Module | None:
     seeded granularity and forced density), factorized (:func:`_factorized`) or swapped (a
     seeded algorithm on every conv it supports); None where the variant changes
     nothing."""
-    import random
-    import warnings
 
     from ..dynamic.transform import dynamic_blocks, force_density, make_dynamic
     from ..transforms.fuse import fuse
