@@ -14,6 +14,7 @@ from convgap import ConvgapError, models
 from convgap.dynamic import (DynamicBlock, dynamic_blocks, force_density, make_dynamic,
                              set_execution)
 from convgap.dynamic.budget import Budget, LatencyTable, temperature
+from convgap.ops import onednn
 from convgap.transforms.changes import LEFT_ATTR
 
 
@@ -510,3 +511,49 @@ def test_granularity_changed_after_a_run():
             ref = dyn(x)
             set_execution(dyn, "sparse")
             assert _rel(got, ref) <= 1e-4, g
+
+
+class NoExpand(nn.Module):
+    """An inverted residual without expansion: depthwise 3x3 first (channel mode slices
+    the block input's channels for it)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn2(self.pw(F.relu6(self.bn1(self.dw(x)))))
+
+
+@pytest.mark.parametrize("mode", ["channel", "layer"])
+def test_channel_and_layer_blocks_run_bound_plans(mode, monkeypatch):
+    """Channel and layer blocks run as oneDNN plans bound per pattern of kept groups (the
+    batch split by pattern; kept samples through the whole block, skipped ones through the
+    shortcut), equal to masked execution; with oneDNN off, the torch path, equal too."""
+    torch.manual_seed(0)
+    net = _randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), NoExpand(16), Basic(16),
+                                      Bottleneck(16, 8, 32, stride=2), Inverted(32)).eval())
+    dyn = make_dynamic(net, mode, check=False, quiet=True)
+    assert len(dynamic_blocks(dyn)) == 4
+    for n, density in ((1, 0.5), (5, 0.5), (4, 0.75), (3, 0.0), (2, 1.0)):
+        x = torch.randn(n, 3, 11, 11)
+        force_density(dyn, density, seed=n)
+        with torch.no_grad():
+            set_execution(dyn, "masked")
+            ref = dyn(x)
+            set_execution(dyn, "sparse")
+            got = dyn(x)
+            with monkeypatch.context() as patch:
+                patch.setattr(onednn, "AVAILABLE", False)
+                plain = dyn(x)
+        assert _rel(got, ref) <= 1e-4, (n, density)
+        assert _rel(plain, ref) <= 1e-4, (n, density)
+    plans = [k for b in dynamic_blocks(dyn).values() for k in b._fold
+             if isinstance(k, tuple) and k[0] == "plan"]
+    if onednn.AVAILABLE:
+        assert len(plans) >= 4
+        if mode == "channel":   # several patterns of kept groups were bound
+            assert len({k[1] for k in plans}) > 2

@@ -38,7 +38,7 @@ Sparse output equals masked output within fp32 rounding (``tests/test_dynamic.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,7 @@ from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..ops import activations, guard, memo, onednn
 from ..ops.batchnorm import folded
 from ..ops.sizes import conv_length
+from .fused_blocks import ConvWeights, bind_conv, bind_conv_add
 
 __all__ = ["MODES", "EXECUTIONS", "KEEP_BIAS", "Stage", "SpatialMasker", "ChannelMasker",
            "LayerMasker", "DynamicBlock", "gumbel_keep"]
@@ -448,9 +449,18 @@ class DynamicBlock(nn.Module):
         return self._sparse_spatial(x, m)
 
     def _sparse_layer(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        out = self._shortcut(x)
         keep = m.view(-1) > 0
         n = int(keep.sum())
+        plan = self._plan(x)
+        if plan is not None:
+            if n == x.shape[0]:
+                return plan.full(x)
+            if n == 0:
+                return plan.skip(x)
+            idx, rest = keep.nonzero().view(-1), (~keep).nonzero().view(-1)
+            return _merge([(idx, plan.full(x.index_select(0, idx))),
+                           (rest, plan.skip(x.index_select(0, rest)))], x.shape[0])
+        out = self._shortcut(x)
         if n:
             if n == x.shape[0]:
                 h = self._body_folded(x)
@@ -470,6 +480,18 @@ class DynamicBlock(nn.Module):
         return h
 
     def _sparse_channel(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        keep = m > 0                                        # (N, groups)
+        if self._plannable(x):
+            # one bound plan per pattern of kept groups; the batch split by pattern
+            if x.shape[0] == 1 or bool((keep == keep[:1]).all()):
+                return self._plan(x, _kept(keep[0])).full(x)
+            patterns, which = torch.unique(keep, dim=0, return_inverse=True)
+            parts = []
+            for j in range(len(patterns)):
+                idx = (which == j).nonzero().view(-1)
+                parts.append((idx, self._plan(x, _kept(patterns[j])).full(
+                    x.index_select(0, idx))))
+            return _merge(parts, x.shape[0])
         out = self._shortcut(x)
         per = self.masker.channels // self.masker.groups
         union = m.amax(0) > 0
@@ -502,6 +524,125 @@ class DynamicBlock(nn.Module):
             if cm is not None and i in self.hidden:
                 h = h * cm
         return self._finish(out + h)
+
+    # bound dense plans (layer and channel modes) -----------------------------------------
+    def _plannable(self, x: torch.Tensor) -> bool:
+        """May the body run as a bound oneDNN plan on ``x`` (:meth:`_plan`): a 4-D fp32 CPU
+        tensor, oneDNN on, every conv zero-padded by numbers."""
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+                and onednn.AVAILABLE and torch.backends.mkldnn.enabled
+                and all(isinstance(c.padding, tuple) and c.padding_mode == "zeros"
+                        for c in self.convs()))
+
+    def _plan(self, x: torch.Tensor, kept: tuple[int, ...] | None = None) -> "_Plan | None":
+        """The block (body, shortcut, add, post activations; batch-norm folded) bound to
+        oneDNN for inputs of ``x``'s channels and size and any batch size, every activation
+        and the residual add as the convolutions' post-ops (what :mod:`fused_blocks` runs
+        for a static block), on the channel groups ``kept`` only (channel mode; None: all).
+        Kept per (``kept``, size) while the parameters are unchanged; None where the block
+        cannot run this way (:meth:`_plannable`)."""
+        if not self._plannable(x):
+            return None
+        tensors = [t for i in range(len(self.stages)) for t in self._stage_tensors(i)]
+        for name in self.shortcut_path:
+            module = _child(self, name)
+            tensors += [t for t in (*module._parameters.values(), *module._buffers.values())
+                        if t is not None]
+        return memo.reuse(self._fold, ("plan", kept, tuple(x.shape[1:])), tensors,
+                          lambda: self._bind_plan(x, kept))
+
+    def _short_weights(self) -> ConvWeights | None | str:
+        """The shortcut as a folded conv (a conv, or conv + batch-norm), None (identity) or
+        'modules' (anything else: run as it is)."""
+        path = [self.get_submodule(n) for n in self.shortcut_path]
+        if not path:
+            return None
+        conv, bn = path[0], path[1] if len(path) == 2 else None
+        if not (isinstance(conv, nn.Conv2d) and len(path) <= 2 and isinstance(conv.padding, tuple)
+                and conv.padding_mode == "zeros" and (bn is None
+                                                      or isinstance(bn, nn.BatchNorm2d))):
+            return "modules"
+        w, b = conv.weight.detach(), conv.bias
+        if bn is not None:
+            w, b = folded(w, b, bn)
+        elif b is None:
+            b = torch.zeros(w.shape[0])
+        like = conv.weight
+        return ConvWeights(w.to(like.dtype).contiguous(), b.detach().to(like.dtype),
+                           conv.padding, conv.stride, conv.dilation, conv.groups)
+
+    def _bind_plan(self, x: torch.Tensor, kept: tuple[int, ...] | None) -> "_Plan":
+        shape = (1, *x.shape[1:])     # packed weights serve any batch size
+        convs = self.convs()
+        ch = None          # the kept hidden channels (channel mode)
+        take = None        # the input channels the first stage reads (a depthwise first)
+        if kept is not None:
+            per = self.masker.channels // self.masker.groups
+            ch = torch.tensor([g * per + j for g in kept for j in range(per)],
+                              dtype=torch.long)
+        specs = []
+        for i, conv in enumerate(convs):
+            w, b = self._folded(i)
+            groups = conv.groups
+            if ch is not None:
+                dw = _depthwise(conv)
+                if i in self.hidden:
+                    w, b = w[ch], b[ch]
+                    if dw:
+                        groups = len(ch)
+                        if i - 1 not in self.hidden:
+                            take = ch       # (only the first stage: see _hidden_stages)
+                if i - 1 in self.hidden and not dw:
+                    w = w[:, ch]
+            specs.append(ConvWeights(w.contiguous(), b.contiguous(), conv.padding,
+                                     conv.stride, conv.dilation, groups))
+        short = self._short_weights()
+        short_call = (bind_conv(short, shape, None)[0] if isinstance(short, ConvWeights)
+                      else None)
+        if take is not None:
+            shape = (1, len(take), *shape[2:])
+        post, last_act = list(self.post_acts), self.stages[-1].act
+
+        def shortcut(x: torch.Tensor) -> torch.Tensor:
+            if short is None:
+                return x
+            if short_call is not None:
+                return short_call(x)
+            return self._shortcut(x).contiguous(memory_format=torch.channels_last)
+
+        def finish(y: torch.Tensor, acts: Sequence[str]) -> torch.Tensor:
+            for a in acts:
+                y = activations.apply(a, y)
+            return y
+
+        def skip(x: torch.Tensor) -> torch.Tensor:
+            return finish(shortcut(x.contiguous(memory_format=torch.channels_last)), post)
+
+        if ch is not None and len(ch) == 0:   # the last conv sees zeros: its output is its bias
+            const = activations.apply(last_act, specs[-1].bias.view(1, -1, 1, 1))
+
+            def nothing(x: torch.Tensor) -> torch.Tensor:
+                x = x.contiguous(memory_format=torch.channels_last)
+                return finish(shortcut(x) + const, post)
+            return _Plan(nothing, skip)
+        calls = []
+        for spec, s in zip(specs[:-1], self.stages[:-1]):
+            call, shape = bind_conv(spec, shape, s.act)
+            calls.append(call)
+        if last_act is None:    # the add (and the first post activation) as post-ops
+            add, rest = bind_conv_add(specs[-1], shape, post[0] if post else None), post[1:]
+        else:
+            last = bind_conv(specs[-1], shape, last_act)[0]
+            add, rest = (lambda h, other: other + last(h)), post
+
+        def full(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=torch.channels_last)
+            h = x if take is None else x.index_select(1, take).contiguous(
+                memory_format=torch.channels_last)
+            for c in calls:
+                h = c(h)
+            return finish(add(h, shortcut(x)), rest)
+        return _Plan(full, skip)
 
     def _tile_body(self) -> tile_kernel.Body:
         """The body, batch norms folded, as the tile kernel takes it (:func:`_tile_plan`),
@@ -604,6 +745,31 @@ class _Sparse:
 
     def __init__(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
         self.rows, self.idx = rows, idx
+
+
+class _Plan(NamedTuple):
+    """A dynamic block bound for its dense path (:meth:`DynamicBlock._plan`): ``full(x)``
+    the whole block, ``skip(x)`` the shortcut and the post activations only (outputs
+    channels-last)."""
+
+    full: Callable[[torch.Tensor], torch.Tensor]
+    skip: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _kept(keep: torch.Tensor) -> tuple[int, ...] | None:
+    """A sample's kept channel groups (a bool row) as a plan key: None when all are."""
+    if bool(keep.all()):
+        return None
+    return tuple(keep.nonzero().view(-1).tolist())
+
+
+def _merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """One batch of ``n`` from parts (sample indices, their outputs): channels-last."""
+    like = parts[0][1]
+    out = like.new_empty((n, *like.shape[1:])).contiguous(memory_format=torch.channels_last)
+    for idx, y in parts:
+        out.index_copy_(0, idx, y)
+    return out
 
 
 def _child(module: nn.Module, name: str) -> nn.Module:

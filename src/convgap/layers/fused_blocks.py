@@ -22,6 +22,7 @@ Inputs in either memory format; outputs in channels_last on the fast path (value
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -39,7 +40,7 @@ from ..ops.guard import may_run_fast, observed
 from ..ops.memo import reuse
 from ..ops.sizes import conv_length
 
-__all__ = ["FusedBlock", "FusedConvChain", "FusedConvAct", "FusedInvertedResidual",
+__all__ = ["ConvWeights", "bind_conv", "bind_conv_add", "FusedBlock", "FusedConvChain", "FusedConvAct", "FusedInvertedResidual",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst", "FusedMBConv",
            "FusedConvNeXt", "FUSED_BLOCKS"]
 
@@ -70,7 +71,29 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return c
 
 
-def _packed(conv: nn.Conv2d, shape: Sequence[int]) -> tuple:
+@dataclass
+class ConvWeights:
+    """A convolution as :func:`bind_conv` takes it where no ``nn.Conv2d`` holds it (e.g.
+    batch-norm folded weights, or slices of them): weight (O, C/groups, kh, kw), bias (O,),
+    symmetric zero padding (ph, pw), stride, dilation, groups."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+
+def _packed(conv: nn.Conv2d | ConvWeights, shape: Sequence[int]) -> tuple:
     """``conv``'s oneDNN operands for a channels_last input of ``shape``: the weight
     packed now, the bias, padding, stride, dilation, groups."""
     pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
@@ -78,7 +101,7 @@ def _packed(conv: nn.Conv2d, shape: Sequence[int]) -> tuple:
     return w, conv.bias.detach(), pad, stride, dil, conv.groups
 
 
-def _out_shape(conv: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int, int, int]:
+def _out_shape(conv: nn.Conv2d | ConvWeights, shape: Sequence[int]) -> tuple[int, int, int, int]:
     n, _, h, w = shape
     (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
     kh, kw = conv.kernel_size
@@ -86,10 +109,12 @@ def _out_shape(conv: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int, int, in
             conv_length(w, kw, sw, (pw, pw), dw))
 
 
-def _bind_conv(conv: nn.Conv2d, shape: Sequence[int], act: str | None
-               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple]:
-    """A call running ``conv`` + ``act`` on a channels_last input of ``shape`` on oneDNN
-    (weight packed now), and its output shape."""
+def bind_conv(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], act: str | None
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple]:
+    """A call running ``conv`` (with a bias) + ``act`` on a channels_last input of
+    ``shape`` on oneDNN (weight packed now), and its output shape. The packed weight
+    serves inputs of any batch size (the call is exact for them; oneDNN picks its layout
+    from the channels and the geometry)."""
     w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(act)
 
@@ -98,7 +123,7 @@ def _bind_conv(conv: nn.Conv2d, shape: Sequence[int], act: str | None
     return call, _out_shape(conv, shape)
 
 
-def _bind_conv_add(conv: nn.Conv2d, shape: Sequence[int], post: str | None
+def bind_conv_add(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], post: str | None
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A call ``(x, other) -> post(conv(x) + other)`` on oneDNN (binary add post-op, then
     the activation)."""
@@ -265,11 +290,11 @@ class FusedConvChain(FusedBlock):
         shape = tuple(x.shape)
         calls = []
         for conv, act in zip(self.convs[:-1], self.acts[:-1]):
-            call, shape = _bind_conv(conv, shape, act)
+            call, shape = bind_conv(conv, shape, act)
             calls.append(call)
         last = self.convs[-1]
         if not (self.identity or self.shortcut is not None):
-            call, _ = _bind_conv(last, shape, self.acts[-1])
+            call, _ = bind_conv(last, shape, self.acts[-1])
             calls.append(call)
 
             def run(x: torch.Tensor) -> torch.Tensor:
@@ -278,8 +303,8 @@ class FusedConvChain(FusedBlock):
                     h = c(h)
                 return h
             return run
-        add = _bind_conv_add(last, shape, self.post)
-        short = None if self.identity else _bind_conv(self.shortcut, tuple(x.shape), None)[0]
+        add = bind_conv_add(last, shape, self.post)
+        short = None if self.identity else bind_conv(self.shortcut, tuple(x.shape), None)[0]
 
         def run_residual(x: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=_CL)
@@ -453,8 +478,8 @@ class FusedMBConv(FusedBlock):
         shape = tuple(x.shape)
         expand = None
         if self.expand is not None:
-            expand, shape = _bind_conv(self.expand, shape, self.act)
-        dw, shape = _bind_conv(self.depthwise, shape, self.dw_act)
+            expand, shape = bind_conv(self.expand, shape, self.act)
+        dw, shape = bind_conv(self.depthwise, shape, self.dw_act)
         r, u = self.reduce, self.unreduce
         # the squeeze's two GEMMs on oneDNN, weights packed for N rows, their activations
         # as post-ops: three calls (mean, two linears) where torch needs five
@@ -464,9 +489,9 @@ class FusedMBConv(FusedBlock):
         rb, ub = r.bias.detach(), u.bias.detach()
         se_op, gate_op = activations.post_op(self.se_act), activations.post_op(self.gate)
         if self.residual:
-            add = _bind_conv_add(self.project, shape, None)
+            add = bind_conv_add(self.project, shape, None)
         else:
-            project, _ = _bind_conv(self.project, shape, None)
+            project, _ = bind_conv(self.project, shape, None)
 
         def squeeze_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             s = _linear_pw(_linear_pw(v.mean((2, 3)), rw, rb, *se_op), uw, ub, *gate_op)
@@ -573,7 +598,7 @@ class FusedConvNeXt(FusedBlock):
         return self.fc2(h).permute(0, 3, 1, 2) + x
 
     def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        dw, shape = _bind_conv(self.depthwise, tuple(x.shape), None)
+        dw, shape = bind_conv(self.depthwise, tuple(x.shape), None)
         rows = shape[0] * shape[2] * shape[3]
         w1 = onednn.pack_linear(self.fc1.weight, rows, torch.float32)
         w2 = onednn.pack_linear(self.fc2.weight, rows, torch.float32)
