@@ -557,3 +557,24 @@ def test_channel_and_layer_blocks_run_bound_plans(mode, monkeypatch):
         assert len(plans) >= 4
         if mode == "channel":   # several patterns of kept groups were bound
             assert len({k[1] for k in plans}) > 2
+
+
+def test_timed_densities_are_densities_a_block_can_have():
+    """A block of few mask cells is timed at densities it can have: a layer block (one
+    cell) skipping and computing, not at 0.5 (which would keep round(0.5) = 0 cells), and
+    'auto' granularity times the two around the target in proportion."""
+    from convgap.dynamic import measure_latency
+    from convgap.dynamic.transform import _mix
+    assert _mix(1, 0.5) == [1.0, 1.0, 0.0, 0.0]
+    assert _mix(4, 0.5) == [0.5] * 4
+    assert sum(_mix(3, 0.5)) / 4 == pytest.approx(0.5)
+    assert _mix(2, 1.0) == [1.0] * 4 and _mix(5, 0.0) == [0.0] * 4
+    dyn = make_dynamic(_net(), "layer", check=False, quiet=True)
+    assert all(b.cells((16, 16)) == 1 for b in dynamic_blocks(dyn).values())
+    tables = measure_latency(dyn, torch.randn(1, 3, 16, 16), quiet=True)
+    assert all(t.densities == (0.0, 1.0) for t in tables.values())
+    dyn = make_dynamic(_net(), "spatial", granularity=8, check=False, quiet=True)
+    tables = measure_latency(dyn, torch.randn(1, 3, 16, 16), quiet=True)
+    # 16x16 blocks at granularity 8: 4 tiles; the stride-2 blocks' 8x8 / 4x4 outputs: 1
+    assert {t.densities for t in tables.values()} == {(0.0, 0.25, 0.5, 0.75, 1.0),
+                                                       (0.0, 1.0)}

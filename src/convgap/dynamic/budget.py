@@ -13,8 +13,10 @@ also sets the maskers' Gumbel temperature, decaying exponentially from ``tau[0]`
 Costs, per block, as a function of its density ``d`` (the fraction of its output kept):
 
 - ``'latency'`` (the default): the block's sparse execution timed on this device at
-  densities 0, 0.25, 0.5, 0.75 and 1 (:func:`measure_latency`, on the example input's
-  shapes), interpolated linearly, as a fraction of the static block's time (the faster of
+  densities 0, 0.25, 0.5, 0.75 and 1, each moved to the nearest density a sample of the
+  block can have (a multiple of 1 / its mask cells: a layer block, or a spatial block of
+  one tile, is timed skipping and computing) (:func:`measure_latency`, on the example
+  input's shapes), interpolated linearly, as a fraction of the static block's time (the faster of
   the original block and the block fused by :func:`convgap.fuse`): training removes
   computation where it buys most time, and ``target`` is a fraction of the static
   network's block time (a sparse block slower than its static one at full density costs
@@ -108,6 +110,11 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
             task = bar.add_task("timing dynamic blocks", total=len(blocks))
             for name, b in blocks.items():
                 x = inputs[name][0]
+                # the densities a sample of this block can have, nearest those asked
+                # (between them a batch's mean density: linear; at one cell, density 0.5
+                # forced would keep round(0.5) = 0 cells)
+                cells = b.cells(tuple(x.shape[-2:]))
+                ds = tuple(sorted({round(d * cells) / cells for d in densities}))
 
                 def sparse(d: float, b=b, x=x) -> torch.Tensor:
                     b.masker.force(d, seed=0)
@@ -122,12 +129,12 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                     # a copy: the original shares the block's children, whose modes
                     # evaluating() restores
                     fused = fuse(copy.deepcopy(static).eval(), x, quiet=True, malloc=None)
-                res = timing.compare([lambda d=d: sparse(d) for d in densities]
+                res = timing.compare([lambda d=d: sparse(d) for d in ds]
                                      + [dense, lambda: static(x), lambda: fused(x)],
                                      config.LAYER_COMPARE)
-                times = [r.median for r in res[:len(densities)]]
-                b.dense_from = _crossover(densities, times, res[len(densities)].median)
-                tables[name] = LatencyTable(densities, tuple(times),
+                times = [r.median for r in res[:len(ds)]]
+                b.dense_from = _crossover(ds, times, res[len(ds)].median)
+                tables[name] = LatencyTable(ds, tuple(times),
                                             min(r.median for r in res[-2:]))
                 bar.advance(task)
     return tables

@@ -247,17 +247,33 @@ def _auto(block: DynamicBlock, x: torch.Tensor, target: float) -> int:
     """The granularity at which ``block`` runs fastest sparse at density ``target`` (the
     incumbent: 4, or the largest candidate up to the output side)."""
     cands = _candidates(block, x)
-
-    def run(g: int) -> torch.Tensor:
+    mixes = {}
+    for g in cands:
         block.masker.granularity = g
-        return block(x)
+        mixes[g] = _mix(block.cells(tuple(x.shape[-2:])), target)
+
+    def run(g: int) -> None:
+        block.masker.granularity = g
+        for d in mixes[g]:
+            block.masker.force(d, seed=0)
+            block(x)
     spec = f"{tuple(x.shape)}|{block.mode}|{[repr(c) for c in block.convs()]}|{target}"
     with evaluating(block):
-        block.masker.force(target, seed=0)
         decision = choice.choose(
             [choice.Candidate(f"g{g}", lambda g=g: run(g), float("inf")) for g in cands],
             kind="dynamic-granularity", spec_key=spec, device=x.device.type)
     return int(decision.choice[1:])
+
+
+def _mix(cells: int, density: float, runs: int = 4) -> list[float]:
+    """``runs`` densities a block of ``cells`` mask cells per sample can have (multiples
+    of 1 / cells) whose mean is nearest ``density``: the two around it in proportion. (At
+    one cell and density 0.5: two runs skip the body, two run it, as half the samples
+    would; forcing 0.5 itself keeps round(0.5) = 0 cells, a block that never computes.)"""
+    exact = density * cells
+    k = min(int(exact), cells)
+    high = round((exact - k) * runs)
+    return [min(k + 1, cells) / cells] * high + [k / cells] * (runs - high)
 
 
 def _check(blocks: dict[str, DynamicBlock], inputs: dict) -> None:

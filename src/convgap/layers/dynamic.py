@@ -283,6 +283,14 @@ class DynamicBlock(nn.Module):
     def out_size(self, hw: tuple[int, int]) -> tuple[int, int]:
         return self.sizes(hw)[-1]
 
+    def cells(self, hw: tuple[int, int]) -> int:
+        """Mask cells per sample for an input of spatial size ``hw`` (tiles, channel
+        groups, or 1): the densities a sample can have are their multiples of 1 / cells."""
+        if self.mode == "channel":
+            return self.masker.groups
+        gh, gw = self.masker.grid(self.out_size(hw))
+        return gh * gw
+
     def granularity(self) -> int | None:
         return self.masker.granularity if self.mode == "spatial" else None
 
