@@ -485,8 +485,15 @@ def test_dense_from_switches_to_the_dense_body():
             dyn(x)
 
 
-def test_measure_latency_sets_crossovers():
-    from convgap.dynamic import measure_latency
+def test_measure_latency_sets_crossovers(monkeypatch):
+    """Crossovers set, and the static time includes each block truly fused (fuse never
+    takes the model it is given as one block: a lone block must go in a container)."""
+    from convgap.dynamic import budget, measure_latency
+    import copy
+    from convgap.layers.fused_blocks import FusedBlock
+    given = []
+    real = budget.fuse
+    monkeypatch.setattr(budget, "fuse", lambda m, *a, **k: given.append(m) or real(m, *a, **k))
     dyn = make_dynamic(_net(), "spatial", granularity=2, check=False, quiet=True)
     tables = measure_latency(dyn, torch.randn(1, 3, 16, 16), densities=(0.0, 1.0),
                              quiet=True)
@@ -494,6 +501,11 @@ def test_measure_latency_sets_crossovers():
     for b in dynamic_blocks(dyn).values():
         assert 0.0 <= b.dense_from <= 2.0 and b.masker.forced is None
     assert all(len(t.seconds) == 2 and min(t.seconds) > 0 for t in tables.values())
+    assert len(given) == len(tables)
+    # what fuse was given holds a block it fuses (unmeasured: every block it matches)
+    assert sum(any(isinstance(f, FusedBlock) for f in real(copy.deepcopy(m),
+                                                           quiet=True).modules())
+               for m in given) >= 4
 
 
 def test_granularity_changed_after_a_run():
@@ -578,3 +590,21 @@ def test_timed_densities_are_densities_a_block_can_have():
     # 16x16 blocks at granularity 8: 4 tiles; the stride-2 blocks' 8x8 / 4x4 outputs: 1
     assert {t.densities for t in tables.values()} == {(0.0, 0.25, 0.5, 0.75, 1.0),
                                                        (0.0, 1.0)}
+
+
+def test_gumbel_noise_shrinks_with_the_temperature():
+    """Training decisions: logistic noise at full scale while the temperature is >= 1
+    (keep rate sigmoid(logit)), shrinking with it below 1, so training ends on eval's
+    decisions (logit > 0); the straight-through gradient flows."""
+    from convgap.layers.dynamic import gumbel_keep
+    torch.manual_seed(0)
+    logits = torch.full((20000,), 0.5, requires_grad=True)
+    hot = gumbel_keep(logits, 5.0, True)
+    assert float(hot.mean()) == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=0.02)
+    cold = gumbel_keep(logits, 0.1, True)
+    assert float(cold.mean()) > 0.98
+    c = cold.detach()
+    assert bool(((c - c.round()).abs() < 1e-6).all())      # hard (straight-through)
+    cold.sum().backward()
+    assert float(logits.grad.abs().sum()) > 0
+    assert torch.equal(gumbel_keep(logits, 0.1, False), torch.ones(20000))

@@ -128,7 +128,9 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *,
                     warnings.simplefilter("ignore")   # fuse's notes on what it left
                     # a copy: the original shares the block's children, whose modes
                     # evaluating() restores
-                    fused = fuse(copy.deepcopy(static).eval(), x, quiet=True, malloc=None)
+                    # in a Sequential: fuse never takes the model itself as one block
+                    fused = fuse(nn.Sequential(copy.deepcopy(static)).eval(), x, quiet=True,
+                                 malloc=None)
                 res = timing.compare([lambda d=d: sparse(d) for d in ds]
                                      + [dense, lambda: static(x), lambda: fused(x)],
                                      config.LAYER_COMPARE)
