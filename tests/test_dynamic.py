@@ -404,7 +404,9 @@ def test_latency_budget_trains_through_fit():
               extra_loss=budget, quiet=True)
     after = [b.masker.conv.weight for b in dynamic_blocks(dyn).values()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    assert 0.0 <= budget.last["network"] <= 1.0
+    # a fraction of the fused static blocks' time: above 1 where a sparse block at this
+    # density is slower than its fused static form (tiny blocks here)
+    assert 0.0 <= budget.last["network"] < float("inf")
 
 
 def test_report_and_densities(fixed_roofs):

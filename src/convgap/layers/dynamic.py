@@ -639,7 +639,7 @@ class DynamicBlock(nn.Module):
             def nothing(x: torch.Tensor) -> torch.Tensor:
                 x = x.contiguous(memory_format=torch.channels_last)
                 return finish(shortcut(x) + const, post)
-            return _Plan(nothing, skip)
+            return _Plan(nothing, skip, shortcut)
         calls = []
         for spec, s in zip(specs[:-1], self.stages[:-1]):
             call, shape = bind_conv(spec, shape, s.act)
@@ -657,7 +657,7 @@ class DynamicBlock(nn.Module):
             for c in calls:
                 h = c(h)
             return finish(add(h, shortcut(x)), rest)
-        return _Plan(full, skip)
+        return _Plan(full, skip, shortcut)
 
     def _tile_body(self) -> tile_kernel.Body:
         """The body, batch norms folded, as the tile kernel takes it (:func:`_tile_plan`),
@@ -684,7 +684,11 @@ class DynamicBlock(nn.Module):
         """Spatial sparse execution as one call of the tile kernel
         (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles, added into the
         shortcut's output in place."""
-        out = self._shortcut(x) if self.shortcut_path else x.clone()
+        plan = self._plan(x) if self.shortcut_path else None
+        if plan is not None:    # the shortcut conv folded and packed (eager conv + BN: 2x)
+            out = plan.shortcut(x.contiguous(memory_format=torch.channels_last))
+        else:
+            out = self._shortcut(x) if self.shortcut_path else x.clone()
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
             out = out.contiguous()
         tiles = m[:, 0].nonzero().contiguous()    # nonzero's rows are not
@@ -764,11 +768,12 @@ class _Sparse:
 
 class _Plan(NamedTuple):
     """A dynamic block bound for its dense path (:meth:`DynamicBlock._plan`): ``full(x)``
-    the whole block, ``skip(x)`` the shortcut and the post activations only (outputs
-    channels-last)."""
+    the whole block, ``skip(x)`` the shortcut and the post activations only, ``shortcut``
+    the shortcut alone (x itself when it is the identity; outputs channels-last)."""
 
     full: Callable[[torch.Tensor], torch.Tensor]
     skip: Callable[[torch.Tensor], torch.Tensor]
+    shortcut: Callable[[torch.Tensor], torch.Tensor]   # of a channels-last input
 
 
 def _kept(keep: torch.Tensor) -> tuple[int, ...] | None:
