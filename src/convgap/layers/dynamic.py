@@ -522,23 +522,32 @@ class DynamicBlock(nn.Module):
         h = x
         for i, s in enumerate(self.stages):
             conv = self.get_submodule(s.conv)
-            w, b = self._folded(i)
-            groups = conv.groups
-            if not full:
-                dw = _depthwise(conv)
-                if i in self.hidden:
-                    w, b = w[ch], b[ch]
-                    if dw:
-                        groups = len(ch)
-                        if i - 1 not in self.hidden:
-                            h = h[:, ch]
-                if i - 1 in self.hidden and not dw:
-                    w = w[:, ch]
+            w, b, groups, take = self._sliced(i, None if full else ch)
+            if take:
+                h = h[:, ch]
             h = activations.apply(s.act, F.conv2d(h, w, b, conv.stride, conv.padding,
                                                   conv.dilation, groups))
             if cm is not None and i in self.hidden:
                 h = h * cm
         return self._finish(out + h)
+
+    def _sliced(self, i: int, ch: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """Stage ``i``'s folded weight and bias on the hidden channels ``ch`` only (channel
+        mode; None: all), its groups, and whether its input must first be sliced to
+        ``ch`` (a depthwise stage reading the block input)."""
+        conv = _child(self, self.stages[i].conv)
+        w, b = self._folded(i)
+        groups, take = conv.groups, False
+        if ch is not None:
+            dw = _depthwise(conv)
+            if i in self.hidden:
+                w, b = w[ch], b[ch]
+                if dw:
+                    groups, take = len(ch), i - 1 not in self.hidden
+            if i - 1 in self.hidden and not dw:
+                w = w[:, ch]
+        return w, b, groups, take
 
     # bound dense plans (layer and channel modes) -----------------------------------------
     def _plannable(self, x: torch.Tensor) -> bool:
@@ -597,18 +606,9 @@ class DynamicBlock(nn.Module):
                               dtype=torch.long)
         specs = []
         for i, conv in enumerate(convs):
-            w, b = self._folded(i)
-            groups = conv.groups
-            if ch is not None:
-                dw = _depthwise(conv)
-                if i in self.hidden:
-                    w, b = w[ch], b[ch]
-                    if dw:
-                        groups = len(ch)
-                        if i - 1 not in self.hidden:
-                            take = ch       # (only the first stage: see _hidden_stages)
-                if i - 1 in self.hidden and not dw:
-                    w = w[:, ch]
+            w, b, groups, first = self._sliced(i, ch)
+            if first:
+                take = ch       # (only the first stage: see _hidden_stages)
             specs.append(ConvWeights(w.contiguous(), b.contiguous(), conv.padding,
                                      conv.stride, conv.dilation, groups))
         short = self._short_weights()
