@@ -242,6 +242,9 @@ class DynamicBlock(nn.Module):
         self._tile_store: dict = {}   # the tile kernel's packed weights and scratch
         convs = self.convs()
         self._tile_plan = _tile_plan(self.stages, convs) if mode == "spatial" else None
+        # every conv zero-padded by numbers: the body can be a bound oneDNN plan (_plan)
+        self._bindable = all(isinstance(c.padding, tuple) and c.padding_mode == "zeros"
+                             for c in convs)
         cin = convs[0].in_channels
         if mode == "spatial":
             self.masker = SpatialMasker(cin, granularity)
@@ -383,8 +386,10 @@ class DynamicBlock(nn.Module):
             x = self.get_submodule(name)(x)
         return x
 
-    def _finish(self, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        for a in self.post_acts:
+    def _finish(self, y: torch.Tensor, inplace: bool = False,
+                acts: Sequence[str] | None = None) -> torch.Tensor:
+        """The activations after the add (``acts``: these instead of all of them)."""
+        for a in self.post_acts if acts is None else acts:
             if inplace and a == "relu":
                 y = y.relu_()
             else:
@@ -438,14 +443,8 @@ class DynamicBlock(nn.Module):
         s = self.stages[i]
 
         def compute():
-            conv = self.get_submodule(s.conv)
-            w, b = conv.weight.detach(), conv.bias
-            if s.bn is not None:
-                w, b = folded(w, b, self.get_submodule(s.bn))
-            elif b is None:
-                b = torch.zeros(w.shape[0])
-            like = conv.weight
-            return w.to(like.device, like.dtype), b.detach().to(like.device, like.dtype)
+            return _fold_conv(self.get_submodule(s.conv),
+                              None if s.bn is None else self.get_submodule(s.bn))
 
         return memo.reuse(self._fold, i, self._stage_tensors(i), compute)
 
@@ -466,8 +465,8 @@ class DynamicBlock(nn.Module):
     def _sparse_layer(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         keep = m.view(-1) > 0
         n = int(keep.sum())
-        plan = self._plan(x)
-        if plan is not None:
+        if self._plannable(x):
+            plan = self._plan(x)
             if n == x.shape[0]:
                 return plan.full(x)
             if n == 0:
@@ -553,20 +552,17 @@ class DynamicBlock(nn.Module):
     def _plannable(self, x: torch.Tensor) -> bool:
         """May the body run as a bound oneDNN plan on ``x`` (:meth:`_plan`): a 4-D fp32 CPU
         tensor, oneDNN on, every conv zero-padded by numbers."""
-        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-                and onednn.AVAILABLE and torch.backends.mkldnn.enabled
-                and all(isinstance(c.padding, tuple) and c.padding_mode == "zeros"
-                        for c in self.convs()))
+        return (self._bindable and x.dim() == 4 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and onednn.AVAILABLE
+                and torch.backends.mkldnn.enabled)
 
-    def _plan(self, x: torch.Tensor, kept: tuple[int, ...] | None = None) -> "_Plan | None":
+    def _plan(self, x: torch.Tensor, kept: tuple[int, ...] | None = None) -> "_Plan":
         """The block (body, shortcut, add, post activations; batch-norm folded) bound to
         oneDNN for inputs of ``x``'s channels and size and any batch size, every activation
         and the residual add as the convolutions' post-ops (what :mod:`fused_blocks` runs
         for a static block), on the channel groups ``kept`` only (channel mode; None: all).
-        Kept per (``kept``, size) while the parameters are unchanged; None where the block
-        cannot run this way (:meth:`_plannable`)."""
-        if not self._plannable(x):
-            return None
+        Kept per (``kept``, size) while the parameters are unchanged. Only where
+        :meth:`_plannable` (the caller checks)."""
         tensors = [t for i in range(len(self.stages)) for t in self._stage_tensors(i)]
         for name in self.shortcut_path:
             module = _child(self, name)
@@ -586,14 +582,9 @@ class DynamicBlock(nn.Module):
                 and conv.padding_mode == "zeros" and (bn is None
                                                       or isinstance(bn, nn.BatchNorm2d))):
             return "modules"
-        w, b = conv.weight.detach(), conv.bias
-        if bn is not None:
-            w, b = folded(w, b, bn)
-        elif b is None:
-            b = torch.zeros(w.shape[0])
-        like = conv.weight
-        return ConvWeights(w.to(like.dtype).contiguous(), b.detach().to(like.dtype),
-                           conv.padding, conv.stride, conv.dilation, conv.groups)
+        w, b = _fold_conv(conv, bn)
+        return ConvWeights(w.contiguous(), b, conv.padding, conv.stride, conv.dilation,
+                           conv.groups)
 
     def _bind_plan(self, x: torch.Tensor, kept: tuple[int, ...] | None) -> "_Plan":
         shape = (1, *x.shape[1:])     # packed weights serve any batch size
@@ -625,20 +616,15 @@ class DynamicBlock(nn.Module):
                 return short_call(x)
             return self._shortcut(x).contiguous(memory_format=torch.channels_last)
 
-        def finish(y: torch.Tensor, acts: Sequence[str]) -> torch.Tensor:
-            for a in acts:
-                y = activations.apply(a, y)
-            return y
-
         def skip(x: torch.Tensor) -> torch.Tensor:
-            return finish(shortcut(x.contiguous(memory_format=torch.channels_last)), post)
+            return self._finish(shortcut(x.contiguous(memory_format=torch.channels_last)))
 
         if ch is not None and len(ch) == 0:   # the last conv sees zeros: its output is its bias
             const = activations.apply(last_act, specs[-1].bias.view(1, -1, 1, 1))
 
             def nothing(x: torch.Tensor) -> torch.Tensor:
                 x = x.contiguous(memory_format=torch.channels_last)
-                return finish(shortcut(x) + const, post)
+                return self._finish(shortcut(x) + const)
             return _Plan(nothing, skip, shortcut)
         calls = []
         for spec, s in zip(specs[:-1], self.stages[:-1]):
@@ -656,7 +642,7 @@ class DynamicBlock(nn.Module):
                 memory_format=torch.channels_last)
             for c in calls:
                 h = c(h)
-            return finish(add(h, shortcut(x)), rest)
+            return self._finish(add(h, shortcut(x)), acts=rest)
         return _Plan(full, skip, shortcut)
 
     def _tile_body(self) -> tile_kernel.Body:
@@ -684,9 +670,9 @@ class DynamicBlock(nn.Module):
         """Spatial sparse execution as one call of the tile kernel
         (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles, added into the
         shortcut's output in place."""
-        plan = self._plan(x) if self.shortcut_path else None
-        if plan is not None:    # the shortcut conv folded and packed (eager conv + BN: 2x)
-            out = plan.shortcut(x.contiguous(memory_format=torch.channels_last))
+        if self.shortcut_path and self._plannable(x):
+            # the shortcut conv folded and packed (eager conv + BN: 2x)
+            out = self._plan(x).shortcut(x.contiguous(memory_format=torch.channels_last))
         else:
             out = self._shortcut(x) if self.shortcut_path else x.clone()
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
@@ -790,6 +776,18 @@ def _merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.
     for idx, y in parts:
         out.index_copy_(0, idx, y)
     return out
+
+
+def _fold_conv(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv``'s weight and bias (zeros where it has none) with ``bn`` folded in
+    (float64 arithmetic), in the conv's device and dtype, detached."""
+    w, b = conv.weight.detach(), conv.bias
+    if bn is not None:
+        w, b = folded(w, b, bn)
+    elif b is None:
+        b = torch.zeros(w.shape[0])
+    like = conv.weight
+    return w.to(like.device, like.dtype), b.detach().to(like.device, like.dtype)
 
 
 def _child(module: nn.Module, name: str) -> nn.Module:

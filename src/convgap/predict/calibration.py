@@ -54,8 +54,8 @@ from .units import is_unit
 from .record import Op, record
 from .synthetic import network
 
-__all__ = ["Calibration", "calibrate", "load", "fit", "predict_seconds", "VERSION",
-           "NETWORK_TIMING", "PROFILE_REPEATS"]
+__all__ = ["Calibration", "calibrate", "load", "fit", "VERSION", "NETWORK_TIMING",
+           "PROFILE_REPEATS"]
 
 VERSION = 11  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
@@ -98,7 +98,7 @@ class Calibration:
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
         """Each op's predicted latency inside the pass ``ops`` were recorded from, in call
         order (seconds)."""
-        return predict_seconds(ops, self.models, self.roofs, self.overhead_s)
+        return _seconds(ops, context(ops), self.models, self.roofs, self.overhead_s)
 
 
 def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
@@ -121,15 +121,10 @@ def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
     return out
 
 
-def predict_seconds(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
-                    overhead_s: float) -> np.ndarray:
-    """Each op's predicted seconds inside the pass ``ops`` form, by its kind's model
-    (None: the base alone)."""
-    return _seconds(ops, context(ops), models, roofs, overhead_s)
-
-
 def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
              roofs: hardware.Roofs, overhead_s: float) -> np.ndarray:
+    """Each op's predicted seconds at its context ``where``, by its kind's model (None:
+    the base alone)."""
     out = np.empty(len(ops))
     by_kind: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
