@@ -1,9 +1,9 @@
 """convgap.kernels.cpu.tiles.residual_tiles: a residual block's body (optional first conv:
 1x1, or k1 x k1 / strided as in a basic block; dense or depthwise k x k; optional 1x1; batch
-norms folded) added into the output at kept S x S tiles only,
-against a float64 torch reference (the dense body times the tile mask, plus the shortcut):
-random tile sets, odd sizes (partial tiles), strides 1 and 2, granularities 1 to 7, both
-memory formats, every activation, 1 to 3 threads; an empty tile list; its errors; its
+norms folded) added into the output at kept S x S tiles only, against a float64 torch
+reference (the dense body times the tile mask, plus the shortcut): random tile sets, odd
+sizes (partial tiles), strides 1 and 2, granularities 1 to 7, both memory formats, every
+activation, 1 to 3 threads, tiles in any order; an empty tile list; its errors; its
 scratch ending at an unmapped page, and NaNs left in the scratch."""
 
 from __future__ import annotations
@@ -152,6 +152,21 @@ def test_every_activation_reaches_the_result(act, depthwise):
         if act is not None:
             plain = reference(x, out, kept, 2, body._replace(act1=None, act2=None))
             assert relative_error(got, plain) > 1e-2
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_tile_order(depthwise, threads):
+    """Tiles in any order give the sorted order's result: each thread's window of the
+    first conv's rows restarts where its next tile is not below the last one."""
+    x, out, kept, body = case(3, 12, 20, 10, 17, 13, 3, 1, 2, depthwise, True, "relu",
+                              "relu6", False, True, 0.6)
+    shuffled = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(shuffled, kept)
+    want = reference(x, out, kept, 2, body)
+    got = run_threads(threads, lambda: tiles.residual_tiles(x, out.clone(), shuffled, 2,
+                                                            body))
+    assert relative_error(got, want) <= 1e-4
 
 
 def test_empty_tiles_leave_the_output():

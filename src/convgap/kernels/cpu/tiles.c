@@ -12,16 +12,18 @@
  * tx S) of image n (clipped at the output's bottom and right edges). Batch norms are folded
  * into the weights; the caller applies the activations after the residual add.
  *
- * Two steps in one parallel region. First (with a first conv) the u pixels that some kept
- * tile's window reads are marked, and the first conv runs on each run of marked pixels
- * (in flat order, within an image) straight from x into a shared u map (N x H x W x Rp):
- * each u pixel is computed once, however many windows share it (a k1 x k1 or strided first
- * conv gathers the run's windows of x as im2col rows first, x NHWC). Then the tiles, in groups
- * of up to ``group`` (a few tiles per GEMM call, so that 1x1 and 2x2 tiles still give the
- * micro-kernel rows): a dense middle conv gathers its tiles' k x k windows (im2col, zeros
- * outside the image) and runs one GEMM, a depthwise one runs per pixel in registers; the last
- * 1x1 conv is one GEMM into the thread's scratch, added into y at the pixels inside the
- * output. x and y are NHWC or NCHW (g->xnchw, g->ynchw; without a first conv x is NHWC).
+ * The schedule of pdp.c, on the kept tiles: with the tiles sorted (image, tile row, tile
+ * column), each thread takes an equal contiguous share of them and walks it one tile row
+ * (a segment of its tiles sharing image and tile row) at a time, keeping a window of u's
+ * rows in its own scratch that slides down the image. For a segment, the first conv runs
+ * on the window's pixels the segment's windows read and that are not there yet (a byte
+ * per window pixel says which are: each u pixel is computed once per thread and image,
+ * and stays in cache); then, a few tiles per call (``group``), the middle conv (dense:
+ * the tiles' k x k windows gathered as im2col rows, one GEMM; depthwise: per pixel, the
+ * taps in registers) and the last 1x1 (one GEMM into the thread's scratch, added into y
+ * at the pixels inside the output). A first conv of k1 x k1 or stride > 1 gathers its
+ * run's windows of x as im2col rows first (x NHWC). x and y are NHWC or NCHW (g->xnchw,
+ * g->ynchw; without a first conv x is NHWC and the middle conv reads it in place).
  * Compiled at first use by convgap.kernels.cpu.build. */
 #include <string.h>
 #include <omp.h>
@@ -33,27 +35,18 @@
 
 ARGS_LAYOUT(TilesArgs, TILES_ARGS)
 
-#define CHUNK 64  /* pixels of u per work item of the first step */
+#define CHUNK 64  /* pixels per im2col call of a windowed first conv */
 
 static int round16i(int n) { return (n + 15) / 16 * 16; }
-
-/* Floats of the byte mask of needed u pixels (N x H x W bytes) */
-static long mark_floats(const TilesArgs *g)
-{
-    return g->a ? whole_lines(((long)g->n * g->h * g->w + 3) / 4) : 0;
-}
-
-/* Floats of the scratch all threads share: the mask and the u map (with a first conv) */
-long shared_floats(const TilesArgs *g)
-{
-    return g->a ? mark_floats(g) + whole_lines((long)g->n * g->h * g->w * round16i(g->r)) : 0;
-}
 
 /* Whether the first conv reads windows of x (k1 x k1 or strided) rather than its pixels */
 static int windowed(const TilesArgs *g) { return g->a && (g->k1 > 1 || g->st1 > 1); }
 
+/* Rows of u a tile row reads (the window's capacity) */
+static int window_rows(const TilesArgs *g) { return (g->s - 1) * g->st + g->ks; }
+
 /* Floats of a thread's im2col rows: a group's windows (dense middle conv), or a run's
- * (windowed first conv: the first step, before the tiles, uses the same rows) */
+ * (windowed first conv) */
 static long col_floats(const TilesArgs *g)
 {
     const long rows = (long)g->group * g->s * g->s;
@@ -62,13 +55,22 @@ static long col_floats(const TilesArgs *g)
     return whole_lines(mid > first ? mid : first);
 }
 
-/* Floats of one thread's scratch: its im2col rows, a group's v rows and its output rows
- * (none without a last conv) */
+/* Floats of a thread's u window and its bytes (which pixels are computed, which columns a
+ * segment reads), with a first conv */
+static long window_floats(const TilesArgs *g)
+{
+    if (!g->a) return 0;
+    const long px = (long)window_rows(g) * g->w;
+    return whole_lines(px * round16i(g->r)) + whole_lines((px + g->w + 3) / 4);
+}
+
+/* Floats of one thread's scratch: its im2col rows, a group's v rows, its output rows (none
+ * without a last conv), its u window */
 long scratch_floats(const TilesArgs *g)
 {
     const long rows = (long)g->group * g->s * g->s;
     return col_floats(g) + whole_lines(rows * round16i(g->r))
-           + (g->b ? whole_lines(rows * round16i(g->o)) : 0);
+           + (g->b ? whole_lines(rows * round16i(g->o)) : 0) + window_floats(g);
 }
 
 /* Whether tile i is inside the output (others are skipped) */
@@ -76,26 +78,6 @@ static int valid_tile(const TilesArgs *g, const long *t)
 {
     return t[0] >= 0 && t[0] < g->n && t[1] >= 0 && t[1] * g->s < g->oh && t[2] >= 0
            && t[2] * g->s < g->ow;
-}
-
-/* mark[n][iy][ix] = 1 where a kept tile's window reads u (inside the image) */
-static void mark_needed(const TilesArgs *g, const long *tiles, int T, unsigned char *mark)
-{
-    const int H = g->h, W = g->w, S = g->s, st = g->st, pad = g->ks / 2;
-    const int side = (S - 1) * st + g->ks;
-    memset(mark, 0, (size_t)g->n * H * W);
-    for (int i = 0; i < T; i++) {
-        const long *t = tiles + 3L * i;
-        if (!valid_tile(g, t)) continue;
-        int y0 = (int)t[1] * S * st - pad, x0 = (int)t[2] * S * st - pad;
-        int y1 = y0 + side, x1 = x0 + side;
-        if (y0 < 0) y0 = 0;
-        if (x0 < 0) x0 = 0;
-        if (y1 > H) y1 = H;
-        if (x1 > W) x1 = W;
-        for (int iy = y0; iy < y1; iy++)
-            memset(mark + (t[0] * H + iy) * W + x0, 1, (size_t)(x1 - x0));
-    }
 }
 
 /* The k1 x k1 windows of x (NHWC) at u pixels [p, q) of image n as im2col rows (k1 k1 C
@@ -122,120 +104,227 @@ static void first_windows(const TilesArgs *g, const float *x, int n, long p, lon
     }
 }
 
-/* u's marked pixels among [p0, p1) of image n (flat within the image): the first conv on
- * each run of them, then act1; ``col``: the thread's im2col rows (windowed first conv) */
-static void first_conv(const TilesArgs *g, const float *x, const unsigned char *mark,
-                       float *u, int n, long p0, long p1, float *col)
+/* u at pixels [p, q) of image n (flat within the image) into rows (Rp floats apart): the
+ * first conv, then act1; ``col``: the thread's im2col rows (windowed first conv) */
+static void first_conv(const TilesArgs *g, const float *x, int n, long p, long q,
+                       float *rows, float *col)
 {
     const long HW = (long)g->h * g->w;
     const int C = g->c, R = g->r, Rp = round16i(R);
-    const unsigned char *m = mark + n * HW;
-    long p = p0;
-    while (p < p1) {
-        while (p < p1 && !m[p]) p++;
-        long q = p;
-        while (q < p1 && m[q]) q++;
-        if (q > p) {
-            float *rows = u + (n * HW + p) * Rp;
-            if (windowed(g)) {
-                const int K = g->k1 * g->k1 * C;
-                first_windows(g, x, n, p, q, col);
-                gemm((int)(q - p), R, K, col, K, g->a, g->bias1, rows, Rp, PF_X);
-            } else if (g->xnchw)
-                gemm_kmajor((int)(q - p), R, C, x + (long)n * C * HW + p, HW, g->a, g->bias1,
-                            rows, Rp, PF_X);
-            else
-                gemm((int)(q - p), R, C, x + (n * HW + p) * C, C, g->a, g->bias1, rows, Rp,
-                     PF_X);
-            activate_floats(g->act1, rows, (q - p) * Rp);
+    if (windowed(g)) {
+        const int K = g->k1 * g->k1 * C;
+        for (long e = p; e < q; e += CHUNK) {
+            const long f = q - e < CHUNK ? q : e + CHUNK;
+            first_windows(g, x, n, e, f, col);
+            gemm((int)(f - e), R, K, col, K, g->a, g->bias1, rows + (e - p) * Rp, Rp, PF_X);
         }
-        p = q;
+    } else if (g->xnchw)
+        gemm_kmajor((int)(q - p), R, C, x + (long)n * C * HW + p, HW, g->a, g->bias1, rows,
+                    Rp, PF_X);
+    else
+        gemm((int)(q - p), R, C, x + (n * HW + p) * C, C, g->a, g->bias1, rows, Rp, PF_X);
+    activate_floats(g->act1, rows, (q - p) * Rp);
+}
+
+/* A thread's u window: rows [lo, hi) of image cur (u: W x Rp floats per row; done: a byte
+ * per pixel, 1 where computed; need: a byte per column) */
+typedef struct {
+    int cur, lo, hi;
+    float *u;
+    unsigned char *done, *need;
+} Window;
+
+/* Make the window hold the u pixels the segment's tiles read (count rows of one image and
+ * tile row, those outside the output skipped; at least one inside): slide it down to their rows (keeping the rows it shares), then run the first
+ * conv on each run of needed pixels not yet computed. */
+static void fill_window(const TilesArgs *g, const float *x, const long *tiles, int count,
+                        Window *wn, float *col)
+{
+    const int H = g->h, W = g->w, S = g->s, st = g->st, pad = g->ks / 2, Rp = round16i(g->r);
+    while (count && !valid_tile(g, tiles)) tiles += 3, count--;
+    const int n = (int)tiles[0], oy0 = (int)tiles[1] * S;
+    const int oy1 = g->oh - oy0 < S ? g->oh : oy0 + S;
+    int lo = oy0 * st - pad, hi = (oy1 - 1) * st - pad + g->ks;
+    if (lo < 0) lo = 0;
+    if (hi > H) hi = H;
+    if (n != wn->cur || lo >= wn->hi || lo < wn->lo) {  /* nothing to keep */
+        wn->cur = n;
+        wn->lo = wn->hi = lo;
+    } else if (lo > wn->lo) {
+        const int drop = lo - wn->lo, keep = wn->hi - lo;
+        memmove(wn->u, wn->u + (long)drop * W * Rp, sizeof(float) * keep * W * Rp);
+        memmove(wn->done, wn->done + (long)drop * W, (size_t)keep * W);
+        wn->lo = lo;
+    }
+    if (hi > wn->hi) {
+        memset(wn->done + (long)(wn->hi - wn->lo) * W, 0, (size_t)(hi - wn->hi) * W);
+        wn->hi = hi;
+    }
+    memset(wn->need, 0, (size_t)W);
+    for (int e = 0; e < count; e++) {
+        if (!valid_tile(g, tiles + 3L * e)) continue;
+        const int ox0 = (int)tiles[3L * e + 2] * S, ox1 = g->ow - ox0 < S ? g->ow : ox0 + S;
+        int c0 = ox0 * st - pad, c1 = (ox1 - 1) * st - pad + g->ks;
+        if (c0 < 0) c0 = 0;
+        if (c1 > W) c1 = W;
+        if (c1 > c0) memset(wn->need + c0, 1, (size_t)(c1 - c0));
+    }
+    for (int iy = lo; iy < hi; iy++) {
+        unsigned char *d = wn->done + (long)(iy - wn->lo) * W;
+        int c = 0;
+        while (c < W) {
+            while (c < W && !(wn->need[c] && !d[c])) c++;
+            int e = c;
+            while (e < W && wn->need[e] && !d[e]) e++;
+            if (e > c) {
+                first_conv(g, x, n, (long)iy * W + c, (long)iy * W + e,
+                           wn->u + ((long)(iy - wn->lo) * W + c) * Rp, col);
+                memset(d + c, 1, (size_t)(e - c));
+            }
+            c = e;
+        }
     }
 }
 
-/* The input pixel (image-flat index, or -1: outside the image) that row m of a group reads
- * at tap (dy, dx): row m is pixel (i, j) of tile m / (S S) */
-static inline long tap_pixel(const TilesArgs *g, const long *t, int i, int j, int dy, int dx)
+/* The input pixel (flat from the source's row ulo, or -1: outside the image) that output
+ * pixel (i, j) of tile t reads at tap (dy, dx) */
+static inline long tap_pixel(const TilesArgs *g, const long *t, int ulo, int i, int j,
+                             int dy, int dx)
 {
     const int pad = g->ks / 2;
     const int iy = ((int)t[1] * g->s + i) * g->st - pad + dy;
     const int ix = ((int)t[2] * g->s + j) * g->st - pad + dx;
     if (iy < 0 || iy >= g->h || ix < 0 || ix >= g->w) return -1;
-    return (long)iy * g->w + ix;
+    return (long)(iy - ulo) * g->w + ix;
 }
 
-/* v (rows of Rp floats) = act2(dense middle conv + bias2) of the group's tiles: their
- * windows gathered as im2col rows (k k R floats: tap-major, zeros outside the image), one
- * GEMM */
+/* Whether output pixel (i, j) of tile t is inside the output */
+static inline int inside(const TilesArgs *g, const long *t, int i, int j)
+{
+    return (int)t[1] * g->s + i < g->oh && (int)t[2] * g->s + j < g->ow;
+}
+
+/* v (rows of Rp floats, S x S per tile) = act2(dense middle conv + bias2) of the group's
+ * tiles, read from src (rows of W pixels sp floats apart, from u's row ulo): their windows
+ * gathered as im2col rows (k k R floats: tap-major, zeros outside the image and for pixels
+ * outside the output), one GEMM */
 static void middle_dense(const TilesArgs *g, const long *tiles, int count, const float *src,
-                         long sp, float *col, float *v)
+                         int ulo, long sp, float *col, float *v)
 {
     const int S = g->s, ks = g->ks, R = g->r, Rp = round16i(R);
-    const long K = (long)ks * ks * R, HW = (long)g->h * g->w;
+    const long K = (long)ks * ks * R;
     float *row = col;
     for (int e = 0; e < count; e++) {
         const long *t = tiles + 3L * e;
-        const float *img = src + t[0] * HW * sp;
         for (int i = 0; i < S; i++)
-            for (int j = 0; j < S; j++, row += K)
+            for (int j = 0; j < S; j++, row += K) {
+                if (!inside(g, t, i, j)) {
+                    memset(row, 0, sizeof(float) * K);
+                    continue;
+                }
                 for (int dy = 0; dy < ks; dy++)
                     for (int dx = 0; dx < ks; dx++) {
-                        const long q = tap_pixel(g, t, i, j, dy, dx);
+                        const long q = tap_pixel(g, t, ulo, i, j, dy, dx);
                         float *dst = row + (long)(dy * ks + dx) * R;
                         if (q < 0) memset(dst, 0, sizeof(float) * R);
-                        else memcpy(dst, img + q * sp, sizeof(float) * R);
+                        else memcpy(dst, src + q * sp, sizeof(float) * R);
                     }
+            }
     }
     const int M = count * S * S;
     gemm(M, R, (int)K, col, K, g->k, g->bias2, v, Rp, 0);
     activate_floats(g->act2, v, (long)M * Rp);
 }
 
-/* One 16-channel slice's depthwise taps at each row of the group, act applied (an ACT_
- * code, fixed per instance); src rows sp floats apart, ``m`` their lanes within R */
-static inline __attribute__((always_inline)) void dw_rows(const int act,
-        const TilesArgs *g, const long *tiles, int count, const float *src, long sp,
+/* One 16-channel slice (lanes m) of the depthwise step at the group's pixels, act applied
+ * (ks and act fixed per instance: the ks x ks taps in registers, no branch per pixel but
+ * at the image's borders); src rows of W pixels sp floats apart from u's row ulo; pixels
+ * outside the output get zeros */
+static inline __attribute__((always_inline)) void dw_rows(const int ks, const int act,
+        const TilesArgs *g, const long *tiles, int count, const float *src, int ulo, long sp,
         __mmask16 m, const float *D, const float *bias2, float *v)
 {
-    const int S = g->s, ks = g->ks, Rp = round16i(g->r);
-    const long HW = (long)g->h * g->w;
+    const int S = g->s, st = g->st, pad = ks / 2, H = g->h, W = g->w, Rp = round16i(g->r);
     const __m512 b0 = bias2 ? _mm512_loadu_ps(bias2) : _mm512_setzero_ps();
+    __m512 d[ks * ks];
+    for (int t = 0; t < ks * ks; t++) d[t] = _mm512_loadu_ps(D + (long)t * Rp);
     for (int e = 0; e < count; e++) {
         const long *t = tiles + 3L * e;
-        const float *img = src + t[0] * HW * sp;
-        for (int i = 0; i < S; i++)
+        const int oy0 = (int)t[1] * S, ox0 = (int)t[2] * S;
+        for (int i = 0; i < S; i++) {
+            const int iy0 = (oy0 + i) * st - pad;
+            const int full = iy0 >= 0 && iy0 + ks <= H;
+            const float *base = src + (long)(iy0 - ulo) * W * sp;
             for (int j = 0; j < S; j++, v += Rp) {
+                if (oy0 + i >= g->oh || ox0 + j >= g->ow) {
+                    _mm512_storeu_ps(v, _mm512_setzero_ps());
+                    continue;
+                }
+                const int ix0 = (ox0 + j) * st - pad;
                 __m512 acc = b0;
-                for (int dy = 0; dy < ks; dy++)
-                    for (int dx = 0; dx < ks; dx++) {
-                        const long q = tap_pixel(g, t, i, j, dy, dx);
-                        if (q >= 0)
-                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, img + q * sp),
-                                                  _mm512_loadu_ps(D + (long)(dy * ks + dx) * Rp),
-                                                  acc);
+                if (full && ix0 >= 0 && ix0 + ks <= W) {
+                    for (int a = 0; a < ks; a++)
+                        for (int b = 0; b < ks; b++)
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(
+                                m, base + ((long)a * W + ix0 + b) * sp), d[a * ks + b], acc);
+                } else {
+                    for (int a = 0; a < ks; a++) {
+                        if (iy0 + a < 0 || iy0 + a >= H) continue;
+                        for (int b = 0; b < ks; b++) {
+                            if (ix0 + b < 0 || ix0 + b >= W) continue;
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(
+                                m, base + ((long)a * W + ix0 + b) * sp), d[a * ks + b], acc);
+                        }
                     }
+                }
                 _mm512_storeu_ps(v, activate(act, acc));
             }
+        }
+    }
+}
+
+typedef void (*dw_fn)(int, const TilesArgs *, const long *, int, const float *, int, long,
+                      __mmask16, const float *, const float *, float *);
+/* one instance per filter size, each compiled once per activation (no branch per pixel) */
+#define DW_ACT(K, A) dw_rows(K, A, g, tiles, count, src, ulo, sp, m, D, bias2, v)
+#define DW_FIXED(K) static void dw_##K(int act, const TilesArgs *g, const long *tiles, \
+        int count, const float *src, int ulo, long sp, __mmask16 m, const float *D, \
+        const float *bias2, float *v) \
+        { \
+            switch (act) { \
+            case ACT_RELU: DW_ACT(K, ACT_RELU); break; \
+            case ACT_RELU6: DW_ACT(K, ACT_RELU6); break; \
+            case ACT_SILU: DW_ACT(K, ACT_SILU); break; \
+            case ACT_SIGMOID: DW_ACT(K, ACT_SIGMOID); break; \
+            default: DW_ACT(K, ACT_NONE); \
+            } \
+        }
+DW_FIXED(3) DW_FIXED(5) DW_FIXED(7)
+
+/* Any other filter size: the taps' count at run time */
+static void dw_any(int act, const TilesArgs *g, const long *tiles, int count,
+                   const float *src, int ulo, long sp, __mmask16 m, const float *D,
+                   const float *bias2, float *v)
+{
+    const int ks = g->ks;
+    switch (act) {
+    case ACT_RELU: DW_ACT(ks, ACT_RELU); break;
+    case ACT_RELU6: DW_ACT(ks, ACT_RELU6); break;
+    case ACT_SILU: DW_ACT(ks, ACT_SILU); break;
+    case ACT_SIGMOID: DW_ACT(ks, ACT_SIGMOID); break;
+    default: DW_ACT(ks, ACT_NONE);
     }
 }
 
 /* v (rows of Rp floats) = act2(depthwise middle conv + bias2) of the group's tiles */
 static void middle_depthwise(const TilesArgs *g, const long *tiles, int count,
-                             const float *src, long sp, float *v)
+                             const float *src, int ulo, long sp, float *v)
 {
     const int R = g->r, Rp = round16i(R);
-    for (int c0 = 0; c0 < Rp; c0 += 16) {
-        const float *s = src + c0, *D = g->k + c0, *b2 = g->bias2 ? g->bias2 + c0 : 0;
-        const __mmask16 m = lanes(R - c0);
-        float *vc = v + c0;
-        switch (g->act2) {
-        case ACT_RELU: dw_rows(ACT_RELU, g, tiles, count, s, sp, m, D, b2, vc); break;
-        case ACT_RELU6: dw_rows(ACT_RELU6, g, tiles, count, s, sp, m, D, b2, vc); break;
-        case ACT_SILU: dw_rows(ACT_SILU, g, tiles, count, s, sp, m, D, b2, vc); break;
-        case ACT_SIGMOID: dw_rows(ACT_SIGMOID, g, tiles, count, s, sp, m, D, b2, vc); break;
-        default: dw_rows(ACT_NONE, g, tiles, count, s, sp, m, D, b2, vc);
-        }
-    }
+    const dw_fn fn = g->ks == 3 ? dw_3 : g->ks == 5 ? dw_5 : g->ks == 7 ? dw_7 : dw_any;
+    for (int c0 = 0; c0 < Rp; c0 += 16)
+        fn(g->act2, g, tiles, count, src + c0, ulo, sp, lanes(R - c0), g->k + c0,
+           g->bias2 ? g->bias2 + c0 : 0, v + c0);
 }
 
 /* y += the group's output rows (rows of Op floats) at its tiles' pixels inside the output:
@@ -270,56 +359,70 @@ static void add_tiles(const TilesArgs *g, const long *tiles, int count, const fl
     }
 }
 
+/* Whether tile rows a and b share image and tile row */
+static int same_row(const long *a, const long *b) { return a[0] == b[0] && a[1] == b[1]; }
+
 /* g: the weights and geometry (args.h's TilesArgs). x: (N, C, XH, XW) float32, NCHW
- * (g->xnchw, a 1x1 stride-1 first conv only) or NHWC in memory; y: (N, O, OH, OW), NCHW (g->ynchw) or NHWC, holding the
- * shortcut, the body added at the kept tiles; tiles: T rows (n, ty, tx) (rows outside the
- * output are skipped); scratch: shared_floats(g) + threads x scratch_floats(g) floats. */
+ * (g->xnchw, a 1x1 stride-1 first conv only) or NHWC in memory; y: (N, O, OH, OW), NCHW
+ * (g->ynchw) or NHWC, holding the shortcut, the body added at the kept tiles; tiles: T rows
+ * (n, ty, tx), in any order (sorted is fastest: a window's rows are kept from one tile
+ * row to the next only in that order; rows outside the output are skipped); scratch:
+ * threads x scratch_floats(g) floats. */
 void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *tiles, int T,
                    float *scratch, int threads)
 {
     if (T <= 0) return;
-    const int Rp = round16i(g->r);
-    const long HW = (long)g->h * g->w, per = scratch_floats(g);
-    const long rows = (long)g->group * g->s * g->s;
-    const int Op = g->b ? round16i(g->o) : Rp;
-    unsigned char *mark = (unsigned char *)scratch;
-    float *u = scratch + mark_floats(g), *own = scratch + shared_floats(g);
-    const float *src = g->a ? u : x;  /* what the middle conv reads, pixels sp floats apart */
-    const long sp = g->a ? Rp : g->c;
-    /* tiles per group: up to g->group, fewer where that leaves threads idle */
-    int G = (T + threads - 1) / threads;
-    if (G > g->group) G = g->group;
-    const int groups = (T + G - 1) / G;
-    const long chunks = (HW + CHUNK - 1) / CHUNK;
-    if (g->a) mark_needed(g, tiles, T, mark);
+    const int Rp = round16i(g->r), G = g->group;
+    const long per = scratch_floats(g), rows = (long)G * g->s * g->s;
+    const long HW = (long)g->h * g->w;
+    if (threads > T) threads = T;
     #pragma omp parallel num_threads(threads)
     {
-        float *col = own + per * omp_get_thread_num();
+        const int th = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *col = scratch + per * th;
         float *v = col + col_floats(g);
         float *out = g->b ? v + whole_lines(rows * Rp) : v;
+        Window wn = {-1, 0, 0, 0, 0, 0};
         if (g->a) {
-            #pragma omp for schedule(dynamic, 1)  /* chunks hold unequal runs */
-            for (long w = 0; w < g->n * chunks; w++) {
-                const long p0 = w % chunks * CHUNK, p1 = p0 + CHUNK < HW ? p0 + CHUNK : HW;
-                first_conv(g, x, mark, u, (int)(w / chunks), p0, p1, col);
-            }
+            wn.u = out + whole_lines(rows * (g->b ? round16i(g->o) : Rp));
+            wn.done = (unsigned char *)(wn.u + whole_lines((long)window_rows(g) * g->w * Rp));
+            wn.need = wn.done + (long)window_rows(g) * g->w;
         }
-        #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < groups; i++) {
-            /* the group's valid tiles, packed at its front (rows outside are skipped) */
-            long kept[3 * G];
-            int count = 0;
-            for (int e = i * G; e < T && e < (i + 1) * G; e++)
-                if (valid_tile(g, tiles + 3L * e)) {
-                    memcpy(kept + 3 * count, tiles + 3L * e, sizeof(long) * 3);
-                    count++;
-                }
-            if (!count) continue;
-            if (g->depthwise) middle_depthwise(g, kept, count, src, sp, v);
-            else middle_dense(g, kept, count, src, sp, col, v);
-            if (g->b)
-                gemm(count * g->s * g->s, g->o, g->r, v, Rp, g->b, g->bias, out, Op, 0);
-            add_tiles(g, kept, count, out, y);
+        long kept[3 * G];
+        int e = (int)((long)T * th / nt);
+        const int end = (int)((long)T * (th + 1) / nt);
+        while (e < end) {
+            /* the segment: this share's next tiles in one tile row [e, f) */
+            int f = e, valid = 0;
+            for (; f < end && same_row(tiles + 3L * f, tiles + 3L * e); f++)
+                valid += valid_tile(g, tiles + 3L * f);
+            if (!valid) {
+                e = f;
+                continue;
+            }
+            const float *src;
+            long sp;
+            int ulo;
+            if (g->a) {
+                fill_window(g, x, tiles + 3L * e, f - e, &wn, col);
+                src = wn.u, sp = Rp, ulo = wn.lo;
+            } else
+                src = x + tiles[3L * e] * HW * g->c, sp = g->c, ulo = 0;
+            while (e < f) {  /* up to G of its tiles inside the output per call */
+                int c = 0;
+                for (; e < f && c < G; e++)
+                    if (valid_tile(g, tiles + 3L * e)) {
+                        memcpy(kept + 3 * c, tiles + 3L * e, sizeof(long) * 3);
+                        c++;
+                    }
+                if (!c) continue;
+                if (g->depthwise) middle_depthwise(g, kept, c, src, ulo, sp, v);
+                else middle_dense(g, kept, c, src, ulo, sp, col, v);
+                if (g->b)
+                    gemm(c * g->s * g->s, g->o, g->r, v, Rp, g->b, g->bias, out,
+                         round16i(g->o), 0);
+                add_tiles(g, kept, c, out, y);
+            }
         }
     }
 }

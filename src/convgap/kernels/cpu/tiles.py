@@ -8,9 +8,11 @@ a basic block's first 3x3) with ``act1``, a k x k conv (R -> R, dense or depthwi
 or more, zero padding k // 2 around the first conv's output) with ``act2``, an optional 1x1
 conv (R -> O) without activation (absent in a basic block). A tile (n, ty, tx) is the S x S
 output pixels from (ty S, tx S) of image n, clipped at the output's bottom and right edges.
-The first conv runs once on every pixel of its output some kept tile's window reads; the
-middle and last convs on the kept tiles only, a few tiles per GEMM call
-(:data:`GROUP_ROWS`)."""
+Each thread walks its share of the kept tiles (sorted: image, tile row, column) one tile
+row at a time, with a window of the first conv's output rows in its cache that slides
+down the image: the first conv runs once per thread on every pixel some kept tile's
+window reads, the middle and last convs on the kept tiles only, a few tiles per GEMM
+call (:data:`GROUP_ROWS`)."""
 
 from __future__ import annotations
 
@@ -24,16 +26,14 @@ from ...ops.memo import reuse
 from ...ops.sizes import conv_length
 from . import common
 from .args import TilesArgs
-from .common import I, L, P, Kernel, activation_code, check_tensors, pack, padded, round16
+from .common import I, P, Kernel, activation_code, check_tensors, pack, padded, round16
 
 __all__ = ["available", "Body", "residual_tiles", "bind", "GROUP_ROWS"]
 
 KERNEL = Kernel("tiles", "tiles_forward", TilesArgs)
-# tiles_forward(args, x, y, tiles, T, scratch, threads) also takes the tile rows; the
-# scratch all threads share (shared_floats) comes before their own shares
+# tiles_forward(args, x, y, tiles, T, scratch, threads) also takes the tile rows
 KERNEL.functions.update({"tiles_forward": ([ctypes.POINTER(TilesArgs), P, P, P, I, P, I],
-                                           None),
-                         "shared_floats": ([ctypes.POINTER(TilesArgs)], L)})
+                                           None)})
 _lib = KERNEL.lib
 available = KERNEL.available
 
@@ -199,13 +199,13 @@ def bind(x: torch.Tensor, out: torch.Tensor, granularity: int, body: Body, store
                      group=max(1, round(GROUP_ROWS / granularity ** 2)),
                      act1=_code(body.act1), act2=_code(body.act2), xnchw=int(xnchw),
                      ynchw=int(ynchw))
-    shared, per = lib.shared_floats(args), lib.scratch_floats(args)
+    per = lib.scratch_floats(args)
     forward = lib.tiles_forward
     cl = torch.channels_last
 
     def call(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor) -> None:
         threads = torch.get_num_threads()
-        buf = common.scratch(store, shared + threads * per)
+        buf = common.scratch(store, threads * per)
         xc = x if xnchw else x.contiguous(memory_format=cl)  # held: a copy outlives the call
         forward(args, xc.data_ptr(), out.data_ptr(), tiles.data_ptr(), len(tiles),
                 buf.data_ptr(), threads)
