@@ -16,6 +16,7 @@ from convgap.dynamic import (DynamicBlock, dynamic_blocks, force_density, make_d
 from convgap.dynamic.budget import Budget, LatencyTable, temperature
 from convgap.ops import onednn
 from convgap.transforms.changes import LEFT_ATTR
+from convgap.transforms.eligible import first_inputs
 
 
 class Bottleneck(nn.Module):
@@ -176,6 +177,40 @@ def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
             set_execution(dyn, "sparse")
             assert _rel(dyn(x), ref) <= 1e-4
     assert (len(calls) > 0) == native
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_tile_kernel_decides_as_the_masker(channels_last):
+    """Where the masker decides inside the tile kernel's call (spatial blocks, eval, no
+    autograd), its decisions are the torch masker's (average pool to the grid, 1x1 conv,
+    logit > 0: uneven and overlapping pooling bins, strided blocks) and the output is the
+    masked execution's at those masks."""
+    from convgap.kernels.cpu import tiles
+    if not tiles.available():
+        pytest.skip("no AVX-512 CPU or no C compiler here")
+    torch.manual_seed(0)
+    net = _net()
+    for g in (1, 2, 3):
+        dyn = make_dynamic(net, "spatial", granularity=g, check=False, quiet=True)
+        blocks = [b for b in dynamic_blocks(dyn).values() if b._tile_plan is not None]
+        for b in blocks:     # logits around 0: about half of the tiles kept
+            nn.init.normal_(b.masker.conv.weight, std=1.0)
+            nn.init.constant_(b.masker.conv.bias, 0.1)
+        for n, size in ((1, 13), (2, 16)):
+            x = torch.randn(n, 3, size, size)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            inputs, _ = first_inputs({b: b for b in blocks}, lambda: dyn(x))
+            kept = []
+            for b in blocks:
+                xb = inputs[b][0]
+                with torch.no_grad():
+                    y = b(xb)
+                    want = b.mask(xb)                 # the torch masker
+                    assert torch.equal(b.last_mask, want)
+                    assert _rel(y, b.masked(xb, want)) <= 1e-4
+                kept.append(float(want.mean()))
+            assert 0.1 < sum(kept) / len(kept) < 0.9
 
 
 def test_force_density_keeps_exact_counts():

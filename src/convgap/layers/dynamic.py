@@ -403,13 +403,19 @@ class DynamicBlock(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask(x)
-        self.last_mask = m
-        self.last_hw = tuple(x.shape[-2:])
-        if (self.execution == "sparse" and not self.training and not torch.is_grad_enabled()
-                and x.dtype == torch.float32 and not guard.observed()
-                and not guard.exporting()
-                and (self.dense_from > 1.0 or float(m.mean()) < self.dense_from)):
+        seen = self.__dict__    # plain attributes: nn.Module's __setattr__ costs 1 us each
+        seen["last_hw"] = tuple(x.shape[-2:])
+        sparse = (self.execution == "sparse" and not self.training
+                  and not torch.is_grad_enabled() and x.dtype == torch.float32
+                  and not guard.observed() and not guard.exporting())
+        if sparse and self.dense_from > 1.0 and self._tiled(x) and not self.masker.training:
+            # the masker decides inside the tile kernel's call (25 us less per call at
+            # batch 1 than its three torch ops); a forced mask is given to it
+            forced = seen["last_mask"] = (self.mask(x) if self.masker.forced is not None
+                                          else None)
+            return self._sparse_tiles(x, forced)
+        m = seen["last_mask"] = self.mask(x)
+        if sparse and (self.dense_from > 1.0 or float(m.mean()) < self.dense_from):
             return self.sparse(x, m)
         return self.masked(x, m)
 
@@ -672,10 +678,16 @@ class DynamicBlock(nn.Module):
         return memo.reuse(self._fold, "tile_body",
                           [t for i in order for t in self._stage_tensors(i)], build)
 
-    def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor) -> bool:
+        """Whether the spatial body runs in the tile kernel for ``x``."""
+        return (self._tile_plan is not None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and tile_kernel.available())
+
+    def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Spatial sparse execution as one call of the tile kernel
-        (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles, added into the
-        shortcut's output in place."""
+        (:mod:`convgap.kernels.cpu.tiles`): the body on the kept tiles of ``m`` (N, 1, gh,
+        gw), added into the shortcut's output in place; ``m`` None: the masker decides in
+        the same call (its eval decision; kept as ``last_mask``)."""
         if self.shortcut_path and self._plannable(x):
             # the shortcut conv folded and packed (eager conv + BN: 2x)
             out = self._plan(x).shortcut(x.contiguous(memory_format=torch.channels_last))
@@ -683,19 +695,22 @@ class DynamicBlock(nn.Module):
             out = self._shortcut(x) if self.shortcut_path else x.clone()
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
             out = out.contiguous()
-        tiles = m[:, 0].nonzero().contiguous()    # nonzero's rows are not
-        if len(tiles):
-            body = self._tile_body()
-            key = ("tiles", x.shape, x.is_contiguous(), out.is_contiguous(),
-                   self.masker.granularity)
-            call = memo.reuse(self._fold, key, [body.w2], lambda: tile_kernel.bind(
-                x, out, self.masker.granularity, body, self._tile_store))
-            call(x, out, tiles)
+        body = self._tile_body()
+        key = ("tiles", x.shape, x.is_contiguous(), out.is_contiguous(),
+               self.masker.granularity)
+        call = memo.reuse(self._fold, key, [body.w2], lambda: tile_kernel.bind(
+            x, out, self.masker.granularity, body, self._tile_store))
+        if m is None:
+            gh, gw = self.masker.grid(self.out_size(tuple(x.shape[-2:])))
+            m = self.__dict__["last_mask"] = torch.empty(x.shape[0], 1, gh, gw)
+            conv = self.masker.conv
+            call(x, out, m, (conv.weight, conv.bias))
+        else:
+            call(x, out, m.to(torch.float32).contiguous())
         return self._finish(out, inplace=True)
 
     def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if (self._tile_plan is not None and x.device.type == "cpu"
-                and x.dtype == torch.float32 and tile_kernel.available()):
+        if self._tiled(x):
             return self._sparse_tiles(x, m)
         convs = self.convs()
         n = x.shape[0]

@@ -12,8 +12,11 @@
  * tx S) of image n (clipped at the output's bottom and right edges). Batch norms are folded
  * into the weights; the caller applies the activations after the residual add.
  *
- * The schedule of pdp.c, on the kept tiles: with the tiles sorted (image, tile row, tile
- * column), each thread takes an equal contiguous share of them and walks it one tile row
+ * The tiles kept are the cells of a mask over the output's grid of tiles: given, or the
+ * block's spatial masker decided here first (average pool of x to the grid, a dot product
+ * with the masker's weights, a comparison: one pass over x instead of three torch calls).
+ * Then the schedule of pdp.c, on the kept tiles: in order (image, tile row, tile column),
+ * each thread takes an equal contiguous share of them and walks it one tile row
  * (a segment of its tiles sharing image and tile row) at a time, keeping a window of u's
  * rows in its own scratch that slides down the image. For a segment, the first conv runs
  * on the window's pixels the segment's windows read and that are not there yet (a byte
@@ -73,11 +76,66 @@ long scratch_floats(const TilesArgs *g)
            + (g->b ? whole_lines(rows * round16i(g->o)) : 0) + window_floats(g);
 }
 
-/* Whether tile i is inside the output (others are skipped) */
-static int valid_tile(const TilesArgs *g, const long *t)
+/* The mask's grid: rows and columns of S x S tiles over the output */
+static int grid_rows(const TilesArgs *g) { return (g->oh + g->s - 1) / g->s; }
+static int grid_cols(const TilesArgs *g) { return (g->ow + g->s - 1) / g->s; }
+
+/* The masker's decisions for the cells of rows [r0, r1) of the batch's grid (row r: image
+ * r / gh, tile row r % gh): mask = 1 where mb + mw . (x's mean over the cell's
+ * adaptive-pooling bin of the input: rows [floor(i XH / gh), ceil((i + 1) XH / gh)),
+ * columns alike) > 0, else 0. A spatial masker (average pool to the grid, a 1x1 conv to
+ * one keep logit, eval's comparison) in one pass over x, NHWC or NCHW (g->xnchw). */
+static void decide(const TilesArgs *g, const float *x, const float *mw, const float *mb,
+                   float *mask, int r0, int r1)
 {
-    return t[0] >= 0 && t[0] < g->n && t[1] >= 0 && t[1] * g->s < g->oh && t[2] >= 0
-           && t[2] * g->s < g->ow;
+    const int gh = grid_rows(g), gw = grid_cols(g), XH = g->xh, XW = g->xw, C = g->c;
+    for (int r = r0; r < r1; r++) {
+        const int n = r / gh, i = r % gh;
+        const int y0 = i * XH / gh, y1 = ((i + 1) * XH + gh - 1) / gh;
+        for (int j = 0; j < gw; j++) {
+            const int x0 = j * XW / gw, x1 = ((j + 1) * XW + gw - 1) / gw;
+            __m512 acc = _mm512_setzero_ps();
+            if (g->xnchw) {  /* each channel's plane: its weight times the bin's rows */
+                for (int c = 0; c < C; c++) {
+                    const __m512 wc = _mm512_set1_ps(mw[c]);
+                    const float *plane = x + ((long)n * C + c) * XH * XW;
+                    for (int yy = y0; yy < y1; yy++)
+                        for (int xx = x0; xx < x1; xx += 16)
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(
+                                lanes(x1 - xx), plane + (long)yy * XW + xx), wc, acc);
+                }
+            } else {  /* each pixel's channels against the weights */
+                for (int yy = y0; yy < y1; yy++)
+                    for (int xx = x0; xx < x1; xx++) {
+                        const float *px = x + (((long)n * XH + yy) * XW + xx) * C;
+                        for (int c = 0; c < C; c += 16) {
+                            const __mmask16 m = lanes(C - c);
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, px + c),
+                                                  _mm512_maskz_loadu_ps(m, mw + c), acc);
+                        }
+                    }
+            }
+            const float logit = _mm512_reduce_add_ps(acc) / (float)((y1 - y0) * (x1 - x0))
+                                + mb[0];
+            mask[(long)r * gw + j] = logit > 0.0f ? 1.0f : 0.0f;
+        }
+    }
+}
+
+/* The kept cells of the mask (N x gh x gw floats, > 0: kept) as tile rows (n, ty, tx), in
+ * order; returns their count */
+static int kept_tiles(const TilesArgs *g, const float *mask, long *tiles)
+{
+    const int gh = grid_rows(g), gw = grid_cols(g);
+    int T = 0;
+    for (long q = 0; q < (long)g->n * gh * gw; q++)
+        if (mask[q] > 0.0f) {
+            tiles[3L * T] = q / ((long)gh * gw);
+            tiles[3L * T + 1] = q / gw % gh;
+            tiles[3L * T + 2] = q % gw;
+            T++;
+        }
+    return T;
 }
 
 /* The k1 x k1 windows of x (NHWC) at u pixels [p, q) of image n as im2col rows (k1 k1 C
@@ -135,13 +193,12 @@ typedef struct {
 } Window;
 
 /* Make the window hold the u pixels the segment's tiles read (count rows of one image and
- * tile row, those outside the output skipped; at least one inside): slide it down to their rows (keeping the rows it shares), then run the first
+ * tile row): slide it down to their rows (keeping the rows it shares), then run the first
  * conv on each run of needed pixels not yet computed. */
 static void fill_window(const TilesArgs *g, const float *x, const long *tiles, int count,
                         Window *wn, float *col)
 {
     const int H = g->h, W = g->w, S = g->s, st = g->st, pad = g->ks / 2, Rp = round16i(g->r);
-    while (count && !valid_tile(g, tiles)) tiles += 3, count--;
     const int n = (int)tiles[0], oy0 = (int)tiles[1] * S;
     const int oy1 = g->oh - oy0 < S ? g->oh : oy0 + S;
     int lo = oy0 * st - pad, hi = (oy1 - 1) * st - pad + g->ks;
@@ -162,7 +219,6 @@ static void fill_window(const TilesArgs *g, const float *x, const long *tiles, i
     }
     memset(wn->need, 0, (size_t)W);
     for (int e = 0; e < count; e++) {
-        if (!valid_tile(g, tiles + 3L * e)) continue;
         const int ox0 = (int)tiles[3L * e + 2] * S, ox1 = g->ow - ox0 < S ? g->ow : ox0 + S;
         int c0 = ox0 * st - pad, c1 = (ox1 - 1) * st - pad + g->ks;
         if (c0 < 0) c0 = 0;
@@ -362,23 +418,39 @@ static void add_tiles(const TilesArgs *g, const long *tiles, int count, const fl
 /* Whether tile rows a and b share image and tile row */
 static int same_row(const long *a, const long *b) { return a[0] == b[0] && a[1] == b[1]; }
 
-/* g: the weights and geometry (args.h's TilesArgs). x: (N, C, XH, XW) float32, NCHW
- * (g->xnchw, a 1x1 stride-1 first conv only) or NHWC in memory; y: (N, O, OH, OW), NCHW
- * (g->ynchw) or NHWC, holding the shortcut, the body added at the kept tiles; tiles: T rows
- * (n, ty, tx), in any order (sorted is fastest: a window's rows are kept from one tile
- * row to the next only in that order; rows outside the output are skipped); scratch:
- * threads x scratch_floats(g) floats. */
-void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *tiles, int T,
-                   float *scratch, int threads)
+/* Threads' share of the work before the tiles: the masker's rows of cells */
+static void share(long total, int t, int nt, int *lo, int *hi)
 {
-    if (T <= 0) return;
+    *lo = (int)(total * t / nt);
+    *hi = (int)(total * (t + 1) / nt);
+}
+
+/* g: the weights and geometry (args.h's TilesArgs). x: (N, C, XH, XW) float32, NCHW
+ * (g->xnchw) or NHWC in memory (NHWC where there is no first conv, or a k1 x k1 or strided
+ * one); y: (N, O, OH, OW), NCHW (g->ynchw) or NHWC, holding the shortcut, the body added
+ * at the kept tiles; mask: N x gh x gw floats (gh, gw: the output's rows and columns of S
+ * x S tiles, the last ones clipped), > 0 where a tile is kept: read, or with mw the
+ * masker's decisions written there (decide: mw its C weights, mb its bias); tiles: room
+ * for 3 N gh gw longs (the kept tiles, in order); scratch: threads x scratch_floats(g)
+ * floats. Returns the kept tiles' count. */
+int tiles_forward(const TilesArgs *g, const float *x, float *y, float *mask, const float *mw,
+                  const float *mb, long *tiles, float *scratch, int threads)
+{
     const int Rp = round16i(g->r), G = g->group;
     const long per = scratch_floats(g), rows = (long)G * g->s * g->s;
     const long HW = (long)g->h * g->w;
-    if (threads > T) threads = T;
+    int T = 0;
     #pragma omp parallel num_threads(threads)
     {
         const int th = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (mw) {
+            int r0, r1;
+            share((long)g->n * grid_rows(g), th, nt, &r0, &r1);
+            decide(g, x, mw, mb, mask, r0, r1);
+            #pragma omp barrier
+        }
+        #pragma omp single
+        T = kept_tiles(g, mask, tiles);
         float *col = scratch + per * th;
         float *v = col + col_floats(g);
         float *out = g->b ? v + whole_lines(rows * Rp) : v;
@@ -388,18 +460,12 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
             wn.done = (unsigned char *)(wn.u + whole_lines((long)window_rows(g) * g->w * Rp));
             wn.need = wn.done + (long)window_rows(g) * g->w;
         }
-        long kept[3 * G];
-        int e = (int)((long)T * th / nt);
-        const int end = (int)((long)T * (th + 1) / nt);
+        int e, end;
+        share(T, th, nt, &e, &end);
         while (e < end) {
             /* the segment: this share's next tiles in one tile row [e, f) */
-            int f = e, valid = 0;
-            for (; f < end && same_row(tiles + 3L * f, tiles + 3L * e); f++)
-                valid += valid_tile(g, tiles + 3L * f);
-            if (!valid) {
-                e = f;
-                continue;
-            }
+            int f = e + 1;
+            while (f < end && same_row(tiles + 3L * f, tiles + 3L * e)) f++;
             const float *src;
             long sp;
             int ulo;
@@ -408,14 +474,9 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
                 src = wn.u, sp = Rp, ulo = wn.lo;
             } else
                 src = x + tiles[3L * e] * HW * g->c, sp = g->c, ulo = 0;
-            while (e < f) {  /* up to G of its tiles inside the output per call */
-                int c = 0;
-                for (; e < f && c < G; e++)
-                    if (valid_tile(g, tiles + 3L * e)) {
-                        memcpy(kept + 3 * c, tiles + 3L * e, sizeof(long) * 3);
-                        c++;
-                    }
-                if (!c) continue;
+            for (int c; e < f; e += c) {  /* up to G of its tiles per call */
+                c = f - e < G ? f - e : G;
+                const long *kept = tiles + 3L * e;
                 if (g->depthwise) middle_depthwise(g, kept, c, src, ulo, sp, v);
                 else middle_dense(g, kept, c, src, ulo, sp, col, v);
                 if (g->b)
@@ -425,4 +486,5 @@ void tiles_forward(const TilesArgs *g, const float *x, float *y, const long *til
             }
         }
     }
+    return T;
 }

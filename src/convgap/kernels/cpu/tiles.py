@@ -31,9 +31,10 @@ from .common import I, P, Kernel, activation_code, check_tensors, pack, padded, 
 __all__ = ["available", "Body", "residual_tiles", "bind", "GROUP_ROWS"]
 
 KERNEL = Kernel("tiles", "tiles_forward", TilesArgs)
-# tiles_forward(args, x, y, tiles, T, scratch, threads) also takes the tile rows
-KERNEL.functions.update({"tiles_forward": ([ctypes.POINTER(TilesArgs), P, P, P, I, P, I],
-                                           None)})
+# tiles_forward(args, x, y, mask, masker weight, masker bias, tiles, scratch, threads)
+# returns the kept tiles' count
+KERNEL.functions.update({"tiles_forward": ([ctypes.POINTER(TilesArgs), P, P, P, P, P, P, P,
+                                            I], I)})
 _lib = KERNEL.lib
 available = KERNEL.available
 
@@ -134,12 +135,14 @@ def _check(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor, granularity:
 
 def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
                    granularity: int, body: Body, store: dict | None = None) -> torch.Tensor:
-    """``out[n, :, ty S:(ty + 1) S, tx S:(tx + 1) S] += body(x)[same]`` for each row (n, ty,
-    tx) of ``tiles`` (S = ``granularity``), in place; returns ``out``.
+    """``out[n, :, ty S:(ty + 1) S, tx S:(tx + 1) S] += body(x)[same]`` for each tile (n, ty,
+    tx) among the rows of ``tiles`` (S = ``granularity``; a tile listed twice is added
+    once), in place; returns ``out``.
 
     x: (N, C, H, W) float32 on CPU, NCHW or channels_last (read as channels_last, copied if
     NCHW, without a first conv or with a k x k or strided one); out: (N, O, OH, OW), the
-    body's output size, NCHW or channels_last (modified in place); tiles: (T, 3) integers; body: a :class:`Body`.
+    body's output size, NCHW or channels_last (modified in place); tiles: (T, 3) integers,
+    in any order; body: a :class:`Body`.
     ``store``: a dict kept by the caller where the packed weights live (rebuilt when a weight
     is a different tensor or was modified in place). Raises ConvgapError on bad shapes,
     dtypes, devices, tiles outside the grid, unknown activations or inputs needing
@@ -148,8 +151,12 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
     if _lib() is None:
         raise RuntimeError("convgap's C kernel is not available here (see "
                            "convgap.kernels.cpu.available)")
-    bind(x, out, granularity, body, {} if store is None else store)(
-        x, out, tiles.to("cpu", torch.int64).contiguous())
+    n = x.shape[0]
+    _, (oh, ow) = body.sizes(tuple(x.shape[-2:]))
+    mask = torch.zeros(n, -(-oh // granularity), -(-ow // granularity))
+    if len(tiles):
+        mask[tuple(tiles.to("cpu", torch.int64).t())] = 1.0
+    bind(x, out, granularity, body, {} if store is None else store)(x, out, mask)
     return out
 
 
@@ -174,12 +181,16 @@ def _prepare(lib, body: Body) -> dict:
 
 
 def bind(x: torch.Tensor, out: torch.Tensor, granularity: int, body: Body, store: dict
-         ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    """A function ``call(x, out, tiles)`` running the kernel (no checks) on inputs of ``x``'s
-    shape and layout (NCHW where ``x`` is contiguous, else channels_last: copied if it is
-    not) and outputs of ``out``'s (NCHW where contiguous, else channels_last), the weights
-    packed now or reused from ``store`` while each is the same tensor at the same version.
-    ``tiles``: (T, 3) int64, contiguous, inside the grid (:func:`residual_tiles` checks)."""
+         ) -> Callable[..., int]:
+    """A function ``call(x, out, mask, masker=None)`` running the kernel (no checks) on
+    inputs of ``x``'s shape and layout (NCHW where ``x`` is contiguous, else channels_last:
+    copied if it is not) and outputs of ``out``'s (NCHW where contiguous, else
+    channels_last), the weights packed now or reused from ``store`` while each is the same
+    tensor at the same version; it returns the kept tiles' count. ``mask``: (N, gh, gw)
+    float32, contiguous (gh, gw: the output's rows and columns of tiles), > 0 where a tile
+    is kept; with ``masker`` = (weight, bias), a spatial masker's 1x1 conv ((1, C, 1, 1)
+    and (1,), contiguous), its eval decisions on ``x`` are written into ``mask`` first (1
+    where the keep logit from x average-pooled to the grid is > 0, else 0)."""
     lib = _lib()
     w2 = body.w2
     r, k = w2.shape[0], w2.shape[2]
@@ -202,13 +213,18 @@ def bind(x: torch.Tensor, out: torch.Tensor, granularity: int, body: Body, store
     per = lib.scratch_floats(args)
     forward = lib.tiles_forward
     cl = torch.channels_last
+    tiles = torch.empty(3 * n * -(-oh // granularity) * -(-ow // granularity),
+                        dtype=torch.int64)   # the kept tiles, for the kernel
 
-    def call(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor) -> None:
+    def call(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor,
+             masker: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         threads = torch.get_num_threads()
         buf = common.scratch(store, threads * per)
         xc = x if xnchw else x.contiguous(memory_format=cl)  # held: a copy outlives the call
-        forward(args, xc.data_ptr(), out.data_ptr(), tiles.data_ptr(), len(tiles),
-                buf.data_ptr(), threads)
+        return forward(args, xc.data_ptr(), out.data_ptr(), mask.data_ptr(),
+                       None if masker is None else masker[0].data_ptr(),
+                       None if masker is None else masker[1].data_ptr(), tiles.data_ptr(),
+                       buf.data_ptr(), threads)
     call.weights = prepared
     call.args = args
     return call
