@@ -38,6 +38,9 @@ PARTS = ("kernels", "e2e")
 DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1)
 GRANULARITIES = (1, 2, 4, 7)
 TIMED_IMAGES = 16   # validation images per timed call of the end-to-end part
+# the best granularity of a density is chosen among those keeping within this of it (a
+# 2 x 2 grid keeps 0 tiles at density 0.1)
+MAX_DENSITY_GAP = 0.05
 
 
 def find_blocks():
@@ -112,9 +115,10 @@ def kernels(args, console) -> list[dict]:
                         b.masker.force(d, seed=0)
                         b(x)
                         macs, dense = b.cost_macs()
+                        kept = float(b.density().mean())   # whole tiles: near d, or not
                         rows.append({
                             "block": label, "batch": batch, "layout": layout,
-                            "granularity": g, "density": d,
+                            "granularity": g, "density": d, "kept_density": kept,
                             "mac_ratio": float(macs) / float(dense),
                             "sparse_ms": r.median_ms, "masked_ms": ma.median_ms,
                             "static_ms": st.median_ms, "fused_ms": fu.median_ms,
@@ -123,12 +127,13 @@ def kernels(args, console) -> list[dict]:
                 console.print(f"{label} batch {batch} {layout}: static {st.median_ms:.3f} ms, "
                               f"fused {fu.median_ms:.3f} ms, masked {ma.median_ms:.3f} ms")
     t = Table(title="sparse block / fastest static block (paired; ms)")
-    for c in ("block", "batch", "layout", "S", "density", "MACs", "sparse", "static",
-              "fused", "ratio"):
+    for c in ("block", "batch", "layout", "S", "density", "kept", "MACs", "sparse",
+              "static", "fused", "ratio"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r["block"], str(r["batch"]), r["layout"], str(r["granularity"]),
-                  f"{r['density']:.2f}", f"{r['mac_ratio']:.2f}", f"{r['sparse_ms']:.3f}",
+                  f"{r['density']:.2f}", f"{r['kept_density']:.2f}", f"{r['mac_ratio']:.2f}",
+                  f"{r['sparse_ms']:.3f}",
                   f"{r['static_ms']:.3f}", f"{r['fused_ms']:.3f}", f"{r['ratio']:.2f}")
     console.print(t)
     best = Table(title="best granularity per block, batch, layout and density "
@@ -136,8 +141,10 @@ def kernels(args, console) -> list[dict]:
     for c in ("block", "batch", "layout", "density", "best S", "ratio"):
         best.add_column(c, justify="right")
     groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["block"], r["batch"], r["layout"], r["density"]), []).append(r)
+    for r in rows:   # granularities whose grid cannot hold the density are left out
+        if abs(r["kept_density"] - r["density"]) <= MAX_DENSITY_GAP:
+            groups.setdefault((r["block"], r["batch"], r["layout"], r["density"]),
+                              []).append(r)
     for (blk, batch, layout, d), rs in groups.items():
         r = min(rs, key=lambda r: r["ratio"])
         best.add_row(blk, str(batch), layout, f"{d:.2f}", str(r["granularity"]),

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import ConvgapError
 from ..kernels.cpu import tiles as tile_kernel
+from ..kernels.triton import tiles as triton_tiles
 from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..ops import activations, guard, memo, onednn
 from ..ops.batchnorm import folded
@@ -709,9 +710,21 @@ class DynamicBlock(nn.Module):
             call(x, out, m.to(torch.float32).contiguous())
         return self._finish(out, inplace=True)
 
+    def _sparse_triton(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Spatial sparse execution on a GPU: the Triton tile kernels
+        (:mod:`convgap.kernels.triton.tiles`) over the index list of ``m``'s kept tiles,
+        added into the shortcut's output in place."""
+        out = self._shortcut(x) if self.shortcut_path else x.clone()
+        triton_tiles.residual_tiles(x, out, m[:, 0].nonzero(), self.masker.granularity,
+                                    self._tile_body())
+        return self._finish(out, inplace=True)
+
     def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self._tiled(x):
             return self._sparse_tiles(x, m)
+        if (self._tile_plan is not None and x.device.type == "cuda"
+                and x.dtype == torch.float32 and triton_tiles.runnable(x)):
+            return self._sparse_triton(x, m)
         convs = self.convs()
         n = x.shape[0]
         sizes = self.sizes(tuple(x.shape[-2:]))

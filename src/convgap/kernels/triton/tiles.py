@@ -1,0 +1,327 @@
+"""A residual block's body on kept output tiles, added into the output in place, in Triton:
+the sparse execution of a spatially dynamic block on a GPU (the CPU's is ``tiles.c``, with
+the same contract: :func:`convgap.kernels.cpu.tiles.residual_tiles`).
+
+The body (:class:`convgap.kernels.cpu.tiles.Body`, batch norms folded): an optional first
+conv (C -> R, k1 x k1, stride s1, zero padding k1 // 2) with ``act1``, a k x k conv (R ->
+R, dense or depthwise, stride s, zero padding k // 2) with ``act2``, an optional 1x1 conv
+(R -> O). A tile (n, ty, tx) is the S x S output pixels from (ty S, tx S) of image n,
+clipped at the output's bottom and right edges. Two launches over an index list of the
+kept tiles:
+
+1. with a first conv, ``u`` at every pixel of each kept tile's window (the first conv's
+   output pixels the middle conv reads for the tile): programs take BLOCK_P window pixels
+   (of all the tiles' windows in a row: small tiles still fill a block) and BLOCK_R of the
+   R channels, an implicit GEMM over the first conv's taps and C in BLOCK_C chunks, bias1
+   and act1, stored into an (N, H, W, R) buffer. Windows of neighbouring tiles overlap:
+   their shared pixels are computed by each and stored with the same value (no pixel of
+   u another tile's window does not read is touched, nothing reads an unwritten one);
+2. programs take BLOCK_P output pixels of the kept tiles (all tiles' pixels in a row) and
+   BLOCK_O output channels: per BLOCK_R chunk of R, the middle conv at those pixels (dense:
+   ``tl.dot`` per tap and input chunk; depthwise: per tap, elementwise), bias2 and act2,
+   multiplied into the output tile by the last conv's rows (without a last conv the
+   output chunk is the middle conv's); the bias, then ``y += `` the tile at its pixels
+   inside the output (tiles do not overlap: no two programs write one element).
+
+float32 (IEEE products unless ``torch.backends.cuda.matmul.allow_tf32``); x, y and the
+weights in any strides. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the
+kernels run on CPU tensors with 16-wide blocks (``tl.dot`` needs every dimension >= 16);
+on a GPU one fixed configuration, not yet timed on a device (:data:`GPU_CONFIG`).
+Inference only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...errors import ConvgapError
+from ..cpu.tiles import Body
+from .implicit_gemm import AVAILABLE, interpreting, tl, triton
+
+__all__ = ["AVAILABLE", "residual_tiles", "runnable"]
+
+ACTIVATIONS = (None, "relu", "relu6", "silu", "sigmoid")
+INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_O": 16}
+# a first guess for a GPU (no device lent when this was written): 64-pixel blocks, 32-wide
+# hidden chunks, 64-wide output tiles, 4 warps
+GPU_CONFIG = {"BLOCK_P": 64, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_O": 64, "num_warps": 4}
+
+
+def _apply(v, ACT: tl.constexpr):
+    """The activation ``ACT`` (a name of :data:`ACTIVATIONS`, "none" for None) of a float32
+    tile."""
+    if ACT == "relu":
+        v = tl.maximum(v, 0.0)
+    elif ACT == "relu6":
+        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+    elif ACT == "silu":
+        v = v * tl.sigmoid(v)
+    elif ACT == "sigmoid":
+        v = tl.sigmoid(v)
+    return v
+
+
+if AVAILABLE:  # a jitted helper resolves as a global of the kernels at compile time
+    _apply = triton.jit(_apply)
+
+
+def _first_kernel(
+    x_ptr, w_ptr, b_ptr, u_ptr, tiles_ptr,
+    P, H, W, XH, XW, C, R, S, SIDE, ST, PAD,
+    x_sn, x_sc, x_sh, x_sw, w_sr, w_sc, w_si, w_sj, u_sn, u_sh, u_sw,
+    ST1: tl.constexpr, K1: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """u[n, iy, ix, r] = act(first conv of x + bias) at the kept tiles' window pixels."""
+    pid_p = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < P
+    t = q // (SIDE * SIDE)
+    p = q - t * (SIDE * SIDE)
+    n = tl.load(tiles_ptr + 3 * t, mask=q_ok, other=0)
+    ty = tl.load(tiles_ptr + 3 * t + 1, mask=q_ok, other=0)
+    tx = tl.load(tiles_ptr + 3 * t + 2, mask=q_ok, other=0)
+    iy = ty * S * ST - PAD + p // SIDE
+    ix = tx * S * ST - PAD + p % SIDE
+    ok = q_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    rs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    offs_c = tl.arange(0, BLOCK_C)
+    x_img = n.to(tl.int64) * x_sn
+    e = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for tap in range(K1 * K1):
+        i = tap // K1
+        j = tap - i * K1
+        xy = iy * ST1 - K1 // 2 + i
+        xx = ix * ST1 - K1 // 2 + j
+        okx = ok & (xy >= 0) & (xy < XH) & (xx >= 0) & (xx < XW)
+        pix = x_img + xy.to(tl.int64) * x_sh + xx.to(tl.int64) * x_sw
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + offs_c
+            c_ok = cs < C
+            xt = tl.load(x_ptr + pix[:, None] + cs.to(tl.int64)[None, :] * x_sc,
+                         mask=okx[:, None] & c_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + cs[:, None] * w_sc + rs[None, :] * w_sr + i * w_si
+                         + j * w_sj, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            e = tl.dot(xt, wt, e, input_precision=PRECISION)
+    e += tl.load(b_ptr + rs, mask=r_ok, other=0.0)[None, :]
+    e = _apply(e, ACT)
+    at = n.to(tl.int64) * u_sn + iy.to(tl.int64) * u_sh + ix.to(tl.int64) * u_sw
+    tl.store(u_ptr + at[:, None] + rs.to(tl.int64)[None, :], e,
+             mask=ok[:, None] & r_ok[None, :])
+
+
+def _middle(u_ptr, k_ptr, n, iy0, ix0, ok, rs, r_ok, H, W, R,
+            u_sn, u_sc, u_sh, u_sw, k_so, k_si, k_sh, k_sw,
+            KS: tl.constexpr, DEPTHWISE: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The middle conv's output channels ``rs`` at the pixels whose windows start at (iy0,
+    ix0) (float32, before its bias)."""
+    mid = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    img = n.to(tl.int64) * u_sn
+    offs_c = tl.arange(0, BLOCK_C)
+    for tap in range(KS * KS):
+        i = tap // KS
+        j = tap - i * KS
+        iy = iy0 + i
+        ix = ix0 + j
+        okt = ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        pix = img + iy.to(tl.int64) * u_sh + ix.to(tl.int64) * u_sw
+        if DEPTHWISE:
+            ut = tl.load(u_ptr + pix[:, None] + rs.to(tl.int64)[None, :] * u_sc,
+                         mask=okt[:, None] & r_ok[None, :], other=0.0)
+            kt = tl.load(k_ptr + rs * k_so + i * k_sh + j * k_sw, mask=r_ok, other=0.0)
+            mid += ut * kt[None, :]
+        else:
+            for c0 in range(0, R, BLOCK_C):
+                cs = c0 + offs_c
+                c_ok = cs < R
+                ut = tl.load(u_ptr + pix[:, None] + cs.to(tl.int64)[None, :] * u_sc,
+                             mask=okt[:, None] & c_ok[None, :], other=0.0)
+                kt = tl.load(k_ptr + cs[:, None] * k_si + rs[None, :] * k_so + i * k_sh
+                             + j * k_sw, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+                mid = tl.dot(ut, kt, mid, input_precision=PRECISION)
+    return mid
+
+
+if AVAILABLE:
+    _middle = triton.jit(_middle)
+
+
+def _tile_kernel(
+    u_ptr, k_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr, tiles_ptr,
+    P, H, W, OH, OW, R, O, S, ST, PAD,
+    u_sn, u_sc, u_sh, u_sw, k_so, k_si, k_sh, k_sw, w3_so, w3_sr,
+    y_sn, y_sc, y_sh, y_sw,
+    KS: tl.constexpr, DEPTHWISE: tl.constexpr, LAST: tl.constexpr, HAS_B3: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """y[n, o, oy, ox] += (last conv of) act(middle conv of u + bias2) at the kept tiles'
+    output pixels."""
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < P
+    t = q // (S * S)
+    p = q - t * (S * S)
+    n = tl.load(tiles_ptr + 3 * t, mask=q_ok, other=0)
+    oy = tl.load(tiles_ptr + 3 * t + 1, mask=q_ok, other=0) * S + p // S
+    ox = tl.load(tiles_ptr + 3 * t + 2, mask=q_ok, other=0) * S + p % S
+    ok = q_ok & (oy < OH) & (ox < OW)
+    iy0 = oy * ST - PAD
+    ix0 = ox * ST - PAD
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = offs_o < O
+    if LAST:
+        acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rs < R
+            mid = _middle(u_ptr, k_ptr, n, iy0, ix0, ok, rs, r_ok, H, W, R,
+                          u_sn, u_sc, u_sh, u_sw, k_so, k_si, k_sh, k_sw,
+                          KS, DEPTHWISE, PRECISION, BLOCK_P, BLOCK_R, BLOCK_C)
+            mid += tl.load(b2_ptr + rs, mask=r_ok, other=0.0)[None, :]
+            mid = _apply(mid, ACT)
+            wt = tl.load(w3_ptr + rs[:, None] * w3_sr + offs_o[None, :] * w3_so,
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # rows past R: 0
+            acc = tl.dot(mid, wt, acc, input_precision=PRECISION)
+        if HAS_B3:
+            acc += tl.load(b3_ptr + offs_o, mask=o_ok, other=0.0)[None, :]
+    else:  # the output channels are the middle conv's
+        acc = _middle(u_ptr, k_ptr, n, iy0, ix0, ok, offs_o, o_ok, H, W, R,
+                      u_sn, u_sc, u_sh, u_sw, k_so, k_si, k_sh, k_sw,
+                      KS, DEPTHWISE, PRECISION, BLOCK_P, BLOCK_O, BLOCK_C)
+        acc += tl.load(b2_ptr + offs_o, mask=o_ok, other=0.0)[None, :]
+        acc = _apply(acc, ACT)
+    at = (n.to(tl.int64) * y_sn + oy.to(tl.int64) * y_sh + ox.to(tl.int64) * y_sw)[:, None] \
+        + offs_o.to(tl.int64)[None, :] * y_sc
+    mask = ok[:, None] & o_ok[None, :]
+    tl.store(y_ptr + at, tl.load(y_ptr + at, mask=mask, other=0.0) + acc, mask=mask)
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernel(name: str):
+    """The jitted kernel ``name``, built on first use (in the mode triton was imported in);
+    sizes as plain ints (one binary for every map size and tile count)."""
+    if name not in _KERNELS:
+        fn, generic = {
+            "first": (_first_kernel, ("P", "H", "W", "XH", "XW", "S", "SIDE", "ST", "PAD",
+                                      "x_sn", "x_sh", "x_sw", "u_sn", "u_sh", "u_sw")),
+            "tiles": (_tile_kernel, ("P", "H", "W", "OH", "OW", "S", "ST", "PAD", "u_sn",
+                                     "u_sh", "u_sw", "y_sn", "y_sh", "y_sw")),
+        }[name]
+        _KERNELS[name] = triton.jit(fn, do_not_specialize=generic)
+    return _KERNELS[name]
+
+
+def runnable(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``x``: triton here and x on a GPU, or on CPU under
+    the interpreter."""
+    return AVAILABLE and (x.device.type == "cuda" or interpreting())
+
+
+def _precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _act_name(act: str | None) -> str:
+    if act not in ACTIVATIONS:
+        raise ConvgapError(f"unknown activation {act!r}: use one of "
+                           f"{', '.join(str(a) for a in ACTIVATIONS)}")
+    return "none" if act is None else act
+
+
+def _check(x: torch.Tensor, out: torch.Tensor, body: Body) -> None:
+    for name, t in {"x": x, "out": out, **{f: getattr(body, f) for f in
+                                           ("w1", "b1", "w2", "b2", "w3", "b3")}}.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device != x.device:
+            raise ConvgapError(f"{name} is {t.dtype} on {t.device}: the sparse tile kernels "
+                               f"take float32 tensors on x's device ({x.device})")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ConvgapError(f"{name} requires grad: the sparse tile kernels are inference "
+                               "only (run under torch.no_grad())")
+    _act_name(body.act1), _act_name(body.act2)
+    r = body.w2.shape[0]
+    c = r if body.w1 is None else body.w1.shape[1]
+    (h, w), (oh, ow) = body.sizes(tuple(x.shape[-2:]))
+    if x.dim() != 4 or x.shape[1] != c:
+        raise ConvgapError(f"x must be (N, {c}, H, W), got {tuple(x.shape)}")
+    if tuple(out.shape) != (x.shape[0], body.out_channels(), oh, ow):
+        raise ConvgapError(f"out must have shape {(x.shape[0], body.out_channels(), oh, ow)}"
+                           f" (the body's output), got {tuple(out.shape)}")
+
+
+def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
+                   granularity: int, body: Body) -> torch.Tensor:
+    """``out[n, :, ty S:(ty + 1) S, tx S:(tx + 1) S] += body(x)[same]`` for each tile (n,
+    ty, tx) among the rows of ``tiles`` (S = ``granularity``; a tile listed twice is added
+    once), in place; returns ``out``.
+
+    x: (N, C, H, W) float32 CUDA tensor (CPU under the interpreter), any strides; out: the
+    body's output (N, O, OH, OW), any strides (modified in place); tiles: (T, 3) integers
+    inside the (N, ceil(OH / S), ceil(OW / S)) grid; body: a
+    :class:`~convgap.kernels.cpu.tiles.Body`.
+    Raises ConvgapError on bad operands; RuntimeError where the kernels cannot run (see
+    :func:`runnable`)."""
+    _check(x, out, body)
+    s = int(granularity)
+    (h, w), (oh, ow) = body.sizes(tuple(x.shape[-2:]))
+    grid = (x.shape[0], -(-oh // s), -(-ow // s))
+    tiles = tiles.to(x.device, torch.int64)
+    if s < 1 or tiles.dim() != 2 or tiles.shape[1] != 3 or (len(tiles) and (
+            bool((tiles < 0).any()) or bool((tiles >= torch.tensor(grid, device=x.device)
+                                             ).any()))):
+        raise ConvgapError(f"tiles must be (T, 3) rows inside the {grid} grid of {s} x {s} "
+                           f"tiles, got {tuple(tiles.shape)}")
+    if not runnable(x):
+        raise RuntimeError("the sparse tile kernels need triton and a CUDA tensor (or "
+                           "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
+    if not len(tiles):
+        return out
+    zeros = torch.zeros(body.w2.shape[0], device=x.device)
+    body = body._replace(b1=body.b1 if body.b1 is not None or body.w1 is None else zeros,
+                         b2=body.b2 if body.b2 is not None else zeros)
+    tiles = torch.unique(tiles, dim=0).contiguous()   # sorted, each once
+    interpret = interpreting()
+    cfg = dict(INTERPRET_CONFIG) if interpret else dict(GPU_CONFIG)
+    warps = {} if interpret else {"num_warps": cfg.pop("num_warps")}
+    r, ks, st = body.w2.shape[0], body.w2.shape[2], body.stride
+    pad = ks // 2
+    src = x
+    if body.w1 is not None:    # launch 1: u at the kept tiles' windows
+        w1 = body.w1 if body.w1.dim() == 4 else body.w1[:, :, None, None]
+        k1 = w1.shape[2]
+        side = (s - 1) * st + ks
+        u = torch.empty(x.shape[0], h, w, r, device=x.device)
+        p = len(tiles) * side * side
+        launch = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, cfg["BLOCK_R"]))
+        _kernel("first")[launch](
+            x, w1, body.b1, u, tiles, p, h, w, x.shape[2], x.shape[3], x.shape[1], r, s,
+            side, st, pad, *x.stride(), *w1.stride(), u.stride(0), u.stride(1),
+            u.stride(2), ST1=body.stride1, K1=k1, ACT=_act_name(body.act1),
+            PRECISION=_precision(), BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_C=cfg["BLOCK_C"], **warps)
+        src = u.permute(0, 3, 1, 2)     # (N, R, H, W) view
+    w2, w3 = body.w2, body.w3
+    o = body.out_channels()
+    p = len(tiles) * s * s
+    last = w3 is not None
+    w3s = w3.stride() if last else (0, 0)
+    b3 = body.b3 if body.b3 is not None else body.b2    # a pointer, never read without
+    launch = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(o, cfg["BLOCK_O"]))
+    _kernel("tiles")[launch](
+        src, w2, body.b2, w3 if last else w2, b3, out, tiles, p, h, w, oh, ow, r, o, s, st,
+        pad, *src.stride(), w2.stride(0), w2.stride(1), w2.stride(2), w2.stride(3), *w3s,
+        *out.stride(), KS=ks, DEPTHWISE=body.depthwise(), LAST=last,
+        HAS_B3=body.b3 is not None, ACT=_act_name(body.act2), PRECISION=_precision(),
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_O=cfg["BLOCK_O"], **warps)
+    return out

@@ -1,0 +1,115 @@
+"""The sparse tile kernels on a GPU (convgap.kernels.triton.tiles), checked on CPU with
+triton's interpreter against the float64 torch reference of tests/tile_cases.py (the dense
+body times the tile mask, plus the shortcut): bottleneck, inverted residual, basic block
+(a strided 3x3 first conv, no last conv) and no-first-conv bodies, dense and depthwise
+middles of 3x3 and 5x5 at strides 1 and 2, granularities 1 to 4 with partial tiles, both
+memory formats, every activation, repeated tiles; and a dynamic block's sparse execution
+through them against its masked execution. Every interpreted check runs in ONE subprocess
+(tests/interpreted.py); the operand checks run here."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from convgap.errors import ConvgapError  # noqa: E402
+from convgap.kernels.triton import tiles  # noqa: E402
+from interpreted import run_interpreted  # noqa: E402
+
+TOL = 1e-4
+
+# case() arguments: (n, c, r, o, h, w, k, stride, s, depthwise, first, act1, act2, x_last,
+# out_last, density, seed, k1, stride1, last)
+CASES = [
+    (2, 20, 24, 18, 9, 10, 3, 1, 2, False, True, "relu", "relu", False, False, 0.5, 0, 1, 1,
+     True),                                                   # bottleneck, NCHW
+    (1, 16, 40, 16, 11, 9, 3, 1, 3, True, True, "relu6", "relu6", True, True, 0.6, 1, 1, 1,
+     True),                                                   # inverted residual
+    (2, 12, 32, 20, 10, 10, 3, 2, 2, True, True, "silu", "sigmoid", True, False, 0.5, 2, 1,
+     1, True),                                                # strided depthwise
+    (1, 8, 24, 24, 9, 9, 3, 1, 2, False, True, "relu", None, True, True, 0.7, 3, 3, 2,
+     False),                                                  # basic block, strided first
+    (2, 8, 24, 24, 7, 8, 3, 1, 1, False, True, None, "relu", False, True, 0.4, 4, 3, 1,
+     False),                                                  # basic block, S = 1
+    (1, 24, 24, 16, 8, 8, 5, 1, 4, True, False, None, "relu6", True, False, 0.5, 5, 1, 1,
+     True),                                                   # no first conv, 5x5
+    (1, 12, 20, 12, 9, 7, 5, 2, 2, False, True, "silu", "silu", False, False, 1.0, 6, 1, 1,
+     True),                                                   # dense 5x5 at stride 2
+]
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from convgap.kernels.triton import tiles, interpreting
+    from tile_cases import case, reference, relative_error
+
+    torch.manual_seed(0)
+    out = {"interpreting": interpreting(), "cases": []}
+    for args in json.loads(sys.argv[1]):
+        x, y, kept, body = case(*args)
+        s = args[8]
+        want = reference(x, y, kept, s, body)
+        twice = torch.cat([kept, kept[:1]]) if len(kept) else kept   # a tile listed twice
+        with torch.no_grad():
+            got = tiles.residual_tiles(x, y.clone(), twice, s, body)
+        out["cases"].append({"err": relative_error(got, want), "kept": len(kept)})
+    # a dynamic block's sparse execution through the kernels, against its masked one
+    from convgap.dynamic import dynamic_blocks, force_density, make_dynamic
+    from convgap import models
+    net = models.create("mobilenet_v2", num_classes=10).eval()
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    block = next(iter(dynamic_blocks(dyn).values()))   # an inverted residual
+    x = torch.randn(1, block.masker.conv.in_channels, 9, 9)
+    force_density(dyn, 0.5, 0)
+    with torch.no_grad():
+        m = block.mask(x)
+        out["block"] = {"err": relative_error(block._sparse_triton(x, m),
+                                              block.masked(x, m).double()),
+                        "kept": float(m.mean())}
+    print("JSON:" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return run_interpreted(_SCRIPT, json.dumps(CASES))
+
+
+def test_runs_under_the_interpreter(results):
+    assert results["interpreting"] is True
+    assert len(results["cases"]) == len(CASES)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_matches_the_masked_dense_body(results, i):
+    r = results["cases"][i]
+    assert r["kept"] > 0, CASES[i]
+    assert r["err"] <= TOL, (CASES[i], r["err"])
+
+
+def test_a_dynamic_block_runs_sparse_through_them(results):
+    r = results["block"]
+    assert 0.0 < r["kept"] < 1.0
+    assert r["err"] <= TOL, r
+
+
+def test_bad_operands_raise():
+    from tile_cases import case
+    x, out, kept, body = case(1, 8, 16, 8, 9, 9, 3, 1, 2, False, True, "relu", "relu",
+                              False, False, 1.0)
+    if not tiles.runnable(x):
+        with pytest.raises(RuntimeError, match="triton"):
+            tiles.residual_tiles(x, out, kept, 2, body)
+    with pytest.raises(ConvgapError, match="float32"):
+        tiles.residual_tiles(x.double(), out, kept, 2, body)
+    with pytest.raises(ConvgapError, match="out must have shape"):
+        tiles.residual_tiles(x, out[:, :, :3], kept, 2, body)
+    with pytest.raises(ConvgapError, match="grid"):
+        tiles.residual_tiles(x, out, torch.tensor([[0, 9, 0]]), 2, body)
+    with pytest.raises(ConvgapError, match="unknown activation"):
+        tiles.residual_tiles(x, out, kept, 2, body._replace(act2="gelu"))
