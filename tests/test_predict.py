@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -285,20 +286,36 @@ def test_fused_blocks_are_one_op_each():
         assert op.inputs[0].shape == ops[i - 1].outputs[0].shape
         orig = model.get_submodule(op.module)
         assert op.detail[0] == 2 * count(orig, op.inputs[0].shape).macs
-        assert op.detail[3:] == (1.0, 0.0)
+        assert op.detail[3:] == (1.0, 0.0, 1.0)
     t = profile(fused, x, repeats=2, warmup=1)
     assert [n for n in t.names if n.startswith("unit.")] == [op.name for op in unit_ops]
     assert None not in align(ops, t)    # (a real run adds an as_strided_ after the pool)
 
 
+def test_sparse_fixed_cost_is_recovered():
+    """fit_sparse finds the fixed cost c of measured = c + k x work (relative errors,
+    c and k >= 0), and never less than one call."""
+    from convgap.predict.calibration import fit_sparse
+    rng = np.random.default_rng(0)
+    work = rng.uniform(1e-5, 2e-3, 200)
+    measured = (40e-6 + 1.3 * work) * rng.uniform(0.97, 1.03, 200)
+    assert fit_sparse(work, measured, 2e-6) == pytest.approx(40e-6, rel=0.1)
+    assert fit_sparse(work, 1.3 * work, 2e-6) == 2e-6     # no fixed cost: one call's
+
+
 def test_dynamic_blocks_at_a_density():
     """A sparse dynamic block is one unit op at the density given (one for all, per block,
-    or forced); the profiled run reports the density its masks kept."""
+    or forced), with the share of its dense MACs it computes there (above the density: the
+    kept tiles' halo); the profiled run reports the density its masks kept and the share
+    they computed, the recorded one where the masks are the same."""
     dyn = convgap.make_dynamic(_resnet(), "spatial", granularity=1, check=False, quiet=True)
     names = [n for n, m in dyn.named_modules() if units.is_unit(m)]
     shape = (1, 3, 64, 64)      # every block's output 2 x 2 or more: even cell counts
     ops = record(dyn, shape, density=0.25)
-    assert [op.detail[3:] for op in ops if op.unit] == [(0.25, 1.0)] * len(names)
+    assert [op.detail[3:5] for op in ops if op.unit] == [(0.25, 1.0)] * len(names)
+    # 3x3 convs read their neighbours: at 1 x 1 tiles the first one computes more
+    assert all(0.25 < op.detail[5] < 1.0 for op in ops if op.unit)
+    assert all(op.detail[5] == 1.0 for op in record(dyn, shape, density=1.0) if op.unit)
     per = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
     ops = record(dyn, shape, density=per)
     assert [op.detail[3] for op in ops if op.unit] == pytest.approx(list(per.values()))
@@ -307,8 +324,10 @@ def test_dynamic_blocks_at_a_density():
     assert all(op.detail[3] == 0.5 for op in ops if op.unit)
     t = profile(dyn, torch.randn(shape), repeats=1, warmup=1)
     kept = with_densities(record(dyn, shape, density=1.0), t)
-    # forced: exactly round(0.5 x cells) per sample
+    # forced: exactly round(0.5 x cells) per sample, the masks the record assumed
     assert [op.detail[3] for op in kept if op.unit] == [0.5] * len(names)
+    assert [op.detail[5] for op in kept if op.unit] == pytest.approx(
+        [op.detail[5] for op in ops if op.unit])
     assert None not in align(kept, t)
 
 

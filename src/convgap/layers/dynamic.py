@@ -380,6 +380,22 @@ class DynamicBlock(nn.Module):
             cost = sum(d * s * mac for s, mac in zip(shares, macs))
         return cost.mean(), torch.tensor(dense, dtype=cost.dtype, device=cost.device)
 
+    def work_share(self, density: float, n: int, hw: tuple[int, int], seed: int = 0
+                   ) -> float:
+        """MACs the body computes over its dense MACs for ``n`` inputs of spatial size
+        ``hw`` whose masks keep round(``density`` x cells) cells each, seeded (spatial: the
+        kept tiles' halo included, so above the density at small granularities)."""
+        cells = self.cells(hw)
+        keep = int(round(float(density) * cells))
+        order = torch.rand(n, cells, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(n, cells).scatter_(1, order.argsort(dim=1)[:, :keep], 1.0)
+        if self.mode != "channel":
+            gh, gw = self.masker.grid(self.out_size(hw))
+            mask = mask.view(n, 1, gh, gw)
+        with torch.no_grad():
+            macs, dense = self.cost_macs(mask, tuple(hw))
+        return float(macs) / max(float(dense), 1e-30)
+
     # -- execution ------------------------------------------------------------------------
     def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         s = self.stages[i]

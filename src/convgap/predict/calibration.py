@@ -18,9 +18,10 @@ shape and its :func:`~convgap.predict.features.context` (how long ago its inputs
 touched), the baseline being its roofline latency on the measured roofs plus one call's
 overhead (the median time of a call that moves no data), so the model only learns how far
 each operator falls from the roofs; a unit's baseline is its reference operators as the
-other kinds' models predict them, times its density, so its model learns the unit's
-speed-up on the work it keeps (a fused block's; a sparse block's, masker and gathers
-included), which carries to sizes calibration never saw. A whole network is its operators' predictions summed
+other kinds' models predict them, times its work share (a sparse block's MACs at its
+masks over its dense MACs, the kept tiles' halo included), so its model learns the unit's
+speed-up on the work it does (a fused block's; a sparse block's, masker included), which
+carries to sizes calibration never saw. A whole network is its operators' predictions summed
 plus what eager PyTorch spends around them, per operator and per module (Python calls,
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
@@ -51,13 +52,13 @@ from .features import FEATURES, KINDS, baseline, context, features, kind
 from ..ops.layouts import LAYOUTS, memory_format
 from .profile import align, profile, with_densities
 from .units import is_unit
-from .record import Op, record
+from .record import UNIT_PREFIX, Op, record
 from .synthetic import network
 
-__all__ = ["Calibration", "calibrate", "load", "fit", "VERSION", "NETWORK_TIMING",
-           "PROFILE_REPEATS"]
+__all__ = ["Calibration", "calibrate", "load", "fit", "fit_sparse", "VERSION",
+           "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 12  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 13  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -77,8 +78,10 @@ BATCHES = (1, 8)
 class Calibration:
     """A device's fitted latency models. ``models``: per kind, a regressor of log(measured
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
-    ``overhead_s``: one call's cost; ``weights``: of the summed operator predictions
-    ('ops'), the operator count ('op') and the module count ('module') in a whole network
+    ``overhead_s``: one call's cost; ``sparse_s``: a sparse dynamic block's fixed cost
+    per call (its masker, the shortcut, the wrapper: fitted with the work it does,
+    :func:`fit_sparse`); ``weights``: of the summed operator predictions ('ops'), the
+    operator count ('op') and the module count ('module') in a whole network
     (:meth:`total`); ``stats``: sample counts and fit errors."""
 
     key: str
@@ -88,6 +91,7 @@ class Calibration:
     weights: dict[str, float]
     stats: dict = field(default_factory=dict)
     measured_at: str = ""
+    sparse_s: float = 0.0
 
     def total(self, ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> float:
         """A whole network's predicted latency from its ops, their predictions
@@ -98,15 +102,23 @@ class Calibration:
     def op_seconds(self, ops: Sequence[Op]) -> np.ndarray:
         """Each op's predicted latency inside the pass ``ops`` were recorded from, in call
         order (seconds)."""
-        return _seconds(ops, context(ops), self.models, self.roofs, self.overhead_s)
+        return _seconds(ops, context(ops), self.models, self.roofs, self.overhead_s,
+                        self.sparse_s)
+
+
+def _sparse(op: Op) -> bool:
+    """Is the unit op a dynamic block (whose work follows its masks)?"""
+    return op.name.startswith(UNIT_PREFIX + "DynamicBlock")
 
 
 def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
-           overhead_s: float) -> np.ndarray:
+           overhead_s: float, sparse_s: float | None = None) -> np.ndarray:
     """What each op's calibrated factor multiplies (all ops of one kind): an ATen op's
     roofline plus one call; a unit's reference ops as predicted (each unit its own pass)
-    times its density, plus one call, so that the unit's factor is its speed-up on the
-    work it keeps, learned where the reference ops' models are sure. The units' reference
+    times its work share (a sparse block's MACs at its masks over its dense MACs, the
+    kept tiles' halo included), plus one call (a dynamic block: its fixed cost
+    ``sparse_s``, one call where None), so that the unit's factor is its speed-up on the
+    work it does, learned where the reference ops' models are sure. The units' reference
     ops are predicted together: one regressor call per kind, not per unit."""
     if not ops or not ops[0].unit:
         return np.array([baseline(op, roofs, overhead_s) for op in ops])
@@ -116,13 +128,15 @@ def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
     out, start = np.empty(len(ops)), 0
     for i, op in enumerate(ops):
         end = start + len(op.inner)
-        out[i] = overhead_s + float(seconds[start:end].sum()) * op.detail[3]
+        fixed = sparse_s if sparse_s is not None and _sparse(op) else overhead_s
+        out[i] = fixed + float(seconds[start:end].sum()) * op.detail[5]
         start = end
     return out
 
 
 def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
-             roofs: hardware.Roofs, overhead_s: float) -> np.ndarray:
+             roofs: hardware.Roofs, overhead_s: float, sparse_s: float | None = None
+             ) -> np.ndarray:
     """Each op's predicted seconds at its context ``where``, by its kind's model (None:
     the base alone)."""
     out = np.empty(len(ops))
@@ -130,7 +144,7 @@ def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
     for i, op in enumerate(ops):
         by_kind.setdefault(kind(op), []).append(i)
     for k, idx in by_kind.items():
-        base = _bases([ops[i] for i in idx], models, roofs, overhead_s)
+        base = _bases([ops[i] for i in idx], models, roofs, overhead_s, sparse_s)
         model = models.get(k)
         if model is None:
             out[idx] = base
@@ -188,22 +202,49 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     return found if isinstance(found, Calibration) and found.key == key else None
 
 
+# features a kind's factor may only grow with: a unit's density and work share (its time
+# grows with what it keeps; unconstrained, the trees put 20-39 of 86 sparse blocks of the
+# benchmark faster at density 0.5 than at 0.25, or at 0.75 than at 0.5)
+MONOTONE = ("density", "work_share")
+
+
 def _regressor(k: str):
     from sklearn.ensemble import HistGradientBoostingRegressor
     categorical = [FEATURES[k].index(c) for c in ("op", "type") if c in FEATURES[k]] or None
+    monotone = [1 if f in MONOTONE else 0 for f in FEATURES[k]]
     return HistGradientBoostingRegressor(max_iter=400, learning_rate=0.05,
                                          min_samples_leaf=4, l2_regularization=1e-3,
-                                         categorical_features=categorical, random_state=0)
+                                         categorical_features=categorical,
+                                         monotonic_cst=monotone if any(monotone) else None,
+                                         random_state=0)
+
+
+def fit_sparse(work_s: np.ndarray, measured: np.ndarray, overhead_s: float) -> float:
+    """A sparse dynamic block's fixed cost per call (seconds): ``c`` of ``measured ~ c + k
+    work_s`` (``work_s``: its reference ops' predicted seconds times its work share; c, k
+    >= 0 minimizing the relative error), at least one call's ``overhead_s``. Its masker,
+    shortcut and wrapper cost about the same at any density, so the time does not scale
+    with the work alone: scaled, the small blocks calibration sees put a large factor on
+    the work at low densities, which large blocks do not have (resnet18 at 224x224,
+    density 0.25, batch 8: +94% before)."""
+    from scipy.optimize import nnls
+    if len(measured) < 2:
+        return overhead_s
+    scale = 1.0 / measured
+    (c, _), _ = nnls(np.stack([scale, work_s * scale], axis=1), np.ones(len(measured)))
+    return max(float(c), overhead_s)
 
 
 def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
-        overhead_s: float) -> tuple[dict[str, Any], dict]:
+        overhead_s: float) -> tuple[dict[str, Any], dict, float]:
     """Per kind, a regressor of log(measured / base) on (op, its context, measured
     seconds) samples (units last: their base is their reference ops predicted by the other
-    kinds' models); returns (models, stats) with each kind's sample count and in-sample
-    median absolute relative error."""
+    kinds' models, a dynamic block's plus its fixed cost, :func:`fit_sparse`); returns
+    (models, stats, that fixed cost) with each kind's sample count and in-sample median
+    absolute relative error."""
     models: dict[str, Any] = {}
     stats: dict[str, dict] = {}
+    sparse_s = overhead_s
     for k in KINDS:
         mine = [(op, w, s) for op, w, s in samples if kind(op) == k]
         if not FEATURES[k] or len(mine) < 8:
@@ -211,13 +252,18 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
             stats[k] = {"samples": len(mine)}
             continue
         x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
-        base = _bases([op for op, _, _ in mine], models, roofs, overhead_s)
+        if k == "unit":
+            dyn = [i for i, (op, _, _) in enumerate(mine) if _sparse(op)]
+            work = _bases([mine[i][0] for i in dyn], models, roofs, overhead_s) - overhead_s
+            sparse_s = fit_sparse(work, np.array([mine[i][2] for i in dyn]), overhead_s)
+            stats["sparse_s"] = sparse_s
+        base = _bases([op for op, _, _ in mine], models, roofs, overhead_s, sparse_s)
         y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)
         err = np.abs(np.exp(model.predict(x) - y) - 1)
         models[k] = model
         stats[k] = {"samples": len(mine), "median_abs_rel_error": float(np.median(err))}
-    return models, stats
+    return models, stats, sparse_s
 
 
 def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
@@ -352,9 +398,10 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                 progress.advance(task)
         calls = [s for op, _, s in samples if kind(op) == "call"]
         overhead = statistics.median(calls) if calls else 1e-6
-        models, stats = fit(samples, roofs, overhead)
+        models, stats, sparse_s = fit(samples, roofs, overhead)
         cal = Calibration(key, roofs, overhead, models, {}, stats,
-                          _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                          _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          sparse_s)
         terms = np.array([_terms(ops, cal.op_seconds(ops), modules)
                           for ops, modules, _, _ in recorded])
         wholes = np.array([whole for _, _, whole, _ in recorded])

@@ -11,7 +11,7 @@ Each recorded :class:`~convgap.predict.record.Op` falls in one :data:`KINDS`:
 - ``'call'``: operators that move no data (views, transposes, ``empty``): a call's cost only;
 - ``'unit'``: a convgap module run as one call (:mod:`convgap.predict.units`: a fused
   block, a sparse dynamic block), by its type, its reference operators' work, its input and
-  output, its density and granularity.
+  output, its density, granularity and work share.
 
 :func:`work` gives an operator's FLOPs and minimum bytes (inputs + outputs once), from
 which :func:`baseline` makes its roofline latency plus one call's overhead; the calibrated
@@ -66,7 +66,8 @@ FEATURES = {
                "log_kernel") + CONTEXT,
     "call": (),
     "unit": ("type", "log_flops", "log_ref_bytes", "ref_ops", "density", "granularity",
-             "log_bytes", "n", "c", "h", "w", "o", "oh", "ow", "channels_last") + CONTEXT,
+             "work_share", "log_bytes", "n", "c", "h", "w", "o", "oh", "ow",
+             "channels_last") + CONTEXT,
 }
 
 
@@ -127,12 +128,12 @@ def _matmul_mnk(op: Op) -> tuple[int, int, int, int]:
 
 def work(op: Op) -> tuple[float, float]:
     """(FLOPs, minimum bytes) of the op: FLOPs = 2 x MACs of a conv or GEMM (a unit: its
-    reference ops' at its density), 0 otherwise; bytes = its tensor inputs and outputs,
+    reference ops' times its work share), 0 otherwise; bytes = its tensor inputs and outputs,
     each once."""
     nbytes = float(sum(t.nbytes for t in op.inputs) + sum(t.nbytes for t in op.outputs))
     k = kind(op)
     if k == "unit":
-        return op.detail[0] * op.detail[3], nbytes
+        return op.detail[0] * op.detail[5], nbytes
     if k == "conv":
         p = _conv_parts(op)
         w: TensorSpec = p["w"]
@@ -205,13 +206,13 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
         b, m, n, kk = _matmul_mnk(op)
         return (m, n, kk, b, _log(flops), _log(nbytes)) + where
     if k == "unit":
-        ref_flops, ref_bytes, ref_ops, density, granularity = op.detail
+        ref_flops, ref_bytes, ref_ops, density, granularity, share = op.detail
         x, out = op.inputs[0], op.outputs[0]
         x4 = tuple(x.shape) + (1,) * (4 - len(x.shape))
         o4 = tuple(out.shape) + (1,) * (4 - len(out.shape))
         return (UNIT_TYPES.index(_short(op)), _log(ref_flops), _log(ref_bytes), ref_ops,
-                density, granularity, _log(nbytes), x4[0], x4[1], x4[2], x4[3], o4[1],
-                o4[2], o4[3], float(x.channels_last)) + where
+                density, granularity, share, _log(nbytes), x4[0], x4[1], x4[2], x4[3],
+                o4[1], o4[2], o4[3], float(x.channels_last)) + where
     if k == "memory":
         name = _short(op)
         code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")

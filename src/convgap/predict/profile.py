@@ -28,7 +28,7 @@ from .. import config, timing
 from ..errors import ConvgapError
 from ..transforms.select import enclosing
 from .record import UNIT_PREFIX
-from .units import measured_density, outermost, unit_type
+from .units import measured, outermost, unit_type
 
 __all__ = ["profile", "OpTimes", "align", "with_densities", "by_module", "measure"]
 
@@ -38,7 +38,7 @@ class _Clock(TorchDispatchMode):
         super().__init__()
         self.funcs: list = []
         self.seconds: list[float] = []
-        self.densities: list[float | None] = []
+        self.densities: list[tuple[float, float] | None] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = time.perf_counter()
@@ -59,7 +59,7 @@ class _Clock(TorchDispatchMode):
                 t0 = time.perf_counter()
                 out = forward(*args, **kwargs)
                 t1 = time.perf_counter()
-                density = measured_density(m)
+                density = measured(m)
             self.funcs.append(name)
             self.seconds.append(t1 - t0)
             self.densities.append(density)
@@ -69,12 +69,12 @@ class _Clock(TorchDispatchMode):
 
 class OpTimes(list):
     """Per operator (call order) the median seconds over the profiled runs; ``names``
-    their ATen names (a unit: 'unit.<type>'), ``densities`` the density each dynamic unit
-    kept in the last run (None for others), ``wholes`` each profiled run's wall time
-    (seconds, the mode's work included)."""
+    their ATen names (a unit: 'unit.<type>'), ``densities`` the (density, work share) each
+    dynamic unit kept and computed in the last run (None for others), ``wholes`` each
+    profiled run's wall time (seconds, the mode's work included)."""
 
     names: list[str]
-    densities: list[float | None]
+    densities: list[tuple[float, float] | None]
     wholes: list[float]
 
 
@@ -148,15 +148,16 @@ def align(ops: Sequence, times: OpTimes) -> list[float | None]:
 
 
 def with_densities(ops: Sequence, times: OpTimes) -> list:
-    """``ops`` with each dynamic unit's density the one its profiled run kept (units in
-    order: the k-th recorded unit is the k-th profiled one)."""
+    """``ops`` with each dynamic unit's density and work share those its profiled run kept
+    and computed (units in order: the k-th recorded unit is the k-th profiled one)."""
     kept = iter([d for n, d in zip(times.names, times.densities) if n.startswith(UNIT_PREFIX)])
     out = []
     for op in ops:
         if op.unit:
             d = next(kept, None)
             if d is not None:
-                op = dataclasses.replace(op, detail=op.detail[:3] + (d,) + op.detail[4:])
+                op = dataclasses.replace(op, detail=op.detail[:3] + (d[0],) + op.detail[4:5]
+                                         + (d[1],))
         out.append(op)
     return out
 

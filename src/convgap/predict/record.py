@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConvgapError
@@ -173,7 +174,7 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
     def unit(self, name: str, kind: str, x: torch.Tensor, out: Any, inner: list[Op],
-             describe: tuple[float, float]) -> None:
+             describe: tuple[float, float, float]) -> None:
         """Keep the unit ``name`` (registered type ``kind``) that read ``x`` and returned
         ``out`` as one op, from its reference ops ``inner``."""
         from .features import work
@@ -243,7 +244,9 @@ def _record(model: nn.Module, x: torch.Tensor, meta: bool, density: Density) -> 
         if m in units and recorder.inner is not None:
             inner, recorder.inner = recorder.inner, None
             d = density.get(name) if isinstance(density, Mapping) else density
-            recorder.unit(name, unit_type(m), args[0], out, inner, describe(m, d))
+            with _disable_current_modes():   # its work share's ops are not the model's
+                unit = describe(m, d, tuple(args[0].shape))
+            recorder.unit(name, unit_type(m), args[0], out, inner, unit)
 
     hooks = [m.register_forward_pre_hook(pre) for m in names] + [
         m.register_forward_hook(post, always_call=True) for m in names]

@@ -30,7 +30,8 @@ from ..layers.flattened import FlattenedConv2d
 from ..layers.fused_blocks import FusedBlock
 from ..layers.tensorial import TensorialConv2d
 
-__all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "outermost"]
+__all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "measured",
+           "outermost"]
 
 # the registered unit classes by name, most specific first; 'other': an unregistered
 # FusedBlock subclass; a dynamic block's by its mode ('DynamicBlock': spatial, the one
@@ -69,23 +70,33 @@ def unit_type(m: nn.Module) -> str:
     return "other"
 
 
-def describe(m: nn.Module, density: float | None = None) -> tuple[float, float]:
-    """(density, granularity) of a unit: a fused block (1, 0); a dynamic block at
-    ``density`` (the kept share of its mask cells; None: its masker's forced density, else
-    1) and its granularity (0 where its mode has none)."""
+def describe(m: nn.Module, density: float | None = None,
+             shape: tuple[int, ...] | None = None) -> tuple[float, float, float]:
+    """(density, granularity, work share) of a unit: a fused block (1, 0, 1); a dynamic
+    block at ``density`` (the kept share of its mask cells; None: its masker's forced
+    density, else 1), its granularity (0 where its mode has none) and the share of its
+    dense MACs it computes there for an input of ``shape`` (N, C, H, W)
+    (:meth:`~convgap.layers.dynamic.DynamicBlock.work_share` at the forced masker's seed,
+    else 0: the kept tiles' halo included; the density without a shape)."""
     if not isinstance(m, DynamicBlock):
-        return (1.0, 0.0)
+        return (1.0, 0.0, 1.0)
+    forced = m.masker.forced
     if density is None:
-        density = m.masker.forced[0] if m.masker.forced is not None else 1.0
-    return (float(density), float(m.granularity() or 0))
+        density = forced[0] if forced is not None else 1.0
+    # a forced masker's masks are seeded: the share at the same masks
+    share = float(density) if shape is None else m.work_share(
+        density, int(shape[0]), (int(shape[-2]), int(shape[-1])),
+        seed=forced[1] if forced is not None else 0)
+    return (float(density), float(m.granularity() or 0), share)
 
 
-def measured_density(m: nn.Module) -> float | None:
-    """The share of mask cells a dynamic block kept in its last forward (None: not a
+def measured(m: nn.Module) -> tuple[float, float] | None:
+    """(density, work share) a dynamic block's last forward kept and computed (None: not a
     dynamic block, or no forward yet)."""
     if not isinstance(m, DynamicBlock) or m.last_mask is None:
         return None
-    return float(m.last_mask.float().mean())
+    macs, dense = m.cost_macs()
+    return float(m.last_mask.float().mean()), float(macs) / max(float(dense), 1e-30)
 
 
 def outermost(model: nn.Module) -> dict[nn.Module, str]:

@@ -38,6 +38,7 @@ import torch
 
 from ...errors import ConvgapError
 from ..cpu.tiles import Body
+from .blocks import _check_operands
 from .implicit_gemm import AVAILABLE, interpreting, tl, triton
 
 __all__ = ["AVAILABLE", "residual_tiles", "runnable"]
@@ -238,16 +239,10 @@ def _act_name(act: str | None) -> str:
 
 
 def _check(x: torch.Tensor, out: torch.Tensor, body: Body) -> None:
-    for name, t in {"x": x, "out": out, **{f: getattr(body, f) for f in
-                                           ("w1", "b1", "w2", "b2", "w3", "b3")}}.items():
-        if t is None:
-            continue
-        if t.dtype != torch.float32 or t.device != x.device:
-            raise ConvgapError(f"{name} is {t.dtype} on {t.device}: the sparse tile kernels "
-                               f"take float32 tensors on x's device ({x.device})")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ConvgapError(f"{name} requires grad: the sparse tile kernels are inference "
-                               "only (run under torch.no_grad())")
+    _check_operands(x, out=out, **{f: t for f in ("w1", "b1", "w2", "b2", "w3", "b3")
+                                   if (t := getattr(body, f)) is not None})
+    if x.dtype != torch.float32:
+        raise ConvgapError(f"the sparse tile kernels take float32 tensors, got {x.dtype}")
     _act_name(body.act1), _act_name(body.act2)
     r = body.w2.shape[0]
     c = r if body.w1 is None else body.w1.shape[1]
