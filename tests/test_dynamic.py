@@ -213,6 +213,28 @@ def test_the_tile_kernel_decides_as_the_masker(channels_last):
             assert 0.1 < sum(kept) / len(kept) < 0.9
 
 
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_refresh_after_writes_that_bypass_the_version_counter(mode):
+    """The folded and packed weights follow versioned changes; ``p.data.mul_()`` bypasses
+    the version counter, and convgap.transforms.refresh drops what the blocks kept: sparse
+    execution equals masked execution again."""
+    from convgap.transforms import refresh
+    torch.manual_seed(0)
+    dyn = make_dynamic(_net(), mode, granularity=2, check=False, quiet=True)
+    x = torch.randn(2, 3, 15, 15)
+    force_density(dyn, 0.5, 3)
+    with torch.no_grad():
+        dyn(x)                                  # folds and packs
+        for p in dyn.parameters():
+            p.data.mul_(1.5)                    # no version bump
+        set_execution(dyn, "masked")
+        want = dyn(x)
+        set_execution(dyn, "sparse")
+        assert _rel(dyn(x), want) > 1e-3        # the kept weights are stale
+        assert refresh(dyn) == len(dynamic_blocks(dyn))
+        assert _rel(dyn(x), want) <= 1e-4
+
+
 def test_force_density_keeps_exact_counts():
     dyn = make_dynamic(_net(), "spatial", granularity=1, check=False, quiet=True)
     force_density(dyn, 0.3, seed=5)

@@ -257,6 +257,14 @@ class DynamicBlock(nn.Module):
             width = convs[-1].in_channels
             self.masker = ChannelMasker(cin, width, groups)
 
+    def refresh(self) -> None:
+        """Drop the prepared state (folded and packed weights, bound plans, the tile
+        kernel's packed body): after writes through ``weight.data.<op>_()``, which bypass
+        the version counter."""
+        self._fold.clear()
+        self._tile_store.clear()
+        self._sizes.clear()
+
     # -- structure ----------------------------------------------------------------------
     def original(self) -> nn.Module:
         """The block this one was made from (it shares these parameters): the static
