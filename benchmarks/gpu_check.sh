@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check convgap on a CUDA GPU and run the GPU benchmarks, in one call (the lent GPU's time
-# is short): the GPU tests, the roofs, per-layer algorithm choice on resnet50 (fp16, then
+# is short): the GPU tests, the roofs, the sparse tile kernels of dynamic blocks against
+# the dense blocks, per-layer algorithm choice on resnet50 (fp16, then
 # fp32 under torch's TF32 default), the Triton kernel against cuDNN, the factorized
 # layers, and analyze. Steps run in order
 # of value, each under its own time limit; a failing step does not stop the next.
@@ -27,6 +28,10 @@ grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
 for dt in float32 float16 bfloat16; do
     step "roofs $dt" 40 $PY -m convgap.cli roofs --device "$DEVICE" --dtype $dt
 done
+step "sparse tile kernels (issue 20's kernel table) b8 b$BATCH" 240 \
+    $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" \
+    --out "$OUT/gpu_dynamic.json"
+grep -A 16 "^best granularity" "$LOG" | tail -n 16
 step "algorithms resnet50 b$BATCH float16" 180 \
     $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float16 --batch "$BATCH" \
     --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float16.json"

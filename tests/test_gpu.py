@@ -281,3 +281,32 @@ def test_cuda_graph_timing_counts_device_time_per_call():
     assert small.extra == {"method": "cuda_graph", "calls": 4}
     assert 0 < small.median < big.median
     assert int(count) == 1 + 4 * (1 + 5)
+
+
+def test_sparse_tile_kernels_compiled_on_every_interpreter_case():
+    """The sparse tile kernels compiled for the device on tests/test_triton_tiles.py's
+    cases, against the float64 reference; a dynamic model runs its spatial blocks through
+    them and equals its masked execution."""
+    from convgap import models
+    from convgap.dynamic import force_density, make_dynamic, set_execution
+    from convgap.kernels.triton import tiles
+    from test_triton_tiles import CASES
+    from tile_cases import case, reference, relative_error
+    for args in CASES:
+        x, y, kept, body = case(*args)
+        want = reference(x, y, kept, args[8], body)
+        on = (lambda t: None if t is None else t.to(CUDA))
+        body = body._replace(**{f: on(getattr(body, f)) for f in
+                                ("w1", "b1", "w2", "b2", "w3", "b3")})
+        with torch.no_grad():
+            got = tiles.residual_tiles(x.to(CUDA), y.to(CUDA), kept, args[8], body)
+        assert relative_error(got.cpu(), want) <= 1e-4, args
+    net = models.create("mobilenet_v2", num_classes=10).eval()
+    dyn = make_dynamic(net, "spatial", granularity=4, check=False, quiet=True).to(CUDA)
+    x = torch.randn(2, 3, 96, 96, device=CUDA).contiguous(memory_format=torch.channels_last)
+    force_density(dyn, 0.5, 1)
+    with torch.no_grad():
+        set_execution(dyn, "masked")
+        want = dyn(x)
+        set_execution(dyn, "sparse")
+        assert rel(dyn(x), want) <= 1e-4
