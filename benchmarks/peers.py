@@ -28,7 +28,13 @@ measured, ideal = FLOPs / peak FLOP/s, FLOPs = 2 x ``convgap.count(model, shape)
 peak from ``convgap.hardware.roofs("cpu", torch.float32)`` under ``--threads`` (measured
 once and cached in the normal convgap cache; ``--refresh-roofs`` measures again: a peak
 measured on a busy machine reads low). Each engine keeps its own thread pool's defaults
-(ONNX Runtime's intra-op threads spin a while after a run, as torch's OpenMP threads do).
+(ONNX Runtime's intra-op threads spin a while after a run, as torch's OpenMP threads and
+OpenVINO's TBB workers do), so a variant's first call after another engine's shares the
+two cores with that engine's spinning threads: right after an ONNX Runtime call a fused
+efficientnet_b0 at batch 1 took 9.8 ms instead of 4.7, ONNX Runtime after it 5.6 instead
+of 3.7. Each sample therefore follows ``--settle`` seconds (0.2) of untimed calls of the
+same variant (``TimingConfig.settle``): every engine is timed in its steady state, as it
+runs when deployed alone; rounds stay interleaved for the machine's drifts.
 A variant that fails to build is reported with its error and left out of the timing.
 
 swap and fuse tune in a fresh convgap cache shared by the run's processes (``--keep-cache``:
@@ -37,8 +43,8 @@ benchmark-only extra: ``pip install -e '.[bench]'``.
 
     python benchmarks/peers.py [--models ...] [--batch 1 8] [--threads 2]
                                [--malloc retain|default] [--rounds 15] [--min-time 2.0]
-                               [--no-compile] [--keep-cache] [--refresh-roofs]
-                               [--out PATH]
+                               [--settle 0.2] [--no-compile] [--keep-cache]
+                               [--refresh-roofs] [--out PATH]
 
 Prints a table per run and writes benchmarks/results/peers.json.
 """
@@ -122,11 +128,12 @@ def child_env(keep_cache: bool) -> dict:
     return env
 
 
-def timing_config(rounds: int, min_time: float):
-    """benchmarks/algorithms.py's whole-model budget, ``rounds`` / ``min_time`` adjustable."""
+def timing_config(rounds: int, min_time: float, settle: float = 0.0):
+    """benchmarks/algorithms.py's whole-model budget, ``rounds`` / ``min_time`` adjustable;
+    ``settle``: seconds of untimed calls before each sample (see the top)."""
     from convgap import timing
     return timing.TimingConfig(warmup=2, min_repeats=rounds, max_repeats=max(rounds, 30),
-                               min_time=min_time)
+                               min_time=min_time, settle=settle)
 
 
 # -- the variants: (the callable timed, one returning its output as a tensor, facts) -------
@@ -244,7 +251,7 @@ def run_one(name: str, batch: int, args) -> dict:
     from convgap import timing
     from convgap.choice import relative_error
     policy = set_malloc(args.malloc)
-    cfg = timing_config(args.rounds, args.min_time)
+    cfg = timing_config(args.rounds, args.min_time, args.settle)
     with timing.threads(args.threads) as n_threads, torch.no_grad(), \
             tempfile.TemporaryDirectory(prefix="convgap-peers-") as tmp:
         net, x = zoo_input(name, batch)
@@ -343,6 +350,9 @@ def parse_args(argv=None, description=None):
                     help="at least this many interleaved rounds (15)")
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="and at least this many seconds of samples per variant (2.0)")
+    ap.add_argument("--settle", type=float, default=0.2,
+                    help="seconds of untimed calls of a variant before each of its samples "
+                         "(0.2; 0: the variants strictly alternate)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile+freezing")
     ap.add_argument("--keep-cache", action="store_true",
                     help="tune in the normal convgap cache (default: a fresh one)")
@@ -351,15 +361,15 @@ def parse_args(argv=None, description=None):
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.min_time < 0:
-        ap.error("--rounds must be >= 1 and --min-time >= 0")
+    if args.rounds < 1 or args.min_time < 0 or args.settle < 0:
+        ap.error("--rounds must be >= 1, --min-time and --settle >= 0")
     return args
 
 
 def child_argv(args) -> list[str]:
     """The flags a (model, batch) process needs from the parent's."""
     out = ["--threads", str(args.threads), "--malloc", args.malloc, "--rounds",
-           str(args.rounds), "--min-time", str(args.min_time)]
+           str(args.rounds), "--min-time", str(args.min_time), "--settle", str(args.settle)]
     return out + (["--no-compile"] if getattr(args, "no_compile", False) else [])
 
 
@@ -414,7 +424,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "benchmark": "peers", "cpu": cpu, "threads": args.threads, "batches": args.batch,
         "malloc": policy, "dtype": "float32", "image_size": SIZE,
-        "timing": {"rounds": args.rounds, "min_time": args.min_time},
+        "timing": {"rounds": args.rounds, "min_time": args.min_time, "settle": args.settle},
         "fresh_cache": not args.keep_cache, "onnx_exporter": "torch.onnx.export(dynamo=True)",
         "peak_flops": roof.peak_flops, "bandwidth": roof.bandwidth,
         "has_fuse": has_fuse(), "versions": versions(), "seconds": time.time() - start,

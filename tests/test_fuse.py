@@ -35,11 +35,12 @@ def always_fuse():
         yield
 
 
-# the blocks each zoo model has, by pattern (stems and head convs: conv_act)
+# the blocks each zoo model has, by pattern (stems and head convs: conv_act; classifier
+# heads: pool_linear)
 ZOO = {
-    "resnet18": {"basic": 8},
-    "mobilenet_v2": {"inverted_residual": 17, "conv_act": 2},
-    "efficientnet_b0": {"mbconv": 16, "conv_act": 2},
+    "resnet18": {"basic": 8, "pool_linear": 1},
+    "mobilenet_v2": {"inverted_residual": 17, "conv_act": 2, "pool_linear": 1},
+    "efficientnet_b0": {"mbconv": 16, "conv_act": 2, "pool_linear": 1},
     "convnext_tiny": {"convnext": 18},
     "convfirst": {"convfirst": 18, "conv_act": 1},
 }
@@ -73,6 +74,7 @@ def test_resnet50_bottleneck_with_projection(always_fuse):
     x = torch.randn(1, 3, 64, 64)
     f = fuse(net, x, quiet=True)
     found = fused_modules(f)
+    found = {n: m for n, m in found.items() if m.pattern != "pool_linear"}
     assert len(found) == 16 and all(m.pattern == "bottleneck" for m in found.values())
     assert sum(m.shortcut is not None for m in found.values()) == 4  # projection shortcuts
     with torch.no_grad():
@@ -397,3 +399,94 @@ def test_residual_blocks_with_any_post_activation_run_fused(act, fmt):
     x = torch.randn(2, 3, 12, 12).contiguous(memory_format=fmt)
     with torch.no_grad():
         assert rel(fused(x), net(x)) < 1e-5
+
+
+class PooledNet(nn.Module):
+    """A third-party-style classifier: conv features, then the head written with a
+    functional flatten between an nn pool, a dropout and the linear layer."""
+
+    def __init__(self, p=0.3, flatten_module=False):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.flatten = nn.Flatten() if flatten_module else None
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(24, 7)
+
+    def forward(self, x):
+        h = self.pool(self.features(x))
+        h = self.flatten(h) if self.flatten is not None else torch.flatten(h, 1)
+        return self.head(self.drop(h))
+
+
+@pytest.mark.parametrize("flatten_module", [False, True])
+def test_classifier_head_fused(flatten_module, always_fuse):
+    from convgap.transforms.changes import FUSED_INTO_ATTR
+    torch.manual_seed(0)
+    net = PooledNet(flatten_module=flatten_module).eval()
+    x = torch.randn(3, 3, 10, 12)
+    f = fuse(net, x, quiet=True)
+    assert isinstance(f.pool, fb.FusedPoolLinear) and f.pool.p == pytest.approx(0.3)
+    replaced = ["drop", "head"] + (["flatten"] if flatten_module else [])
+    for name in replaced:
+        assert isinstance(f.get_submodule(name), nn.Identity)
+        assert getattr(f.get_submodule(name), FUSED_INTO_ATTR) == "pool"
+    by_name = {c.name: c for c in changes(f)}
+    assert by_name["pool"].transform == "fuse" and by_name["pool"].runs == "pool_linear"
+    assert all(by_name[n].transform == "fuse" and by_name[n].into == "pool"
+               for n in replaced)
+    with torch.no_grad():
+        assert rel(f(x), net(x)) < 1e-5
+        assert rel(f(x.contiguous(memory_format=torch.channels_last)), net(x)) < 1e-5
+    # training: the same dropout draws as the original head, gradients reach the linear
+    f.train(), net.train()
+    torch.manual_seed(3)
+    want = net(x)
+    torch.manual_seed(3)
+    got = f(x)
+    assert rel(got, want) < 1e-5 and rel(got, net(x)) > 1e-3  # dropout is on
+    got.square().sum().backward()
+    assert f.pool.linear.weight.grad is not None
+
+
+def test_classifier_head_not_fused_where_it_is_not_one():
+    from convgap.transforms.patterns import find_head
+
+    class TwoOutputs(PooledNet):  # the pooled features are returned too
+        def forward(self, x):
+            h = torch.flatten(self.pool(self.features(x)), 1)
+            return self.head(h), h
+
+    class NoFlatten(PooledNet):
+        def forward(self, x):
+            return self.head(self.pool(self.features(x)).flatten(2).squeeze(2))
+
+    class SharedLinear(PooledNet):  # the linear layer called twice
+        def forward(self, x):
+            h = torch.flatten(self.pool(self.features(x)), 1)
+            return self.head(h) + self.head(h)
+
+    assert find_head(PooledNet()).pool == "pool"
+    for net in (TwoOutputs(), NoFlatten(), SharedLinear()):
+        assert isinstance(find_head(net.eval()), str)
+    net = PooledNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with choice.forced({"fuse": "layerwise"}):
+        f = fuse(net, x, quiet=True)
+    assert type(f.pool) is nn.AdaptiveAvgPool2d and isinstance(f.head, nn.Linear)
+    assert "not faster" in getattr(f.pool, LEFT_ATTR)
+    with choice.forced({"fuse": "fused"}):
+        only = fuse(net, x, quiet=True, patterns=["pool_linear"])
+        blocks = fuse(net, x, quiet=True, patterns=["conv_act"])
+    assert {m.pattern for m in fused_modules(only).values()} == {"pool_linear"}
+    assert isinstance(blocks.head, nn.Linear)
+
+
+def test_disagreeing_head_is_not_kept(monkeypatch, always_fuse):
+    real = fb.FusedPoolLinear._bind
+    monkeypatch.setattr(fb.FusedPoolLinear, "_bind",
+                        lambda self, x: (lambda t, run=real(self, x): run(t) + 1.0))
+    net = PooledNet().eval()
+    with pytest.warns(FusionWarning, match="disagrees"):
+        f = fuse(net, torch.randn(2, 3, 8, 8), quiet=True)
+    assert type(f.pool) is nn.AdaptiveAvgPool2d and isinstance(f.head, nn.Linear)

@@ -48,6 +48,27 @@ def test_compare_interleaves_alternating_order():
     assert len(ta.samples) == len(tb.samples) == len(tc.samples) == 4
 
 
+
+def test_compare_settles_each_callable_before_its_samples(clock):
+    """With ``settle``, each sample follows untimed calls of the same callable lasting at
+    least ``settle`` seconds (so it is not the first call after another engine's)."""
+    step = 2.0 ** -8
+    order = []
+
+    def make(name):
+        def fn():
+            order.append(name)
+            clock(step)
+        return fn
+    cfg = timing.TimingConfig(warmup=0, min_repeats=2, max_repeats=2, min_time=0.0,
+                              settle=3 * step)
+    ta, tb = timing.compare([make("a"), make("b")], cfg)
+    # 3 untimed calls reach the settle time, then the timed one: 4 calls in a row each
+    assert order == list("aaaa" "bbbb" "bbbb" "aaaa")
+    assert ta.samples == tb.samples == (step, step)
+    with pytest.raises(ValueError):
+        timing.TimingConfig(settle=-1.0)
+
 def test_compare_assigns_samples_to_their_callable(clock):
     cfg = timing.TimingConfig(warmup=0, min_repeats=4, max_repeats=4, min_time=0.0)
     fast, slow = timing.compare([lambda: clock(2.0 ** -10), lambda: clock(2.0 ** -7)], cfg)

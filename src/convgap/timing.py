@@ -34,15 +34,24 @@ class TimingConfig:
     warmup: untimed calls before sampling.
     min_repeats / max_repeats: bounds on the number of timed samples.
     min_time: keep sampling (up to max_repeats) until this many seconds were spent timing.
+    settle: seconds of untimed calls of a callable right before each of its samples (at
+      least one call when positive; :func:`compare`): the sample then shows its steady
+      state, not the switch from the callable before it.
+      Engines with their own thread pools (ONNX Runtime, OpenVINO's TBB, torch's OpenMP)
+      leave their threads spinning after a call: the next engine's first call shares the
+      cores with them (a convgap model's first layer measured 5.7x slower right after an
+      ONNX Runtime call, docs/2026-12-03-fusion.md).
     """
 
     warmup: int = 2
     min_repeats: int = 5
     max_repeats: int = 50
     min_time: float = 0.1
+    settle: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+        if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats \
+                or self.settle < 0:
             raise ValueError(f"invalid timing config {self}")
 
 
@@ -145,8 +154,9 @@ def compare(
 ) -> list[Timing]:
     """Time several callables interleaved: each round runs every callable once, in turn
     (forward in even rounds, reversed in odd ones, so no callable always runs first), so
-    they share the machine's drifts. Stops once every callable has ``min_repeats`` samples
-    adding up to at least ``min_time`` seconds, or after ``max_repeats`` rounds."""
+    they share the machine's drifts; with ``config.settle``, each sample follows that many
+    seconds of untimed calls of the same callable. Stops once every callable has ``min_repeats``
+    samples adding up to at least ``min_time`` seconds, or after ``max_repeats`` rounds."""
     dev = str(torch.device(device))
     for _ in range(config.warmup):
         for fn in fns:
@@ -155,6 +165,12 @@ def compare(
     faults: list[list[int]] = [[] for _ in fns]
 
     def sample(i: int) -> float:
+        if config.settle > 0:
+            end = time.perf_counter() + config.settle
+            fns[i]()
+            while time.perf_counter() < end:
+                fns[i]()
+            synchronize(dev)
         t, f = _one(fns[i], dev)
         faults[i].append(f)
         return t

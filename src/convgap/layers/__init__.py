@@ -5,9 +5,10 @@ from .factorizations import FAMILIES, family
 from .flattened import FlattenedConv2d
 from .fused_blocks import (FusedBasicBlock, FusedBlock, FusedBottleneck, FusedConvAct,
                            FusedConvChain, FusedConvFirst, FusedConvNeXt,
-                           FusedInvertedResidual, FusedMBConv)
+                           FusedInvertedResidual, FusedMBConv, FusedPoolLinear)
 from .tensorial import TensorialConv2d
 
 __all__ = ["TensorialConv2d", "FlattenedConv2d", "FAMILIES", "family", "FusedBlock",
            "FusedConvChain", "FusedConvAct", "FusedInvertedResidual", "FusedBasicBlock",
-           "FusedBottleneck", "FusedConvFirst", "FusedMBConv", "FusedConvNeXt"]
+           "FusedBottleneck", "FusedConvFirst", "FusedMBConv", "FusedConvNeXt",
+           "FusedPoolLinear"]

@@ -8,7 +8,9 @@ still says what the model is. Two attributes are set by :func:`convgap.factorize
 modules it decides about: ``approximation_error`` on a new layer, and ``convgap_left`` (the
 reason) on a dense layer it measured and kept. :func:`convgap.fuse` sets ``convgap_fused``
 (its pattern, error and times) on each fused module and ``convgap_left`` on each block it
-left. :func:`convgap.fold_batchnorm` replaces each
+left; a module it fused into another (a classifier head's flatten, dropout and linear, now
+in the pool's place) becomes an ``nn.Identity`` carrying ``convgap_fused_into`` (that
+module's name). :func:`convgap.fold_batchnorm` replaces each
 BatchNorm it folds by an ``nn.Identity`` carrying ``convgap_folded_into`` (the name of the
 conv / linear that now computes it), and sets ``convgap_left`` on each BatchNorm it leaves.
 """
@@ -25,12 +27,14 @@ from ..algorithms.module import AlgoConv2d
 from ..layers import FlattenedConv2d, TensorialConv2d
 from .eligible import blocker
 
-__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR", "FOLDED_ATTR", "FUSED_ATTR"]
+__all__ = ["Change", "changes", "ERROR_ATTR", "LEFT_ATTR", "FOLDED_ATTR", "FUSED_ATTR",
+           "FUSED_INTO_ATTR"]
 
 ERROR_ATTR = "approximation_error"  # on a factorized layer: its relative output error
 LEFT_ATTR = "convgap_left"  # on a dense layer factorize kept, a BatchNorm fold left: why
 FOLDED_ATTR = "convgap_folded_into"  # on the Identity standing for a folded BatchNorm
 FUSED_ATTR = "convgap_fused"  # on a module fuse built: its pattern and measurements (a dict)
+FUSED_INTO_ATTR = "convgap_fused_into"  # on the Identity standing for a module fused away
 
 
 @dataclass
@@ -39,7 +43,8 @@ class Change:
 
     ``transform``: 'swap', 'factorize', 'fold' (a BatchNorm folded into the conv / linear
     before it, named by ``into``; the module is now an ``nn.Identity``), 'fuse' (a block
-    run as one fused module; ``tuning`` holds its chain, error and times), or 'left' (a
+    run as one fused module; ``tuning`` holds its chain, error and times; or, with
+    ``into``, a module now run inside that fused one, itself an ``nn.Identity``), or 'left' (a
     Conv2d / Linear that every transform leaves as it is, one factorize measured and kept
     dense, a BatchNorm fold left as it is, a block fuse left; ``reason`` says why).
     ``runs``: swap: the algorithm the layer runs; factorize: the factorization ('cp',
@@ -95,6 +100,8 @@ def _change(name: str, m: nn.Module) -> Change | None:
             return Change(name, "left", params=n, dense_params=n, reason=reason)
     if isinstance(m, nn.Identity) and hasattr(m, FOLDED_ATTR):
         return Change(name, "fold", into=getattr(m, FOLDED_ATTR))
+    if isinstance(m, nn.Identity) and hasattr(m, FUSED_INTO_ATTR):
+        return Change(name, "fuse", into=getattr(m, FUSED_INTO_ATTR))
     if isinstance(m, _BatchNorm) and hasattr(m, LEFT_ATTR):
         return Change(name, "left", reason=getattr(m, LEFT_ATTR))
     info = getattr(m, FUSED_ATTR, None)

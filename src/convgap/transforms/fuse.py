@@ -1,5 +1,6 @@
-"""fuse: run a model's residual blocks (and conv + BN + activation stems) as fused modules
-(:mod:`convgap.layers.fused_blocks`), verified and measured where they are applied.
+"""fuse: run a model's residual blocks (and conv + BN + activation stems, and its classifier
+head) as fused modules (:mod:`convgap.layers.fused_blocks`), verified and measured where
+they are applied.
 
 Steps: batch-norm folded into the convolutions (:func:`fold_batchnorm`); every module,
 from the top down, read as a chain (:func:`.patterns.describe`) and offered to the pattern
@@ -21,13 +22,13 @@ import torch.nn as nn
 
 from .. import allocator, choice
 from ..errors import ConvgapError
-from ..layers.fused_blocks import FusedBlock
+from ..layers.fused_blocks import FusedBlock, FusedPoolLinear
 from ..ops.layouts import layout_of
 from ..progress import make_progress
-from .changes import FUSED_ATTR, LEFT_ATTR
+from .changes import FUSED_ATTR, FUSED_INTO_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
-from .patterns import PATTERNS, Chain, Pattern, describe, match
+from .patterns import HEAD, PATTERNS, Chain, Head, Pattern, describe, find_head, match
 from .select import Layers, select
 from .trace import is_leaf
 
@@ -92,7 +93,10 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
 
     ``layers``: which blocks (module names, a type, or ``callable(name, module)``, as
     :func:`convgap.transforms.select`), default all; ``patterns``: the pattern names to
-    use (default every registered one, :data:`convgap.transforms.patterns.PATTERNS`).
+    use (default every registered one, :data:`convgap.transforms.patterns.PATTERNS`, and
+    ``"pool_linear"``: a classifier head ending the model, global average pool -> flatten
+    -> [dropout] -> linear, run as one :class:`~convgap.layers.FusedPoolLinear` in the
+    pool's place, the modules after it left as ``nn.Identity``; only without ``layers``).
     With ``example_input`` and ``check`` (the default), each fused block is verified on
     its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
     (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
@@ -106,10 +110,11 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if model.training:
         raise ConvgapError("fuse is for inference: batch-norm is folded from its running "
                            "statistics; call model.eval() first")
-    use = list(PATTERNS) if patterns is None else list(patterns)
-    unknown = [p for p in use if p not in PATTERNS]
+    use = [*PATTERNS, HEAD] if patterns is None else list(patterns)
+    unknown = [p for p in use if p not in PATTERNS and p != HEAD]
     if unknown:
-        raise ConvgapError(f"unknown block patterns {unknown}; registered: {list(PATTERNS)}")
+        raise ConvgapError(f"unknown block patterns {unknown}; registered: "
+                           f"{[*PATTERNS, HEAD]}")
     measure = check and example_input is not None
     reference = None
     if measure:
@@ -122,18 +127,21 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if layers is not None:
         wanted = set(select(model, layers, lambda m: not is_leaf(m), lambda n, m: True,
                             what="block (a module that is not a single layer)"))
-    found, left = _find(model, wanted, {p: PATTERNS[p] for p in use})
+    found, left = _find(model, wanted, {p: PATTERNS[p] for p in use if p in PATTERNS})
+    head = _head(model, use, wanted, found)
     inputs: dict[str, tuple] = {}
     if measure:
+        watch = {f.module: f.name for f in found}
+        if head is not None:
+            watch[model.get_submodule(head.pool)] = head.pool
         with torch.no_grad():
-            inputs, _ = first_inputs({f.module: f.name for f in found},
-                                     lambda: model(example_input))
+            inputs, _ = first_inputs(watch, lambda: model(example_input))
     fused: dict[str, tuple[nn.Module, nn.Module]] = {}
     problems: list[str] = []
     on_cpu = isinstance(example_input, torch.Tensor) and example_input.device.type == "cpu"
     with allocator.use(malloc if (measure and on_cpu) else None), make_progress(quiet) as bar, \
             torch.no_grad():
-        task = bar.add_task("fusing blocks", total=len(found))
+        task = bar.add_task("fusing blocks", total=len(found) + (head is not None))
         for f in found:
             bar.advance(task)
             try:
@@ -144,38 +152,18 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                 continue
             new = new.to(next(f.module.parameters()).device)
             info = {"pattern": f.pattern.name, "chain": repr(f.chain)}
-            args = inputs.get(f.name)
-            if args is not None:
-                x = args[0]
-                info.update(input_shape=tuple(x.shape), layout=layout_of(x))
-                ref = f.module(x)
-                err = choice.relative_error(new(x), ref)
-                info["error"] = err
-                tol = choice.tolerance(TOLERANCE, x.dtype, x.device.type)
-                if not err <= tol:
-                    reason = (f"fused {f.pattern.name} disagrees with the block by {err:.2e} "
-                              f"> {tol:.0e}; the block is kept")
-                    setattr(f.module, LEFT_ATTR, reason)
-                    problems.append(f"{f.name}: {reason}")
-                    continue
-                spec = f"{tuple(x.shape)}|{layout_of(x)}|{new!r}"
-                decision = choice.choose(
-                    [choice.Candidate("layerwise", lambda m=f.module, x=x: m(x)),
-                     choice.Candidate("fused", lambda m=new, x=x: m(x), TOLERANCE)],
-                    kind="fuse", spec_key=spec, device=x.device.type, reference=ref)
-                info.update(layerwise_s=decision.times.get("layerwise"),
-                            fused_s=decision.times.get("fused"),
-                            cached=decision.cached)
-                if decision.choice != "fused":
-                    times = ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in decision.times.items())
-                    ratio = (decision.confirm or {}).get("ratio")
-                    setattr(f.module, LEFT_ATTR,
-                            f"fused {f.pattern.name} not faster ({times}"
-                            + (f"; paired ratio {ratio:.3f}" if ratio else "") + ")")
-                    continue
+            why, wrong = _verify(f.module, new, f.pattern.name, inputs.get(f.name), info)
+            if why is not None:
+                setattr(f.module, LEFT_ATTR, why)
+                if wrong:
+                    problems.append(f"{f.name}: {why}")
+                continue
             setattr(new, FUSED_ATTR, info)
             fused[f.name] = (f.module, new)
             model.set_submodule(f.name, new)
+        if head is not None:
+            bar.advance(task)
+            _fuse_head(model, head, inputs.get(head.pool), fused, problems)
     for name, reason in left.items():
         module = model.get_submodule(name)
         if not hasattr(module, LEFT_ATTR):
@@ -192,6 +180,77 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if problems:
         warnings.warn("; ".join(problems), FusionWarning, stacklevel=2)
     return model
+
+
+def _verify(old, new: nn.Module, pattern: str, args: tuple | None, info: dict
+            ) -> tuple[str | None, bool]:
+    """Check ``new`` against ``old`` (a module or a callable) on the block's real input
+    ``args`` (None: not measured) and time them through the one measured choice (kind
+    'fuse'): (None, False) to fuse, else (why not, whether ``new`` was wrong). Records the
+    error and times in ``info``."""
+    if args is None:
+        return None, False
+    x = args[0]
+    info.update(input_shape=tuple(x.shape), layout=layout_of(x))
+    ref = old(x)
+    err = choice.relative_error(new(x), ref)
+    info["error"] = err
+    tol = choice.tolerance(TOLERANCE, x.dtype, x.device.type)
+    if not err <= tol:
+        return (f"fused {pattern} disagrees with the block by {err:.2e} > {tol:.0e}; the "
+                f"block is kept"), True
+    spec = f"{tuple(x.shape)}|{layout_of(x)}|{new!r}"
+    decision = choice.choose(
+        [choice.Candidate("layerwise", lambda: old(x)),
+         choice.Candidate("fused", lambda: new(x), TOLERANCE)],
+        kind="fuse", spec_key=spec, device=x.device.type, reference=ref)
+    info.update(layerwise_s=decision.times.get("layerwise"),
+                fused_s=decision.times.get("fused"), cached=decision.cached)
+    if decision.choice == "fused":
+        return None, False
+    times = ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in decision.times.items())
+    ratio = (decision.confirm or {}).get("ratio")
+    return (f"fused {pattern} not faster ({times}"
+            + (f"; paired ratio {ratio:.3f}" if ratio else "") + ")"), False
+
+
+def _head(model: nn.Module, use: list[str], wanted, found: list[_Found]) -> Head | None:
+    """The classifier head to fuse (:func:`.patterns.find_head`), or None: not asked for,
+    blocks selected by ``layers`` (the head is not a block), none found, or inside a block
+    already matched."""
+    if HEAD not in use or wanted is not None:
+        return None
+    head = find_head(model)
+    if isinstance(head, str):
+        return None
+    names = [head.pool, *head.modules()]
+    if any(n == f.name or n.startswith(f.name + ".") for n in names for f in found):
+        return None
+    return head
+
+
+def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
+               fused: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
+    """Verify, time and, if kept, put the fused head in place: the pool's module becomes a
+    :class:`FusedPoolLinear`, the modules after it (flatten, dropout, the linear layer)
+    ``nn.Identity`` s marked with the pool's name (:data:`FUSED_INTO_ATTR`)."""
+    pool, linear = model.get_submodule(head.pool), model.get_submodule(head.linear)
+    new = FusedPoolLinear(linear, head.p)
+    info = {"pattern": HEAD, "chain": " -> ".join(["pool", *head.modules()])}
+    why, wrong = _verify(lambda x: head.run(model, x), new, HEAD, args, info)
+    if why is not None:
+        setattr(pool, LEFT_ATTR, why)
+        if wrong:
+            problems.append(f"{head.pool}: {why}")
+        return
+    setattr(new, FUSED_ATTR, info)
+    fused[head.pool] = (pool, new)
+    for name in head.modules():
+        stand_in = nn.Identity()
+        setattr(stand_in, FUSED_INTO_ATTR, head.pool)
+        fused[name] = (model.get_submodule(name), stand_in)
+        model.set_submodule(name, stand_in)
+    model.set_submodule(head.pool, new)
 
 
 @dataclass

@@ -34,7 +34,8 @@ from ..layers import fused_blocks as fb
 from .eligible import blocker
 from .trace import trace
 
-__all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match"]
+__all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
+           "HEAD", "Head", "find_head"]
 
 
 @dataclass
@@ -538,3 +539,92 @@ for _p in (
             _builder(fb.FusedConvChain)),
 ):
     register(_p)
+
+
+# -- the classifier head: matched on the model's graph, not a block's -----------------------
+HEAD = "pool_linear"  # its pattern name (fuse's ``patterns`` takes it beside PATTERNS')
+
+
+@dataclass
+class Head:
+    """A classifier head ending a model: global average pool -> flatten -> [dropout] ->
+    linear, each called once. ``pool``, ``linear``: the modules' qualified names;
+    ``steps``: what runs between them, in order (a module's name, or None for a
+    ``torch.flatten(x, 1)`` call); ``p``: the dropout probability (0: none)."""
+
+    pool: str
+    linear: str
+    steps: list[str | None]
+    p: float
+
+    def modules(self) -> list[str]:
+        """The modules the fused head replaces after the pool, in order."""
+        return [s for s in self.steps if s is not None] + [self.linear]
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The head as the model runs it, from the pool's input ``x``."""
+        h = model.get_submodule(self.pool)(x)
+        for s in self.steps:
+            h = torch.flatten(h, 1) if s is None else model.get_submodule(s)(h)
+        return model.get_submodule(self.linear)(h)
+
+
+def _global_pool(m: nn.Module) -> bool:
+    size = m.output_size if isinstance(m, nn.AdaptiveAvgPool2d) else None
+    return size in (1, (1, 1), [1, 1])
+
+
+def _flatten_call(node: fx.Node) -> bool:
+    """``torch.flatten(x, 1)`` or ``x.flatten(1)`` (to the last dimension)."""
+    if node.op == "call_function" and node.target is torch.flatten or \
+            node.op == "call_method" and node.target == "flatten":
+        args = list(node.args[1:]) + [None] * 2
+        start = node.kwargs.get("start_dim", args[0])
+        end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+        return start == 1 and end == -1
+    return False
+
+
+def find_head(model: nn.Module) -> Head | str:
+    """The classifier head ending ``model`` (see :class:`Head`), or why there is none."""
+    gm = trace(model)
+    if gm is None:
+        return "the model does not trace symbolically"
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    def module(node) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module" and calls[node.target] == 1:
+            return gm.get_submodule(node.target)
+        return None
+
+    lin = module(out)
+    if not isinstance(lin, nn.Linear):
+        return "the output is not a linear layer's, called once"
+    steps: list[str | None] = []
+    p, flat, node = 0.0, False, out.args[0] if out.args else None
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        m = module(node)
+        if m is not None and _global_pool(m):
+            if not flat:
+                return "no flatten between the pool and the linear layer"
+            return Head(node.target, out.target, steps[::-1], p)
+        if type(m) is nn.Dropout and p == 0.0:
+            p = m.p
+        elif isinstance(m, nn.Identity):
+            pass
+        elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not flat:
+            flat = True
+        elif _flatten_call(node) and not flat:
+            flat = True
+            steps.append(None)
+            node = node.args[0]
+            continue
+        else:
+            break
+        steps.append(node.target)
+        node = node.args[0]
+    return "the linear layer does not follow a global average pool, flatten and dropout"
