@@ -170,8 +170,7 @@ def compare(
             fns[i]()
             while time.perf_counter() < end:
                 fns[i]()
-            synchronize(dev)
-        t, f = _one(fns[i], dev)
+        t, f = _one(fns[i], dev)  # (synchronizes first)
         faults[i].append(f)
         return t
     samples = _rounds(len(fns), sample, config, 1)

@@ -612,10 +612,11 @@ def find_head(model: nn.Module) -> Head | str:
             if not flat:
                 return "no flatten between the pool and the linear layer"
             return Head(node.target, out.target, steps[::-1], p)
+        if isinstance(m, nn.Identity):  # left as it is
+            node = node.args[0]
+            continue
         if type(m) is nn.Dropout and p == 0.0:
             p = m.p
-        elif isinstance(m, nn.Identity):
-            pass
         elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not flat:
             flat = True
         elif _flatten_call(node) and not flat:
