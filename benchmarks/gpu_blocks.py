@@ -19,6 +19,10 @@ TF32 rate.
     python benchmarks/gpu_blocks.py [--batch 32] [--dtypes float32 bfloat16 float16]
         [--blocks inverted_residual convfirst] [--tf32] [--out FILE]
 
+Then whole zoo models (``--models``, at ``--model-dtypes``): eager PyTorch (channels_last,
+cuDNN) against ``convgap.fuse(net, x)`` (each block verified and kept only where it
+measures faster on this device), both timed the same way, with the fused model's error.
+
 Needs a CUDA GPU (exits with a message otherwise). Prints a table and writes
 benchmarks/results/gpu_blocks_cuda.json after every shape (a cut run keeps its rows).
 """
@@ -159,6 +163,10 @@ def main() -> None:
                     choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--blocks", nargs="+", default=["inverted_residual", "convfirst"],
                     choices=("inverted_residual", "convfirst"))
+    ap.add_argument("--models", nargs="*", default=["convfirst", "mobilenet_v2",
+                                                    "efficientnet_b0"])
+    ap.add_argument("--model-dtypes", nargs="*", default=["bfloat16"],
+                    choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--tf32", action="store_true",
                     help="float32 products in TF32 on both sides (default: IEEE float32)")
     ap.add_argument("--out", type=Path, default=RESULTS / "gpu_blocks_cuda.json")
@@ -202,11 +210,60 @@ def main() -> None:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 rows.append(row)
                 print(summary(row), flush=True)
-                write(args, rows, peaks, start, triton)
+                write(args, rows, peaks, start, triton, [])
+    models = []
+    for dtype_name in args.model_dtypes:
+        for name in args.models:
+            models.append(whole_model(name, args.batch, getattr(torch, dtype_name), do_bench))
+            print(model_summary(models[-1]), flush=True)
+            write(args, rows, peaks, start, triton, models)
     print(f"\nms = CUDA events, median; eff = useful FLOPs / time / peak; batch {args.batch}")
     for row in rows:
         print(summary(row))
+    for row in models:
+        print(model_summary(row))
     print(f"wrote {args.out}")
+
+
+def whole_model(name: str, n: int, dtype: torch.dtype, do_bench) -> dict:
+    """A zoo model eager against ``convgap.fuse`` of it, on CUDA at ``dtype``."""
+    import warnings
+
+    from convgap import changes, fuse, models
+    row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": n}
+    try:
+        torch.manual_seed(0)
+        cl = torch.channels_last
+        net = models.create(name).eval().to("cuda", dtype, memory_format=cl)
+        x = torch.randn(n, 3, 224, 224, device="cuda").to(dtype).contiguous(memory_format=cl)
+        t0 = time.time()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = fuse(net, x, quiet=True)
+            row["fuse_s"] = time.time() - t0
+            ref, y = net(x).float(), fused(x).float()
+            row["rel_err"] = float((y - ref).abs().max() / ref.abs().max())
+            row["ms"] = {"eager": do_bench(lambda: net(x), return_mode="median"),
+                         "fused": do_bench(lambda: fused(x), return_mode="median")}
+        row["speedup"] = row["ms"]["eager"] / row["ms"]["fused"]
+        row["blocks"] = [{"name": c.name, "transform": c.transform, "runs": c.runs,
+                          "reason": getattr(c, "reason", None)}
+                         for c in changes(fused) if c.transform in ("fuse", "left")
+                         and (c.transform == "left" or c.runs)]
+        row["fused_blocks"] = sum(type(m).__name__.startswith("Fused")
+                                  for m in fused.modules())
+    except Exception as exc:  # noqa: BLE001 - record it, go on with the next
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return row
+
+
+def model_summary(row: dict) -> str:
+    head = f"{row['dtype']:9s} {row['model']:16s} b{row['batch']}"
+    if "error" in row:
+        return f"{head} ERROR {row['error']}"
+    return (f"{head} eager {row['ms']['eager']:.3f} ms  fuse {row['ms']['fused']:.3f} ms  "
+            f"x{row['speedup']:.2f}  ({row['fused_blocks']} fused modules, fuse took "
+            f"{row['fuse_s']:.0f} s)  err {row['rel_err']:.1e}")
 
 
 def summary(row: dict) -> str:
@@ -219,14 +276,14 @@ def summary(row: dict) -> str:
             f"err {row['rel_err']:.1e}")
 
 
-def write(args, rows, peaks, start, triton) -> None:
+def write(args, rows, peaks, start, triton, models) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "gpu_blocks", "batch": args.batch, "tf32": args.tf32,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "seconds": time.time() - start,
         "peak_flops": {k: {"value": v, "source": s} for k, (v, s) in peaks.items()},
-        "rows": rows}, indent=1))
+        "rows": rows, "models": models}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Check convgap on a CUDA GPU and run the GPU benchmarks, in one call (the lent GPU's time
-# is short): the GPU tests, the roofs, the sparse tile kernels of dynamic blocks against
-# the dense blocks, per-layer algorithm choice on resnet50 (fp16, then
-# fp32 under torch's TF32 default), the Triton kernel against cuDNN, the factorized
-# layers, and analyze. Steps run in order
+# is short): the GPU tests of the open issues' kernels, the roofs, the fused block kernels
+# and whole fused models (issue 18), the sparse tile kernels of dynamic blocks against the
+# dense blocks (issue 20), the other GPU tests, per-layer algorithm choice on resnet50
+# (fp16), the Triton kernel against cuDNN, and analyze (the factorized layers:
+# gpu_tensorial.sh). Steps run in order
 # of value, each under its own time limit; a failing step does not stop the next.
 #
 #   OUT=results_dir bash benchmarks/gpu_check.sh
@@ -22,31 +23,34 @@ $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torc
 torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" \
     | tee -a "$LOG"
 
-step "pytest tests/test_gpu.py" 150 \
-    $PY -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -o addopts="" -rfE
+# the kernels of the open issues first: their GPU tests, the roofs (the efficiency
+# denominators), issue 18's fused blocks, issue 20's sparse tiles; then everything else
+NEW="block_kernels or sparse_tile"
+step "pytest tests/test_gpu.py -k '$NEW'" 150 \
+    $PY -m pytest tests/test_gpu.py -k "$NEW" -q -s -p no:cacheprovider -o addopts="" -rfE
 grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
-for dt in float32 float16 bfloat16; do
+for dt in bfloat16 float16 float32; do
     step "roofs $dt" 40 $PY -m convgap.cli roofs --device "$DEVICE" --dtype $dt
 done
+cp "$CONVGAP_CACHE/roofs.json" "$OUT/roofs.json" 2>/dev/null
+step "fused block kernels (issue 18) b$BATCH" 240 \
+    $PY benchmarks/gpu_blocks.py --batch "$BATCH" --dtypes bfloat16 float16 float32 \
+    --blocks convfirst inverted_residual --out "$OUT/gpu_blocks.json"
 step "sparse tile kernels (issue 20's kernel table) b8 b$BATCH" 240 \
     $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" \
     --out "$OUT/gpu_dynamic.json"
 grep -A 16 "^best granularity" "$LOG" | tail -n 16
+step "pytest tests/test_gpu.py, the rest" 150 \
+    $PY -m pytest tests/test_gpu.py -k "not ($NEW)" -q -s -p no:cacheprovider -o addopts="" -rfE
+grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
 step "algorithms resnet50 b$BATCH float16" 180 \
     $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float16 --batch "$BATCH" \
     --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float16.json"
 step "implicit_gemm kernel vs cuDNN, fp16 b128" 120 \
     $PY benchmarks/implicit_gemm.py --out "$OUT/implicit_gemm_cuda.json"
-step "tensorial b8 b$BATCH float32 (IEEE)" 80 \
-    $PY benchmarks/tensorial.py --device "$DEVICE" --batch 8 "$BATCH" \
-    --out "$OUT/tensorial_cuda.json"
 step "analyze resnet50 mobilenet_v2 b$BATCH float16" 70 \
     $PY -m convgap.cli analyze resnet50 mobilenet_v2 --device "$DEVICE" --dtype float16 \
     --batch "$BATCH" --layout nchw channels_last --quiet --json "$OUT/analyze_cuda.json"
-step "algorithms resnet50 b$BATCH float32 (TF32 default)" 120 \
-    $PY benchmarks/algorithms.py --device "$DEVICE" --dtype float32 --batch "$BATCH" \
-    --models resnet50 --no-compile --out "$OUT/algorithms_cuda_float32.json"
-cp "$CONVGAP_CACHE/roofs.json" "$OUT/roofs.json" 2>/dev/null
 
 $PY - "$OUT" <<'EOF'
 """Compact summary of what the steps wrote (the call's reply carries only the tail)."""
@@ -81,15 +85,20 @@ if d:
     print("\nimplicit_gemm (ms, CUDA events): shape | " + " | ".join(names))
     for r in d["rows"]:
         print(r["shape"], "|", " | ".join(f"{r['ms'][n]:.4f}" for n in names))
-d = load("tensorial_cuda.json")
+d = load("gpu_blocks.json")
 if d:
-    print("\ntensorial (fp32 IEEE): spec b | variant x | ms | dense ms | speedup | MAC cut")
-    for r in d["results"]:
-        for row in r["rows"]:
-            print(f"{r['channels']}@{r['size']} b{r['batch']} | {row['variant']} "
-                  f"{row['target_compression'] or '-'} | {1e3 * row['s']:.3g} | "
-                  f"{1e3 * row['dense_s']:.3g} | {row['speedup']:.2f} | "
-                  f"{row['mac_reduction']:.1f}")
+    print(f"\ngpu_blocks b{d['batch']} ({d['device']}): block | dtype | torch ms | fused ms | "
+          "eff torch | eff fused | speedup | err")
+    for r in d["rows"]:
+        if "error" in r:
+            print(r["block"], "|", r["dtype"], "| ERROR", r["error"][:200])
+            continue
+        print(f"{r['block']} | {r['dtype']} | {r['ms']['torch']:.4f} | {r['ms']['fused']:.4f}"
+              f" | {r['efficiency']['torch']:.1%} | {r['efficiency']['fused']:.1%} | "
+              f"{r['speedup']:.2f} | {r['rel_err']:.1e}")
+    for r in d.get("models", []):
+        print(r["model"], r["dtype"], r.get("ms"), r.get("speedup"), r.get("rel_err"),
+              r.get("error", ""))
 d = load("analyze_cuda.json")
 if d:
     for run in d.get("runs", []):

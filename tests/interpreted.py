@@ -49,6 +49,10 @@ def run_py(code: str, *args: str, interpret: bool, timeout: float = 300) -> str:
 
 def run_interpreted(code: str, *args: str, timeout: float = 600) -> dict:
     """The JSON a script printed (``print("JSON:" + json.dumps(...))``), run interpreted."""
-    stdout = run_py(code, *args, interpret=True, timeout=timeout)
+    return printed_json(run_py(code, *args, interpret=True, timeout=timeout))
+
+
+def printed_json(stdout: str) -> dict:
+    """The object of the ``JSON:`` line a script printed."""
     line = next(ln for ln in stdout.splitlines() if ln.startswith("JSON:"))
     return json.loads(line[len("JSON:"):])

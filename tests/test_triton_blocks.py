@@ -4,7 +4,8 @@ residual (expand, depthwise, project; stride 2, no expansion, 5x5, every activat
 the ConvFirst block (grouped 3x3, expand, project, residual), in float32, float16 and
 bfloat16 and in several memory formats and weight strides. Every interpreted check runs in
 ONE subprocess (see tests/interpreted.py) that prints a JSON summary the tests assert on;
-the operand checks run here (they raise before anything is launched)."""
+the operand checks run here (they raise before anything is launched). tests/test_gpu.py runs
+the same script compiled for a GPU."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ _SCRIPT = textwrap.dedent("""
 
     ACT = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu}
     torch.manual_seed(0)
+    if len(sys.argv) > 3:  # tests/test_gpu.py: the same cases compiled for a GPU
+        torch.set_default_device(sys.argv[3])
     out = {"interpreting": interpreting(), "ir": [], "cf": []}
 
     def stored(t, transposed):
