@@ -287,7 +287,7 @@ def test_sparse_tile_kernels_compiled_on_every_interpreter_case():
     """The sparse tile kernels compiled for the device on tests/test_triton_tiles.py's
     cases, against the float64 reference; a dynamic model runs its spatial blocks through
     them and equals its masked execution."""
-    from convgap import models
+    from convgap import config, models
     from convgap.dynamic import force_density, make_dynamic, set_execution
     from convgap.kernels.triton import tiles
     from test_triton_tiles import CASES
@@ -309,7 +309,9 @@ def test_sparse_tile_kernels_compiled_on_every_interpreter_case():
         set_execution(dyn, "masked")
         want = dyn(x)
         set_execution(dyn, "sparse")
-        assert rel(dyn(x), want) <= 1e-4
+        for kernel in config.SPARSE_CUDA_CHOICES:   # each sparse execution on CUDA
+            with config.override(SPARSE_CUDA=kernel):
+                assert rel(dyn(x), want) <= 1e-4, kernel
 
 
 def test_block_kernels_compiled_on_every_interpreter_case():

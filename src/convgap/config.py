@@ -25,6 +25,11 @@ Budgets (:class:`~convgap.timing.TimingConfig`: warm-up calls, sample counts, se
 sizes are skipped (a dtype without a fast GEMM must not take minutes).
 
 ``MARGIN``: how much faster (fraction) a challenger must be to replace an incumbent.
+
+``SPARSE_CUDA``: how a spatially dynamic block's sparse execution runs on a CUDA device:
+'gather' (the kept pixels' rows gathered and run through cuBLAS / cuDNN, the same torch
+code as on other devices) or 'triton' (the Triton tile kernels over an index list of the
+kept tiles, :mod:`convgap.kernels.triton.tiles`; fp32 only).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .timing import TimingConfig
 
 __all__ = ["override", "CHOICE_ROUNDS", "CONFIRM_ROUNDS", "KERNEL_ROUNDS", "STEP_ROUNDS",
            "MODEL_CHECK", "LAYER_COMPARE", "MODEL_COMPARE", "ANALYZE_MODEL", "ANALYZE_CALL",
-           "ALLOCATION", "ROOFS", "ROOF_GEMM_CALL_S", "MARGIN"]
+           "ALLOCATION", "ROOFS", "ROOF_GEMM_CALL_S", "MARGIN", "SPARSE_CUDA"]
 
 CHOICE_ROUNDS = TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.05)
 CONFIRM_ROUNDS = TimingConfig(warmup=3, min_repeats=15, max_repeats=200, min_time=0.2)
@@ -53,6 +58,8 @@ ALLOCATION = TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
 ROOFS = TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
 ROOF_GEMM_CALL_S = 0.5
 MARGIN = 0.03
+SPARSE_CUDA = "triton"
+SPARSE_CUDA_CHOICES = ("gather", "triton")
 
 _NAMES = tuple(n for n in __all__ if n != "override")
 

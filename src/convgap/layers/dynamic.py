@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config
 from ..errors import ConvgapError
 from ..kernels.cpu import tiles as tile_kernel
 from ..kernels.triton import tiles as triton_tiles
@@ -746,8 +747,9 @@ class DynamicBlock(nn.Module):
     def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self._tiled(x):
             return self._sparse_tiles(x, m)
-        if (self._tile_plan is not None and x.device.type == "cuda"
-                and x.dtype == torch.float32 and triton_tiles.runnable(x)):
+        if x.device.type == "cuda" and _cuda_kernel() == "triton" and (
+                self._tile_plan is not None and x.dtype == torch.float32
+                and triton_tiles.runnable(x)):
             return self._sparse_triton(x, m)
         convs = self.convs()
         n = x.shape[0]
@@ -790,6 +792,15 @@ class DynamicBlock(nn.Module):
             view = out.permute(0, 2, 3, 1)
             view.index_put_(at, view[at] + rows)
         return self._finish(out, inplace=True)
+
+
+def _cuda_kernel() -> str:
+    """config.SPARSE_CUDA, checked."""
+    kernel = config.SPARSE_CUDA
+    if kernel not in config.SPARSE_CUDA_CHOICES:
+        raise ConvgapError(f"config.SPARSE_CUDA must be one of "
+                           f"{config.SPARSE_CUDA_CHOICES}, got {kernel!r}")
+    return kernel
 
 
 def _linear_act(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str | None
