@@ -21,7 +21,8 @@ TF32 rate.
 
 Then whole zoo models (``--models``, at ``--model-dtypes``): eager PyTorch (channels_last,
 cuDNN) against ``convgap.fuse(net, x)`` (each block verified and kept only where it
-measures faster on this device), both timed the same way, with the fused model's error.
+measures faster on this device), timed in interleaved rounds (``convgap.timing.compare``,
+wall time per call, synchronized), with the fused model's error.
 
 Needs a CUDA GPU (exits with a message otherwise). Prints a table and writes
 benchmarks/results/gpu_blocks_cuda.json after every shape (a cut run keeps its rows).
@@ -214,7 +215,7 @@ def main() -> None:
     models = []
     for dtype_name in args.model_dtypes:
         for name in args.models:
-            models.append(whole_model(name, args.batch, getattr(torch, dtype_name), do_bench))
+            models.append(whole_model(name, args.batch, getattr(torch, dtype_name)))
             print(model_summary(models[-1]), flush=True)
             write(args, rows, peaks, start, triton, models)
     print(f"\nms = CUDA events, median; eff = useful FLOPs / time / peak; batch {args.batch}")
@@ -225,11 +226,12 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def whole_model(name: str, n: int, dtype: torch.dtype, do_bench) -> dict:
-    """A zoo model eager against ``convgap.fuse`` of it, on CUDA at ``dtype``."""
+def whole_model(name: str, n: int, dtype: torch.dtype) -> dict:
+    """A zoo model eager against ``convgap.fuse`` of it, on CUDA at ``dtype``: wall time
+    per call, synchronized, interleaved rounds; speedup = 1 / the median paired ratio."""
     import warnings
 
-    from convgap import changes, fuse, models
+    from convgap import changes, fuse, models, timing
     row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": n}
     try:
         torch.manual_seed(0)
@@ -243,9 +245,14 @@ def whole_model(name: str, n: int, dtype: torch.dtype, do_bench) -> dict:
             row["fuse_s"] = time.time() - t0
             ref, y = net(x).float(), fused(x).float()
             row["rel_err"] = float((y - ref).abs().max() / ref.abs().max())
-            row["ms"] = {"eager": do_bench(lambda: net(x), return_mode="median"),
-                         "fused": do_bench(lambda: fused(x), return_mode="median")}
-        row["speedup"] = row["ms"]["eager"] / row["ms"]["fused"]
+            # interleaved rounds (convgap.timing.compare), not one do_bench after the
+            # other: back to back, whichever ran first measured up to 1.5x slower on an
+            # H200 (clocks rising from idle), models computing the same kernels included
+            cfg = timing.TimingConfig(warmup=5, min_repeats=30, max_repeats=300,
+                                      min_time=0.5)
+            eager, fast = timing.compare([lambda: net(x), lambda: fused(x)], cfg, "cuda")
+        row["ms"] = {"eager": eager.median_ms, "fused": fast.median_ms}
+        row["speedup"] = 1.0 / timing.paired_ratio(fast, eager)
         row["blocks"] = [{"name": c.name, "transform": c.transform, "runs": c.runs,
                           "reason": getattr(c, "reason", None)}
                          for c in changes(fused) if c.transform in ("fuse", "left")

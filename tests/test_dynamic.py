@@ -668,3 +668,20 @@ def test_gumbel_noise_shrinks_with_the_temperature():
     cold.sum().backward()
     assert float(logits.grad.abs().sum()) > 0
     assert torch.equal(gumbel_keep(logits, 0.1, False), torch.ones(20000))
+
+
+def test_sparse_cuda_switch_picks_the_gpu_kernel_by_body():
+    """config.SPARSE_CUDA: 'auto' takes the Triton tile kernels for a depthwise body only
+    (measured faster there on an H200, the gather path for dense bodies), the others
+    force one; a value it does not know is an error, not a silent default."""
+    from convgap import config
+    dyn = make_dynamic(_net(), "spatial", granularity=2, check=False, quiet=True)
+    blocks = [b for b in dynamic_blocks(dyn).values() if b._tile_plan is not None]
+    depthwise = [any(c.groups > 1 for c in b.convs()) for b in blocks]
+    assert any(depthwise) and not all(depthwise)
+    assert [b._cuda_triton() for b in blocks] == depthwise
+    for kernel, want in (("triton", True), ("gather", False)):
+        with config.override(SPARSE_CUDA=kernel):
+            assert all(b._cuda_triton() is want for b in blocks)
+    with config.override(SPARSE_CUDA="cudnn"), pytest.raises(ConvgapError, match="one of"):
+        blocks[0]._cuda_triton()

@@ -1,6 +1,7 @@
 """fuse: block patterns recognised by what they compute, fused modules exact against the
 blocks they replace, kept only where measured faster, and plain modules afterwards."""
 
+import copy
 import io
 import warnings
 
@@ -438,6 +439,11 @@ def test_classifier_head_fused(flatten_module, always_fuse):
     with torch.no_grad():
         assert rel(f(x), net(x)) < 1e-5
         assert rel(f(x.contiguous(memory_format=torch.channels_last)), net(x)) < 1e-5
+        # the torch reference path (float64, as on CUDA or in half precision): in eval
+        # mode like the model, so no dropout (a new module starts in training mode)
+        assert not any(m.training for m in f.modules())
+        f64, n64 = copy.deepcopy(f).double(), copy.deepcopy(net).double()
+        assert rel(f64(x.double()), n64(x.double())) < 1e-12
     # training: the same dropout draws as the original head, gradients reach the linear
     f.train(), net.train()
     torch.manual_seed(3)

@@ -27,9 +27,11 @@ sizes are skipped (a dtype without a fast GEMM must not take minutes).
 ``MARGIN``: how much faster (fraction) a challenger must be to replace an incumbent.
 
 ``SPARSE_CUDA``: how a spatially dynamic block's sparse execution runs on a CUDA device:
-'gather' (the kept pixels' rows gathered and run through cuBLAS / cuDNN, the same torch
-code as on other devices) or 'triton' (the Triton tile kernels over an index list of the
-kept tiles, :mod:`convgap.kernels.triton.tiles`; fp32 only).
+'gather' (the kept pixels' rows gathered and run through cuBLAS, the same torch code as on
+other devices), 'triton' (the Triton tile kernels over an index list of the kept tiles,
+:mod:`convgap.kernels.triton.tiles`; fp32 only), or 'auto' (the default: 'triton' for
+bodies with a depthwise middle conv, 'gather' for dense ones, the faster of the two at
+every measured batch and density on an H200, docs/2026-12-04-gpu-h200.md).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ ALLOCATION = TimingConfig(warmup=1, min_repeats=3, max_repeats=5, min_time=0.0)
 ROOFS = TimingConfig(warmup=2, min_repeats=5, max_repeats=20, min_time=0.3)
 ROOF_GEMM_CALL_S = 0.5
 MARGIN = 0.03
-SPARSE_CUDA = "triton"
-SPARSE_CUDA_CHOICES = ("gather", "triton")
+SPARSE_CUDA = "auto"
+SPARSE_CUDA_CHOICES = ("auto", "gather", "triton")
 
 _NAMES = tuple(n for n in __all__ if n != "override")
 

@@ -24,7 +24,9 @@ Sparse execution (eval, no autograd, CPU or CUDA): spatial runs a bottleneck or 
 residual body ([1x1,] k x k dense or depthwise, 1x1) on fp32 CPU inputs as one call of the
 tile kernel (:mod:`convgap.kernels.cpu.tiles`: the first 1x1 once per pixel a kept tile's
 window reads, the rest per group of kept tiles, added into the shortcut's output in
-place); elsewhere (other bodies, CUDA, no AVX-512) it gathers, per stage, the pixels
+place); on CUDA a depthwise body runs in the Triton tile kernels
+(:mod:`convgap.kernels.triton.tiles`; ``convgap.config.SPARSE_CUDA``); elsewhere (other
+bodies, dense bodies on CUDA, no AVX-512) it gathers, per stage, the pixels
 whose output is needed (the kept tiles, dilated backwards by each convolution's halo) as
 rows, runs 1x1 convolutions as matrix products on those rows and k x k convolutions on the
 gathered k x k neighbourhoods (im2col of the kept pixels only), and adds the last stage's
@@ -744,10 +746,18 @@ class DynamicBlock(nn.Module):
                                     self._tile_body())
         return self._finish(out, inplace=True)
 
+    def _cuda_triton(self) -> bool:
+        """Whether spatial sparse execution on CUDA takes the Triton tile kernels
+        (``config.SPARSE_CUDA``; 'auto': for a depthwise middle conv)."""
+        kernel = _cuda_kernel()
+        if kernel == "auto":
+            return any(c.groups > 1 for c in self.convs())
+        return kernel == "triton"
+
     def _sparse_spatial(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self._tiled(x):
             return self._sparse_tiles(x, m)
-        if x.device.type == "cuda" and _cuda_kernel() == "triton" and (
+        if x.device.type == "cuda" and self._cuda_triton() and (
                 self._tile_plan is not None and x.dtype == torch.float32
                 and triton_tiles.runnable(x)):
             return self._sparse_triton(x, m)

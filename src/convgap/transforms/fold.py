@@ -116,7 +116,7 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None, *, layers: Layer
     undo = {}
     for b, c in pairs.items():
         undo[b] = _fold(modules[c], modules[b], keep=measure)
-        folded = nn.Identity()
+        folded = nn.Identity().train(modules[b].training)
         setattr(folded, FOLDED_ATTR, c)
         model.set_submodule(b, folded)
     for b, reason in left.items():

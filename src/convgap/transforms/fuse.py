@@ -150,7 +150,8 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                 setattr(f.module, LEFT_ATTR, f"{f.pattern.name}: {exc}")
                 problems.append(f"{f.name}: {exc}")
                 continue
-            new = new.to(next(f.module.parameters()).device)
+            # in the mode of the block it replaces (a new module is in training mode)
+            new = new.to(next(f.module.parameters()).device).train(f.module.training)
             info = {"pattern": f.pattern.name, "chain": repr(f.chain)}
             why, wrong = _verify(f.module, new, f.pattern.name, inputs.get(f.name), info)
             if why is not None:
@@ -235,7 +236,7 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
     :class:`FusedPoolLinear`, the modules after it (flatten, dropout, the linear layer)
     ``nn.Identity`` s marked with the pool's name (:data:`FUSED_INTO_ATTR`)."""
     pool, linear = model.get_submodule(head.pool), model.get_submodule(head.linear)
-    new = FusedPoolLinear(linear, head.p)
+    new = FusedPoolLinear(linear, head.p).train(linear.training)  # dropout as before
     info = {"pattern": HEAD, "chain": " -> ".join(["pool", *head.modules()])}
     why, wrong = _verify(lambda x: head.run(model, x), new, HEAD, args, info)
     if why is not None:
@@ -246,7 +247,7 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
     setattr(new, FUSED_ATTR, info)
     fused[head.pool] = (pool, new)
     for name in head.modules():
-        stand_in = nn.Identity()
+        stand_in = nn.Identity().train(model.get_submodule(name).training)
         setattr(stand_in, FUSED_INTO_ATTR, head.pool)
         fused[name] = (model.get_submodule(name), stand_in)
         model.set_submodule(name, stand_in)
