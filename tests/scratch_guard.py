@@ -4,7 +4,7 @@ ends it with SIGSEGV, and each call's result must equal the one with the usual b
 
 A test passes :func:`run_guarded` the body of a script in which ``run(fn)`` checks one call
 (``fn(store)`` returning a tensor, called once with the usual scratch and once guarded),
-with torch, ``build``, ``common``, ``pcp``, ``pdp`` and ``planar`` imported and the
+with torch, ``build``, ``common``, ``pcp``, ``pdp``, ``planar`` and ``stem`` imported and the
 libraries the tests loaded reused (no rebuild)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from convgap.kernels.cpu import pcp, pdp, planar
+from convgap.kernels.cpu import pcp, pdp, planar, stem
 
 _HARNESS = r"""
 import ctypes, mmap, sys
 import torch
-from convgap.kernels.cpu import build, common, pcp, pdp, planar
-for name, path in zip(["pdp", "pcp", "planar"], sys.argv[1:4]):
+from convgap.kernels.cpu import build, common, pcp, pdp, planar, stem
+for name, path in zip(["pdp", "pcp", "planar", "stem"], sys.argv[1:5]):
     build._LOADED[name] = ctypes.CDLL(path)  # the libraries the tests loaded: no rebuild
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -52,7 +52,7 @@ def run_guarded(tmp_path: Path, body: str) -> None:
     """Run ``body`` (see the top) after the harness in a child process; fail the calling
     test if it crashed (-11: a kernel touched the page past its scratch) or a result
     differed."""
-    paths = [mod.KERNEL.lib()._name for mod in (pdp, pcp, planar)]
+    paths = [mod.KERNEL.lib()._name for mod in (pdp, pcp, planar, stem)]
     script = tmp_path / "guarded.py"
     script.write_text(_HARNESS + body + '\nprint("ok", len(checked))\n')
     done = subprocess.run([sys.executable, str(script), *paths], capture_output=True,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from convgap.errors import ConvgapError
 from convgap.kernels import cpu
-from convgap.kernels.cpu import args, build, common, pcp, pdp, planar
+from convgap.kernels.cpu import args, build, common, pcp, pdp, planar, stem
 from scratch_guard import run_guarded
 
 needs_kernel = pytest.mark.skipif(not cpu.available(),
@@ -245,6 +245,79 @@ def test_pdp_rejects_bad_inputs():
         f(x, a.requires_grad_(), d, b)
     with pytest.raises(ConvgapError, match="does not fit"):
         f(x, a.detach(), torch.randn(5, 9, 3), b)
+
+
+_STEM_ACTS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
+              "sigmoid": torch.sigmoid}
+
+
+def _stem_reference(x: torch.Tensor, body: stem.StemBody) -> torch.Tensor:
+    """The three convolutions in float64."""
+    k1, k = body.w1.shape[-1], body.w2.shape[-1]
+    u = _STEM_ACTS[body.act1](F.conv2d(x.double(), body.w1.double(), body.b1.double(),
+                                       body.stride1, k1 // 2))
+    v = _STEM_ACTS[body.act2](F.conv2d(u, body.w2.double(), body.b2.double(), 1, k // 2,
+                                       groups=u.shape[1]))
+    return F.conv2d(v, body.w3.double()[..., None, None], body.b3.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, c, h, w, r, o, k1, st1, k, act1, act2, layout", [
+    (1, 3, 224, 224, 32, 16, 3, 2, 3, "relu6", "relu6", "nchw"),   # mobilenet_v2's
+    (2, 3, 33, 29, 32, 16, 3, 2, 3, "relu6", "relu6", "cl"),
+    (1, 3, 17, 23, 16, 24, 3, 1, 3, "silu", None, "nchw"),
+    (2, 4, 20, 18, 48, 8, 5, 2, 5, "relu", "silu", "cl"),
+    (1, 1, 15, 16, 64, 40, 7, 3, 3, None, "sigmoid", "nchw"),
+    (3, 3, 9, 9, 24, 17, 3, 2, 7, "relu6", "relu", "slice"),
+    (1, 2, 6, 5, 8, 3, 1, 1, 1, "relu", "relu", "nchw"),
+])
+def test_stem_block_matches_the_three_convolutions(n, c, h, w, r, o, k1, st1, k, act1, act2,
+                                                   layout):
+    """The stem kernel against float64 convolutions: channel counts that are and are not
+    multiples of 16 (R padded, O masked), every activation, strides 1-3, filter sides 1-7,
+    NCHW, channels_last and arbitrary strides in, channels_last out, 1 and 2 threads."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "slice":
+        x = torch.randn(n, c + 2, h, 2 * w)[:, 1:c + 1, :, ::2]
+    body = stem.StemBody(torch.randn(r, c, k1, k1) / k1, torch.randn(r),
+                         torch.randn(r, 1, k, k) / k, torch.randn(r),
+                         torch.randn(o, r) / r ** 0.5, torch.randn(o), st1, act1, act2)
+    want = _stem_reference(x, body)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = stem.stem_block(x, body)
+            assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last)
+            assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-6
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_stem_block_rejects_bad_inputs():
+    body = stem.StemBody(torch.randn(32, 3, 3, 3), torch.randn(32), torch.randn(32, 1, 3, 3),
+                         torch.randn(32), torch.randn(16, 32), torch.randn(16), 2, "relu6",
+                         "relu6")
+    x = torch.randn(1, 3, 16, 16)
+    for bad, match in ((body._replace(w1=torch.randn(80, 3, 3, 3), b1=torch.randn(80),
+                                      w2=torch.randn(80, 1, 3, 3), b2=torch.randn(80),
+                                      w3=torch.randn(16, 80)), "at most 64"),
+                       (body._replace(w2=torch.randn(32, 1, 4, 4)), "odd-sided"),
+                       (body._replace(w3=torch.randn(16, 24)), "disagree"),
+                       (body._replace(b3=torch.randn(15)), r"b3 must have shape \(16,\)"),
+                       (body._replace(act1="gelu"), "unknown activation")):
+        with pytest.raises(ConvgapError, match=match):
+            stem.stem_block(x, bad)
+    with pytest.raises(ConvgapError, match=r"x must be \(N, 3, H, W\)"):
+        stem.stem_block(torch.randn(1, 4, 16, 16), body)
+    with pytest.raises(ConvgapError, match="float32"):
+        stem.stem_block(x.double(), body)
+    with pytest.raises(ConvgapError, match="no backward"):
+        stem.stem_block(x.requires_grad_(), body)
 
 
 def test_native_kernels_can_be_turned_off(monkeypatch):
@@ -810,7 +883,7 @@ def test_planar_channels_last_first_tail_as_dot_products(width):
 
 # --- the kernels' arguments by name (args.h's structs, args.py's mirrors) ---
 
-KERNELS = {"pdp": pdp, "pcp": pcp, "planar": planar}
+KERNELS = {"pdp": pdp, "pcp": pcp, "planar": planar, "stem": stem}
 
 
 @needs_kernel
@@ -982,6 +1055,11 @@ for threads in (1, 2, 3):
                                bias6, omap)(x))  # a flattened convolution
         run(lambda s: pcp.pointwise_conv_pointwise(x, a, k, bk, None, (1, 2), 1, 1, store=s,
                                                    kernel="nhwc"))  # a width stride
+        for r, k1, st1, kd in ((32, 3, 2, 3), (40, 5, 1, 5), (16, 1, 1, 3)):
+            body = stem.StemBody(torch.randn(r, 3, k1, k1), torch.randn(r),
+                                 torch.randn(r, 1, kd, kd), torch.randn(r), torch.randn(9, r),
+                                 torch.randn(9), st1, "relu6", "silu")
+            run(lambda s: stem.stem_block(x[:, :3], body, s))  # channels sliced: strided
 """
 
 
@@ -991,8 +1069,8 @@ def test_no_kernel_reads_or_writes_past_its_scratch(tmp_path):
     buffers need (their own slack named in them: planar.c's SLACK), rounded to whole
     cache lines, and with the buffer ending at an unmapped page every kernel and form runs
     (1-3 threads, both layouts, batch 1 with shared window rows, Winograd, ring groups, a
-    first 1x1 in pixel pairs or with dot-product tails, a flattened convolution) with the
-    same results as usual."""
+    first 1x1 in pixel pairs or with dot-product tails, a flattened convolution, a stem
+    block) with the same results as usual."""
     run_guarded(tmp_path, _GUARDED)
     for name in KERNELS:  # whole cache lines per thread
         kernel = KERNELS[name].KERNEL

@@ -37,10 +37,11 @@ def always_fuse():
 
 
 # the blocks each zoo model has, by pattern (stems and head convs: conv_act; classifier
-# heads: pool_linear)
+# heads: pool_linear; mobilenet_v2's stem and first block: stem_block)
 ZOO = {
     "resnet18": {"basic": 8, "pool_linear": 1},
-    "mobilenet_v2": {"inverted_residual": 17, "conv_act": 2, "pool_linear": 1},
+    "mobilenet_v2": {"stem_block": 1, "inverted_residual": 16, "conv_act": 1,
+                     "pool_linear": 1},
     "efficientnet_b0": {"mbconv": 16, "conv_act": 2, "pool_linear": 1},
     "convnext_tiny": {"convnext": 18},
     "convfirst": {"convfirst": 18, "conv_act": 1},
@@ -496,3 +497,82 @@ def test_disagreeing_head_is_not_kept(monkeypatch, always_fuse):
     with pytest.warns(FusionWarning, match="disagrees"):
         f = fuse(net, torch.randn(2, 3, 8, 8), quiet=True)
     assert type(f.pool) is nn.AdaptiveAvgPool2d and isinstance(f.head, nn.Linear)
+
+
+class _StemNet(nn.Module):
+    """A stem (conv + BN + ReLU6 from RGB), a no-expand inverted residual (depthwise + BN +
+    act, 1x1 + BN), then ``tail``; ``reuse``: the stem's output also feeds the tail."""
+
+    def __init__(self, act=nn.ReLU6, reuse=False, stride=1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24),
+                                  act())
+        self.block = nn.Sequential(nn.Conv2d(24, 24, 3, stride, 1, groups=24, bias=False),
+                                   nn.BatchNorm2d(24), act(), nn.Conv2d(24, 16, 1, bias=False),
+                                   nn.BatchNorm2d(16))
+        self.reuse, self.stride = reuse, stride
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.block(s)
+        return y + s[:, :16, ::self.stride, ::self.stride] if self.reuse else y
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])
+def test_stem_and_first_block_fused_as_one(act, always_fuse):
+    """A stem and the no-expand inverted residual it feeds run as one FusedStemBlock in the
+    stem's place, equal to the original (NCHW and channels_last inputs), the block's module
+    an Identity reported as fused into the stem; patterns without 'stem_block' keep two."""
+    from convgap.transforms.changes import FUSED_INTO_ATTR
+    torch.manual_seed(0)
+    net = randomize(_StemNet(act)).eval()
+    x = torch.randn(2, 3, 30, 26)
+    f = fuse(net, x, quiet=True)
+    assert isinstance(f.stem, fb.FusedStemBlock) and isinstance(f.block, nn.Identity)
+    assert getattr(f.block, FUSED_INTO_ATTR) == "stem"
+    by_name = {c.name: c for c in changes(f)}
+    assert by_name["stem"].runs == "stem_block" and by_name["block"].into == "stem"
+    with torch.no_grad():
+        ref = net(x)
+        assert rel(f(x), ref) < 1e-5
+        assert rel(f(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-5
+        if kernels.available():
+            f(x)
+            assert f.stem.kernel_choice in ("kernel", "onednn")
+    two = fuse(net, x, quiet=True, patterns=["conv_act", "inverted_residual"])
+    assert isinstance(two.stem, fb.FusedConvAct)
+    assert isinstance(two.block, fb.FusedInvertedResidual)
+
+
+@pytest.mark.parametrize("change", ["reuse", "stride"])
+def test_stem_block_only_where_the_stem_feeds_one_stride_1_block(change, always_fuse):
+    """A stem whose output is read elsewhere too, or a block at stride 2, stays two fused
+    modules."""
+    torch.manual_seed(0)
+    net = randomize(_StemNet(reuse=change == "reuse", stride=2 if change == "stride" else 1))
+    net.eval()
+    x = torch.randn(1, 3, 20, 20)
+    f = fuse(net, x, quiet=True)
+    assert not any(isinstance(m, fb.FusedStemBlock) for m in f.modules())
+    with torch.no_grad():
+        assert rel(f(x), net(x)) < 1e-5
+
+
+def test_fused_stem_block_fast_paths_agree():
+    """FusedStemBlock's kernel and its oneDNN chain give the block's result, both layouts
+    (the two fast paths the measured choice picks between)."""
+    if not kernels.available():
+        pytest.skip("no AVX-512 CPU or no C compiler here")
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1, groups=32),
+             nn.Conv2d(32, 16, 1)]
+    block = fb.FusedStemBlock(convs, ["relu6", "relu6", None]).eval()
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        want = block.reference(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            chain = fb.FusedConvChain._bind(block, inp)
+            assert rel(chain(inp), want) < 1e-5
+            assert rel(block._kernel(inp)(inp), want) < 1e-5
+    with pytest.raises(ValueError, match="three convolutions"):
+        fb.FusedStemBlock(convs[:2], ["relu6", None])

@@ -5,10 +5,11 @@ from .factorizations import FAMILIES, family
 from .flattened import FlattenedConv2d
 from .fused_blocks import (FusedBasicBlock, FusedBlock, FusedBottleneck, FusedConvAct,
                            FusedConvChain, FusedConvFirst, FusedConvNeXt,
-                           FusedInvertedResidual, FusedMBConv, FusedPoolLinear)
+                           FusedInvertedResidual, FusedMBConv, FusedPoolLinear,
+                           FusedStemBlock)
 from .tensorial import TensorialConv2d
 
 __all__ = ["TensorialConv2d", "FlattenedConv2d", "FAMILIES", "family", "FusedBlock",
            "FusedConvChain", "FusedConvAct", "FusedInvertedResidual", "FusedBasicBlock",
            "FusedBottleneck", "FusedConvFirst", "FusedMBConv", "FusedConvNeXt",
-           "FusedPoolLinear"]
+           "FusedPoolLinear", "FusedStemBlock"]

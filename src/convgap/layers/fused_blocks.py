@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .. import choice, config
 from ..algorithms.spec import explicit_padding
 from ..kernels.cpu import pdp
+from ..kernels.cpu import stem as stem_kernel
 from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
 from ..kernels.triton import blocks as gpu_blocks
 from ..ops import activations, onednn
@@ -42,7 +43,7 @@ from ..ops.sizes import conv_length
 
 __all__ = ["ConvWeights", "bind_conv", "bind_conv_add", "FusedBlock", "FusedConvChain", "FusedConvAct", "FusedInvertedResidual",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst", "FusedMBConv",
-           "FusedConvNeXt", "FusedPoolLinear", "FUSED_BLOCKS"]
+           "FusedConvNeXt", "FusedPoolLinear", "FusedStemBlock", "FUSED_BLOCKS"]
 
 _conv_pw = torch.ops.mkldnn._convolution_pointwise.default
 _conv_bin = torch.ops.mkldnn._convolution_pointwise.binary
@@ -422,6 +423,61 @@ class FusedInvertedResidual(FusedConvChain):
                             tuple(tuple(c.weight.shape) for c in self.convs))
 
 
+class FusedStemBlock(FusedConvChain):
+    """A network's stem and the block after it: k1 x k1 conv + act (from an image's few
+    channels), depthwise k x k at stride 1 + act, 1x1 (MobileNetV2's stem and first
+    inverted residual, which has no expansion and no residual). ``convs`` the three (folded)
+    convolutions, ``acts`` their activations (the last None).
+
+    Two fast paths, chosen per input shape by measurement (kind 'fused_stem_block', the
+    oneDNN chain the incumbent): the oneDNN chain of :class:`FusedConvChain`, and convgap's
+    C kernel (:mod:`convgap.kernels.cpu.stem`): one pass over bands of output rows, the
+    stem's output (R channels at half the image's side) kept in each thread's cache, the
+    stem computed as broadcasts of the image's values into its R channels, x read in place
+    (AVX-512 CPUs)."""
+    pattern = "stem_block"
+    KIND = "fused_stem_block"
+
+    def __init__(self, convs: Sequence[nn.Conv2d], acts: Sequence[str | None]) -> None:
+        if len(convs) != 3 or acts[-1] is not None:
+            raise ValueError("a stem block is three convolutions (stem, depthwise, 1x1), the "
+                             "last without an activation")
+        super().__init__(convs, acts)
+
+    def body(self) -> stem_kernel.StemBody:
+        """The kernel's operands (the folded weights, as views)."""
+        first, dw, last = self.convs
+        return stem_kernel.StemBody(
+            first.weight.detach(), first.bias.detach(), dw.weight.detach(), dw.bias.detach(),
+            last.weight.detach().reshape(last.out_channels, last.in_channels),
+            last.bias.detach(), first.stride[0], self.acts[0], self.acts[1])
+
+    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The C kernel bound to inputs like ``x``, or None where it does not apply."""
+        first, dw, last = self.convs
+        square = all(c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1] ==
+                     c.kernel_size[0] // 2 and c.kernel_size[0] == c.kernel_size[1] and
+                     tuple(c.dilation) == (1, 1) for c in (first, dw))
+        if (not stem_kernel.available() or not square or first.groups != 1
+                or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels
+                or tuple(dw.stride) != (1, 1) or last.kernel_size != (1, 1)
+                or tuple(last.stride) != (1, 1) or any(
+                    a is not None and a not in KERNEL_ACTIVATIONS for a in self.acts[:2])):
+            return None
+        body = self.body()
+        if stem_kernel.supports(body) is not None:
+            return None
+        return stem_kernel.bind(x, body, self._store.setdefault("kernel", {}))
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        chain = super()._bind(x)
+        kernel = self._kernel(x)
+        if kernel is None:
+            return chain
+        return self._choose(x, {"onednn": chain, "kernel": kernel},
+                            tuple(tuple(c.weight.shape) for c in self.convs))
+
+
 class FusedMBConv(FusedBlock):
     """EfficientNet MBConv: [1x1 expand + act], depthwise + act, squeeze-excitation
     (global mean, 1x1 reduce + act, 1x1 expand + gate), 1x1 project (+ x).
@@ -655,4 +711,5 @@ class FusedPoolLinear(FusedBlock):
 
 
 FUSED_BLOCKS = (FusedConvChain, FusedConvAct, FusedInvertedResidual, FusedBasicBlock,
-                FusedBottleneck, FusedConvFirst, FusedMBConv, FusedConvNeXt, FusedPoolLinear)
+                FusedBottleneck, FusedConvFirst, FusedMBConv, FusedConvNeXt, FusedPoolLinear,
+                FusedStemBlock)

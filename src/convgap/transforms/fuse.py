@@ -22,13 +22,14 @@ import torch.nn as nn
 
 from .. import allocator, choice
 from ..errors import ConvgapError
-from ..layers.fused_blocks import FusedBlock, FusedPoolLinear
+from ..layers.fused_blocks import FusedBlock, FusedPoolLinear, FusedStemBlock
 from ..ops.layouts import layout_of
 from ..progress import make_progress
 from .changes import FUSED_ATTR, FUSED_INTO_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
-from .patterns import HEAD, PATTERNS, Chain, Head, Pattern, describe, find_head, match
+from .patterns import (HEAD, PATTERNS, STEM, Chain, Head, Pattern, describe, find_head,
+                       find_stems, match)
 from .select import Layers, select
 from .trace import is_leaf
 
@@ -96,7 +97,11 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     use (default every registered one, :data:`convgap.transforms.patterns.PATTERNS`, and
     ``"pool_linear"``: a classifier head ending the model, global average pool -> flatten
     -> [dropout] -> linear, run as one :class:`~convgap.layers.FusedPoolLinear` in the
-    pool's place, the modules after it left as ``nn.Identity``; only without ``layers``).
+    pool's place, the modules after it left as ``nn.Identity``; and ``"stem_block"``: a
+    fused stem conv + act from an image's few channels whose output only feeds a fused
+    inverted residual without expansion or residual (MobileNetV2's first block), run as
+    one :class:`~convgap.layers.FusedStemBlock`, the block's module left as
+    ``nn.Identity``; both only without ``layers``).
     With ``example_input`` and ``check`` (the default), each fused block is verified on
     its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
     (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
@@ -110,11 +115,11 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if model.training:
         raise ConvgapError("fuse is for inference: batch-norm is folded from its running "
                            "statistics; call model.eval() first")
-    use = [*PATTERNS, HEAD] if patterns is None else list(patterns)
-    unknown = [p for p in use if p not in PATTERNS and p != HEAD]
+    use = [*PATTERNS, HEAD, STEM] if patterns is None else list(patterns)
+    unknown = [p for p in use if p not in PATTERNS and p not in (HEAD, STEM)]
     if unknown:
         raise ConvgapError(f"unknown block patterns {unknown}; registered: "
-                           f"{[*PATTERNS, HEAD]}")
+                           f"{[*PATTERNS, HEAD, STEM]}")
     measure = check and example_input is not None
     reference = None
     if measure:
@@ -165,6 +170,8 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
         if head is not None:
             bar.advance(task)
             _fuse_head(model, head, inputs.get(head.pool), fused, problems)
+        if STEM in use and wanted is None:
+            _fuse_stems(model, inputs, fused, problems)
     for name, reason in left.items():
         module = model.get_submodule(name)
         if not hasattr(module, LEFT_ATTR):
@@ -252,6 +259,33 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
         fused[name] = (model.get_submodule(name), stand_in)
         model.set_submodule(name, stand_in)
     model.set_submodule(head.pool, new)
+
+
+def _fuse_stems(model: nn.Module, inputs: dict[str, tuple],
+                fused: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
+    """Each stem and the block after it (:func:`.patterns.find_stems`, both fused already)
+    verified and timed as one :class:`FusedStemBlock` against the two fused modules and, if
+    kept, put in the stem's place, the block's module an ``nn.Identity`` marked with the
+    stem's name; if not, why is recorded in the stem's fused info ('stem_block')."""
+    for first_name, block_name in find_stems(model):
+        first, block = model.get_submodule(first_name), model.get_submodule(block_name)
+        dw, last = block.convs
+        new = FusedStemBlock([first.convs[0], dw, last], [first.acts[0], block.acts[0], None])
+        new = new.to(first.convs[0].weight.device).train(first.training)
+        info = {"pattern": STEM, "chain": f"{first_name} -> {block_name}"}
+        why, wrong = _verify(lambda x: block(first(x)), new, STEM, inputs.get(first_name), info)
+        if why is not None:
+            getattr(first, FUSED_ATTR)[STEM] = why
+            if wrong:
+                problems.append(f"{first_name}: {why}")
+            continue
+        setattr(new, FUSED_ATTR, info)
+        stand_in = nn.Identity().train(block.training)
+        setattr(stand_in, FUSED_INTO_ATTR, first_name)
+        fused[first_name] = (fused[first_name][0], new)
+        fused[block_name] = (fused[block_name][0], stand_in)
+        model.set_submodule(first_name, new)
+        model.set_submodule(block_name, stand_in)
 
 
 @dataclass

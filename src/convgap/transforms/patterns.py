@@ -35,7 +35,7 @@ from .eligible import blocker
 from .trace import trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
-           "HEAD", "Head", "find_head"]
+           "HEAD", "Head", "find_head", "STEM", "find_stems"]
 
 
 @dataclass
@@ -629,3 +629,41 @@ def find_head(model: nn.Module) -> Head | str:
         steps.append(node.target)
         node = node.args[0]
     return "the linear layer does not follow a global average pool, flatten and dropout"
+
+
+STEM = "stem_block"  # its pattern name (beside PATTERNS' and HEAD)
+STEM_MAX_CHANNELS = 4  # a stem reads an image: the kernel broadcasts each input channel
+
+
+def find_stems(model: nn.Module) -> list[tuple[str, str]]:
+    """The (stem, block) module-name pairs of a model whose blocks :func:`convgap.fuse`
+    has fused, to run as one :class:`~convgap.layers.FusedStemBlock`: a fused conv + act
+    from at most :data:`STEM_MAX_CHANNELS` channels (groups 1) whose output only feeds a
+    fused inverted residual without expansion and without residual (depthwise at stride 1,
+    then a 1x1), each called once. The trace is of the fused model."""
+    gm = trace(model)
+    if gm is None:
+        return []
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    pairs = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or calls[n.target] != 1 or len(n.users) != 1:
+            continue
+        first = gm.get_submodule(n.target)
+        user = next(iter(n.users))
+        if (type(first) is not fb.FusedConvAct or len(first.convs) != 1
+                or first.convs[0].groups != 1
+                or first.convs[0].in_channels > STEM_MAX_CHANNELS
+                or user.op != "call_module" or calls[user.target] != 1
+                or user.args[:1] != (n,) or len(user.args) != 1 or user.kwargs):
+            continue
+        block = gm.get_submodule(user.target)
+        if (type(block) is fb.FusedInvertedResidual and len(block.convs) == 2
+                and not block.identity and block.shortcut is None and block.post is None
+                and block.convs[0].groups == block.convs[0].in_channels
+                and tuple(block.convs[0].stride) == (1, 1)):
+            pairs.append((n.target, user.target))
+    return pairs

@@ -1,6 +1,7 @@
 /* The fused kernels' arguments by name: one struct per kernel (PdpArgs for pdp.c, PcpArgs
- * for pcp.c, PlanarArgs for planar.c, TilesArgs for tiles.c) holding its weights and its
- * geometry, built once per bound call by the Python wrapper and passed by pointer:
+ * for pcp.c, PlanarArgs for planar.c, TilesArgs for tiles.c, StemArgs for stem.c) holding
+ * its weights and its geometry, built once per bound call by the Python wrapper and passed
+ * by pointer:
  *
  *   void <kernel>_forward(const <Kernel>Args *g, const float *x, float *y, float *scratch,
  *                         int threads);
@@ -117,11 +118,30 @@
     F(int, act1) F(int, act2)  /* activations after the first and middle convs (ACT_) */ \
     F(int, xnchw) F(int, ynchw)  /* 1: x (y) NCHW in memory; 0: NHWC */
 
+/* stem.c: a network's stem and the block after it: k1 x k1 conv (C -> R, stride st1,
+ * padding k1 / 2) + act1 -> depthwise k x k (stride 1, padding k / 2) + act2 -> 1x1 (R -> O) */
+#define STEM_ARGS(F) \
+    F(const float *, a)      /* the stem's weight, (C k1 k1) x Rp: rows (channel, ky, kx) */ \
+    F(const float *, bias1)  /* its bias, Rp floats */ \
+    F(const float *, d)      /* the depthwise taps, (k k) x Rp */ \
+    F(const float *, bias2)  /* their bias, Rp floats */ \
+    F(const float *, b)      /* the 1x1's weight, R x Op row-major (Op = O rounded up to 16) */ \
+    F(const float *, bias)   /* its bias, Op floats */ \
+    F(int, n) F(int, h) F(int, w) F(int, c)  /* the input (N, C, H, W) */ \
+    F(int, xsn) F(int, xsc) F(int, xsh) F(int, xsw)  /* its strides, in floats */ \
+    F(int, r)                /* the stem's channels (Rp = R rounded up to 16, at most 64) */ \
+    F(int, k1) F(int, st1)   /* the stem's filter side and stride */ \
+    F(int, k)                /* the depthwise filter's side */ \
+    F(int, o) F(int, oh) F(int, ow)  /* the output (N, O, OH, OW), written NHWC */ \
+    F(int, th)               /* output rows per band */ \
+    F(int, act1) F(int, act2)  /* act.h's ACT_ codes (0: none) */
+
 #define ARGS_FIELD(type, name) type name;
 typedef struct { PDP_ARGS(ARGS_FIELD) } PdpArgs;
 typedef struct { PCP_ARGS(ARGS_FIELD) } PcpArgs;
 typedef struct { PLANAR_ARGS(ARGS_FIELD) } PlanarArgs;
 typedef struct { TILES_ARGS(ARGS_FIELD) } TilesArgs;
+typedef struct { STEM_ARGS(ARGS_FIELD) } StemArgs;
 
 /* The layout check's exports, for one kernel's struct S and its list:
  *   const char *args_names(void): the field names in order, separated by spaces;

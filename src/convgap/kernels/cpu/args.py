@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "TilesArgs", "ArgsLayoutError",
-           "check_layout", "c_layout", "py_layout"]
+__all__ = ["Args", "PdpArgs", "PcpArgs", "PlanarArgs", "TilesArgs", "StemArgs",
+           "ArgsLayoutError", "check_layout", "c_layout", "py_layout"]
 
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int
 
@@ -84,6 +84,12 @@ class TilesArgs(Args):
     _fields_ = _fields("a bias1 k bias2 b bias",
                        "n h w c xh xw k1 st1 r ks st depthwise o oh ow s group act1 act2 xnchw "
                        "ynchw")
+
+
+class StemArgs(Args):
+    """stem.c's StemArgs (see args.h for each field)."""
+    _fields_ = _fields("a bias1 d bias2 b bias",
+                       "n h w c xsn xsc xsh xsw r k1 st1 k o oh ow th act1 act2")
 
 
 def c_layout(lib: ctypes.CDLL) -> tuple[int, list[tuple[str, int, int]]]:
