@@ -258,24 +258,34 @@ def _stem_reference(x: torch.Tensor, body: stem.StemBody) -> torch.Tensor:
                                        body.stride1, k1 // 2))
     v = _STEM_ACTS[body.act2](F.conv2d(u, body.w2.double(), body.b2.double(), 1, k // 2,
                                        groups=u.shape[1]))
+    sq = body.squeeze
+    if sq is not None:
+        s = _STEM_ACTS[sq.act](F.linear(v.mean((2, 3)), sq.reduce.double(),
+                                        sq.reduce_bias.double()))
+        v = v * _STEM_ACTS[sq.gate](F.linear(s, sq.expand.double(),
+                                             sq.expand_bias.double()))[:, :, None, None]
     return F.conv2d(v, body.w3.double()[..., None, None], body.b3.double())
 
 
 @needs_kernel
-@pytest.mark.parametrize("n, c, h, w, r, o, k1, st1, k, act1, act2, layout", [
-    (1, 3, 224, 224, 32, 16, 3, 2, 3, "relu6", "relu6", "nchw"),   # mobilenet_v2's
-    (2, 3, 33, 29, 32, 16, 3, 2, 3, "relu6", "relu6", "cl"),
-    (1, 3, 17, 23, 16, 24, 3, 1, 3, "silu", None, "nchw"),
-    (2, 4, 20, 18, 48, 8, 5, 2, 5, "relu", "silu", "cl"),
-    (1, 1, 15, 16, 64, 40, 7, 3, 3, None, "sigmoid", "nchw"),
-    (3, 3, 9, 9, 24, 17, 3, 2, 7, "relu6", "relu", "slice"),
-    (1, 2, 6, 5, 8, 3, 1, 1, 1, "relu", "relu", "nchw"),
+@pytest.mark.parametrize("n, c, h, w, r, o, k1, st1, k, act1, act2, layout, se", [
+    (1, 3, 224, 224, 32, 16, 3, 2, 3, "relu6", "relu6", "nchw", 0),   # mobilenet_v2's
+    (1, 3, 224, 224, 32, 16, 3, 2, 3, "silu", "silu", "nchw", 8),     # efficientnet_b0's
+    (2, 3, 33, 29, 32, 16, 3, 2, 3, "relu6", "relu6", "cl", 0),
+    (3, 3, 31, 27, 40, 24, 3, 2, 3, "silu", "silu", "cl", 10),
+    (1, 3, 17, 23, 16, 24, 3, 1, 3, "silu", None, "nchw", 0),
+    (2, 4, 20, 18, 48, 8, 5, 2, 5, "relu", "silu", "cl", 0),
+    (1, 1, 15, 16, 64, 40, 7, 3, 3, None, "sigmoid", "nchw", 0),
+    (3, 3, 9, 9, 24, 17, 3, 2, 7, "relu6", "relu", "slice", 0),
+    (2, 3, 9, 12, 16, 5, 3, 2, 3, "relu", "relu", "slice", 3),
+    (1, 2, 6, 5, 8, 3, 1, 1, 1, "relu", "relu", "nchw", 0),
 ])
 def test_stem_block_matches_the_three_convolutions(n, c, h, w, r, o, k1, st1, k, act1, act2,
-                                                   layout):
+                                                   layout, se):
     """The stem kernel against float64 convolutions: channel counts that are and are not
     multiples of 16 (R padded, O masked), every activation, strides 1-3, filter sides 1-7,
-    NCHW, channels_last and arbitrary strides in, channels_last out, 1 and 2 threads."""
+    with and without a squeeze-excitation, NCHW, channels_last and arbitrary strides in,
+    channels_last out, 1 and 2 threads."""
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w)
     if layout == "cl":
@@ -285,6 +295,10 @@ def test_stem_block_matches_the_three_convolutions(n, c, h, w, r, o, k1, st1, k,
     body = stem.StemBody(torch.randn(r, c, k1, k1) / k1, torch.randn(r),
                          torch.randn(r, 1, k, k) / k, torch.randn(r),
                          torch.randn(o, r) / r ** 0.5, torch.randn(o), st1, act1, act2)
+    if se:
+        body = body._replace(squeeze=pdp.Squeeze(
+            torch.randn(se, r) / r ** 0.5, torch.randn(se), torch.randn(r, se) / se ** 0.5,
+            torch.randn(r), "silu" if act1 != "relu" else "relu", "sigmoid"))
     want = _stem_reference(x, body)
     before = torch.get_num_threads()
     try:
@@ -309,7 +323,10 @@ def test_stem_block_rejects_bad_inputs():
                        (body._replace(w2=torch.randn(32, 1, 4, 4)), "odd-sided"),
                        (body._replace(w3=torch.randn(16, 24)), "disagree"),
                        (body._replace(b3=torch.randn(15)), r"b3 must have shape \(16,\)"),
-                       (body._replace(act1="gelu"), "unknown activation")):
+                       (body._replace(act1="gelu"), "unknown activation"),
+                       (body._replace(squeeze=pdp.Squeeze(
+                           torch.randn(8, 32), torch.randn(8), torch.randn(32, 7),
+                           torch.randn(32))), "squeeze-excitation must be")):
         with pytest.raises(ConvgapError, match=match):
             stem.stem_block(x, bad)
     with pytest.raises(ConvgapError, match=r"x must be \(N, 3, H, W\)"):
@@ -1060,6 +1077,9 @@ for threads in (1, 2, 3):
                                  torch.randn(r, 1, kd, kd), torch.randn(r), torch.randn(9, r),
                                  torch.randn(9), st1, "relu6", "silu")
             run(lambda s: stem.stem_block(x[:, :3], body, s))  # channels sliced: strided
+            sq = pdp.Squeeze(torch.randn(5, r), torch.randn(5), torch.randn(r, 5),
+                             torch.randn(r))
+            run(lambda s: stem.stem_block(x[:, :3], body._replace(squeeze=sq), s))
 """
 
 

@@ -27,7 +27,12 @@ def rel(a, b):
 
 
 def fused_modules(net):
-    return {n: m for n, m in net.named_modules() if isinstance(m, fb.FusedBlock)}
+    """The fused modules of ``net`` not inside another (a FusedStemBlock holds two)."""
+    found = {}
+    for n, m in net.named_modules():
+        if isinstance(m, fb.FusedBlock) and not any(n.startswith(p + ".") for p in found):
+            found[n] = m
+    return found
 
 
 @pytest.fixture
@@ -42,7 +47,7 @@ ZOO = {
     "resnet18": {"basic": 8, "pool_linear": 1},
     "mobilenet_v2": {"stem_block": 1, "inverted_residual": 16, "conv_act": 1,
                      "pool_linear": 1},
-    "efficientnet_b0": {"mbconv": 16, "conv_act": 2, "pool_linear": 1},
+    "efficientnet_b0": {"stem_block": 1, "mbconv": 15, "conv_act": 1, "pool_linear": 1},
     "convnext_tiny": {"convnext": 18},
     "convfirst": {"convfirst": 18, "conv_act": 1},
 }
@@ -532,13 +537,15 @@ def test_stem_and_first_block_fused_as_one(act, always_fuse):
     assert getattr(f.block, FUSED_INTO_ATTR) == "stem"
     by_name = {c.name: c for c in changes(f)}
     assert by_name["stem"].runs == "stem_block" and by_name["block"].into == "stem"
+    assert set(by_name["stem"].tuning["parts"]) == {"stem", "block"}  # the two it holds
+    assert not [c for c in changes(f) if c.name.startswith("stem.")]
     with torch.no_grad():
         ref = net(x)
         assert rel(f(x), ref) < 1e-5
         assert rel(f(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-5
         if kernels.available():
             f(x)
-            assert f.stem.kernel_choice in ("kernel", "onednn")
+            assert f.stem.kernel_choice in ("kernel", "modules")
     two = fuse(net, x, quiet=True, patterns=["conv_act", "inverted_residual"])
     assert isinstance(two.stem, fb.FusedConvAct)
     assert isinstance(two.block, fb.FusedInvertedResidual)
@@ -559,20 +566,55 @@ def test_stem_block_only_where_the_stem_feeds_one_stride_1_block(change, always_
 
 
 def test_fused_stem_block_fast_paths_agree():
-    """FusedStemBlock's kernel and its oneDNN chain give the block's result, both layouts
-    (the two fast paths the measured choice picks between)."""
+    """FusedStemBlock's kernel and its two modules give the block's result, both layouts,
+    with an inverted residual or an MBConv (squeeze-excitation) after the stem (the two
+    fast paths the measured choice picks between); other blocks are refused."""
     if not kernels.available():
         pytest.skip("no AVX-512 CPU or no C compiler here")
     torch.manual_seed(0)
-    convs = [nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1, groups=32),
-             nn.Conv2d(32, 16, 1)]
-    block = fb.FusedStemBlock(convs, ["relu6", "relu6", None]).eval()
+    first = fb.FusedConvAct([nn.Conv2d(3, 32, 3, 2, 1)], ["silu"])
+    ir = fb.FusedInvertedResidual([nn.Conv2d(32, 32, 3, 1, 1, groups=32),
+                                   nn.Conv2d(32, 16, 1)], ["relu6", None])
+    mb = fb.FusedMBConv(None, "silu", nn.Conv2d(32, 32, 3, 1, 1, groups=32), "silu",
+                        nn.Conv2d(32, 8, 1), "silu", nn.Conv2d(8, 32, 1), "sigmoid",
+                        nn.Conv2d(32, 16, 1), False)
     x = torch.randn(2, 3, 37, 41)
+    for block in (ir, mb):
+        fused = fb.FusedStemBlock(first, block).eval()
+        with torch.no_grad():
+            want = block.reference(first.reference(x))
+            assert rel(fused.reference(x), want) < 1e-6
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                assert rel(block(first(inp)), want) < 1e-5
+                assert rel(fused._kernel(inp)(inp), want) < 1e-5
+                assert rel(fused(inp), want) < 1e-5
+    with pytest.raises(ValueError, match="no expansion"):
+        fb.FusedStemBlock(first, fb.FusedInvertedResidual(
+            [nn.Conv2d(32, 64, 1), nn.Conv2d(64, 64, 3, 1, 1, groups=64),
+             nn.Conv2d(64, 16, 1)], ["relu6", "relu6", None]))
+    with pytest.raises(ValueError, match="FusedInvertedResidual or a FusedMBConv"):
+        fb.FusedStemBlock(first, first)
+
+
+def test_stem_block_formed_where_the_stem_alone_was_not_faster(monkeypatch, always_fuse):
+    """A stem whose fused conv + act measured no faster than its layers (kept as it is)
+    still joins the block after it: the stem block is timed against what the model runs."""
+    import importlib
+    fuse_module = importlib.import_module("convgap.transforms.fuse")
+    verify = fuse_module._verify
+
+    def stem_alone_slower(old, new, pattern, args, info):
+        if pattern == "conv_act":
+            verify(old, new, pattern, args, info)
+            return "fused conv_act not faster (forced)", False
+        return verify(old, new, pattern, args, info)
+    monkeypatch.setattr(fuse_module, "_verify", stem_alone_slower)
+    torch.manual_seed(0)
+    net = randomize(_StemNet()).eval()
+    x = torch.randn(1, 3, 24, 24)
+    f = fuse(net, x, quiet=True)
+    assert isinstance(f.stem, fb.FusedStemBlock) and isinstance(f.block, nn.Identity)
     with torch.no_grad():
-        want = block.reference(x)
-        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-            chain = fb.FusedConvChain._bind(block, inp)
-            assert rel(chain(inp), want) < 1e-5
-            assert rel(block._kernel(inp)(inp), want) < 1e-5
-    with pytest.raises(ValueError, match="three convolutions"):
-        fb.FusedStemBlock(convs[:2], ["relu6", None])
+        assert rel(f(x), net(x)) < 1e-5
+    f = fuse(net, x, quiet=True, patterns=["conv_act", "inverted_residual"])
+    assert not isinstance(f.stem, fb.FusedBlock)   # the stem alone stays as it was

@@ -423,61 +423,6 @@ class FusedInvertedResidual(FusedConvChain):
                             tuple(tuple(c.weight.shape) for c in self.convs))
 
 
-class FusedStemBlock(FusedConvChain):
-    """A network's stem and the block after it: k1 x k1 conv + act (from an image's few
-    channels), depthwise k x k at stride 1 + act, 1x1 (MobileNetV2's stem and first
-    inverted residual, which has no expansion and no residual). ``convs`` the three (folded)
-    convolutions, ``acts`` their activations (the last None).
-
-    Two fast paths, chosen per input shape by measurement (kind 'fused_stem_block', the
-    oneDNN chain the incumbent): the oneDNN chain of :class:`FusedConvChain`, and convgap's
-    C kernel (:mod:`convgap.kernels.cpu.stem`): one pass over bands of output rows, the
-    stem's output (R channels at half the image's side) kept in each thread's cache, the
-    stem computed as broadcasts of the image's values into its R channels, x read in place
-    (AVX-512 CPUs)."""
-    pattern = "stem_block"
-    KIND = "fused_stem_block"
-
-    def __init__(self, convs: Sequence[nn.Conv2d], acts: Sequence[str | None]) -> None:
-        if len(convs) != 3 or acts[-1] is not None:
-            raise ValueError("a stem block is three convolutions (stem, depthwise, 1x1), the "
-                             "last without an activation")
-        super().__init__(convs, acts)
-
-    def body(self) -> stem_kernel.StemBody:
-        """The kernel's operands (the folded weights, as views)."""
-        first, dw, last = self.convs
-        return stem_kernel.StemBody(
-            first.weight.detach(), first.bias.detach(), dw.weight.detach(), dw.bias.detach(),
-            last.weight.detach().reshape(last.out_channels, last.in_channels),
-            last.bias.detach(), first.stride[0], self.acts[0], self.acts[1])
-
-    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The C kernel bound to inputs like ``x``, or None where it does not apply."""
-        first, dw, last = self.convs
-        square = all(c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1] ==
-                     c.kernel_size[0] // 2 and c.kernel_size[0] == c.kernel_size[1] and
-                     tuple(c.dilation) == (1, 1) for c in (first, dw))
-        if (not stem_kernel.available() or not square or first.groups != 1
-                or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels
-                or tuple(dw.stride) != (1, 1) or last.kernel_size != (1, 1)
-                or tuple(last.stride) != (1, 1) or any(
-                    a is not None and a not in KERNEL_ACTIVATIONS for a in self.acts[:2])):
-            return None
-        body = self.body()
-        if stem_kernel.supports(body) is not None:
-            return None
-        return stem_kernel.bind(x, body, self._store.setdefault("kernel", {}))
-
-    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        chain = super()._bind(x)
-        kernel = self._kernel(x)
-        if kernel is None:
-            return chain
-        return self._choose(x, {"onednn": chain, "kernel": kernel},
-                            tuple(tuple(c.weight.shape) for c in self.convs))
-
-
 class FusedMBConv(FusedBlock):
     """EfficientNet MBConv: [1x1 expand + act], depthwise + act, squeeze-excitation
     (global mean, 1x1 reduce + act, 1x1 expand + gate), 1x1 project (+ x).
@@ -616,6 +561,92 @@ class FusedMBConv(FusedBlock):
                         tuple(dw.padding), tuple(dw.dilation), store, False, bias1,
                         bias2=dw.bias.detach(), act1=act, act2=self.dw_act,
                         residual=self.residual, squeeze=squeeze)
+
+
+class FusedStemBlock(FusedBlock):
+    """A network's stem and the block after it as one module: ``first`` a
+    :class:`FusedConvAct` (a conv + act from an image's few channels), ``block`` the fused
+    block its output feeds, without expansion or residual: a :class:`FusedInvertedResidual`
+    (depthwise + act, 1x1: MobileNetV2's first block) or a :class:`FusedMBConv` (depthwise +
+    act, squeeze-excitation, 1x1: EfficientNet's). ``first(x)`` then ``block(...)`` is the
+    reference (and the oneDNN fast path: each module's own).
+
+    Two fast paths, chosen per input shape by measurement (kind 'fused_stem_block', the two
+    modules' own the incumbent): those, and convgap's C kernel (:mod:`convgap.kernels.cpu.
+    stem`): one pass over bands of output rows, the stem's output (R channels at half the
+    image's side) kept in each thread's cache and never written, the stem computed as
+    broadcasts of the image's values into its R channels, x read in place; with the
+    squeeze-excitation, the depthwise output written once and read back by the thread that
+    wrote it (AVX-512 CPUs)."""
+    pattern = "stem_block"
+    KIND = "fused_stem_block"
+
+    def __init__(self, first: FusedConvAct, block: FusedInvertedResidual | FusedMBConv
+                 ) -> None:
+        super().__init__()
+        if not isinstance(first, FusedConvAct) or len(first.convs) != 1:
+            raise ValueError("first must be a FusedConvAct of one convolution")
+        if isinstance(block, FusedInvertedResidual):
+            if len(block.convs) != 2 or block.identity or block.shortcut is not None:
+                raise ValueError("the inverted residual must have no expansion and no "
+                                 "residual")
+        elif isinstance(block, FusedMBConv):
+            if block.expand is not None or block.residual:
+                raise ValueError("the MBConv must have no expansion and no residual")
+        else:
+            raise ValueError("block must be a FusedInvertedResidual or a FusedMBConv")
+        self.first, self.block = first, block
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.reference(self.first.reference(x))
+
+    def body(self) -> stem_kernel.StemBody:
+        """The kernel's operands (the folded weights, as views)."""
+        conv, blk = self.first.convs[0], self.block
+        if isinstance(blk, FusedMBConv):
+            dw, last, act2 = blk.depthwise, blk.project, blk.dw_act
+            r, u = blk.reduce, blk.unreduce
+            squeeze = pdp.Squeeze(r.weight.detach().flatten(1), r.bias.detach(),
+                                  u.weight.detach().flatten(1), u.bias.detach(), blk.se_act,
+                                  blk.gate)
+        else:
+            (dw, last), act2, squeeze = blk.convs, blk.acts[0], None
+        return stem_kernel.StemBody(
+            conv.weight.detach(), conv.bias.detach(), dw.weight.detach(), dw.bias.detach(),
+            last.weight.detach().reshape(last.out_channels, last.in_channels),
+            last.bias.detach(), conv.stride[0], self.first.acts[0], act2, squeeze)
+
+    def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The C kernel bound to inputs like ``x``, or None where it does not apply."""
+        conv = self.first.convs[0]
+        blk = self.block
+        dw, last = (blk.depthwise, blk.project) if isinstance(blk, FusedMBConv) else blk.convs
+        square = all(c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1] ==
+                     c.kernel_size[0] // 2 and c.kernel_size[0] == c.kernel_size[1] and
+                     tuple(c.dilation) == (1, 1) for c in (conv, dw))
+        if (not stem_kernel.available() or not square or conv.groups != 1
+                or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels
+                or tuple(dw.stride) != (1, 1) or last.kernel_size != (1, 1)
+                or tuple(last.stride) != (1, 1)):
+            return None
+        body = self.body()
+        acts = [body.act1, body.act2] + ([] if body.squeeze is None else
+                                         [body.squeeze.act, body.squeeze.gate])
+        if any(a is not None and a not in KERNEL_ACTIVATIONS for a in acts) or \
+                stem_kernel.supports(body) is not None:
+            return None
+        return stem_kernel.bind(x, body, self._store.setdefault("kernel", {}))
+
+    def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        first, block = self.first, self.block
+
+        def modules(x: torch.Tensor) -> torch.Tensor:
+            return block(first(x))
+        kernel = self._kernel(x)
+        if kernel is None:
+            return modules
+        return self._choose(x, {"modules": modules, "kernel": kernel},
+                            tuple(tuple(p.shape) for p in self._params()))
 
 
 class FusedConvNeXt(FusedBlock):

@@ -99,9 +99,9 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     -> [dropout] -> linear, run as one :class:`~convgap.layers.FusedPoolLinear` in the
     pool's place, the modules after it left as ``nn.Identity``; and ``"stem_block"``: a
     fused stem conv + act from an image's few channels whose output only feeds a fused
-    inverted residual without expansion or residual (MobileNetV2's first block), run as
-    one :class:`~convgap.layers.FusedStemBlock`, the block's module left as
-    ``nn.Identity``; both only without ``layers``).
+    inverted residual or MBConv without expansion or residual (MobileNetV2's and
+    EfficientNet's first blocks), run as one :class:`~convgap.layers.FusedStemBlock`, the
+    block's module left as ``nn.Identity``; both only without ``layers``).
     With ``example_input`` and ``check`` (the default), each fused block is verified on
     its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
     (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
@@ -142,6 +142,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
         with torch.no_grad():
             inputs, _ = first_inputs(watch, lambda: model(example_input))
     fused: dict[str, tuple[nn.Module, nn.Module]] = {}
+    slower: dict[str, tuple[nn.Module, nn.Module]] = {}  # exact, measured not faster
     problems: list[str] = []
     on_cpu = isinstance(example_input, torch.Tensor) and example_input.device.type == "cpu"
     with allocator.use(malloc if (measure and on_cpu) else None), make_progress(quiet) as bar, \
@@ -163,6 +164,8 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                 setattr(f.module, LEFT_ATTR, why)
                 if wrong:
                     problems.append(f"{f.name}: {why}")
+                else:
+                    slower[f.name] = (f.module, new)
                 continue
             setattr(new, FUSED_ATTR, info)
             fused[f.name] = (f.module, new)
@@ -171,7 +174,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
             bar.advance(task)
             _fuse_head(model, head, inputs.get(head.pool), fused, problems)
         if STEM in use and wanted is None:
-            _fuse_stems(model, inputs, fused, problems)
+            _fuse_stems(model, inputs, fused, slower, problems)
     for name, reason in left.items():
         module = model.get_submodule(name)
         if not hasattr(module, LEFT_ATTR):
@@ -262,28 +265,42 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
 
 
 def _fuse_stems(model: nn.Module, inputs: dict[str, tuple],
-                fused: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
-    """Each stem and the block after it (:func:`.patterns.find_stems`, both fused already)
-    verified and timed as one :class:`FusedStemBlock` against the two fused modules and, if
-    kept, put in the stem's place, the block's module an ``nn.Identity`` marked with the
-    stem's name; if not, why is recorded in the stem's fused info ('stem_block')."""
-    for first_name, block_name in find_stems(model):
-        first, block = model.get_submodule(first_name), model.get_submodule(block_name)
-        dw, last = block.convs
-        new = FusedStemBlock([first.convs[0], dw, last], [first.acts[0], block.acts[0], None])
-        new = new.to(first.convs[0].weight.device).train(first.training)
+                fused: dict[str, tuple[nn.Module, nn.Module]],
+                slower: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
+    """Each stem and the block after it (:func:`.patterns.find_stems`, on the model with
+    every block fused, those measured not faster too) verified and timed as one
+    :class:`FusedStemBlock` (holding the two fused modules) against what the model runs
+    there now (each module fused or not) and, if kept, put in the stem's place, the
+    block's module an ``nn.Identity`` marked with the stem's name; if not, why is recorded
+    in the stem's fused info ('stem_block') where it was fused."""
+    for name, (_, new) in slower.items():
+        model.set_submodule(name, new)
+    pairs = find_stems(model)
+    for name, (old, _) in slower.items():
+        model.set_submodule(name, old)
+    for first_name, block_name in pairs:
+        parts = [fused.get(n) or slower[n] for n in (first_name, block_name)]
+        (first_old, first), (block_old, block) = parts
+        now_first, now_block = (model.get_submodule(n) for n in (first_name, block_name))
+        new = FusedStemBlock(first, block).train(first.training)
         info = {"pattern": STEM, "chain": f"{first_name} -> {block_name}"}
-        why, wrong = _verify(lambda x: block(first(x)), new, STEM, inputs.get(first_name), info)
+        why, wrong = _verify(lambda x: now_block(now_first(x)), new, STEM,
+                             inputs.get(first_name), info)
         if why is not None:
-            getattr(first, FUSED_ATTR)[STEM] = why
+            record = getattr(now_first, FUSED_ATTR, None)
+            if record is not None:
+                record[STEM] = why
             if wrong:
                 problems.append(f"{first_name}: {why}")
             continue
+        # the two modules' own records move into the stem block's: changes() reports it
+        info["parts"] = {first_name: first.__dict__.pop(FUSED_ATTR, None),
+                         block_name: block.__dict__.pop(FUSED_ATTR, None)}
         setattr(new, FUSED_ATTR, info)
         stand_in = nn.Identity().train(block.training)
         setattr(stand_in, FUSED_INTO_ATTR, first_name)
-        fused[first_name] = (fused[first_name][0], new)
-        fused[block_name] = (fused[block_name][0], stand_in)
+        fused[first_name] = (first_old, new)
+        fused[block_name] = (block_old, stand_in)
         model.set_submodule(first_name, new)
         model.set_submodule(block_name, stand_in)
 

@@ -639,8 +639,9 @@ def find_stems(model: nn.Module) -> list[tuple[str, str]]:
     """The (stem, block) module-name pairs of a model whose blocks :func:`convgap.fuse`
     has fused, to run as one :class:`~convgap.layers.FusedStemBlock`: a fused conv + act
     from at most :data:`STEM_MAX_CHANNELS` channels (groups 1) whose output only feeds a
-    fused inverted residual without expansion and without residual (depthwise at stride 1,
-    then a 1x1), each called once. The trace is of the fused model."""
+    fused inverted residual or MBConv without expansion and without residual (depthwise at
+    stride 1, [squeeze-excitation,] a 1x1), each called once. The trace is of the fused
+    model."""
     gm = trace(model)
     if gm is None:
         return []
@@ -661,9 +662,13 @@ def find_stems(model: nn.Module) -> list[tuple[str, str]]:
                 or user.args[:1] != (n,) or len(user.args) != 1 or user.kwargs):
             continue
         block = gm.get_submodule(user.target)
-        if (type(block) is fb.FusedInvertedResidual and len(block.convs) == 2
-                and not block.identity and block.shortcut is None and block.post is None
-                and block.convs[0].groups == block.convs[0].in_channels
-                and tuple(block.convs[0].stride) == (1, 1)):
+        if type(block) is fb.FusedInvertedResidual and len(block.convs) == 2 and not (
+                block.identity or block.shortcut is not None or block.post is not None):
+            dw = block.convs[0]
+        elif type(block) is fb.FusedMBConv and block.expand is None and not block.residual:
+            dw = block.depthwise
+        else:
+            continue
+        if dw.groups == dw.in_channels and tuple(dw.stride) == (1, 1):
             pairs.append((n.target, user.target))
     return pairs

@@ -119,7 +119,8 @@
     F(int, xnchw) F(int, ynchw)  /* 1: x (y) NCHW in memory; 0: NHWC */
 
 /* stem.c: a network's stem and the block after it: k1 x k1 conv (C -> R, stride st1,
- * padding k1 / 2) + act1 -> depthwise k x k (stride 1, padding k / 2) + act2 -> 1x1 (R -> O) */
+ * padding k1 / 2) + act1 -> depthwise k x k (stride 1, padding k / 2) + act2 -> [squeeze-
+ * excitation] -> 1x1 (R -> O) */
 #define STEM_ARGS(F) \
     F(const float *, a)      /* the stem's weight, (C k1 k1) x Rp: rows (channel, ky, kx) */ \
     F(const float *, bias1)  /* its bias, Rp floats */ \
@@ -127,6 +128,10 @@
     F(const float *, bias2)  /* their bias, Rp floats */ \
     F(const float *, b)      /* the 1x1's weight, R x Op row-major (Op = O rounded up to 16) */ \
     F(const float *, bias)   /* its bias, Op floats */ \
+    F(const float *, wr)     /* squeeze-excitation: the (S x Rp) reduce weight, row-major */ \
+    F(const float *, br)     /* its bias, S rounded up to 16 floats */ \
+    F(const float *, wu)     /* the (S x Rp) expand weight, row-major (gate = s @ wu + bu) */ \
+    F(const float *, bu)     /* its bias, Rp floats */ \
     F(int, n) F(int, h) F(int, w) F(int, c)  /* the input (N, C, H, W) */ \
     F(int, xsn) F(int, xsc) F(int, xsh) F(int, xsw)  /* its strides, in floats */ \
     F(int, r)                /* the stem's channels (Rp = R rounded up to 16, at most 64) */ \
@@ -134,7 +139,11 @@
     F(int, k)                /* the depthwise filter's side */ \
     F(int, o) F(int, oh) F(int, ow)  /* the output (N, O, OH, OW), written NHWC */ \
     F(int, th)               /* output rows per band */ \
-    F(int, act1) F(int, act2)  /* act.h's ACT_ codes (0: none) */
+    F(int, act1) F(int, act2)  /* act.h's ACT_ codes (0: none) */ \
+    F(int, se)               /* squeeze-excitation's reduced channels S (0: none): v scaled \
+                                per image and channel by gate(se_act(mean(v) @ wr^T + br) \
+                                @ wu + bu) before the 1x1 */ \
+    F(int, se_act) F(int, gate)  /* its two activations (act.h's ACT_ codes) */
 
 #define ARGS_FIELD(type, name) type name;
 typedef struct { PDP_ARGS(ARGS_FIELD) } PdpArgs;

@@ -88,8 +88,9 @@ class TilesArgs(Args):
 
 class StemArgs(Args):
     """stem.c's StemArgs (see args.h for each field)."""
-    _fields_ = _fields("a bias1 d bias2 b bias",
-                       "n h w c xsn xsc xsh xsw r k1 st1 k o oh ow th act1 act2")
+    _fields_ = _fields("a bias1 d bias2 b bias wr br wu bu",
+                       "n h w c xsn xsc xsh xsw r k1 st1 k o oh ow th act1 act2 se se_act "
+                       "gate")
 
 
 def c_layout(lib: ctypes.CDLL) -> tuple[int, list[tuple[str, int, int]]]:

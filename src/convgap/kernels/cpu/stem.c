@@ -3,9 +3,12 @@
  *   u = act1(conv(x, A) + bias1)     (k1 x k1, stride st1, zero padding k1 / 2, C -> R:
  *                                     the stem, C small: 3 for an RGB image)
  *   v = act2(dw(u, D) + bias2)       (depthwise k x k, stride 1, zero padding k / 2)
+ *   [v *= gate(v)]                   (squeeze-excitation: per image and channel, from v's
+ *                                     mean through two small layers)
  *   y = v @ B + bias                 (1x1, R -> O), written NHWC
  *
- * MobileNetV2's stem and first inverted residual (no expansion, no residual) are this. Run
+ * MobileNetV2's stem and first inverted residual (no expansion, no residual) are this, and
+ * EfficientNet's stem and first MBConv (with the squeeze-excitation). Run
  * layer by layer, u (R channels at half the image's side: 1.6 MB an image for 32 x 112 x
  * 112) is written to memory and read back, and a stem conv over 3 channels runs poorly as a
  * GEMM (27-long dot products); here u never leaves the thread's cache. Each of the threads
@@ -17,7 +20,9 @@
  * The depthwise step per group of 4 pixels, the taps' vectors in registers; the 1x1 per
  * group of 8 pixels and 16 output channels (R broadcast-FMAs). R is padded to Rp (a
  * multiple of 16, at most 64) with zero weights and biases, so the padded lanes never
- * reach y. Compiled at first use by convgap.kernels.cpu.build. */
+ * reach y. With squeeze-excitation v is written once (the rows each thread writes are the
+ * ones it reads back, scaled, in the second pass). Compiled at first use by
+ * convgap.kernels.cpu.build. */
 #include <string.h>
 #include <omp.h>
 
@@ -32,12 +37,24 @@ ARGS_LAYOUT(StemArgs, STEM_ARGS)
 static inline int rp_of(const StemArgs *g) { return (g->r + 15) / 16 * 16; }
 static inline int op_of(const StemArgs *g) { return (g->o + 15) / 16 * 16; }
 
-/* One thread's scratch: the window of u ((TH + k - 1) rows of OW + k - 1 pixels, zero
- * columns on both sides) and one row of v (OW pixels), Rp floats a pixel. */
-long scratch_floats(const StemArgs *g)
+/* One thread's window of u ((TH + k - 1) rows of OW + k - 1 pixels, zero columns on both
+ * sides) and one row of v (OW pixels), Rp floats a pixel. */
+static long band_floats(const StemArgs *g)
 {
     const long rp = rp_of(g), pad = g->k - 1;
     return whole_lines((g->th + pad) * (g->ow + pad) * rp + (long)g->ow * rp);
+}
+
+/* Floats of scratch one thread needs. With squeeze-excitation the batch's v (the map), the
+ * per-thread channel sums, the gates and the squeeze's S values follow the threads' band
+ * scratch in one buffer: each thread's share counts them whole, so that threads x this
+ * covers them for any thread count (as pdp.c's). */
+long scratch_floats(const StemArgs *g)
+{
+    const long rp = rp_of(g);
+    if (!g->se) return band_floats(g);
+    return band_floats(g) + whole_lines((long)g->n * g->oh * g->ow * rp + 2L * g->n * rp
+                                        + whole_lines(g->se));
 }
 
 /* u's row uy (0 <= uy < OH) of image n into dst (OW pixels, Rp floats each), PX pixels a
@@ -99,12 +116,12 @@ static inline __attribute__((always_inline)) void stem_row(
     }
 }
 
-/* One output row: the depthwise step over the window rows win[0 .. k) (each OW + k - 1
- * pixels, u's first pixel at column k / 2) into t, then the 1x1 into y's row yr. */
-static inline __attribute__((always_inline)) void out_row(
-    const StemArgs *g, float *const *win, float *t, float *yr, const int RV)
+/* One row of v: the depthwise step over the window rows win[0 .. k) (each OW + k - 1
+ * pixels, u's first pixel at column k / 2) into t (OW pixels of Rp floats). */
+static inline __attribute__((always_inline)) void dw_row(
+    const StemArgs *g, float *const *win, float *t, const int RV)
 {
-    const int k = g->k, rp = RV * 16, OW = g->ow, O = g->o, op = op_of(g), R = g->r;
+    const int k = g->k, rp = RV * 16, OW = g->ow;
     __m512 bias[MAX_RV];
     for (int v = 0; v < RV; v++) bias[v] = _mm512_loadu_ps(g->bias2 + 16 * v);
     int ox = 0;
@@ -142,6 +159,14 @@ static inline __attribute__((always_inline)) void out_row(
         for (int v = 0; v < RV; v++)
             _mm512_storeu_ps(t + (long)ox * rp + 16 * v, activate(g->act2, acc[v]));
     }
+}
+
+/* One output row: the 1x1 of v's row t into y's row yr (OW pixels of O floats). */
+static inline __attribute__((always_inline)) void pw_row(
+    const StemArgs *g, const float *t, float *yr, const int RV)
+{
+    const int rp = RV * 16, OW = g->ow, O = g->o, op = op_of(g), R = g->r;
+    int ox;
     for (int ob = 0; ob < op; ob += 16) {
         const __m512 bo = _mm512_loadu_ps(g->bias + ob);
         const __mmask16 keep = O - ob >= 16 ? 0xFFFF : (__mmask16)((1u << (O - ob)) - 1);
@@ -167,10 +192,45 @@ static inline __attribute__((always_inline)) void out_row(
     }
 }
 
-/* The thread's range of output rows (see the top). */
+/* The squeeze-excitation gate of image n (Rp floats into gate): the mean of v (the nt
+ * threads' sums, each Rp floats per image), s = se_act(mean @ wr^T + br) (S values, in
+ * s), gate = gate_act(s @ wu + bu). Lanes past R have zero weights. */
+static void squeeze(const StemArgs *g, const float *sums, int nt, int n, float *s,
+                    float *gate)
+{
+    const int rp = rp_of(g), S = g->se;
+    const long each = (long)g->n * rp;
+    const __m512 inv = _mm512_set1_ps(1.0f / ((float)g->oh * g->ow));
+    for (int c0 = 0; c0 < rp; c0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++)
+            acc = _mm512_add_ps(acc, _mm512_loadu_ps(sums + t * each + (long)n * rp + c0));
+        _mm512_storeu_ps(gate + c0, _mm512_mul_ps(acc, inv));
+    }
+    for (int j = 0; j < S; j++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c0 = 0; c0 < rp; c0 += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(gate + c0),
+                                  _mm512_loadu_ps(g->wr + (long)j * rp + c0), acc);
+        s[j] = _mm512_reduce_add_ps(acc) + g->br[j];
+    }
+    for (int j = S; j < (S + 15) / 16 * 16; j++) s[j] = 0.0f;
+    activate_floats(g->se_act, s, (S + 15) / 16 * 16);
+    for (int c0 = 0; c0 < rp; c0 += 16) {
+        __m512 acc = _mm512_loadu_ps(g->bu + c0);
+        for (int j = 0; j < S; j++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]),
+                                  _mm512_loadu_ps(g->wu + (long)j * rp + c0), acc);
+        _mm512_storeu_ps(gate + c0, activate(g->gate, acc));
+    }
+}
+
+/* The thread's range of output rows (see the top). With squeeze-excitation (sums not
+ * NULL) each row of v goes into map (the batch's v, NHWC) and into the thread's channel
+ * sums (Rp floats an image) instead of through the 1x1. */
 static inline __attribute__((always_inline)) void run_range(
-    const StemArgs *g, const float *x, float *y, float *buf, int t, int nt, const int RV,
-    const int PX)
+    const StemArgs *g, const float *x, float *y, float *buf, int t, int nt, float *map,
+    float *sums, const int RV, const int PX)
 {
     const int k = g->k, pad = k / 2, rp = RV * 16, OH = g->oh, OW = g->ow;
     const long row = (long)(OW + k - 1) * rp;   /* one window row, zero columns included */
@@ -196,26 +256,79 @@ static inline __attribute__((always_inline)) void run_range(
         w.hi = hi;
         for (int r = 0; r < th; r++) {
             for (int ky = 0; ky < k; ky++) win[ky] = buf + (long)(r + ky) * row;
-            out_row(g, win, t_row, y + (((long)n * OH + oy + r) * OW) * g->o, RV);
+            if (sums) {
+                float *v = map + ((long)n * OH + oy + r) * OW * rp;
+                dw_row(g, win, v, RV);
+                for (int v0 = 0; v0 < rp; v0 += 16) {
+                    __m512 acc = _mm512_loadu_ps(sums + (long)n * rp + v0);
+                    for (int ox = 0; ox < OW; ox++)
+                        acc = _mm512_add_ps(acc, _mm512_loadu_ps(v + (long)ox * rp + v0));
+                    _mm512_storeu_ps(sums + (long)n * rp + v0, acc);
+                }
+                continue;
+            }
+            dw_row(g, win, t_row, RV);
+            pw_row(g, t_row, y + (((long)n * OH + oy + r) * OW) * g->o, RV);
         }
     }
 }
 
+/* Pass 2 of the squeeze-excitation: the thread's range of rows of map scaled by their
+ * image's gate and run through the 1x1 (the rows each thread reads are the ones it wrote). */
+static inline __attribute__((always_inline)) void scale_range(
+    const StemArgs *g, float *y, int t, int nt, float *map, const float *gates, const int RV)
+{
+    const int rp = RV * 16, OH = g->oh, OW = g->ow;
+    const long total = (long)g->n * OH;
+    for (long i = total * t / nt; i < total * (t + 1) / nt; i++) {
+        const int n = (int)(i / OH);
+        float *v = map + i * OW * rp;
+        for (int v0 = 0; v0 < rp; v0 += 16) {
+            const __m512 s = _mm512_loadu_ps(gates + (long)n * rp + v0);
+            for (int ox = 0; ox < OW; ox++)
+                _mm512_storeu_ps(v + (long)ox * rp + v0,
+                                 _mm512_mul_ps(s, _mm512_loadu_ps(v + (long)ox * rp + v0)));
+        }
+        pw_row(g, v, y + i * OW * g->o, RV);
+    }
+}
+
+#define RUN(body) \
+    switch (rv) { \
+    case 1: { const int RV = 1, PX = 8; (void)PX; body; break; } \
+    case 2: { const int RV = 2, PX = 8; (void)PX; body; break; } \
+    case 3: { const int RV = 3, PX = 4; (void)PX; body; break; } \
+    default: { const int RV = 4, PX = 4; (void)PX; body; break; } \
+    }
+
 /* x: (N, C, H, W) through its strides; y: (N, O, OH, OW) NHWC; scratch: threads x
- * scratch_floats(g). */
+ * scratch_floats(g). With squeeze-excitation (g->se > 0), whose gate needs the whole v of
+ * an image before the 1x1: two passes in one parallel region, a barrier and the gates
+ * between them (as pdp.c's se_forward). */
 void stem_forward(const StemArgs *g, const float *x, float *y, float *scratch, int threads)
 {
-    const long per = scratch_floats(g);
+    const long band = band_floats(g);
     const int rv = rp_of(g) / 16;
+    const long rp = rp_of(g);
+    float *map = scratch + band * threads;   /* the layout scratch_floats counts */
+    float *sums = map + (long)g->n * g->oh * g->ow * rp;
+    float *gates = sums + (long)threads * g->n * rp;
+    float *svals = gates + (long)g->n * rp;
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *buf = scratch + per * t;
-        switch (rv) {
-        case 1: run_range(g, x, y, buf, t, nt, 1, 8); break;
-        case 2: run_range(g, x, y, buf, t, nt, 2, 8); break;
-        case 3: run_range(g, x, y, buf, t, nt, 3, 4); break;
-        default: run_range(g, x, y, buf, t, nt, 4, 4); break;
+        float *buf = scratch + band * t;
+        if (!g->se) {
+            RUN(run_range(g, x, y, buf, t, nt, NULL, NULL, RV, PX))
+        } else {
+            float *sum = sums + (long)t * g->n * rp;
+            memset(sum, 0, sizeof(float) * g->n * rp);
+            RUN(run_range(g, x, y, buf, t, nt, map, sum, RV, PX))
+            #pragma omp barrier
+            for (int i = t; i < g->n; i += nt)
+                squeeze(g, sums, nt, i, svals + t * whole_lines(g->se), gates + (long)i * rp);
+            #pragma omp barrier
+            RUN(scale_range(g, y, t, nt, map, gates, RV))
         }
     }
 }
