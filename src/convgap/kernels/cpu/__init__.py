@@ -9,6 +9,8 @@
 * :func:`residual_tiles` (``tiles.c``): a residual block's body ([1x1 ->] k x k dense or
   depthwise -> 1x1) on kept output tiles only, added into the output in place (the sparse
   execution of :class:`convgap.layers.dynamic.DynamicBlock`);
+* :func:`stem_block` (``stem.c``): a network's stem conv and the depthwise [+ squeeze-
+  excitation] + 1x1 block after it in one pass (:class:`convgap.layers.FusedStemBlock`);
 * ``gemm.h``: the GEMM core they share (filter taps as shifted views of a zero-padded
   window; packed weights for NHWC, broadcast weights for NCHW).
 
@@ -19,8 +21,9 @@ installs without them (:func:`available`)."""
 from .build import NativeKernelWarning, avx512, enabled, library
 from .pcp import pointwise_conv_pointwise
 from .pdp import available, inverted_residual, pointwise_depthwise_pointwise
+from .stem import stem_block
 from .tiles import residual_tiles
 
 __all__ = ["NativeKernelWarning", "avx512", "enabled", "library", "available",
            "pointwise_depthwise_pointwise", "inverted_residual", "pointwise_conv_pointwise",
-           "residual_tiles"]
+           "residual_tiles", "stem_block"]
