@@ -21,6 +21,7 @@
 #include "act.h"
 #include "args.h"
 #include "bands.h"
+#include "se.h"
 #include "gemm.h"
 
 ARGS_LAYOUT(PdpArgs, PDP_ARGS)
@@ -253,32 +254,10 @@ static void add_channels(float *sum, const float *v, long pixels, int Rp)
 static void squeeze(const PdpArgs *g, const float *sums, int nt, int n, float *s, float *gate)
 {
     const int Rp = (g->r + 15) / 16 * 16, S = g->se;
-    const long each = (long)g->n * Rp;
-    const __m512 inv = _mm512_set1_ps(1.0f / ((float)g->oh * g->ow));
     /* the mean, kept in gate until the last step; channels past R (whatever the first
      * GEMM left in u's padding columns, never written) as zeros */
-    for (int c0 = 0; c0 < Rp; c0 += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int t = 0; t < nt; t++)
-            acc = _mm512_add_ps(acc, _mm512_loadu_ps(sums + t * each + (long)n * Rp + c0));
-        _mm512_storeu_ps(gate + c0, _mm512_maskz_mul_ps(lanes(g->r - c0), acc, inv));
-    }
-    for (int j = 0; j < S; j++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int c0 = 0; c0 < Rp; c0 += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(gate + c0),
-                                  _mm512_loadu_ps(g->wr + (long)j * Rp + c0), acc);
-        s[j] = _mm512_reduce_add_ps(acc) + g->br[j];
-    }
-    for (int j = S; j < (S + 15) / 16 * 16; j++) s[j] = 0.0f;
-    activate_floats(g->se_act, s, (S + 15) / 16 * 16);
-    for (int c0 = 0; c0 < Rp; c0 += 16) {
-        __m512 acc = _mm512_loadu_ps(g->bu + c0);
-        for (int j = 0; j < S; j++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]),
-                                  _mm512_loadu_ps(g->wu + (long)j * Rp + c0), acc);
-        _mm512_storeu_ps(gate + c0, activate(g->gate, acc));
-    }
+    se_mean(sums, nt, (long)g->n * Rp, n, g->r, Rp, (float)g->oh * g->ow, gate);
+    se_gate(gate, g->wr, g->br, g->wu, g->bu, S, Rp, g->se_act, g->gate, s, gate);
 }
 
 /* v[p][c] *= gate[c] over the band's pixels (rows of Rp floats) */

@@ -29,6 +29,7 @@
 #include "act.h"
 #include "args.h"
 #include "bands.h"
+#include "se.h"
 
 ARGS_LAYOUT(StemArgs, STEM_ARGS)
 
@@ -199,30 +200,8 @@ static void squeeze(const StemArgs *g, const float *sums, int nt, int n, float *
                     float *gate)
 {
     const int rp = rp_of(g), S = g->se;
-    const long each = (long)g->n * rp;
-    const __m512 inv = _mm512_set1_ps(1.0f / ((float)g->oh * g->ow));
-    for (int c0 = 0; c0 < rp; c0 += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int t = 0; t < nt; t++)
-            acc = _mm512_add_ps(acc, _mm512_loadu_ps(sums + t * each + (long)n * rp + c0));
-        _mm512_storeu_ps(gate + c0, _mm512_mul_ps(acc, inv));
-    }
-    for (int j = 0; j < S; j++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int c0 = 0; c0 < rp; c0 += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(gate + c0),
-                                  _mm512_loadu_ps(g->wr + (long)j * rp + c0), acc);
-        s[j] = _mm512_reduce_add_ps(acc) + g->br[j];
-    }
-    for (int j = S; j < (S + 15) / 16 * 16; j++) s[j] = 0.0f;
-    activate_floats(g->se_act, s, (S + 15) / 16 * 16);
-    for (int c0 = 0; c0 < rp; c0 += 16) {
-        __m512 acc = _mm512_loadu_ps(g->bu + c0);
-        for (int j = 0; j < S; j++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]),
-                                  _mm512_loadu_ps(g->wu + (long)j * rp + c0), acc);
-        _mm512_storeu_ps(gate + c0, activate(g->gate, acc));
-    }
+    se_mean(sums, nt, (long)g->n * rp, n, g->r, rp, (float)g->oh * g->ow, gate);
+    se_gate(gate, g->wr, g->br, g->wu, g->bu, S, rp, g->se_act, g->gate, s, gate);
 }
 
 /* The thread's range of output rows (see the top). With squeeze-excitation (sums not
