@@ -40,7 +40,7 @@ step "sparse tile kernels (issue 20's kernel table) b8 b$BATCH" 240 \
     $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" \
     --out "$OUT/gpu_dynamic.json"
 grep -A 16 "^best granularity" "$LOG" | tail -n 16
-step "pytest tests/test_gpu.py, the rest" 150 \
+step "pytest tests/test_gpu.py, the rest" 300 \
     $PY -m pytest tests/test_gpu.py -k "not ($NEW)" -q -s -p no:cacheprovider -o addopts="" -rfE
 grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
 step "algorithms resnet50 b$BATCH float16" 180 \
