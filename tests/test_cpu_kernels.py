@@ -1103,3 +1103,24 @@ def _some_args(struct):
               "oh": 7, "ow": 5, "th": 3, "z": 1}
     return struct(**{n: values.get(n, 1 if n[0] in "ksd" and n != "depthwise" else 0)
                      for n, kind in struct._fields_ if kind is ctypes.c_int})
+
+
+def test_scratch_is_one_buffer_per_thread_shared_by_every_kernel():
+    """Without an owner every kernel call of a thread gets the thread's one buffer (grown
+    when a call needs more; another thread has its own); an owner's buffer is its own,
+    zero-filled and kept in its store."""
+    import threading
+    a = common.scratch({}, 1000)
+    b = common.scratch({}, 10)
+    assert b is a and a.numel() >= 1000
+    bigger = common.scratch({}, a.numel() + 1)
+    assert bigger.numel() > a.numel() and common.scratch({}, 1) is bigger
+    other = []
+    t = threading.Thread(target=lambda: other.append(common.scratch({}, 10)))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != bigger.data_ptr()
+    store: dict = {}
+    owned = common.scratch(store, 64, owner="planar-test")
+    assert owned is not bigger and not owned.any()
+    assert common.scratch(store, 64, owner="planar-test") is owned
