@@ -625,15 +625,12 @@ class FusedStemBlock(FusedBlock):
                      c.kernel_size[0] // 2 and c.kernel_size[0] == c.kernel_size[1] and
                      tuple(c.dilation) == (1, 1) for c in (conv, dw))
         if (not stem_kernel.available() or not square or conv.groups != 1
-                or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels
-                or tuple(dw.stride) != (1, 1) or last.kernel_size != (1, 1)
+                or dw.groups != dw.in_channels or tuple(dw.stride) != (1, 1)
+                or last.kernel_size != (1, 1)
                 or tuple(last.stride) != (1, 1)):
             return None
         body = self.body()
-        acts = [body.act1, body.act2] + ([] if body.squeeze is None else
-                                         [body.squeeze.act, body.squeeze.gate])
-        if any(a is not None and a not in KERNEL_ACTIVATIONS for a in acts) or \
-                stem_kernel.supports(body) is not None:
+        if stem_kernel.supports(body) is not None:   # channels, sides, activations
             return None
         return stem_kernel.bind(x, body, self._store.setdefault("kernel", {}))
 
