@@ -147,10 +147,32 @@ class TimmStyleSE(nn.Module):
         return x + self.bn3(self.conv_pwl(y))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block as its authors wrote it (the layer scale on the NHWC result, before
+    the permute back) or as torchvision does (a (C, 1, 1) scale on the NCHW result)."""
+
+    def __init__(self, c=16, scale_first=True):
+        super().__init__()
+        self.scale_first = scale_first
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pwconv1, self.pwconv2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.act = nn.GELU()
+        self.gamma = nn.Parameter(torch.rand(c) if scale_first else torch.rand(c, 1, 1))
+
+    def forward(self, x):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
+        if self.scale_first:
+            return x + (self.gamma * y).permute(0, 3, 1, 2)
+        return x + self.gamma * y.permute(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("block, pattern", [
     (FunctionalInvertedResidual, "inverted_residual"),
     (TorchvisionStyleBasic, "basic"),
     (TimmStyleSE, "mbconv"),
+    (ConvNeXtBlock, "convnext"),
+    (lambda: ConvNeXtBlock(scale_first=False), "convnext"),
 ])
 def test_third_party_blocks_recognised(block, pattern, always_fuse):
     torch.manual_seed(1)

@@ -489,11 +489,13 @@ def _mbconv_parts(chain: Chain) -> tuple | str:
 def _convnext_parts(chain: Chain) -> tuple | str:
     ops = chain.body
     kinds = [o.kind for o in ops]
-    if kinds[-1:] == ["scale"]:
+    scale, channels_last_scale = None, False
+    if kinds[-1:] == ["scale"]:         # torchvision's, timm's: on the NCHW result
         scale, ops = ops[-1].arg, ops[:-1]
         kinds = kinds[:-1]
-    else:
-        scale = None
+    elif kinds[-2:] == ["scale", "permute"]:  # the original ConvNeXt's: before the permute
+        scale, channels_last_scale = ops[-2].arg, True
+        ops, kinds = ops[:-2] + ops[-1:], kinds[:-2] + kinds[-1:]
     want = ["conv", "permute", "layernorm", "linear", "act", "linear", "permute"]
     if kinds != want or chain.shortcut != [] or chain.post:
         return f"body {chain!r} is not depthwise, LayerNorm, Linear + act, Linear, + x"
@@ -506,7 +508,9 @@ def _convnext_parts(chain: Chain) -> tuple | str:
         return "the LayerNorm or the last Linear is not over the block's channels"
     if scale is not None and scale.numel() != c:
         return "the scale is not one per channel"
-    if scale is not None and scale.dim() >= 2 and tuple(scale.shape[-2:]) != (1, 1):
+    if scale is not None and scale.dim() >= 2 and (
+            any(d != 1 for d in scale.shape[:-1]) if channels_last_scale
+            else tuple(scale.shape[-2:]) != (1, 1)):
         return "the scale is not one per channel"
     return dw.module, ln.module, fc1.module, act.arg, fc2.module, scale
 
