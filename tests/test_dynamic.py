@@ -179,6 +179,37 @@ def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
     assert (len(calls) > 0) == native
 
 
+class ConvFirstDense(nn.Module):
+    """ConvFirst's body with one group: a dense 3x3, a 1x1 expanding, a 1x1 projecting
+    (the middle conv widens: not the tile kernel's [first, k x k, 1x1])."""
+
+    def __init__(self, c, e=2):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c),
+            nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.SiLU(),
+            nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def test_a_widening_middle_conv_runs_the_torch_path():
+    """A body whose middle conv has more channels out than in runs sparse through torch
+    (the tile kernel keeps one width through its middle; it was bound and crashed)."""
+    net = _randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), ConvFirstDense(16)).eval())
+    dyn = make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    (block,) = dynamic_blocks(dyn).values()
+    assert block._tile_plan is None
+    x = torch.randn(2, 3, 10, 10)
+    force_density(dyn, 0.5, 0)
+    with torch.no_grad():
+        set_execution(dyn, "masked")
+        ref = dyn(x)
+        set_execution(dyn, "sparse")
+        assert _rel(dyn(x), ref) <= 1e-4
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_tile_kernel_decides_as_the_masker(channels_last):
     """Where the masker decides inside the tile kernel's call (spatial blocks, eval, no

@@ -880,7 +880,8 @@ def _tile_plan(stages: Sequence[Stage], convs: Sequence[nn.Conv2d]
                ) -> tuple[int | None, int, int | None] | None:
     """(first, middle, last) stage indices where the tile kernel
     (:mod:`convgap.kernels.cpu.tiles`) runs the body: [first, k x k (dense or depthwise),
-    1x1] (a bottleneck, an inverted residual), [k x k depthwise, 1x1] (first None: an
+    1x1] (a bottleneck, an inverted residual; the middle as many channels out as in),
+    [k x k depthwise, 1x1] (first None: an
     inverted residual without expansion) or [first, k x k dense] (last None: a basic block);
     a first conv of one group, square, odd and padded by half its side (a 1x1, or a basic
     block's 3x3, of any stride), a square k x k conv of padding k // 2 and no dilation, a
@@ -897,8 +898,9 @@ def _tile_plan(stages: Sequence[Stage], convs: Sequence[nn.Conv2d]
     def first(c):
         return square(c) and c.kernel_size[0] % 2 == 1 and c.groups == 1
 
-    def middle(c):
-        return square(c) and (c.groups == 1 or _depthwise(c))
+    def middle(c):   # the kernel keeps R channels through it: as many in as out
+        return (square(c) and (c.groups == 1 or _depthwise(c))
+                and c.in_channels == c.out_channels)
 
     acts = [s.act for s in stages]
     if acts[-1] is not None or any(a is not None and a not in KERNEL_ACTIVATIONS

@@ -3,7 +3,8 @@ in the contexts they run in, from no model a user (or the validation set) would 
 
 :func:`network` draws one from a seed: a stem, three to five stages of residual blocks of
 one family (basic, bottleneck with groups, inverted residual with or without
-squeeze-excitation, ConvNeXt-style depthwise 7x7 + LayerNorm + MLP), random widths, depths,
+squeeze-excitation, ConvNeXt-style depthwise 7x7 + LayerNorm + MLP, ConvFirst-style grouped
+kxk + 1x1 expand + 1x1 project), random widths, depths,
 kernel sizes, activations (in place or not) and expansion, squeeze-excitation gates
 (sigmoid or hard sigmoid, 1x1 convs or linear layers), global pooling and a linear head; and
 the image side its input should have.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["network", "FAMILIES"]
 
-FAMILIES = ("basic", "bottleneck", "inverted", "convnext")
+FAMILIES = ("basic", "bottleneck", "inverted", "convnext", "convfirst")
 _ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU,
          "hardswish": nn.Hardswish}
 _IN_PLACE = ("relu", "relu6", "silu", "hardswish")
@@ -88,9 +89,26 @@ class _ConvNeXt(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
+class _ConvFirst(nn.Module):
+    """Grouped kxk + BN, 1x1 expand + BN + act, 1x1 project + BN, + x."""
+
+    def __init__(self, c: int, k: int, e: int, group_width: int, act: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_cba(c, c, k, groups=c // group_width, act=None),
+                                  _cba(c, e * c, 1, act=act), _cba(e * c, c, 1, act=None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 def _block(family: str, cin: int, cout: int, stride: int, rng: random.Random,
-           act: str) -> nn.Module:
+           act: str, first: bool = False) -> nn.Module:
     k = rng.choice((3, 3, 5, 7) if family in ("inverted", "convnext") else (3, 3, 3, 5))
+    if family == "convfirst":   # stages joined by BN + a strided conv, as ConvNeXt's
+        if stride != 1 or cin != cout:
+            return nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, stride, stride))
+        gw = rng.choice([g for g in (4, 8, 16) if cout % g == 0] or [cout])
+        return _ConvFirst(cout, k, rng.choice((2, 4)), gw, act)
     proj = None
     if stride != 1 or cin != cout:
         proj = _cba(cin, cout, 1, stride, act=None)
@@ -106,7 +124,9 @@ def _block(family: str, cin: int, cout: int, stride: int, rng: random.Random,
                              _cba(mid, cout, 1, act=None))
         return _Residual(body, proj, act)
     if family == "inverted":
-        e = rng.choice((1, 3, 4, 6))
+        # the first block after the stem: sometimes MobileNetV2's (no expansion, fewer
+        # channels out, no residual), which fuse runs with the stem as one kernel
+        e = 1 if first else rng.choice((1, 3, 4, 6))
         mid = cin * e
         layers = ([_cba(cin, mid, 1, act=act)] if e > 1 else []) + [
             _cba(mid, mid, k, stride, mid, act=act)]
@@ -146,9 +166,13 @@ def network(seed: int, side: int | None = None) -> tuple[nn.Module, int]:
         layers.append(nn.MaxPool2d(3, 2, 1) if rng.random() < 0.5 else
                       _cba(width, width, 3, 2, width, act=act))
     c = width
+    if family == "inverted" and stem_stride == 2:
+        cout = max(8, c // 2 // 4 * 4)
+        layers.append(_block(family, c, cout, 1, rng, act, first=True))
+        c = cout
     for s in range(stages):
         cout = int(c * rng.choice((1.5, 2, 2, 2.5))) if s else c
-        cout = max(8, cout // 4 * 4)
+        cout = max(8, cout // 8 * 8 if family == "convfirst" else cout // 4 * 4)
         for d in range(rng.randint(1, 3)):
             stride = 2 if (d == 0 and s > 0) else 1
             layers.append(_block(family, c, cout, stride, rng, act))

@@ -40,7 +40,7 @@ UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFi
               "FusedInvertedResidual", "FusedConvChain", "FusedMBConv", "FusedConvNeXt",
               "DynamicBlock", "TensorialConv2d-cp", "TensorialConv2d-tucker",
               "TensorialConv2d-tt", "TensorialConv2d-tr", "FlattenedConv2d", "other",
-              "DynamicBlock-channel", "DynamicBlock-layer", "FusedPoolLinear")
+              "DynamicBlock-channel", "DynamicBlock-layer", "FusedPoolLinear", "FusedStemBlock")
 PREPARED = (AlgoConv2d,)
 
 
