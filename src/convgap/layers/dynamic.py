@@ -706,10 +706,16 @@ class DynamicBlock(nn.Module):
         return memo.reuse(self._fold, "tile_body",
                           [t for i in order for t in self._stage_tensors(i)], build)
 
+    def tiled(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+              ) -> bool:
+        """Whether sparse spatial execution runs the body in the CPU tile kernel
+        (:mod:`convgap.kernels.cpu.tiles`) for inputs on ``device`` in ``dtype``; else in
+        torch (the kept tiles gathered, the convs on them, scattered back)."""
+        return (self._tile_plan is not None and torch.device(device).type == "cpu"
+                and dtype == torch.float32 and tile_kernel.available())
+
     def _tiled(self, x: torch.Tensor) -> bool:
-        """Whether the spatial body runs in the tile kernel for ``x``."""
-        return (self._tile_plan is not None and x.device.type == "cpu"
-                and x.dtype == torch.float32 and tile_kernel.available())
+        return self.tiled(x.device, x.dtype)
 
     def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Spatial sparse execution as one call of the tile kernel
