@@ -58,7 +58,7 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "fit_sparse", "VERSION",
            "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 16  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 17  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -78,7 +78,8 @@ BATCHES = (1, 8)
 class Calibration:
     """A device's fitted latency models. ``models``: per kind, a regressor of log(measured
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
-    ``overhead_s``: one call's cost; ``sparse_s``: a sparse dynamic block's fixed cost
+    ``overhead_s``: one call's cost; ``sparse_s``: a sparse dynamic block's fixed cost, by
+    its unit type (the tile kernel's and the torch path's differ)
     per call (its masker, the shortcut, the wrapper: fitted with the work it does,
     :func:`fit_sparse`); ``weights``: of the summed operator predictions ('ops'), the
     operator count ('op') and the module count ('module') in a whole network
@@ -91,7 +92,7 @@ class Calibration:
     weights: dict[str, float]
     stats: dict = field(default_factory=dict)
     measured_at: str = ""
-    sparse_s: float = 0.0
+    sparse_s: dict[str, float] = field(default_factory=dict)
 
     def total(self, ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> float:
         """A whole network's predicted latency from its ops, their predictions
@@ -112,12 +113,12 @@ def _sparse(op: Op) -> bool:
 
 
 def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
-           overhead_s: float, sparse_s: float | None = None) -> np.ndarray:
+           overhead_s: float, sparse_s: dict[str, float] | None = None) -> np.ndarray:
     """What each op's calibrated factor multiplies (all ops of one kind): an ATen op's
     roofline plus one call; a unit's reference ops as predicted (each unit its own pass)
     times its work share (a sparse block's MACs at its masks over its dense MACs, the
-    kept tiles' halo included), plus one call (a dynamic block: its fixed cost
-    ``sparse_s``, one call where None), so that the unit's factor is its speed-up on the
+    kept tiles' halo included), plus one call (a dynamic block: its type's fixed cost in
+    ``sparse_s``; one call where None or not there), so that the unit's factor is its speed-up on the
     work it does, learned where the reference ops' models are sure. The units' reference
     ops are predicted together: one regressor call per kind, not per unit."""
     if not ops or not ops[0].unit:
@@ -128,14 +129,16 @@ def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
     out, start = np.empty(len(ops)), 0
     for i, op in enumerate(ops):
         end = start + len(op.inner)
-        fixed = sparse_s if sparse_s is not None and _sparse(op) else overhead_s
+        fixed = (sparse_s.get(op.name.removeprefix(UNIT_PREFIX), overhead_s)
+                 if sparse_s is not None and _sparse(op) else overhead_s)
         out[i] = fixed + float(seconds[start:end].sum()) * op.detail[5]
         start = end
     return out
 
 
 def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
-             roofs: hardware.Roofs, overhead_s: float, sparse_s: float | None = None
+             roofs: hardware.Roofs, overhead_s: float,
+             sparse_s: dict[str, float] | None = None
              ) -> np.ndarray:
     """Each op's predicted seconds at its context ``where``, by its kind's model (None:
     the base alone)."""
@@ -236,15 +239,15 @@ def fit_sparse(work_s: np.ndarray, measured: np.ndarray, overhead_s: float) -> f
 
 
 def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
-        overhead_s: float) -> tuple[dict[str, Any], dict, float]:
+        overhead_s: float) -> tuple[dict[str, Any], dict, dict[str, float]]:
     """Per kind, a regressor of log(measured / base) on (op, its context, measured
     seconds) samples (units last: their base is their reference ops predicted by the other
-    kinds' models, a dynamic block's plus its fixed cost, :func:`fit_sparse`); returns
-    (models, stats, that fixed cost) with each kind's sample count and in-sample median
-    absolute relative error."""
+    kinds' models, a dynamic block's plus its type's fixed cost, :func:`fit_sparse`);
+    returns (models, stats, the fixed costs by dynamic unit type) with each kind's sample
+    count and in-sample median absolute relative error."""
     models: dict[str, Any] = {}
     stats: dict[str, dict] = {}
-    sparse_s = overhead_s
+    sparse_s: dict[str, float] = {}
     for k in KINDS:
         mine = [(op, w, s) for op, w, s in samples if kind(op) == k]
         if not FEATURES[k] or len(mine) < 8:
@@ -253,10 +256,14 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
             continue
         x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
         if k == "unit":
-            dyn = [i for i, (op, _, _) in enumerate(mine) if _sparse(op)]
-            work = _bases([mine[i][0] for i in dyn], models, roofs, overhead_s) - overhead_s
-            sparse_s = fit_sparse(work, np.array([mine[i][2] for i in dyn]), overhead_s)
-            stats["sparse_s"] = sparse_s
+            # per dynamic unit type: the tile kernel's fixed cost is not the torch path's
+            for t in sorted({op.name for op, _, _ in mine if _sparse(op)}):
+                dyn = [i for i, (op, _, _) in enumerate(mine) if op.name == t]
+                work = _bases([mine[i][0] for i in dyn], models, roofs, overhead_s) \
+                    - overhead_s
+                sparse_s[t.removeprefix(UNIT_PREFIX)] = fit_sparse(
+                    work, np.array([mine[i][2] for i in dyn]), overhead_s)
+            stats["sparse_s"] = dict(sparse_s)
         base = _bases([op for op, _, _ in mine], models, roofs, overhead_s, sparse_s)
         y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)
