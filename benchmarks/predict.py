@@ -10,7 +10,11 @@ run, which layers timed alone do not):
 
 - per model: predicted ms, measured ms (the median of two interleaved timings of the whole
   model), error; the time one prediction takes; the two timings' disagreement (the
-  measurement's own noise, the floor of any prediction error);
+  measurement's noise within one window);
+- every model measured again after the whole pass (minutes later): how far the same
+  measurement moves on this machine over the benchmark's span ("re-measured": MAPE and
+  the share within +-10% of the first measurement), the floor under any prediction error
+  judged against one measurement;
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
   predicted and measured over all models; per variant; and the dynamic blocks' own MAPE
@@ -100,8 +104,36 @@ def variant(model, name):
     return out if any(is_unit(m) for m in out.modules()) else None
 
 
+def cases(args):
+    """(name, variant, model, side, batch, layout) of every row, in order; the same rows
+    (fresh models) on every call."""
+    for name, base, side in models(args.models):
+        for var in args.variants:
+            if var != "plain" and name not in VARIANT_MODELS:
+                continue
+            model = variant(base, var)
+            if model is None:
+                continue
+            batches = args.batch if var == "plain" or name not in HEAVY else args.batch[:1]
+            for batch in batches:
+                for layout in (args.layouts if var == "plain" else ["channels_last"]):
+                    yield name, var, model, side, batch, layout
+
+
+def measure(model, side, batch, layout, pair=False):
+    """The model's latency (s): the median of two interleaved timings' medians (``pair``:
+    both timings' medians)."""
+    from convgap import config, timing
+    from convgap.ops.layouts import memory_format
+    model = model.to(memory_format=memory_format(layout))
+    x = torch.randn(batch, 3, side, side).contiguous(memory_format=memory_format(layout))
+    with torch.no_grad():
+        a, b = timing.compare([lambda: model(x), lambda: model(x)], config.ANALYZE_MODEL)
+    return (a.median, b.median) if pair else (a.median + b.median) / 2
+
+
 def run_one(name, model, side, batch, layout, cal):
-    from convgap import ConvgapError, config, predict_latency, timing
+    from convgap import ConvgapError, predict_latency
     from convgap.ops.layouts import memory_format
     from convgap.predict.profile import align, by_module, profile
     model = model.to(memory_format=memory_format(layout))
@@ -110,11 +142,11 @@ def run_one(name, model, side, batch, layout, cal):
     pred = predict_latency(model, shape, layout=layout, calibration=cal)
     predict_s = time.perf_counter() - t0
     # the whole model twice, interleaved: their median is the measured latency, their
-    # disagreement the measurement's own noise on this machine (the floor of any error)
+    # disagreement the measurement's noise within one window (a second pass over all
+    # models measures it again minutes later: main)
+    a, b = measure(model, side, batch, layout, pair=True)
+    measured_s = (a + b) / 2
     x = torch.randn(shape).contiguous(memory_format=memory_format(layout))
-    with torch.no_grad():
-        a, b = timing.compare([lambda: model(x), lambda: model(x)], config.ANALYZE_MODEL)
-    measured_s = (a.median + b.median) / 2
     prof = profile(model, x, repeats=5)
     try:
         measured = by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])
@@ -125,7 +157,7 @@ def run_one(name, model, side, batch, layout, cal):
               for r in pred.layers if measured.get(r.name)]
     return {"model": name, "batch": batch, "layout": layout, "side": side,
             "predicted_s": pred.total_s, "measured_s": measured_s,
-            "profiled_s": sum(prof), "repeat": a.median / b.median - 1,
+            "profiled_s": sum(prof), "repeat": a / b - 1,
             "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
             "ops": len(pred.ops), "layers": layers}
 
@@ -142,6 +174,8 @@ def summary(rows):
             "layer_mape": statistics.mean(e for e, _ in layer),
             "layer_weighted_mape": sum(e * w for e, w in layer) / sum(w for _, w in layer),
             "repeat_mape": statistics.mean(abs(r["repeat"]) for r in rows),
+            "drift_mape": statistics.mean(abs(r["drift"]) for r in rows),
+            "drift_within_10": sum(abs(r["drift"]) <= 0.10 for r in rows) / len(rows),
             "spearman": float(spearmanr([r["predicted_s"] for r in rows],
                                         [r["measured_s"] for r in rows]).statistic),
             "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3,
@@ -186,23 +220,20 @@ def main() -> None:
         console.print("(--quick without --recalibrate: a cached full calibration is used "
                       "if there is one)")
     rows = []
-    for name, base, side in models(args.models):
-        for var in args.variants:
-            if var != "plain" and name not in VARIANT_MODELS:
-                continue
-            model = variant(base, var)
-            if model is None:
-                continue
-            batches = args.batch if var == "plain" or name not in HEAVY else args.batch[:1]
-            for batch in batches:
-                for layout in (args.layouts if var == "plain" else ["channels_last"]):
-                    r = run_one(name, model, side, batch, layout, cal)
-                    r["variant"] = var
-                    rows.append(r)
-                    console.print(f"{name} {var} b{batch} {layout}: predicted "
-                                  f"{r['predicted_s']*1e3:.2f} ms, measured "
-                                  f"{r['measured_s']*1e3:.2f} ms, {r['error']:+.1%}",
-                                  highlight=False)
+    for name, var, model, side, batch, layout in cases(args):
+        r = run_one(name, model, side, batch, layout, cal)
+        r["variant"] = var
+        rows.append(r)
+        console.print(f"{name} {var} b{batch} {layout}: predicted "
+                      f"{r['predicted_s']*1e3:.2f} ms, measured "
+                      f"{r['measured_s']*1e3:.2f} ms, {r['error']:+.1%}", highlight=False)
+    # every model measured again, minutes after its first measurement (the whole pass in
+    # between): how far a measurement on this machine moves over the benchmark's span, the
+    # floor under any prediction error judged against it
+    console.print("measuring every model again ...")
+    for r, (name, var, model, side, batch, layout) in zip(rows, cases(args)):
+        r["remeasured_s"] = measure(model, side, batch, layout)
+        r["drift"] = r["remeasured_s"] / r["measured_s"] - 1
     t = Table(title=f"predicted against measured, {cpu}, {args.threads} threads, fp32")
     for c in ("model", "variant", "side", "batch", "layout", "predicted ms", "measured ms",
               "error", "layer MAPE", "predict ms"):
@@ -223,7 +254,7 @@ def main() -> None:
     s = Table(title="summary")
     for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
               "dynamic blocks MAPE", "Spearman", "predict ms (median)",
-              "repeat |error| (noise)"):
+              "repeat |error| (noise)", "re-measured: MAPE / within 10%"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -234,7 +265,8 @@ def main() -> None:
                   f"{v['layer_mape']:.1%}", f"{v['layer_weighted_mape']:.1%}",
                   "-" if v["dynamic_block_mape"] is None else f"{v['dynamic_block_mape']:.1%}",
                   f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}",
-                  f"{v['repeat_mape']:.1%}")
+                  f"{v['repeat_mape']:.1%}",
+                  f"{v['drift_mape']:.1%} / {v['drift_within_10']:.0%}")
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
            "malloc": args.malloc,
