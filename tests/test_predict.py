@@ -334,19 +334,23 @@ def test_dynamic_blocks_at_a_density():
 
 
 def test_dynamic_units_are_typed_by_the_path_they_run():
-    """A spatial dynamic block is unit type 'DynamicBlock' where its body runs the tile
-    kernel and 'DynamicBlock-torch' where it runs torch (a grouped middle conv, or no tile
-    kernel on this CPU): the two run at different speeds for the same work."""
+    """A spatial dynamic block's unit type names the kernel its body runs: the tile kernel
+    with a dense middle conv ('DynamicBlock') or a depthwise one ('DynamicBlock-depthwise'),
+    or torch ('DynamicBlock-torch': a grouped conv, or no tile kernel on this CPU): they
+    run at different speeds for the same work."""
     from convgap.kernels.cpu import tiles
     cba = synthetic._cba
     bottleneck = nn.Sequential(cba(16, 8, 1), cba(8, 8, 3), cba(8, 16, 1, act=None))
+    inverted = nn.Sequential(cba(16, 32, 1), cba(32, 32, 3, groups=32), cba(32, 16, 1, act=None))
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
                         synthetic._ConvFirst(16, 3, 2, 4, "relu"),     # grouped 3x3 first
-                        synthetic._Residual(bottleneck, None, "relu")).eval()
+                        synthetic._Residual(bottleneck, None, "relu"),
+                        synthetic._Residual(inverted, None, None)).eval()
     dyn = convgap.make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
     kinds = [units.unit_type(m) for m in dyn.modules() if units.is_unit(m)]
-    assert kinds == ["DynamicBlock-torch",
-                     "DynamicBlock" if tiles.available() else "DynamicBlock-torch"]
+    torch_path = "DynamicBlock-torch"
+    assert kinds == [torch_path] + (["DynamicBlock", "DynamicBlock-depthwise"]
+                                    if tiles.available() else [torch_path] * 2)
     assert set(kinds) <= set(units.UNIT_TYPES)
 
 

@@ -706,16 +706,19 @@ class DynamicBlock(nn.Module):
         return memo.reuse(self._fold, "tile_body",
                           [t for i in order for t in self._stage_tensors(i)], build)
 
-    def tiled(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-              ) -> bool:
-        """Whether sparse spatial execution runs the body in the CPU tile kernel
-        (:mod:`convgap.kernels.cpu.tiles`) for inputs on ``device`` in ``dtype``; else in
-        torch (the kept tiles gathered, the convs on them, scattered back)."""
-        return (self._tile_plan is not None and torch.device(device).type == "cpu"
-                and dtype == torch.float32 and tile_kernel.available())
+    def sparse_kernel(self, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> str:
+        """What runs a spatial block's body sparsely for inputs on ``device`` in ``dtype``:
+        'tiles' or 'tiles-depthwise' (the CPU tile kernel, :mod:`convgap.kernels.cpu.tiles`,
+        with a dense or a depthwise middle conv), else 'torch' (the convs on the kept
+        positions in torch, scattered back; and every channel or layer block)."""
+        if not (self._tile_plan is not None and torch.device(device).type == "cpu"
+                and dtype == torch.float32 and tile_kernel.available()):
+            return "torch"
+        return "tiles-depthwise" if _depthwise(self.convs()[self._tile_plan[1]]) else "tiles"
 
     def _tiled(self, x: torch.Tensor) -> bool:
-        return self.tiled(x.device, x.dtype)
+        return self.sparse_kernel(x.device, x.dtype) != "torch"
 
     def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Spatial sparse execution as one call of the tile kernel

@@ -34,15 +34,16 @@ __all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "measur
            "outermost"]
 
 # the registered unit classes by name, most specific first; 'other': an unregistered
-# FusedBlock subclass; a dynamic block's by its mode and path ('DynamicBlock': spatial in
-# the tile kernel, 'DynamicBlock-torch': spatial in torch, the two calibrated); new names
-# go last (a calibration knows each by its index)
+# FusedBlock subclass; a dynamic block's by its mode and kernel ('DynamicBlock': spatial in
+# the tile kernel with a dense middle conv, 'DynamicBlock-depthwise' with a depthwise one,
+# 'DynamicBlock-torch': spatial in torch; the three calibrated); new names go last (a
+# calibration knows each by its index)
 UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFirst",
               "FusedInvertedResidual", "FusedConvChain", "FusedMBConv", "FusedConvNeXt",
               "DynamicBlock", "TensorialConv2d-cp", "TensorialConv2d-tucker",
               "TensorialConv2d-tt", "TensorialConv2d-tr", "FlattenedConv2d", "other",
               "DynamicBlock-channel", "DynamicBlock-layer", "FusedPoolLinear", "FusedStemBlock",
-              "DynamicBlock-torch")
+              "DynamicBlock-torch", "DynamicBlock-depthwise")
 PREPARED = (AlgoConv2d,)
 
 
@@ -66,8 +67,9 @@ def unit_type(m: nn.Module) -> str:
         return name if name in UNIT_TYPES else "other"
     if isinstance(m, DynamicBlock) and m.mode != "spatial":
         return f"DynamicBlock-{m.mode}"
-    if isinstance(m, DynamicBlock) and not m.tiled():
-        return "DynamicBlock-torch"   # a body the tile kernel does not take (CPU fp32)
+    if isinstance(m, DynamicBlock):   # by the kernel its body runs (CPU fp32)
+        return {"tiles": "DynamicBlock", "tiles-depthwise": "DynamicBlock-depthwise",
+                "torch": "DynamicBlock-torch"}[m.sparse_kernel()]
     for cls in type(m).__mro__:
         if cls.__name__ in UNIT_TYPES:
             return cls.__name__
