@@ -98,6 +98,15 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def _sparse_and_masked(dyn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparse output, masked output) of ``dyn`` for ``x``; leaves it sparse."""
+    with torch.no_grad():
+        set_execution(dyn, "masked")
+        ref = dyn(x)
+        set_execution(dyn, "sparse")
+        return dyn(x), ref
+
+
 @pytest.mark.parametrize("mode", ["spatial", "channel", "layer"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_sparse_equals_masked_for_random_masks(mode, channels_last):
@@ -119,11 +128,7 @@ def test_sparse_equals_masked_for_random_masks(mode, channels_last):
             for density in (1.0, 0.6, 0.3, 0.0):
                 for seed in range(2):
                     force_density(dyn, density, seed)
-                    with torch.no_grad():
-                        set_execution(dyn, "masked")
-                        ref = dyn(x)
-                        set_execution(dyn, "sparse")
-                        got = dyn(x)
+                    got, ref = _sparse_and_masked(dyn, x)
                     assert _rel(got, ref) <= 1e-4, (mode, g, n, size, density, seed)
                     if density == 1.0:
                         with torch.no_grad():
@@ -171,11 +176,7 @@ def test_spatial_bodies_run_the_tile_kernel_where_it_is(native, monkeypatch):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         force_density(dyn, 0.5, 1)
-        with torch.no_grad():
-            set_execution(dyn, "masked")
-            ref = dyn(x)
-            set_execution(dyn, "sparse")
-            assert _rel(dyn(x), ref) <= 1e-4
+        assert _rel(*_sparse_and_masked(dyn, x)) <= 1e-4
     assert (len(calls) > 0) == native
 
 
@@ -203,11 +204,7 @@ def test_a_widening_middle_conv_runs_the_torch_path():
     assert block._tile_plan is None
     x = torch.randn(2, 3, 10, 10)
     force_density(dyn, 0.5, 0)
-    with torch.no_grad():
-        set_execution(dyn, "masked")
-        ref = dyn(x)
-        set_execution(dyn, "sparse")
-        assert _rel(dyn(x), ref) <= 1e-4
+    assert _rel(*_sparse_and_masked(dyn, x)) <= 1e-4
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
