@@ -13,8 +13,9 @@ run, which layers timed alone do not):
   measurement's noise within one window);
 - every model measured again after the whole pass (minutes later): how far the same
   measurement moves on this machine over the benchmark's span ("re-measured": MAPE and
-  the share within +-10% of the first measurement), the floor under any prediction error
-  judged against one measurement;
+  the share within +-10% of the first measurement; its layers profiled again: their MAPE,
+  plain and time-weighted), the floor under any prediction error judged against one
+  measurement;
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
   predicted and measured over all models; per variant; and the dynamic blocks' own MAPE
@@ -132,10 +133,23 @@ def measure(model, side, batch, layout, pair=False):
     return (a.median, b.median) if pair else (a.median + b.median) / 2
 
 
-def run_one(name, model, side, batch, layout, cal):
-    from convgap import ConvgapError, predict_latency
+def layer_times(model, pred, side, batch, layout):
+    """(the profiled run's op times, each predicted layer's time inside it by name; {}
+    where the run's operators do not match the recording's)."""
+    from convgap import ConvgapError
     from convgap.ops.layouts import memory_format
     from convgap.predict.profile import align, by_module, profile
+    x = torch.randn(batch, 3, side, side).contiguous(memory_format=memory_format(layout))
+    prof = profile(model.to(memory_format=memory_format(layout)), x, repeats=5)
+    try:
+        return prof, by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])
+    except ConvgapError:
+        return prof, {}
+
+
+def run_one(name, model, side, batch, layout, cal):
+    from convgap import predict_latency
+    from convgap.ops.layouts import memory_format
     model = model.to(memory_format=memory_format(layout))
     shape = (batch, 3, side, side)
     t0 = time.perf_counter()
@@ -146,12 +160,7 @@ def run_one(name, model, side, batch, layout, cal):
     # models measures it again minutes later: main)
     a, b = measure(model, side, batch, layout, pair=True)
     measured_s = (a + b) / 2
-    x = torch.randn(shape).contiguous(memory_format=memory_format(layout))
-    prof = profile(model, x, repeats=5)
-    try:
-        measured = by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])
-    except ConvgapError:     # the run's operators do not match the recording's: no layers
-        measured = {}
+    prof, measured = layer_times(model, pred, side, batch, layout)
     layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
                "measured_s": measured[r.name]}
               for r in pred.layers if measured.get(r.name)]
@@ -169,6 +178,8 @@ def summary(rows):
            if l["type"] == "DynamicBlock"]
     layer = [(abs(l["predicted_s"] / l["measured_s"] - 1), l["measured_s"])
              for r in rows for l in r["layers"]]
+    again = [(abs(l["remeasured_s"] / l["measured_s"] - 1), l["measured_s"])
+             for r in rows for l in r["layers"] if l.get("remeasured_s")]
     return {"models": len(rows), "mape": statistics.mean(errs),
             "within_10": sum(e <= 0.10 for e in errs) / len(errs),
             "layer_mape": statistics.mean(e for e, _ in layer),
@@ -176,6 +187,9 @@ def summary(rows):
             "repeat_mape": statistics.mean(abs(r["repeat"]) for r in rows),
             "drift_mape": statistics.mean(abs(r["drift"]) for r in rows),
             "drift_within_10": sum(abs(r["drift"]) <= 0.10 for r in rows) / len(rows),
+            "layer_drift_mape": statistics.mean(e for e, _ in again) if again else None,
+            "layer_drift_weighted_mape": (sum(e * w for e, w in again)
+                                          / sum(w for _, w in again)) if again else None,
             "spearman": float(spearmanr([r["predicted_s"] for r in rows],
                                         [r["measured_s"] for r in rows]).statistic),
             "predict_ms_median": statistics.median(r["predict_s"] for r in rows) * 1e3,
@@ -201,7 +215,7 @@ def parse(argv=None):
 def main() -> None:
     from rich.console import Console
     from rich.table import Table
-    from convgap import allocator, hardware, predict
+    from convgap import allocator, hardware, predict, predict_latency
     args = parse()
     warnings.simplefilter("ignore")   # the transforms' notes on what they left as it was
     torch.set_num_threads(args.threads)
@@ -234,6 +248,11 @@ def main() -> None:
     for r, (name, var, model, side, batch, layout) in zip(rows, cases(args)):
         r["remeasured_s"] = measure(model, side, batch, layout)
         r["drift"] = r["remeasured_s"] / r["measured_s"] - 1
+        again = layer_times(model, predict_latency(
+            model, (batch, 3, side, side), layout=layout, calibration=cal), side, batch,
+            layout)[1]
+        for layer in r["layers"]:
+            layer["remeasured_s"] = again.get(layer["name"])
     t = Table(title=f"predicted against measured, {cpu}, {args.threads} threads, fp32")
     for c in ("model", "variant", "side", "batch", "layout", "predicted ms", "measured ms",
               "error", "layer MAPE", "predict ms"):
@@ -254,7 +273,8 @@ def main() -> None:
     s = Table(title="summary")
     for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
               "dynamic blocks MAPE", "Spearman", "predict ms (median)",
-              "repeat |error| (noise)", "re-measured: MAPE / within 10%"):
+              "repeat |error| (noise)", "re-measured: MAPE / within 10%",
+              "layers re-measured: MAPE (time-weighted)"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -266,7 +286,9 @@ def main() -> None:
                   "-" if v["dynamic_block_mape"] is None else f"{v['dynamic_block_mape']:.1%}",
                   f"{v['spearman']:.3f}", f"{v['predict_ms_median']:.0f}",
                   f"{v['repeat_mape']:.1%}",
-                  f"{v['drift_mape']:.1%} / {v['drift_within_10']:.0%}")
+                  f"{v['drift_mape']:.1%} / {v['drift_within_10']:.0%}",
+                  "-" if v["layer_drift_mape"] is None else
+                  f"{v['layer_drift_mape']:.1%} ({v['layer_drift_weighted_mape']:.1%})")
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
            "malloc": args.malloc,
