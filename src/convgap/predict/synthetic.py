@@ -124,8 +124,8 @@ def _block(family: str, cin: int, cout: int, stride: int, rng: random.Random,
                              _cba(mid, cout, 1, act=None))
         return _Residual(body, proj, act)
     if family == "inverted":
-        # the first block after the stem: sometimes MobileNetV2's (no expansion, fewer
-        # channels out, no residual), which fuse runs with the stem as one kernel
+        # the block after a stride-2 stem (first): MobileNetV2's (no expansion, fewer
+        # channels out, so no residual), which fuse runs with the stem as one kernel
         e = 1 if first else rng.choice((1, 3, 4, 6))
         mid = cin * e
         layers = ([_cba(cin, mid, 1, act=act)] if e > 1 else []) + [
