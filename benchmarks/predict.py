@@ -148,6 +148,7 @@ def layer_times(model, pred, side, batch, layout):
 
 
 def run_one(name, model, side, batch, layout, cal):
+    """(the row, the prediction)."""
     from convgap import predict_latency
     from convgap.ops.layouts import memory_format
     model = model.to(memory_format=memory_format(layout))
@@ -168,7 +169,7 @@ def run_one(name, model, side, batch, layout, cal):
             "predicted_s": pred.total_s, "measured_s": measured_s,
             "profiled_s": sum(prof), "repeat": a / b - 1,
             "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
-            "ops": len(pred.ops), "layers": layers}
+            "ops": len(pred.ops), "layers": layers}, pred
 
 
 def summary(rows):
@@ -215,7 +216,7 @@ def parse(argv=None):
 def main() -> None:
     from rich.console import Console
     from rich.table import Table
-    from convgap import allocator, hardware, predict, predict_latency
+    from convgap import allocator, hardware, predict
     args = parse()
     warnings.simplefilter("ignore")   # the transforms' notes on what they left as it was
     torch.set_num_threads(args.threads)
@@ -233,11 +234,12 @@ def main() -> None:
     if args.quick and not args.recalibrate:
         console.print("(--quick without --recalibrate: a cached full calibration is used "
                       "if there is one)")
-    rows = []
+    rows, preds = [], []
     for name, var, model, side, batch, layout in cases(args):
-        r = run_one(name, model, side, batch, layout, cal)
+        r, pred = run_one(name, model, side, batch, layout, cal)
         r["variant"] = var
         rows.append(r)
+        preds.append(pred)
         console.print(f"{name} {var} b{batch} {layout}: predicted "
                       f"{r['predicted_s']*1e3:.2f} ms, measured "
                       f"{r['measured_s']*1e3:.2f} ms, {r['error']:+.1%}", highlight=False)
@@ -245,12 +247,10 @@ def main() -> None:
     # between): how far a measurement on this machine moves over the benchmark's span, the
     # floor under any prediction error judged against it
     console.print("measuring every model again ...")
-    for r, (name, var, model, side, batch, layout) in zip(rows, cases(args)):
+    for r, pred, (name, var, model, side, batch, layout) in zip(rows, preds, cases(args)):
         r["remeasured_s"] = measure(model, side, batch, layout)
         r["drift"] = r["remeasured_s"] / r["measured_s"] - 1
-        again = layer_times(model, predict_latency(
-            model, (batch, 3, side, side), layout=layout, calibration=cal), side, batch,
-            layout)[1]
+        again = layer_times(model, pred, side, batch, layout)[1]
         for layer in r["layers"]:
             layer["remeasured_s"] = again.get(layer["name"])
     t = Table(title=f"predicted against measured, {cpu}, {args.threads} threads, fp32")

@@ -712,13 +712,17 @@ class DynamicBlock(nn.Module):
         'tiles' or 'tiles-depthwise' (the CPU tile kernel, :mod:`convgap.kernels.cpu.tiles`,
         with a dense or a depthwise middle conv), else 'torch' (the convs on the kept
         positions in torch, scattered back; and every channel or layer block)."""
-        if not (self._tile_plan is not None and torch.device(device).type == "cpu"
-                and dtype == torch.float32 and tile_kernel.available()):
+        if not self._tiled_for(torch.device(device).type, dtype):
             return "torch"
         return "tiles-depthwise" if _depthwise(self.convs()[self._tile_plan[1]]) else "tiles"
 
+    def _tiled_for(self, device_type: str, dtype: torch.dtype) -> bool:
+        return (self._tile_plan is not None and device_type == "cpu"
+                and dtype == torch.float32 and tile_kernel.available())
+
     def _tiled(self, x: torch.Tensor) -> bool:
-        return self.sparse_kernel(x.device, x.dtype) != "torch"
+        """Whether the spatial body runs in the tile kernel for ``x`` (every forward)."""
+        return self._tiled_for(x.device.type, x.dtype)
 
     def _sparse_tiles(self, x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Spatial sparse execution as one call of the tile kernel

@@ -78,10 +78,9 @@ BATCHES = (1, 8)
 class Calibration:
     """A device's fitted latency models. ``models``: per kind, a regressor of log(measured
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
-    ``overhead_s``: one call's cost; ``sparse_s``: a sparse dynamic block's fixed cost, by
-    its unit type (the tile kernel's and the torch path's differ)
-    per call (its masker, the shortcut, the wrapper: fitted with the work it does,
-    :func:`fit_sparse`); ``weights``: of the summed operator predictions ('ops'), the
+    ``overhead_s``: one call's cost; ``sparse_s``: by dynamic unit type, a sparse block's
+    fixed cost per call (its masker, the shortcut, the wrapper: fitted with the work it
+    does, :func:`fit_sparse`; each kernel's its own); ``weights``: of the summed operator predictions ('ops'), the
     operator count ('op') and the module count ('module') in a whole network
     (:meth:`total`); ``stats``: sample counts and fit errors."""
 
@@ -118,8 +117,8 @@ def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
     roofline plus one call; a unit's reference ops as predicted (each unit its own pass)
     times its work share (a sparse block's MACs at its masks over its dense MACs, the
     kept tiles' halo included), plus one call (a dynamic block: its type's fixed cost in
-    ``sparse_s``; one call where None or not there), so that the unit's factor is its speed-up on the
-    work it does, learned where the reference ops' models are sure. The units' reference
+    ``sparse_s``; one call where None or absent), so that the unit's factor is its
+    speed-up on the work it does, learned where the reference ops' models are sure. The units' reference
     ops are predicted together: one regressor call per kind, not per unit."""
     if not ops or not ops[0].unit:
         return np.array([baseline(op, roofs, overhead_s) for op in ops])

@@ -65,9 +65,9 @@ def unit_type(m: nn.Module) -> str:
     if isinstance(m, TensorialConv2d):
         name = f"TensorialConv2d-{m.factorization}"
         return name if name in UNIT_TYPES else "other"
-    if isinstance(m, DynamicBlock) and m.mode != "spatial":
-        return f"DynamicBlock-{m.mode}"
-    if isinstance(m, DynamicBlock):   # by the kernel its body runs (CPU fp32)
+    if isinstance(m, DynamicBlock):   # by its mode; spatial by the kernel it runs (CPU fp32)
+        if m.mode != "spatial":
+            return f"DynamicBlock-{m.mode}"
         return {"tiles": "DynamicBlock", "tiles-depthwise": "DynamicBlock-depthwise",
                 "torch": "DynamicBlock-torch"}[m.sparse_kernel()]
     for cls in type(m).__mro__:
