@@ -115,11 +115,13 @@ def inverted_residual_case(s: dict, n: int, dtype: torch.dtype):
     oh = (h + 2 * pad - k) // st + 1
     flops = 2 * n * (h * h * c * r * bool(s["R"]) + oh * oh * r * (k * k + o))
     name = (f"IR {c}-{s['R'] or '-'}-{o} k{k} s{st} @{h}" + (" +x" if s["residual"] else ""))
-    return reference, fused, flops, name
+    return reference, fused, flops, name, {}
 
 
 def convfirst_case(s: dict, n: int, dtype: torch.dtype):
-    """(torch reference, fused call, useful FLOPs, name) of one ConvFirst block."""
+    """(torch reference, fused call, useful FLOPs, name, parts) of one ConvFirst block;
+    parts: the fused call's two launches alone (the grouped conv on cuDNN, the pointwise
+    MLP kernel) and the layer-wise 1x1 pair the MLP kernel replaces."""
     from convgap.kernels.triton import blocks
     c, e, gw, k, h, dev = s["C"], s["E"], s["GW"], s["k"], s["H"], "cuda"
     x = torch.randn(n, c, h, h, device=dev).to(dtype).contiguous(
@@ -132,17 +134,25 @@ def convfirst_case(s: dict, n: int, dtype: torch.dtype):
     w1c = w1.contiguous(memory_format=cl)
     w2c, w3c = (w[..., None, None].contiguous(memory_format=cl) for w in (w2, w3))
 
-    def reference():
-        u = F.conv2d(x, w1c, bias1, padding=k // 2, groups=c // gw)
+    def grouped():
+        return F.conv2d(x, w1c, bias1, padding=k // 2, groups=c // gw)
+
+    def pair(u):
         t = F.silu(F.conv2d(u, w2c, bias2), inplace=True)
         return F.conv2d(t, w3c, bias3).add_(x)
 
-    w1_fast, w2_fast, w3_fast = fast(w1, (1, 2, 3, 0)), fast(w2, (1, 0)), fast(w3, (1, 0))
+    def reference():
+        return pair(grouped())
 
     def fused():
-        return blocks.convfirst(x, w1_fast, bias1, w2_fast, bias2, w3_fast, bias3, act="silu")
+        return blocks.convfirst(x, w1, bias1, w2, bias2, w3, bias3, act="silu")
+    u = grouped()
+    parts = {"grouped conv (cuDNN)": grouped,
+             "1x1 pair, layer-wise": lambda: pair(u),
+             "1x1 pair, pointwise_mlp": lambda: blocks.pointwise_mlp(u, w2, bias2, w3, bias3,
+                                                                     x, act="silu")}
     flops = 2 * n * h * h * c * (gw * k * k + 2 * e)
-    return reference, fused, flops, f"ConvFirst {c}-{e}-{c} g{gw} @{h}"
+    return reference, fused, flops, f"ConvFirst {c}-{e}-{c} g{gw} @{h}", parts
 
 
 def peak(dtype_name: str, tf32: bool) -> tuple[float, str]:
@@ -194,7 +204,7 @@ def main() -> None:
             make, shapes = cases[block]
             for shape in shapes:
                 torch.manual_seed(0)
-                reference, fused, flops, name = make(shape, args.batch, dtype)
+                reference, fused, flops, name, parts = make(shape, args.batch, dtype)
                 row = {"block": name, "dtype": dtype_name, "shape": shape,
                        "gflop": flops / 1e9}
                 try:
@@ -207,6 +217,8 @@ def main() -> None:
                     row["efficiency"] = {k: flops / (t * 1e-3) / top
                                          for k, t in row["ms"].items()}
                     row["speedup"] = row["ms"]["torch"] / row["ms"]["fused"]
+                    row["parts_ms"] = {k: do_bench(f, return_mode="median")
+                                       for k, f in parts.items()}
                 except Exception as exc:  # noqa: BLE001 - record it, go on with the next
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 rows.append(row)
@@ -278,9 +290,10 @@ def summary(row: dict) -> str:
     if "error" in row:
         return f"{head} ERROR {row['error']}"
     ms, eff = row["ms"], row["efficiency"]
+    parts = "".join(f"\n    {k}: {v:.4f} ms" for k, v in row.get("parts_ms", {}).items())
     return (f"{head} torch {ms['torch']:.4f} ms ({eff['torch']:6.1%})  fused "
             f"{ms['fused']:.4f} ms ({eff['fused']:6.1%})  x{row['speedup']:.2f}  "
-            f"err {row['rel_err']:.1e}")
+            f"err {row['rel_err']:.1e}{parts}")
 
 
 def write(args, rows, peaks, start, triton, models) -> None:

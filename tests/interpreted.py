@@ -20,10 +20,14 @@ HERE = str(Path(__file__).resolve().parent)
 
 
 def make_input(n: int, c: int, h: int, w: int, layout: str) -> torch.Tensor:
-    """A random (n, c, h, w) float32 map: 'nchw' contiguous, 'cl' channels_last, or 'slice'
-    (every other column of a wider tensor, channels sliced too: arbitrary strides)."""
+    """A random (n, c, h, w) float32 map: 'nchw' contiguous, 'cl' channels_last, 'slice'
+    (every other column of a wider tensor, channels sliced too: arbitrary strides) or
+    'shifted' (channels_last rows of c + 4 values starting one value in: evenly strided
+    pixels whose first one is not 16-byte aligned)."""
     if layout == "slice":
         return torch.randn(n, c + 3, h, 2 * w)[:, 1:c + 1, :, ::2]
+    if layout == "shifted":
+        return torch.randn(n, h, w, c + 4)[..., 1:c + 1].permute(0, 3, 1, 2)
     x = torch.randn(n, c, h, w)
     return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
 

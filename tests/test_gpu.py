@@ -320,13 +320,15 @@ def test_block_kernels_compiled_on_every_interpreter_case():
     the float64 reference within the same tolerances as interpreted."""
     import json
     from interpreted import printed_json, run_py
-    from test_triton_blocks import _SCRIPT, CF_CASES, IR_CASES, _assert_agrees
-    out = printed_json(run_py(_SCRIPT, json.dumps(IR_CASES), json.dumps(CF_CASES), "cuda",
-                              interpret=False, timeout=240))
+    from test_triton_blocks import _SCRIPT, CF_CASES, IR_CASES, MLP_CASES, _assert_agrees
+    out = printed_json(run_py(_SCRIPT, json.dumps(IR_CASES), json.dumps(CF_CASES),
+                              json.dumps(MLP_CASES), "cuda", interpret=False, timeout=240))
     assert out["interpreting"] is False
     assert len(out["ir"]) == len(IR_CASES) and len(out["cf"]) == len(CF_CASES)
     for r, case in zip(out["ir"], IR_CASES):
         _assert_agrees(r, case, case[13])
     for r, case in zip(out["cf"], CF_CASES):
         _assert_agrees(r, case, case[7])
+    for r, case in zip(out["mlp"], MLP_CASES):
+        _assert_agrees(r, case, case[9])
     assert "residual add" in out["refused"]

@@ -47,6 +47,18 @@ CF_CASES = [
     (1, 16, 4, 5, 16, "silu", "cl", "float32", True),
     (1, 16, 5, 5, 8, "silu", "cl", "float16", False),
     (1, 16, 5, 5, 8, "silu", "cl", "bfloat16", False),
+    (1, 12, 5, 5, 6, "silu", "cl", "float32", False),   # a group width not a power of two
+    (2, 40, 3, 5, 8, "silu", "slice", "float32", True),  # C > the K and output tiles
+    (1, 40, 4, 4, 8, "silu", "cl", "bfloat16", True),
+]
+# pointwise_mlp alone: (N, C, H, W, E, O, residual, act, layout, dtype)
+MLP_CASES = [
+    (2, 16, 3, 5, 48, 40, False, "silu", "nchw", "float32"),
+    (1, 24, 4, 4, 40, 24, True, "relu", "slice", "float32"),
+    (1, 8, 5, 3, 24, 8, True, "relu6", "cl", "float32"),
+    (1, 32, 3, 3, 64, 48, False, "silu", "cl", "float16"),
+    (1, 32, 3, 3, 64, 32, True, "silu", "cl", "bfloat16"),
+    (2, 16, 3, 4, 32, 16, True, "silu", "shifted", "float32"),  # copied for TMA
 ]
 
 _SCRIPT = textwrap.dedent("""
@@ -58,9 +70,9 @@ _SCRIPT = textwrap.dedent("""
 
     ACT = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu}
     torch.manual_seed(0)
-    if len(sys.argv) > 3:  # tests/test_gpu.py: the same cases compiled for a GPU
-        torch.set_default_device(sys.argv[3])
-    out = {"interpreting": interpreting(), "ir": [], "cf": []}
+    if len(sys.argv) > 4:  # tests/test_gpu.py: the same cases compiled for a GPU
+        torch.set_default_device(sys.argv[4])
+    out = {"interpreting": interpreting(), "ir": [], "cf": [], "mlp": []}
 
     def stored(t, transposed):
         # the same values in transposed storage: the kernels take any weight strides
@@ -79,15 +91,18 @@ _SCRIPT = textwrap.dedent("""
         x = x.double()
         u = F.conv2d(x, w1.double(), bias1.double(), padding=1,
                      groups=x.shape[1] // w1.shape[1])
-        t = ACT[act](F.conv2d(u, w2.double()[..., None, None], bias2.double()))
-        return x + F.conv2d(t, w3.double()[..., None, None], bias3.double())
+        return x + mlp_reference(u, w2, bias2, w3, bias3, act)
+
+    def mlp_reference(u, w2, bias2, w3, bias3, act):
+        t = ACT[act](F.conv2d(u.double(), w2.double()[..., None, None], bias2.double()))
+        return F.conv2d(t, w3.double()[..., None, None], bias3.double())
 
     def summary(y, ref, x, layout):
         fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
         return {"shape_ok": tuple(y.shape) == tuple(ref.shape), "err": rel(y, ref),
                 "dtype_ok": y.dtype == x.dtype, "format_ok": y.is_contiguous(memory_format=fmt)}
 
-    ir_cases, cf_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    ir_cases, cf_cases, mlp_cases = (json.loads(a) for a in sys.argv[1:4])
     for (n, c, h, w, r, o, k, s, p, act, residual, expand, layout, dt,
          transposed) in ir_cases:
         dt = getattr(torch, dt)
@@ -118,6 +133,17 @@ _SCRIPT = textwrap.dedent("""
         res["supports"] = blocks.supports("convfirst", x, w1, bias1, w2, bias2, w3, bias3,
                                           act=act)
         out["cf"].append(res)
+    for (n, c, h, w, e, o, residual, act, layout, dt) in mlp_cases:
+        dt = getattr(torch, dt)
+        u = make_input(n, c, h, w, layout).to(dt)
+        w2 = (torch.randn(e, c) / c ** 0.5).to(dt)
+        w3 = (torch.randn(o, e) / e ** 0.5).to(dt)
+        bias2, bias3 = torch.randn(e).to(dt), torch.randn(o).to(dt)
+        r = make_input(n, o, h, w, layout).to(dt) if residual else None
+        y = blocks.pointwise_mlp(u, w2, bias2, w3, bias3, r, act=act)
+        ref = mlp_reference(u, w2, bias2, w3, bias3, act)
+        res = summary(y, ref if r is None else ref + r.double(), u, "cl")
+        out["mlp"].append(res)
     # a residual add at stride 2: a reason, not None, under the interpreter too
     x = torch.randn(1, 8, 6, 6)
     out["refused"] = blocks.supports("inverted_residual", x, torch.randn(8, 16),
@@ -130,18 +156,20 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    return run_interpreted(_SCRIPT, json.dumps(IR_CASES), json.dumps(CF_CASES))
+    return run_interpreted(_SCRIPT, json.dumps(IR_CASES), json.dumps(CF_CASES),
+                           json.dumps(MLP_CASES))
 
 
 def test_runs_under_the_interpreter(results):
     assert results["interpreting"] is True
     assert len(results["ir"]) == len(IR_CASES) and len(results["cf"]) == len(CF_CASES)
+    assert len(results["mlp"]) == len(MLP_CASES)
 
 
 def _assert_agrees(r: dict, case: tuple, dtype: str) -> None:
     assert r["shape_ok"] and r["dtype_ok"] and r["format_ok"], case
     assert r["err"] <= HALF_TOL.get(dtype, TOL), (case, r["err"])
-    assert r["supports"] is None, (case, r["supports"])
+    assert r.get("supports") is None, (case, r["supports"])
 
 
 @pytest.mark.parametrize("i", range(len(IR_CASES)))
@@ -154,23 +182,35 @@ def test_convfirst_matches_float64_reference(results, i):
     _assert_agrees(results["cf"][i], CF_CASES[i], CF_CASES[i][7])
 
 
+@pytest.mark.parametrize("i", range(len(MLP_CASES)))
+def test_pointwise_mlp_matches_float64_reference(results, i):
+    """Output channels != input channels, no residual, any input format: the output
+    comes back channels_last."""
+    _assert_agrees(results["mlp"][i], MLP_CASES[i], MLP_CASES[i][9])
+
+
 def test_supports_gives_the_reason_under_the_interpreter(results):
     assert "residual add" in results["refused"]
 
 
-# the constexprs of each kernel's first GPU config and a zoo-like problem; pointers and
-# ints as triton types, unit strides specialized as triton does for channels_last operands
+# per kernel: its function, the constexprs of its first GPU config and a zoo-like problem,
+# num_warps, num_stages, the arguments specialized to 1 (unit strides, as triton does for
+# channels_last operands and weights stored as the fused modules store them)
+_BM, _BK, _BE, _BN, _MW, _MS = blocks.MLP_CONFIGS[0]
 _COMPILED = {
-    "inverted_residual": (dict(KH=3, KW=3, EXPAND=True, RESIDUAL=True, ACT="relu6",
+    "inverted_residual": (blocks._ir_kernel,
+                          dict(KH=3, KW=3, EXPAND=True, RESIDUAL=True, ACT="relu6",
                                BLOCK_C=32, BLOCK_P=blocks.IR_CONFIGS[0][0],
                                BLOCK_R=blocks.IR_CONFIGS[0][1],
                                BLOCK_O=blocks.IR_CONFIGS[0][2]),
-                          blocks.IR_CONFIGS[0][3], ("x_sc", "y_sc", "a_sr", "d_sr", "b_so")),
-    "convfirst": (dict(KH=3, KW=3, GW=8, ACT="silu", BLOCK_G=16,
-                       BLOCK_P=blocks.CF_CONFIGS[0][0], BLOCK_E=blocks.CF_CONFIGS[0][1],
-                       BLOCK_O=blocks.CF_CONFIGS[0][2]),
-                  blocks.CF_CONFIGS[0][3], ("x_sc", "y_sc", "w1_so", "w2_se", "w3_so")),
+                          blocks.IR_CONFIGS[0][3], 3, ("x_sc", "y_sc", "a_sr", "d_sr", "b_so")),
+    "pointwise_mlp": (blocks._mlp_kernel,
+                      dict(ACT="silu", RESIDUAL=True, BLOCK_M=_BM, BLOCK_K=_BK, BLOCK_E=_BE,
+                           BLOCK_N=_BN, ONE_K=True), _MW, _MS, ()),
 }
+# the pointwise MLP's tensor descriptors: their tiles at that configuration
+_DESCS = {"u_desc": (_BM, _BK), "w2_desc": (_BE, _BK), "w3_desc": (_BN, _BE),
+          "r_desc": (_BM, _BN), "y_desc": (_BM, _BN)}
 
 
 @pytest.mark.parametrize("block", list(_COMPILED))
@@ -188,15 +228,21 @@ def test_kernels_compile_for_hopper(block, dtype):
         nvidia.get_ptxas(90).path
     except Exception as exc:  # noqa: BLE001 - a triton without its bundled ptxas
         pytest.skip(f"no ptxas: {exc}")
-    constexprs, warps, unit = _COMPILED[block]
+    fn, constexprs, warps, stages, unit = _COMPILED[block]
     constexprs = dict(constexprs, PRECISION="ieee" if dtype == "fp32" else None,
                       UPCAST=False, **dict.fromkeys(unit, 1))
-    fn = triton.runtime.JITFunction(blocks._SPECS[block][0])
+    fn = triton.runtime.JITFunction(fn)
     signature = {name: "constexpr" if name in constexprs else
+                 f"tensordesc<{dtype}[{','.join(map(str, _DESCS[name]))}]>"
+                 if name in _DESCS else
                  f"*{dtype}" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "num_stages": stages})
     assert kernel.asm["cubin"]
+    if block == "pointwise_mlp" and dtype == "bf16":  # Hopper: TMA tiles into wgmma
+        assert "wgmma.mma_async" in kernel.asm["ptx"]
+        assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
 
 
 def _ir_operands(**change) -> dict:
@@ -248,20 +294,48 @@ def test_inverted_residual_bad_operands_raise(change, match):
 @pytest.mark.parametrize("change,match", [
     ({"x": torch.randn(1, 12, 5, 5), "w1": torch.randn(12, 8, 3, 3)},
      "channel counts disagree"),
-    ({"x": torch.randn(1, 12, 5, 5), "w1": torch.randn(12, 6, 3, 3),
-      "w2": torch.randn(48, 12), "w3": torch.randn(12, 48), "bias1": torch.randn(12),
-      "bias2": torch.randn(48), "bias3": torch.randn(12)}, "power of two"),
     ({"w1": torch.randn(16, 8, 2, 2)}, "odd filter"),
     ({"w3": torch.randn(16, 32)}, "channel counts disagree"),
     ({"w2": torch.randn(64, 16, 1, 1)}, "expected w1"),
     ({"bias2": torch.randn(16)}, "bias2 must be a contiguous"),
     ({"act": "tanh"}, "unknown activation"),
     ({"w3": torch.randn(16, 64).half()}, "every operand must match"),
+    ({name: t.bfloat16() for name, t in _cf_operands(
+        x=torch.randn(1, 12, 5, 5), w1=torch.randn(12, 4, 3, 3), bias1=torch.randn(12),
+        w2=torch.randn(48, 12), w3=torch.randn(12, 48), bias3=torch.randn(12),
+        bias2=torch.randn(48)).items() if name != "act"}, "C = 12 must be a multiple of 8"),
 ])
 def test_convfirst_bad_operands_raise(change, match):
     ops = _cf_operands(**change)
     with pytest.raises(ConvgapError, match=match):
         blocks.convfirst(**ops)
+    x = ops.pop("x")
+    assert match in blocks.supports("convfirst", x, **ops)
+
+
+def _mlp_operands(**change) -> dict:
+    ops = {"u": torch.randn(1, 16, 5, 5), "w2": torch.randn(64, 16), "bias2": torch.randn(64),
+           "w3": torch.randn(24, 64), "bias3": torch.randn(24), "residual": None,
+           "act": "silu"}
+    ops.update(change)
+    return ops
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"w2": torch.randn(64, 12)}, "expected w2"),
+    ({"w3": torch.randn(24, 32)}, "expected w2"),
+    ({"w2": torch.randn(64, 16, 1, 1)}, "expected w2"),
+    ({"bias3": torch.randn(16)}, "bias3 must be a contiguous"),
+    ({"residual": torch.randn(1, 16, 5, 5)}, "residual must be"),
+    ({"act": "gelu"}, "unknown activation"),
+    ({"u": torch.randn(1, 16, 5, 5).half()}, "every operand must match"),
+    ({"u": torch.randn(1, 6, 5, 5), "w2": torch.randn(64, 6)}, "C = 6 must be a multiple of 4"),
+    ({"w2": torch.randn(62, 16), "bias2": torch.randn(62), "w3": torch.randn(24, 62)},
+     "E = 62 must be a multiple of 4"),
+])
+def test_pointwise_mlp_bad_operands_raise(change, match):
+    with pytest.raises(ConvgapError, match=match):
+        blocks.pointwise_mlp(**_mlp_operands(**change))
 
 
 def test_supports_names_the_blocks():

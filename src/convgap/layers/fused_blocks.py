@@ -6,8 +6,8 @@ Each module holds the block's folded parameters as its own ``nn.Parameter`` s (s
 - :meth:`reference`: the block's torch ops (``F.conv2d``, the activations, the add), used
   where a fast path must step aside (autograd, ``torch.jit.trace``, ONNX export,
   ``torch.compile``, another device or dtype): the same result, and training works;
-- on a CUDA GPU (inference), the block's one-launch Triton kernel where it has one
-  (inverted residual, ConvFirst; :mod:`convgap.kernels.triton.blocks`), fp32 / fp16 / bf16;
+- on a CUDA GPU (inference), the block's Triton kernels where it has them (inverted
+  residual, ConvFirst; :mod:`convgap.kernels.triton.blocks`), fp32 / fp16 / bf16;
 - the fast path (CPU, fp32, inference): one bound plan per input shape, built once and kept
   while the parameters are unchanged (:func:`convgap.ops.memo.reuse`), calling oneDNN with
   packed weights (:func:`convgap.ops.onednn.pack_conv`) in channels_last, every activation,
@@ -191,7 +191,7 @@ class FusedBlock(nn.Module, abc.ABC):
                 and not observed())
 
     def gpu_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The block's one-launch Triton kernel for inputs like ``x`` (a CUDA tensor, or any
+        """The block's Triton kernel call for inputs like ``x`` (a CUDA tensor, or any
         under ``TRITON_INTERPRET=1``), or None where the block has none or it does not
         apply (:func:`convgap.kernels.triton.blocks.supports`)."""
         return None
@@ -335,8 +335,9 @@ class FusedBottleneck(FusedConvChain):
 
 
 class FusedConvFirst(FusedConvChain):
-    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x. On a GPU, one
-    Triton launch (:func:`convgap.kernels.triton.blocks.convfirst`)."""
+    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x. On a GPU, cuDNN's
+    grouped conv and one Triton launch for the 1x1 pair
+    (:func:`convgap.kernels.triton.blocks.convfirst`)."""
     block_kind = "convfirst"
     pattern = "convfirst"
 

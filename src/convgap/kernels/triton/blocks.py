@@ -1,6 +1,7 @@
-"""Whole residual blocks as single Triton kernels on a GPU: the inverted residual
-(MobileNetV2 / MBConv without squeeze-excitation) and the ConvFirst block, batch norm folded
-into the weights and biases beforehand.
+"""Whole residual blocks as Triton kernels on a GPU, their widest intermediate never in
+memory: the inverted residual (MobileNetV2 / MBConv without squeeze-excitation) in one
+launch and the ConvFirst block in two, batch norm folded into the weights and biases
+beforehand.
 
 :func:`inverted_residual`
     ``y = conv1x1(act(dw(act(conv1x1(x, a) + bias1), d) + bias2), b) + bias (+ x)``.
@@ -15,34 +16,44 @@ into the weights and biases beforehand.
     output pixel, i.e. ``kh kw / (sh sw)`` times its layer-wise cost (9x at stride 1, 2.25x
     at stride 2 for 3x3 filters), and once more per extra output-channel tile
     (``ceil(O / BLOCK_O)``, 1 whenever the autotuner takes a BLOCK_O >= O). ``a=None`` is
-    the no-expand variant (R = C: the depthwise conv reads x).
+    the:func:`pointwise_mlp`
+    ``y = conv1x1(act(conv1x1(u, w2) + bias2), w3) + bias3 (+ residual)``, shaped like
+    flash attention's forward: each program takes BLOCK_M pixels (128: a wgmma's height per
+    warpgroup) and BLOCK_N output channels and streams the E hidden channels in BLOCK_E
+    chunks: per chunk one ``tl.dot`` of the pixels' rows by ``w2`` (BLOCK_K >= C: the
+    rows loaded once for every chunk), bias and activation in registers, one ``tl.dot``
+    of the hidden chunk into the output tile by ``w3``; bias and residual in the epilogue.
+    Every tile moves by TMA (tensor descriptors): the first version addressed tiles by
+    per-element pointers and spilled 100-7000 bytes of registers in every configuration
+    (compiled offline for sm_90), this one spills none. O wider than 256 is split over
+    programs, each recomputing the first product (2x at O 384, 3x at 768: slower than
+    cuBLAS layer by layer there, measured; the fused modules then keep their layers).
 
 :func:`convfirst`
     ``y = x + conv1x1(act(conv1x1(gconv(x, w1) + bias1, w2) + bias2), w3) + bias3``, the
-    grouped conv C -> C at stride 1 with "same" padding. Each program takes BLOCK_P pixels
-    and BLOCK_O output channels and streams the E (= 4C) hidden channels in BLOCK_E chunks:
-    per chunk it runs the grouped conv over C in chunks of BLOCK_G channels (whole groups:
-    one ``tl.dot`` per tap with the chunk's block-diagonal filter), multiplies each chunk
-    into the hidden tile by ``w2``, adds bias2, applies the activation, and multiplies the
-    hidden tile into the output tile by ``w3``. The E-channel map never reaches memory; the
-    grouped conv is recomputed once per hidden chunk and output tile,
-    ``ceil(E / BLOCK_E) ceil(C / BLOCK_O)`` times, as dense BLOCK_G-wide dots (BLOCK_G /
-    group width times its useful products): per output tile ``2 kh kw BLOCK_G C E /
-    BLOCK_E`` tensor-core FLOPs a pixel against the expansion's ``2 C E`` (3x3, BLOCK_G 16:
-    1.1x of it at BLOCK_E 128, 2.25x at 64); the expansion itself is recomputed per output
-    tile (1 whenever the autotuner takes a BLOCK_O >= C).
+    grouped conv C -> C at stride 1 with "same" padding: the grouped conv on cuDNN (its
+    output, C wide, is the one intermediate written), then :func:`pointwise_mlp` with x
+    as the residual, so the 4C-wide hidden map never reaches memory. (The first design
+    ran the whole block as one kernel, recomputing the grouped conv per hidden chunk with
+    16-row ``tl.dot`` tiles and per-element addressing: 3-100x slower than cuDNN layer by
+    layer on an H200, docs/2026-12-04-gpu-h200.md.)
 
-Both take (N, C, H, W) tensors in any memory format (channels_last is the fast one; the
-output keeps x's format: channels_last stays channels_last, anything else comes back
-contiguous) and weights in any strides, read fastest with the dim the kernel's tiles run
-along innermost: ``a`` as given (C, R) row-major, ``d`` channels innermost
-(``d.permute(1, 2, 0).contiguous().permute(2, 0, 1)``), ``w1`` output channels innermost,
-and ``b``, ``w2``, ``w3`` transposed in memory (``b.t().contiguous().t()``). float32,
+Both blocks take (N, C, H, W) tensors in any memory format (channels_last is the fast one;
+the output keeps x's format: channels_last stays channels_last, anything else comes back
+contiguous); :func:`pointwise_mlp` returns channels_last. The inverted residual takes
+weights in any strides, read fastest with the dim the kernel's tiles run along innermost:
+``a`` as given (C, R) row-major, ``d`` channels innermost
+(``d.permute(1, 2, 0).contiguous().permute(2, 0, 1)``), ``b`` transposed in memory
+(``b.t().contiguous().t()``); the MLP reads its weights row-major as nn.Conv2d stores them
+(others are copied), and its rows of channels must be 16-byte aligned (TMA). float32,
 float16 or bfloat16, with float32 accumulation and the output in x's dtype: float32
-products are IEEE unless ``torch.backends.cuda.matmul.allow_tf32``; in half precision
-every 1x1 conv multiplies x's dtype on tensor cores (its input rounded to it, as the
-layer-wise block's intermediates are), while the expansion feeding the depthwise conv stays
-float32. Activations ``"relu"``, ``"relu6"`` and ``"silu"`` (a constexpr: one binary
+products are IEEE unless ``torch.backends.cuda.matmul.allow_tf32`` (cuDNN's grouped conv
+follows the same switch); in half precision every 1x1 conv multiplies x's dtype on tensor
+cores (its input rounded to it, as the layer-wise block's intermediates are), while the
+expansion feeding the depthwise conv stays float32. Activations ``"relu"``, ``"relu6"``
+and ``"silu"`` (a constexpr: one binary each). Inference only.
+
+silu"`` (a constexpr: one binary
 each). Inference only.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors
@@ -56,6 +67,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ...errors import ConvgapError
@@ -63,22 +75,29 @@ from ...ops.layouts import channels_last
 from ...ops.sizes import conv_length
 from .implicit_gemm import AVAILABLE, interpreting, tl, triton
 
-__all__ = ["AVAILABLE", "ACTIVATIONS", "inverted_residual", "convfirst", "supports"]
+__all__ = ["AVAILABLE", "ACTIVATIONS", "inverted_residual", "convfirst", "pointwise_mlp",
+           "supports"]
 
 ACTIVATIONS = ("relu", "relu6", "silu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the interpreter's one configuration (tl.dot needs every dimension >= 16)
-INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_E": 16, "BLOCK_O": 16}
-# (BLOCK_P, BLOCK_R, BLOCK_O, num_warps) tried for the inverted residual on a GPU, and
-# (BLOCK_P, BLOCK_E, BLOCK_O, num_warps) for the ConvFirst block (wide output tiles, so that
-# the expansion is not recomputed per output tile). Compiled offline for sm_90 (triton
-# 3.9, no GPU) each spills at most 80 bytes of registers in bf16 and 104 in fp32, but
-# ConvFirst's (64, 128, 128, 8) 1.6 KB in fp32 (4-warp tiles of 64 x 128 spilled over 1 KB
-# in every dtype); not yet timed on a GPU
+INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_O": 16}
+# (BLOCK_P, BLOCK_R, BLOCK_O, num_warps) tried for the inverted residual on a GPU. Compiled
+# offline for sm_90 (triton 3.9, no GPU) each spills at most 80 bytes of registers in bf16
+# and 104 in fp32
 IR_CONFIGS = ((64, 32, 32, 8), (32, 32, 64, 4), (64, 32, 128, 8), (64, 64, 128, 8),
               (32, 64, 256, 8))
-CF_CONFIGS = ((64, 64, 128, 8), (64, 128, 128, 8), (32, 64, 256, 8), (16, 64, 512, 8),
-              (16, 32, 1024, 8))
+# (BLOCK_M, BLOCK_K, BLOCK_E, BLOCK_N, num_warps, num_stages) tried for the pointwise MLP on
+# a GPU, pruned per problem (:func:`_mlp_prune`): flash-attention-shaped tiles (128 rows,
+# a wgmma's height per warpgroup), BLOCK_K >= C holding the whole input row (C <= 256),
+# BLOCK_N >= O where the accumulator fits (O <= 256)
+MLP_CONFIGS = (
+    (128, 128, 64, 128, 8, 3), (128, 128, 128, 128, 8, 2), (128, 64, 64, 128, 8, 3),
+    (128, 32, 64, 128, 4, 3), (64, 128, 64, 128, 4, 3), (128, 64, 64, 64, 4, 3),
+    (64, 256, 64, 256, 8, 2), (128, 64, 64, 256, 8, 3), (64, 64, 64, 256, 8, 3),
+    (128, 256, 64, 256, 8, 2), (128, 64, 128, 256, 8, 2),
+)
+MLP_INTERPRET = {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_E": 16, "BLOCK_N": 16}
 _NOT_RUNNABLE = ("the Triton block kernels need triton and a CUDA tensor (or "
                  "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
 
@@ -177,80 +196,57 @@ def _ir_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _cf_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr,
-    M, H, W, C, E,
-    x_sn, x_sc, x_sh, x_sw, y_sn, y_sc, y_sh, y_sw,
-    w1_so, w1_si, w1_sh, w1_sw, w2_se, w2_sc, w3_so, w3_se,
-    KH: tl.constexpr, KW: tl.constexpr, GW: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr,
+def _mlp_kernel(
+    u_desc, w2_desc, b2_ptr, w3_desc, b3_ptr, r_desc, y_desc, M, C, E, O,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_K: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < M
-    iw0 = offs_p % W
-    q = offs_p // W
-    ih0 = q % H
-    n = q // H
-    x_img = n.to(tl.int64) * x_sn
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = offs_o < C
-    gi = tl.arange(0, BLOCK_G)  # the grouped conv's input channels within a chunk...
-    gi64 = gi.to(tl.int64)
-    # ... and (columns) its output channels: a block-diagonal filter, groups of GW
-    same_group = (gi[:, None] // GW) == (gi[None, :] // GW)
-    w1_pos = gi[None, :] * w1_so + (gi[:, None] % GW) * w1_si
-
-    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-    for e0 in range(0, E, BLOCK_E):
-        es = e0 + tl.arange(0, BLOCK_E)
-        e_ok = es < E
-        h = tl.zeros((BLOCK_P, BLOCK_E), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_G):  # BLOCK_G is a multiple of GW: whole groups
-            cs = c0 + gi
-            c_ok = cs < C
-            u = tl.zeros((BLOCK_P, BLOCK_G), dtype=tl.float32)
-            for tap in range(KH * KW):
-                i = tap // KW
-                j = tap - i * KW
-                ih = ih0 + i - KH // 2
-                iw = iw0 + j - KW // 2
-                ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                pix = x_img + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
-                xt = tl.load(x_ptr + pix[:, None] + (c0 + gi64)[None, :] * x_sc,
-                             mask=ok[:, None] & c_ok[None, :], other=0.0)
-                wt = tl.load(w1_ptr + c0 * w1_so + w1_pos + i * w1_sh + j * w1_sw,
-                             mask=same_group & c_ok[:, None] & c_ok[None, :], other=0.0)
-                if UPCAST:
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                u = tl.dot(xt, wt, u, input_precision=PRECISION)
-            u += tl.load(b1_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-            w2t = tl.load(w2_ptr + cs[:, None] * w2_sc + es[None, :] * w2_se,
-                          mask=c_ok[:, None] & e_ok[None, :], other=0.0)
-            if UPCAST:
-                h = tl.dot(u, w2t.to(tl.float32), h, input_precision=PRECISION)
-            else:
-                h = tl.dot(u.to(w2t.dtype), w2t, h, input_precision=PRECISION)
-        h += tl.load(b2_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-        h = _act(h, ACT)
-        w3t = tl.load(w3_ptr + es[:, None] * w3_se + offs_o[None, :] * w3_so,
-                      mask=e_ok[:, None] & o_ok[None, :], other=0.0)  # rows past E: 0
+    # one program: BLOCK_M rows (pixels) x BLOCK_N output channels; the output-channel
+    # tiles of one row tile are neighbouring programs (they read the same u rows). Every
+    # tile moves by TMA (tensor descriptors): no per-element addresses in registers, and
+    # the tails past M, C, E and O read as zeros and are not written
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(O, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid - pid_m * n_tiles
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    if ONE_K:  # the whole row of u in one tile, loaded once for every hidden chunk
+        a0 = u_desc.load([off_m, 0])
         if UPCAST:
-            acc = tl.dot(h, w3t.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(h.to(w3t.dtype), w3t, acc, input_precision=PRECISION)
+            a0 = a0.to(tl.float32)
 
-    acc += tl.load(b3_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    tile_ok = p_ok[:, None] & o_ok[None, :]
-    pix = x_img + ih0.to(tl.int64) * x_sh + iw0.to(tl.int64) * x_sw
-    acc += tl.load(x_ptr + pix[:, None] + offs_o.to(tl.int64)[None, :] * x_sc,
-                   mask=tile_ok, other=0.0).to(tl.float32)
-    out = n.to(tl.int64) * y_sn + ih0.to(tl.int64) * y_sh + iw0.to(tl.int64) * y_sw
-    tl.store(y_ptr + out[:, None] + offs_o.to(tl.int64)[None, :] * y_sc,
-             acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        if ONE_K:
+            bt = w2_desc.load([e0, 0])  # (BLOCK_E, BLOCK_K): w2 as nn.Conv2d stores it
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            h = tl.dot(a0, bt.T, input_precision=PRECISION)
+        else:
+            h = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+            for k0 in range(0, C, BLOCK_K):
+                a = u_desc.load([off_m, k0])
+                bt = w2_desc.load([e0, k0])
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    bt = bt.to(tl.float32)
+                h = tl.dot(a, bt.T, h, input_precision=PRECISION)
+        es = e0 + tl.arange(0, BLOCK_E)
+        h += tl.load(b2_ptr + es, mask=es < E, other=0.0).to(tl.float32)[None, :]
+        h = _act(h, ACT)  # columns past E: w3's are read as zeros
+        w3t = w3_desc.load([off_n, e0])  # (BLOCK_N, BLOCK_E)
+        if UPCAST:
+            acc = tl.dot(h, w3t.to(tl.float32).T, acc, input_precision=PRECISION)
+        else:  # the hidden tile rounded to the dtype, as the layer-wise block stores it
+            acc = tl.dot(h.to(w3t.dtype), w3t.T, acc, input_precision=PRECISION)
+
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    acc += tl.load(b3_ptr + offs_n, mask=offs_n < O, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL:
+        acc += r_desc.load([off_m, off_n]).to(tl.float32)
+    y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
 def _pruner(chunk: str, width: str, out: str):
@@ -275,9 +271,6 @@ _SPECS = {
                            "EXPAND", "RESIDUAL", "ACT", "PRECISION"], ("R", "O"),
                           ("M", "H", "W", "OH", "OW", "x_sn", "x_sh", "x_sw", "y_sn", "y_sh",
                            "y_sw", "stride_h", "stride_w", "pad_h", "pad_w")),
-    "convfirst": (_cf_kernel, CF_CONFIGS, "BLOCK_E",
-                  ["M", "C", "E", "GW", "KH", "KW", "x_sc", "ACT", "PRECISION"], ("E", "C"),
-                  ("M", "H", "W", "x_sn", "x_sh", "x_sw", "y_sn", "y_sh", "y_sw")),
 }
 _KERNELS: dict[tuple[str, bool], Any] = {}
 
@@ -296,6 +289,46 @@ def _kernel(block: str, interpret: bool):
             )(jitted)
         _KERNELS[block, interpret] = jitted
     return _KERNELS[block, interpret]
+
+
+def _mlp_prune(configs, named_args, **kwargs):
+    """The MLP configurations worth timing for a problem: no tile much wider than what it
+    covers (BLOCK_K than C, BLOCK_E than E, BLOCK_N than O), and the widest output tile
+    that covers O (or 256 wide) only, so that the hidden chunk is recomputed as few times as
+    possible; else the smallest."""
+    c, e, o = (max(16, triton.next_power_of_2(named_args[k])) for k in ("C", "E", "O"))
+    n_cap = min(o, 256)
+    kept = [cf for cf in configs if cf.kwargs["BLOCK_K"] <= c and cf.kwargs["BLOCK_E"] <= e
+            and cf.kwargs["BLOCK_N"] == n_cap]
+    return kept or [min(configs, key=lambda cf: cf.kwargs["BLOCK_M"] * cf.kwargs["BLOCK_N"])]
+
+
+def _mlp_blocks(nargs: dict) -> None:
+    """Sets the tensor descriptors' tile shapes to a configuration's blocks (an autotune
+    pre-hook: each configuration times its own tiles)."""
+    bm, bk, be, bn = (nargs[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_E", "BLOCK_N"))
+    shapes = {"u_desc": [bm, bk], "w2_desc": [be, bk], "w3_desc": [bn, be],
+              "r_desc": [bm, bn], "y_desc": [bm, bn]}
+    for name, shape in shapes.items():
+        nargs[name].block_shape = shape
+
+
+def _mlp(interpret: bool):
+    """The jitted pointwise-MLP kernel, built on first use: plain under the interpreter,
+    autotuned on a GPU (ONE_K set from the configuration: BLOCK_K >= C)."""
+    if ("mlp", interpret) not in _KERNELS:
+        jitted = triton.jit(_mlp_kernel, do_not_specialize=["M"])
+        if not interpret:
+            jitted = triton.autotune(
+                configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_E": be,
+                                        "BLOCK_N": bn}, num_warps=w, num_stages=st,
+                                       pre_hook=_mlp_blocks)
+                         for bm, bk, be, bn, w, st in MLP_CONFIGS],
+                key=["M", "C", "E", "O", "RESIDUAL", "ACT", "PRECISION"],
+                prune_configs_by={"early_config_prune": _mlp_prune},
+            )(triton.heuristics({"ONE_K": lambda a: a["BLOCK_K"] >= a["C"]})(jitted))
+        _KERNELS["mlp", interpret] = jitted
+    return _KERNELS["mlp", interpret]
 
 
 def _check_operands(x: torch.Tensor, **operands) -> None:
@@ -379,13 +412,13 @@ def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> int:
     if w1.shape[0] != c or c % gw or w2.shape[1] != c or tuple(w3.shape) != (c, e):
         raise ConvgapError(f"channel counts disagree: x has {c}, w1 is {tuple(w1.shape)}, w2 "
                            f"{tuple(w2.shape)}, w3 {tuple(w3.shape)}")
-    if gw & (gw - 1) or gw > 64:
-        raise ConvgapError(f"the grouped conv's group width must be a power of two up to 64, "
-                           f"got {gw}")
     if kh % 2 == 0 or kw % 2 == 0:
         raise ConvgapError(f"the grouped conv needs an odd filter ('same' padding), got "
                            f"{kh}x{kw}")
     _check_biases(bias1=(bias1, c), bias2=(bias2, e), bias3=(bias3, c))
+    reason = _width_reason(x.dtype, C=c, E=e)
+    if reason:
+        raise ConvgapError(reason)
     return gw
 
 
@@ -490,27 +523,148 @@ def inverted_residual(x: torch.Tensor, a: torch.Tensor | None, bias1: torch.Tens
     return y
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """The (pixels, channels) matrix view of (N, C, H, W) ``t`` when its pixels are evenly
+    strided rows of unit-stride channels (channels_last, or a channel slice of it), else
+    None."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if (c == 1 or sc == 1) and (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw):
+        return t.as_strided((n * h * w, c), (sw, 1))
+    return None
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) ``t`` itself where TMA can read its pixels' rows in place (16-byte
+    aligned start, unit channel stride, evenly strided rows), else a channels_last copy."""
+    rows = _rows(t)
+    if rows is None or rows.data_ptr() % 16 or (rows.stride(0) * t.element_size()) % 16:
+        return t.clone(memory_format=torch.channels_last)
+    return t
+
+
+def _width_reason(dtype: torch.dtype, **widths: int) -> str | None:
+    """Why TMA cannot move rows of these widths (each a multiple of 16 bytes), or None."""
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, n in widths.items():
+        if (n * size) % 16:
+            return (f"the pointwise MLP kernel moves rows of channels by TMA: {name} = {n} "
+                    f"must be a multiple of {16 // size} in {str(dtype).removeprefix('torch.')}")
+    return None
+
+
+def _mlp_operands(u, w2, bias2, w3, bias3, residual, act):
+    """Checks :func:`pointwise_mlp`'s operands (ConvgapError) and returns them as the
+    kernel's matrices: (u rows, w2, w3, residual rows or None), copied where TMA cannot
+    read them in place."""
+    _check_operands(u, w2=w2, bias2=bias2, w3=w3, bias3=bias3,
+                    **({} if residual is None else {"residual": residual}))
+    _check_act(act)
+    n, c, h, w = u.shape
+    if w2.dim() != 2 or w3.dim() != 2 or w2.shape[1] != c or w3.shape[1] != w2.shape[0]:
+        raise ConvgapError(f"expected w2 (E, C) and w3 (O, E) with C = {c}; got "
+                           f"{tuple(w2.shape)}, {tuple(w3.shape)}")
+    e, o = w2.shape[0], w3.shape[0]
+    _check_biases(bias2=(bias2, e), bias3=(bias3, o))
+    if residual is not None and tuple(residual.shape) != (n, o, h, w):
+        raise ConvgapError(f"residual must be {(n, o, h, w)}, got {tuple(residual.shape)}")
+    reason = _width_reason(u.dtype, C=c, E=e, O=o)
+    if reason:
+        raise ConvgapError(reason)
+    weights = [t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(
+        memory_format=torch.contiguous_format) for t in (w2, w3)]
+    return (_rows(_tma_ready(u)), *weights,
+            None if residual is None else _rows(_tma_ready(residual)))
+
+
+def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: torch.Tensor,
+                  bias3: torch.Tensor, residual: torch.Tensor | None = None, *,
+                  act: str = "silu") -> torch.Tensor:
+    """Two 1x1 convolutions with an activation between them in one launch, the hidden map
+    never in memory: ``y = F.conv2d(act(F.conv2d(u, w2[..., None, None], bias2)),
+    w3[..., None, None], bias3)``, plus ``residual`` when given.
+
+    Each program takes BLOCK_M pixels and BLOCK_N output channels and streams the E hidden
+    channels in BLOCK_E chunks, as flash attention streams keys: per chunk one ``tl.dot``
+    of the pixels' rows by ``w2`` (BLOCK_K >= C: the rows loaded once), bias, activation,
+    one ``tl.dot`` of the hidden tile (rounded to the dtype in half precision, as the
+    layer-wise block stores it) into the output tile by ``w3``; bias and residual in the
+    epilogue. Tiles move by TMA. With O wider than the output tile (256) the hidden chunk
+    is recomputed per output tile.
+
+    u: (N, C, H, W) CUDA tensor (channels_last is read in place; other formats are copied
+    to it); w2: (E, C); w3: (O, E); bias2 (E,), bias3 (O,); residual: (N, O, H, W) or None;
+    all of u's dtype and device, weights in any strides (row-major is read in place). Rows
+    of channels must be whole multiples of 16 bytes (C, E and O multiples of 8 in half
+    precision, of 4 in float32). Returns (N, O, H, W) channels_last. Raises ConvgapError on
+    bad operands; RuntimeError where triton cannot run."""
+    u2, w2, w3, r2 = _mlp_operands(u, w2, bias2, w3, bias3, residual, act)
+    _runnable(u)
+    n, c, h, w = u.shape
+    e, o = w2.shape[0], w3.shape[0]
+    y = torch.empty((n, o, h, w), device=u.device, dtype=u.dtype,
+                    memory_format=torch.channels_last)
+    y2 = _rows(y)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    interpret = interpreting()
+    # tile shapes set per configuration (_mlp_blocks: by the autotuner on a GPU)
+    descs = {name: TensorDescriptor.from_tensor(t, [16, 16]) for name, t in (
+        ("u_desc", u2), ("w2_desc", w2), ("w3_desc", w3),
+        ("r_desc", y2 if r2 is None else r2), ("y_desc", y2))}  # r unread without residual
+    m = n * h * w
+    args = (descs["u_desc"], descs["w2_desc"], bias2, descs["w3_desc"], bias3,
+            descs["r_desc"], descs["y_desc"], m, c, e, o)
+    kernel = _mlp(interpret)
+    # the interpreter's tl.dot reads bf16 as raw bits: multiply in fp32 there
+    meta = dict(ACT=act, RESIDUAL=r2 is not None, PRECISION=_precision(u),
+                UPCAST=interpret and u.dtype == torch.bfloat16)
+    if interpret:
+        cfg = dict(MLP_INTERPRET, ONE_K=MLP_INTERPRET["BLOCK_K"] >= c)
+        _mlp_blocks({**cfg, **descs})
+        kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"]),)](
+            *args, **meta, **cfg)
+        return y
+
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(o, meta_["BLOCK_N"]),)
+    with torch.cuda.device(u.device):
+        kernel[grid](*args, **meta)
+    return y
+
+
+def _grouped_conv(x, w, bias, padding, groups) -> torch.Tensor:
+    """F.conv2d with float32 products as the kernels take them (:func:`_precision`): cuDNN
+    follows its own TF32 switch (on by default), the kernels torch's matmul one."""
+    if x.is_cuda and x.dtype == torch.float32:
+        was = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            return F.conv2d(x, w, bias, padding=padding, groups=groups)
+        finally:
+            torch.backends.cudnn.allow_tf32 = was
+    return F.conv2d(x, w, bias, padding=padding, groups=groups)
+
+
 def convfirst(x: torch.Tensor, w1: torch.Tensor, bias1: torch.Tensor, w2: torch.Tensor,
               bias2: torch.Tensor, w3: torch.Tensor, bias3: torch.Tensor, *,
               act: str = "silu") -> torch.Tensor:
-    """A ConvFirst block in one launch: ``u = F.conv2d(x, w1, bias1, padding=(kh // 2,
-    kw // 2), groups=C // w1.shape[1])``, ``t = act(F.conv2d(u, w2[..., None, None],
-    bias2))``, ``y = x + F.conv2d(t, w3[..., None, None], bias3)``.
+    """A ConvFirst block in two launches: ``u = F.conv2d(x, w1, bias1, padding=(kh // 2,
+    kw // 2), groups=C // w1.shape[1])`` (cuDNN, channels_last), then
+    ``y = x + F.conv2d(act(F.conv2d(u, w2[..., None, None], bias2)), w3[..., None, None],
+    bias3)`` as one :func:`pointwise_mlp`: the 4C-wide hidden map, the block's largest,
+    never reaches memory.
 
     x: (N, C, H, W) CUDA tensor, any memory format; w1: (C, GW, kh, kw), the grouped conv's
-    nn.Conv2d weight (group width GW a power of two up to 64, odd kh and kw); w2: (E, C)
-    and w3: (C, E), the 1x1 convs' weights without their 1x1 dims; bias1 (C,), bias2 (E,),
-    bias3 (C,); all of x's dtype and device, weights in any strides (batch norm folded
-    in). act: 'silu' (ConvFirst's), 'relu' or 'relu6'. Returns (N, C, H, W) in x's memory
-    format. Raises ConvgapError on bad operands; RuntimeError where triton cannot run."""
-    gw = _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act)
+    nn.Conv2d weight (odd kh and kw); w2: (E, C) and w3: (C, E), the 1x1 convs' weights
+    without their 1x1 dims; bias1 (C,), bias2 (E,), bias3 (C,); all of x's dtype and device,
+    weights in any strides (batch norm folded in). act: 'silu' (ConvFirst's), 'relu' or
+    'relu6'. Returns (N, C, H, W) in x's memory format (channels_last stays channels_last,
+    anything else comes back contiguous). Raises ConvgapError on bad operands;
+    RuntimeError where triton cannot run."""
+    _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act)
     _runnable(x)
-    n, c, h, w = x.shape
-    e = w2.shape[0]
-    y = _output(x, c, h, w)
-    m = n * h * w
-    args = (x, w1, bias1, w2, bias2, w3, bias3, y, m, h, w, c, e, *x.stride(),
-            *y.stride(), *w1.stride(), *w2.stride(), *w3.stride())
-    meta = dict(KH=w1.shape[2], KW=w1.shape[3], GW=gw, ACT=act, BLOCK_G=max(16, gw))
-    _launch("convfirst", x, m, c, args, meta)
-    return y
+    kh, kw = w1.shape[2:]
+    xc = _tma_ready(x)
+    u = _grouped_conv(xc, w1, bias1, (kh // 2, kw // 2), x.shape[1] // w1.shape[1])
+    y = pointwise_mlp(u, w2, bias2, w3, bias3, xc, act=act)
+    return y if channels_last(x) else y.contiguous()
