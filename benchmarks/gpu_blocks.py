@@ -120,8 +120,9 @@ def inverted_residual_case(s: dict, n: int, dtype: torch.dtype):
 
 def convfirst_case(s: dict, n: int, dtype: torch.dtype):
     """(torch reference, fused call, useful FLOPs, name, parts) of one ConvFirst block;
-    parts: the fused call's two launches alone (the grouped conv on cuDNN, the pointwise
-    MLP kernel) and the layer-wise 1x1 pair the MLP kernel replaces."""
+    parts: the fused block with convgap's Triton grouped conv instead of cuDNN's, the fused
+    call's two launches alone (the grouped conv on cuDNN, and in Triton; the pointwise MLP
+    kernel) and the layer-wise 1x1 pair the MLP kernel replaces."""
     from convgap.kernels.triton import blocks
     c, e, gw, k, h, dev = s["C"], s["E"], s["GW"], s["k"], s["H"], "cuda"
     x = torch.randn(n, c, h, h, device=dev).to(dtype).contiguous(
@@ -146,8 +147,16 @@ def convfirst_case(s: dict, n: int, dtype: torch.dtype):
 
     def fused():
         return blocks.convfirst(x, w1, bias1, w2, bias2, w3, bias3, act="silu")
+    from convgap.kernels.triton import grouped as tg
+    w1bd = tg.block_diagonal(w1)
+
+    def fused_triton_gconv():
+        return blocks.convfirst(x, w1, bias1, w2, bias2, w3, bias3, act="silu",
+                                w1_diagonal=w1bd)
     u = grouped()
-    parts = {"grouped conv (cuDNN)": grouped,
+    parts = {"whole: fused, Triton grouped conv": fused_triton_gconv,
+             "grouped conv (cuDNN)": grouped,
+             "grouped conv (Triton)": lambda: tg.grouped_conv(x, w1bd, bias1, (k, k)),
              "1x1 pair, layer-wise": lambda: pair(u),
              "1x1 pair, pointwise_mlp": lambda: blocks.pointwise_mlp(u, w2, bias2, w3, bias3,
                                                                      x, act="silu")}
@@ -217,8 +226,12 @@ def main() -> None:
                     row["efficiency"] = {k: flops / (t * 1e-3) / top
                                          for k, t in row["ms"].items()}
                     row["speedup"] = row["ms"]["torch"] / row["ms"]["fused"]
-                    row["parts_ms"] = {k: do_bench(f, return_mode="median")
-                                       for k, f in parts.items()}
+                    row["parts_ms"], row["parts_err"] = {}, {}
+                    for k, f in parts.items():  # each checked where it computes the block
+                        if k.startswith("whole"):
+                            row["parts_err"][k] = float((f().float() - ref.float()).abs().max()
+                                                        / ref.float().abs().max())
+                        row["parts_ms"][k] = do_bench(f, return_mode="median")
                 except Exception as exc:  # noqa: BLE001 - record it, go on with the next
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 rows.append(row)

@@ -25,7 +25,7 @@ torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.v
 
 # the kernels of the open issues first: their GPU tests, the roofs (the efficiency
 # denominators), issue 18's fused blocks, issue 20's sparse tiles; then everything else
-NEW="block_kernels or sparse_tile"
+NEW="block_kernels or sparse_tile or grouped_conv"
 step "pytest tests/test_gpu.py -k '$NEW'" 150 \
     $PY -m pytest tests/test_gpu.py -k "$NEW" -q -s -p no:cacheprovider -o addopts="" -rfE
 grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
@@ -36,6 +36,9 @@ cp "$CONVGAP_CACHE/roofs.json" "$OUT/roofs.json" 2>/dev/null
 step "fused block kernels (issue 18) b$BATCH" 240 \
     $PY benchmarks/gpu_blocks.py --batch "$BATCH" --dtypes bfloat16 float16 float32 \
     --blocks convfirst inverted_residual --out "$OUT/gpu_blocks.json"
+step "fused ConvFirst b256 bf16 (cuDNN / Triton grouped conv)" 150 \
+    $PY benchmarks/gpu_blocks.py --batch 256 --dtypes bfloat16 --blocks convfirst \
+    --models convfirst --out "$OUT/gpu_blocks_b256.json"
 step "sparse tile kernels (issue 20's kernel table) b8 b$BATCH" 240 \
     $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" \
     --out "$OUT/gpu_dynamic.json"
@@ -85,8 +88,8 @@ if d:
     print("\nimplicit_gemm (ms, CUDA events): shape | " + " | ".join(names))
     for r in d["rows"]:
         print(r["shape"], "|", " | ".join(f"{r['ms'][n]:.4f}" for n in names))
-d = load("gpu_blocks.json")
-if d:
+for d in (load("gpu_blocks.json"), load("gpu_blocks_b256.json")):
+  if d:
     print(f"\ngpu_blocks b{d['batch']} ({d['device']}): block | dtype | torch ms | fused ms | "
           "eff torch | eff fused | speedup | err")
     for r in d["rows"]:
@@ -96,6 +99,8 @@ if d:
         print(f"{r['block']} | {r['dtype']} | {r['ms']['torch']:.4f} | {r['ms']['fused']:.4f}"
               f" | {r['efficiency']['torch']:.1%} | {r['efficiency']['fused']:.1%} | "
               f"{r['speedup']:.2f} | {r['rel_err']:.1e}")
+        for k, v in r.get("parts_ms", {}).items():
+            print(f"    {k}: {v:.4f} ms")
     for r in d.get("models", []):
         print(r["model"], r["dtype"], r.get("ms"), r.get("speedup"), r.get("rel_err"),
               r.get("error", ""))

@@ -332,3 +332,15 @@ def test_block_kernels_compiled_on_every_interpreter_case():
     for r, case in zip(out["mlp"], MLP_CASES):
         _assert_agrees(r, case, case[9])
     assert "residual add" in out["refused"]
+
+
+def test_grouped_conv_compiled_on_every_interpreter_case():
+    """convgap's Triton grouped conv compiled for the device (autotuned) on
+    tests/test_triton_grouped.py's cases, within the same tolerances as interpreted."""
+    import json
+    from interpreted import printed_json, run_py
+    from test_triton_grouped import CASES, SCRIPT, assert_agrees
+    out = printed_json(run_py(SCRIPT, json.dumps(CASES), "cuda", interpret=False,
+                              timeout=240))
+    assert out["interpreting"] is False
+    assert_agrees(out)

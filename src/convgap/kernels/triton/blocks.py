@@ -74,6 +74,8 @@ from ...errors import ConvgapError
 from ...ops.layouts import channels_last
 from ...ops.sizes import conv_length
 from .implicit_gemm import AVAILABLE, interpreting, tl, triton
+from . import grouped
+from .tma import pixel_rows, tma_ready, width_reason
 
 __all__ = ["AVAILABLE", "ACTIVATIONS", "inverted_residual", "convfirst", "pointwise_mlp",
            "supports"]
@@ -416,7 +418,7 @@ def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> int:
         raise ConvgapError(f"the grouped conv needs an odd filter ('same' padding), got "
                            f"{kh}x{kw}")
     _check_biases(bias1=(bias1, c), bias2=(bias2, e), bias3=(bias3, c))
-    reason = _width_reason(x.dtype, C=c, E=e)
+    reason = width_reason(x.dtype, C=c, E=e)
     if reason:
         raise ConvgapError(reason)
     return gw
@@ -523,36 +525,6 @@ def inverted_residual(x: torch.Tensor, a: torch.Tensor | None, bias1: torch.Tens
     return y
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """The (pixels, channels) matrix view of (N, C, H, W) ``t`` when its pixels are evenly
-    strided rows of unit-stride channels (channels_last, or a channel slice of it), else
-    None."""
-    n, c, h, w = t.shape
-    sn, sc, sh, sw = t.stride()
-    if (c == 1 or sc == 1) and (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw):
-        return t.as_strided((n * h * w, c), (sw, 1))
-    return None
-
-
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) ``t`` itself where TMA can read its pixels' rows in place (16-byte
-    aligned start, unit channel stride, evenly strided rows), else a channels_last copy."""
-    rows = _rows(t)
-    if rows is None or rows.data_ptr() % 16 or (rows.stride(0) * t.element_size()) % 16:
-        return t.clone(memory_format=torch.channels_last)
-    return t
-
-
-def _width_reason(dtype: torch.dtype, **widths: int) -> str | None:
-    """Why TMA cannot move rows of these widths (each a multiple of 16 bytes), or None."""
-    size = torch.empty((), dtype=dtype).element_size()
-    for name, n in widths.items():
-        if (n * size) % 16:
-            return (f"the pointwise MLP kernel moves rows of channels by TMA: {name} = {n} "
-                    f"must be a multiple of {16 // size} in {str(dtype).removeprefix('torch.')}")
-    return None
-
-
 def _mlp_operands(u, w2, bias2, w3, bias3, residual, act):
     """Checks :func:`pointwise_mlp`'s operands (ConvgapError) and returns them as the
     kernel's matrices: (u rows, w2, w3, residual rows or None), copied where TMA cannot
@@ -568,13 +540,13 @@ def _mlp_operands(u, w2, bias2, w3, bias3, residual, act):
     _check_biases(bias2=(bias2, e), bias3=(bias3, o))
     if residual is not None and tuple(residual.shape) != (n, o, h, w):
         raise ConvgapError(f"residual must be {(n, o, h, w)}, got {tuple(residual.shape)}")
-    reason = _width_reason(u.dtype, C=c, E=e, O=o)
+    reason = width_reason(u.dtype, C=c, E=e, O=o)
     if reason:
         raise ConvgapError(reason)
     weights = [t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(
         memory_format=torch.contiguous_format) for t in (w2, w3)]
-    return (_rows(_tma_ready(u)), *weights,
-            None if residual is None else _rows(_tma_ready(residual)))
+    return (pixel_rows(tma_ready(u)), *weights,
+            None if residual is None else pixel_rows(tma_ready(residual)))
 
 
 def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: torch.Tensor,
@@ -604,7 +576,7 @@ def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: to
     e, o = w2.shape[0], w3.shape[0]
     y = torch.empty((n, o, h, w), device=u.device, dtype=u.dtype,
                     memory_format=torch.channels_last)
-    y2 = _rows(y)
+    y2 = pixel_rows(y)
     from triton.tools.tensor_descriptor import TensorDescriptor
     interpret = interpreting()
     # tile shapes set per configuration (_mlp_blocks: by the autotuner on a GPU)
@@ -647,7 +619,7 @@ def _grouped_conv(x, w, bias, padding, groups) -> torch.Tensor:
 
 def convfirst(x: torch.Tensor, w1: torch.Tensor, bias1: torch.Tensor, w2: torch.Tensor,
               bias2: torch.Tensor, w3: torch.Tensor, bias3: torch.Tensor, *,
-              act: str = "silu") -> torch.Tensor:
+              act: str = "silu", w1_diagonal: torch.Tensor | None = None) -> torch.Tensor:
     """A ConvFirst block in two launches: ``u = F.conv2d(x, w1, bias1, padding=(kh // 2,
     kw // 2), groups=C // w1.shape[1])`` (cuDNN, channels_last), then
     ``y = x + F.conv2d(act(F.conv2d(u, w2[..., None, None], bias2)), w3[..., None, None],
@@ -658,13 +630,19 @@ def convfirst(x: torch.Tensor, w1: torch.Tensor, bias1: torch.Tensor, w2: torch.
     nn.Conv2d weight (odd kh and kw); w2: (E, C) and w3: (C, E), the 1x1 convs' weights
     without their 1x1 dims; bias1 (C,), bias2 (E,), bias3 (C,); all of x's dtype and device,
     weights in any strides (batch norm folded in). act: 'silu' (ConvFirst's), 'relu' or
-    'relu6'. Returns (N, C, H, W) in x's memory format (channels_last stays channels_last,
-    anything else comes back contiguous). Raises ConvgapError on bad operands;
-    RuntimeError where triton cannot run."""
+    'relu6'. ``w1_diagonal``: ``grouped.block_diagonal(w1)`` to run the grouped conv as
+    convgap's Triton kernel (:mod:`convgap.kernels.triton.grouped`) instead of cuDNN's
+    (not yet timed on a GPU: the benchmark measures both). Returns (N, C, H, W) in x's
+    memory format (channels_last stays channels_last, anything else comes back
+    contiguous). Raises ConvgapError on bad operands; RuntimeError where triton cannot
+    run."""
     _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act)
     _runnable(x)
     kh, kw = w1.shape[2:]
-    xc = _tma_ready(x)
-    u = _grouped_conv(xc, w1, bias1, (kh // 2, kw // 2), x.shape[1] // w1.shape[1])
+    xc = tma_ready(x)
+    if w1_diagonal is not None:
+        u = grouped.grouped_conv(xc, w1_diagonal, bias1, (kh, kw))
+    else:
+        u = _grouped_conv(xc, w1, bias1, (kh // 2, kw // 2), x.shape[1] // w1.shape[1])
     y = pointwise_mlp(u, w2, bias2, w3, bias3, xc, act=act)
     return y if channels_last(x) else y.contiguous()
