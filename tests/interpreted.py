@@ -60,3 +60,32 @@ def printed_json(stdout: str) -> dict:
     """The object of the ``JSON:`` line a script printed."""
     line = next(ln for ln in stdout.splitlines() if ln.startswith("JSON:"))
     return json.loads(line[len("JSON:"):])
+
+
+def compile_for_hopper(fn, constexprs: dict, dtype: str, descriptors: dict, warps: int,
+                       stages: int):
+    """Triton kernel ``fn`` (a plain function) compiled here for sm_90 down to its cubin,
+    with ``constexprs``, pointers of ``dtype`` ('bf16', 'fp32'), the tensor descriptors
+    ``descriptors`` (argument name -> tile shape) and 32-bit ints elsewhere: what the
+    interpreter would let through and a GPU reject. Skips the test in a process that
+    interprets triton, or without the nvidia backend's ptxas."""
+    import pytest
+    import triton
+    from convgap.kernels.triton import interpreting
+    if interpreting():
+        pytest.skip("this process interprets triton")
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        nvidia.get_ptxas(90).path
+    except Exception as exc:  # noqa: BLE001 - a triton without its bundled ptxas
+        pytest.skip(f"no ptxas: {exc}")
+    jit = triton.runtime.JITFunction(fn)
+    signature = {name: "constexpr" if name in constexprs else
+                 f"tensordesc<{dtype}[{','.join(map(str, descriptors[name]))}]>"
+                 if name in descriptors else
+                 f"*{dtype}" if name.endswith("_ptr") else "i32" for name in jit.arg_names}
+    return triton.compile(ASTSource(jit, signature, constexprs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})

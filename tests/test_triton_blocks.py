@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from convgap.errors import ConvgapError  # noqa: E402
 from convgap.kernels.triton import blocks  # noqa: E402
-from interpreted import run_interpreted  # noqa: E402
+from interpreted import compile_for_hopper, run_interpreted  # noqa: E402
 
 TOL = 1e-4  # float32: relative to the reference's largest magnitude
 # half precision: x, the weights and the output rounded to the dtype, the depthwise /
@@ -218,27 +218,11 @@ _DESCS = {"u_desc": (_BM, _BK), "w2_desc": (_BE, _BK), "w3_desc": (_BN, _BE),
 def test_kernels_compile_for_hopper(block, dtype):
     """The interpreter runs what a GPU would reject (layouts, types, register-held tiles),
     and no GPU runs the tests: each kernel is compiled here for sm_90 down to its cubin."""
-    import triton
-    if blocks.interpreting():
-        pytest.skip("this process interprets triton")
-    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    try:
-        nvidia.get_ptxas(90).path
-    except Exception as exc:  # noqa: BLE001 - a triton without its bundled ptxas
-        pytest.skip(f"no ptxas: {exc}")
     fn, constexprs, warps, stages, unit = _COMPILED[block]
     constexprs = dict(constexprs, PRECISION="ieee" if dtype == "fp32" else None,
                       UPCAST=False, **dict.fromkeys(unit, 1))
-    fn = triton.runtime.JITFunction(fn)
-    signature = {name: "constexpr" if name in constexprs else
-                 f"tensordesc<{dtype}[{','.join(map(str, _DESCS[name]))}]>"
-                 if name in _DESCS else
-                 f"*{dtype}" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    kernel = compile_for_hopper(fn, constexprs, dtype,
+                                _DESCS if block == "pointwise_mlp" else {}, warps, stages)
     assert kernel.asm["cubin"]
     if block == "pointwise_mlp" and dtype == "bf16":  # Hopper: TMA tiles into wgmma
         assert "wgmma.mma_async" in kernel.asm["ptx"]

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from convgap.errors import ConvgapError  # noqa: E402
 from convgap.kernels.triton import grouped  # noqa: E402
-from interpreted import run_interpreted  # noqa: E402
+from interpreted import compile_for_hopper, run_interpreted  # noqa: E402
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
@@ -108,26 +108,12 @@ def test_bad_operands_raise(args, match):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernel_compiles_for_hopper(dtype):
     """Compiled here for sm_90 down to its cubin: 4-D TMA loads into wgmma."""
-    import triton
-    if grouped.interpreting():
-        pytest.skip("this process interprets triton")
-    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    try:
-        nvidia.get_ptxas(90).path
-    except Exception as exc:  # noqa: BLE001 - a triton without its bundled ptxas
-        pytest.skip(f"no ptxas: {exc}")
     bh, bw, bc, warps, stages = grouped.CONFIGS[0]
     constexprs = dict(KH=3, KW=3, PRECISION="ieee" if dtype == "fp32" else None,
                       UPCAST=False, BH=bh, BW=bw, BC=bc)
-    fn = triton.runtime.JITFunction(grouped._kernel)
-    signature = {name: "constexpr" if name in constexprs else
-                 f"tensordesc<{dtype}[1,{bh},{bw},{bc}]>" if name.endswith("_desc") else
-                 f"*{dtype}" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    box = (1, bh, bw, bc)
+    kernel = compile_for_hopper(grouped._kernel, constexprs, dtype,
+                                {"x_desc": box, "y_desc": box}, warps, stages)
     assert kernel.asm["cubin"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
     if dtype == "bf16":
         assert "wgmma.mma_async" in kernel.asm["ptx"]
