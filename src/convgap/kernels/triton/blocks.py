@@ -98,6 +98,8 @@ MLP_CONFIGS = (
     (128, 32, 64, 128, 4, 3), (64, 128, 64, 128, 4, 3), (128, 64, 64, 64, 4, 3),
     (64, 256, 64, 256, 8, 2), (128, 64, 64, 256, 8, 3), (64, 64, 64, 256, 8, 3),
     (128, 256, 64, 256, 8, 2), (128, 64, 128, 256, 8, 2),
+    # narrow problems (tests, small heads): output tiles of 16-64 channels
+    (64, 32, 32, 64, 4, 2), (64, 32, 32, 32, 4, 2), (64, 16, 16, 16, 4, 2),
 )
 MLP_INTERPRET = {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_E": 16, "BLOCK_N": 16}
 _NOT_RUNNABLE = ("the Triton block kernels need triton and a CUDA tensor (or "
