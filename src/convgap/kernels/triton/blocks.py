@@ -73,7 +73,7 @@ from torch.nn.modules.utils import _pair
 from ...errors import ConvgapError
 from ...ops.layouts import channels_last
 from ...ops.sizes import conv_length
-from .implicit_gemm import AVAILABLE, interpreting, tl, triton
+from .implicit_gemm import AVAILABLE, dot_precision, interpreting, runnable, tl, triton
 from . import grouped
 from .tma import pixel_rows, tma_ready, width_reason
 
@@ -404,8 +404,8 @@ def _check_inverted_residual(x, a, bias1, d, bias2, b, bias, stride, padding, ac
     return (oh, ow), (sh, sw), (ph, pw)
 
 
-def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> int:
-    """Checks the operands of :func:`convfirst` (ConvgapError); returns the group width."""
+def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> None:
+    """Checks the operands of :func:`convfirst` (ConvgapError)."""
     _check_operands(x, w1=w1, bias1=bias1, w2=w2, bias2=bias2, w3=w3, bias3=bias3)
     _check_act(act)
     c = x.shape[1]
@@ -423,7 +423,6 @@ def _check_convfirst(x, w1, bias1, w2, bias2, w3, bias3, act) -> int:
     reason = width_reason(x.dtype, C=c, E=e)
     if reason:
         raise ConvgapError(reason)
-    return gw
 
 
 def supports(block: str, x: torch.Tensor, *operands, **options) -> str | None:
@@ -438,7 +437,7 @@ def supports(block: str, x: torch.Tensor, *operands, **options) -> str | None:
         checks[block](x, *operands, **options)
     except (ConvgapError, TypeError) as exc:
         return str(exc)
-    if not AVAILABLE or (x.device.type != "cuda" and not interpreting()):
+    if not runnable(x):
         return _NOT_RUNNABLE
     return None
 
@@ -454,16 +453,8 @@ def _cf_arguments(x, w1, bias1, w2, bias2, w3, bias3, *, act="silu"):
 
 
 def _runnable(x: torch.Tensor) -> None:
-    if not (AVAILABLE and (x.device.type == "cuda" or interpreting())):
+    if not runnable(x):
         raise RuntimeError(_NOT_RUNNABLE)
-
-
-def _precision(x: torch.Tensor):
-    """tl.dot's input precision: IEEE float32 products unless torch allows TF32 in matrix
-    products; None (triton's default) for half precision."""
-    if x.dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _output(x: torch.Tensor, o: int, oh: int, ow: int) -> torch.Tensor:
@@ -478,7 +469,7 @@ def _launch(block: str, x: torch.Tensor, m: int, o: int, args: tuple, meta: dict
     interpret = interpreting()
     kernel = _kernel(block, interpret)
     # the interpreter's tl.dot reads bf16 as raw bits: multiply in fp32 there
-    meta.update(PRECISION=_precision(x), UPCAST=interpret and x.dtype == torch.bfloat16)
+    meta.update(PRECISION=dot_precision(x), UPCAST=interpret and x.dtype == torch.bfloat16)
     if interpret:
         chunk = _SPECS[block][2]
         blocks = {k: INTERPRET_CONFIG[k] for k in ("BLOCK_P", chunk, "BLOCK_O")}
@@ -527,10 +518,8 @@ def inverted_residual(x: torch.Tensor, a: torch.Tensor | None, bias1: torch.Tens
     return y
 
 
-def _mlp_operands(u, w2, bias2, w3, bias3, residual, act):
-    """Checks :func:`pointwise_mlp`'s operands (ConvgapError) and returns them as the
-    kernel's matrices: (u rows, w2, w3, residual rows or None), copied where TMA cannot
-    read them in place."""
+def _check_mlp(u, w2, bias2, w3, bias3, residual, act) -> None:
+    """Checks :func:`pointwise_mlp`'s operands (ConvgapError)."""
     _check_operands(u, w2=w2, bias2=bias2, w3=w3, bias3=bias3,
                     **({} if residual is None else {"residual": residual}))
     _check_act(act)
@@ -545,10 +534,6 @@ def _mlp_operands(u, w2, bias2, w3, bias3, residual, act):
     reason = width_reason(u.dtype, C=c, E=e, O=o)
     if reason:
         raise ConvgapError(reason)
-    weights = [t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(
-        memory_format=torch.contiguous_format) for t in (w2, w3)]
-    return (pixel_rows(tma_ready(u)), *weights,
-            None if residual is None else pixel_rows(tma_ready(residual)))
 
 
 def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: torch.Tensor,
@@ -572,10 +557,20 @@ def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: to
     of channels must be whole multiples of 16 bytes (C, E and O multiples of 8 in half
     precision, of 4 in float32). Returns (N, O, H, W) channels_last. Raises ConvgapError on
     bad operands; RuntimeError where triton cannot run."""
-    u2, w2, w3, r2 = _mlp_operands(u, w2, bias2, w3, bias3, residual, act)
+    _check_mlp(u, w2, bias2, w3, bias3, residual, act)
     _runnable(u)
+    return _run_mlp(u, w2, bias2, w3, bias3, residual, act)
+
+
+def _run_mlp(u, w2, bias2, w3, bias3, residual, act) -> torch.Tensor:
+    """:func:`pointwise_mlp` on checked operands: u and residual read in place where TMA
+    can (:func:`~convgap.kernels.triton.tma.tma_ready`), the weights where contiguous."""
     n, c, h, w = u.shape
     e, o = w2.shape[0], w3.shape[0]
+    u2 = pixel_rows(tma_ready(u))
+    r2 = None if residual is None else pixel_rows(tma_ready(residual))
+    w2, w3 = (t if t.is_contiguous() and t.data_ptr() % 16 == 0 else
+              t.clone(memory_format=torch.contiguous_format) for t in (w2, w3))
     y = torch.empty((n, o, h, w), device=u.device, dtype=u.dtype,
                     memory_format=torch.channels_last)
     y2 = pixel_rows(y)
@@ -590,7 +585,7 @@ def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: to
             descs["r_desc"], descs["y_desc"], m, c, e, o)
     kernel = _mlp(interpret)
     # the interpreter's tl.dot reads bf16 as raw bits: multiply in fp32 there
-    meta = dict(ACT=act, RESIDUAL=r2 is not None, PRECISION=_precision(u),
+    meta = dict(ACT=act, RESIDUAL=r2 is not None, PRECISION=dot_precision(u),
                 UPCAST=interpret and u.dtype == torch.bfloat16)
     if interpret:
         cfg = dict(MLP_INTERPRET, ONE_K=MLP_INTERPRET["BLOCK_K"] >= c)
@@ -607,7 +602,7 @@ def pointwise_mlp(u: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor, w3: to
 
 
 def _grouped_conv(x, w, bias, padding, groups) -> torch.Tensor:
-    """F.conv2d with float32 products as the kernels take them (:func:`_precision`): cuDNN
+    """F.conv2d with float32 products as the kernels take them (:func:`dot_precision`): cuDNN
     follows its own TF32 switch (on by default), the kernels torch's matmul one."""
     if x.is_cuda and x.dtype == torch.float32:
         was = torch.backends.cudnn.allow_tf32
@@ -646,5 +641,5 @@ def convfirst(x: torch.Tensor, w1: torch.Tensor, bias1: torch.Tensor, w2: torch.
         u = grouped.grouped_conv(xc, w1_diagonal, bias1, (kh, kw))
     else:
         u = _grouped_conv(xc, w1, bias1, (kh // 2, kw // 2), x.shape[1] // w1.shape[1])
-    y = pointwise_mlp(u, w2, bias2, w3, bias3, xc, act=act)
+    y = _run_mlp(u, w2, bias2, w3, bias3, xc, act)
     return y if channels_last(x) else y.contiguous()

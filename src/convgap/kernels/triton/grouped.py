@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ...errors import ConvgapError
-from .implicit_gemm import AVAILABLE, interpreting, tl, triton
-from .tma import pixel_rows, tma_ready, width_reason
+from .implicit_gemm import dot_precision, interpreting, runnable, tl, triton
+from .tma import tma_ready, width_reason
 
 __all__ = ["block_diagonal", "grouped_conv", "chunk_width"]
 
@@ -141,8 +141,7 @@ def grouped_conv(x: torch.Tensor, wbd: torch.Tensor, bias: torch.Tensor,
     reason = width_reason(x.dtype, C=c)
     if reason:
         raise ConvgapError(reason)
-    interpret = interpreting()
-    if not (AVAILABLE and (x.is_cuda or interpret)):
+    if not runnable(x):
         raise RuntimeError("the Triton grouped conv needs triton and a CUDA tensor (or "
                            "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -156,14 +155,10 @@ def grouped_conv(x: torch.Tensor, wbd: torch.Tensor, bias: torch.Tensor,
                               box)
     y_desc = TensorDescriptor(y, [n, h, w, c], [y.stride(0), y.stride(2), y.stride(3), 1],
                               box)
-    assert pixel_rows(y) is not None
-    if x.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = None
+    interpret = interpreting()
     args = (x_desc, wbd, bias, y_desc, n, h, w, c, wbd.stride(0), wbd.stride(1),
             wbd.shape[2])
-    meta = dict(KH=kh, KW=kw, PRECISION=precision,
+    meta = dict(KH=kh, KW=kw, PRECISION=dot_precision(x),
                 UPCAST=interpret and x.dtype == torch.bfloat16)
     kernel = _jitted(interpret)
 

@@ -48,7 +48,8 @@ except ImportError:  # triton is not installed (or sys.modules["triton"] is None
 
 AVAILABLE: bool = triton is not None
 
-__all__ = ["AVAILABLE", "conv2d_implicit_gemm", "interpreting", "pack_weight"]
+__all__ = ["AVAILABLE", "conv2d_implicit_gemm", "dot_precision", "interpreting",
+           "pack_weight", "runnable"]
 
 # The fixed config used by the interpreter (and the smallest one tl.dot accepts).
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -92,6 +93,21 @@ def interpreting() -> bool:
     (triton's own ``tl.*`` helpers are built for one mode or the other), so this reads
     triton's state, not the environment variable now."""
     return AVAILABLE and type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+def runnable(x: torch.Tensor) -> bool:
+    """Whether convgap's Triton kernels can run on ``x``: triton here and x on a GPU, or on
+    CPU under the interpreter."""
+    return AVAILABLE and (x.device.type == "cuda" or interpreting())
+
+
+def dot_precision(x: torch.Tensor) -> str | None:
+    """``tl.dot``'s input precision for ``x``'s dtype: float32 products IEEE unless torch
+    allows TF32 in matrix products (``torch.backends.cuda.matmul.allow_tf32``); None
+    (triton's default: tensor cores) in half precision."""
+    if x.dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:

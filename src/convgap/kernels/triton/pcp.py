@@ -35,7 +35,7 @@ from ...errors import ConvgapError
 from ...ops.layouts import channels_last
 from ...ops.memo import reuse
 from ...ops.sizes import conv_length
-from .implicit_gemm import AVAILABLE, interpreting, tl, triton
+from .implicit_gemm import AVAILABLE, dot_precision, interpreting, runnable, tl, triton
 
 __all__ = ["AVAILABLE", "pointwise_conv_pointwise", "pointwise_depthwise_pointwise", "bind",
            "sequential_core"]
@@ -197,10 +197,6 @@ def _check(x: torch.Tensor, a, w, b, bias, groups: int, depthwise: bool) -> None
         raise ConvgapError(f"bias must have shape ({b.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _runnable(x: torch.Tensor) -> bool:
-    return AVAILABLE and (x.device.type == "cuda" or interpreting())
-
-
 def pointwise_conv_pointwise(x: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
                              b: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                              padding=0, dilation=1, groups: int = 1,
@@ -234,7 +230,7 @@ def pointwise_depthwise_pointwise(x: torch.Tensor, a: torch.Tensor, d: torch.Ten
 
 
 def _call(x, a, w, b, bias, stride, padding, dilation, groups, depthwise, store):
-    if not _runnable(x):
+    if not runnable(x):
         raise RuntimeError("the Triton kernel needs triton and a CUDA tensor (or "
                            "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
     return bind(x, a, w, b, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
@@ -327,10 +323,7 @@ def bind(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     def call(x: torch.Tensor) -> torch.Tensor:
         t = first(x)
         y = torch.empty(shape, device=device, dtype=x.dtype, memory_format=fmt)
-        # fp32: exact IEEE products unless torch allows TF32 in matrix products (None:
-        # triton's default, for half precision)
-        precision = None if x.dtype != torch.float32 else \
-            "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        precision = dot_precision(x)
         args = (t, taps, bt, bias_, y, *sizes, r1, r3, groups, *t.stride(), *y.stride(),
                 *geometry)
         if device.type == "cuda" and device.index != torch.cuda.current_device():

@@ -39,7 +39,7 @@ import torch
 from ...errors import ConvgapError
 from ..cpu.tiles import Body
 from .blocks import _check_operands
-from .implicit_gemm import AVAILABLE, interpreting, tl, triton
+from .implicit_gemm import AVAILABLE, dot_precision, interpreting, runnable, tl, triton
 
 __all__ = ["AVAILABLE", "residual_tiles", "runnable"]
 
@@ -221,15 +221,6 @@ def _kernel(name: str):
     return _KERNELS[name]
 
 
-def runnable(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on ``x``: triton here and x on a GPU, or on CPU under
-    the interpreter."""
-    return AVAILABLE and (x.device.type == "cuda" or interpreting())
-
-
-def _precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
 
 def _act_name(act: str | None) -> str:
     if act not in ACTIVATIONS:
@@ -302,7 +293,7 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
             x, w1, body.b1, u, tiles, p, h, w, x.shape[2], x.shape[3], x.shape[1], r, s,
             side, st, pad, *x.stride(), *w1.stride(), u.stride(0), u.stride(1),
             u.stride(2), ST1=body.stride1, K1=k1, ACT=_act_name(body.act1),
-            PRECISION=_precision(), BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
+            PRECISION=dot_precision(x), BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"], **warps)
         src = u.permute(0, 3, 1, 2)     # (N, R, H, W) view
     w2, w3 = body.w2, body.w3
@@ -316,7 +307,7 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
         src, w2, body.b2, w3 if last else w2, b3, out, tiles, p, h, w, oh, ow, r, o, s, st,
         pad, *src.stride(), w2.stride(0), w2.stride(1), w2.stride(2), w2.stride(3), *w3s,
         *out.stride(), KS=ks, DEPTHWISE=body.depthwise(), LAST=last,
-        HAS_B3=body.b3 is not None, ACT=_act_name(body.act2), PRECISION=_precision(),
+        HAS_B3=body.b3 is not None, ACT=_act_name(body.act2), PRECISION=dot_precision(x),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_O=cfg["BLOCK_O"], **warps)
     return out

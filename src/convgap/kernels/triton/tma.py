@@ -31,7 +31,7 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 def width_reason(dtype: torch.dtype, **widths: int) -> str | None:
     """Why TMA cannot move rows of these widths (each a multiple of 16 bytes), or None."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     for name, n in widths.items():
         if (n * size) % 16:
             return (f"the kernel moves rows of channels by TMA: {name} = {n} must be a "
