@@ -343,3 +343,28 @@ def test_winograd_scratch_reuse_is_safe(name):
         check(name, a, xa.contiguous(memory_format=torch.channels_last))
     winograd.clear_workspace()
     check(name, b, xb)
+
+
+def test_winograd_workspace_keeps_its_byte_count_and_evicts_oldest(monkeypatch):
+    """The workspace's running byte count equals what it holds through reuse, growth past
+    its limit and clearing; the least recently used buffer goes first."""
+    ws = winograd._Workspace()
+    monkeypatch.setattr(ws, "limit", 4000)
+    like = torch.empty(0)
+
+    def held():
+        return sum(b.numel() * b.element_size() for b in ws.buffers.values())
+
+    a = ws.get("a", (100,), like)                    # 400 bytes
+    ws.get("b", (200,), like)                        # 800
+    assert ws.get("a", (100,), like) is a            # reused, now most recent
+    assert ws.nbytes == held() == 1200
+    ws.get("c", (500,), like)                        # 2000: 3200 in all
+    ws.get("d", (300,), like)                        # 1200: over 4000, 'b' (oldest) goes
+    assert ("b", (200,)) not in [k[:2] for k in ws.buffers]
+    assert ws.nbytes == held() == 3600                # 400 + 2000 + 1200
+    z = ws.get("z", (2000,), like, zero=True)        # bigger than the limit alone: kept
+    assert list(ws.buffers)[-1][0] == "z" and len(ws.buffers) == 1 and not z.any()
+    assert ws.nbytes == held() == 8000
+    ws.clear()
+    assert ws.nbytes == held() == 0
