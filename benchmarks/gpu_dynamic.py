@@ -19,6 +19,13 @@ execution first.
     python benchmarks/gpu_dynamic.py [--batch 8 32] [--granularities 2 4 7]
         [--densities ...] [--kernels triton gather] [--device cuda] [--out FILE]
 
+On CUDA the Triton rows are timed a second time captured in CUDA graphs
+(``convgap.timing.compare_graphs``: device time, no host dispatch) beside the static block
+and the masked body captured the same way: the regime of a whole dynamic model replayed as
+one graph, which the tile kernels allow (they read nothing back to the host). ``--tf32``
+(default on, torch's default for convolutions) sets TF32 for cuDNN and the Triton kernels
+alike.
+
 ``--device cpu`` runs the same table on the CPU's tile kernel (a check of the plumbing; the
 Triton kernels themselves are checked interpreted by tests/test_triton_tiles.py).
 """
@@ -86,6 +93,8 @@ def run_block(label, net, name, shape, batch, device, cfg, granularities, kernel
                         setattr(config, "SPARSE_CUDA", k), b.masker.force(d, seed=0), b(x)))
                     keys.append((g, kernel, d, err, float(m.float().mean())))
         res = timing.compare(fns, cfg, device)
+        graphed = (graph_times(fns, keys, cfg, device)
+                   if device.type == "cuda" and "triton" in kernels else {})
     st, fu, ma = res[0], res[1], res[2]
     fastest = st if st.median <= fu.median else fu
     for (g, kernel, d, err, kept), r in zip(keys, res[3:]):
@@ -99,10 +108,41 @@ def run_block(label, net, name, shape, batch, device, cfg, granularities, kernel
                      "sparse_ms": r.median_ms, "static_ms": st.median_ms,
                      "fused_ms": fu.median_ms, "masked_ms": ma.median_ms,
                      "fastest_static": "fused" if fastest is fu else "eager",
-                     "ratio": timing.paired_ratio(r, fastest), "error": err})
+                     "ratio": timing.paired_ratio(r, fastest), "error": err,
+                     **graphed.get((g, kernel, d), {})})
     print(f"{label} batch {batch}: static {st.median_ms:.3f} ms, fused {fu.median_ms:.3f} "
           f"ms, masked {ma.median_ms:.3f} ms")
     return rows
+
+
+def graph_times(fns, keys, cfg, device) -> dict:
+    """CUDA-graph device times of the static block (eager and fused), the masked body and
+    every Triton sparse row (the gather rows read their index lists back and cannot be
+    captured): ``{(g, 'triton', d): {graph_sparse_ms, graph_static_ms, graph_ratio}}``, the
+    ratio over the faster static form. A static form that cannot be captured is left out."""
+    from convgap import timing
+    rows = [i for i, k in enumerate(keys) if k[1] == "triton"]
+    static = [0, 1]
+    while True:
+        try:
+            res = timing.compare_graphs([fns[i] for i in static] + [fns[2]]
+                                        + [fns[3 + i] for i in rows], cfg, device, calls=10)
+            break
+        except RuntimeError as exc:   # e.g. a fused kernel that reads a size back
+            if len(static) == 1:
+                print(f"  CUDA graphs: {exc}")
+                return {}
+            print(f"  CUDA graphs: the fused block left out ({exc})")
+            static = [0]
+    fastest = min(res[:len(static)], key=lambda t: t.median)
+    out = {}
+    for i, r in zip(rows, res[len(static) + 1:]):
+        g, kernel, d = keys[i][:3]
+        out[(g, kernel, d)] = {"graph_sparse_ms": r.median_ms,
+                               "graph_static_ms": fastest.median_ms,
+                               "graph_masked_ms": res[len(static)].median_ms,
+                               "graph_ratio": timing.paired_ratio(r, fastest)}
+    return out
 
 
 def main() -> None:
@@ -113,8 +153,14 @@ def main() -> None:
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     p.add_argument("--kernels", nargs="+", default=["triton", "gather"],
                    choices=("triton", "gather"), help="config.SPARSE_CUDA values to time")
+    p.add_argument("--tf32", choices=("on", "off"), default="on",
+                   help="TF32 products in float32 convolutions and matrix products, for "
+                        "cuDNN and the Triton kernels alike (on: torch's default for "
+                        "convolutions)")
     p.add_argument("--out", type=Path, default=RESULTS / "gpu_dynamic.json")
     args = p.parse_args()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = \
+        args.tf32 == "on"
     from convgap import timing
     from convgap.kernels.triton import tiles
     device = torch.device(args.device)
@@ -130,7 +176,7 @@ def main() -> None:
                               args.granularities, args.kernels, args.densities)
             out = {"benchmark": "gpu_dynamic", "device": str(device),
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else "cpu", "torch": torch.__version__, "rows": rows,
+                   else "cpu", "torch": torch.__version__, "tf32": args.tf32, "rows": rows,
                    "seconds": time.time() - t0}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=1))    # a cut run keeps its rows
@@ -151,6 +197,14 @@ def main() -> None:
     for (blk, batch, kernel, d), r in best.items():
         print(f"{blk} | b{batch} | {kernel} | d {d:.2f} | S {r['granularity']} | "
               f"{r['ratio']:.2f}")
+    graphed = [r for r in rows if "graph_ratio" in r]
+    if graphed:
+        print("\nCUDA graphs (device time, no host dispatch): block | batch | S | density | "
+              "sparse ms | static ms | masked ms | ratio")
+        for r in graphed:
+            print(f"{r['block']} | {r['batch']} | {r['granularity']} | {r['density']:.2f} | "
+                  f"{r['graph_sparse_ms']:.3f} | {r['graph_static_ms']:.3f} | "
+                  f"{r['graph_masked_ms']:.3f} | {r['graph_ratio']:.2f}")
     print(f"JSON: {args.out}")
 
 

@@ -63,10 +63,11 @@ def printed_json(stdout: str) -> dict:
 
 
 def compile_for_hopper(fn, constexprs: dict, dtype: str, descriptors: dict, warps: int,
-                       stages: int):
+                       stages: int, pointers: dict | None = None):
     """Triton kernel ``fn`` (a plain function) compiled here for sm_90 down to its cubin,
-    with ``constexprs``, pointers of ``dtype`` ('bf16', 'fp32'), the tensor descriptors
-    ``descriptors`` (argument name -> tile shape) and 32-bit ints elsewhere: what the
+    with ``constexprs``, pointers of ``dtype`` ('bf16', 'fp32'; ``pointers``: argument name
+    -> another element type, e.g. 'i32'), the tensor descriptors ``descriptors`` (argument
+    name -> tile shape) and 32-bit ints elsewhere: what the
     interpreter would let through and a GPU reject. Skips the test in a process that
     interprets triton, or without the nvidia backend's ptxas."""
     import pytest
@@ -85,7 +86,8 @@ def compile_for_hopper(fn, constexprs: dict, dtype: str, descriptors: dict, warp
     signature = {name: "constexpr" if name in constexprs else
                  f"tensordesc<{dtype}[{','.join(map(str, descriptors[name]))}]>"
                  if name in descriptors else
-                 f"*{dtype}" if name.endswith("_ptr") else "i32" for name in jit.arg_names}
+                 f"*{(pointers or {}).get(name, dtype)}" if name.endswith("_ptr") else "i32"
+                 for name in jit.arg_names}
     return triton.compile(ASTSource(jit, signature, constexprs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})

@@ -291,15 +291,16 @@ def test_sparse_tile_kernels_compiled_on_every_interpreter_case():
     from convgap.dynamic import force_density, make_dynamic, set_execution
     from convgap.kernels.triton import tiles
     from test_triton_tiles import CASES
-    from tile_cases import case, reference, relative_error
+    from tile_cases import case, keep_grid, reference, relative_error
     for args in CASES:
         x, y, kept, body = case(*args)
         want = reference(x, y, kept, args[8], body)
         on = (lambda t: None if t is None else t.to(CUDA))
         body = body._replace(**{f: on(getattr(body, f)) for f in
                                 ("w1", "b1", "w2", "b2", "w3", "b3")})
+        keep = keep_grid(kept, y, args[8]).to(CUDA)
         with torch.no_grad():
-            got = tiles.residual_tiles(x.to(CUDA), y.to(CUDA), kept, args[8], body)
+            got = tiles.residual_tiles(x.to(CUDA), y.to(CUDA), keep, args[8], body)
         assert relative_error(got.cpu(), want) <= 1e-4, args
     net = models.create("mobilenet_v2", num_classes=10).eval()
     dyn = make_dynamic(net, "spatial", granularity=4, check=False, quiet=True).to(CUDA)
@@ -312,6 +313,50 @@ def test_sparse_tile_kernels_compiled_on_every_interpreter_case():
         for kernel in config.SPARSE_CUDA_CHOICES:   # each sparse execution on CUDA
             with config.override(SPARSE_CUDA=kernel):
                 assert rel(dyn(x), want) <= 1e-4, kernel
+
+
+def test_sparse_dynamic_model_replays_in_a_cuda_graph():
+    """The Triton sparse path reads nothing back to the host: a dynamic model whose maskers
+    decide per input is captured once and replayed on new inputs, each replay equal to the
+    masked execution of that input, with masks that differ between inputs."""
+    from convgap import config, models
+    from convgap.dynamic import dynamic_blocks, make_dynamic, set_execution
+    net = models.create("mobilenet_v2", num_classes=10).eval()
+    dyn = make_dynamic(net, "spatial", granularity=4, check=False, quiet=True)
+    blocks = list(dynamic_blocks(dyn).values())
+    torch.manual_seed(0)
+    for b in blocks:    # maskers that keep about half of the tiles, depending on the input
+        nn.init.normal_(b.masker.conv.weight, std=1.0)
+        nn.init.zeros_(b.masker.conv.bias)
+    dyn = dyn.to(CUDA, memory_format=torch.channels_last).eval()
+    static_x = torch.randn(2, 3, 96, 96, device=CUDA).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad(), config.override(SPARSE_CUDA="triton"):
+        set_execution(dyn, "sparse")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):      # compile and choose outside the capture
+            for _ in range(2):
+                dyn(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = dyn(static_x)
+        masks = [b.last_mask for b in blocks]     # the graph's mask tensors
+        kept = []
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            got = static_y.clone()
+            kept.append(torch.cat([m.flatten() for m in masks]).clone())
+            set_execution(dyn, "masked")
+            want = dyn(x)
+            set_execution(dyn, "sparse")
+            assert rel(got, want) <= 1e-4
+    share = float(kept[0].mean())
+    assert 0.1 < share < 0.9, share
+    assert not torch.equal(kept[0], kept[1])
 
 
 def test_block_kernels_compiled_on_every_interpreter_case():

@@ -3,7 +3,8 @@ triton's interpreter against the float64 torch reference of tests/tile_cases.py 
 body times the tile mask, plus the shortcut): bottleneck, inverted residual, basic block
 (a strided 3x3 first conv, no last conv) and no-first-conv bodies, dense and depthwise
 middles of 3x3 and 5x5 at strides 1 and 2, granularities 1 to 4 with partial tiles, both
-memory formats, every activation, repeated tiles; and a dynamic block's sparse execution
+memory formats, every activation, keep grids of every dtype, an empty grid, the kept
+tiles' order against ``nonzero``; and a dynamic block's sparse execution
 through them against its masked execution. Every interpreted check runs in ONE subprocess
 (tests/interpreted.py); the operand checks run here."""
 
@@ -19,7 +20,7 @@ pytest.importorskip("triton")
 
 from convgap.errors import ConvgapError  # noqa: E402
 from convgap.kernels.triton import tiles  # noqa: E402
-from interpreted import run_interpreted  # noqa: E402
+from interpreted import compile_for_hopper, run_interpreted  # noqa: E402
 
 TOL = 1e-4
 
@@ -46,7 +47,7 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from convgap.kernels.triton import tiles, interpreting
-    from tile_cases import case, reference, relative_error
+    from tile_cases import case, keep_grid, reference, relative_error
 
     torch.manual_seed(0)
     out = {"interpreting": interpreting(), "cases": []}
@@ -54,10 +55,15 @@ _SCRIPT = textwrap.dedent("""
         x, y, kept, body = case(*args)
         s = args[8]
         want = reference(x, y, kept, s, body)
-        twice = torch.cat([kept, kept[:1]]) if len(kept) else kept   # a tile listed twice
+        keep = keep_grid(kept, y, s).to([torch.float32, torch.bool, torch.uint8][
+            len(out["cases"]) % 3])
         with torch.no_grad():
-            got = tiles.residual_tiles(x, y.clone(), twice, s, body)
+            got = tiles.residual_tiles(x, y.clone(), keep, s, body)
         out["cases"].append({"err": relative_error(got, want), "kept": len(kept)})
+    x, y, kept, body = case(*json.loads(sys.argv[1])[0])
+    with torch.no_grad():     # nothing kept: the output is the shortcut, untouched
+        got = tiles.residual_tiles(x, y.clone(), keep_grid(kept[:0], y, 2), 2, body)
+    out["empty"] = bool(torch.equal(got, y))
     # a dynamic block's sparse execution through the kernels, against its masked one
     from convgap.dynamic import dynamic_blocks, force_density, make_dynamic
     from convgap import models
@@ -66,11 +72,22 @@ _SCRIPT = textwrap.dedent("""
     block = next(iter(dynamic_blocks(dyn).values()))   # an inverted residual
     x = torch.randn(1, block.masker.conv.in_channels, 9, 9)
     force_density(dyn, 0.5, 0)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):     # the aten ops the sparse execution dispatches
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
     with torch.no_grad():
         m = block.mask(x)
-        out["block"] = {"err": relative_error(block._sparse_triton(x, m),
-                                              block.masked(x, m).double()),
-                        "kept": float(m.mean())}
+        with Ops() as ops:
+            got = block._sparse_triton(x, m)
+        out["block"] = {"err": relative_error(got, block.masked(x, m).double()),
+                        "kept": float(m.mean()), "ops": sorted(ops.names)}
     print("JSON:" + json.dumps(out))
 """)
 
@@ -92,16 +109,44 @@ def test_matches_the_masked_dense_body(results, i):
     assert r["err"] <= TOL, (CASES[i], r["err"])
 
 
+def test_nothing_kept_leaves_the_output(results):
+    assert results["empty"] is True
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kept_order_is_nonzero_then_minus_one(seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(3, 5, 7, generator=g) < [0.0, 0.3, 0.8, 1.0][seed]
+    order = tiles.kept_order(keep.float())
+    want = keep.reshape(-1).nonzero().view(-1)
+    assert order.dtype == torch.int32 and order.shape == (keep.numel(),)
+    assert torch.equal(order[:len(want)].long(), want)
+    assert bool((order[len(want):] == -1).all())
+
+
 def test_a_dynamic_block_runs_sparse_through_them(results):
     r = results["block"]
     assert 0.0 < r["kept"] < 1.0
     assert r["err"] <= TOL, r
 
 
+# ops whose result size or value must be read back to the host on a GPU (a synchronization,
+# and a CUDA graph cannot capture it)
+SYNCING = {"aten.nonzero", "aten._local_scalar_dense", "aten.unique_dim", "aten._unique2",
+           "aten.masked_select", "aten.is_nonzero", "aten.item"}
+
+
+def test_the_sparse_execution_reads_nothing_back(results):
+    ops = set(results["block"]["ops"])
+    assert "aten.cumsum" in ops, ops        # the ops were recorded: kept_order's
+    assert not ops & SYNCING, ops & SYNCING
+
+
 def test_bad_operands_raise():
-    from tile_cases import case
+    from tile_cases import case, keep_grid
     x, out, kept, body = case(1, 8, 16, 8, 9, 9, 3, 1, 2, False, True, "relu", "relu",
                               False, False, 1.0)
+    kept = keep_grid(kept, out, 2)
     if not tiles.runnable(x):
         with pytest.raises(RuntimeError, match="triton"):
             tiles.residual_tiles(x, out, kept, 2, body)
@@ -110,6 +155,28 @@ def test_bad_operands_raise():
     with pytest.raises(ConvgapError, match="out must have shape"):
         tiles.residual_tiles(x, out[:, :, :3], kept, 2, body)
     with pytest.raises(ConvgapError, match="grid"):
-        tiles.residual_tiles(x, out, torch.tensor([[0, 9, 0]]), 2, body)
+        tiles.residual_tiles(x, out, kept[:, :, :-1], 2, body)
+    with pytest.raises(ConvgapError, match="grid"):
+        tiles.residual_tiles(x, out, kept, 3, body)
     with pytest.raises(ConvgapError, match="unknown activation"):
         tiles.residual_tiles(x, out, kept, 2, body._replace(act2="gelu"))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_kernels_compile_for_hopper(depthwise):
+    """Both launches compiled for sm_90 in the GPU configuration, their early exit past the
+    kept tiles included (the interpreter runs code a GPU compiler may reject)."""
+    cfg = dict(tiles.GPU_CONFIG)
+    warps = cfg.pop("num_warps")
+    first = compile_for_hopper(
+        tiles._first_kernel, dict(ST1=1, K1=1, ACT="relu", PRECISION="tf32",
+                                  BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
+                                  BLOCK_C=cfg["BLOCK_C"]),
+        "fp32", {}, warps, 2, pointers={"order_ptr": "i32"})
+    last = compile_for_hopper(
+        tiles._tile_kernel, dict(KS=3, DEPTHWISE=depthwise, LAST=True, HAS_B3=True,
+                                 ACT="relu6", ADD=True, PRECISION="tf32", **cfg),
+        "fp32", {}, warps, 2, pointers={"order_ptr": "i32"})
+    for kernel in (first, last):
+        assert kernel.asm["cubin"]
+    assert "mma" in last.asm["ptx"] or depthwise     # tensor cores under TF32

@@ -40,6 +40,14 @@ def reference(x, out, kept, s, body: Body):
     return out.double() + h * mask
 
 
+def keep_grid(kept: torch.Tensor, out: torch.Tensor, s: int) -> torch.Tensor:
+    """The (N, ceil(OH / S), ceil(OW / S)) keep grid of the tile list ``kept``."""
+    keep = torch.zeros(out.shape[0], -(-out.shape[2] // s), -(-out.shape[3] // s))
+    if len(kept):
+        keep[tuple(kept.t())] = 1.0
+    return keep
+
+
 def relative_error(y, ref) -> float:
     """max |y - ref| / max |ref|"""
     return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

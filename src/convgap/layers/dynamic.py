@@ -752,10 +752,10 @@ class DynamicBlock(nn.Module):
 
     def _sparse_triton(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Spatial sparse execution on a GPU: the Triton tile kernels
-        (:mod:`convgap.kernels.triton.tiles`) over the index list of ``m``'s kept tiles,
-        added into the shortcut's output in place."""
+        (:mod:`convgap.kernels.triton.tiles`) on ``m``'s kept tiles, added into the
+        shortcut's output in place; nothing read back to the host (CUDA-graph capturable)."""
         out = self._shortcut(x) if self.shortcut_path else x.clone()
-        triton_tiles.residual_tiles(x, out, m[:, 0].nonzero(), self.masker.granularity,
+        triton_tiles.residual_tiles(x, out, m[:, 0], self.masker.granularity,
                                     self._tile_body())
         return self._finish(out, inplace=True)
 

@@ -1,13 +1,19 @@
 """A residual block's body on kept output tiles, added into the output in place, in Triton:
-the sparse execution of a spatially dynamic block on a GPU (the CPU's is ``tiles.c``, with
-the same contract: :func:`convgap.kernels.cpu.tiles.residual_tiles`).
+the sparse execution of a spatially dynamic block on a GPU (the CPU's is ``tiles.c``,
+:func:`convgap.kernels.cpu.tiles.residual_tiles`: the same body and tiles, given as an
+index list).
 
 The body (:class:`convgap.kernels.cpu.tiles.Body`, batch norms folded): an optional first
 conv (C -> R, k1 x k1, stride s1, zero padding k1 // 2) with ``act1``, a k x k conv (R ->
 R, dense or depthwise, stride s, zero padding k // 2) with ``act2``, an optional 1x1 conv
 (R -> O). A tile (n, ty, tx) is the S x S output pixels from (ty S, tx S) of image n,
-clipped at the output's bottom and right edges. Two launches over an index list of the
-kept tiles:
+clipped at the output's bottom and right edges. The kept tiles come as a keep grid (N,
+gh, gw), turned on the device into their flat indices in order followed by -1
+(:func:`kept_order`: a cumulative sum and a scatter), and both launches cover the whole
+grid: a program whose first tile is past the kept ones returns at once. Nothing reads a
+count back to the host, so a block runs inside a CUDA graph (captured once, replayed with
+new masks), which the index list of the first design (``nonzero``, a synchronization per
+block) could not. Two or three launches:
 
 1. with a first conv, ``u`` at every pixel of each kept tile's window (the first conv's
    output pixels the middle conv reads for the tile): programs take BLOCK_P window pixels
@@ -21,7 +27,11 @@ kept tiles:
    ``tl.dot`` per tap and input chunk; depthwise: per tap, elementwise), bias2 and act2,
    multiplied into the output tile by the last conv's rows (without a last conv the
    output chunk is the middle conv's); the bias, then ``y += `` the tile at its pixels
-   inside the output (tiles do not overlap: no two programs write one element).
+   inside the output (tiles do not overlap: no two programs write one element). This
+   fuses the last conv only where its outputs fit one BLOCK_O block: with more, each block
+   would compute the middle conv again (a bottleneck's 4R outputs: 4x its work), so
+3. instead, launch 2 stores the middle conv's R channels at the kept pixels and a third
+   launch of the same kernel runs the last conv there as a 1x1 tile conv, adding into y.
 
 float32 (IEEE products unless ``torch.backends.cuda.matmul.allow_tf32``); x, y and the
 weights in any strides. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the
@@ -41,13 +51,14 @@ from ..cpu.tiles import Body
 from .blocks import _check_operands
 from .implicit_gemm import AVAILABLE, dot_precision, interpreting, runnable, tl, triton
 
-__all__ = ["AVAILABLE", "residual_tiles", "runnable"]
+__all__ = ["AVAILABLE", "kept_order", "residual_tiles", "runnable"]
 
 ACTIVATIONS = (None, "relu", "relu6", "silu", "sigmoid")
 INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_O": 16}
-# a first guess for a GPU (no device lent when this was written): 64-pixel blocks, 32-wide
-# hidden chunks, 64-wide output tiles, 4 warps
-GPU_CONFIG = {"BLOCK_P": 64, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_O": 64, "num_warps": 4}
+# not yet tuned on a device: 64-pixel blocks, 32-wide hidden chunks, 64-wide output tiles;
+# 8 warps, the fewest at which neither kernel spills registers when compiled for sm_90
+# (4 warps: 144-288 bytes of spills in the tile kernel, 255 registers)
+GPU_CONFIG = {"BLOCK_P": 64, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_O": 64, "num_warps": 8}
 
 
 def _apply(v, ACT: tl.constexpr):
@@ -68,9 +79,25 @@ if AVAILABLE:  # a jitted helper resolves as a global of the kernels at compile 
     _apply = triton.jit(_apply)
 
 
+def _tile_of(order_ptr, q, q_ok, SIDE2, GH, GW):
+    """(n, ty, tx, ok) of the kept tile pixel ``q`` lies in (SIDE2 pixels a tile); ok False
+    past the kept tiles."""
+    f = tl.load(order_ptr + q // SIDE2, mask=q_ok, other=-1)
+    ok = q_ok & (f >= 0)
+    f = tl.maximum(f, 0)
+    n = f // (GH * GW)
+    rem = f - n * (GH * GW)
+    ty = rem // GW
+    return n, ty, rem - ty * GW, ok
+
+
+if AVAILABLE:
+    _tile_of = triton.jit(_tile_of)
+
+
 def _first_kernel(
-    x_ptr, w_ptr, b_ptr, u_ptr, tiles_ptr,
-    P, H, W, XH, XW, C, R, S, SIDE, ST, PAD,
+    x_ptr, w_ptr, b_ptr, u_ptr, order_ptr,
+    P, GH, GW, H, W, XH, XW, C, R, S, SIDE, ST, PAD,
     x_sn, x_sc, x_sh, x_sw, w_sr, w_sc, w_si, w_sj, u_sn, u_sh, u_sw,
     ST1: tl.constexpr, K1: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -78,13 +105,12 @@ def _first_kernel(
     """u[n, iy, ix, r] = act(first conv of x + bias) at the kept tiles' window pixels."""
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
+    if tl.load(order_ptr + (pid_p * BLOCK_P) // (SIDE * SIDE)) < 0:
+        return      # past the kept tiles
     q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     q_ok = q < P
-    t = q // (SIDE * SIDE)
-    p = q - t * (SIDE * SIDE)
-    n = tl.load(tiles_ptr + 3 * t, mask=q_ok, other=0)
-    ty = tl.load(tiles_ptr + 3 * t + 1, mask=q_ok, other=0)
-    tx = tl.load(tiles_ptr + 3 * t + 2, mask=q_ok, other=0)
+    p = q % (SIDE * SIDE)
+    n, ty, tx, q_ok = _tile_of(order_ptr, q, q_ok, SIDE * SIDE, GH, GW)
     iy = ty * S * ST - PAD + p // SIDE
     ix = tx * S * ST - PAD + p % SIDE
     ok = q_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -153,25 +179,26 @@ if AVAILABLE:
 
 
 def _tile_kernel(
-    u_ptr, k_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr, tiles_ptr,
-    P, H, W, OH, OW, R, O, S, ST, PAD,
+    u_ptr, k_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr, order_ptr,
+    P, GH, GW, H, W, OH, OW, R, O, S, ST, PAD,
     u_sn, u_sc, u_sh, u_sw, k_so, k_si, k_sh, k_sw, w3_so, w3_sr,
     y_sn, y_sc, y_sh, y_sw,
     KS: tl.constexpr, DEPTHWISE: tl.constexpr, LAST: tl.constexpr, HAS_B3: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACT: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """y[n, o, oy, ox] += (last conv of) act(middle conv of u + bias2) at the kept tiles'
-    output pixels."""
+    output pixels (``ADD`` False: y = ...)."""
     pid_p = tl.program_id(0)
     pid_o = tl.program_id(1)
+    if tl.load(order_ptr + (pid_p * BLOCK_P) // (S * S)) < 0:
+        return      # past the kept tiles
     q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     q_ok = q < P
-    t = q // (S * S)
-    p = q - t * (S * S)
-    n = tl.load(tiles_ptr + 3 * t, mask=q_ok, other=0)
-    oy = tl.load(tiles_ptr + 3 * t + 1, mask=q_ok, other=0) * S + p // S
-    ox = tl.load(tiles_ptr + 3 * t + 2, mask=q_ok, other=0) * S + p % S
+    p = q % (S * S)
+    n, ty, tx, q_ok = _tile_of(order_ptr, q, q_ok, S * S, GH, GW)
+    oy = ty * S + p // S
+    ox = tx * S + p % S
     ok = q_ok & (oy < OH) & (ox < OW)
     iy0 = oy * ST - PAD
     ix0 = ox * ST - PAD
@@ -201,7 +228,9 @@ def _tile_kernel(
     at = (n.to(tl.int64) * y_sn + oy.to(tl.int64) * y_sh + ox.to(tl.int64) * y_sw)[:, None] \
         + offs_o.to(tl.int64)[None, :] * y_sc
     mask = ok[:, None] & o_ok[None, :]
-    tl.store(y_ptr + at, tl.load(y_ptr + at, mask=mask, other=0.0) + acc, mask=mask)
+    if ADD:
+        acc += tl.load(y_ptr + at, mask=mask, other=0.0)
+    tl.store(y_ptr + at, acc, mask=mask)
 
 
 _KERNELS: dict[str, Any] = {}
@@ -212,10 +241,12 @@ def _kernel(name: str):
     sizes as plain ints (one binary for every map size and tile count)."""
     if name not in _KERNELS:
         fn, generic = {
-            "first": (_first_kernel, ("P", "H", "W", "XH", "XW", "S", "SIDE", "ST", "PAD",
-                                      "x_sn", "x_sh", "x_sw", "u_sn", "u_sh", "u_sw")),
-            "tiles": (_tile_kernel, ("P", "H", "W", "OH", "OW", "S", "ST", "PAD", "u_sn",
-                                     "u_sh", "u_sw", "y_sn", "y_sh", "y_sw")),
+            "first": (_first_kernel, ("P", "GH", "GW", "H", "W", "XH", "XW", "S", "SIDE",
+                                      "ST", "PAD", "x_sn", "x_sh", "x_sw", "u_sn", "u_sh",
+                                      "u_sw")),
+            "tiles": (_tile_kernel, ("P", "GH", "GW", "H", "W", "OH", "OW", "S", "ST",
+                                     "PAD", "u_sn", "u_sh", "u_sw", "y_sn", "y_sh",
+                                     "y_sw")),
         }[name]
         _KERNELS[name] = triton.jit(fn, do_not_specialize=generic)
     return _KERNELS[name]
@@ -245,37 +276,49 @@ def _check(x: torch.Tensor, out: torch.Tensor, body: Body) -> None:
                            f" (the body's output), got {tuple(out.shape)}")
 
 
-def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
+def kept_order(keep: torch.Tensor) -> torch.Tensor:
+    """(T,) int32 for a keep grid of T cells: the flat indices of its nonzero cells in
+    ascending order, then -1 for the rest (``torch.nonzero_static``'s answer), from device
+    ops that read nothing back to the host (a cumulative sum and a scatter), so a CUDA
+    graph can capture it."""
+    flat = keep.reshape(-1) != 0
+    t = flat.numel()
+    dst = torch.where(flat, torch.cumsum(flat, 0) - 1, t)    # the dropped go to slot t
+    order = torch.full((t + 1,), -1, dtype=torch.int32, device=keep.device)
+    order.scatter_(0, dst, torch.arange(t, dtype=torch.int32, device=keep.device))
+    return order[:t]
+
+
+def residual_tiles(x: torch.Tensor, out: torch.Tensor, keep: torch.Tensor,
                    granularity: int, body: Body) -> torch.Tensor:
     """``out[n, :, ty S:(ty + 1) S, tx S:(tx + 1) S] += body(x)[same]`` for each tile (n,
-    ty, tx) among the rows of ``tiles`` (S = ``granularity``; a tile listed twice is added
-    once), in place; returns ``out``.
+    ty, tx) where ``keep[n, ty, tx]`` is nonzero (S = ``granularity``), in place; returns
+    ``out``. Nothing is read back to the host: the call can be captured in a CUDA graph.
 
     x: (N, C, H, W) float32 CUDA tensor (CPU under the interpreter), any strides; out: the
-    body's output (N, O, OH, OW), any strides (modified in place); tiles: (T, 3) integers
-    inside the (N, ceil(OH / S), ceil(OW / S)) grid; body: a
+    body's output (N, O, OH, OW), any strides (modified in place); keep: (N, ceil(OH / S),
+    ceil(OW / S)) on x's device, any dtype; body: a
     :class:`~convgap.kernels.cpu.tiles.Body`.
     Raises ConvgapError on bad operands; RuntimeError where the kernels cannot run (see
     :func:`runnable`)."""
     _check(x, out, body)
     s = int(granularity)
+    if s < 1:
+        raise ConvgapError(f"granularity must be >= 1, got {granularity}")
     (h, w), (oh, ow) = body.sizes(tuple(x.shape[-2:]))
-    grid = (x.shape[0], -(-oh // s), -(-ow // s))
-    tiles = tiles.to(x.device, torch.int64)
-    if s < 1 or tiles.dim() != 2 or tiles.shape[1] != 3 or (len(tiles) and (
-            bool((tiles < 0).any()) or bool((tiles >= torch.tensor(grid, device=x.device)
-                                             ).any()))):
-        raise ConvgapError(f"tiles must be (T, 3) rows inside the {grid} grid of {s} x {s} "
-                           f"tiles, got {tuple(tiles.shape)}")
+    gh, gw = -(-oh // s), -(-ow // s)
+    if tuple(keep.shape) != (x.shape[0], gh, gw) or keep.device != x.device:
+        raise ConvgapError(f"keep must be the ({x.shape[0]}, {gh}, {gw}) grid of {s} x {s} "
+                           f"tiles on {x.device}, got {tuple(keep.shape)} on {keep.device}")
     if not runnable(x):
         raise RuntimeError("the sparse tile kernels need triton and a CUDA tensor (or "
                            "TRITON_INTERPRET=1 set before triton is imported, on CPU)")
-    if not len(tiles):
+    if not keep.numel():
         return out
     zeros = torch.zeros(body.w2.shape[0], device=x.device)
     body = body._replace(b1=body.b1 if body.b1 is not None or body.w1 is None else zeros,
                          b2=body.b2 if body.b2 is not None else zeros)
-    tiles = torch.unique(tiles, dim=0).contiguous()   # sorted, each once
+    order = kept_order(keep)
     interpret = interpreting()
     cfg = dict(INTERPRET_CONFIG) if interpret else dict(GPU_CONFIG)
     warps = {} if interpret else {"num_warps": cfg.pop("num_warps")}
@@ -287,27 +330,46 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor,
         k1 = w1.shape[2]
         side = (s - 1) * st + ks
         u = torch.empty(x.shape[0], h, w, r, device=x.device)
-        p = len(tiles) * side * side
-        launch = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, cfg["BLOCK_R"]))
-        _kernel("first")[launch](
-            x, w1, body.b1, u, tiles, p, h, w, x.shape[2], x.shape[3], x.shape[1], r, s,
-            side, st, pad, *x.stride(), *w1.stride(), u.stride(0), u.stride(1),
+        p = len(order) * side * side
+        grid1 = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, cfg["BLOCK_R"]))
+        _kernel("first")[grid1](
+            x, w1, body.b1, u, order, p, gh, gw, h, w, x.shape[2], x.shape[3], x.shape[1],
+            r, s, side, st, pad, *x.stride(), *w1.stride(), u.stride(0), u.stride(1),
             u.stride(2), ST1=body.stride1, K1=k1, ACT=_act_name(body.act1),
             PRECISION=dot_precision(x), BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"], **warps)
         src = u.permute(0, 3, 1, 2)     # (N, R, H, W) view
-    w2, w3 = body.w2, body.w3
     o = body.out_channels()
-    p = len(tiles) * s * s
-    last = w3 is not None
-    w3s = w3.stride() if last else (0, 0)
-    b3 = body.b3 if body.b3 is not None else body.b2    # a pointer, never read without
-    launch = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(o, cfg["BLOCK_O"]))
-    _kernel("tiles")[launch](
-        src, w2, body.b2, w3 if last else w2, b3, out, tiles, p, h, w, oh, ow, r, o, s, st,
-        pad, *src.stride(), w2.stride(0), w2.stride(1), w2.stride(2), w2.stride(3), *w3s,
-        *out.stride(), KS=ks, DEPTHWISE=body.depthwise(), LAST=last,
-        HAS_B3=body.b3 is not None, ACT=_act_name(body.act2), PRECISION=dot_precision(x),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
-        BLOCK_O=cfg["BLOCK_O"], **warps)
+    tiles_kernel = _kernel("tiles")
+
+    def launch(src, k, b, y, depthwise, st, pad, act, add, w3=None, b3=None):
+        """The tile kernel: y (+)= [w3 x] act(k * src + b) at the kept tiles' pixels, k
+        (R', R or 1, ks, ks) the middle conv, w3 (O', R') the last."""
+        chans = k.shape[0] if w3 is None else w3.shape[0]
+        w3s = w3.stride() if w3 is not None else (0, 0)
+        p = len(order) * s * s
+        grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(chans, cfg["BLOCK_O"]))
+        tiles_kernel[grid](
+            src, k, b, k if w3 is None else w3, b if b3 is None else b3, y, order, p, gh,
+            gw, src.shape[2], src.shape[3], oh, ow, k.shape[0] if depthwise else k.shape[1],
+            chans, s, st, pad, *src.stride(), *k.stride(), *w3s, *y.stride(),
+            KS=k.shape[2], DEPTHWISE=depthwise, LAST=w3 is not None,
+            HAS_B3=b3 is not None, ACT=act, ADD=add, PRECISION=dot_precision(x),
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_O=cfg["BLOCK_O"], **warps)
+
+    act2, dw = _act_name(body.act2), body.depthwise()
+    if body.w3 is None:         # launch 2: the middle conv is the body's output
+        launch(src, body.w2, body.b2, out, dw, st, pad, act2, True)
+    elif triton.cdiv(o, cfg["BLOCK_O"]) == 1:   # launch 2: middle and last conv in one
+        launch(src, body.w2, body.b2, out, dw, st, pad, act2, True, body.w3, body.b3)
+    else:
+        # more than one output block would each compute the middle conv again (4x its
+        # work for a bottleneck's 4R outputs): launch 2 stores it at the kept pixels
+        # (R channels), launch 3 runs the last conv there as a 1x1 tile conv
+        v = torch.empty(x.shape[0], oh, ow, r, device=x.device).permute(0, 3, 1, 2)
+        launch(src, body.w2, body.b2, v, dw, st, pad, act2, False)
+        launch(v, body.w3[:, :, None, None],
+               body.b3 if body.b3 is not None else torch.zeros(o, device=x.device),
+               out, False, 1, 0, "none", True)
     return out
