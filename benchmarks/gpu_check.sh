@@ -25,7 +25,7 @@ torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.v
 
 # the kernels of the open issues first: their GPU tests, the roofs (the efficiency
 # denominators), issue 18's fused blocks, issue 20's sparse tiles; then everything else
-NEW="block_kernels or sparse_tile or grouped_conv"
+NEW="block_kernels or sparse_tile or grouped_conv or replays_in_a_cuda_graph"
 step "pytest tests/test_gpu.py -k '$NEW'" 150 \
     $PY -m pytest tests/test_gpu.py -k "$NEW" -q -s -p no:cacheprovider -o addopts="" -rfE
 grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
@@ -40,9 +40,10 @@ step "fused ConvFirst b256 bf16 (cuDNN / Triton grouped conv)" 150 \
     $PY benchmarks/gpu_blocks.py --batch 256 --dtypes bfloat16 --blocks convfirst \
     --models convfirst --out "$OUT/gpu_blocks_b256.json"
 step "sparse tile kernels (issue 20's kernel table) b8 b$BATCH" 240 \
-    $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" \
-    --out "$OUT/gpu_dynamic.json"
+    $PY benchmarks/gpu_dynamic.py --device "$DEVICE" --batch 8 "$BATCH" --granularities 4 7 \
+    --densities 1.0 0.5 0.25 --out "$OUT/gpu_dynamic.json"
 grep -A 16 "^best granularity" "$LOG" | tail -n 16
+grep -A 40 "^CUDA graphs" "$LOG" | tail -n 40
 step "pytest tests/test_gpu.py, the rest" 300 \
     $PY -m pytest tests/test_gpu.py -k "not ($NEW)" -q -s -p no:cacheprovider -o addopts="" -rfE
 grep -E "passed|failed|error|skipped" "$LOG" | tail -n 3
