@@ -44,7 +44,7 @@ def always_fuse():
 # the blocks each zoo model has, by pattern (stems and head convs: conv_act; classifier
 # heads: pool_linear; mobilenet_v2's stem and first block: stem_block)
 ZOO = {
-    "resnet18": {"basic": 8, "pool_linear": 1},
+    "resnet18": {"basic": 8, "conv_act": 1, "pool_linear": 1},
     "mobilenet_v2": {"stem_block": 1, "inverted_residual": 16, "conv_act": 1,
                      "pool_linear": 1},
     "efficientnet_b0": {"stem_block": 1, "mbconv": 15, "conv_act": 1, "pool_linear": 1},
@@ -81,6 +81,7 @@ def test_resnet50_bottleneck_with_projection(always_fuse):
     x = torch.randn(1, 3, 64, 64)
     f = fuse(net, x, quiet=True)
     found = fused_modules(f)
+    assert found.pop("conv1").pattern == "conv_act"   # the stem, outside any block
     found = {n: m for n, m in found.items() if m.pattern != "pool_linear"}
     assert len(found) == 16 and all(m.pattern == "bottleneck" for m in found.values())
     assert sum(m.shortcut is not None for m in found.values()) == 4  # projection shortcuts
@@ -642,3 +643,45 @@ def test_stem_block_formed_where_the_stem_alone_was_not_faster(monkeypatch, alwa
         assert rel(f(x), net(x)) < 1e-5
     f = fuse(net, x, quiet=True, patterns=["conv_act", "inverted_residual"])
     assert not isinstance(f.stem, fb.FusedBlock)   # the stem alone stays as it was
+
+
+# -- a conv + activation written outside any block -------------------------------------
+class LooseConvActs(nn.Module):
+    """Conv + act pairs in a model's own forward: a stem (conv, BN, ReLU), one through a
+    dropout to a SiLU, one whose ReLU module is shared, one with a functional ReLU, one
+    whose output is also read elsewhere; none inside a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.act = nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.drop, self.silu = nn.Conv2d(8, 8, 3, 1, 1), nn.Dropout(0.1), nn.SiLU()
+        self.c3, self.c4 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.shared = nn.ReLU()
+        self.c5, self.c6 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.stem(x)))
+        h = self.silu(self.drop(self.c2(h)))
+        h = self.shared(self.c3(h)) + self.shared(self.c4(h))   # the ReLU module is shared
+        h = F.relu(self.c5(h))                                  # a functional activation
+        g = self.c6(h)
+        return torch.relu(g) + g                                # g read twice
+
+
+def test_loose_conv_acts_fused_where_the_activation_is_its_own(always_fuse):
+    torch.manual_seed(0)
+    net = randomize(LooseConvActs()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    f = fuse(net, x, quiet=True)
+    found = fused_modules(f)
+    assert sorted(found) == ["c2", "stem"]
+    assert found["stem"].acts == ["relu"] and found["c2"].acts == ["silu"]
+    assert isinstance(f.act, nn.Identity) and isinstance(f.silu, nn.Identity)
+    assert isinstance(f.shared, nn.ReLU) and type(f.c3) is nn.Conv2d
+    by_name = {c.name: c for c in changes(f)}
+    assert by_name["act"].transform == "fuse" and by_name["act"].into == "stem"
+    assert by_name["stem"].runs == "conv_act"
+    with torch.no_grad():
+        assert rel(f(x), net(x)) < 1e-4
+    # without the conv_act pattern nothing outside a block is fused
+    assert not fused_modules(fuse(net, x, quiet=True, patterns=["basic", "bottleneck"]))

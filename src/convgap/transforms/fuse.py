@@ -22,14 +22,14 @@ import torch.nn as nn
 
 from .. import allocator, choice
 from ..errors import ConvgapError
-from ..layers.fused_blocks import FusedBlock, FusedPoolLinear, FusedStemBlock
+from ..layers.fused_blocks import FusedBlock, FusedConvAct, FusedPoolLinear, FusedStemBlock
 from ..ops.layouts import layout_of
 from ..progress import make_progress
 from .changes import FUSED_ATTR, FUSED_INTO_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
-from .patterns import (HEAD, PATTERNS, STEM, Chain, Head, Pattern, describe, find_head,
-                       find_stems, match)
+from .patterns import (HEAD, PATTERNS, STEM, Chain, ConvAct, Head, Pattern, describe,
+                       find_conv_acts, find_head, find_stems, match)
 from .select import Layers, select
 from .trace import is_leaf
 
@@ -37,6 +37,7 @@ __all__ = ["fuse", "fused_blocks", "BlockRow", "FusionWarning", "FUSED_ATTR",
            "TOLERANCE"]
 
 TOLERANCE = 1e-4   # fp32 relative error of a fused block against the block it replaces
+CONV_ACT = "conv_act"   # the pattern of a conv + act, as a block or written outside one
 
 
 class FusionWarning(UserWarning):
@@ -101,7 +102,10 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     fused stem conv + act from an image's few channels whose output only feeds a fused
     inverted residual or MBConv without expansion or residual (MobileNetV2's and
     EfficientNet's first blocks), run as one :class:`~convgap.layers.FusedStemBlock`, the
-    block's module left as ``nn.Identity``; both only without ``layers``).
+    block's module left as ``nn.Identity``; both only without ``layers``). A conv +
+    activation written outside any block (a ResNet's stem in the model's own forward) is
+    fused under ``"conv_act"`` too, the activation's module left as ``nn.Identity`` (only
+    without ``layers``).
     With ``example_input`` and ``check`` (the default), each fused block is verified on
     its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
     (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
@@ -134,9 +138,12 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                             what="block (a module that is not a single layer)"))
     found, left = _find(model, wanted, {p: PATTERNS[p] for p in use if p in PATTERNS})
     head = _head(model, use, wanted, found)
+    loose = (find_conv_acts(model, [f.name for f in found])
+             if CONV_ACT in use and wanted is None else [])
     inputs: dict[str, tuple] = {}
     if measure:
         watch = {f.module: f.name for f in found}
+        watch.update({model.get_submodule(c.conv): c.conv for c in loose})
         if head is not None:
             watch[model.get_submodule(head.pool)] = head.pool
         with torch.no_grad():
@@ -147,7 +154,8 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     on_cpu = isinstance(example_input, torch.Tensor) and example_input.device.type == "cpu"
     with allocator.use(malloc if (measure and on_cpu) else None), make_progress(quiet) as bar, \
             torch.no_grad():
-        task = bar.add_task("fusing blocks", total=len(found) + (head is not None))
+        task = bar.add_task("fusing blocks", total=len(found) + len(loose)
+                            + (head is not None))
         for f in found:
             bar.advance(task)
             try:
@@ -170,6 +178,9 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
             setattr(new, FUSED_ATTR, info)
             fused[f.name] = (f.module, new)
             model.set_submodule(f.name, new)
+        for c in loose:
+            bar.advance(task)
+            _fuse_conv_act(model, c, inputs.get(c.conv), fused, problems)
         if head is not None:
             bar.advance(task)
             _fuse_head(model, head, inputs.get(head.pool), fused, problems)
@@ -262,6 +273,35 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
         fused[name] = (model.get_submodule(name), stand_in)
         model.set_submodule(name, stand_in)
     model.set_submodule(head.pool, new)
+
+
+def _fuse_conv_act(model: nn.Module, pair: ConvAct, args: tuple | None,
+                   fused: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
+    """Verify, time and, if kept, put in place a conv + activation written outside any
+    block (:func:`.patterns.find_conv_acts`): the conv's module becomes a
+    :class:`FusedConvAct`, the activation's an ``nn.Identity`` marked with the conv's
+    name; if not kept, why is recorded on the conv."""
+    conv, act = model.get_submodule(pair.conv), model.get_submodule(pair.act)
+    try:
+        new = FusedConvAct([conv], [pair.name])
+    except ValueError as exc:
+        setattr(conv, LEFT_ATTR, f"{CONV_ACT}: {exc}")
+        return
+    new = new.to(conv.weight.device).train(conv.training)
+    info = {"pattern": CONV_ACT, "chain": f"{pair.conv} -> {pair.act}"}
+    why, wrong = _verify(lambda x: act(conv(x)), new, CONV_ACT, args, info)
+    if why is not None:
+        setattr(conv, LEFT_ATTR, why)
+        if wrong:
+            problems.append(f"{pair.conv}: {why}")
+        return
+    setattr(new, FUSED_ATTR, info)
+    stand_in = nn.Identity().train(act.training)
+    setattr(stand_in, FUSED_INTO_ATTR, pair.conv)
+    fused[pair.conv] = (conv, new)
+    fused[pair.act] = (act, stand_in)
+    model.set_submodule(pair.conv, new)
+    model.set_submodule(pair.act, stand_in)
 
 
 def _fuse_stems(model: nn.Module, inputs: dict[str, tuple],

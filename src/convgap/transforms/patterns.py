@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -32,10 +32,10 @@ from ..algorithms.linear import AlgoLinear
 from ..algorithms.spec import explicit_padding
 from ..layers import fused_blocks as fb
 from .eligible import blocker
-from .trace import trace
+from .trace import roots, trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
-           "HEAD", "Head", "find_head", "STEM", "find_stems"]
+           "HEAD", "Head", "find_head", "STEM", "find_stems", "ConvAct", "find_conv_acts"]
 
 
 @dataclass
@@ -676,3 +676,59 @@ def find_stems(model: nn.Module) -> list[tuple[str, str]]:
         if dw.groups == dw.in_channels and tuple(dw.stride) == (1, 1):
             pairs.append((n.target, user.target))
     return pairs
+
+
+@dataclass
+class ConvAct:
+    """A convolution whose output only feeds an activation module, outside the blocks
+    ``fuse`` matched (a ResNet's stem: conv1 -> [bn1, folded] -> relu, written in the
+    model's own forward rather than as a block): ``conv`` and ``act`` module names, ``name``
+    the activation's (:data:`convgap.ops.activations.ACTIVATIONS`)."""
+
+    conv: str
+    act: str
+    name: str
+
+
+def find_conv_acts(model: nn.Module, taken: Sequence[str] = ()) -> list[ConvAct]:
+    """Every plain ``nn.Conv2d`` of ``model``'s traceable parts (:func:`.trace.roots`) not
+    inside the modules named in ``taken``, called once, whose output goes only to an
+    activation module called once, through modules that compute nothing in eval
+    (identities: folded batch-norms; dropout), each taking the one before as its only
+    argument: the pairs :func:`convgap.fuse` runs as :class:`~convgap.layers.FusedConvAct`
+    (the activation's module replaced by an identity, so it must not be shared)."""
+    out = []
+    for prefix, _, gm in roots(model):
+        calls: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+
+        def full(target: str) -> str:
+            return f"{prefix}.{target}" if prefix else target
+
+        def alone(node: fx.Node, after: fx.Node) -> bool:
+            return (node.op == "call_module" and calls[node.target] == 1
+                    and node.args == (after,) and not node.kwargs)
+        for n in gm.graph.nodes:
+            if n.op != "call_module" or calls[n.target] != 1:
+                continue
+            name = full(n.target)
+            conv = gm.get_submodule(n.target)
+            if type(conv) is not nn.Conv2d or blocker(conv) is not None or any(
+                    name == t or name.startswith(t + ".") for t in taken):
+                continue
+            node = n
+            while len(node.users) == 1 and alone(user := next(iter(node.users)), node):
+                m = gm.get_submodule(user.target)
+                if isinstance(m, _SKIP_MODULES):
+                    node = user
+                    continue
+                try:
+                    op = _module_op(m, user.target)
+                except _NoMatch:   # an operation no pattern takes
+                    op = None
+                if op is not None and op.kind == "act":
+                    out.append(ConvAct(name, full(user.target), op.arg))
+                break
+    return out
