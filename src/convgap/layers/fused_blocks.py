@@ -47,6 +47,7 @@ __all__ = ["ConvWeights", "bind_conv", "bind_conv_add", "FusedBlock", "FusedConv
 
 _conv_pw = torch.ops.mkldnn._convolution_pointwise.default
 _conv_bin = torch.ops.mkldnn._convolution_pointwise.binary
+_conv_sum = torch.ops.mkldnn._convolution_pointwise_.binary   # accumulates into `other`
 _linear_pw = torch.ops.mkldnn._linear_pointwise.default
 _linear_bin = torch.ops.mkldnn._linear_pointwise.binary
 _CL = torch.channels_last
@@ -124,12 +125,25 @@ def bind_conv(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], act: str | No
     return call, _out_shape(conv, shape)
 
 
-def bind_conv_add(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], post: str | None
-                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def bind_conv_add(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], post: str | None,
+                  into_other: bool = False
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A call ``(x, other) -> post(conv(x) + other)`` on oneDNN (binary add post-op, then
-    the activation)."""
+    the activation). ``into_other``: the result is written into ``other`` (oneDNN's sum
+    post-op, which accumulates into the output buffer: 1x1 64 -> 256 at 56 x 56, batch 8,
+    2.6-3.0 ms against 3.7 for the binary add, which reads ``other`` as a second input and
+    writes a new tensor); only for an ``other`` the caller made and nobody else holds,
+    channels_last like the output."""
     w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(post)
+    if into_other and (post is None or attr == "relu"):
+        unary = None if post is None else attr
+
+        def accumulate(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+            _conv_sum(other, x, w, b, pad, stride, dil, groups, "add", None, unary,
+                      scalars, alg)
+            return other
+        return accumulate
     if post is None or attr == "relu":
         unary = None if post is None else attr
 
@@ -304,8 +318,9 @@ class FusedConvChain(FusedBlock):
                     h = c(h)
                 return h
             return run
-        add = bind_conv_add(last, shape, self.post)
         short = None if self.identity else bind_conv(self.shortcut, tuple(x.shape), None)[0]
+        # a projection's output is the block's own: the last conv accumulates into it
+        add = bind_conv_add(last, shape, self.post, into_other=short is not None)
 
         def run_residual(x: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=_CL)

@@ -80,8 +80,8 @@ if AVAILABLE:  # a jitted helper resolves as a global of the kernels at compile 
 
 
 def _tile_of(order_ptr, q, q_ok, SIDE2, GH, GW):
-    """(n, ty, tx, ok) of the kept tile pixel ``q`` lies in (SIDE2 pixels a tile); ok False
-    past the kept tiles."""
+    """(n, ty, tx, ok) of the kept tile that pixel ``q`` lies in (SIDE2 pixels a tile);
+    ok False past the kept tiles."""
     f = tl.load(order_ptr + q // SIDE2, mask=q_ok, other=-1)
     ok = q_ok & (f >= 0)
     f = tl.maximum(f, 0)
