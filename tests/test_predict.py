@@ -281,9 +281,14 @@ def test_fused_blocks_are_one_op_each():
     ops = record(fused, x.shape)
     blocks = {n: m for n, m in fused.named_modules() if units.is_unit(m)}
     unit_ops = [op for op in ops if op.unit]
-    assert [op.module for op in unit_ops] == list(blocks) and len(blocks) == 8
+    # the 8 blocks and the stem's conv + ReLU (fused outside any block)
+    assert [op.module for op in unit_ops] == list(blocks) and len(blocks) == 9
+    assert units.unit_type(blocks["conv1"]) == "FusedConvAct"
     for op in unit_ops:
         i = ops.index(op)
+        if i == 0:          # the stem reads the model's input
+            assert op.inputs[0].shape == x.shape
+            continue
         assert op.reads[0] in ops[i - 1].writes
         assert op.inputs[0].shape == ops[i - 1].outputs[0].shape
         orig = model.get_submodule(op.module)

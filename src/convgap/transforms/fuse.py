@@ -259,20 +259,32 @@ def _fuse_head(model: nn.Module, head: Head, args: tuple | None,
     pool, linear = model.get_submodule(head.pool), model.get_submodule(head.linear)
     new = FusedPoolLinear(linear, head.p).train(linear.training)  # dropout as before
     info = {"pattern": HEAD, "chain": " -> ".join(["pool", *head.modules()])}
-    why, wrong = _verify(lambda x: head.run(model, x), new, HEAD, args, info)
+    _place(model, head.pool, pool, new, lambda x: head.run(model, x), args, info,
+           head.modules(), fused, problems)
+
+
+def _place(model: nn.Module, name: str, old: nn.Module, new: nn.Module, reference,
+           args: tuple | None, info: dict, away: list[str],
+           fused: dict[str, tuple[nn.Module, nn.Module]], problems: list[str]) -> None:
+    """Verify and time ``new`` against ``reference`` (what the model runs from ``name``'s
+    input, :func:`_verify`) and, if kept, put it in ``name``'s place and an
+    ``nn.Identity`` marked with ``name`` (:data:`FUSED_INTO_ATTR`) in each of ``away``'s;
+    if not, why is recorded on ``old``."""
+    why, wrong = _verify(reference, new, info["pattern"], args, info)
     if why is not None:
-        setattr(pool, LEFT_ATTR, why)
+        setattr(old, LEFT_ATTR, why)
         if wrong:
-            problems.append(f"{head.pool}: {why}")
+            problems.append(f"{name}: {why}")
         return
     setattr(new, FUSED_ATTR, info)
-    fused[head.pool] = (pool, new)
-    for name in head.modules():
-        stand_in = nn.Identity().train(model.get_submodule(name).training)
-        setattr(stand_in, FUSED_INTO_ATTR, head.pool)
-        fused[name] = (model.get_submodule(name), stand_in)
-        model.set_submodule(name, stand_in)
-    model.set_submodule(head.pool, new)
+    fused[name] = (old, new)
+    for n in away:
+        module = model.get_submodule(n)
+        stand_in = nn.Identity().train(module.training)
+        setattr(stand_in, FUSED_INTO_ATTR, name)
+        fused[n] = (module, stand_in)
+        model.set_submodule(n, stand_in)
+    model.set_submodule(name, new)
 
 
 def _fuse_conv_act(model: nn.Module, pair: ConvAct, args: tuple | None,
@@ -289,19 +301,8 @@ def _fuse_conv_act(model: nn.Module, pair: ConvAct, args: tuple | None,
         return
     new = new.to(conv.weight.device).train(conv.training)
     info = {"pattern": CONV_ACT, "chain": f"{pair.conv} -> {pair.act}"}
-    why, wrong = _verify(lambda x: act(conv(x)), new, CONV_ACT, args, info)
-    if why is not None:
-        setattr(conv, LEFT_ATTR, why)
-        if wrong:
-            problems.append(f"{pair.conv}: {why}")
-        return
-    setattr(new, FUSED_ATTR, info)
-    stand_in = nn.Identity().train(act.training)
-    setattr(stand_in, FUSED_INTO_ATTR, pair.conv)
-    fused[pair.conv] = (conv, new)
-    fused[pair.act] = (act, stand_in)
-    model.set_submodule(pair.conv, new)
-    model.set_submodule(pair.act, stand_in)
+    _place(model, pair.conv, conv, new, lambda x: act(conv(x)), args, info, [pair.act],
+           fused, problems)
 
 
 def _fuse_stems(model: nn.Module, inputs: dict[str, tuple],
