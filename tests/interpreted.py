@@ -91,3 +91,18 @@ def compile_for_hopper(fn, constexprs: dict, dtype: str, descriptors: dict, warp
     return triton.compile(ASTSource(jit, signature, constexprs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
+
+
+def ptxas_spills(kernel) -> int:
+    """Bytes of registers a kernel compiled by :func:`compile_for_hopper` spills (its PTX
+    assembled again with ``ptxas -v`` for sm_90a)."""
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        out = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", f.name, "-o",
+                              "/dev/null"], capture_output=True, text=True, check=True)
+    line = next(l for l in out.stderr.splitlines() if "spill stores" in l)
+    return int(line.split("bytes spill stores")[0].split(",")[-1])

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from convgap.errors import ConvgapError  # noqa: E402
 from convgap.kernels.triton import tiles  # noqa: E402
-from interpreted import compile_for_hopper, run_interpreted  # noqa: E402
+from interpreted import compile_for_hopper, ptxas_spills, run_interpreted  # noqa: E402
 
 TOL = 1e-4
 
@@ -162,21 +162,47 @@ def test_bad_operands_raise():
         tiles.residual_tiles(x, out, kept, 2, body._replace(act2="gelu"))
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_kernels_compile_for_hopper(depthwise):
-    """Both launches compiled for sm_90 in the GPU configuration, their early exit past the
-    kept tiles included (the interpreter runs code a GPU compiler may reject)."""
-    cfg = dict(tiles.GPU_CONFIG)
+def test_first_kernel_compiles_for_hopper_without_spills():
+    """The first launch compiled for sm_90 in its GPU configuration, its early exit past
+    the kept tiles included (the interpreter runs code a GPU compiler may reject)."""
+    cfg = dict(tiles.FIRST_CONFIG)
     warps = cfg.pop("num_warps")
-    first = compile_for_hopper(
-        tiles._first_kernel, dict(ST1=1, K1=1, ACT="relu", PRECISION="tf32",
-                                  BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
-                                  BLOCK_C=cfg["BLOCK_C"]),
+    kernel = compile_for_hopper(
+        tiles._first_kernel, dict(ST1=1, K1=1, ACT="relu", PRECISION="tf32", **cfg),
         "fp32", {}, warps, 2, pointers={"order_ptr": "i32"})
-    last = compile_for_hopper(
-        tiles._tile_kernel, dict(KS=3, DEPTHWISE=depthwise, LAST=True, HAS_B3=True,
-                                 ACT="relu6", ADD=True, PRECISION="tf32", **cfg),
+    assert ptxas_spills(kernel) == 0
+
+
+# the tile kernel's heaviest forms: a dense middle with the last conv, a depthwise one
+# without (the most spills at the configurations left out)
+@pytest.mark.parametrize("config", tiles.TILE_CONFIGS, ids=str)
+@pytest.mark.parametrize("depthwise,last", [(False, True), (True, False)])
+def test_tile_kernel_configs_compile_for_hopper_without_spills(config, depthwise, last):
+    """Every configuration the autotuner may pick compiles for sm_90 without spilling
+    registers, on tensor cores under TF32 where the middle conv is dense."""
+    p, r, c, o, warps = config
+    kernel = compile_for_hopper(
+        tiles._tile_kernel, dict(KS=3, DEPTHWISE=depthwise, LAST=last, HAS_B3=last,
+                                 ACT="relu6", ADD=True, PRECISION="tf32", BLOCK_P=p,
+                                 BLOCK_R=r, BLOCK_C=c, BLOCK_O=o),
         "fp32", {}, warps, 2, pointers={"order_ptr": "i32"})
-    for kernel in (first, last):
-        assert kernel.asm["cubin"]
-    assert "mma" in last.asm["ptx"] or depthwise     # tensor cores under TF32
+    assert ptxas_spills(kernel) == 0
+    assert "mma" in kernel.asm["ptx"] or depthwise
+
+
+def test_autotuner_keeps_one_output_block_with_the_last_conv():
+    """With the last conv fused, only configurations whose output block covers every
+    output (else each block recomputes the middle conv); without, none much wider than
+    the outputs; the smallest where nothing fits."""
+    import triton
+    configs = [triton.Config({"BLOCK_P": p, "BLOCK_R": r, "BLOCK_C": c, "BLOCK_O": o},
+                             num_warps=w) for p, r, c, o, w in tiles.TILE_CONFIGS]
+
+    def kept(**args):
+        return {(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_O"])
+                for c in tiles.prune_tile_configs(configs, args)}
+    assert all(o >= 48 for _, o in kept(R=24, O=48, LAST=True))
+    assert kept(R=24, O=48, LAST=True) and kept(R=64, O=64, LAST=True)
+    assert all(o <= 32 for _, o in kept(R=64, O=24, LAST=False))
+    assert len(kept(R=64, O=256, LAST=True)) == 1      # none covers 256: the smallest
+    assert tiles.LAST_FUSED_MAX == max(o for *_, o, _ in tiles.TILE_CONFIGS)

@@ -36,7 +36,9 @@ block) could not. Two or three launches:
 float32 (IEEE products unless ``torch.backends.cuda.matmul.allow_tf32``); x, y and the
 weights in any strides. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the
 kernels run on CPU tensors with 16-wide blocks (``tl.dot`` needs every dimension >= 16);
-on a GPU one fixed configuration, not yet timed on a device (:data:`GPU_CONFIG`).
+on a GPU the first launch in one configuration (:data:`FIRST_CONFIG`), the tile kernel
+autotuned over :data:`TILE_CONFIGS` (none spills compiled for sm_90); not yet timed on a
+device.
 Inference only.
 """
 
@@ -55,10 +57,18 @@ __all__ = ["AVAILABLE", "kept_order", "residual_tiles", "runnable"]
 
 ACTIVATIONS = (None, "relu", "relu6", "silu", "sigmoid")
 INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_O": 16}
-# not yet tuned on a device: 64-pixel blocks, 32-wide hidden chunks, 64-wide output tiles;
-# 8 warps, the fewest at which neither kernel spills registers when compiled for sm_90
-# (4 warps: 144-288 bytes of spills in the tile kernel, 255 registers)
-GPU_CONFIG = {"BLOCK_P": 64, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_O": 64, "num_warps": 8}
+# the first launch on a GPU (not yet timed on a device): 64-pixel blocks, 32-wide chunks,
+# 8 warps (100 registers compiled for sm_90, no spills)
+FIRST_CONFIG = {"BLOCK_P": 64, "BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 8}
+# the tile kernel's configurations the autotuner times on a GPU, (BLOCK_P, BLOCK_R,
+# BLOCK_C, BLOCK_O, warps): none spills registers compiled for sm_90 in any of the
+# kernel's four forms (dense or depthwise middle, with or without the last conv); 128-wide
+# output blocks, or 128-pixel blocks with 64-wide outputs, spilled 56-3132 bytes, and
+# (64, 32, 32, 64) 144-288 bytes with 4 warps
+TILE_CONFIGS = [(32, 32, 32, 64, 4), (64, 32, 32, 64, 8), (128, 32, 32, 32, 8),
+                (64, 64, 32, 64, 8), (32, 16, 32, 32, 4)]
+# the last conv runs in the middle conv's launch only where its outputs fit one block
+LAST_FUSED_MAX = max(c[3] for c in TILE_CONFIGS)
 
 
 def _apply(v, ACT: tl.constexpr):
@@ -233,13 +243,31 @@ def _tile_kernel(
     tl.store(y_ptr + at, acc, mask=mask)
 
 
-_KERNELS: dict[str, Any] = {}
+_KERNELS: dict[tuple[str, bool], Any] = {}
 
 
-def _kernel(name: str):
-    """The jitted kernel ``name``, built on first use (in the mode triton was imported in);
-    sizes as plain ints (one binary for every map size and tile count)."""
-    if name not in _KERNELS:
+def prune_tile_configs(configs, named_args, **kwargs):
+    """The tile kernel's configurations worth timing for a problem: with the last conv,
+    those whose output block covers every output (else each block would compute the
+    middle conv again); without, none whose output or hidden block is much wider than the
+    channels it covers; the smallest where none is left."""
+    args = {**named_args, **kwargs}
+    o_cap = max(16, triton.next_power_of_2(args["O"]))
+    r_cap = max(16, triton.next_power_of_2(args["R"]))
+    if args["LAST"]:
+        kept = [c for c in configs if c.kwargs["BLOCK_O"] >= args["O"]
+                and c.kwargs["BLOCK_R"] <= r_cap]
+    else:
+        kept = [c for c in configs if c.kwargs["BLOCK_O"] <= o_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_O"])]
+
+
+def _kernel(name: str, interpret: bool):
+    """The jitted kernel ``name``, built on first use: plain under the interpreter, the
+    tile kernel autotuned over :data:`TILE_CONFIGS` on a GPU (it adds into its output:
+    the autotuner restores it after each timing); sizes as plain ints (one binary for
+    every map size and tile count)."""
+    if (name, interpret) not in _KERNELS:
         fn, generic = {
             "first": (_first_kernel, ("P", "GH", "GW", "H", "W", "XH", "XW", "S", "SIDE",
                                       "ST", "PAD", "x_sn", "x_sh", "x_sw", "u_sn", "u_sh",
@@ -248,8 +276,18 @@ def _kernel(name: str):
                                      "PAD", "u_sn", "u_sh", "u_sw", "y_sn", "y_sh",
                                      "y_sw")),
         }[name]
-        _KERNELS[name] = triton.jit(fn, do_not_specialize=generic)
-    return _KERNELS[name]
+        jitted = triton.jit(fn, do_not_specialize=generic)
+        if name == "tiles" and not interpret:
+            jitted = triton.autotune(
+                configs=[triton.Config({"BLOCK_P": p, "BLOCK_R": r, "BLOCK_C": c,
+                                        "BLOCK_O": o}, num_warps=w)
+                         for p, r, c, o, w in TILE_CONFIGS],
+                key=["R", "O", "S", "ST", "KS", "DEPTHWISE", "LAST", "ACT", "ADD",
+                     "PRECISION"],
+                prune_configs_by={"early_config_prune": prune_tile_configs},
+                restore_value=["y_ptr"])(jitted)
+        _KERNELS[name, interpret] = jitted
+    return _KERNELS[name, interpret]
 
 
 
@@ -320,8 +358,9 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, keep: torch.Tensor,
                          b2=body.b2 if body.b2 is not None else zeros)
     order = kept_order(keep)
     interpret = interpreting()
-    cfg = dict(INTERPRET_CONFIG) if interpret else dict(GPU_CONFIG)
-    warps = {} if interpret else {"num_warps": cfg.pop("num_warps")}
+    first_cfg = dict(INTERPRET_CONFIG) if interpret else dict(FIRST_CONFIG)
+    first_warps = {} if interpret else {"num_warps": first_cfg.pop("num_warps")}
+    tile_cfg = dict(INTERPRET_CONFIG) if interpret else {}     # else: the autotuner's
     r, ks, st = body.w2.shape[0], body.w2.shape[2], body.stride
     pad = ks // 2
     src = x
@@ -331,16 +370,15 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, keep: torch.Tensor,
         side = (s - 1) * st + ks
         u = torch.empty(x.shape[0], h, w, r, device=x.device)
         p = len(order) * side * side
-        grid1 = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, cfg["BLOCK_R"]))
-        _kernel("first")[grid1](
+        grid1 = (triton.cdiv(p, first_cfg["BLOCK_P"]), triton.cdiv(r, first_cfg["BLOCK_R"]))
+        _kernel("first", interpret)[grid1](
             x, w1, body.b1, u, order, p, gh, gw, h, w, x.shape[2], x.shape[3], x.shape[1],
             r, s, side, st, pad, *x.stride(), *w1.stride(), u.stride(0), u.stride(1),
             u.stride(2), ST1=body.stride1, K1=k1, ACT=_act_name(body.act1),
-            PRECISION=dot_precision(x), BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_C=cfg["BLOCK_C"], **warps)
+            PRECISION=dot_precision(x), **first_cfg, **first_warps)
         src = u.permute(0, 3, 1, 2)     # (N, R, H, W) view
     o = body.out_channels()
-    tiles_kernel = _kernel("tiles")
+    tiles_kernel = _kernel("tiles", interpret)
 
     def launch(src, k, b, y, depthwise, st, pad, act, add, w3=None, b3=None):
         """The tile kernel: y (+)= [w3 x] act(k * src + b) at the kept tiles' pixels, k
@@ -348,20 +386,22 @@ def residual_tiles(x: torch.Tensor, out: torch.Tensor, keep: torch.Tensor,
         chans = k.shape[0] if w3 is None else w3.shape[0]
         w3s = w3.stride() if w3 is not None else (0, 0)
         p = len(order) * s * s
-        grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(chans, cfg["BLOCK_O"]))
+
+        def grid(meta):
+            return triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(chans, meta["BLOCK_O"])
         tiles_kernel[grid](
             src, k, b, k if w3 is None else w3, b if b3 is None else b3, y, order, p, gh,
             gw, src.shape[2], src.shape[3], oh, ow, k.shape[0] if depthwise else k.shape[1],
             chans, s, st, pad, *src.stride(), *k.stride(), *w3s, *y.stride(),
             KS=k.shape[2], DEPTHWISE=depthwise, LAST=w3 is not None,
             HAS_B3=b3 is not None, ACT=act, ADD=add, PRECISION=dot_precision(x),
-            BLOCK_P=cfg["BLOCK_P"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_O=cfg["BLOCK_O"], **warps)
+            **tile_cfg)
 
     act2, dw = _act_name(body.act2), body.depthwise()
     if body.w3 is None:         # launch 2: the middle conv is the body's output
         launch(src, body.w2, body.b2, out, dw, st, pad, act2, True)
-    elif triton.cdiv(o, cfg["BLOCK_O"]) == 1:   # launch 2: middle and last conv in one
+    elif o <= (tile_cfg["BLOCK_O"] if interpret else LAST_FUSED_MAX):
+        # launch 2: middle and last conv in one (one output block: see prune_tile_configs)
         launch(src, body.w2, body.b2, out, dw, st, pad, act2, True, body.w3, body.b3)
     else:
         # more than one output block would each compute the middle conv again (4x its
