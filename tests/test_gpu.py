@@ -359,6 +359,22 @@ def test_sparse_dynamic_model_replays_in_a_cuda_graph():
     assert not torch.equal(kept[0], kept[1])
 
 
+def test_fused_convfirst_measures_its_grouped_conv_on_cuda():
+    """A fused ConvFirst block on a GPU times cuDNN's grouped conv against the Triton one
+    (the one measured choice, recorded in kernel_choice) and agrees with its torch
+    reference whichever it keeps."""
+    from convgap.layers import FusedConvFirst
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(64, 64, 3, 1, 1, groups=8), nn.Conv2d(64, 256, 1),
+             nn.Conv2d(256, 64, 1)]
+    m = FusedConvFirst(convs, [None, "silu", None], "identity").to(CUDA).eval()
+    x = torch.randn(8, 64, 28, 28, device=CUDA).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, ref = m(x), m.reference(x)
+    assert m.kernel_choice in ("cudnn_grouped", "triton_grouped")
+    assert rel(y, ref) <= 1e-4, m.kernel_choice
+
+
 def test_block_kernels_compiled_on_every_interpreter_case():
     """The fused block kernels compiled for the device (autotuned) on
     tests/test_triton_blocks.py's cases, every dtype, layout and weight storage, against

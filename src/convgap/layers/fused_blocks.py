@@ -34,7 +34,9 @@ from ..algorithms.spec import explicit_padding
 from ..kernels.cpu import pdp
 from ..kernels.cpu import stem as stem_kernel
 from ..kernels.cpu.common import ACTIVATIONS as KERNEL_ACTIVATIONS
+from ..errors import ConvgapError
 from ..kernels.triton import blocks as gpu_blocks
+from ..kernels.triton import grouped as gpu_grouped
 from ..ops import activations, onednn
 from ..ops.layouts import layout_of
 from ..ops.guard import may_run_fast, observed
@@ -241,7 +243,7 @@ class FusedBlock(nn.Module, abc.ABC):
         key = (tuple(x.shape), layout_of(x), repr(self), shapes)
         cands = [choice.Candidate(name, lambda run=run: run(x), 1e-5 if i else 1e-4)
                  for i, (name, run) in enumerate(runs.items())]
-        name = choice.choose(cands, kind=self.KIND, spec_key=key, device="cpu",
+        name = choice.choose(cands, kind=self.KIND, spec_key=key, device=x.device.type,
                              rounds=config.KERNEL_ROUNDS,
                              confirm=config.KERNEL_ROUNDS).choice
         self.kernel_choice = name
@@ -350,9 +352,10 @@ class FusedBottleneck(FusedConvChain):
 
 
 class FusedConvFirst(FusedConvChain):
-    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x. On a GPU, cuDNN's
-    grouped conv and one Triton launch for the 1x1 pair
-    (:func:`convgap.kernels.triton.blocks.convfirst`)."""
+    """ConvFirst block: grouped 3x3, 1x1 expand + SiLU, 1x1 project, + x. On a GPU, the
+    grouped conv (cuDNN's, or convgap's Triton kernel on tensor cores where it applies:
+    whichever measures faster on the first input, the one measured choice) and one Triton
+    launch for the 1x1 pair (:func:`convgap.kernels.triton.blocks.convfirst`)."""
     block_kind = "convfirst"
     pattern = "convfirst"
 
@@ -367,7 +370,17 @@ class FusedConvFirst(FusedConvChain):
                project.bias.detach())
         if gpu_blocks.supports("convfirst", x, *ops, act=self.acts[1]) is not None:
             return None
-        return lambda x: gpu_blocks.convfirst(x, *ops, act=self.acts[1])
+        act = self.acts[1]
+
+        def run(diagonal: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda x: gpu_blocks.convfirst(x, *ops, act=act, w1_diagonal=diagonal)
+        runs = {"cudnn_grouped": run(None)}
+        if x.is_cuda:    # (under the interpreter: cuDNN's path, torch's conv on the CPU)
+            try:
+                runs["triton_grouped"] = run(gpu_grouped.block_diagonal(ops[0]))
+            except ConvgapError:     # no chunk width fits the group width
+                pass
+        return self._choose(x, runs, ()) if len(runs) > 1 else runs["cudnn_grouped"]
 
 
 class FusedInvertedResidual(FusedConvChain):
