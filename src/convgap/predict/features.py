@@ -66,8 +66,8 @@ FEATURES = {
                "log_kernel") + CONTEXT,
     "call": (),
     "unit": ("type", "log_flops", "log_ref_bytes", "ref_ops", "density", "granularity",
-             "work_share", "log_bytes", "n", "c", "h", "w", "o", "oh", "ow",
-             "channels_last") + CONTEXT,
+             "work_share", "pointwise_share", "log_bytes", "n", "c", "h", "w", "o", "oh",
+             "ow", "channels_last") + CONTEXT,
 }
 
 
@@ -189,6 +189,21 @@ def context(ops: Sequence[Op]) -> list[tuple[float, ...]]:
     return out
 
 
+def pointwise_share(op: Op) -> float:
+    """The share of a unit's reference convolution FLOPs in 1x1 convolutions: a kernel
+    path runs a 1x1 as a GEMM on rows and a kxk conv another way (the spatial torch path
+    gathers kxk windows: ConvFirst's blocks, nearly all 1x1 work, ran at a third of what a
+    bottleneck's rate predicted for them)."""
+    total = pointwise = 0.0
+    for r in op.inner:
+        if kind(r) == "conv":
+            f = work(r)[0]
+            total += f
+            if tuple(_conv_parts(r)["w"].shape[2:]) == (1, 1):
+                pointwise += f
+    return pointwise / total if total else 0.0
+
+
 def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
     """The op's feature vector, in the order of :data:`FEATURES` for its kind; ``where``:
     its :func:`context` entry."""
@@ -211,8 +226,8 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
         x4 = tuple(x.shape) + (1,) * (4 - len(x.shape))
         o4 = tuple(out.shape) + (1,) * (4 - len(out.shape))
         return (UNIT_TYPES.index(_short(op)), _log(ref_flops), _log(ref_bytes), ref_ops,
-                density, granularity, share, _log(nbytes), x4[0], x4[1], x4[2], x4[3],
-                o4[1], o4[2], o4[3], float(x.channels_last)) + where
+                density, granularity, share, pointwise_share(op), _log(nbytes), x4[0],
+                x4[1], x4[2], x4[3], o4[1], o4[2], o4[3], float(x.channels_last)) + where
     if k == "memory":
         name = _short(op)
         code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")
