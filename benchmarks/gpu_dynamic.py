@@ -122,18 +122,15 @@ def graph_times(fns, keys, cfg, device) -> dict:
     ratio over the faster static form. A static form that cannot be captured is left out."""
     from convgap import timing
     rows = [i for i, k in enumerate(keys) if k[1] == "triton"]
-    static = [0, 1]
-    while True:
+    for static in ([0, 1], [0]):      # eager and fused; eager alone if fused won't capture
         try:
             res = timing.compare_graphs([fns[i] for i in static] + [fns[2]]
                                         + [fns[3 + i] for i in rows], cfg, device, calls=10)
             break
         except RuntimeError as exc:   # e.g. a fused kernel that reads a size back
-            if len(static) == 1:
-                print(f"  CUDA graphs: {exc}")
-                return {}
-            print(f"  CUDA graphs: the fused block left out ({exc})")
-            static = [0]
+            print(f"  CUDA graphs with static forms {static}: {exc}")
+    else:
+        return {}
     fastest = min(res[:len(static)], key=lambda t: t.median)
     out = {}
     for i, r in zip(rows, res[len(static) + 1:]):

@@ -138,16 +138,14 @@ def bind_conv_add(conv: nn.Conv2d | ConvWeights, shape: Sequence[int], post: str
     channels_last like the output."""
     w, b, pad, stride, dil, groups = _packed(conv, shape)
     attr, scalars, alg = activations.post_op(post)
-    if into_other and (post is None or attr == "relu"):
-        unary = None if post is None else attr
-
-        def accumulate(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-            _conv_sum(other, x, w, b, pad, stride, dil, groups, "add", None, unary,
-                      scalars, alg)
-            return other
-        return accumulate
     if post is None or attr == "relu":
         unary = None if post is None else attr
+        if into_other:
+            def accumulate(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+                _conv_sum(other, x, w, b, pad, stride, dil, groups, "add", None, unary,
+                          scalars, alg)
+                return other
+            return accumulate
 
         def call(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
             return _conv_bin(x, other, w, b, pad, stride, dil, groups, "add", None, unary,

@@ -28,8 +28,8 @@ from ..progress import make_progress
 from .changes import FUSED_ATTR, FUSED_INTO_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
-from .patterns import (HEAD, PATTERNS, STEM, Chain, ConvAct, Head, Pattern, describe,
-                       find_conv_acts, find_head, find_stems, match)
+from .patterns import (CONV_ACT, HEAD, PATTERNS, STEM, Chain, ConvAct, Head, Pattern,
+                       describe, find_conv_acts, find_head, find_stems, match)
 from .select import Layers, select
 from .trace import is_leaf
 
@@ -37,7 +37,6 @@ __all__ = ["fuse", "fused_blocks", "BlockRow", "FusionWarning", "FUSED_ATTR",
            "TOLERANCE"]
 
 TOLERANCE = 1e-4   # fp32 relative error of a fused block against the block it replaces
-CONV_ACT = "conv_act"   # the pattern of a conv + act, as a block or written outside one
 
 
 class FusionWarning(UserWarning):

@@ -35,7 +35,10 @@ from .eligible import blocker
 from .trace import roots, trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
-           "HEAD", "Head", "find_head", "STEM", "find_stems", "ConvAct", "find_conv_acts"]
+           "HEAD", "Head", "find_head", "STEM", "find_stems", "CONV_ACT", "ConvAct",
+           "find_conv_acts"]
+
+CONV_ACT = "conv_act"  # a conv + act: a block of its own, or written outside any block
 
 
 @dataclass
@@ -538,7 +541,7 @@ for _p in (
     Pattern("convfirst", _shape_rule(_convfirst_rule),
             _builder(fb.FusedConvFirst)),
     Pattern("convnext", *_from_parts(_convnext_parts, fb.FusedConvNeXt)),
-    Pattern("conv_act", _shape_rule(_conv_act_rule), _builder(fb.FusedConvAct)),
+    Pattern(CONV_ACT, _shape_rule(_conv_act_rule), _builder(fb.FusedConvAct)),
     Pattern("conv_chain", _shape_rule(_any_chain_rule),
             _builder(fb.FusedConvChain)),
 ):
