@@ -93,8 +93,9 @@ def variant(model, name):
                 out = convgap.factorize(model, name, compression=4.0, quiet=True)
             except convgap.ConvgapError:
                 return None
-        elif name == "fused":
-            out = convgap.fuse(model, quiet=True)
+        elif name == "fused":   # the blocks (the whole-network plan is not predicted yet)
+            from convgap.transforms.patterns import block_patterns
+            out = convgap.fuse(model, quiet=True, patterns=block_patterns())
         else:
             try:
                 out = convgap.make_dynamic(model, "spatial", granularity=4, check=False,

@@ -16,10 +16,17 @@ from convgap.layers import fused_blocks as fb
 from convgap.transforms import changes
 from convgap.transforms.changes import LEFT_ATTR
 from convgap.transforms.fold import fold_batchnorm
-from convgap.transforms.fuse import FUSED_ATTR, FusionWarning, fuse
-from convgap.transforms.patterns import PATTERNS, Pattern, describe, match, register
+from convgap.transforms.fuse import FUSED_ATTR, FusionWarning
+from convgap.transforms.fuse import fuse as fuse_all
+from convgap.transforms.patterns import (PATTERNS, Pattern, block_patterns, describe,
+                                         match, register)
 from batchnorm import randomize
 
+
+def fuse(net, *args, **kwargs):
+    """fuse with the block patterns only (the whole-network plan: tests/test_plan.py)."""
+    kwargs.setdefault("patterns", block_patterns())
+    return fuse_all(net, *args, **kwargs)
 
 
 def rel(a, b):

@@ -45,6 +45,7 @@ from ..errors import ConvgapError
 from ..progress import make_progress
 from ..transforms import fuse
 from ..transforms.eligible import first_inputs
+from ..transforms.patterns import block_patterns
 from .transform import dynamic_blocks, evaluating
 
 __all__ = ["Budget", "LatencyTable", "measure_latency", "predict_tables", "DENSITIES",
@@ -168,7 +169,7 @@ def predict_tables(model: nn.Module, example_input: torch.Tensor, *,
         static.set_submodule(name, b.original())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # fuse's notes on what it left
-        fused = fuse(static, quiet=True)
+        fused = fuse(static, quiet=True, patterns=block_patterns())  # what is predicted
     plain, folded = per_block(static, None), per_block(fused, None)
     return {n: LatencyTable(densities, tuple(s[n] for s in sparse),
                             min(plain[n], folded[n]) or None) for n in blocks}

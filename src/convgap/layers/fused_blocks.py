@@ -231,6 +231,7 @@ class FusedBlock(nn.Module, abc.ABC):
 
     KIND = "fused_block"  # the measured choice's kind for this block's fast paths
     kernel_choice: str | None = None  # what the last bound plan runs ('onednn', 'kernel', ...)
+    kernel_times: dict | None = None  # the choice's measured seconds per fast path
 
     def _choose(self, x: torch.Tensor, runs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                 shapes: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -238,14 +239,18 @@ class FusedBlock(nn.Module, abc.ABC):
         oneDNN path, is the incumbent) on inputs like ``x``: the one measured choice
         (:mod:`convgap.choice`: each other path verified against the first, kept only past
         the margin), recorded in ``kernel_choice``."""
-        key = (tuple(x.shape), layout_of(x), repr(self), shapes)
+        key = (tuple(x.shape), layout_of(x), self.spec(), shapes)
         cands = [choice.Candidate(name, lambda run=run: run(x), 1e-5 if i else 1e-4)
                  for i, (name, run) in enumerate(runs.items())]
-        name = choice.choose(cands, kind=self.KIND, spec_key=key, device=x.device.type,
-                             rounds=config.KERNEL_ROUNDS,
-                             confirm=config.KERNEL_ROUNDS).choice
-        self.kernel_choice = name
+        decision = choice.choose(cands, kind=self.KIND, spec_key=key, device=x.device.type,
+                                 rounds=config.KERNEL_ROUNDS, confirm=config.KERNEL_ROUNDS)
+        name = decision.choice
+        self.kernel_choice, self.kernel_times = name, dict(decision.times)
         return runs[name]
+
+    def spec(self) -> str:
+        """What the block computes, for the measured choice's key (its repr)."""
+        return repr(self)
 
     @abc.abstractmethod
     def _bind(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -291,12 +291,13 @@ def _variant(net: nn.Module, seed: int, variant: str) -> nn.Module | None:
 
     from ..dynamic.transform import dynamic_blocks, force_density, make_dynamic
     from ..transforms.fuse import fuse
+    from ..transforms.patterns import block_patterns
     if variant == "plain":
         return net
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # what was left unfused or static
-        if variant == "fused":
-            out = fuse(net, quiet=True)
+        if variant == "fused":   # blocks (the whole-network plan is not calibrated yet)
+            out = fuse(net, quiet=True, patterns=block_patterns())
             return out if any(is_unit(m) for m in out.modules()) else None
         rng = random.Random(seed)
         if variant == "factorized":

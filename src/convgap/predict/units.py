@@ -28,6 +28,7 @@ from ..kernels.cpu import pdp
 from ..layers.dynamic import DynamicBlock
 from ..layers.flattened import FlattenedConv2d
 from ..layers.fused_blocks import FusedBlock
+from ..layers.network import FusedNetwork
 from ..layers.tensorial import TensorialConv2d
 
 __all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "measured",
@@ -50,6 +51,8 @@ PREPARED = (AlgoConv2d,)
 def is_unit(m: nn.Module) -> bool:
     """Does ``m`` run as one call in inference: a fused block, a dynamic block whose
     execution is sparse, a factorized layer with a fused CPU kernel."""
+    if isinstance(m, FusedNetwork):   # not calibrated as one call: its blocks are units
+        return False
     if isinstance(m, FusedBlock):
         return True
     if isinstance(m, TensorialConv2d):

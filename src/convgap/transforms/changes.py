@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..algorithms.linear import AlgoLinear
 from ..algorithms.module import AlgoConv2d
+from ..layers.network import FusedNetwork
 from ..layers import FlattenedConv2d, TensorialConv2d
 from .eligible import blocker
 
@@ -116,4 +117,8 @@ def changes(model: nn.Module) -> list[Change]:
     """What each transform did to ``model``, in module order: every swapped layer, every
     factorized layer, every folded BatchNorm, and every Conv2d / Linear left as it is and
     BatchNorm fold left (with the reason)."""
-    return [c for n, m in model.named_modules() if (c := _change(n, m)) is not None]
+    # a FusedNetwork's torch path repeats its block-fused form's folds: reported once
+    twins = tuple(f"{n}.model." if n else "model." for n, m in model.named_modules()
+                  if isinstance(m, FusedNetwork) and m.blocks is not None)
+    return [c for n, m in model.named_modules()
+            if not (twins and n.startswith(twins)) and (c := _change(n, m)) is not None]

@@ -22,14 +22,17 @@ import torch.nn as nn
 
 from .. import allocator, choice
 from ..errors import ConvgapError
+from ..kernels.cpu import plan as cplan
 from ..layers.fused_blocks import FusedBlock, FusedConvAct, FusedPoolLinear, FusedStemBlock
+from ..layers.network import FusedNetwork
 from ..ops.layouts import layout_of
 from ..progress import make_progress
 from .changes import FUSED_ATTR, FUSED_INTO_ATTR, LEFT_ATTR
 from .eligible import first_inputs
 from .fold import fold_batchnorm
-from .patterns import (CONV_ACT, HEAD, PATTERNS, STEM, Chain, ConvAct, Head, Pattern,
-                       describe, find_conv_acts, find_head, find_stems, match)
+from .lower import lower
+from .patterns import (CONV_ACT, HEAD, NETWORK, PATTERNS, STEM, Chain, ConvAct, Head,
+                       Pattern, describe, find_conv_acts, find_head, find_stems, match)
 from .select import Layers, select
 from .trace import is_leaf
 
@@ -104,7 +107,13 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     block's module left as ``nn.Identity``; both only without ``layers``). A conv +
     activation written outside any block (a ResNet's stem in the model's own forward) is
     fused under ``"conv_act"`` too, the activation's module left as ``nn.Identity`` (only
-    without ``layers``).
+    without ``layers``). Last, ``"network"`` (only without ``layers``): a model whose
+    trace lowers to a oneDNN plan (:func:`convgap.transforms.lower.lower`: convs,
+    activations, pooling, additions, broadcast multiplications, batch-norm, linear
+    layers) is returned as a :class:`~convgap.layers.FusedNetwork`, the whole forward one
+    C call, measured per input shape against the block-fused model it holds (``.blocks``)
+    and run where faster; it needs oneDNN's wheel (``pip install 'convgap[onednn]'``),
+    else the block-fused model is returned and :func:`convgap.changes` says why.
     With ``example_input`` and ``check`` (the default), each fused block is verified on
     its real input (fp32 relative error <= 1e-4) and timed against the block it replaces
     (interleaved, paired; kept only if ``config.MARGIN`` faster; the decision is cached
@@ -118,11 +127,11 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if model.training:
         raise ConvgapError("fuse is for inference: batch-norm is folded from its running "
                            "statistics; call model.eval() first")
-    use = [*PATTERNS, HEAD, STEM] if patterns is None else list(patterns)
-    unknown = [p for p in use if p not in PATTERNS and p not in (HEAD, STEM)]
+    use = [*PATTERNS, HEAD, STEM, NETWORK] if patterns is None else list(patterns)
+    unknown = [p for p in use if p not in PATTERNS and p not in (HEAD, STEM, NETWORK)]
     if unknown:
         raise ConvgapError(f"unknown block patterns {unknown}; registered: "
-                           f"{[*PATTERNS, HEAD, STEM]}")
+                           f"{[*PATTERNS, HEAD, STEM, NETWORK]}")
     measure = check and example_input is not None
     reference = None
     if measure:
@@ -135,6 +144,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
     if layers is not None:
         wanted = set(select(model, layers, lambda m: not is_leaf(m), lambda n, m: True,
                             what="block (a module that is not a single layer)"))
+    network = _network(model) if NETWORK in use and wanted is None else None
     found, left = _find(model, wanted, {p: PATTERNS[p] for p in use if p in PATTERNS})
     head = _head(model, use, wanted, found)
     loose = (find_conv_acts(model, [f.name for f in found])
@@ -200,7 +210,41 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, *,
                             f"{tol:.0e}: every block was put back")
     if problems:
         warnings.warn("; ".join(problems), FusionWarning, stacklevel=2)
+    if isinstance(network, FusedNetwork):
+        network.blocks = model
+        model = _keep_network(network, model, example_input if measure else None)
+    elif network is not None:
+        setattr(model, LEFT_ATTR, f"{NETWORK}: {network}")
     return model
+
+
+def _network(folded: nn.Module) -> FusedNetwork | str:
+    """The folded model as a :class:`FusedNetwork` (its torch path a copy of ``folded``
+    sharing its parameters; the blocks are fused afterwards), or why not."""
+    why = cplan.unavailable()
+    if why is not None:
+        return f"the oneDNN plan is unavailable: {why}"
+    program = lower(folded)
+    if isinstance(program, str):
+        return f"the network does not lower to a oneDNN plan: {program}"
+    shared = {id(t): t for t in (*folded.parameters(), *folded.buffers())}
+    return FusedNetwork(copy.deepcopy(folded, shared), program).train(folded.training)
+
+
+def _keep_network(network: FusedNetwork, blocks: nn.Module,
+                  example_input: torch.Tensor | None) -> nn.Module:
+    """``network`` (its plan measured against ``blocks`` on ``example_input`` when given,
+    per input shape afterwards) unless it is unusable here."""
+    info = {"pattern": NETWORK, "chain": repr(network.program)}
+    if example_input is not None and example_input.device.type == "cpu":
+        with torch.no_grad():
+            network(example_input)
+        times = network.kernel_times or {}
+        info.update(input_shape=tuple(example_input.shape),
+                    layout=layout_of(example_input), choice=network.kernel_choice,
+                    layerwise_s=times.get("blocks"), fused_s=times.get("plan"))
+    setattr(network, FUSED_ATTR, info)
+    return network
 
 
 def _verify(old, new: nn.Module, pattern: str, args: tuple | None, info: dict

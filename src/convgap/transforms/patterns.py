@@ -36,7 +36,8 @@ from .trace import roots, trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
            "HEAD", "Head", "find_head", "STEM", "find_stems", "CONV_ACT", "ConvAct",
-           "find_conv_acts"]
+           "find_conv_acts", "node_activation", "NETWORK",
+           "block_patterns"]
 
 CONV_ACT = "conv_act"  # a conv + act: a block of its own, or written outside any block
 
@@ -157,6 +158,18 @@ def _function_act(node: fx.Node) -> str | None:
     if node.op == "call_method" and node.target in _ACT_METHODS:
         return _ACT_METHODS[node.target]
     return None
+
+
+def node_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The activation (a name of :data:`convgap.ops.activations.ACTIVATIONS`) a traced
+    node computes (an activation module's call, function or method), or None."""
+    if node.op == "call_module":
+        try:
+            op = _module_op(gm.get_submodule(node.target), node.target)
+        except _NoMatch:
+            return None
+        return op.arg if op is not None and op.kind == "act" else None
+    return _function_act(node)
 
 
 class _Reader:
@@ -639,6 +652,14 @@ def find_head(model: nn.Module) -> Head | str:
 
 
 STEM = "stem_block"  # its pattern name (beside PATTERNS' and HEAD)
+NETWORK = "network"  # the whole network as one oneDNN plan (fuse; transforms.lower)
+
+
+def block_patterns() -> list[str]:
+    """Every pattern name ``fuse`` takes but the whole-network plan (:data:`NETWORK`): the
+    registered block patterns, the head and the stem block (for what predicts or
+    calibrates blocks, which the plan is not yet)."""
+    return [*PATTERNS, HEAD, STEM]
 STEM_MAX_CHANNELS = 4  # a stem reads an image: the kernel broadcasts each input channel
 
 

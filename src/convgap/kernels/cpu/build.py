@@ -74,21 +74,23 @@ def sources(name: str, where: Path | None = None) -> list[Path]:
     return [where / f"{name}.c", *sorted(where.glob("*.h"))]
 
 
-def digest(name: str, cc: str, where: Path | None = None) -> str:
-    """The built file's key: a hash of :func:`sources`' contents, the flags, the compiler's
-    version and this CPU's model and feature flags."""
+def digest(name: str, cc: str, where: Path | None = None,
+           extra: tuple[str, ...] = ()) -> str:
+    """The built file's key: a hash of :func:`sources`' contents, the flags (``extra``: a
+    kernel's own, e.g. where a library it links lies), the compiler's version and this
+    CPU's model and feature flags."""
     texts = [p.read_text() for p in sources(name, where)]
     return hashlib.sha256("\0".join(
-        [*texts, " ".join(FLAGS), _compiler_version(cc), _cpu_identity()]
+        [*texts, " ".join([*FLAGS, *extra]), _compiler_version(cc), _cpu_identity()]
     ).encode()).hexdigest()[:16]
 
 
-def _build(name: str) -> ctypes.CDLL:
+def _build(name: str, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
     src = Path(__file__).with_name(f"{name}.c")
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
-    digest_ = digest(name, cc)
+    digest_ = digest(name, cc, extra=extra)
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{name}-{digest_}.so"
     if not target.exists():
@@ -96,8 +98,8 @@ def _build(name: str) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], capture_output=True,
-                                  text=True, timeout=300)
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(src), *extra],
+                                  capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-600:]}")
             os.replace(tmp, target)  # atomic: a concurrent build leaves one whole file
@@ -113,14 +115,17 @@ def avx512() -> bool:
     return "avx512f" in _cpu_identity().split()
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The loaded C kernel ``name`` (built on first use), or None where it cannot be
-    (no AVX-512, no compiler, ``CONVGAP_NATIVE=0``). Built once per process."""
-    if not enabled() or not avx512():
+def library(name: str, extra: tuple[str, ...] = (), needs_avx512: bool = True
+            ) -> ctypes.CDLL | None:
+    """The loaded C kernel ``name`` (built on first use, with the kernel's own compiler and
+    linker flags ``extra`` after the common ones), or None where it cannot be (no AVX-512
+    where the kernel is written in it (``needs_avx512``), no compiler, ``CONVGAP_NATIVE=0``).
+    Built once per process."""
+    if not enabled() or (needs_avx512 and not avx512()):
         return None
     if name not in _LOADED:
         try:
-            _LOADED[name] = _build(name)
+            _LOADED[name] = _build(name, tuple(extra))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             warnings.warn(f"convgap's C kernel {name!r} is unavailable ({exc}); using torch "
                           f"ops instead", NativeKernelWarning, stacklevel=2)

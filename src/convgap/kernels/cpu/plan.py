@@ -1,0 +1,228 @@
+"""A whole network as one plan of oneDNN primitives (``plan.c``), run by one C call.
+
+torch reaches oneDNN only operator by operator, and each ``_convolution_pointwise`` call
+spends 22-56 us on the host outside the primitive (measured here: a tiny conv 22.7 us
+against 7.7 for ``F.conv2d``); oneDNN's symbols inside libtorch are not exported. The plan
+links oneDNN itself, from the ``onednn-cpu-gomp`` wheel (``pip install
+'convgap[onednn]'``: the library and its headers, built on the same GNU OpenMP runtime
+torch loads, so its threads are torch's intra-op threads). Where the library or its
+headers are missing, :func:`unavailable` says so and callers keep their torch paths.
+
+:class:`Plan` is the builder: each method adds one step on tensor ids (the input's, or a
+step's result) and returns its result's id; :meth:`Plan.finalize` lays out the buffers;
+:meth:`Plan.run` runs every step on a float32 input into a float32 output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ...errors import ConvgapError
+from .build import enabled, library
+
+__all__ = ["Plan", "unavailable", "root", "ACT", "act_code"]
+
+P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+_L6 = ctypes.c_int64 * 16
+
+# oneDNN eltwise post-ops by convgap's activation names (ops.activations), plan.c's codes
+# and the (alpha, beta) they take.
+ACT = {None: (0, 0.0, 0.0), "relu": (1, 0.0, 0.0), "relu6": (2, 0.0, 6.0),
+       "silu": (3, 1.0, 0.0), "gelu": (4, 0.0, 0.0), "gelu_tanh": (5, 0.0, 0.0),
+       "sigmoid": (6, 0.0, 0.0), "hardswish": (7, 0.0, 0.0), "tanh": (8, 0.0, 0.0)}
+
+
+def act_code(name: str | None) -> tuple[int, float, float]:
+    """plan.c's (code, alpha, beta) for activation ``name`` (None: none)."""
+    if name not in ACT:
+        raise ConvgapError(f"the plan has no post-op for activation {name!r}")
+    return ACT[name]
+
+
+def root() -> Path | None:
+    """The prefix holding oneDNN's library and headers (``$CONVGAP_ONEDNN`` or the Python
+    environment's prefix, where the wheels install them), or None."""
+    for base in (os.environ.get("CONVGAP_ONEDNN"), sys.prefix, sys.base_prefix):
+        if base and (Path(base) / "include/oneapi/dnnl/dnnl.h").exists() and (
+                Path(base) / "lib/libdnnl.so").exists():
+            return Path(base)
+    return None
+
+
+def unavailable() -> str | None:
+    """Why the plan cannot run here (no oneDNN wheel, C kernels off, no compiler), or None
+    if it can (the library is then built and loaded)."""
+    if not enabled():
+        return "C kernels are off (CONVGAP_NATIVE=0)"
+    if root() is None:
+        return ("oneDNN's library and headers are not installed (pip install "
+                "'convgap[onednn]')")
+    if _lib() is None:
+        return "the plan's C file did not build (see the NativeKernelWarning)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL | None:
+    base = root()
+    if base is None:
+        return None
+    lib = library("plan", (f"-I{base / 'include'}", f"-L{base / 'lib'}", "-ldnnl",
+                           f"-Wl,-rpath,{base / 'lib'}"), needs_avx512=False)
+    if lib is None:
+        return None
+    sig = {"plan_new": ([], P), "plan_free": ([P], None), "plan_error": ([P], ctypes.c_char_p),
+           "plan_version": ([], I),
+           "plan_input": ([P, I, _L6, _L6], I),
+           "plan_conv": ([P, I, I, I, _L6, P, P, I, F, F, I, I, F, F], I),
+           "plan_pool": ([P, I, I, _L6], I),
+           "plan_binary": ([P, I, I, I, I, F, F, I], I),
+           "plan_eltwise": ([P, I, I, F, F, I], I),
+           "plan_linear": ([P, I, I, P, P, I, F, F], I),
+           "plan_output": ([P, I, I, _L6, _L6], I),
+           "plan_copy": ([P, I], I),
+           "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I), "plan_finalize": ([P], I), "plan_bytes": ([P], L),
+           "plan_run": ([P, P, P], I)}
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def _ints(values: Sequence[int]) -> ctypes.Array:
+    return _L6(*[int(v) for v in values])
+
+
+def _prod(values: Sequence[int]) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+class Plan:
+    """A plan being built, then run. Every step method returns the id of its result."""
+
+    def __init__(self) -> None:
+        why = unavailable()
+        if why is not None:
+            raise ConvgapError(f"the oneDNN plan is unavailable: {why}")
+        self._lib = _lib()
+        self._h = self._lib.plan_new()
+        if not self._h:
+            raise ConvgapError("oneDNN could not create a CPU engine")
+        self._finalized = False
+
+    def __del__(self) -> None:
+        h, self._h = getattr(self, "_h", None), None
+        if h and getattr(self, "_lib", None) is not None:
+            self._lib.plan_free(h)
+
+    def _ok(self, rc: int, what: str) -> int:
+        if rc < 0:
+            raise ConvgapError(f"plan {what}: {self._lib.plan_error(self._h).decode()}")
+        return rc
+
+    def input(self, shape: Sequence[int], strides: Sequence[int]) -> int:
+        """The input tensor: float32 of ``shape`` and ``strides`` (elements)."""
+        return self._ok(self._lib.plan_input(self._h, len(shape), _ints(shape),
+                                             _ints(strides)), "input")
+
+    def conv(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
+             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+             groups: int, act: str | None = None, add_into: int | None = None,
+             act_after: str | None = None) -> int:
+        """A 2-D convolution (``weight`` (O, C/groups, kh, kw); ``padding`` (top, left,
+        bottom, right)), then ``act``; with ``add_into`` its result is added into that
+        tensor in place (which is returned), then ``act_after``."""
+        w, b = _f32(weight), _f32(bias)
+        o, c, kh, kw = w.shape
+        dims = self.dims(src)
+        if len(dims) != 4 or dims[1] != c * groups or o % groups or (
+                b is not None and b.shape != (o,)):
+            raise ConvgapError(f"plan convolution: a weight {tuple(w.shape)} in {groups} "
+                               f"groups does not take an input of dims {dims}")
+        geom = [kh, kw, *stride, *padding, *dilation]
+        a1, a2 = act_code(act), act_code(act_after)
+        return self._ok(self._lib.plan_conv(
+            self._h, src, o, groups, _ints(geom), w.data_ptr(),
+            None if b is None else b.data_ptr(), a1[0], a1[1], a1[2],
+            -1 if add_into is None else add_into, a2[0], a2[1], a2[2]), "convolution")
+
+    def pool(self, src: int, kind: str, kernel: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int]) -> int:
+        """Pooling, ``kind`` 'max', 'avg' (padding excluded) or 'avg_pad' (included);
+        ``padding`` (top, left, bottom, right)."""
+        code = {"max": 0, "avg": 1, "avg_pad": 2}[kind]
+        return self._ok(self._lib.plan_pool(self._h, src, code,
+                                            _ints([*kernel, *stride, *padding])), "pooling")
+
+    def binary(self, a: int, b: int, op: str, *, act: str | None = None,
+               inplace: bool = False) -> int:
+        """``a + b`` or ``a * b`` (``op`` 'add' / 'mul'; ``b`` broadcast where its dims are
+        1), then ``act``; into ``a``'s buffer when ``inplace``."""
+        code = act_code(act)
+        return self._ok(self._lib.plan_binary(self._h, a, b, {"add": 0, "mul": 1}[op],
+                                              *code, int(inplace)), op)
+
+    def eltwise(self, src: int, act: str, *, inplace: bool = False) -> int:
+        """``act(src)``, into ``src``'s buffer when ``inplace``."""
+        return self._ok(self._lib.plan_eltwise(self._h, src, *act_code(act), int(inplace)),
+                        act)
+
+    def linear(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
+               act: str | None = None) -> int:
+        """An inner product: ``src`` (N, C[, H, W]) flattened times ``weight`` (O, C*H*W)
+        transposed, then ``act``."""
+        w, b = _f32(weight), _f32(bias)
+        dims = self.dims(src)
+        if w.dim() != 2 or w.shape[1] != _prod(dims[1:]) or (
+                b is not None and b.shape != (w.shape[0],)):
+            raise ConvgapError(f"plan linear: a weight {tuple(w.shape)} does not take an "
+                               f"input of dims {dims}")
+        return self._ok(self._lib.plan_linear(self._h, src, w.shape[0], w.data_ptr(),
+                                              None if b is None else b.data_ptr(),
+                                              *act_code(act)), "linear")
+
+    def copy(self, src: int) -> int:
+        """A copy of ``src`` in its own buffer."""
+        return self._ok(self._lib.plan_copy(self._h, src), "copy")
+
+    def output(self, src: int, shape: Sequence[int], strides: Sequence[int]) -> int:
+        """The output: ``src`` written as float32 of ``shape`` and ``strides``."""
+        return self._ok(self._lib.plan_output(self._h, src, len(shape), _ints(shape),
+                                              _ints(strides)), "output")
+
+    def dims(self, tid: int) -> tuple[int, ...]:
+        """The dims of tensor ``tid``."""
+        out = _L6()
+        n = self._ok(self._lib.plan_dims(self._h, tid, out), "dims")
+        return tuple(out[:n])
+
+    @property
+    def steps(self) -> int:
+        """Primitives in the plan (reorders included)."""
+        return self._lib.plan_steps(self._h)
+
+    def finalize(self) -> int:
+        """Lays out the buffers (reused by liveness); returns their bytes."""
+        self._ok(self._lib.plan_finalize(self._h), "finalize")
+        self._finalized = True
+        return int(self._lib.plan_bytes(self._h))
+
+    def run(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Runs every step on ``x`` into ``out`` (both float32 CPU, the shapes and strides
+        given to :meth:`input` and :meth:`output`)."""
+        self._ok(self._lib.plan_run(self._h, x.data_ptr(), out.data_ptr()), "run")
+        return out

@@ -1,0 +1,346 @@
+"""The whole-network oneDNN plan: its steps against torch ops, the lowering of traced models
+(what folds, what is refused and why), FusedNetwork against the model it runs, and fuse
+choosing it."""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convgap
+from convgap import models
+from convgap.errors import ConvgapError
+from convgap.ops import activations
+from convgap.kernels.cpu import plan as cplan
+from convgap.layers import network as netmod
+from convgap.layers.network import FusedNetwork, PlanWarning
+from convgap.transforms.fold import fold_batchnorm
+from convgap.transforms.lower import lower
+from convgap.transforms.trace import trace
+
+needs_plan = pytest.mark.skipif(cplan.unavailable() is not None,
+                                reason=f"no oneDNN plan here: {cplan.unavailable()}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _run_one(build, x: torch.Tensor, out_shape) -> torch.Tensor:
+    p = cplan.Plan()
+    y = build(p, p.input(x.shape, x.stride()))
+    out = torch.empty(out_shape)
+    p.output(y, out.shape, out.stride())
+    p.finalize()
+    return p.run(x, out)
+
+
+# ---------------------------------------------------------------- the plan's steps
+
+
+@needs_plan
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,groups", [
+    (3, 8, 3, 1, 1, 1, 1), (16, 24, 3, 2, 1, 1, 1), (16, 16, 3, 1, 1, 1, 16),
+    (12, 18, 5, 1, 2, 2, 3), (8, 32, 1, 1, 0, 1, 1), (7, 5, 3, 2, 0, 1, 1)])
+@pytest.mark.parametrize("act", [None, "relu", "relu6", "silu", "gelu", "sigmoid",
+                                 "hardswish", "tanh"])
+def test_conv_step_matches_torch(cin, cout, k, stride, pad, dil, groups, act):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dil, groups)
+    x = torch.randn(2, cin, 13, 11)
+    ref = conv(x).detach()
+    ref = activations.apply(act, ref)
+    got = _run_one(lambda p, i: p.conv(i, conv.weight, conv.bias, stride=(stride,) * 2,
+                                       padding=(pad,) * 4, dilation=(dil,) * 2,
+                                       groups=groups, act=act), x, ref.shape)
+    assert rel(got, ref) < 1e-5
+
+
+@needs_plan
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_sum_post_op_adds_in_place_then_activates(layout):
+    torch.manual_seed(1)
+    a, b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+    x = torch.randn(1, 16, 9, 9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.relu(torch.relu(b(x)) + a(x)).detach()
+
+    def build(p, i):
+        s = p.conv(i, b.weight, b.bias, stride=(1, 1), padding=(0,) * 4, dilation=(1, 1),
+                   groups=1, act="relu")
+        return p.conv(i, a.weight, a.bias, stride=(1, 1), padding=(1,) * 4,
+                      dilation=(1, 1), groups=1, add_into=s, act_after="relu")
+    assert rel(_run_one(build, x, ref.shape), ref) < 1e-5
+
+
+@needs_plan
+@pytest.mark.parametrize("kind,k,s,pad,module", [
+    ("max", 3, 2, 1, nn.MaxPool2d(3, 2, 1)),
+    ("avg", 3, 2, 1, nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+    ("avg_pad", 3, 2, 1, nn.AvgPool2d(3, 2, 1)), ("avg", 2, 2, 0, nn.AvgPool2d(2))])
+def test_pool_step_matches_torch(kind, k, s, pad, module):
+    x = torch.randn(2, 8, 11, 10)
+    ref = module(x)
+    got = _run_one(lambda p, i: p.pool(i, kind, (k, k), (s, s), (pad,) * 4), x, ref.shape)
+    assert rel(got, ref) < 1e-6
+
+
+@needs_plan
+def test_global_pool_binary_and_linear_steps():
+    torch.manual_seed(2)
+    x = torch.randn(3, 16, 7, 5)
+    fc = nn.Linear(16 * 7 * 5, 10)
+    gate = torch.sigmoid(x.mean((2, 3), keepdim=True))
+    ref_mul = x * gate
+    got = _run_one(lambda p, i: p.binary(i, p.eltwise(p.pool(i, "avg", (0, 0), (1, 1),
+                                                             (0,) * 4), "sigmoid"), "mul"),
+                   x, x.shape)
+    assert rel(got, ref_mul) < 1e-6
+    ref_fc = F.relu(fc(x.flatten(1))).detach()
+    got = _run_one(lambda p, i: p.linear(i, fc.weight, fc.bias, act="relu"), x, ref_fc.shape)
+    assert rel(got, ref_fc) < 1e-5
+    got = _run_one(lambda p, i: p.binary(i, p.copy(i), "add", act="relu6"), x, x.shape)
+    assert rel(got, F.relu6(2 * x)) < 1e-6
+
+
+@needs_plan
+def test_plan_errors_name_the_step():
+    p = cplan.Plan()
+    i = p.input((1, 8, 5, 5), (200, 25, 5, 1))
+    with pytest.raises(ConvgapError, match="does not take"):  # for 4 input channels
+        p.conv(i, torch.randn(4, 4, 3, 3), None, stride=(1, 1), padding=(1,) * 4,
+               dilation=(1, 1), groups=1)
+    with pytest.raises(ConvgapError, match="convolution"):  # the sum's dims differ
+        p.conv(i, torch.randn(4, 8, 3, 3), None, stride=(1, 1), padding=(1,) * 4,
+               dilation=(1, 1), groups=1, add_into=p.copy(i))
+    with pytest.raises(ConvgapError, match="does not take"):
+        p.linear(i, torch.randn(3, 8), None)
+    with pytest.raises(ConvgapError, match="no post-op"):
+        p.eltwise(i, "mish")
+
+
+def test_unavailable_says_why(monkeypatch):
+    monkeypatch.setattr(cplan, "root", lambda: None)
+    assert "convgap[onednn]" in cplan.unavailable()
+    with pytest.raises(ConvgapError, match="unavailable"):
+        cplan.Plan()
+
+
+# ---------------------------------------------------------------- lowering
+
+
+def _count(model: nn.Module, targets) -> int:
+    gm = trace(model)
+    return sum(n.op in ("call_function", "call_method") and n.target in targets
+               for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2",
+                                  "efficientnet_b0", "convfirst"])
+def test_lowered_zoo_models_count_their_layers(name):
+    model = fold_batchnorm(models.create(name, num_classes=10).eval(), quiet=True)
+    program = lower(model)
+    assert not isinstance(program, str), program
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum(s.kind == "conv" for s in program.steps) == convs
+    adds = _count(model, {operator.add, operator.iadd, torch.add, "add"})
+    assert sum(s.add_into is not None for s in program.steps) == adds  # every sum folded
+    assert not any(s.kind in ("add", "act") for s in program.steps)
+
+
+class _Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) * 0.5
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, y):
+        return self.conv(x) + y
+
+
+@pytest.mark.parametrize("model,why", [
+    (models.create("convnext_tiny", num_classes=10).eval(), "permute"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), "LayerNorm"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2)), "Upsample"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+     "running statistics"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), "reflect"),
+    (nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), "ceil_mode"),
+    (_Scalar(), "operand"),
+    (_Two(), "more than one input"),
+])
+def test_lower_refuses_with_the_reason(model, why):
+    model = fold_batchnorm(model.eval(), quiet=True)
+    got = lower(model)
+    assert isinstance(got, str) and why in got
+
+
+# ---------------------------------------------------------------- FusedNetwork
+
+
+class _Net(nn.Module):
+    """Functional activations, a shortcut read again after its first sum (the sum must not
+    write over it), a sum into the network's input, a squeeze-excitation written with
+    mean, pooling with padding both ways, flatten + linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.avg = nn.AvgPool2d(3, 1, 1)
+        self.fc = nn.Linear(16 * 3 * 3, 5)
+
+    def forward(self, x):
+        y = F.relu(self.a(x) + x)          # into the input: a copy first
+        z = self.b(y) + y                  # y is read again below: a copy first
+        w = torch.relu(z) + y
+        v = F.silu(self.bn(self.c(w)))
+        g = torch.sigmoid(self.se2(F.relu(self.se1(v.mean((2, 3), keepdim=True)))))
+        v = self.avg(self.pool(v * g))
+        return self.fc(torch.flatten(v, 1))
+
+
+def _network(model: nn.Module) -> FusedNetwork:
+    folded = fold_batchnorm(copy.deepcopy(model), quiet=True)
+    program = lower(folded)
+    assert not isinstance(program, str), program
+    return FusedNetwork(folded, program).eval()
+
+
+@needs_plan
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_network_matches_the_model(layout, batch):
+    torch.manual_seed(3)
+    model = _Net().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    net = _network(model)
+    x = torch.randn(batch, 8, 11, 12)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    with torch.no_grad():
+        got, ref = net(x), model(x)
+    assert net.kernel_choice == "plan"
+    assert rel(got, ref) < 1e-5
+    assert torch.equal(x, keep)            # the input is never written
+
+
+@needs_plan
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0",
+                                  "convfirst"])
+def test_fused_network_matches_zoo_models(name):
+    torch.manual_seed(4)
+    model = models.create(name, num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    net = _network(model)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel(net(x), model(x)) < 1e-5
+    assert net.kernel_choice == "plan"
+
+
+@needs_plan
+def test_fused_network_follows_weights_and_state_dict():
+    torch.manual_seed(5)
+    model = _Net().eval()
+    net = _network(model)
+    x = torch.randn(1, 8, 11, 12)
+    with torch.no_grad():
+        net(x)
+    state = net.state_dict()
+    assert set(state) == set(net.model.state_dict())     # no 'model.' prefix
+    changed = {k: v + 0.1 if v.is_floating_point() else v for k, v in state.items()}
+    net.load_state_dict(changed)
+    other = copy.deepcopy(net.model)
+    with torch.no_grad():
+        assert rel(net(x), other(x)) < 1e-5            # the plan was rebuilt
+        net.model.fc.weight.mul_(2)
+        assert rel(net(x), net.model(x)) < 1e-5
+
+
+@needs_plan
+def test_fused_network_takes_torch_for_gradients_and_tracing():
+    model = _Net().eval()
+    net = _network(model)
+    x = torch.randn(1, 8, 11, 12, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and net.kernel_choice is None   # never bound
+    traced = torch.jit.trace(net, x.detach())
+    with torch.no_grad():
+        assert rel(traced(x.detach()), model(x.detach())) < 1e-5
+
+
+@needs_plan
+def test_a_plan_that_disagrees_is_not_used(monkeypatch):
+    model = _Net().eval()
+    net = _network(model)
+    real = netmod.bind
+
+    def wrong(program, m, x, shape, strides):
+        bad = copy.deepcopy(m)
+        with torch.no_grad():
+            bad.fc.bias.add_(1.0)
+        return real(program, bad, x, shape, strides)
+    monkeypatch.setattr(netmod, "bind", wrong)
+    x = torch.randn(1, 8, 11, 12)
+    with pytest.warns(PlanWarning, match="disagrees"), torch.no_grad():
+        got = net(x)
+    assert net.kernel_choice == "torch"
+    with torch.no_grad():
+        assert rel(got, model(x)) < 1e-6
+
+
+# ---------------------------------------------------------------- fuse
+
+
+@needs_plan
+@pytest.mark.parametrize("pick", ["plan", "blocks"])
+def test_fuse_measures_the_plan_against_the_fused_blocks(force, pick):
+    force({"fused_network": pick, "fuse": "fused"})
+    torch.manual_seed(6)
+    model = models.create("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        fused = convgap.fuse(model, x, quiet=True)
+    assert isinstance(fused, FusedNetwork) and fused.kernel_choice == pick
+    kinds = {type(m).__name__ for m in fused.blocks.modules()}
+    assert "FusedBasicBlock" in kinds
+    with torch.no_grad():
+        assert rel(fused(x), model(x)) < 1e-5
+    runs = {c.runs for c in convgap.changes(fused)}
+    assert "network" in runs
+    loaded = copy.deepcopy(fused)
+    loaded.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert rel(loaded(x), model(x)) < 1e-5
+
+
+def test_fuse_without_the_network_pattern_keeps_the_model_class():
+    model = models.create("resnet18", num_classes=10).eval()
+    fused = convgap.fuse(model, patterns=["basic"], quiet=True)
+    assert not isinstance(fused, FusedNetwork)
