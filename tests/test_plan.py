@@ -32,8 +32,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _run_one(build, x: torch.Tensor, out_shape) -> torch.Tensor:
-    p = cplan.Plan()
+def _run_one(build, x: torch.Tensor, out_shape, layout: str = "nhwc") -> torch.Tensor:
+    p = cplan.Plan(layout)
     y = build(p, p.input(x.shape, x.stride()))
     out = torch.empty(out_shape)
     p.output(y, out.shape, out.stride())
@@ -63,8 +63,9 @@ def test_conv_step_matches_torch(cin, cout, k, stride, pad, dil, groups, act):
 
 
 @needs_plan
+@pytest.mark.parametrize("plan_layout", ["nhwc", "any"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_conv_sum_post_op_adds_in_place_then_activates(layout):
+def test_conv_sum_post_op_adds_in_place_then_activates(layout, plan_layout):
     torch.manual_seed(1)
     a, b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
     x = torch.randn(1, 16, 9, 9)
@@ -77,7 +78,7 @@ def test_conv_sum_post_op_adds_in_place_then_activates(layout):
                    groups=1, act="relu")
         return p.conv(i, a.weight, a.bias, stride=(1, 1), padding=(1,) * 4,
                       dilation=(1, 1), groups=1, add_into=s, act_after="relu")
-    assert rel(_run_one(build, x, ref.shape), ref) < 1e-5
+    assert rel(_run_one(build, x, ref.shape, plan_layout), ref) < 1e-5
 
 
 @needs_plan
@@ -112,6 +113,8 @@ def test_global_pool_binary_and_linear_steps():
 
 @needs_plan
 def test_plan_errors_name_the_step():
+    with pytest.raises(ConvgapError, match="layout"):
+        cplan.Plan("nchw")
     p = cplan.Plan()
     i = p.input((1, 8, 5, 5), (200, 25, 5, 1))
     with pytest.raises(ConvgapError, match="does not take"):  # for 4 input channels
@@ -244,6 +247,20 @@ def test_fused_network_matches_the_model(layout, batch):
     assert net.kernel_choice == "plan"
     assert rel(got, ref) < 1e-5
     assert torch.equal(x, keep)            # the input is never written
+
+
+@needs_plan
+def test_both_activation_layouts_bind_the_same_network():
+    torch.manual_seed(7)
+    model = _Net().eval()
+    net = _network(model)
+    x = torch.randn(2, 8, 11, 12)
+    with torch.no_grad():
+        ref = model(x)
+    for layout in ("nhwc", "any"):
+        plan = netmod.bind(net.program, net.model, x, tuple(ref.shape), tuple(ref.stride()),
+                           layout)
+        assert rel(plan.run(x, torch.empty_like(ref)), ref) < 1e-5
 
 
 @needs_plan

@@ -97,10 +97,11 @@ def _last_reads(program: Program) -> dict[int, int]:
 
 
 def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...],
-         out_strides: tuple[int, ...]) -> cplan.Plan:
+         out_strides: tuple[int, ...], layout: str = "nhwc") -> cplan.Plan:
     """``program`` as a finalized plan for inputs of ``x``'s shape and strides, writing an
-    output of ``out_shape`` and ``out_strides``; weights read from ``model``'s modules."""
-    p = cplan.Plan()
+    output of ``out_shape`` and ``out_strides``; weights read from ``model``'s modules;
+    activations in ``layout`` (:class:`~convgap.kernels.cpu.plan.Plan`)."""
+    p = cplan.Plan(layout)
     ids = {0: p.input(x.shape, x.stride())}
     last = _last_reads(program)
 

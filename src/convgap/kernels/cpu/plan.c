@@ -1,8 +1,9 @@
 // A whole network as one plan of oneDNN primitives, run by one call.
 //
 // Python lowers a model's graph step by step (plan.py): each step names its input tensors by
-// id and gets its output's id back. Activations stay in the layout each primitive picks
-// (format 'any': blocked nChw16c on AVX-512), reordered only where a consumer wants another;
+// id and gets its output's id back. Activations are NHWC (or, layout 'any', in the layout
+// each primitive picks: blocked nChw16c on AVX-512), reordered only where a consumer wants
+// another;
 // weights are reordered once, when the step is added; activations and residual adds are
 // post-ops; a residual sum accumulates into the shortcut's buffer when Python says it is
 // dead after. Buffers are reused by liveness (Python says when a tensor dies); one
@@ -55,6 +56,7 @@ typedef struct plan {
     size_t scratch_size;
     void *scratch;
     int finalized;
+    dnnl_format_tag_t act_tag;  // activations' layout: any (the primitive's pick) or nhwc
     char err[512];
 } plan_t;
 
@@ -75,9 +77,11 @@ int plan_version(void) {
     return v->major * 10000 + v->minor * 100 + v->patch;
 }
 
-plan_t *plan_new(void) {
+// layout 0: activations in the layout each primitive picks; 1: all NHWC (plain).
+plan_t *plan_new(int layout) {
     plan_t *p = calloc(1, sizeof(plan_t));
     if (!p) return NULL;
+    p->act_tag = layout == 1 ? dnnl_nhwc : dnnl_format_tag_any;
     if (dnnl_engine_create(&p->eng, dnnl_cpu, 0) != dnnl_success ||
         dnnl_stream_create(&p->strm, p->eng, dnnl_stream_default_flags) != dnnl_success) {
         free(p);
@@ -325,14 +329,13 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
         memcpy(wd, g, sizeof(g));
         memcpy(wplain, g, sizeof(g));
     }
-    CHECK(p, dnnl_memory_desc_create_with_tag(&xmd, 4, xd, dnnl_f32, dnnl_format_tag_any), "md");
+    CHECK(p, dnnl_memory_desc_create_with_tag(&xmd, 4, xd, dnnl_f32, p->act_tag), "md");
     CHECK(p, dnnl_memory_desc_create_with_tag(&wmd, wnd, wd, dnnl_f32, dnnl_format_tag_any), "md");
     if (b) CHECK(p, dnnl_memory_desc_create_with_tag(&bmd, 1, bd, dnnl_f32, dnnl_x), "md");
     if (sum >= 0) {
         if (clone_md(p, p->t[sum].md, &ymd) < 0) return -1;
     } else {
-        CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 4, yd, dnnl_f32, dnnl_format_tag_any),
-              "md");
+        CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 4, yd, dnnl_f32, p->act_tag), "md");
     }
     dnnl_primitive_attr_t attr = post_ops_attr(p, act1, a1, b1, sum >= 0, act2, a2, b2);
     if (!attr) return -1;
