@@ -63,6 +63,23 @@ def test_conv_step_matches_torch(cin, cout, k, stride, pad, dil, groups, act):
 
 
 @needs_plan
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_binary_post_op_reads_the_input_without_writing_it(layout):
+    torch.manual_seed(8)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 7, 9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    ref = F.relu6(torch.tanh(conv(x)) + x).detach()
+    got = _run_one(lambda p, i: p.conv(i, conv.weight, conv.bias, stride=(1, 1),
+                                       padding=(1,) * 4, dilation=(1, 1), groups=1,
+                                       act="tanh", add_from=i, act_after="relu6"),
+                   x, ref.shape)
+    assert rel(got, ref) < 1e-5 and torch.equal(x, keep)
+
+
+@needs_plan
 @pytest.mark.parametrize("plan_layout", ["nhwc", "any"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_conv_sum_post_op_adds_in_place_then_activates(layout, plan_layout):
@@ -213,8 +230,8 @@ class _Net(nn.Module):
         self.fc = nn.Linear(16 * 3 * 3, 5)
 
     def forward(self, x):
-        y = F.relu(self.a(x) + x)          # into the input: a copy first
-        z = self.b(y) + y                  # y is read again below: a copy first
+        y = F.relu(self.a(x) + x)          # the input: read by a binary post-op
+        z = self.b(y) + y                  # y is read again below: not summed into
         w = torch.relu(z) + y
         v = F.silu(self.bn(self.c(w)))
         g = torch.sigmoid(self.se2(F.relu(self.se1(v.mean((2, 3), keepdim=True)))))

@@ -113,15 +113,16 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
         if s.kind == "conv":
             m = model.get_submodule(s.module)
             g = s.geometry
-            into = None
+            into = read = None   # the sum in the shortcut's buffer where it dies here
             if s.add_into is not None:
-                into = ids[s.add_into]
-                if not dies(s.add_into, i):
-                    into = p.copy(into)
+                if dies(s.add_into, i):
+                    into = ids[s.add_into]
+                else:
+                    read = ids[s.add_into]
             ids[s.out] = p.conv(src[0], m.weight, m.bias, stride=g["stride"],
                                 padding=g["padding"], dilation=g["dilation"],
                                 groups=g["groups"], act=s.act, add_into=into,
-                                act_after=s.act_after)
+                                add_from=read, act_after=s.act_after)
         elif s.kind == "bn":   # inference batch-norm as a depthwise 1x1 convolution
             m = model.get_submodule(s.module)
             scale = (m.running_var + m.eps).rsqrt()

@@ -8,11 +8,11 @@ folded, :func:`fold_batchnorm`) node by node: convolutions, linear layers, activ
 multiplications by a broadcast tensor (a squeeze-excitation's gate), flattening before a
 linear layer, batch-norm not after a convolution (a per-channel scale and shift: a
 depthwise 1x1 convolution), and the modules that compute nothing in eval (identity,
-dropout). Then it
-folds: an activation into the step that makes its input (when that input has no other
-reader), and an addition into a convolution making one of its operands (the other operand
-is accumulated into in place; a copy is made first when that operand is read later or is
-the network's input). Anything else means the network is not lowered, with the reason.
+dropout). Then it folds: an activation into the step that makes its input (when that input
+has no other reader), and an addition into a convolution making one of its operands (the
+other operand accumulated into in place where it dies there, else read by a binary
+post-op: :func:`convgap.layers.network.bind`). Anything else means the network is not
+lowered, with the reason.
 """
 
 from __future__ import annotations

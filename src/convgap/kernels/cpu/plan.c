@@ -272,15 +272,18 @@ static int append_act(plan_t *p, dnnl_post_ops_t ops, int act, float alpha, floa
     return 0;
 }
 
-// attr with post-ops: [act1], [sum], [act2].
-static dnnl_primitive_attr_t post_ops_attr(plan_t *p, int act1, float a1, float b1, int sum,
-                                           int act2, float a2, float b2) {
+// attr with post-ops: [act1], [add: 1 a sum into dst, 2 a binary add of `other`], [act2].
+static dnnl_primitive_attr_t post_ops_attr(plan_t *p, int act1, float a1, float b1, int add,
+                                           const_dnnl_memory_desc_t other, int act2, float a2,
+                                           float b2) {
     dnnl_primitive_attr_t attr = user_attr(p);
     dnnl_post_ops_t ops;
     if (!attr || dnnl_post_ops_create(&ops) != dnnl_success) return NULL;
     int bad = append_act(p, ops, act1, a1, b1) < 0;
-    if (!bad && sum) bad = dnnl_post_ops_append_sum(ops, 1.f, 0, dnnl_data_type_undef) !=
-                           dnnl_success;
+    if (!bad && add == 1)
+        bad = dnnl_post_ops_append_sum(ops, 1.f, 0, dnnl_data_type_undef) != dnnl_success;
+    if (!bad && add == 2)
+        bad = dnnl_post_ops_append_binary(ops, dnnl_binary_add, other) != dnnl_success;
     if (!bad) bad = append_act(p, ops, act2, a2, b2) < 0;
     if (!bad) bad = dnnl_primitive_attr_set_post_ops(attr, ops) != dnnl_success;
     dnnl_post_ops_destroy(ops);
@@ -293,11 +296,13 @@ static dnnl_primitive_attr_t post_ops_attr(plan_t *p, int act1, float a1, float 
 
 // conv: src (N, C, H, W) -> (N, O, OH, OW); w (O, C/groups, kh, kw) plain, b (O) or NULL;
 // geom = {kh, kw, sh, sw, pt, pl, pb, pr, dh, dw} (dilation as torch: 1 = none).
-// sum >= 0: the result is added into tensor `sum` (its buffer, in place; returned) between
-// act1 and act2.
+// other >= 0: tensor `other` is added to the result between act1 and act2: in place (add
+// 1: the sum written into other's buffer, which is returned) or read (add 2: a binary
+// post-op; a new tensor in other's layout).
 int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const float *w,
-              const float *b, int act1, float a1, float b1, int sum, int act2, float a2,
-              float b2) {
+              const float *b, int act1, float a1, float b1, int add, int other, int act2,
+              float a2, float b2) {
+    int sum = add == 1 ? other : -1;
     int nd = 0;
     dnnl_dims_t in;
     CHECK(p, dnnl_memory_desc_query(p->t[src].md, dnnl_query_ndims_s32, &nd), "query ndims");
@@ -337,7 +342,9 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
     } else {
         CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 4, yd, dnnl_f32, p->act_tag), "md");
     }
-    dnnl_primitive_attr_t attr = post_ops_attr(p, act1, a1, b1, sum >= 0, act2, a2, b2);
+    dnnl_primitive_attr_t attr = post_ops_attr(p, act1, a1, b1, other >= 0 ? add : 0,
+                                               other >= 0 ? p->t[other].md : NULL, act2, a2,
+                                               b2);
     if (!attr) return -1;
     dnnl_primitive_desc_t pd;
     dnnl_status_t st = dnnl_convolution_forward_primitive_desc_create(
@@ -375,6 +382,8 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
     add_arg(s, DNNL_ARG_WEIGHTS, -1, wmem);
     if (bmem) add_arg(s, DNNL_ARG_BIAS, -1, bmem);
     add_arg(s, DNNL_ARG_DST, y, NULL);
+    if (add == 2 && other >= 0)
+        add_arg(s, DNNL_ARG_ATTR_MULTIPLE_POST_OP(act1 ? 1 : 0) | DNNL_ARG_SRC_1, other, NULL);
     return y;
 }
 
@@ -423,7 +432,7 @@ int plan_pool(plan_t *p, int src, int kind, const int64_t *geom_in) {
 // in place into a when inplace (a dead after).
 int plan_binary(plan_t *p, int a, int b, int alg, int act, float alpha, float beta,
                 int inplace) {
-    dnnl_primitive_attr_t attr = post_ops_attr(p, act, alpha, beta, 0, 0, 0.f, 0.f);
+    dnnl_primitive_attr_t attr = post_ops_attr(p, act, alpha, beta, 0, NULL, 0, 0.f, 0.f);
     if (!attr) return -1;
     const int64_t *ad = NULL, *bd_ = NULL;
     int nd = 0;
@@ -509,7 +518,7 @@ int plan_linear(plan_t *p, int src, int O, const float *w, const float *b, int a
     CHECK(p, dnnl_memory_desc_create_with_tag(&wmd, nd, wd, dnnl_f32, dnnl_format_tag_any), "md");
     if (b) CHECK(p, dnnl_memory_desc_create_with_tag(&bmd, 1, bd, dnnl_f32, dnnl_x), "md");
     CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 2, yd, dnnl_f32, dnnl_nc), "md");
-    dnnl_primitive_attr_t attr = post_ops_attr(p, act, alpha, beta, 0, 0, 0.f, 0.f);
+    dnnl_primitive_attr_t attr = post_ops_attr(p, act, alpha, beta, 0, NULL, 0, 0.f, 0.f);
     if (!attr) return -1;
     dnnl_primitive_desc_t pd;
     dnnl_status_t st = dnnl_inner_product_forward_primitive_desc_create(

@@ -81,7 +81,7 @@ def _lib() -> ctypes.CDLL | None:
     sig = {"plan_new": ([I], P), "plan_free": ([P], None), "plan_error": ([P], ctypes.c_char_p),
            "plan_version": ([], I),
            "plan_input": ([P, I, _L6, _L6], I),
-           "plan_conv": ([P, I, I, I, _L6, P, P, I, F, F, I, I, F, F], I),
+           "plan_conv": ([P, I, I, I, _L6, P, P, I, F, F, I, I, I, F, F], I),
            "plan_pool": ([P, I, I, _L6], I),
            "plan_binary": ([P, I, I, I, I, F, F, I], I),
            "plan_eltwise": ([P, I, I, F, F, I], I),
@@ -147,10 +147,13 @@ class Plan:
     def conv(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
              groups: int, act: str | None = None, add_into: int | None = None,
-             act_after: str | None = None) -> int:
+             add_from: int | None = None, act_after: str | None = None) -> int:
         """A 2-D convolution (``weight`` (O, C/groups, kh, kw); ``padding`` (top, left,
-        bottom, right)), then ``act``; with ``add_into`` its result is added into that
-        tensor in place (which is returned), then ``act_after``."""
+        bottom, right)), then ``act``; then a tensor added: ``add_into`` in place (its
+        buffer holds the sum, and its id is returned) or ``add_from`` (read, left as it
+        is); then ``act_after``."""
+        if add_into is not None and add_from is not None:
+            raise ConvgapError("plan convolution: add_into or add_from, not both")
         w, b = _f32(weight), _f32(bias)
         o, c, kh, kw = w.shape
         dims = self.dims(src)
@@ -163,7 +166,10 @@ class Plan:
         return self._ok(self._lib.plan_conv(
             self._h, src, o, groups, _ints(geom), w.data_ptr(),
             None if b is None else b.data_ptr(), a1[0], a1[1], a1[2],
-            -1 if add_into is None else add_into, a2[0], a2[1], a2[2]), "convolution")
+            0 if add_into is None and add_from is None else 1 if add_from is None else 2,
+            -1 if add_into is None and add_from is None else (
+                add_into if add_from is None else add_from),
+            a2[0], a2[1], a2[2]), "convolution")
 
     def pool(self, src: int, kind: str, kernel: Sequence[int], stride: Sequence[int],
              padding: Sequence[int]) -> int:
