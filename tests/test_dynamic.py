@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convgap.kernels.cpu import plan as cplan
 from convgap import ConvgapError, models
 from convgap.dynamic import (DynamicBlock, dynamic_blocks, force_density, make_dynamic,
                              set_execution)
@@ -637,7 +638,7 @@ def test_channel_and_layer_blocks_run_bound_plans(mode, monkeypatch):
                                       Bottleneck(16, 8, 32, stride=2), Inverted(32)).eval())
     dyn = make_dynamic(net, mode, check=False, quiet=True)
     assert len(dynamic_blocks(dyn)) == 4
-    for n, density in ((1, 0.5), (5, 0.5), (4, 0.75), (3, 0.0), (2, 1.0)):
+    for n, density in ((1, 0.5), (5, 0.5), (4, 0.75), (3, 0.0), (2, 1.0), (1, 1.0)):
         x = torch.randn(n, 3, 11, 11)
         force_density(dyn, density, seed=n)
         with torch.no_grad():
@@ -656,6 +657,10 @@ def test_channel_and_layer_blocks_run_bound_plans(mode, monkeypatch):
         assert len(plans) >= 4
         if mode == "channel":   # several patterns of kept groups were bound
             assert len({k[1] for k in plans}) > 2
+    if cplan.unavailable() is None:   # single samples ran whole blocks as one oneDNN plan
+        fulls = [v[2].full for b in dynamic_blocks(dyn).values() for k, v in b._fold.items()
+                 if isinstance(k, tuple) and k[0] == "plan"]
+        assert any(getattr(f, "plans", None) for f in fulls)
 
 
 def test_timed_densities_are_densities_a_block_can_have():

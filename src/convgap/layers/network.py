@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..errors import ConvgapError
 from ..kernels.cpu import plan as cplan
 from .fused_blocks import FusedBlock
 
@@ -32,7 +33,8 @@ TOLERANCE = 1e-4
 
 
 class PlanWarning(UserWarning):
-    """A bound plan disagreed with the model on its first input and was not used."""
+    """No plan for an input shape: it could not be built, or it disagreed with the model
+    on its first input; the network runs without it."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,13 @@ class FusedNetwork(FusedBlock):
                 memory_format=torch.channels_last):
             ref = ref.contiguous()
         shape, strides = tuple(ref.shape), tuple(ref.stride())
-        plan = bind(self.program, self.model, x, shape, strides)
+        try:
+            plan = bind(self.program, self.model, x, shape, strides)
+        except ConvgapError as exc:   # a step oneDNN has only reference code for, ...
+            warnings.warn(f"no oneDNN plan for an input of shape {tuple(x.shape)}: {exc}",
+                          PlanWarning, stacklevel=3)
+            self.kernel_choice = "blocks" if self.blocks is not None else "torch"
+            return incumbent
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return plan.run(x, torch.empty_strided(shape, strides))

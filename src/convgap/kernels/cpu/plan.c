@@ -32,6 +32,7 @@ typedef struct {
 } tensor_t;
 
 typedef struct {
+    char impl[48];     // oneDNN's implementation name
     dnnl_primitive_t prim;
     int nargs;
     int arg[MAXA];     // DNNL_ARG_*
@@ -165,6 +166,16 @@ static step_t *new_step(plan_t *p, const_dnnl_primitive_desc_t pd) {
     }
     step_t *s = &p->s[p->ns];
     memset(s, 0, sizeof(*s));
+    const char *impl = NULL;
+    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
+    snprintf(s->impl, sizeof(s->impl), "%s", impl ? impl : "?");
+    // oneDNN's reference code is correct but 10-200x slower (a binary post-op whose
+    // operand's layout differs from the output's: 60 ms for a 64-channel 32x32 conv)
+    if (strncmp(s->impl, "ref", 3) == 0) {
+        snprintf(p->err, sizeof(p->err), "oneDNN has only its reference implementation "
+                 "(%s) for this step", s->impl);
+        return NULL;
+    }
     if (dnnl_primitive_create(&s->prim, pd) != dnnl_success) {
         snprintf(p->err, sizeof(p->err), "primitive_create failed");
         return NULL;
@@ -303,6 +314,18 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
               const float *b, int act1, float a1, float b1, int add, int other, int act2,
               float a2, float b2) {
     int sum = add == 1 ? other : -1;
+    if (add == 2 && other >= 0) {
+        // the operand in the output's layout (NHWC): a binary post-op reading another
+        // layout has only oneDNN's reference code
+        const int64_t *od = NULL;
+        CHECK(p, dnnl_memory_desc_query(p->t[other].md, dnnl_query_dims, &od), "query dims");
+        dnnl_dims_t d = {od[0], od[1], od[2], od[3]};
+        dnnl_memory_desc_t want;
+        CHECK(p, dnnl_memory_desc_create_with_tag(&want, 4, d, dnnl_f32, dnnl_nhwc), "md");
+        other = as_layout(p, other, want);
+        dnnl_memory_desc_destroy(want);
+        if (other < 0) return -1;
+    }
     int nd = 0;
     dnnl_dims_t in;
     CHECK(p, dnnl_memory_desc_query(p->t[src].md, dnnl_query_ndims_s32, &nd), "query ndims");
@@ -337,8 +360,8 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
     CHECK(p, dnnl_memory_desc_create_with_tag(&xmd, 4, xd, dnnl_f32, p->act_tag), "md");
     CHECK(p, dnnl_memory_desc_create_with_tag(&wmd, wnd, wd, dnnl_f32, dnnl_format_tag_any), "md");
     if (b) CHECK(p, dnnl_memory_desc_create_with_tag(&bmd, 1, bd, dnnl_f32, dnnl_x), "md");
-    if (sum >= 0) {
-        if (clone_md(p, p->t[sum].md, &ymd) < 0) return -1;
+    if (sum >= 0 || (add == 2 && other >= 0)) {   // the output in the operand's layout
+        if (clone_md(p, p->t[other].md, &ymd) < 0) return -1;
     } else {
         CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 4, yd, dnnl_f32, p->act_tag), "md");
     }
@@ -606,6 +629,9 @@ int plan_copy(plan_t *p, int src) {
 }
 
 int plan_steps(plan_t *p) { return p->ns; }
+
+// Step i's oneDNN implementation name.
+const char *plan_impl(plan_t *p, int i) { return i >= 0 && i < p->ns ? p->s[i].impl : ""; }
 
 // Tensor tid's dims into dims (up to 12); returns its number of dims.
 int plan_dims(plan_t *p, int tid, int64_t *dims) {

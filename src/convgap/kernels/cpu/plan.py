@@ -88,7 +88,8 @@ def _lib() -> ctypes.CDLL | None:
            "plan_linear": ([P, I, I, P, P, I, F, F], I),
            "plan_output": ([P, I, I, _L6, _L6], I),
            "plan_copy": ([P, I], I),
-           "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I), "plan_finalize": ([P], I), "plan_bytes": ([P], L),
+           "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I),
+           "plan_impl": ([P, I], ctypes.c_char_p), "plan_finalize": ([P], I), "plan_bytes": ([P], L),
            "plan_run": ([P, P, P], I)}
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -225,6 +226,11 @@ class Plan:
     def steps(self) -> int:
         """Primitives in the plan (reorders included)."""
         return self._lib.plan_steps(self._h)
+
+    def implementations(self) -> list[str]:
+        """oneDNN's implementation of each step, in order (e.g. 'brg_conv_fwd:avx512_core');
+        a step oneDNN has only reference code for is refused when added."""
+        return [self._lib.plan_impl(self._h, i).decode() for i in range(self.steps)]
 
     def finalize(self) -> int:
         """Lays out the buffers (reused by liveness); returns their bytes."""
