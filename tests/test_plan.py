@@ -239,6 +239,22 @@ class _Net(nn.Module):
         return self.fc(torch.flatten(v, 1))
 
 
+class _Tricky(nn.Module):
+    """A conv output read before and after its activation; two activations in a row; a
+    sum whose other operand is an activation's output read again later."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        y = self.a(x)
+        z = F.relu(y)
+        w = torch.sigmoid(F.relu(self.b(z)))
+        v = self.c(w) + z
+        return F.relu6(v) + y + z
+
+
 def _network(model: nn.Module) -> FusedNetwork:
     folded = fold_batchnorm(copy.deepcopy(model), quiet=True)
     program = lower(folded)
@@ -264,6 +280,19 @@ def test_fused_network_matches_the_model(layout, batch):
     assert net.kernel_choice == "plan"
     assert rel(got, ref) < 1e-5
     assert torch.equal(x, keep)            # the input is never written
+
+
+@needs_plan
+def test_folds_keep_values_read_elsewhere():
+    torch.manual_seed(9)
+    model = _Tricky().eval()
+    net = _network(model)
+    kinds = [s.kind for s in net.program.steps]
+    assert kinds.count("conv") == 3 and "act" in kinds     # relu(y) stays: y is read again
+    x = torch.randn(2, 6, 9, 10)
+    with torch.no_grad():
+        assert rel(net(x), model(x)) < 1e-5
+    assert net.kernel_choice == "plan"
 
 
 @needs_plan

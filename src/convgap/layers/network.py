@@ -142,8 +142,7 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
             ids[s.out] = p.linear(src[0], m.weight, m.bias, act=s.act)
         elif s.kind == "pool":
             g = s.geometry
-            y = p.pool(src[0], g["kind"], g["kernel"], g["stride"], g["padding"])
-            ids[s.out] = p.eltwise(y, s.act, inplace=True) if s.act else y
+            ids[s.out] = p.pool(src[0], g["kind"], g["kernel"], g["stride"], g["padding"])
         elif s.kind in ("add", "mul"):
             a, b = src
             va, vb = s.inputs

@@ -189,11 +189,12 @@ def _unfused(gm: fx.GraphModule) -> Program:
     return Program(steps=steps, output=output, flat_output=output in flat)
 
 
-def _readers(steps: list[Step]) -> dict[int, list[int]]:
+def _readers(steps: list[Step], resolve) -> dict[int, list[int]]:
+    """Value -> the steps reading it (``resolve``: a value's id after the folds so far)."""
     readers: dict[int, list[int]] = {}
     for i, s in enumerate(steps):
         for v in s.inputs:
-            readers.setdefault(v, []).append(i)
+            readers.setdefault(resolve(v), []).append(i)
     return readers
 
 
@@ -214,9 +215,9 @@ def _fold(program: Program) -> Program:
         s = replace(s, inputs=tuple(resolve(v) for v in s.inputs),
                     add_into=None if s.add_into is None else resolve(s.add_into))
         steps[i] = s
-        readers = _readers(steps)
+        readers = _readers(steps, resolve)
         sole = [v for v in s.inputs if len(readers.get(v, [])) == 1
-                and v != program.output]
+                and v != resolve(program.output)]
         producer = {t.out: j for j, t in enumerate(steps[:i])}
         if s.kind == "act" and sole:
             j = producer.get(s.inputs[0])
