@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..algorithms.spec import explicit_padding
 from ..layers.network import Program, Step
-from .patterns import node_activation
+from .patterns import flatten_call, node_activation
 from .trace import trace
 
 __all__ = ["lower"]
@@ -85,16 +85,6 @@ def _module_step(m: nn.Module, name: str) -> Step | None:
     raise _Refused(f"{name} ({type(m).__name__}) has no step in a oneDNN plan")
 
 
-def _is_flatten(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is torch.flatten or \
-            node.op == "call_method" and node.target == "flatten":
-        args = list(node.args[1:]) + [None] * 2
-        start = node.kwargs.get("start_dim", args[0])
-        end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
-        return start == 1 and end == -1
-    return False
-
-
 def _is_gap(node: fx.Node) -> bool:
     """``x.mean((2, 3), keepdim=True)``, ``torch.mean(x, (-2, -1), True)`` or
     ``F.adaptive_avg_pool2d(x, 1)``."""
@@ -123,7 +113,7 @@ def _step_of(gm: fx.GraphModule, node: fx.Node) -> Step | None:
             return Step("add")
         if target in _MUL or target == "mul":
             return Step("mul")
-        if _is_flatten(node):
+        if flatten_call(node):
             return Step("flatten")
         if _is_gap(node):
             return Step("pool", geometry={"kind": "avg", "kernel": (0, 0), "stride": (1, 1),

@@ -36,7 +36,7 @@ from .trace import roots, trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
            "HEAD", "Head", "find_head", "STEM", "find_stems", "CONV_ACT", "ConvAct",
-           "find_conv_acts", "node_activation", "NETWORK",
+           "find_conv_acts", "node_activation", "flatten_call", "NETWORK",
            "block_patterns"]
 
 CONV_ACT = "conv_act"  # a conv + act: a block of its own, or written outside any block
@@ -594,7 +594,7 @@ def _global_pool(m: nn.Module) -> bool:
     return size in (1, (1, 1), [1, 1])
 
 
-def _flatten_call(node: fx.Node) -> bool:
+def flatten_call(node: fx.Node) -> bool:
     """``torch.flatten(x, 1)`` or ``x.flatten(1)`` (to the last dimension)."""
     if node.op == "call_function" and node.target is torch.flatten or \
             node.op == "call_method" and node.target == "flatten":
@@ -639,7 +639,7 @@ def find_head(model: nn.Module) -> Head | str:
             p = m.p
         elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not flat:
             flat = True
-        elif _flatten_call(node) and not flat:
+        elif flatten_call(node) and not flat:
             flat = True
             steps.append(None)
             node = node.args[0]

@@ -143,6 +143,14 @@ static int clone_md(plan_t *p, const_dnnl_memory_desc_t md, dnnl_memory_desc_t *
     return 0;
 }
 
+// The result of a step: tensor `inplace_of` (>= 0: written in place) or a new tensor of
+// layout md.
+static int result(plan_t *p, const_dnnl_memory_desc_t md, int inplace_of) {
+    if (inplace_of >= 0) return inplace_of;
+    dnnl_memory_desc_t own;
+    return clone_md(p, md, &own) < 0 ? -1 : new_tensor(p, own, 0);
+}
+
 // A plain tensor from dims and strides (elements), float32.
 static int plain_md(plan_t *p, int nd, const int64_t *dims, const int64_t *strides,
                     dnnl_memory_desc_t *md) {
@@ -193,6 +201,23 @@ static step_t *new_step(plan_t *p, const_dnnl_primitive_desc_t pd) {
     return s;
 }
 
+// The step of primitive descriptor pd (created with status st; `what` names it in an
+// error), its result tensor into *y (result() of ymd, or of pd's destination when ymd is
+// NULL); NULL with the reason in p->err. pd is destroyed.
+static step_t *step_of(plan_t *p, dnnl_status_t st, dnnl_primitive_desc_t pd,
+                       const char *what, const_dnnl_memory_desc_t ymd, int inplace_of,
+                       int *y) {
+    if (st != dnnl_success) {
+        snprintf(p->err, sizeof(p->err), "%s failed (oneDNN status %d)", what, (int)st);
+        return NULL;
+    }
+    *y = result(p, ymd ? ymd : dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0),
+                inplace_of);
+    step_t *s = *y >= 0 ? new_step(p, pd) : NULL;
+    dnnl_primitive_desc_destroy(pd);
+    return s;
+}
+
 static void add_arg(step_t *s, int arg, int tid, dnnl_memory_t cmem) {
     s->arg[s->nargs] = arg;
     s->tid[s->nargs] = tid;
@@ -216,9 +241,7 @@ static int as_layout(plan_t *p, int src, const_dnnl_memory_desc_t want) {
                                                           p->eng, attr);
     dnnl_primitive_attr_destroy(attr);
     CHECK(p, st, "reorder_primitive_desc_create");
-    dnnl_memory_desc_t md;
-    if (clone_md(p, want, &md) < 0) return -1;
-    int dst = new_tensor(p, md, 0);
+    int dst = result(p, want, -1);
     step_t *s = dst < 0 ? NULL : new_step(p, pd);
     dnnl_primitive_desc_destroy(pd);
     if (!s) return -1;
@@ -262,23 +285,29 @@ static dnnl_memory_t constant(plan_t *p, const float *data, int nd, const int64_
     return wmem;
 }
 
-// Activation codes (plan.py's ACT): 0 none, else a oneDNN eltwise post-op.
-static int append_act(plan_t *p, dnnl_post_ops_t ops, int act, float alpha, float beta) {
-    dnnl_alg_kind_t alg;
+// Activation codes (plan.py's ACT): 0 none, else a oneDNN eltwise algorithm with the
+// (alpha, beta) it takes (relu6 is clip_v2 on [alpha, beta] = [0, 6]).
+static int act_alg(plan_t *p, int act, dnnl_alg_kind_t *alg, float *alpha, float *beta) {
     switch (act) {
-    case 0: return 0;
-    case 1: alg = dnnl_eltwise_relu; alpha = 0.f; break;
-    case 2: alg = dnnl_eltwise_clip_v2; break;        // [alpha, beta]
-    case 3: alg = dnnl_eltwise_swish; alpha = 1.f; break;
-    case 4: alg = dnnl_eltwise_gelu_erf; break;
-    case 5: alg = dnnl_eltwise_gelu_tanh; break;
-    case 6: alg = dnnl_eltwise_logistic; break;
-    case 7: alg = dnnl_eltwise_hardswish; alpha = 1.f / 6.f; beta = 0.5f; break;
-    case 8: alg = dnnl_eltwise_tanh; break;
+    case 1: *alg = dnnl_eltwise_relu; *alpha = 0.f; break;
+    case 2: *alg = dnnl_eltwise_clip_v2; break;
+    case 3: *alg = dnnl_eltwise_swish; *alpha = 1.f; break;
+    case 4: *alg = dnnl_eltwise_gelu_erf; break;
+    case 5: *alg = dnnl_eltwise_gelu_tanh; break;
+    case 6: *alg = dnnl_eltwise_logistic; break;
+    case 7: *alg = dnnl_eltwise_hardswish; *alpha = 1.f / 6.f; *beta = 0.5f; break;
+    case 8: *alg = dnnl_eltwise_tanh; break;
     default:
         snprintf(p->err, sizeof(p->err), "unknown activation code %d", act);
         return -1;
     }
+    return 0;
+}
+
+static int append_act(plan_t *p, dnnl_post_ops_t ops, int act, float alpha, float beta) {
+    dnnl_alg_kind_t alg;
+    if (act == 0) return 0;
+    if (act_alg(p, act, &alg, &alpha, &beta) < 0) return -1;
     CHECK(p, dnnl_post_ops_append_eltwise(ops, alg, alpha, beta), "post_ops_append_eltwise");
     return 0;
 }
@@ -380,14 +409,7 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
     dnnl_memory_desc_destroy(ymd);
     CHECK(p, st, "convolution_forward_primitive_desc_create");
     int x = as_layout(p, src, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0));
-    int y = sum;
-    if (x >= 0 && sum < 0) {
-        dnnl_memory_desc_t md;
-        if (clone_md(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), &md) < 0)
-            y = -1;
-        else
-            y = new_tensor(p, md, 0);
-    }
+    int y = x < 0 ? -1 : result(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), sum);
     dnnl_memory_t wmem = NULL, bmem = NULL;
     if (x >= 0 && y >= 0) {
         wmem = constant(p, w, wnd, wplain, groups > 1 ? dnnl_goihw : dnnl_oihw,
@@ -438,13 +460,8 @@ int plan_pool(plan_t *p, int src, int kind, const int64_t *geom_in) {
         attr);
     dnnl_primitive_attr_destroy(attr);
     dnnl_memory_desc_destroy(ymd);
-    CHECK(p, st, "pooling_forward_primitive_desc_create");
-    dnnl_memory_desc_t md;
-    int y = -1;
-    if (clone_md(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), &md) == 0)
-        y = new_tensor(p, md, 0);
-    step_t *s = y >= 0 ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
+    int y;
+    step_t *s = step_of(p, st, pd, "pooling_forward_primitive_desc_create", NULL, -1, &y);
     if (!s) return -1;
     add_arg(s, DNNL_ARG_SRC, src, NULL);
     add_arg(s, DNNL_ARG_DST, y, NULL);
@@ -475,14 +492,9 @@ int plan_binary(plan_t *p, int a, int b, int alg, int act, float alpha, float be
         &pd, p->eng, alg == 0 ? dnnl_binary_add : dnnl_binary_mul, p->t[a].md, p->t[bb].md,
         p->t[a].md, attr);
     dnnl_primitive_attr_destroy(attr);
-    CHECK(p, st, "binary_primitive_desc_create");
-    int y = a;
-    if (!inplace) {
-        dnnl_memory_desc_t md;
-        y = clone_md(p, p->t[a].md, &md) < 0 ? -1 : new_tensor(p, md, 0);
-    }
-    step_t *s = y >= 0 ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
+    int y;
+    step_t *s = step_of(p, st, pd, "binary_primitive_desc_create", p->t[a].md,
+                        inplace ? a : -1, &y);
     if (!s) return -1;
     add_arg(s, DNNL_ARG_SRC_0, a, NULL);
     add_arg(s, DNNL_ARG_SRC_1, bb, NULL);
@@ -493,33 +505,16 @@ int plan_binary(plan_t *p, int a, int b, int alg, int act, float alpha, float be
 // eltwise on its own: y = act(x), in place when inplace.
 int plan_eltwise(plan_t *p, int src, int act, float alpha, float beta, int inplace) {
     dnnl_alg_kind_t alg;
-    switch (act) {
-    case 1: alg = dnnl_eltwise_relu; alpha = 0.f; break;
-    case 2: alg = dnnl_eltwise_clip_v2; break;
-    case 3: alg = dnnl_eltwise_swish; alpha = 1.f; break;
-    case 4: alg = dnnl_eltwise_gelu_erf; break;
-    case 5: alg = dnnl_eltwise_gelu_tanh; break;
-    case 6: alg = dnnl_eltwise_logistic; break;
-    case 7: alg = dnnl_eltwise_hardswish; alpha = 1.f / 6.f; beta = 0.5f; break;
-    case 8: alg = dnnl_eltwise_tanh; break;
-    default:
-        snprintf(p->err, sizeof(p->err), "unknown activation code %d", act);
-        return -1;
-    }
+    if (act_alg(p, act, &alg, &alpha, &beta) < 0) return -1;
     dnnl_primitive_attr_t attr = user_attr(p);
     dnnl_primitive_desc_t pd;
     dnnl_status_t st = dnnl_eltwise_forward_primitive_desc_create(
         &pd, p->eng, dnnl_forward_inference, alg, p->t[src].md, p->t[src].md, alpha, beta,
         attr);
     dnnl_primitive_attr_destroy(attr);
-    CHECK(p, st, "eltwise_forward_primitive_desc_create");
-    int y = src;
-    if (!inplace) {
-        dnnl_memory_desc_t md;
-        y = clone_md(p, p->t[src].md, &md) < 0 ? -1 : new_tensor(p, md, 0);
-    }
-    step_t *s = y >= 0 ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
+    int y;
+    step_t *s = step_of(p, st, pd, "eltwise_forward_primitive_desc_create", p->t[src].md,
+                        inplace ? src : -1, &y);
     if (!s) return -1;
     add_arg(s, DNNL_ARG_SRC, src, NULL);
     add_arg(s, DNNL_ARG_DST, y, NULL);
@@ -552,10 +547,7 @@ int plan_linear(plan_t *p, int src, int O, const float *w, const float *b, int a
     dnnl_memory_desc_destroy(ymd);
     CHECK(p, st, "inner_product_forward_primitive_desc_create");
     int x = as_layout(p, src, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0));
-    int y = -1;
-    dnnl_memory_desc_t md;
-    if (x >= 0 && clone_md(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), &md) == 0)
-        y = new_tensor(p, md, 0);
+    int y = x < 0 ? -1 : result(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), -1);
     dnnl_format_tag_t tag = nd == 2 ? dnnl_nc : dnnl_nchw;  // (O, C[, H, W]) plain: oi / oihw
     dnnl_memory_t wmem = NULL, bmem = NULL;
     if (y >= 0) {
@@ -617,11 +609,9 @@ int plan_copy(plan_t *p, int src) {
     dnnl_status_t st = dnnl_reorder_primitive_desc_create(&pd, p->t[src].md, p->eng,
                                                           p->t[src].md, p->eng, attr);
     dnnl_primitive_attr_destroy(attr);
-    CHECK(p, st, "reorder_primitive_desc_create (copy)");
-    dnnl_memory_desc_t md;
-    int y = clone_md(p, p->t[src].md, &md) < 0 ? -1 : new_tensor(p, md, 0);
-    step_t *s = y >= 0 ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
+    int y;
+    step_t *s = step_of(p, st, pd, "reorder_primitive_desc_create (copy)", p->t[src].md, -1,
+                        &y);
     if (!s) return -1;
     add_arg(s, DNNL_ARG_FROM, src, NULL);
     add_arg(s, DNNL_ARG_TO, y, NULL);
