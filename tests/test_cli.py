@@ -229,3 +229,15 @@ def test_fuse_prints_blocks_and_writes_json(capsys, user_module, small_roofs, tm
     code, _, err = run(capsys, "fuse", "mobilenet_v2", "--patterns", "nope", "--quiet",
                        "--image-size", "32")
     assert code == 2 and "unknown block patterns" in err
+
+
+def test_fuse_prints_the_network_plan(capsys, small_roofs):
+    from convgap import choice
+    from convgap.kernels.cpu import plan
+    if plan.unavailable() is not None:
+        pytest.skip(f"no oneDNN plan here: {plan.unavailable()}")
+    with choice.forced({"fuse": "fused", "fused_network": "plan"}):
+        code, out, err = run(capsys, "fuse", "resnet18", "--image-size", "32",
+                             "--threads", "1", "--quiet")
+    assert code == 0, err
+    assert "(whole network)" in out and "one oneDNN plan" in out and "basic" in out

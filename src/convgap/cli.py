@@ -555,11 +555,14 @@ def _cmd_fuse(args: argparse.Namespace, console: Console) -> int:
                 "fused / roofline", "efficiency"):
         t.add_column(col, justify="left" if col in ("block", "pattern") else "right")
     for r in rows:
-        t.add_row(r.name, r.pattern, _ms(r.layerwise_s), _ms(r.fused_s),
+        t.add_row(r.name or "(whole network)", r.pattern, _ms(r.layerwise_s), _ms(r.fused_s),
                   f"{r.layerwise_s / r.fused_s:.2f}x" if r.fused_s and r.layerwise_s else "-",
                   _ms(r.roofline_s), f"{r.of_roofline:.2f}" if r.of_roofline else "-",
                   f"{r.efficiency:.0%}" if r.efficiency else "-")
     console.print(t)
+    if any(r.pattern == "network" for r in rows):
+        console.print("network: layer-wise = the model with its blocks fused, fused = the "
+                      "whole network as one oneDNN plan (the faster runs)")
     ratio = timing.paired_ratio(after, before)
     console.print(f"whole model: {_ms(before.median)} ms -> {_ms(after.median)} ms "
                   f"(paired ratio {ratio:.3f}, {1 / ratio:.2f}x); {len(rows)} blocks fused")
