@@ -200,7 +200,7 @@ class _Two(nn.Module):
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
      "running statistics"),
     (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), "reflect"),
-    (nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), "ceil_mode"),
+    (nn.Sequential(nn.AvgPool2d(2, ceil_mode=True)), "ceil_mode"),
     (_Scalar(), "operand"),
     (_Two(), "more than one input"),
 ])
@@ -255,6 +255,25 @@ class _Tricky(nn.Module):
         return F.relu6(v) + y + z
 
 
+class _Joins(nn.Module):
+    """A concat along the channels, a hard-sigmoid gate, ceil-mode pooling (max, and
+    average without its padding) and functional pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(5, 6, 3, padding=1), nn.Conv2d(5, 4, 1)
+        self.gate = nn.Conv2d(10, 10, 1)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.avg = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.c = nn.Conv2d(10, 7, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), self.b(x)], dim=1)
+        y = y * nn.functional.hardsigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
+        y = self.avg(self.pool(y))
+        return F.avg_pool2d(self.c(y), 3, 1, 1) + F.max_pool2d(self.c(y), 3, 1, 1)
+
+
 def _network(model: nn.Module) -> FusedNetwork:
     folded = fold_batchnorm(copy.deepcopy(model), quiet=True)
     program = lower(folded)
@@ -293,6 +312,21 @@ def test_folds_keep_values_read_elsewhere():
     with torch.no_grad():
         assert rel(net(x), model(x)) < 1e-5
     assert net.kernel_choice == "plan"
+
+
+@needs_plan
+@pytest.mark.parametrize("size", [(12, 13), (15, 16), (9, 9)])
+def test_concat_gates_and_ceil_pooling_match_the_model(size):
+    torch.manual_seed(10)
+    model = _Joins().eval()
+    net = _network(model)
+    kinds = [s.kind for s in net.program.steps]
+    assert "cat" in kinds and sum(k == "pool" for k in kinds) == 5
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 5, *size).contiguous(memory_format=layout)
+        with torch.no_grad():
+            assert rel(net(x), model(x)) < 1e-5
+        assert net.kernel_choice == "plan"
 
 
 @needs_plan

@@ -42,7 +42,8 @@ class Step:
     """One step of a network program on value ids (0: the input; each step's ``out``):
     ``kind`` 'conv', 'linear', 'bn' (``module``: the layer's qualified name), 'pool'
     (``geometry``: kind, kernel ((0, 0): the whole map), stride, padding (top, left,
-    bottom, right)), 'add', 'mul' (the second input broadcast) or 'act'; ``act`` after
+    bottom, right), ceil: torch's ceil_mode), 'add', 'mul' (the second input broadcast),
+    'cat' (along the channels) or 'act'; ``act`` after
     it; a conv with ``add_into`` adds its result into that value in place, then
     ``act_after``."""
 
@@ -98,6 +99,19 @@ def _last_reads(program: Program) -> dict[int, int]:
     return last
 
 
+def _ceil_padding(size, kernel, stride, pad) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) padding that makes a floor-mode pooling give torch's
+    ceil_mode output: one more window where one starts inside the input or its left
+    padding."""
+    extra = []
+    for n, k, s, p in zip(size, kernel, stride, pad[:2]):
+        out = -(-(n + 2 * p - k) // s) + 1
+        if (out - 1) * s >= n + p:
+            out -= 1
+        extra.append(max((out - 1) * s + k - n - p, p))
+    return (pad[0], pad[1], extra[0], extra[1])
+
+
 def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...],
          out_strides: tuple[int, ...], layout: str = "nhwc") -> cplan.Plan:
     """``program`` as a finalized plan for inputs of ``x``'s shape and strides, writing an
@@ -142,7 +156,12 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
             ids[s.out] = p.linear(src[0], m.weight, m.bias, act=s.act)
         elif s.kind == "pool":
             g = s.geometry
-            ids[s.out] = p.pool(src[0], g["kind"], g["kernel"], g["stride"], g["padding"])
+            pad = g["padding"]
+            if g.get("ceil"):
+                pad = _ceil_padding(p.dims(src[0])[2:], g["kernel"], g["stride"], pad)
+            ids[s.out] = p.pool(src[0], g["kind"], g["kernel"], g["stride"], pad)
+        elif s.kind == "cat":
+            ids[s.out] = p.concat(src)
         elif s.kind in ("add", "mul"):
             a, b = src
             va, vb = s.inputs

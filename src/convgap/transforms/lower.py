@@ -6,8 +6,8 @@ the convolution before it.
 folded, :func:`fold_batchnorm`) node by node: convolutions, linear layers, activations
 (modules, functions, methods), max / average / global average pooling, additions,
 multiplications by a broadcast tensor (a squeeze-excitation's gate), flattening before a
-linear layer, batch-norm not after a convolution (a per-channel scale and shift: a
-depthwise 1x1 convolution), and the modules that compute nothing in eval (identity,
+linear layer, concatenation along the channels, batch-norm not after a convolution (a
+per-channel scale and shift: a depthwise 1x1 convolution), and the modules that compute nothing in eval (identity,
 dropout). Then it folds: an activation into the step that makes its input (when that input
 has no other reader), and an addition into a convolution making one of its operands (the
 other operand accumulated into in place where it dies there, else read by a binary
@@ -63,26 +63,63 @@ def _module_step(m: nn.Module, name: str) -> Step | None:
         if m.running_mean is None or m.running_var is None:
             raise _Refused(f"{name}: batch-norm without running statistics")
         return Step("bn", module=name)
-    if type(m) in (nn.MaxPool2d, nn.AvgPool2d):
-        if m.ceil_mode:
-            raise _Refused(f"{name}: ceil_mode pooling")
-        if isinstance(m, nn.MaxPool2d) and (_pair(m.dilation) != (1, 1) or m.return_indices):
-            raise _Refused(f"{name}: dilated max pooling or pooling returning indices")
-        if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
-            raise _Refused(f"{name}: average pooling with a divisor override")
-        kernel = _pair(m.kernel_size)
-        stride = _pair(m.stride if m.stride else m.kernel_size)
-        ph, pw = _pair(m.padding)
-        kind = "max" if isinstance(m, nn.MaxPool2d) else (
-            "avg_pad" if m.count_include_pad else "avg")
-        return Step("pool", geometry={"kind": kind, "kernel": kernel, "stride": stride,
-                                      "padding": (ph, pw, ph, pw)})
+    if type(m) is nn.MaxPool2d:
+        return _pool(name, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                     dilation=m.dilation, indices=m.return_indices)
+    if type(m) is nn.AvgPool2d:
+        return _pool(name, "avg_pad" if m.count_include_pad else "avg", m.kernel_size,
+                     m.stride, m.padding, m.ceil_mode, divisor=m.divisor_override)
+    if type(m) is nn.Hardsigmoid:
+        return Step("act", act="hardsigmoid")
     if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1), [1, 1]):
         return Step("pool", geometry={"kind": "avg", "kernel": (0, 0), "stride": (1, 1),
                                       "padding": (0, 0, 0, 0)})
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
         return Step("flatten")
     raise _Refused(f"{name} ({type(m).__name__}) has no step in a oneDNN plan")
+
+
+def _pool(name: str, kind: str, kernel, stride, padding, ceil: bool, dilation=1,
+          indices: bool = False, divisor=None) -> Step:
+    """A max / average pooling step (``kind`` 'max', 'avg' or 'avg_pad': padding counted);
+    ``ceil``: torch's ceil_mode, its extra bottom / right padding set at bind."""
+    if _pair(dilation) != (1, 1) or indices:
+        raise _Refused(f"{name}: dilated max pooling or pooling returning indices")
+    if divisor is not None:
+        raise _Refused(f"{name}: average pooling with a divisor override")
+    if ceil and kind == "avg_pad":   # torch's divisor ignores the extra padding: not oneDNN's
+        raise _Refused(f"{name}: ceil_mode average pooling counting its padding")
+    ph, pw = _pair(padding)
+    return Step("pool", geometry={"kind": kind, "kernel": _pair(kernel),
+                                  "stride": _pair(stride if stride else kernel),
+                                  "padding": (ph, pw, ph, pw), "ceil": bool(ceil)})
+
+
+def _functional_pool(node: fx.Node) -> Step | None:
+    """``F.max_pool2d`` / ``F.avg_pool2d`` with their arguments, or None."""
+    names = {F.max_pool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                            "return_indices"),
+             F.avg_pool2d: ("kernel_size", "stride", "padding", "ceil_mode",
+                            "count_include_pad", "divisor_override")}.get(node.target)
+    if node.op != "call_function" or names is None:
+        return None
+    a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+         "return_indices": False, "count_include_pad": True, "divisor_override": None,
+         **dict(zip(names, node.args[1:])), **node.kwargs}
+    if node.target is F.max_pool2d:
+        return _pool(node.name, "max", a["kernel_size"], a["stride"], a["padding"],
+                     a["ceil_mode"], dilation=a["dilation"], indices=a["return_indices"])
+    return _pool(node.name, "avg_pad" if a["count_include_pad"] else "avg",
+                 a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                 divisor=a["divisor_override"])
+
+
+def _is_cat(node: fx.Node) -> bool:
+    """``torch.cat`` / ``torch.concat`` of a list of maps along the channels."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return isinstance(node.args[0], (list, tuple)) and dim in (1, -3)
 
 
 def _is_gap(node: fx.Node) -> bool:
@@ -105,6 +142,8 @@ def _step_of(gm: fx.GraphModule, node: fx.Node) -> Step | None:
     act = node_activation(gm, node)
     if act is not None:
         return Step("act", act=act)
+    if node.op == "call_function" and node.target is F.hardsigmoid:
+        return Step("act", act="hardsigmoid")
     if node.op == "call_module":
         return _module_step(gm.get_submodule(node.target), node.target)
     if node.op in ("call_function", "call_method"):
@@ -115,6 +154,11 @@ def _step_of(gm: fx.GraphModule, node: fx.Node) -> Step | None:
             return Step("mul")
         if flatten_call(node):
             return Step("flatten")
+        if _is_cat(node):
+            return Step("cat")
+        pool = _functional_pool(node)
+        if pool is not None:
+            return pool
         if _is_gap(node):
             return Step("pool", geometry={"kind": "avg", "kernel": (0, 0), "stride": (1, 1),
                                           "padding": (0, 0, 0, 0)})
@@ -131,6 +175,10 @@ def _tensor_args(node: fx.Node, step: Step, values: dict[fx.Node, int]) -> tuple
             or not all(isinstance(a, fx.Node) for a in node.args)):
         raise _Refused(f"{node.name}: an operand the plan cannot take (a scalar, an alpha "
                        f"or a third argument)")
+    if step.kind == "cat":
+        if not all(isinstance(a, fx.Node) for a in node.args[0]):
+            raise _Refused(f"{node.name}: a concat of something other than maps")
+        return tuple(values[a] for a in node.args[0])
     return tuple(values[a] for a in (*node.args, *node.kwargs.values())
                  if isinstance(a, fx.Node))
 
@@ -167,7 +215,7 @@ def _unfused(gm: fx.GraphModule) -> Program:
             if step is not None:
                 flat.add(inputs[0])
             continue
-        if len(inputs) != (2 if step.kind in ("add", "mul") else 1):
+        if step.kind != "cat" and len(inputs) != (2 if step.kind in ("add", "mul") else 1):
             raise _Refused(f"{node.name}: a {step.kind} of {len(inputs)} tensors")
         if any(i in flat for i in inputs) and step.kind != "linear":
             raise _Refused(f"{node.name}: a flattened map read by a {step.kind}")

@@ -21,7 +21,7 @@
 
 #define MAXT 4096
 #define MAXS 4096
-#define MAXA 8
+#define MAXA 16
 
 typedef struct {
     dnnl_memory_desc_t md;
@@ -297,6 +297,7 @@ static int act_alg(plan_t *p, int act, dnnl_alg_kind_t *alg, float *alpha, float
     case 6: *alg = dnnl_eltwise_logistic; break;
     case 7: *alg = dnnl_eltwise_hardswish; *alpha = 1.f / 6.f; *beta = 0.5f; break;
     case 8: *alg = dnnl_eltwise_tanh; break;
+    case 9: *alg = dnnl_eltwise_hardsigmoid; *alpha = 1.f / 6.f; *beta = 0.5f; break;
     default:
         snprintf(p->err, sizeof(p->err), "unknown activation code %d", act);
         return -1;
@@ -498,6 +499,41 @@ int plan_binary(plan_t *p, int a, int b, int alg, int act, float alpha, float be
     if (!s) return -1;
     add_arg(s, DNNL_ARG_SRC_0, a, NULL);
     add_arg(s, DNNL_ARG_SRC_1, bb, NULL);
+    add_arg(s, DNNL_ARG_DST, y, NULL);
+    return y;
+}
+
+// concat: n tensors joined along their channels (dims 1), in the plan's layout.
+int plan_concat(plan_t *p, int n, const int *src) {
+    if (n < 1 || n > MAXA - 1) {
+        snprintf(p->err, sizeof(p->err), "a concat of %d tensors", n);
+        return -1;
+    }
+    const_dnnl_memory_desc_t mds[MAXA];
+    int64_t c = 0;
+    const int64_t *d0 = NULL;
+    CHECK(p, dnnl_memory_desc_query(p->t[src[0]].md, dnnl_query_dims, &d0), "query dims");
+    for (int i = 0; i < n; ++i) {
+        const int64_t *d = NULL;
+        CHECK(p, dnnl_memory_desc_query(p->t[src[i]].md, dnnl_query_dims, &d), "query dims");
+        c += d[1];
+        mds[i] = p->t[src[i]].md;
+    }
+    dnnl_dims_t yd = {d0[0], c, d0[2], d0[3]};
+    dnnl_memory_desc_t ymd;
+    CHECK(p, dnnl_memory_desc_create_with_tag(&ymd, 4, yd, dnnl_f32,
+                                              p->act_tag == dnnl_format_tag_any ? dnnl_nhwc
+                                                                                : p->act_tag),
+          "md");
+    dnnl_primitive_attr_t attr = user_attr(p);
+    dnnl_primitive_desc_t pd;
+    dnnl_status_t st = dnnl_concat_primitive_desc_create(&pd, p->eng, ymd, n, 1, mds, attr);
+    dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_destroy(ymd);
+    int y;
+    step_t *s = step_of(p, st, pd, "concat_primitive_desc_create", NULL, -1, &y);
+    if (!s) return -1;
+    for (int i = 0; i < n; ++i) add_arg(s, DNNL_ARG_MULTIPLE_SRC + i, src[i], NULL);
     add_arg(s, DNNL_ARG_DST, y, NULL);
     return y;
 }

@@ -36,7 +36,8 @@ _L6 = ctypes.c_int64 * 16
 # and the (alpha, beta) they take.
 ACT = {None: (0, 0.0, 0.0), "relu": (1, 0.0, 0.0), "relu6": (2, 0.0, 6.0),
        "silu": (3, 1.0, 0.0), "gelu": (4, 0.0, 0.0), "gelu_tanh": (5, 0.0, 0.0),
-       "sigmoid": (6, 0.0, 0.0), "hardswish": (7, 0.0, 0.0), "tanh": (8, 0.0, 0.0)}
+       "sigmoid": (6, 0.0, 0.0), "hardswish": (7, 0.0, 0.0), "tanh": (8, 0.0, 0.0),
+       "hardsigmoid": (9, 0.0, 0.0)}
 
 
 def act_code(name: str | None) -> tuple[int, float, float]:
@@ -87,7 +88,7 @@ def _lib() -> ctypes.CDLL | None:
            "plan_eltwise": ([P, I, I, F, F, I], I),
            "plan_linear": ([P, I, I, P, P, I, F, F], I),
            "plan_output": ([P, I, I, _L6, _L6], I),
-           "plan_copy": ([P, I], I),
+           "plan_copy": ([P, I], I), "plan_concat": ([P, I, ctypes.POINTER(I)], I),
            "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I),
            "plan_impl": ([P, I], ctypes.c_char_p), "plan_finalize": ([P], I), "plan_bytes": ([P], L),
            "plan_run": ([P, P, P], I)}
@@ -206,6 +207,14 @@ class Plan:
         return self._ok(self._lib.plan_linear(self._h, src, w.shape[0], w.data_ptr(),
                                               None if b is None else b.data_ptr(),
                                               *act_code(act)), "linear")
+
+    def concat(self, srcs: Sequence[int]) -> int:
+        """The tensors ``srcs`` joined along their channels."""
+        dims = [self.dims(t) for t in srcs]
+        if any(len(d) != 4 or d[:1] + d[2:] != dims[0][:1] + dims[0][2:] for d in dims):
+            raise ConvgapError(f"plan concat: dims {dims} do not join along channels")
+        return self._ok(self._lib.plan_concat(self._h, len(srcs), (I * len(srcs))(*srcs)),
+                        "concat")
 
     def copy(self, src: int) -> int:
         """A copy of ``src`` in its own buffer."""
