@@ -380,6 +380,26 @@ def test_fused_network_follows_weights_and_state_dict():
 
 
 @needs_plan
+def test_alternating_shapes_bind_once_each(monkeypatch):
+    model = _Net().eval()
+    net = _network(model)
+    binds = []
+    real = FusedNetwork._bind
+    monkeypatch.setattr(FusedNetwork, "_bind",
+                        lambda self, x: binds.append(tuple(x.shape)) or real(self, x))
+    xs = [torch.randn(n, 8, 11, 12) for n in (1, 3, 1, 3, 2)]
+    with torch.no_grad():
+        for x in xs:
+            assert rel(net(x), model(x)) < 1e-5
+    assert binds == [(1, 8, 11, 12), (3, 8, 11, 12), (2, 8, 11, 12)]
+    monkeypatch.setattr(FusedNetwork, "MAX_SHAPES", 2)
+    with torch.no_grad():
+        net(torch.randn(4, 8, 11, 12))             # a fourth shape drops the oldest
+        net(xs[0])
+    assert binds[-2:] == [(4, 8, 11, 12), (1, 8, 11, 12)]
+
+
+@needs_plan
 def test_fused_network_takes_torch_for_gradients_and_tracing():
     model = _Net().eval()
     net = _network(model)

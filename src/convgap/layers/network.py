@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..errors import ConvgapError
 from ..kernels.cpu import plan as cplan
+from ..ops.memo import reuse
 from .fused_blocks import FusedBlock
 
 __all__ = ["Step", "Program", "FusedNetwork", "PlanWarning"]
@@ -225,6 +226,22 @@ class FusedNetwork(FusedBlock):
 
     def fast_path_ok(self, x: torch.Tensor) -> bool:
         return super().fast_path_ok(x) and not self.training
+
+    MAX_SHAPES = 8   # input shapes kept bound at once (the oldest is dropped)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The bound run for ``x``'s shape and strides (built, checked and measured on the
+        first input of each; up to :attr:`MAX_SHAPES` kept, so alternating batch sizes do
+        not rebind), or :meth:`reference` where the fast path may not run."""
+        if x.is_cuda or not self.fast_path_ok(x):
+            return self.reference(x)
+        key = ("plan", tuple(x.shape), x.stride())
+        store = self._store
+        if key not in store:
+            bound = [k for k in store if isinstance(k, tuple) and k[:1] == ("plan",)]
+            if len(bound) >= self.MAX_SHAPES:
+                del store[bound[0]]
+        return reuse(store, key, self._params_list, lambda: self._bind(x))(x)
 
     def spec(self) -> str:
         return f"network {self.program.key(self.model)}"
