@@ -457,6 +457,16 @@ def test_fuse_measures_the_plan_against_the_fused_blocks(force, pick):
         assert rel(loaded(x), model(x)) < 1e-5
 
 
+def test_fuse_without_onednn_keeps_the_blocks_and_says_why(monkeypatch, force):
+    force({"fuse": "fused"})
+    monkeypatch.setattr(cplan, "unavailable", lambda: "no oneDNN here (test)")
+    model = models.create("resnet18", num_classes=10).eval()
+    fused = convgap.fuse(model, torch.randn(1, 3, 32, 32), quiet=True)
+    assert not isinstance(fused, FusedNetwork)
+    assert any(c.name == "" and "no oneDNN here (test)" in (c.reason or "")
+               for c in convgap.changes(fused))
+
+
 def test_fuse_without_the_network_pattern_keeps_the_model_class():
     model = models.create("resnet18", num_classes=10).eval()
     fused = convgap.fuse(model, patterns=["basic"], quiet=True)
