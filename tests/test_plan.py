@@ -49,13 +49,14 @@ def _run_one(build, x: torch.Tensor, out_shape, layout: str = "nhwc") -> torch.T
     (3, 8, 3, 1, 1, 1, 1), (16, 24, 3, 2, 1, 1, 1), (16, 16, 3, 1, 1, 1, 16),
     (12, 18, 5, 1, 2, 2, 3), (8, 32, 1, 1, 0, 1, 1), (7, 5, 3, 2, 0, 1, 1)])
 @pytest.mark.parametrize("act", [None, "relu", "relu6", "silu", "gelu", "sigmoid",
-                                 "hardswish", "tanh"])
+                                 "hardswish", "tanh", "hardsigmoid", "leaky_relu:0.1"])
 def test_conv_step_matches_torch(cin, cout, k, stride, pad, dil, groups, act):
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride, pad, dil, groups)
     x = torch.randn(2, cin, 13, 11)
     ref = conv(x).detach()
-    ref = activations.apply(act, ref)
+    ref = {"hardsigmoid": F.hardsigmoid, "leaky_relu:0.1": lambda t: F.leaky_relu(t, 0.1)
+           }.get(act, lambda t: activations.apply(act, t))(ref)
     got = _run_one(lambda p, i: p.conv(i, conv.weight, conv.bias, stride=(stride,) * 2,
                                        padding=(pad,) * 4, dilation=(dil,) * 2,
                                        groups=groups, act=act), x, ref.shape)
@@ -256,8 +257,8 @@ class _Tricky(nn.Module):
 
 
 class _Joins(nn.Module):
-    """A concat along the channels, a hard-sigmoid gate, ceil-mode pooling (max, and
-    average without its padding) and functional pooling."""
+    """A concat along the channels, a leaky ReLU, a hard-sigmoid gate, ceil-mode pooling
+    (max, and average without its padding) and functional pooling."""
 
     def __init__(self):
         super().__init__()
@@ -268,7 +269,7 @@ class _Joins(nn.Module):
         self.c = nn.Conv2d(10, 7, 3, padding=1)
 
     def forward(self, x):
-        y = torch.cat([F.relu(self.a(x)), self.b(x)], dim=1)
+        y = torch.cat([F.relu(self.a(x)), F.leaky_relu(self.b(x), 0.2)], dim=1)
         y = y * nn.functional.hardsigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
         y = self.avg(self.pool(y))
         return F.avg_pool2d(self.c(y), 3, 1, 1) + F.max_pool2d(self.c(y), 3, 1, 1)

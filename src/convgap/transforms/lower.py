@@ -71,6 +71,8 @@ def _module_step(m: nn.Module, name: str) -> Step | None:
                      m.stride, m.padding, m.ceil_mode, divisor=m.divisor_override)
     if type(m) is nn.Hardsigmoid:
         return Step("act", act="hardsigmoid")
+    if type(m) is nn.LeakyReLU:
+        return Step("act", act=f"leaky_relu:{m.negative_slope!r}")
     if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1), [1, 1]):
         return Step("pool", geometry={"kind": "avg", "kernel": (0, 0), "stride": (1, 1),
                                       "padding": (0, 0, 0, 0)})
@@ -144,6 +146,10 @@ def _step_of(gm: fx.GraphModule, node: fx.Node) -> Step | None:
         return Step("act", act=act)
     if node.op == "call_function" and node.target is F.hardsigmoid:
         return Step("act", act="hardsigmoid")
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope",
+                                                                         0.01)
+        return Step("act", act=f"leaky_relu:{float(slope)!r}")
     if node.op == "call_module":
         return _module_step(gm.get_submodule(node.target), node.target)
     if node.op in ("call_function", "call_method"):

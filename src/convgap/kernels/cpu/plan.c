@@ -298,6 +298,7 @@ static int act_alg(plan_t *p, int act, dnnl_alg_kind_t *alg, float *alpha, float
     case 7: *alg = dnnl_eltwise_hardswish; *alpha = 1.f / 6.f; *beta = 0.5f; break;
     case 8: *alg = dnnl_eltwise_tanh; break;
     case 9: *alg = dnnl_eltwise_hardsigmoid; *alpha = 1.f / 6.f; *beta = 0.5f; break;
+    case 10: *alg = dnnl_eltwise_relu; break;   // leaky: alpha the negative slope
     default:
         snprintf(p->err, sizeof(p->err), "unknown activation code %d", act);
         return -1;

@@ -41,7 +41,10 @@ ACT = {None: (0, 0.0, 0.0), "relu": (1, 0.0, 0.0), "relu6": (2, 0.0, 6.0),
 
 
 def act_code(name: str | None) -> tuple[int, float, float]:
-    """plan.c's (code, alpha, beta) for activation ``name`` (None: none)."""
+    """plan.c's (code, alpha, beta) for activation ``name`` (None: none;
+    'leaky_relu:<slope>': a leaky ReLU of that negative slope)."""
+    if isinstance(name, str) and name.startswith("leaky_relu:"):
+        return (10, float(name.partition(":")[2]), 0.0)
     if name not in ACT:
         raise ConvgapError(f"the plan has no post-op for activation {name!r}")
     return ACT[name]
