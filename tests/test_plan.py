@@ -237,6 +237,7 @@ class _Net(nn.Module):
         v = F.silu(self.bn(self.c(w)))
         g = torch.sigmoid(self.se2(F.relu(self.se1(v.mean((2, 3), keepdim=True)))))
         v = self.avg(self.pool(v * g))
+        v = v.mean((2, 3), keepdim=True) + v      # a broadcast operand first in an add
         return self.fc(torch.flatten(v, 1))
 
 

@@ -166,8 +166,7 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
         elif s.kind in ("add", "mul"):
             a, b = src
             va, vb = s.inputs
-            if s.kind == "mul" and p.dims(a) != p.dims(b) and \
-                    len(p.dims(a)) == len(p.dims(b)) and \
+            if p.dims(a) != p.dims(b) and len(p.dims(a)) == len(p.dims(b)) and \
                     all(d == e or d == 1 for d, e in zip(p.dims(a), p.dims(b))):
                 a, b, va, vb = b, a, vb, va       # the full operand first
             ids[s.out] = p.binary(a, b, s.kind, act=s.act, inplace=dies(va, i))
