@@ -7,8 +7,8 @@ folded, :func:`fold_batchnorm`) node by node: convolutions, linear layers, activ
 (modules, functions, methods), max / average / global average pooling, additions,
 multiplications by a broadcast tensor (a squeeze-excitation's gate), flattening before a
 linear layer, concatenation along the channels, batch-norm not after a convolution (a
-per-channel scale and shift: a depthwise 1x1 convolution), and the modules that compute nothing in eval (identity,
-dropout). Then it folds: an activation into the step that makes its input (when that input
+per-channel scale and shift: a depthwise 1x1 convolution), and the modules that compute
+nothing in eval (identity, dropout). Then it folds: an activation into the step that makes its input (when that input
 has no other reader), and an addition into a convolution making one of its operands (the
 other operand accumulated into in place where it dies there, else read by a binary
 post-op: :func:`convgap.layers.network.bind`). Anything else means the network is not
@@ -17,7 +17,6 @@ lowered, with the reason.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import replace
 
 import torch
@@ -27,14 +26,11 @@ import torch.nn.functional as F
 
 from ..algorithms.spec import explicit_padding
 from ..layers.network import Program, Step
-from .patterns import flatten_call, node_activation
+from .patterns import ADDS, MULS, PASS_THROUGH, flatten_call, global_pool, node_activation
 from .trace import trace
 
 __all__ = ["lower"]
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_SKIP = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _GAP_FUNCTIONS = {F.adaptive_avg_pool2d}
 
 
@@ -48,7 +44,7 @@ def _pair(v) -> tuple[int, int]:
 
 def _module_step(m: nn.Module, name: str) -> Step | None:
     """The step of a leaf module's call; None for one that computes nothing."""
-    if isinstance(m, _SKIP):
+    if isinstance(m, PASS_THROUGH):
         return None
     if type(m) is nn.Conv2d:
         if m.padding_mode != "zeros":
@@ -73,7 +69,7 @@ def _module_step(m: nn.Module, name: str) -> Step | None:
         return Step("act", act="hardsigmoid")
     if type(m) is nn.LeakyReLU:
         return Step("act", act=f"leaky_relu:{m.negative_slope!r}")
-    if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1), [1, 1]):
+    if type(m) is nn.AdaptiveAvgPool2d and global_pool(m):
         return Step("pool", geometry={"kind": "avg", "kernel": (0, 0), "stride": (1, 1),
                                       "padding": (0, 0, 0, 0)})
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
@@ -154,9 +150,9 @@ def _step_of(gm: fx.GraphModule, node: fx.Node) -> Step | None:
         return _module_step(gm.get_submodule(node.target), node.target)
     if node.op in ("call_function", "call_method"):
         target = node.target
-        if target in _ADD or target == "add":
+        if target in ADDS or target == "add":
             return Step("add")
-        if target in _MUL or target == "mul":
+        if target in MULS or target == "mul":
             return Step("mul")
         if flatten_call(node):
             return Step("flatten")

@@ -36,7 +36,8 @@ from .trace import roots, trace
 
 __all__ = ["Op", "Chain", "Unmatched", "Pattern", "PATTERNS", "register", "describe", "match",
            "HEAD", "Head", "find_head", "STEM", "find_stems", "CONV_ACT", "ConvAct",
-           "find_conv_acts", "node_activation", "flatten_call", "NETWORK",
+           "find_conv_acts", "node_activation", "flatten_call", "global_pool", "PASS_THROUGH",
+           "ADDS", "MULS", "NETWORK",
            "block_patterns"]
 
 CONV_ACT = "conv_act"  # a conv + act: a block of its own, or written outside any block
@@ -114,14 +115,14 @@ _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: 
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
                 nn.Hardswish: "hardswish", nn.Tanh: "tanh"}
-_SKIP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d)  # modules computing nothing in eval
+ADDS = {operator.add, operator.iadd, torch.add}          # additions, by call target
+MULS = {operator.mul, operator.imul, torch.mul}          # multiplications, by call target
 
 
 def _module_op(m: nn.Module, name: str) -> Op | None:
     """The op of a leaf module call; None for one that computes nothing in eval."""
-    if isinstance(m, _SKIP_MODULES):
+    if isinstance(m, PASS_THROUGH):
         return None
     t = type(m)
     if t in _ACT_MODULES:
@@ -226,7 +227,7 @@ class _Reader:
                 dims = dims[0]
             ops.append(Op("permute", arg=tuple(dims)))
             return node.args[0]
-        if node.op == "call_function" and node.target in _MUL and len(node.args) == 2:
+        if node.op == "call_function" and node.target in MULS and len(node.args) == 2:
             a, b = node.args
             for t, other in ((self._param(a), b), (self._param(b), a)):
                 if t is not None and isinstance(other, fx.Node):
@@ -271,7 +272,7 @@ def _read(gm: fx.GraphModule) -> Chain:
             op = Op("act", arg=act)
         elif node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, _SKIP_MODULES):
+            if isinstance(m, PASS_THROUGH):
                 node = node.args[0]
                 continue
             if type(m) in _ACT_MODULES or type(m) in (nn.GELU, nn.Hardtanh):
@@ -283,7 +284,7 @@ def _read(gm: fx.GraphModule) -> Chain:
             break
         post.insert(0, op)
         node = node.args[0]
-    if node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and all(
+    if node.op == "call_function" and node.target in ADDS and len(node.args) == 2 and all(
             isinstance(a, fx.Node) for a in node.args) and len(node.users) <= 1:
         chains = []
         for a in node.args:
@@ -589,7 +590,7 @@ class Head:
         return model.get_submodule(self.linear)(h)
 
 
-def _global_pool(m: nn.Module) -> bool:
+def global_pool(m: nn.Module) -> bool:
     size = m.output_size if isinstance(m, nn.AdaptiveAvgPool2d) else None
     return size in (1, (1, 1), [1, 1])
 
@@ -628,7 +629,7 @@ def find_head(model: nn.Module) -> Head | str:
     p, flat, node = 0.0, False, out.args[0] if out.args else None
     while isinstance(node, fx.Node) and len(node.users) == 1:
         m = module(node)
-        if m is not None and _global_pool(m):
+        if m is not None and global_pool(m):
             if not flat:
                 return "no flatten between the pool and the linear layer"
             return Head(node.target, out.target, steps[::-1], p)
@@ -745,7 +746,7 @@ def find_conv_acts(model: nn.Module, taken: Sequence[str] = ()) -> list[ConvAct]
             node = n
             while len(node.users) == 1 and alone(user := next(iter(node.users)), node):
                 m = gm.get_submodule(user.target)
-                if isinstance(m, _SKIP_MODULES):
+                if isinstance(m, PASS_THROUGH):
                     node = user
                     continue
                 try:

@@ -739,7 +739,8 @@ int plan_run(plan_t *p, void *in, void *out) {
         return -1;
     }
     for (int t = 0; t < p->nt; ++t)
-        if (p->t[t].external) dnnl_memory_set_data_handle(p->t[t].mem, p->t[t].external == 1 ? in : out);
+        if (p->t[t].external)
+            dnnl_memory_set_data_handle(p->t[t].mem, p->t[t].external == 1 ? in : out);
     dnnl_exec_arg_t args[MAXA + 1];
     for (int i = 0; i < p->ns; ++i) {
         step_t *s = &p->s[i];

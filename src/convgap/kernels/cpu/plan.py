@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -93,7 +94,8 @@ def _lib() -> ctypes.CDLL | None:
            "plan_output": ([P, I, I, _L6, _L6], I),
            "plan_copy": ([P, I], I), "plan_concat": ([P, I, ctypes.POINTER(I)], I),
            "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I),
-           "plan_impl": ([P, I], ctypes.c_char_p), "plan_finalize": ([P], I), "plan_bytes": ([P], L),
+           "plan_impl": ([P, I], ctypes.c_char_p), "plan_finalize": ([P], I),
+           "plan_bytes": ([P], L),
            "plan_run": ([P, P, P], I)}
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -103,13 +105,6 @@ def _lib() -> ctypes.CDLL | None:
 
 def _ints(values: Sequence[int]) -> ctypes.Array:
     return _L6(*[int(v) for v in values])
-
-
-def _prod(values: Sequence[int]) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -203,7 +198,7 @@ class Plan:
         transposed, then ``act``."""
         w, b = _f32(weight), _f32(bias)
         dims = self.dims(src)
-        if w.dim() != 2 or w.shape[1] != _prod(dims[1:]) or (
+        if w.dim() != 2 or w.shape[1] != math.prod(dims[1:]) or (
                 b is not None and b.shape != (w.shape[0],)):
             raise ConvgapError(f"plan linear: a weight {tuple(w.shape)} does not take an "
                                f"input of dims {dims}")
