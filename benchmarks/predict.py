@@ -24,7 +24,9 @@ run, which layers timed alone do not):
 Every model plain (both layouts); the zoo and the first eight validation models also as
 variants (channels-last): swapped (``convgap.swap``: Winograd F(2x2, 3x3) on every dense 3x3
 stride-1 conv), factorized in two families (``convgap.factorize`` Tucker and TT at compression
-4), fused (``convgap.fuse``, every matched block) and dynamic (``convgap.make_dynamic``,
+4), fused (``convgap.fuse``: a whole-network oneDNN plan where the model lowers to one,
+predicted as the faster of the plan and its fused blocks; else every matched block) and
+dynamic (``convgap.make_dynamic``,
 spatial, granularity 4, forced to densities 0.75 / 0.5 / 0.25); the variants of resnet50,
 convnext_tiny and convfirst at batch 1 only (time). Prints the tables and writes
 benchmarks/results/predict.json::
@@ -76,6 +78,7 @@ def variant(model, name):
     """``model`` as the variant ``name``, or None where it changes nothing."""
     import convgap
     from convgap.dynamic import force_density
+    from convgap.layers import FusedNetwork
     from convgap.predict.units import is_unit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -93,9 +96,10 @@ def variant(model, name):
                 out = convgap.factorize(model, name, compression=4.0, quiet=True)
             except convgap.ConvgapError:
                 return None
-        elif name == "fused":   # the blocks (the whole-network plan is not predicted yet)
-            from convgap.transforms.patterns import block_patterns
-            out = convgap.fuse(model, quiet=True, patterns=block_patterns())
+        elif name == "fused":   # as fuse makes it: a whole-network plan where it lowers
+            out = convgap.fuse(model, quiet=True)
+            if isinstance(out, FusedNetwork):
+                return out
         else:
             try:
                 out = convgap.make_dynamic(model, "spatial", granularity=4, check=False,
@@ -136,11 +140,16 @@ def measure(model, side, batch, layout, pair=False):
 
 def layer_times(model, pred, side, batch, layout):
     """(the profiled run's op times, each predicted layer's time inside it by name; {}
-    where the run's operators do not match the recording's)."""
+    where the run's operators do not match the recording's). A whole-network plan
+    predicted as its plan: its primitives timed inside the plan's run."""
     from convgap import ConvgapError
     from convgap.ops.layouts import memory_format
+    from convgap.predict.plan import plan_times
     from convgap.predict.profile import align, by_module, profile
     x = torch.randn(batch, 3, side, side).contiguous(memory_format=memory_format(layout))
+    if pred.path == "plan":
+        prof = plan_times(model, x, repeats=5)
+        return prof, by_module(pred.ops, prof, [r.name for r in pred.layers])
     prof = profile(model.to(memory_format=memory_format(layout)), x, repeats=5)
     try:
         return prof, by_module(pred.ops, align(pred.ops, prof), [r.name for r in pred.layers])

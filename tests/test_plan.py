@@ -473,3 +473,62 @@ def test_fuse_without_the_network_pattern_keeps_the_model_class():
     model = models.create("resnet18", num_classes=10).eval()
     fused = convgap.fuse(model, patterns=["basic"], quiet=True)
     assert not isinstance(fused, FusedNetwork)
+
+
+# ---------------------------------------------------------------- the sketch (prediction)
+
+
+@needs_plan
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "_Joins",
+                                  "_Net"])
+def test_sketch_lays_out_the_steps_the_plan_runs(name):
+    """The sketch (no oneDNN, meta input) has the real plan's primitives, in order, each
+    marked with the same module, and every tensor's dims; both input layouts (an NCHW
+    input is reordered before the first conv), batch 1 and 3, a flattened output."""
+    torch.manual_seed(5)
+    if name.startswith("_"):
+        model = globals()[name]().eval()
+        c, size = (5, (15, 16)) if name == "_Joins" else (8, (11, 12))
+    else:
+        model, c, size = models.create(name, num_classes=10).eval(), 3, (48, 40)
+    net = _network(model)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for batch in (1, 3):
+            x = torch.randn(batch, c, *size).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                ref = net.model(x)
+            plan = netmod.bind(net.program, net.model, x, tuple(ref.shape),
+                               tuple(ref.stride()))
+            sk = netmod.bind(net.program, net.model, x.to("meta"), into=cplan.PlanSketch())
+            assert sk.kinds() == plan.kinds() and sk.modules() == plan.modules()
+            assert [sk.dims(t) for t in range(len(sk.tensors))] == [
+                plan.dims(t) for t in range(len(sk.tensors))]
+            assert sk.dims(sk.steps_[-1].output) == tuple(ref.shape)
+            assert (plan.kinds()[0] == "reorder") == (fmt == torch.contiguous_format)
+            convs = [s for s in sk.steps_ if s.op == "convolution"]
+            assert len(convs) == sum(s.kind in ("conv", "bn") for s in net.program.steps)
+            assert sum(s.post_ops for s in convs) == sum(
+                (s.act is not None) + (s.add_into is not None) + (s.act_after is not None)
+                for s in net.program.steps if s.kind in ("conv", "bn"))
+
+
+@needs_plan
+def test_plan_runs_timed_and_marked():
+    """A timed run gives every step a positive time and the same output as a plain run;
+    steps are marked with their program step's module."""
+    torch.manual_seed(6)
+    model = _Net().eval()
+    net = _network(model)
+    x = torch.randn(2, 8, 11, 12)
+    with torch.no_grad():
+        ref = model(x)
+    plan = netmod.bind(net.program, net.model, x, tuple(ref.shape), tuple(ref.stride()))
+    out = torch.empty_like(ref)
+    times = plan.run_timed(x, out, repeats=3)
+    assert len(times) == 3 and all(len(t) == plan.steps and min(t) > 0 for t in times)
+    assert rel(out, ref) < 1e-5
+    named = {s.module for s in net.program.steps if s.module}
+    assert set(plan.modules()) - {None} == named
+    assert plan.modules()[-1] is None        # the output's reorder
+    with pytest.raises(ConvgapError, match="'nhwc'"):
+        cplan.PlanSketch("any")

@@ -436,3 +436,58 @@ def test_analyze_with_predictions(tiny, capsys):
     assert cli.main(["analyze", "resnet18", "--image-size", "32", "--batch", "1",
                      "--predict", "--no-malloc-cost", "--quiet"]) == 0
     assert "predicted ms" in capsys.readouterr().out
+
+
+needs_plan = pytest.mark.skipif(
+    __import__("convgap.kernels.cpu.plan", fromlist=["x"]).unavailable() is not None,
+    reason="no oneDNN plan here")
+
+
+@needs_plan
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_whole_network_plan_is_predicted_step_by_step(tiny, layout):
+    """fuse's whole-network plan: its steps as ops (FLOPs equal an independent count of
+    the model; each reads what the step before wrote, or a weight), and the prediction
+    is the faster of the plan and the fused blocks, each as predicted alone."""
+    import dataclasses
+    import warnings
+    from convgap.predict.plan import plan_ops, plan_times
+    cal = tiny
+    model = _resnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = convgap.fuse(model, quiet=True)
+    shape = (2, 3, 32, 32)
+    steps = plan_ops(net, shape, layout)
+    kinds = [features.kind(op) for op in steps]
+    assert kinds.count("plan_conv") == 20 and kinds.count("plan_matmul") == 1
+    assert kinds[-1] == "plan_memory" and steps[-1].outputs[0].shape == (2, 4)
+    assert (steps[0].name == "plan.reorder") == (layout == "nchw")
+    flops = sum(features.work(op)[0] for op in steps)
+    assert flops == 2 * count(model, shape).macs
+    assert steps[1 if layout == "nchw" else 0].module == "model.conv1"
+    for before, op in zip(steps, steps[1:]):
+        assert op.reads[0] in before.writes or any(op.reads[0] in s.writes for s in steps)
+    # the faster of the two forms, each predicted on its own
+    plan_s = cal.plan_total(cal.op_seconds(steps))
+    never = dataclasses.replace(cal, plan_overhead_s=float("inf"))
+    blocks = convgap.predict_latency(net, shape, layout=layout, calibration=never)
+    assert blocks.path == "blocks" and not any(op.name.startswith("plan.") for op in
+                                                 blocks.ops)
+    p = convgap.predict_latency(net, shape, layout=layout, calibration=cal)
+    assert p.total_s == pytest.approx(min(plan_s, blocks.total_s), rel=1e-9)
+    assert p.path == ("plan" if plan_s < blocks.total_s else "blocks")
+    always = dataclasses.replace(cal, plan_overhead_s=-1.0)   # a plan always faster
+    q = convgap.predict_latency(net, shape, layout=layout, calibration=always)
+    assert q.path == "plan" and len(q.ops) == len(steps)
+    assert q.layer("model.layer1.0.conv1").ops == 1
+    assert {r.name for r in q.blocks} >= {"model.layer1", "model.fc"}
+    assert math.isclose(sum(r.seconds for r in q.blocks), q.ops_s)
+    # the steps timed inside a real run: one time per predicted op
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last
+                                      if layout == "channels_last" else
+                                      torch.contiguous_format)
+    t = plan_times(net, x, repeats=2, warmup=1)
+    assert len(t) == len(steps) and min(t) > 0
+    with pytest.raises(ConvgapError, match="float32"):
+        plan_ops(net, shape, layout, torch.float64)

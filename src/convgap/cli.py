@@ -770,6 +770,10 @@ def _cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
                   f"{w.get('op', 0) * 1e6:.1f} us per operator + "
                   f"{w.get('module', 0) * 1e6:.1f} us per module (fit to the calibration "
                   f"networks within {cal.stats.get('network_fit_mape', 0):.1%} mean error)")
+    if cal.stats.get("plans"):
+        console.print(f"a whole-network oneDNN plan: its steps' predictions + "
+                      f"{cal.plan_overhead_s * 1e6:.1f} us per call "
+                      f"({len(cal.stats['plans'])} plans timed)")
     return 0
 
 
@@ -812,7 +816,8 @@ def _prediction_table(name: str, pred: "predict.Prediction", measured, top: int)
     ``measured`` (:func:`convgap.predict.profile.measure`: whole seconds, seconds per layer
     inside the run) the measured ms and the error."""
     t = Table(title=f"{name} {pred.input_shape} {pred.layout} {pred.dtype}, {pred.threads} "
-                    f"threads: predicted" + (" against measured" if measured else ""),
+                    f"threads: predicted" + (" against measured" if measured else "")
+                    + (f" (whole network: {pred.path})" if pred.path else ""),
               title_justify="left")
     cols = ["layer", "type", "predicted ms"] + (["measured ms", "error"] if measured else [])
     for col in cols:

@@ -16,6 +16,7 @@ it was bound for (fp32 relative error <= 1e-4), and runs torch where it disagree
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -114,12 +115,18 @@ def _ceil_padding(size, kernel, stride, pad) -> tuple[int, int, int, int]:
     return (pad[0], pad[1], extra[0], extra[1])
 
 
-def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...],
-         out_strides: tuple[int, ...], layout: str = "nhwc") -> cplan.Plan:
-    """``program`` as a finalized plan for inputs of ``x``'s shape and strides, writing an
-    output of ``out_shape`` and ``out_strides``; weights read from ``model``'s modules;
-    activations in ``layout`` (:class:`~convgap.kernels.cpu.plan.Plan`)."""
-    p = cplan.Plan(layout)
+def bind(program: Program, model: nn.Module, x: torch.Tensor,
+         out_shape: tuple[int, ...] | None = None, out_strides: tuple[int, ...] | None = None,
+         layout: str = "nhwc", into: cplan.Plan | cplan.PlanSketch | None = None
+         ) -> cplan.Plan | cplan.PlanSketch:
+    """``program`` as a finalized plan for inputs of ``x``'s shape and strides (``x`` is
+    not read: a meta tensor will do), writing an output of ``out_shape`` and
+    ``out_strides`` (None: the last value's dims, flattened to (N, -1) where the program
+    says, contiguous); weights read from ``model``'s modules; activations in ``layout``
+    (:class:`~convgap.kernels.cpu.plan.Plan`). ``into``: the builder to use (a
+    :class:`~convgap.kernels.cpu.plan.PlanSketch`: the steps without oneDNN); each
+    program step's primitives are marked with its module (None: a step of no module)."""
+    p = cplan.Plan(layout) if into is None else into
     ids = {0: p.input(x.shape, x.stride())}
     last = _last_reads(program)
 
@@ -128,6 +135,7 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
 
     for i, s in enumerate(program.steps):
         src = [ids[v] for v in s.inputs]
+        p.mark(s.module)
         if s.kind == "conv":
             m = model.get_submodule(s.module)
             g = s.geometry
@@ -175,6 +183,11 @@ def bind(program: Program, model: nn.Module, x: torch.Tensor, out_shape: tuple[i
             ids[s.out] = p.eltwise(src[0], s.act, inplace=dies(s.inputs[0], i))
         else:
             raise ValueError(f"unknown step kind {s.kind!r}")
+    p.mark(None)
+    if out_shape is None:
+        dims = p.dims(ids[program.output])
+        out_shape = (dims[0], math.prod(dims[1:])) if program.flat_output else dims
+        out_strides = torch.empty(out_shape, device="meta").stride()
     p.output(ids[program.output], out_shape, out_strides)
     p.finalize()
     return p
@@ -242,6 +255,13 @@ class FusedNetwork(FusedBlock):
             if len(bound) >= self.MAX_SHAPES:
                 del store[bound[0]]
         return reuse(store, key, self._params_list, lambda: self._bind(x))(x)
+
+    def bound(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What an input of ``x``'s shape and strides runs, once bound (None before): the
+        plan's run (its :class:`~convgap.kernels.cpu.plan.Plan` as ``.plan``), the
+        block-fused model or the folded one."""
+        hit = self._store.get(("plan", tuple(x.shape), x.stride()))
+        return None if hit is None else hit[2]
 
     def spec(self) -> str:
         return f"network {self.program.key(self.model)}"

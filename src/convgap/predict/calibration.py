@@ -26,6 +26,13 @@ plus what eager PyTorch spends around them, per operator and per module (Python 
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
 
+Each network that lowers to a whole-network oneDNN plan (:func:`convgap.fuse`'s pattern
+'network') is also bound as one at every batch and layout, and each of its primitives
+timed inside the plan's run (:func:`~convgap.predict.plan.plan_times`): the plan kinds
+(``'plan_conv'``, ``'plan_matmul'``, ``'plan_memory'``) learn from those, and the plan's
+call around its steps (:attr:`Calibration.plan_overhead_s`) is the median of its whole
+time less its steps'.
+
 Cached (``$CONVGAP_CACHE/predict/``) per device name, threads, dtype, malloc policy, torch
 version and :data:`VERSION`, like the roofs. Seconds throughout.
 """
@@ -50,6 +57,7 @@ from ..errors import ConvgapError
 from ..progress import make_progress
 from .features import FEATURES, KINDS, baseline, context, features, kind
 from ..ops.layouts import LAYOUTS, memory_format
+from .plan import network_of, plan_ops, plan_times
 from .profile import align, profile, with_densities
 from .units import is_unit
 from .record import UNIT_PREFIX, Op, record
@@ -58,7 +66,7 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "fit_sparse", "VERSION",
            "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 20  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 21  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -68,7 +76,8 @@ NETWORKS = {True: 24, False: 80}     # quick: networks recorded and timed
 # every network as it is at each batch and layout, and changed by convgap's transforms at
 # one (seeded) batch and layout per entry: dynamic three times (three densities: a sparse
 # block's time is a function of its density), swapped twice (Winograd's batched GEMMs are
-# shapes no plain network has)
+# shapes no plain network has); and lowered to one oneDNN plan at every batch and layout
+# (its steps are another oneDNN's primitives, without dispatch, and cheap to time)
 VARIANTS = ("plain", "fused", "dynamic", "dynamic", "dynamic", "factorized", "swapped",
             "swapped")
 BATCHES = (1, 8)
@@ -80,9 +89,11 @@ class Calibration:
     / baseline) from :func:`~convgap.predict.features.features` (None: the baseline alone);
     ``overhead_s``: one call's cost; ``sparse_s``: by dynamic unit type, a sparse block's
     fixed cost per call (its masker, the shortcut, the wrapper: fitted with the work it
-    does, :func:`fit_sparse`; each kernel's its own); ``weights``: of the summed operator predictions ('ops'), the
-    operator count ('op') and the module count ('module') in a whole network
-    (:meth:`total`); ``stats``: sample counts and fit errors."""
+    does, :func:`fit_sparse`; each kernel's its own); ``weights``: of the summed operator
+    predictions ('ops'), the operator count ('op') and the module count ('module') in a
+    whole network (:meth:`total`); ``plan_overhead_s``: what a whole-network plan's call
+    costs beyond its steps (:meth:`plan_total`); ``stats``: sample counts and fit
+    errors."""
 
     key: str
     roofs: hardware.Roofs
@@ -92,6 +103,14 @@ class Calibration:
     stats: dict = field(default_factory=dict)
     measured_at: str = ""
     sparse_s: dict[str, float] = field(default_factory=dict)
+    plan_overhead_s: float = 0.0
+
+    def plan_total(self, seconds: np.ndarray) -> float:
+        """A whole-network plan's predicted latency from its steps' predictions
+        (:meth:`op_seconds` of :func:`~convgap.predict.plan.plan_ops`): their sum and the
+        call around them (``plan_overhead_s``: the module call, the bound plan's lookup,
+        the output's allocation)."""
+        return float(np.sum(seconds)) + self.plan_overhead_s
 
     def total(self, ops: Sequence[Op], seconds: np.ndarray, model: nn.Module) -> float:
         """A whole network's predicted latency from its ops, their predictions
@@ -276,7 +295,8 @@ def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
     """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
     out = []
     for seed in range(NETWORKS[quick]):
-        out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
+        out += [(seed, v, b, lay, 0) for v in ("plain", "network") for b in BATCHES
+                for lay in LAYOUTS]
         rng = random.Random(seed)
         out += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
                 for i, v in enumerate(VARIANTS[1:])]
@@ -291,14 +311,16 @@ def _variant(net: nn.Module, seed: int, variant: str) -> nn.Module | None:
 
     from ..dynamic.transform import dynamic_blocks, force_density, make_dynamic
     from ..transforms.fuse import fuse
-    from ..transforms.patterns import block_patterns
+    from ..transforms.patterns import NETWORK, block_patterns
     if variant == "plain":
         return net
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # what was left unfused or static
-        if variant == "fused":   # blocks (the whole-network plan is not calibrated yet)
+        if variant == "fused":   # blocks
             out = fuse(net, quiet=True, patterns=block_patterns())
             return out if any(is_unit(m) for m in out.modules()) else None
+        if variant == "network":   # the whole network as one plan, where it lowers
+            return network_of(fuse(net, quiet=True, patterns=[NETWORK]))
         rng = random.Random(seed)
         if variant == "factorized":
             return _factorized(net, rng)
@@ -374,6 +396,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         runs = _networks(quick)
         samples: list[tuple[Op, tuple, float]] = []
         recorded = []     # (ops, module count, whole seconds, profiled op sum)
+        planned = []      # whole-network plans: (whole seconds, their steps' sum)
         skipped: list[str] = []
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: random networks", total=len(runs))
@@ -388,6 +411,21 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                 shape = (batch, 3, side, side)
                 ops = record(net, shape, dtype, layout)
                 x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+                if variant == "network":
+                    try:
+                        ops = plan_ops(net, shape, layout, dtype)
+                        seconds = plan_times(net, x, PROFILE_REPEATS)
+                    except ConvgapError as exc:   # no plan for this input
+                        skipped.append(f"{seed} {variant} b{batch} {layout}: {exc}")
+                        progress.advance(task)
+                        continue
+                    samples += list(zip(ops, context(ops), seconds))
+                    with torch.no_grad():
+                        whole = timing.measure(lambda: net(x), NETWORK_TIMING,
+                                               dev.type).median
+                    planned.append((whole, sum(seconds)))
+                    progress.advance(task)
+                    continue
                 try:
                     prof = profile(net, x, PROFILE_REPEATS)
                     ops = with_densities(ops, prof)
@@ -408,7 +446,8 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         models, stats, sparse_s = fit(samples, roofs, overhead)
         cal = Calibration(key, roofs, overhead, models, {}, stats,
                           _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                          sparse_s)
+                          sparse_s, statistics.median(max(w - s, 0.0) for w, s in planned)
+                          if planned else 0.0)
         terms = np.array([_terms(ops, cal.op_seconds(ops), modules)
                           for ops, modules, _, _ in recorded])
         wholes = np.array([whole for _, _, whole, _ in recorded])
@@ -419,6 +458,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
              "ops_predicted_s": float(t[0]), "ops_profiled_s": profiled}
             for (ops, modules, whole, profiled), t, f in zip(recorded, terms, fitted)]
         cal.stats["skipped"] = skipped
+        cal.stats["plans"] = [{"whole_s": w, "steps_s": st} for w, st in planned]
         cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / wholes - 1)))
         path = _path(key)
         cache.write_atomic(path, lambda fh: pickle.dump(cal, fh))

@@ -11,7 +11,11 @@ Each recorded :class:`~convgap.predict.record.Op` falls in one :data:`KINDS`:
 - ``'call'``: operators that move no data (views, transposes, ``empty``): a call's cost only;
 - ``'unit'``: a convgap module run as one call (:mod:`convgap.predict.units`: a fused
   block, a sparse dynamic block), by its type, its reference operators' work, its input and
-  output, its density, granularity and work share.
+  output, its density, granularity and work share;
+- ``'plan_conv'``, ``'plan_matmul'``, ``'plan_memory'``: the primitives of a whole-network
+  oneDNN plan (:mod:`convgap.predict.plan`: another oneDNN than torch's, no dispatch
+  between them), as a convolution (and its post-ops), a GEMM, or by the bytes a pooling,
+  binary, eltwise, concat or reorder moves.
 
 :func:`work` gives an operator's FLOPs and minimum bytes (inputs + outputs once), from
 which :func:`baseline` makes its roofline latency plus one call's overhead; the calibrated
@@ -26,12 +30,14 @@ from typing import Sequence
 
 from ..hardware import Roofs
 from .record import Op, TensorSpec
+from .plan import PLAN_PREFIX
 from .units import UNIT_TYPES
 
 __all__ = ["KINDS", "kind", "work", "baseline", "context", "features", "FEATURES",
-           "CONTEXT", "MEMORY_OPS"]
+           "CONTEXT", "MEMORY_OPS", "PLAN_MEMORY_OPS"]
 
-KINDS = ("conv", "matmul", "memory", "call", "unit")
+KINDS = ("conv", "matmul", "memory", "call", "unit", "plan_conv", "plan_matmul",
+         "plan_memory")
 
 _CONV = {"aten.convolution.default", "aten._convolution.default",
          "mkldnn._convolution_pointwise.default", "mkldnn._convolution_pointwise.binary",
@@ -50,6 +56,10 @@ MEMORY_OPS = ("native_batch_norm", "_native_batch_norm_legit_no_training",
               "max_pool2d_with_indices", "avg_pool2d", "mean", "_adaptive_avg_pool2d",
               "clone", "_to_copy", "copy_", "cat", "clamp", "div", "sub", "other")
 
+# a plan's memory-bound primitives (:class:`~convgap.kernels.cpu.plan.SketchStep`'s op)
+PLAN_MEMORY_OPS = ("reorder", "pooling_max", "pooling_avg", "pooling_global", "binary_add",
+                   "binary_mul", "eltwise", "concat", "other")
+
 # where an op sits in its network (:func:`context`), bytes: the bytes-weighted mean and the
 # largest log reuse distance of its inputs (capped at REUSE_CAP), the bytes of its inputs
 # no op of the pass made (weights, the model's input: last touched a whole pass ago)
@@ -65,6 +75,12 @@ FEATURES = {
     "memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
                "log_kernel") + CONTEXT,
     "call": (),
+    "plan_conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
+                  "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
+                  "log_bytes", "log_weight_bytes") + CONTEXT + ("post_ops", "add"),
+    "plan_matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT,
+    "plan_memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
+                    "log_kernel") + CONTEXT,
     "unit": ("type", "log_flops", "log_ref_bytes", "ref_ops", "density", "granularity",
              "work_share", "pointwise_share", "log_bytes", "n", "c", "h", "w", "o", "oh",
              "ow", "channels_last") + CONTEXT,
@@ -81,6 +97,9 @@ def kind(op: Op) -> str:
     """The op's kind, one of :data:`KINDS`."""
     if op.unit:
         return "unit"
+    if op.name.startswith(PLAN_PREFIX):
+        return {"plan.convolution": "plan_conv",
+                "plan.inner_product": "plan_matmul"}.get(op.name, "plan_memory")
     if op.name in _CONV:
         return "conv"
     if op.name in _MATMUL:
@@ -112,6 +131,8 @@ def _matmul_mnk(op: Op) -> tuple[int, int, int, int]:
     """(batch, M, N, K) of a GEMM operator."""
     t = op.inputs
     name = _short(op)
+    if name == "inner_product":        # a plan's: (N, C[, H, W]) by (O, C*H*W)
+        return 1, t[0].shape[0], t[1].shape[0], math.prod(t[0].shape[1:])
     if name in ("addmm", "baddbmm"):   # (bias, a, b)
         a, b = t[1], t[2]
     elif name in ("linear", "_linear_pointwise"):
@@ -134,14 +155,14 @@ def work(op: Op) -> tuple[float, float]:
     k = kind(op)
     if k == "unit":
         return op.detail[0] * op.detail[5], nbytes
-    if k == "conv":
+    if k in ("conv", "plan_conv"):
         p = _conv_parts(op)
         w: TensorSpec = p["w"]
         # an output element meets C_in/groups x k x k weights; transposed (weight (C_in,
         # C_out/groups, k, k)), an input element meets C_out/groups x k x k
         macs = (p["x"] if p["transposed"] else op.outputs[0]).numel * math.prod(w.shape[1:])
         return 2.0 * macs, nbytes
-    if k == "matmul":
+    if k in ("matmul", "plan_matmul"):
         b, m, n, kk = _matmul_mnk(op)
         return 2.0 * b * m * n * kk, nbytes
     if k == "call":
@@ -209,15 +230,16 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
     its :func:`context` entry."""
     k = kind(op)
     flops, nbytes = work(op)
-    if k == "conv":
+    if k in ("conv", "plan_conv"):
         p = _conv_parts(op)
         x, w, out = p["x"], p["w"], op.outputs[0]
         g = p["groups"]
         return (x.shape[0], x.shape[1], x.shape[2], x.shape[3], out.shape[1], w.shape[2],
                 w.shape[3], p["stride"][0], p["stride"][1], g, out.shape[2], out.shape[3],
                 x.shape[1] // g, out.shape[1] // g, float(x.channels_last),
-                float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes)) + where
-    if k == "matmul":
+                float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes)) + where \
+            + (op.detail[:2] if k == "plan_conv" else ())
+    if k in ("matmul", "plan_matmul"):
         b, m, n, kk = _matmul_mnk(op)
         return (m, n, kk, b, _log(flops), _log(nbytes)) + where
     if k == "unit":
@@ -228,6 +250,12 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
         return (UNIT_TYPES.index(_short(op)), _log(ref_flops), _log(ref_bytes), ref_ops,
                 density, granularity, share, pointwise_share(op), _log(nbytes), x4[0],
                 x4[1], x4[2], x4[3], o4[1], o4[2], o4[3], float(x.channels_last)) + where
+    if k == "plan_memory":
+        name = op.name.removeprefix(PLAN_PREFIX)
+        code = PLAN_MEMORY_OPS.index(name if name in PLAN_MEMORY_OPS else "other")
+        big = max(op.inputs + list(op.outputs), key=lambda t: t.numel)
+        return (code, _log(nbytes), _log(big.numel), len(op.inputs), float(big.channels_last),
+                big.shape[-1], _log(op.detail[2])) + where
     if k == "memory":
         name = _short(op)
         code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")

@@ -24,6 +24,7 @@ from ..layers.dynamic import DynamicBlock
 from .features import work
 from ..ops.layouts import memory_format
 from ..transforms.select import enclosing
+from .plan import network_of, plan_ops
 from .record import Density, Op, record
 from .units import is_unit, outermost
 
@@ -50,7 +51,10 @@ class Prediction:
     ``ops_s``: its operators' predictions summed (before the calibration's weights);
     ``layers``: a row per leaf module that ran operators (call order), ``blocks``: a row per
     top-level child module, plus one row ('(model)') for operators in the model's own
-    forward; ``op_seconds``: each recorded operator's prediction, in call order."""
+    forward; ``op_seconds``: each recorded operator's prediction, in call order; ``path``:
+    for a whole network :func:`convgap.fuse` lowered to a oneDNN plan, the form predicted
+    faster, which it would measure and run ('plan': ``ops`` are its primitives; 'blocks':
+    its block-fused form), None for other models."""
 
     input_shape: tuple[int, ...]
     layout: str
@@ -61,6 +65,7 @@ class Prediction:
     blocks: list[PredictedRow]
     ops: list[Op] = field(repr=False, default_factory=list)
     op_seconds: list[float] = field(repr=False, default_factory=list)
+    path: str | None = None
 
     @property
     def ops_s(self) -> float:
@@ -132,7 +137,9 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
     ``threads`` (default: the current count). Uses ``calibration`` or the cached one
     (:func:`~convgap.predict.calibration.calibrate`, run now if there is none: minutes).
     The model is not run. Fused blocks (:func:`convgap.fuse`) and sparse dynamic blocks
-    (:func:`convgap.make_dynamic`) are predicted as one call each; ``density``: the share
+    (:func:`convgap.make_dynamic`) are predicted as one call each; a whole network
+    :func:`convgap.fuse` lowered to a oneDNN plan, as the faster of its plan (each
+    primitive) and its blocks (``path`` says which); ``density``: the share
     of mask cells the dynamic blocks keep, one for all or a dict by block name (None: each
     block's forced density, :func:`convgap.dynamic.force_density`; required otherwise).
     Raises ConvgapError where the model's forward needs real data."""
@@ -143,13 +150,30 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
         cal = calibration or calibrate(dev, dtype, n, quiet=quiet)
         ops = record(model, input_shape, dtype, layout, density)
     seconds = cal.op_seconds(ops)
+    total = cal.total(ops, seconds, model)
     units = outermost(model)
     inside = tuple(n + "." for n in units.values())
     leaves = [name for name, m in model.named_modules()
               if not name.startswith(inside) and (m in units or not any(True for _ in
                                                                         m.children()))]
     tops = [""] + [name for name, _ in model.named_children()]
+    net, path = network_of(model) if dev.type == "cpu" else None, None
+    if net is not None:   # the faster of its plan and its blocks, as it measures them
+        inner = "blocks" if net.blocks is not None else "model"
+        path = inner if inner == "blocks" else "torch"
+        try:
+            steps = plan_ops(net, input_shape, layout, dtype)
+        except ConvgapError:   # not float32
+            steps = []
+        if steps:
+            step_s = cal.op_seconds(steps)
+            if cal.plan_total(step_s) < total:
+                ops, seconds, total, path = steps, step_s, cal.plan_total(step_s), "plan"
+                inner = "model"
+        tops = [""] + [f"{inner}.{name}" for name, _ in
+                       net.get_submodule(inner).named_children()]
     return Prediction(tuple(int(s) for s in input_shape), layout,
-                      str(dtype).removeprefix("torch."), n, cal.total(ops, seconds, model),
+                      str(dtype).removeprefix("torch."), n, total,
                       _rows(model, ops, seconds, leaves),
-                      _rows(model, ops, seconds, tops), list(ops), [float(s) for s in seconds])
+                      _rows(model, ops, seconds, tops), list(ops), [float(s) for s in seconds],
+                      path)

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from .. import config, timing
 from ..errors import ConvgapError
 from ..transforms.select import enclosing
+from .plan import PLAN_PREFIX, plan_times
 from .record import UNIT_PREFIX
 from .units import measured, outermost, unit_type
 
@@ -179,7 +180,10 @@ def measure(model: nn.Module, x: torch.Tensor, ops: Sequence, names: Sequence[st
     """What a prediction is checked against: ``model(x)``'s median latency timed whole (as
     :func:`convgap.analyze` times it), and the seconds of the modules ``names`` inside
     the run (``ops``: the model's :func:`~convgap.predict.record.record` for ``x``;
-    :func:`profile` with ``repeats`` runs)."""
+    :func:`profile` with ``repeats`` runs; ``ops`` of a whole-network plan,
+    :func:`~convgap.predict.plan.plan_times`)."""
     with torch.no_grad():
         whole = timing.measure(lambda: model(x), timing_config, x.device.type).median
+    if ops and ops[0].name.startswith(PLAN_PREFIX):   # a whole-network plan's steps
+        return whole, by_module(ops, plan_times(model, x, repeats), names)
     return whole, by_module(ops, align(ops, profile(model, x, repeats)), names)

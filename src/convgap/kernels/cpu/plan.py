@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ import torch
 from ...errors import ConvgapError
 from .build import enabled, library
 
-__all__ = ["Plan", "unavailable", "root", "ACT", "act_code"]
+__all__ = ["Plan", "PlanSketch", "SketchStep", "unavailable", "root", "ACT", "act_code"]
 
 P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
 _L6 = ctypes.c_int64 * 16
@@ -94,9 +95,11 @@ def _lib() -> ctypes.CDLL | None:
            "plan_output": ([P, I, I, _L6, _L6], I),
            "plan_copy": ([P, I], I), "plan_concat": ([P, I, ctypes.POINTER(I)], I),
            "plan_steps": ([P], I), "plan_dims": ([P, I, _L6], I),
-           "plan_impl": ([P, I], ctypes.c_char_p), "plan_finalize": ([P], I),
+           "plan_impl": ([P, I], ctypes.c_char_p), "plan_kind": ([P, I], ctypes.c_char_p),
+           "plan_finalize": ([P], I),
            "plan_bytes": ([P], L),
-           "plan_run": ([P, P, P], I)}
+           "plan_run": ([P, P, P], I),
+           "plan_run_timed": ([P, P, P, ctypes.POINTER(ctypes.c_double)], I)}
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -128,6 +131,15 @@ class Plan:
         if not self._h:
             raise ConvgapError("oneDNN could not create a CPU engine")
         self._finalized = False
+        self._marks: list[tuple[int, str | None]] = []
+
+    def mark(self, name: str | None) -> None:
+        """The steps added from now on belong to module ``name`` (None: to none)."""
+        self._marks.append((self.steps, name))
+
+    def modules(self) -> list[str | None]:
+        """Each step's module (:meth:`mark`), in order."""
+        return _marked(self._marks, self.steps)
 
     def __del__(self) -> None:
         h, self._h = getattr(self, "_h", None), None
@@ -239,6 +251,11 @@ class Plan:
         a step oneDNN has only reference code for is refused when added."""
         return [self._lib.plan_impl(self._h, i).decode() for i in range(self.steps)]
 
+    def kinds(self) -> list[str]:
+        """Each step's primitive kind, in order (oneDNN's names: 'convolution', 'reorder',
+        'pooling', 'binary', 'eltwise', 'inner_product', 'concat')."""
+        return [self._lib.plan_kind(self._h, i).decode() for i in range(self.steps)]
+
     def finalize(self) -> int:
         """Lays out the buffers (reused by liveness); returns their bytes."""
         self._ok(self._lib.plan_finalize(self._h), "finalize")
@@ -250,3 +267,164 @@ class Plan:
         given to :meth:`input` and :meth:`output`)."""
         self._ok(self._lib.plan_run(self._h, x.data_ptr(), out.data_ptr()), "run")
         return out
+
+    def run_timed(self, x: torch.Tensor, out: torch.Tensor, repeats: int = 1
+                  ) -> list[list[float]]:
+        """:meth:`run` ``repeats`` times; each run's wall time of every step (seconds, in
+        step order: each primitive waited for before the next starts)."""
+        times = []
+        for _ in range(repeats):
+            buf = (ctypes.c_double * max(self.steps, 1))()
+            self._ok(self._lib.plan_run_timed(self._h, x.data_ptr(), out.data_ptr(), buf),
+                     "run")
+            times.append(list(buf[:self.steps]))
+        return times
+
+
+def _marked(marks: Sequence[tuple[int, str | None]], steps: int) -> list[str | None]:
+    out: list[str | None] = [None] * steps
+    for (start, name), (end, _) in zip(marks, [*marks[1:], (steps, None)]):
+        out[start:end] = [name] * (end - start)
+    return out
+
+
+@dataclass
+class SketchStep:
+    """One primitive a :class:`Plan` would run: ``kind`` (oneDNN's primitive kind, as
+    :meth:`Plan.kinds`), ``op`` (finer: 'convolution', 'reorder', 'pooling_max',
+    'pooling_avg', 'pooling_global', 'binary_add', 'binary_mul', 'eltwise', 'concat',
+    'inner_product'), the tensor ids it reads (its source first) and writes, ``weight``
+    dims (a convolution's (O, C/groups, kh, kw), an inner product's (O, K)), ``geometry``
+    (a convolution's stride, padding (top, left, bottom, right), dilation, groups; a
+    pooling's kernel), ``post_ops`` (activations and a residual add fused into it) and
+    ``add`` (0 none, 1 a sum into the buffer it writes, 2 a binary post-op reading another
+    tensor)."""
+
+    kind: str
+    op: str
+    inputs: tuple[int, ...]
+    output: int
+    weight: tuple[int, ...] | None = None
+    geometry: dict = field(default_factory=dict)
+    post_ops: int = 0
+    add: int = 0
+
+
+class PlanSketch:
+    """The steps a :class:`Plan` (layout 'nhwc') would run, without oneDNN or weights: the
+    same builder methods, each step's primitive, its tensors' dims and layouts, the
+    reorders ``plan.c`` inserts (an input not in NHWC before each convolution reading it,
+    the output always). What latency prediction reads; a test holds it to the real plan's
+    :meth:`Plan.kinds` on the zoo."""
+
+    def __init__(self, layout: str = "nhwc") -> None:
+        if layout != "nhwc":
+            raise ConvgapError("a plan sketch follows layout 'nhwc' only")
+        self.tensors: list[tuple[tuple[int, ...], bool]] = []   # (dims, NHWC)
+        self.steps_: list[SketchStep] = []
+        self._marks: list[tuple[int, str | None]] = []
+
+    mark = Plan.mark
+
+    def modules(self) -> list[str | None]:
+        return _marked(self._marks, self.steps)
+
+    @property
+    def steps(self) -> int:
+        return len(self.steps_)
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.steps_]
+
+    def dims(self, tid: int) -> tuple[int, ...]:
+        return self.tensors[tid][0]
+
+    def nhwc(self, tid: int) -> bool:
+        """Is tensor ``tid`` laid out NHWC (else: plain, as the input or output given)?"""
+        return self.tensors[tid][1]
+
+    def _new(self, dims: Sequence[int], nhwc: bool) -> int:
+        self.tensors.append((tuple(int(d) for d in dims), nhwc))
+        return len(self.tensors) - 1
+
+    def _step(self, kind: str, op: str, inputs: Sequence[int], output: int, **kw) -> int:
+        self.steps_.append(SketchStep(kind, op, tuple(inputs), output, **kw))
+        return output
+
+    def _as_nhwc(self, tid: int) -> int:
+        if self.nhwc(tid):
+            return tid
+        return self._step("reorder", "reorder", (tid,), self._new(self.dims(tid), True))
+
+    def input(self, shape: Sequence[int], strides: Sequence[int]) -> int:
+        dims = tuple(shape)
+        dense = len(dims) == 4 and tuple(strides) == (
+            dims[1] * dims[2] * dims[3], 1, dims[3] * dims[1], dims[1])
+        return self._new(dims, dense)
+
+    def conv(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
+             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+             groups: int, act: str | None = None, add_into: int | None = None,
+             add_from: int | None = None, act_after: str | None = None) -> int:
+        if add_from is not None:
+            add_from = self._as_nhwc(add_from)
+        x = self._as_nhwc(src)
+        n, _, h, w = self.dims(x)
+        o, _, kh, kw = weight.shape
+        oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        y = add_into if add_into is not None else self._new((n, o, oh, ow), True)
+        other = () if add_from is None else (add_from,)
+        return self._step("convolution", "convolution", (x, *other), y,
+                          weight=tuple(weight.shape),
+                          geometry={"stride": tuple(stride), "padding": tuple(padding),
+                                    "dilation": tuple(dilation), "groups": int(groups)},
+                          post_ops=(act is not None) + (add_into is not None or
+                                                        add_from is not None)
+                          + (act_after is not None),
+                          add=1 if add_into is not None else 2 if add_from is not None else 0)
+
+    def pool(self, src: int, kind: str, kernel: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int]) -> int:
+        n, c, h, w = self.dims(src)
+        if tuple(kernel) == (0, 0):
+            kernel, stride, padding, op = (h, w), (1, 1), (0, 0, 0, 0), "pooling_global"
+        else:
+            op = "pooling_max" if kind == "max" else "pooling_avg"
+        oh = (h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1
+        ow = (w + padding[1] + padding[3] - kernel[1]) // stride[1] + 1
+        return self._step("pooling", op, (src,), self._new((n, c, oh, ow), self.nhwc(src)),
+                          geometry={"kernel": tuple(kernel)})
+
+    def binary(self, a: int, b: int, op: str, *, act: str | None = None,
+               inplace: bool = False) -> int:
+        if self.dims(a) == self.dims(b) and self.nhwc(a) != self.nhwc(b):
+            b = self._step("reorder", "reorder", (b,), self._new(self.dims(b),
+                                                                  self.nhwc(a)))
+        y = a if inplace else self._new(self.dims(a), self.nhwc(a))
+        return self._step("binary", f"binary_{op}", (a, b), y, post_ops=act is not None)
+
+    def eltwise(self, src: int, act: str, *, inplace: bool = False) -> int:
+        y = src if inplace else self._new(self.dims(src), self.nhwc(src))
+        return self._step("eltwise", "eltwise", (src,), y)
+
+    def linear(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
+               act: str | None = None) -> int:
+        return self._step("inner_product", "inner_product", (src,),
+                          self._new((self.dims(src)[0], weight.shape[0]), False),
+                          weight=tuple(weight.shape), post_ops=act is not None)
+
+    def concat(self, srcs: Sequence[int]) -> int:
+        n, _, h, w = self.dims(srcs[0])
+        c = sum(self.dims(t)[1] for t in srcs)
+        return self._step("concat", "concat", tuple(srcs), self._new((n, c, h, w), True))
+
+    def copy(self, src: int) -> int:
+        return self._step("reorder", "reorder", (src,),
+                          self._new(self.dims(src), self.nhwc(src)))
+
+    def output(self, src: int, shape: Sequence[int], strides: Sequence[int]) -> int:
+        return self._step("reorder", "reorder", (src,), self._new(shape, False))
+
+    def finalize(self) -> int:
+        return 0
