@@ -26,8 +26,9 @@ plus what eager PyTorch spends around them, per operator and per module (Python 
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
 
-Each network that lowers to a whole-network oneDNN plan (:func:`convgap.fuse`'s pattern
-'network') is also bound as one at every batch and layout, and each of its primitives
+Three times as many random networks as are profiled, each where it lowers to a
+whole-network oneDNN plan (:func:`convgap.fuse`'s pattern 'network'), are bound as one at
+every batch (a seeded layout), and each of its primitives
 timed inside the plan's run (:func:`~convgap.predict.plan.plan_times`): the plan kinds
 (``'plan_conv'``, ``'plan_matmul'``, ``'plan_memory'``) learn from those, and the plan's
 call around its steps (:attr:`Calibration.plan_overhead_s`) is the median of its whole
@@ -66,13 +67,17 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "fit_sparse", "VERSION",
            "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 21  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 22  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
 NETWORK_TIMING = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.2)
 PROFILE_REPEATS = 7                   # profiled runs per network: each op's median
 NETWORKS = {True: 24, False: 80}     # quick: networks recorded and timed
+# networks also bound as whole-network plans (a plan is cheap to time: about 0.25 s per
+# network here), each at every batch in a seeded layout (the layout changes only the
+# reorder of the input)
+PLANS = {True: 3, False: 3}          # x NETWORKS
 # every network as it is at each batch and layout, and changed by convgap's transforms at
 # one (seeded) batch and layout per entry: dynamic three times (three densities: a sparse
 # block's time is a function of its density), swapped twice (Winograd's batched GEMMs are
@@ -294,9 +299,11 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
 def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
     """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
     out = []
+    for seed in range(NETWORKS[quick] * PLANS[quick]):
+        rng = random.Random(-1 - seed)
+        out += [(seed, "network", b, rng.choice(LAYOUTS), 0) for b in BATCHES]
     for seed in range(NETWORKS[quick]):
-        out += [(seed, v, b, lay, 0) for v in ("plain", "network") for b in BATCHES
-                for lay in LAYOUTS]
+        out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
         rng = random.Random(seed)
         out += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
                 for i, v in enumerate(VARIANTS[1:])]

@@ -67,6 +67,11 @@ CONTEXT = ("log_reuse", "log_reuse_max", "log_cold_bytes")
 # reuse distances beyond any cache read the same: past this, an input comes from memory
 # (and a network's size alone would let a fit tell calibration networks apart)
 REUSE_CAP = 2.0 ** 28
+# a plan's convolution: its post-ops and residual add, its activations' codes (SiLU's
+# exponential costs more than a ReLU: efficientnet_b0's convs read 0.7x without them), and
+# where its work falls: FLOPs per byte, output pixels, FLOPs per output pixel
+PLAN_CONV = ("post_ops", "add", "act", "act_after", "log_intensity", "log_pixels",
+             "log_flops_per_pixel")
 FEATURES = {
     "conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
              "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
@@ -77,10 +82,10 @@ FEATURES = {
     "call": (),
     "plan_conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
                   "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
-                  "log_bytes", "log_weight_bytes") + CONTEXT + ("post_ops", "add"),
-    "plan_matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT,
+                  "log_bytes", "log_weight_bytes") + CONTEXT + PLAN_CONV,
+    "plan_matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT + ("act",),
     "plan_memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
-                    "log_kernel") + CONTEXT,
+                    "log_kernel") + CONTEXT + ("act",),
     "unit": ("type", "log_flops", "log_ref_bytes", "ref_ops", "density", "granularity",
              "work_share", "pointwise_share", "log_bytes", "n", "c", "h", "w", "o", "oh",
              "ow", "channels_last") + CONTEXT,
@@ -225,6 +230,15 @@ def pointwise_share(op: Op) -> float:
     return pointwise / total if total else 0.0
 
 
+def _plan_conv(op: Op, flops: float, nbytes: float) -> tuple[float, ...]:
+    """:data:`PLAN_CONV` of a plan's convolution op."""
+    out = op.outputs[0]
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    return (op.detail[0], op.detail[1], op.detail[3], op.detail[4],
+            math.log(max(flops, 1.0) / max(nbytes, 1.0)), _log(pixels),
+            _log(flops / max(pixels, 1)))
+
+
 def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
     """The op's feature vector, in the order of :data:`FEATURES` for its kind; ``where``:
     its :func:`context` entry."""
@@ -238,10 +252,11 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
                 w.shape[3], p["stride"][0], p["stride"][1], g, out.shape[2], out.shape[3],
                 x.shape[1] // g, out.shape[1] // g, float(x.channels_last),
                 float(p["transposed"]), _log(flops), _log(nbytes), _log(w.nbytes)) + where \
-            + (op.detail[:2] if k == "plan_conv" else ())
+            + (_plan_conv(op, flops, nbytes) if k == "plan_conv" else ())
     if k in ("matmul", "plan_matmul"):
         b, m, n, kk = _matmul_mnk(op)
-        return (m, n, kk, b, _log(flops), _log(nbytes)) + where
+        return (m, n, kk, b, _log(flops), _log(nbytes)) + where \
+            + ((op.detail[3],) if k == "plan_matmul" else ())
     if k == "unit":
         ref_flops, ref_bytes, ref_ops, density, granularity, share = op.detail
         x, out = op.inputs[0], op.outputs[0]
@@ -255,7 +270,7 @@ def features(op: Op, where: tuple[float, ...]) -> tuple[float, ...]:
         code = PLAN_MEMORY_OPS.index(name if name in PLAN_MEMORY_OPS else "other")
         big = max(op.inputs + list(op.outputs), key=lambda t: t.numel)
         return (code, _log(nbytes), _log(big.numel), len(op.inputs), float(big.channels_last),
-                big.shape[-1], _log(op.detail[2])) + where
+                big.shape[-1], _log(op.detail[2])) + where + (op.detail[3],)
     if k == "memory":
         name = _short(op)
         code = MEMORY_OPS.index(name) if name in MEMORY_OPS else MEMORY_OPS.index("other")

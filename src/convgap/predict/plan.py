@@ -55,7 +55,8 @@ def plan_ops(net: FusedNetwork, input_shape: Sequence[int], layout: str = "nchw"
     ``layout``, in order, as ops: each reads its tensors (a convolution's or inner
     product's weight too, never written in the pass) and writes one; ``module`` is its
     program step's module (``prefix`` + the folded model's name; '' for a step of no
-    module); ``detail`` (post-ops, add: 0 / 1 a sum in place / 2 a binary post-op).
+    module); ``detail`` (post-ops, add: 0 / 1 a sum in place / 2 a binary post-op, a
+    pooling's kernel area, the codes of its activations before and after an add).
     Raises ConvgapError for a dtype other than float32."""
     if dtype != torch.float32:
         raise ConvgapError(f"the oneDNN plan runs float32, not {dtype}")
@@ -86,7 +87,7 @@ def plan_ops(net: FusedNetwork, input_shape: Sequence[int], layout: str = "nchw"
         leaves, tree = tree_flatten((args, {}))
         detail = (float(step.post_ops), float(step.add),
                   float(step.geometry["kernel"][0] * step.geometry["kernel"][1])
-                  if "kernel" in step.geometry else 1.0)
+                  if "kernel" in step.geometry else 1.0, *map(float, step.acts))
         ops.append(Op(PLAN_PREFIX + step.op, prefix + module if module else "",
                       tuple(leaves), tree, (specs[step.output],), tuple(reads),
                       (step.output,), detail))

@@ -298,7 +298,8 @@ class SketchStep:
     (a convolution's stride, padding (top, left, bottom, right), dilation, groups; a
     pooling's kernel), ``post_ops`` (activations and a residual add fused into it) and
     ``add`` (0 none, 1 a sum into the buffer it writes, 2 a binary post-op reading another
-    tensor)."""
+    tensor), ``acts`` the codes (:func:`act_code`, 0: none) of the activation it applies
+    (a convolution's: before and after its add)."""
 
     kind: str
     op: str
@@ -308,6 +309,7 @@ class SketchStep:
     geometry: dict = field(default_factory=dict)
     post_ops: int = 0
     add: int = 0
+    acts: tuple[int, int] = (0, 0)
 
 
 class PlanSketch:
@@ -382,7 +384,8 @@ class PlanSketch:
                           post_ops=(act is not None) + (add_into is not None or
                                                         add_from is not None)
                           + (act_after is not None),
-                          add=1 if add_into is not None else 2 if add_from is not None else 0)
+                          add=1 if add_into is not None else 2 if add_from is not None else 0,
+                          acts=(act_code(act)[0], act_code(act_after)[0]))
 
     def pool(self, src: int, kind: str, kernel: Sequence[int], stride: Sequence[int],
              padding: Sequence[int]) -> int:
@@ -402,17 +405,19 @@ class PlanSketch:
             b = self._step("reorder", "reorder", (b,), self._new(self.dims(b),
                                                                   self.nhwc(a)))
         y = a if inplace else self._new(self.dims(a), self.nhwc(a))
-        return self._step("binary", f"binary_{op}", (a, b), y, post_ops=act is not None)
+        return self._step("binary", f"binary_{op}", (a, b), y, post_ops=act is not None,
+                          acts=(act_code(act)[0], 0))
 
     def eltwise(self, src: int, act: str, *, inplace: bool = False) -> int:
         y = src if inplace else self._new(self.dims(src), self.nhwc(src))
-        return self._step("eltwise", "eltwise", (src,), y)
+        return self._step("eltwise", "eltwise", (src,), y, acts=(act_code(act)[0], 0))
 
     def linear(self, src: int, weight: torch.Tensor, bias: torch.Tensor | None, *,
                act: str | None = None) -> int:
         return self._step("inner_product", "inner_product", (src,),
                           self._new((self.dims(src)[0], weight.shape[0]), False),
-                          weight=tuple(weight.shape), post_ops=act is not None)
+                          weight=tuple(weight.shape), post_ops=act is not None,
+                          acts=(act_code(act)[0], 0))
 
     def concat(self, srcs: Sequence[int]) -> int:
         n, _, h, w = self.dims(srcs[0])
