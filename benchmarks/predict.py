@@ -16,6 +16,9 @@ run, which layers timed alone do not):
   the share within +-10% of the first measurement; its layers profiled again: their MAPE,
   plain and time-weighted), the floor under any prediction error judged against one
   measurement;
+- a probe (:func:`probe`: a fixed small plan) timed after calibration and after each
+  model's measurement: the share of rows measured while the machine ran it over 1.25x
+  slower than at calibration, and the MAPE of the other rows;
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
   predicted and measured over all models; per variant; and the dynamic blocks' own MAPE
@@ -157,6 +160,34 @@ def layer_times(model, pred, side, batch, layout):
         return prof, {}
 
 
+def probe():
+    """The machine's state now: a fixed small whole-network plan (random network 0 at
+    64x64, batch 1) timed, seconds (the median of 0.2 s of runs). Small two-thread runs
+    here swing up to 2x with the host's other tenants for minutes at a time (a 0.2 ms plan:
+    0.19 ms in one window, 0.42 in the next), more than any prediction error; a row's probe
+    against the calibration's says which window it was measured in."""
+    from convgap import choice, timing
+    from convgap.layers import FusedNetwork
+    from convgap.predict.synthetic import network
+    from convgap.transforms.patterns import NETWORK
+    import convgap
+    global _PROBE
+    if "_PROBE" not in globals():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = convgap.fuse(network(0)[0], quiet=True, patterns=[NETWORK])
+        x = torch.randn(1, 3, 64, 64)
+        if isinstance(net, FusedNetwork):
+            with choice.forced({FusedNetwork.KIND: "plan"}), torch.no_grad():
+                net(x)
+        _PROBE = (net, x)
+    net, x = _PROBE
+    with torch.no_grad():
+        return timing.measure(lambda: net(x), timing.TimingConfig(
+            warmup=3, min_repeats=10, max_repeats=2000, min_time=0.2), "cpu").median
+
+
 def run_one(name, model, side, batch, layout, cal):
     """(the row, the prediction)."""
     from convgap import predict_latency
@@ -171,13 +202,14 @@ def run_one(name, model, side, batch, layout, cal):
     # models measures it again minutes later: main)
     a, b = measure(model, side, batch, layout, pair=True)
     measured_s = (a + b) / 2
+    probe_s = probe()
     prof, measured = layer_times(model, pred, side, batch, layout)
     layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
                "measured_s": measured[r.name]}
               for r in pred.layers if measured.get(r.name)]
     return {"model": name, "batch": batch, "layout": layout, "side": side,
             "predicted_s": pred.total_s, "measured_s": measured_s,
-            "profiled_s": sum(prof), "repeat": a / b - 1,
+            "profiled_s": sum(prof), "repeat": a / b - 1, "probe_s": probe_s,
             "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
             "ops": len(pred.ops), "layers": layers}, pred
 
@@ -191,7 +223,12 @@ def summary(rows):
              for r in rows for l in r["layers"]]
     again = [(abs(l["remeasured_s"] / l["measured_s"] - 1), l["measured_s"])
              for r in rows for l in r["layers"] if l.get("remeasured_s")]
+    slow = [r for r in rows if r["probe_s"] > 1.25 * rows[0]["cal_probe_s"]]
     return {"models": len(rows), "mape": statistics.mean(errs),
+            "probe_slow_share": len(slow) / len(rows),
+            "mape_probe_as_calibration": statistics.mean(
+                abs(r["error"]) for r in rows if r not in slow) if len(slow) < len(rows)
+            else None,
             "within_10": sum(e <= 0.10 for e in errs) / len(errs),
             "layer_mape": statistics.mean(e for e, _ in layer),
             "layer_weighted_mape": sum(e * w for e, w in layer) / sum(w for _, w in layer),
@@ -238,6 +275,8 @@ def main() -> None:
     t0 = time.perf_counter()
     cal = predict.calibrate(quick=args.quick, refresh=args.recalibrate)
     cal_s = time.perf_counter() - t0
+    cal_probe_s = probe()
+    console.print(f"probe after calibration: {cal_probe_s * 1e3:.3f} ms")
     console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
                   f"{'' if args.recalibrate else ', possibly cached'}); whole-network "
                   f"weights {cal.weights}, fit {cal.stats.get('network_fit_mape', 0):.1%}")
@@ -247,7 +286,7 @@ def main() -> None:
     rows, preds = [], []
     for name, var, model, side, batch, layout in cases(args):
         r, pred = run_one(name, model, side, batch, layout, cal)
-        r["variant"] = var
+        r["variant"], r["cal_probe_s"] = var, cal_probe_s
         rows.append(r)
         preds.append(pred)
         console.print(f"{name} {var} b{batch} {layout}: predicted "
@@ -284,7 +323,8 @@ def main() -> None:
     for c in ("set", "models", "MAPE", "within +-10%", "layer MAPE", "layer MAPE (time-weighted)",
               "dynamic blocks MAPE", "Spearman", "predict ms (median)",
               "repeat |error| (noise)", "re-measured: MAPE / within 10%",
-              "layers re-measured: MAPE (time-weighted)"):
+              "layers re-measured: MAPE (time-weighted)",
+              "probe > 1.25x calibration's: rows / MAPE of the others"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -298,11 +338,15 @@ def main() -> None:
                   f"{v['repeat_mape']:.1%}",
                   f"{v['drift_mape']:.1%} / {v['drift_within_10']:.0%}",
                   "-" if v["layer_drift_mape"] is None else
-                  f"{v['layer_drift_mape']:.1%} ({v['layer_drift_weighted_mape']:.1%})")
+                  f"{v['layer_drift_mape']:.1%} ({v['layer_drift_weighted_mape']:.1%})",
+                  f"{v['probe_slow_share']:.0%} / " + (
+                      "-" if v["mape_probe_as_calibration"] is None
+                      else f"{v['mape_probe_as_calibration']:.1%}"))
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
            "malloc": args.malloc,
            "torch": torch.__version__, "calibration_s": cal_s, "quick": args.quick,
+           "probe_after_calibration_s": cal_probe_s,
            "weights": cal.weights, "calibration_stats": {
                k: v for k, v in cal.stats.items() if k != "networks"},
            "summary": sums, "rows": rows}

@@ -480,6 +480,10 @@ def test_a_whole_network_plan_is_predicted_step_by_step(tiny, layout):
     always = dataclasses.replace(cal, plan_overhead_s=-1.0)   # a plan always faster
     q = convgap.predict_latency(net, shape, layout=layout, calibration=always)
     assert q.path == "plan" and len(q.ops) == len(steps)
+    # a calibration made without plans (no oneDNN wheel then) never predicts one
+    none = dataclasses.replace(always, stats={**cal.stats, "plans": []})
+    assert convgap.predict_latency(net, shape, layout=layout, calibration=none).path == \
+        "blocks"
     assert q.layer("model.layer1.0.conv1").ops == 1
     assert {r.name for r in q.blocks} >= {"model.layer1", "model.fc"}
     assert math.isclose(sum(r.seconds for r in q.blocks), q.ops_s)
@@ -491,3 +495,17 @@ def test_a_whole_network_plan_is_predicted_step_by_step(tiny, layout):
     assert len(t) == len(steps) and min(t) > 0
     with pytest.raises(ConvgapError, match="float32"):
         plan_ops(net, shape, layout, torch.float64)
+    # where the network has measured its choice for this input, that is what it runs
+    from convgap import choice
+    from convgap.layers import FusedNetwork
+    assert net.stored_choice(shape, layout) is None
+    key = choice.cache_key(f"{FusedNetwork.KIND}|{net.choice_key(shape, layout)}")
+    for stored, calib in (("blocks", always), ("plan", never)):
+        choice.store(key, {"choice": stored}, persist=False)
+        assert net.stored_choice(shape, layout) == stored
+        assert convgap.predict_latency(net, shape, layout=layout,
+                                       calibration=calib).path == stored
+    with torch.no_grad():
+        net(x)            # bound now: it runs the stored choice
+    assert net.kernel_choice == "plan"
+    choice.clear_memory()

@@ -45,7 +45,6 @@ from ..errors import ConvgapError
 from ..progress import make_progress
 from ..transforms import fuse
 from ..transforms.eligible import first_inputs
-from ..transforms.patterns import block_patterns
 from .transform import dynamic_blocks, evaluating
 
 __all__ = ["Budget", "LatencyTable", "measure_latency", "predict_tables", "DENSITIES",
@@ -148,7 +147,8 @@ def predict_tables(model: nn.Module, example_input: torch.Tensor, *,
     """:func:`measure_latency`'s tables from the latency predictor
     (:func:`convgap.predict_latency`, on ``example_input``'s shape and layout): each sparse
     block's time inside the model with every block at each density, and its static time
-    (the faster of the original block and its fused form, each inside the static model).
+    (the faster of the original block and its fused form, each inside the static model:
+    :func:`convgap.fuse`'s, a whole-network plan where the static model lowers to one).
     Seconds. Nothing is timed (the predictor calibrates once per device, minutes)."""
     from ..ops.layouts import layout_of
     from ..predict import predict_latency
@@ -161,7 +161,10 @@ def predict_tables(model: nn.Module, example_input: torch.Tensor, *,
 
     def per_block(net: nn.Module, density: float | None) -> dict[str, float]:
         p = predict_latency(net, shape, layout=layout, density=density)
-        return by_module(p.ops, p.op_seconds, list(blocks))
+        # a whole-network plan's ops are its folded model's, its blocks' the fused model's
+        inner = {"plan": "model.", "torch": "model.", "blocks": "blocks."}.get(p.path, "")
+        found = by_module(p.ops, p.op_seconds, [inner + n for n in blocks])
+        return {n: found[inner + n] for n in blocks}
     with evaluating(model):
         sparse = [per_block(model, d) for d in densities]
     static = copy.deepcopy(model).eval()
@@ -169,7 +172,7 @@ def predict_tables(model: nn.Module, example_input: torch.Tensor, *,
         static.set_submodule(name, b.original())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # fuse's notes on what it left
-        fused = fuse(static, quiet=True, patterns=block_patterns())  # what is predicted
+        fused = fuse(static, quiet=True)   # a whole-network plan where it lowers
     plain, folded = per_block(static, None), per_block(fused, None)
     return {n: LatencyTable(densities, tuple(s[n] for s in sparse),
                             min(plain[n], folded[n]) or None) for n in blocks}

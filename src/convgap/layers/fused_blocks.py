@@ -239,7 +239,7 @@ class FusedBlock(nn.Module, abc.ABC):
         oneDNN path, is the incumbent) on inputs like ``x``: the one measured choice
         (:mod:`convgap.choice`: each other path verified against the first, kept only past
         the margin), recorded in ``kernel_choice``."""
-        key = (tuple(x.shape), layout_of(x), self.spec(), shapes)
+        key = self.choice_key(tuple(x.shape), layout_of(x), shapes)
         cands = [choice.Candidate(name, lambda run=run: run(x), 1e-5 if i else 1e-4)
                  for i, (name, run) in enumerate(runs.items())]
         decision = choice.choose(cands, kind=self.KIND, spec_key=key, device=x.device.type,
@@ -247,6 +247,18 @@ class FusedBlock(nn.Module, abc.ABC):
         name = decision.choice
         self.kernel_choice, self.kernel_times = name, dict(decision.times)
         return runs[name]
+
+    def choice_key(self, shape: tuple[int, ...], layout: str, shapes: tuple = ()) -> tuple:
+        """The measured choice's key for an input of ``shape`` in ``layout`` ('nchw' or
+        'channels_last'; ``shapes``: those of its other inputs)."""
+        return (tuple(shape), layout, self.spec(), shapes)
+
+    def stored_choice(self, shape: tuple[int, ...], layout: str) -> str | None:
+        """The fast path this device has chosen for an input of ``shape`` and ``layout``
+        (:mod:`convgap.choice`'s stored decision, under the current thread count and malloc
+        policy), or None where it has not measured one yet."""
+        entry = choice.lookup(choice.cache_key(f"{self.KIND}|{self.choice_key(shape, layout)}"))
+        return None if entry is None else entry["choice"]
 
     def spec(self) -> str:
         """What the block computes, for the measured choice's key (its repr)."""

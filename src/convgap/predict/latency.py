@@ -53,8 +53,11 @@ class Prediction:
     top-level child module, plus one row ('(model)') for operators in the model's own
     forward; ``op_seconds``: each recorded operator's prediction, in call order; ``path``:
     for a whole network :func:`convgap.fuse` lowered to a oneDNN plan, the form predicted
-    faster, which it would measure and run ('plan': ``ops`` are its primitives; 'blocks':
-    its block-fused form), None for other models."""
+    faster (or the one it measured faster for this input, where this device has stored
+    that choice: :meth:`~convgap.layers.FusedNetwork.stored_choice`), which it runs
+    ('plan': ``ops`` are its primitives; 'blocks':
+    its block-fused form; 'torch': its folded model, where it has no blocks), None for
+    other models."""
 
     input_shape: tuple[int, ...]
     layout: str
@@ -138,7 +141,8 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
     (:func:`~convgap.predict.calibration.calibrate`, run now if there is none: minutes).
     The model is not run. Fused blocks (:func:`convgap.fuse`) and sparse dynamic blocks
     (:func:`convgap.make_dynamic`) are predicted as one call each; a whole network
-    :func:`convgap.fuse` lowered to a oneDNN plan, as the faster of its plan (each
+    :func:`convgap.fuse` lowered to a oneDNN plan, as the form it runs: the one it measured
+    faster for this input if it has, else the faster predicted of its plan (each
     primitive) and its blocks (``path`` says which); ``density``: the share
     of mask cells the dynamic blocks keep, one for all or a dict by block name (None: each
     block's forced density, :func:`convgap.dynamic.force_density`; required otherwise).
@@ -158,16 +162,18 @@ def predict_latency(model: nn.Module, input_shape: Sequence[int], device: str = 
                                                                         m.children()))]
     tops = [""] + [name for name, _ in model.named_children()]
     net, path = network_of(model) if dev.type == "cpu" else None, None
-    if net is not None:   # the faster of its plan and its blocks, as it measures them
+    if net is not None:   # what it runs: the faster of its plan and its blocks
         inner = "blocks" if net.blocks is not None else "model"
         path = inner if inner == "blocks" else "torch"
         try:
             steps = plan_ops(net, input_shape, layout, dtype)
         except ConvgapError:   # not float32
             steps = []
-        if steps:
+        stored = net.stored_choice(tuple(input_shape), layout) if net.blocks is not None \
+            else None   # the choice it measured for this input, where it has one
+        if steps and cal.stats.get("plans") and stored in (None, "plan"):
             step_s = cal.op_seconds(steps)
-            if cal.plan_total(step_s) < total:
+            if stored == "plan" or cal.plan_total(step_s) < total:
                 ops, seconds, total, path = steps, step_s, cal.plan_total(step_s), "plan"
                 inner = "model"
         tops = [""] + [f"{inner}.{name}" for name, _ in
