@@ -299,10 +299,12 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
 def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
     """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
     out = []
-    for seed in range(NETWORKS[quick] * PLANS[quick]):
-        rng = random.Random(-1 - seed)
-        out += [(seed, "network", b, rng.choice(LAYOUTS), 0) for b in BATCHES]
     for seed in range(NETWORKS[quick]):
+        # plans spread over the whole calibration, not timed in one window of it (small
+        # two-thread runs here change speed for minutes at a time)
+        for plan in range(seed * PLANS[quick], (seed + 1) * PLANS[quick]):
+            rng = random.Random(-1 - plan)
+            out += [(plan, "network", b, rng.choice(LAYOUTS), 0) for b in BATCHES]
         out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
         rng = random.Random(seed)
         out += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
