@@ -331,14 +331,18 @@ def test_concat_gates_and_ceil_pooling_match_the_model(size):
         assert net.kernel_choice == "plan"
 
 
-@needs_plan
-def test_both_activation_layouts_bind_the_same_network():
-    torch.manual_seed(7)
+def _net_input_reference(seed: int):
+    """_Net lowered, an input and the model's output on it."""
+    torch.manual_seed(seed)
     model = _Net().eval()
-    net = _network(model)
     x = torch.randn(2, 8, 11, 12)
     with torch.no_grad():
-        ref = model(x)
+        return _network(model), x, model(x)
+
+
+@needs_plan
+def test_both_activation_layouts_bind_the_same_network():
+    net, x, ref = _net_input_reference(7)
     for layout in ("nhwc", "any"):
         plan = netmod.bind(net.program, net.model, x, tuple(ref.shape), tuple(ref.stride()),
                            layout)
@@ -516,12 +520,7 @@ def test_sketch_lays_out_the_steps_the_plan_runs(name):
 def test_plan_runs_timed_and_marked():
     """A timed run gives every step a positive time and the same output as a plain run;
     steps are marked with their program step's module."""
-    torch.manual_seed(6)
-    model = _Net().eval()
-    net = _network(model)
-    x = torch.randn(2, 8, 11, 12)
-    with torch.no_grad():
-        ref = model(x)
+    net, x, ref = _net_input_reference(6)
     plan = netmod.bind(net.program, net.model, x, tuple(ref.shape), tuple(ref.stride()))
     out = torch.empty_like(ref)
     times = plan.run_timed(x, out, repeats=3)
