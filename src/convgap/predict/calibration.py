@@ -26,13 +26,12 @@ plus what eager PyTorch spends around them, per operator and per module (Python 
 argument parsing), three weights fitted (non-negative least squares on relative errors) to
 the calibration networks timed whole (:meth:`Calibration.total`).
 
-Three times as many random networks as are profiled, each where it lowers to a
-whole-network oneDNN plan (:func:`convgap.fuse`'s pattern 'network'), are bound as one at
-every batch (a seeded layout), and each of its primitives
-timed inside the plan's run (:func:`~convgap.predict.plan.plan_times`): the plan kinds
-(``'plan_conv'``, ``'plan_matmul'``, ``'plan_memory'``) learn from those, and the plan's
-call around its steps (:attr:`Calibration.plan_overhead_s`) is the median of its whole
-time less its steps'.
+Three times as many random networks as are profiled are, where they lower to a
+whole-network oneDNN plan (:func:`convgap.fuse`'s pattern 'network'), bound as one at each
+batch (in a seeded layout) and each primitive timed inside the plan's run
+(:func:`~convgap.predict.plan.plan_times`): the plan kinds (``'plan_conv'``,
+``'plan_matmul'``, ``'plan_memory'``) learn from those, and the call around a plan's steps
+(:attr:`Calibration.plan_overhead_s`) is the median of its whole time less its steps'.
 
 Cached (``$CONVGAP_CACHE/predict/``) per device name, threads, dtype, malloc policy, torch
 version and :data:`VERSION`, like the roofs. Seconds throughout.
@@ -81,8 +80,7 @@ PLANS = {True: 3, False: 3}          # x NETWORKS
 # every network as it is at each batch and layout, and changed by convgap's transforms at
 # one (seeded) batch and layout per entry: dynamic three times (three densities: a sparse
 # block's time is a function of its density), swapped twice (Winograd's batched GEMMs are
-# shapes no plain network has); and lowered to one oneDNN plan at every batch and layout
-# (its steps are another oneDNN's primitives, without dispatch, and cheap to time)
+# shapes no plain network has); the whole-network plans are runs of their own (PLANS)
 VARIANTS = ("plain", "fused", "dynamic", "dynamic", "dynamic", "factorized", "swapped",
             "swapped")
 BATCHES = (1, 8)
@@ -418,7 +416,6 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                 fmt = memory_format(layout)
                 net = net.to(dtype=dtype, memory_format=fmt)
                 shape = (batch, 3, side, side)
-                ops = record(net, shape, dtype, layout)
                 x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
                 if variant == "network":
                     try:
@@ -435,6 +432,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                     planned.append((whole, sum(seconds)))
                     progress.advance(task)
                     continue
+                ops = record(net, shape, dtype, layout)
                 try:
                     prof = profile(net, x, PROFILE_REPEATS)
                     ops = with_densities(ops, prof)

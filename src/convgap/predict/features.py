@@ -72,17 +72,16 @@ REUSE_CAP = 2.0 ** 28
 # where its work falls: FLOPs per byte, output pixels, FLOPs per output pixel
 PLAN_CONV = ("post_ops", "add", "act", "act_after", "log_intensity", "log_pixels",
              "log_flops_per_pixel")
+_CONV_SHAPE = ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
+               "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
+               "log_bytes", "log_weight_bytes")
 FEATURES = {
-    "conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
-             "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
-             "log_bytes", "log_weight_bytes") + CONTEXT,
+    "conv": _CONV_SHAPE + CONTEXT,
     "matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT,
     "memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
                "log_kernel") + CONTEXT,
     "call": (),
-    "plan_conv": ("n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "groups", "oh", "ow",
-                  "cin_group", "cout_group", "channels_last", "transposed", "log_flops",
-                  "log_bytes", "log_weight_bytes") + CONTEXT + PLAN_CONV,
+    "plan_conv": _CONV_SHAPE + CONTEXT + PLAN_CONV,
     "plan_matmul": ("m", "n", "k", "batch", "log_flops", "log_bytes") + CONTEXT + ("act",),
     "plan_memory": ("op", "log_bytes", "log_numel", "inputs", "channels_last", "inner",
                     "log_kernel") + CONTEXT + ("act",),
