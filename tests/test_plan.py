@@ -385,6 +385,43 @@ def test_fused_network_follows_weights_and_state_dict():
         assert rel(net(x), net.model(x)) < 1e-5
 
 
+class _LooseNorm(nn.Module):
+    """A batch-norm after a pooling: a step of its own (not folded into a conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 5, 1)
+        self.pool, self.bn = nn.MaxPool2d(2), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.b(self.bn(self.pool(F.relu(self.a(x)))))
+
+
+@needs_plan
+def test_fused_network_follows_batch_norm_statistics():
+    """A batch-norm step's running statistics are read by the plan: changing them in
+    place, or loading new ones, rebinds it (only the tensors the plan reads are checked:
+    not the blocks' copies)."""
+    torch.manual_seed(8)
+    net = _network(_LooseNorm().eval())
+    assert [s.kind for s in net.program.steps].count("bn") == 1
+    read = net._read()
+    assert any(t is net.model.bn.running_var for t in read)
+    assert len(read) == 2 + 2 + 4 and all(t.is_floating_point() for t in read)
+    x = torch.randn(2, 4, 10, 10)
+    with torch.no_grad():
+        net(x)
+        net.model.bn.running_var.mul_(3)        # statistics only: no parameter changes
+        net.model.bn.running_mean.add_(0.5)
+        assert rel(net(x), net.model(x)) < 1e-5
+        state = net.state_dict()
+        state["bn.running_mean"] = state["bn.running_mean"] + 0.5
+        state["bn.running_var"] = state["bn.running_var"] * 3
+        net.load_state_dict(state)
+        assert rel(net(x), net.model(x)) < 1e-5
+    assert net.kernel_choice == "plan"
+
+
 @needs_plan
 def test_alternating_shapes_bind_once_each(monkeypatch):
     model = _Net().eval()
