@@ -568,3 +568,24 @@ def test_plan_runs_timed_and_marked():
     assert plan.modules()[-1] is None        # the output's reorder
     with pytest.raises(ConvgapError, match="'nhwc'"):
         cplan.PlanSketch("any")
+
+
+@needs_plan
+def test_counts_take_the_network_weights_once():
+    """A FusedNetwork holds its weights twice (the folded model and the block-fused copy):
+    counts, the analysis and comparisons take them once, as the folded model has them."""
+    from convgap.count import count
+    torch.manual_seed(2)
+    model = models.create("resnet18", num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = convgap.fuse(model, quiet=True)
+    assert isinstance(net, FusedNetwork) and net.blocks is not None
+    folded = count(net.model, (1, 3, 32, 32))
+    got = count(net, (1, 3, 32, 32))
+    assert got.params == sum(p.numel() for p in net.model.parameters()) == folded.params
+    assert got.weight_bytes == folded.weight_bytes
+    assert got.params < sum(p.numel() for p in net.parameters())   # the copy not counted
+    assert got.macs == count(model, (1, 3, 32, 32)).macs
+    cmp = convgap.compare(model, net, torch.randn(1, 3, 32, 32), quiet=True)
+    assert cmp.params == (sum(p.numel() for p in model.parameters()), folded.params)

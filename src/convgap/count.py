@@ -32,7 +32,7 @@ from .blocks import Recorder, block_kind, tensors, unclassified
 from .errors import ConvgapError
 
 __all__ = ["LayerCount", "BlockCount", "Counts", "count", "trace", "Trace", "block_kind",
-           "check_input", "detached_copy", "tensors"]
+           "check_input", "detached_copy", "tensors", "parameter_count", "weight_owner"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -58,7 +58,21 @@ def _shape(obj: Any) -> tuple[int, ...] | list:
     return [tuple(t.shape) for t in ts]
 
 
+def weight_owner(module: nn.Module) -> nn.Module:
+    """The module whose parameters and buffers are ``module``'s weights: itself, or what
+    its ``parameter_owner()`` names (a :class:`~convgap.layers.FusedNetwork`'s folded
+    model: its block-fused copy holds the same values a second time)."""
+    owner = getattr(module, "parameter_owner", None)
+    return owner() if callable(owner) else module
+
+
+def parameter_count(module: nn.Module) -> int:
+    """``module``'s parameters (elements), each network weight once (:func:`weight_owner`)."""
+    return sum(p.numel() for p in weight_owner(module).parameters())
+
+
 def _weights(module: nn.Module) -> list[torch.Tensor]:
+    module = weight_owner(module)
     own = list(module.parameters(recurse=True))
     own += [b for b in module.buffers(recurse=True) if b.is_floating_point()]
     return own
@@ -303,7 +317,7 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
         row, first = stack.pop()
         row.output_shape = _shape(out)
         row.act_out_bytes = _nbytes(tensors(out))
-        row.params = sum(p.numel() for p in m.parameters())
+        row.params = parameter_count(m)
         candidates.append((m, row, range(first, len(layers)), Call(row.name, m, saved)))
 
     handles = []
@@ -351,7 +365,7 @@ def trace(model: nn.Module, x: torch.Tensor, capture: bool = False) -> Trace:
     counts = Counts(
         input_shape=tuple(x.shape), dtype=str(x.dtype).removeprefix("torch."),
         layers=layers, blocks=block_rows, macs=total_macs,
-        params=sum(p.numel() for p in model.parameters()),
+        params=parameter_count(model),
         weight_bytes=_nbytes(_weights(model)), act_in_bytes=_nbytes([x]),
         act_out_bytes=_nbytes(tensors(out)),
         unattributed_macs=total_macs - sum(r.macs for r in layers),

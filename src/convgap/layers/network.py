@@ -231,6 +231,11 @@ class FusedNetwork(FusedBlock):
                 raise
             return getattr(inner, name)
 
+    def parameter_owner(self) -> nn.Module:
+        """The module holding the network's weights once (:func:`convgap.count.weight_owner`):
+        the folded model (the block-fused copy repeats them)."""
+        return self.model
+
     def state_dict(self, *args, **kwargs):  # the wrapped model's keys, no 'model.' prefix
         return self.model.state_dict(*args, **kwargs)
 

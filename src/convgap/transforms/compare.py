@@ -22,7 +22,7 @@ from rich.table import Table
 
 from .. import allocator, config, timing
 from ..ops.layouts import layout_of
-from ..count import formula_macs
+from ..count import formula_macs, parameter_count
 from ..progress import make_progress
 from .changes import Change, changes
 from .eligible import first_inputs
@@ -169,10 +169,12 @@ def _macs(module: nn.Module, args: tuple, out: Any) -> int | None:
 
 
 def _params(module: nn.Module) -> int:
-    """Weight parameters (bias excluded)."""
+    """Weight parameters (bias excluded; a module without one weight: all its
+    parameters)."""
     if hasattr(module, "weight_params"):
         return module.weight_params
-    return module.weight.numel()
+    weight = getattr(module, "weight", None)
+    return weight.numel() if isinstance(weight, torch.Tensor) else parameter_count(module)
 
 
 @torch.no_grad()
@@ -191,6 +193,7 @@ def compare(original: nn.Module, transformed: nn.Module, example_input: torch.Te
     made = changes(transformed)
     before = dict(original.named_modules())
     rows = [c for c in made if c.transform not in ("left", "fold") and c.name in before
+            and c.name != ""     # the whole model (fuse's network): the last row's
             and type(before[c.name]) is not type(transformed.get_submodule(c.name))]
     names = [c.name for c in rows]
     modes = (original.training, transformed.training)
@@ -225,7 +228,6 @@ def compare(original: nn.Module, transformed: nn.Module, example_input: torch.Te
     finally:
         original.train(modes[0])
         transformed.train(modes[1])
-    params = (sum(p.numel() for p in original.parameters()),
-              sum(p.numel() for p in transformed.parameters()))
+    params = (parameter_count(original), parameter_count(transformed))
     return Comparison(tuple(example_input.shape), layout_of(example_input), n_threads,
                       policy if on_cpu else None, out, params, (m0.median, m1.median), made)
