@@ -38,3 +38,26 @@ def test_a_wrong_fastest_candidate_is_rejected_and_the_decision_is_stored_by_nam
     (key,) = stored
     assert key.endswith("|test|k") and f"threads={torch.get_num_threads()}" in key
     assert stored[key]["choice"] == "slow"
+
+
+def test_forget_drops_stored_decisions_so_they_are_measured_again(tmp_path, monkeypatch):
+    """forget(kinds) drops those kinds' decisions from memory and the file (the others
+    stay); forget() drops them all; a forgotten decision is measured again."""
+    monkeypatch.setenv("CONVGAP_CACHE", str(tmp_path))
+    choice.clear_memory()
+
+    def cands():
+        return [choice.Candidate("a", lambda: torch.ones(2)),
+                choice.Candidate("b", lambda: torch.ones(2))]
+    with config.override(CHOICE_ROUNDS=timing.QUICK, CONFIRM_ROUNDS=timing.QUICK):
+        for kind in ("k1", "k2"):
+            assert not choice.choose(cands(), kind=kind, spec_key="s").cached
+        assert choice.choose(cands(), kind="k1", spec_key="s").cached
+        assert choice.forget(["k1"]) == 1
+        assert [k.split("|")[-2] for k in cache.read_json(choice.TUNING_FILE)] == ["k2"]
+        assert not choice.choose(cands(), kind="k1", spec_key="s").cached   # measured again
+        assert choice.choose(cands(), kind="k2", spec_key="s").cached       # kept
+        assert choice.forget() == 2
+        assert cache.read_json(choice.TUNING_FILE) == {}
+        assert not choice.choose(cands(), kind="k2", spec_key="s").cached
+    choice.clear_memory()

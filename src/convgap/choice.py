@@ -35,7 +35,7 @@ from . import allocator, cache, config, timing
 from .errors import ConvgapError
 from .hardware import device_name
 
-__all__ = ["Candidate", "Decision", "choose", "forced", "tolerance", "relative_error",
+__all__ = ["Candidate", "Decision", "choose", "forced", "forget", "tolerance", "relative_error",
            "cache_key", "clear_memory", "pick", "TUNING_FILE", "PRECISION_TOLERANCE"]
 
 TUNING_FILE = "tuning.json"
@@ -148,6 +148,39 @@ def store(full_key: str, entry: dict, persist: bool = True) -> None:
     _memory[(str(cache.cache_dir()), full_key)] = entry
     if persist:
         cache.update_json(TUNING_FILE, lambda entries: {**entries, full_key: entry})
+
+
+def _kind_of(full_key: str) -> str:
+    """The decision kind in a full key (after the device name and its torch=, threads=
+    and malloc= parts)."""
+    for part in full_key.split("|")[1:]:
+        if not part.startswith(("torch=", "threads=", "malloc=")):
+            return part
+    return ""
+
+
+def forget(kinds: Sequence[str] | None = None) -> int:
+    """Drop stored decisions, of every device, from this process and ``tuning.json``: all of
+    them, or those of ``kinds`` (e.g. ``["fused_network"]``), so that the next call
+    measures them again (a decision taken while the machine ran slow for a while sticks
+    otherwise). Returns how many the file held."""
+    want = None if kinds is None else set(kinds)
+
+    def keep(key: str) -> bool:
+        return want is not None and _kind_of(key) not in want
+    for mkey in [k for k in _memory if not keep(k[1])]:
+        del _memory[mkey]
+    for memo in [m for m in _picked if want is None or m[0] in want]:
+        del _picked[memo]
+    dropped = 0
+
+    def change(entries: dict) -> dict:
+        nonlocal dropped
+        kept = {k: v for k, v in entries.items() if keep(k)}
+        dropped = len(entries) - len(kept)
+        return kept
+    cache.update_json(TUNING_FILE, change)
+    return dropped
 
 
 def clear_memory() -> None:
