@@ -453,6 +453,8 @@ def test_a_whole_network_plan_is_predicted_step_by_step(tiny, layout):
     import warnings
     from convgap.predict.plan import plan_ops, plan_times
     cal = tiny
+    assert cal.stats["plans"] and cal.stats["plan_conv"]["samples"] >= 8   # plans calibrated
+    assert all(p["whole_s"] > 0 and p["steps_s"] > 0 for p in cal.stats["plans"])
     model = _resnet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -493,6 +495,7 @@ def test_a_whole_network_plan_is_predicted_step_by_step(tiny, layout):
                                       torch.contiguous_format)
     t = plan_times(net, x, repeats=2, warmup=1)
     assert len(t) == len(steps) and min(t) > 0
+    assert net.bound(x) is None        # timed on a plan of its own: nothing bound, chosen
     with pytest.raises(ConvgapError, match="float32"):
         plan_ops(net, shape, layout, torch.float64)
     # where the network has measured its choice for this input, that is what it runs

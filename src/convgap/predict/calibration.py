@@ -52,8 +52,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import allocator, cache, hardware, timing
+from .. import allocator, cache, choice, hardware, timing
 from ..errors import ConvgapError
+from ..layers.network import FusedNetwork
 from ..progress import make_progress
 from .features import FEATURES, KINDS, baseline, context, features, kind
 from ..ops.layouts import LAYOUTS, memory_format
@@ -426,6 +427,8 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
                         progress.advance(task)
                         continue
                     samples += list(zip(ops, context(ops), seconds))
+                    with choice.forced({FusedNetwork.KIND: "plan"}), torch.no_grad():
+                        net(x)          # bound as its plan: the whole call timed next
                     with torch.no_grad():
                         whole = timing.measure(lambda: net(x), NETWORK_TIMING,
                                                dev.type).median

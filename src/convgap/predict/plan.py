@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .. import choice
 from ..errors import ConvgapError
 from ..kernels.cpu import plan as cplan
 from ..layers.network import FusedNetwork, bind
@@ -99,15 +98,14 @@ def plan_times(net: FusedNetwork, x: torch.Tensor, repeats: int = 7, warmup: int
                ) -> list[float]:
     """Each step's seconds (the median over ``repeats`` runs after ``warmup``) of ``net``'s
     plan for ``x``, in the order of :func:`plan_ops`: the plan ``net`` runs for ``x``
-    (bound now, the plan forced, where ``x``'s shape is new), else one bound for this.
-    Raises ConvgapError where oneDNN has no plan for ``x``."""
-    with choice.forced({FusedNetwork.KIND: "plan"}):
-        net(x)
-    plan = getattr(net.bound(x), "plan", None)
+    where it runs one, else one bound for this (``net`` is left as it is). Raises
+    ConvgapError where oneDNN has no plan for ``x``."""
+    run = net.bound(x)
+    plan = getattr(run, "plan", None)
     ref = net.model(x)
     if not ref.is_contiguous() and not ref.is_contiguous(memory_format=torch.channels_last):
         ref = ref.contiguous()
-    if plan is None:   # the blocks measured faster: a plan of its own
+    if plan is None:   # not bound yet, or its blocks measured faster: a plan of its own
         plan = bind(net.program, net.model, x, tuple(ref.shape), tuple(ref.stride()))
     out = torch.empty_like(ref)
     plan.run_timed(x, out, warmup)
