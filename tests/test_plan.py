@@ -405,7 +405,7 @@ def test_fused_network_follows_batch_norm_statistics():
     torch.manual_seed(8)
     net = _network(_LooseNorm().eval())
     assert [s.kind for s in net.program.steps].count("bn") == 1
-    read = net._read()
+    read = net._params()
     assert any(t is net.model.bn.running_var for t in read)
     assert len(read) == 2 + 2 + 4 and all(t.is_floating_point() for t in read)
     x = torch.randn(2, 4, 10, 10)

@@ -259,15 +259,15 @@ class FusedNetwork(FusedBlock):
             bound = [k for k in store if isinstance(k, tuple) and k[:1] == ("plan",)]
             if len(bound) >= self.MAX_SHAPES:
                 del store[bound[0]]
-        return reuse(store, key, self._read(), lambda: self._bind(x))(x)
+        return reuse(store, key, self._params(), lambda: self._bind(x))(x)
 
-    def _read(self) -> list[torch.Tensor]:
+    def _params(self) -> list[torch.Tensor]:
         """The tensors the plan reads, listed once (the bound plans' memo key: a change to
-        any of them, in place or by ``load_state_dict``, rebinds): the weights and biases
-        of its convolutions and linear layers, and its batch-norms' statistics and affine
-        parameters; not the block-fused model's copies (half the parameters: their
-        signature cost 25-39 us a call)."""
-        read = self.__dict__.get("_read_list")
+        any of them, in place or by ``load_state_dict``, rebinds; and the fast-path
+        guard): the weights and biases of its convolutions and linear layers, and its
+        batch-norms' statistics and affine parameters; not the block-fused model's copies
+        (half the parameters: their signature cost 25-39 us a call)."""
+        read = self._params_list
         if read is None:
             read = []
             for s in self.program.steps:
@@ -276,17 +276,8 @@ class FusedNetwork(FusedBlock):
                     names = ("running_mean", "running_var", "weight", "bias") \
                         if s.kind == "bn" else ("weight", "bias")
                     read += [t for t in (getattr(m, n) for n in names) if t is not None]
-            self.__dict__["_read_list"] = read
+            self._params_list = read
         return read
-
-    def refresh(self) -> None:
-        super().refresh()
-        self.__dict__.pop("_read_list", None)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_read_list", None)
-        return state
 
     def bound(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What an input of ``x``'s shape and strides runs, once bound (None before): the

@@ -207,12 +207,14 @@ static step_t *new_step(plan_t *p, const_dnnl_primitive_desc_t pd) {
     return s;
 }
 
-// The step of primitive descriptor pd (created with status st; `what` names it in an
-// error), its result tensor into *y (result() of ymd, or of pd's destination when ymd is
-// NULL); NULL with the reason in p->err. pd is destroyed.
+// The step of primitive descriptor pd (created with status st and attributes attr; `what`
+// names it in an error), its result tensor into *y (result() of ymd, or of pd's
+// destination when ymd is NULL); NULL with the reason in p->err. pd and attr are
+// destroyed.
 static step_t *step_of(plan_t *p, dnnl_status_t st, dnnl_primitive_desc_t pd,
-                       const char *what, const_dnnl_memory_desc_t ymd, int inplace_of,
-                       int *y) {
+                       dnnl_primitive_attr_t attr, const char *what,
+                       const_dnnl_memory_desc_t ymd, int inplace_of, int *y) {
+    dnnl_primitive_attr_destroy(attr);
     if (st != dnnl_success) {
         snprintf(p->err, sizeof(p->err), "%s failed (oneDNN status %d)", what, (int)st);
         return NULL;
@@ -229,6 +231,19 @@ static void add_arg(step_t *s, int arg, int tid, dnnl_memory_t cmem) {
     s->tid[s->nargs] = tid;
     s->cmem[s->nargs] = cmem;
     s->nargs++;
+}
+
+// A step reading tensor src (as src_arg) and writing its result (as dst_arg): step_of's,
+// with those two arguments; the result's id, or -1.
+static int unary(plan_t *p, dnnl_status_t st, dnnl_primitive_desc_t pd,
+                 dnnl_primitive_attr_t attr, const char *what, const_dnnl_memory_desc_t ymd,
+                 int inplace_of, int src, int src_arg, int dst_arg) {
+    int y;
+    step_t *s = step_of(p, st, pd, attr, what, ymd, inplace_of, &y);
+    if (!s) return -1;
+    add_arg(s, src_arg, src, NULL);
+    add_arg(s, dst_arg, y, NULL);
+    return y;
 }
 
 static dnnl_primitive_attr_t user_attr(plan_t *p) {
@@ -342,6 +357,36 @@ static dnnl_primitive_attr_t post_ops_attr(plan_t *p, int act1, float a1, float 
     return attr;
 }
 
+// The step of a convolution or inner product pd reading tensor src (reordered to pd's
+// layout where it differs) and writing its result (tensor inplace_of, or a new one, into
+// *y): its weight w (plain: nd dims, tag) and bias b (O values, or NULL) reordered once into
+// pd's layouts, its arguments SRC, WEIGHTS, [BIAS], DST; NULL with the reason in p->err. pd
+// is destroyed.
+static step_t *weighted_step(plan_t *p, dnnl_primitive_desc_t pd, int src, int inplace_of,
+                             const float *w, int nd, const int64_t *wplain,
+                             dnnl_format_tag_t tag, const float *b, int64_t O, int *y_out) {
+    int x = as_layout(p, src, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0));
+    int y = x < 0 ? -1
+                  : result(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), inplace_of);
+    *y_out = y;
+    dnnl_memory_t wmem = NULL, bmem = NULL;
+    if (x >= 0 && y >= 0) {
+        wmem = constant(p, w, nd, wplain, tag,
+                        dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0));
+        if (wmem && b)
+            bmem = constant(p, b, 1, &O, dnnl_x,
+                            dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 1));
+    }
+    step_t *s = (x >= 0 && y >= 0 && wmem && (bmem || !b)) ? new_step(p, pd) : NULL;
+    dnnl_primitive_desc_destroy(pd);
+    if (!s) return NULL;
+    add_arg(s, DNNL_ARG_SRC, x, NULL);
+    add_arg(s, DNNL_ARG_WEIGHTS, -1, wmem);
+    if (bmem) add_arg(s, DNNL_ARG_BIAS, -1, bmem);
+    add_arg(s, DNNL_ARG_DST, y, NULL);
+    return s;
+}
+
 // conv: src (N, C, H, W) -> (N, O, OH, OW); w (O, C/groups, kh, kw) plain, b (O) or NULL;
 // geom = {kh, kw, sh, sw, pt, pl, pb, pr, dh, dw} (dilation as torch: 1 = none).
 // other >= 0: tensor `other` is added to the result between act1 and act2: in place (add
@@ -416,25 +461,10 @@ int plan_conv(plan_t *p, int src, int O, int groups, const int64_t *geom, const 
     if (bmd) dnnl_memory_desc_destroy(bmd);
     dnnl_memory_desc_destroy(ymd);
     CHECK(p, st, "convolution_forward_primitive_desc_create");
-    int x = as_layout(p, src, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0));
-    int y = x < 0 ? -1 : result(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), sum);
-    dnnl_memory_t wmem = NULL, bmem = NULL;
-    if (x >= 0 && y >= 0) {
-        wmem = constant(p, w, wnd, wplain, groups > 1 ? dnnl_goihw : dnnl_oihw,
-                        dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0));
-        if (wmem && b) {
-            int64_t o = O;
-            bmem = constant(p, b, 1, &o, dnnl_x,
-                            dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 1));
-        }
-    }
-    step_t *s = (x >= 0 && y >= 0 && wmem && (bmem || !b)) ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
+    int y;
+    step_t *s = weighted_step(p, pd, src, sum, w, wnd, wplain,
+                              groups > 1 ? dnnl_goihw : dnnl_oihw, b, O, &y);
     if (!s) return -1;
-    add_arg(s, DNNL_ARG_SRC, x, NULL);
-    add_arg(s, DNNL_ARG_WEIGHTS, -1, wmem);
-    if (bmem) add_arg(s, DNNL_ARG_BIAS, -1, bmem);
-    add_arg(s, DNNL_ARG_DST, y, NULL);
     if (add == 2 && other >= 0)
         add_arg(s, DNNL_ARG_ATTR_MULTIPLE_POST_OP(act1 ? 1 : 0) | DNNL_ARG_SRC_1, other, NULL);
     return y;
@@ -466,14 +496,9 @@ int plan_pool(plan_t *p, int src, int kind, const int64_t *geom_in) {
     dnnl_status_t st = dnnl_pooling_forward_primitive_desc_create(
         &pd, p->eng, dnnl_forward_inference, alg, p->t[src].md, ymd, st_, k, dil, padl, padr,
         attr);
-    dnnl_primitive_attr_destroy(attr);
     dnnl_memory_desc_destroy(ymd);
-    int y;
-    step_t *s = step_of(p, st, pd, "pooling_forward_primitive_desc_create", NULL, -1, &y);
-    if (!s) return -1;
-    add_arg(s, DNNL_ARG_SRC, src, NULL);
-    add_arg(s, DNNL_ARG_DST, y, NULL);
-    return y;
+    return unary(p, st, pd, attr, "pooling_forward_primitive_desc_create", NULL, -1, src,
+                 DNNL_ARG_SRC, DNNL_ARG_DST);
 }
 
 // binary: a (op) b, b broadcast over a's dims where b's are 1 (alg 0 add, 1 mul), then act;
@@ -499,9 +524,8 @@ int plan_binary(plan_t *p, int a, int b, int alg, int act, float alpha, float be
     dnnl_status_t st = dnnl_binary_primitive_desc_create(
         &pd, p->eng, alg == 0 ? dnnl_binary_add : dnnl_binary_mul, p->t[a].md, p->t[bb].md,
         p->t[a].md, attr);
-    dnnl_primitive_attr_destroy(attr);
     int y;
-    step_t *s = step_of(p, st, pd, "binary_primitive_desc_create", p->t[a].md,
+    step_t *s = step_of(p, st, pd, attr, "binary_primitive_desc_create", p->t[a].md,
                         inplace ? a : -1, &y);
     if (!s) return -1;
     add_arg(s, DNNL_ARG_SRC_0, a, NULL);
@@ -535,10 +559,9 @@ int plan_concat(plan_t *p, int n, const int *src) {
     dnnl_primitive_attr_t attr = user_attr(p);
     dnnl_primitive_desc_t pd;
     dnnl_status_t st = dnnl_concat_primitive_desc_create(&pd, p->eng, ymd, n, 1, mds, attr);
-    dnnl_primitive_attr_destroy(attr);
     dnnl_memory_desc_destroy(ymd);
     int y;
-    step_t *s = step_of(p, st, pd, "concat_primitive_desc_create", NULL, -1, &y);
+    step_t *s = step_of(p, st, pd, attr, "concat_primitive_desc_create", NULL, -1, &y);
     if (!s) return -1;
     for (int i = 0; i < n; ++i) add_arg(s, DNNL_ARG_MULTIPLE_SRC + i, src[i], NULL);
     add_arg(s, DNNL_ARG_DST, y, NULL);
@@ -554,14 +577,8 @@ int plan_eltwise(plan_t *p, int src, int act, float alpha, float beta, int inpla
     dnnl_status_t st = dnnl_eltwise_forward_primitive_desc_create(
         &pd, p->eng, dnnl_forward_inference, alg, p->t[src].md, p->t[src].md, alpha, beta,
         attr);
-    dnnl_primitive_attr_destroy(attr);
-    int y;
-    step_t *s = step_of(p, st, pd, "eltwise_forward_primitive_desc_create", p->t[src].md,
-                        inplace ? src : -1, &y);
-    if (!s) return -1;
-    add_arg(s, DNNL_ARG_SRC, src, NULL);
-    add_arg(s, DNNL_ARG_DST, y, NULL);
-    return y;
+    return unary(p, st, pd, attr, "eltwise_forward_primitive_desc_create", p->t[src].md,
+                 inplace ? src : -1, src, DNNL_ARG_SRC, DNNL_ARG_DST);
 }
 
 // inner product: src (N, C[, H, W]) -> (N, O); w (O, C*H*W) plain; then act.
@@ -589,27 +606,9 @@ int plan_linear(plan_t *p, int src, int O, const float *w, const float *b, int a
     if (bmd) dnnl_memory_desc_destroy(bmd);
     dnnl_memory_desc_destroy(ymd);
     CHECK(p, st, "inner_product_forward_primitive_desc_create");
-    int x = as_layout(p, src, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0));
-    int y = x < 0 ? -1 : result(p, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), -1);
-    dnnl_format_tag_t tag = nd == 2 ? dnnl_nc : dnnl_nchw;  // (O, C[, H, W]) plain: oi / oihw
-    dnnl_memory_t wmem = NULL, bmem = NULL;
-    if (y >= 0) {
-        wmem = constant(p, w, nd, wplain, tag,
-                        dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0));
-        if (wmem && b) {
-            int64_t o = O;
-            bmem = constant(p, b, 1, &o, dnnl_x,
-                            dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 1));
-        }
-    }
-    step_t *s = (y >= 0 && wmem && (bmem || !b)) ? new_step(p, pd) : NULL;
-    dnnl_primitive_desc_destroy(pd);
-    if (!s) return -1;
-    add_arg(s, DNNL_ARG_SRC, x, NULL);
-    add_arg(s, DNNL_ARG_WEIGHTS, -1, wmem);
-    if (bmem) add_arg(s, DNNL_ARG_BIAS, -1, bmem);
-    add_arg(s, DNNL_ARG_DST, y, NULL);
-    return y;
+    int y;   // the weight (O, C[, H, W]) plain: oi / oihw
+    return weighted_step(p, pd, src, -1, w, nd, wplain, nd == 2 ? dnnl_nc : dnnl_nchw, b, O,
+                         &y) ? y : -1;
 }
 
 // The plan's output: tensor src reordered into a plain tensor of dims and strides (the
@@ -651,14 +650,8 @@ int plan_copy(plan_t *p, int src) {
     dnnl_primitive_attr_t attr = user_attr(p);
     dnnl_status_t st = dnnl_reorder_primitive_desc_create(&pd, p->t[src].md, p->eng,
                                                           p->t[src].md, p->eng, attr);
-    dnnl_primitive_attr_destroy(attr);
-    int y;
-    step_t *s = step_of(p, st, pd, "reorder_primitive_desc_create (copy)", p->t[src].md, -1,
-                        &y);
-    if (!s) return -1;
-    add_arg(s, DNNL_ARG_FROM, src, NULL);
-    add_arg(s, DNNL_ARG_TO, y, NULL);
-    return y;
+    return unary(p, st, pd, attr, "reorder_primitive_desc_create (copy)", p->t[src].md, -1,
+                 src, DNNL_ARG_FROM, DNNL_ARG_TO);
 }
 
 int plan_steps(plan_t *p) { return p->ns; }
