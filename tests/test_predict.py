@@ -359,6 +359,86 @@ def test_dynamic_units_are_typed_by_the_path_they_run():
     assert set(kinds) <= set(units.UNIT_TYPES)
 
 
+class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
+    """The (batch, M, N, K) of every GEMM a real run dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func) in features._MATMUL:
+            self.gemms.append((func, args, out))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("batch,density", [(1, 0.5), (2, 0.25), (2, 1.0)])
+def test_torch_path_units_carry_the_operators_they_run(layout, batch, density):
+    """A spatial dynamic block on the torch path is recorded with its body: the operators
+    that path dispatches at the unit's masks. Its GEMMs are those a real run of the path
+    dispatches at the same masks (rows = the positions kept, their halo included); units
+    of the C kernels have no body."""
+    from convgap.predict.record import TensorSpec
+    cba = synthetic._cba
+    inverted = nn.Sequential(cba(16, 32, 1), cba(32, 32, 3, groups=32), cba(32, 16, 1, act=None))
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                        synthetic._ConvFirst(16, 3, 2, 4, "relu"),     # torch path
+                        synthetic._Residual(inverted, None, None)).eval()
+    dyn = convgap.make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    shape = (batch, 3, 13, 11)
+    ops = record(dyn, shape, layout=layout, density=density)
+    blocks = [m for m in dyn.modules() if units.is_unit(m)]
+    for op, block in zip([op for op in ops if op.unit], blocks):
+        if units.unit_type(block) not in units.TORCH_UNITS:
+            assert op.body == ()
+            continue
+        assert op.body
+        x = torch.randn(batch, 16, 13, 11)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        mask = block.seeded_mask(density, batch, (13, 11), units.seed(block))
+        with torch.no_grad(), _Seen() as seen:
+            y = block.sparse(x, mask)
+        assert torch.allclose(y, block.masked(x, mask), atol=1e-5)
+        real = [(func, [TensorSpec.of(a) if isinstance(a, torch.Tensor) else a for a in args],
+                 out) for func, args, out in seen.gemms]
+        recorded = [features._matmul_mnk(r) for r in op.body
+                    if features.kind(r) == "matmul"]
+        expected = []
+        for func, specs, out in real:
+            from convgap.predict.record import Op
+            leaves = tuple(specs)
+            fake = Op(str(func), "", leaves, None, (TensorSpec.of(out),))
+            expected.append(features._matmul_mnk(fake))
+        assert recorded == expected and len(recorded) == 3   # grouped kxk, 1x1, 1x1
+        kept = int(block.pixel_mask(mask, (13, 11)).sum())
+        assert recorded[-1][1] == kept                       # the last GEMM: kept rows
+        assert recorded[0][1] >= kept
+    assert any(op.body for op in ops if op.unit)
+
+
+def test_torch_path_units_are_their_bodies_predicted(tiny):
+    """A torch-path unit's prediction is its type's fixed cost plus its body's operators
+    as the other kinds predict them in the body's own pass (no factor of its own), so it
+    grows with the rows its masks keep; other units keep their factor."""
+    cal = tiny
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                        synthetic._ConvFirst(16, 3, 2, 4, "relu")).eval()
+    dyn = convgap.make_dynamic(net, "spatial", granularity=2, check=False, quiet=True)
+    seconds = {}
+    for density in (0.25, 1.0):
+        ops = record(dyn, (1, 3, 24, 24), density=density)
+        unit = next(op for op in ops if op.unit)
+        assert unit.body
+        got = cal.op_seconds(ops)[ops.index(unit)]
+        fixed = cal.sparse_s.get("DynamicBlock-torch", cal.overhead_s)
+        assert got == pytest.approx(fixed + cal.op_seconds(list(unit.body)).sum(), rel=1e-9)
+        seconds[density] = got
+    assert seconds[0.25] < seconds[1.0]
+
+
 def test_factorized_layers_with_kernels_are_units():
     model = nn.Sequential(convgap.TensorialConv2d(8, 16, 3, "tucker", rank=4, padding=1),
                           nn.ReLU()).eval()

@@ -397,6 +397,15 @@ class DynamicBlock(nn.Module):
         """MACs the body computes over its dense MACs for ``n`` inputs of spatial size
         ``hw`` whose masks keep round(``density`` x cells) cells each, seeded (spatial: the
         kept tiles' halo included, so above the density at small granularities)."""
+        with torch.no_grad():
+            macs, dense = self.cost_macs(self.seeded_mask(density, n, hw, seed), tuple(hw))
+        return float(macs) / max(float(dense), 1e-30)
+
+    def seeded_mask(self, density: float, n: int, hw: tuple[int, int], seed: int = 0
+                    ) -> torch.Tensor:
+        """The masks a masker forced to ``density`` with ``seed`` keeps for ``n`` inputs of
+        spatial size ``hw`` (round(density x cells) cells each; CPU, float32): spatial and
+        layer (N, 1, gh, gw), channel (N, G)."""
         cells = self.cells(hw)
         keep = int(round(float(density) * cells))
         order = torch.rand(n, cells, generator=torch.Generator().manual_seed(seed))
@@ -404,9 +413,7 @@ class DynamicBlock(nn.Module):
         if self.mode != "channel":
             gh, gw = self.masker.grid(self.out_size(hw))
             mask = mask.view(n, 1, gh, gw)
-        with torch.no_grad():
-            macs, dense = self.cost_macs(mask, tuple(hw))
-        return float(macs) / max(float(dense), 1e-30)
+        return mask
 
     # -- execution ------------------------------------------------------------------------
     def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -778,6 +785,41 @@ class DynamicBlock(nn.Module):
                 self._tile_plan is not None and x.dtype == torch.float32
                 and triton_tiles.runnable(x)):
             return self._sparse_triton(x, m)
+        return self._sparse_torch(x, m, self._folded, self._im2col)
+
+    def sparse_shapes(self, x: torch.Tensor, mask: torch.Tensor,
+                      weights: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                      ) -> torch.Tensor:
+        """The spatial torch path (:meth:`sparse_kernel` 'torch') on ``x`` at ``mask``
+        (N, 1, gh, gw; CPU, e.g. :meth:`seeded_mask`) with ``weights`` (per stage: the
+        folded weight, bias and weight in window order, e.g. :meth:`weight_shapes`): what
+        :func:`convgap.predict.record.record` runs on meta tensors to see the operators that
+        path dispatches (gathers, GEMMs on the kept rows, scatters), which follow the masks,
+        not the values."""
+        if self.mode != "spatial":
+            raise ConvgapError(f"sparse_shapes: a {self.mode} block has no spatial torch path")
+        return self._sparse_torch(x, mask, lambda i: weights[i][:2], lambda i: weights[i][2])
+
+    def weight_shapes(self, device: str | torch.device = "meta"
+                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per stage, tensors of the shapes of its folded weight, bias and weight in window
+        order (:meth:`sparse_shapes`) on ``device`` (values unset)."""
+        out = []
+        for c in self.convs():
+            w = torch.empty(c.weight.shape, dtype=c.weight.dtype, device=device)
+            out.append((w, torch.empty(w.shape[0], dtype=w.dtype, device=device),
+                        _im2col_weight(w, c.groups)))
+        return out
+
+    def _sparse_torch(self, x: torch.Tensor, m: torch.Tensor,
+                      folded: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                      im2col: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The spatial body in torch operators at the kept positions of ``m`` only,
+        gathered, each conv a GEMM on their rows (or windows), scattered back into the
+        shortcut's output; ``folded(i)`` / ``im2col(i)``: stage i's batch-norm-folded
+        weight and bias / weight in window order. ``m`` may live on the CPU for an ``x`` on
+        another device (meta, in :meth:`sparse_shapes`): the positions are computed where
+        ``m`` is and moved to ``x``'s device where they index it."""
         convs = self.convs()
         n = x.shape[0]
         sizes = self.sizes(tuple(x.shape[-2:]))
@@ -791,19 +833,19 @@ class DynamicBlock(nn.Module):
         h = None       # the current stage's input: None (x), a padded map or _Sparse rows
         idx = None
         for i, c in enumerate(convs):
-            w, b = self._folded(i)
+            w, b = folded(i)
             act = self.stages[i].act
             if isinstance(h, _Sparse):
                 rows = _linear_act(h.rows, w.view(w.shape[0], -1), b, act)
             else:
                 idx = need[i + 1].view(-1).nonzero().view(-1)
                 if h is None and _pointwise(c):
-                    rows = _linear_act(_rows_view(x).index_select(0, idx),
+                    rows = _linear_act(_rows_view(x).index_select(0, idx.to(x.device)),
                                        w.view(w.shape[0], -1), b, act)
                 else:
                     if h is None:
                         h = _padded(x, _pads(c))
-                    rows = _pixel_conv(h, c, self._im2col(i), b, act, idx, sizes[i + 1])
+                    rows = _pixel_conv(h, c, im2col(i), b, act, idx, sizes[i + 1])
             if i == len(convs) - 1:
                 break
             nxt = convs[i + 1]
@@ -812,10 +854,11 @@ class DynamicBlock(nn.Module):
             else:   # the next conv reads neighbourhoods: scatter into a zero padded map
                 h = _scatter(rows, idx, n, sizes[i + 1], _pads(nxt))
         if _is_rows_view(out):
-            _rows_view(out).index_add_(0, idx, rows)
+            _rows_view(out).index_add_(0, idx.to(out.device), rows)
         else:   # NCHW at batch > 1: write through the (N, H, W, C) view
             ho, wo = sizes[-1]
-            at = (idx // (ho * wo), (idx % (ho * wo)) // wo, idx % wo)
+            at = tuple(t.to(out.device) for t in (idx // (ho * wo), (idx % (ho * wo)) // wo,
+                                                  idx % wo))
             view = out.permute(0, 2, 3, 1)
             view.index_put_(at, view[at] + rows)
         return self._finish(out, inplace=True)
@@ -1049,6 +1092,7 @@ def _scatter(rows: torch.Tensor, idx: torch.Tensor, n: int, hw: tuple[int, int],
     hp, wp = h + t + b, w + l + r
     data = rows.new_zeros(n, hp, wp, rows.shape[1])
     at = (idx // (h * w)) * (hp * wp) + ((idx % (h * w)) // w + t) * wp + idx % w + l
+    at = at.to(data.device)
     data.view(-1, rows.shape[1]).index_copy_(0, at, rows)
     return _Map(data, t, l)
 
@@ -1076,7 +1120,8 @@ def _pixel_conv(h: _Map, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor,
             + (rem % wo) * sw + h.left - pw)
     offs = (torch.arange(kh, device=idx.device)[:, None] * wp
             + torch.arange(kw, device=idx.device)[None, :]).view(-1)
-    patches = h.data.view(-1, c).index_select(0, (base[:, None] + offs).view(-1))
+    patches = h.data.view(-1, c).index_select(0, (base[:, None] + offs).view(-1).to(
+        h.data.device))
     patches = patches.view(len(idx), kh * kw, c)
     p, kk = patches.shape[:2]
     g = conv.groups

@@ -67,7 +67,7 @@ from .synthetic import network
 __all__ = ["Calibration", "calibrate", "load", "fit", "fit_sparse", "VERSION",
            "NETWORK_TIMING", "PROFILE_REPEATS"]
 
-VERSION = 22  # bumped when the calibration changes: older cache entries are re-fitted
+VERSION = 24  # bumped when the calibration changes: older cache entries are re-fitted
 CACHE_DIR = "predict"
 # whole networks: the targets of the network-level fit (the same small network timed twice
 # with 0.05 s each differed by 21% on average on this shared 2-core machine)
@@ -141,19 +141,24 @@ def _bases(ops: Sequence[Op], models: dict[str, Any], roofs: hardware.Roofs,
     times its work share (a sparse block's MACs at its masks over its dense MACs, the
     kept tiles' halo included), plus one call (a dynamic block: its type's fixed cost in
     ``sparse_s``; one call where None or absent), so that the unit's factor is its
-    speed-up on the work it does, learned where the reference ops' models are sure. The units' reference
-    ops are predicted together: one regressor call per kind, not per unit."""
+    speed-up on the work it does, learned where the reference ops' models are sure. A unit
+    that runs torch operators (:data:`~convgap.predict.units.TORCH_UNITS`) has them as its
+    ``body``: its base is those operators as predicted (a torch-path dynamic block's
+    gathers and GEMMs on its kept rows, whose cost a work share of the dense convolutions
+    does not follow), plus the fixed cost. The units' reference ops (bodies) are predicted
+    together: one regressor call per kind, not per unit."""
     if not ops or not ops[0].unit:
         return np.array([baseline(op, roofs, overhead_s) for op in ops])
-    inner = [r for op in ops for r in op.inner]
-    seconds = _seconds(inner, [w for op in ops for w in context(op.inner)], models, roofs,
-                       overhead_s)
+    parts = [op.body or op.inner for op in ops]
+    seconds = _seconds([r for p in parts for r in p],
+                       [w for p in parts for w in context(p)], models, roofs, overhead_s)
     out, start = np.empty(len(ops)), 0
-    for i, op in enumerate(ops):
-        end = start + len(op.inner)
+    for i, (op, part) in enumerate(zip(ops, parts)):
+        end = start + len(part)
         fixed = (sparse_s.get(op.name.removeprefix(UNIT_PREFIX), overhead_s)
                  if sparse_s is not None and _sparse(op) else overhead_s)
-        out[i] = fixed + float(seconds[start:end].sum()) * op.detail[5]
+        # a body is the work done at the masks; the reference, scaled by the work share
+        out[i] = fixed + float(seconds[start:end].sum()) * (1.0 if op.body else op.detail[5])
         start = end
     return out
 
@@ -171,11 +176,13 @@ def _seconds(ops: Sequence[Op], where: Sequence[tuple], models: dict[str, Any],
     for k, idx in by_kind.items():
         base = _bases([ops[i] for i in idx], models, roofs, overhead_s, sparse_s)
         model = models.get(k)
-        if model is None:
-            out[idx] = base
+        # a unit with a body is its body's operators as predicted: no factor of its own
+        scaled = [j for j, i in enumerate(idx) if not ops[i].body]
+        out[idx] = base
+        if model is None or not scaled:
             continue
-        x = np.array([features(ops[i], where[i]) for i in idx], dtype=np.float64)
-        out[idx] = base * np.exp(model.predict(x))
+        x = np.array([features(ops[idx[j]], where[idx[j]]) for j in scaled], dtype=np.float64)
+        out[[idx[j] for j in scaled]] = base[scaled] * np.exp(model.predict(x))
     return out
 
 
@@ -264,7 +271,11 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
         overhead_s: float) -> tuple[dict[str, Any], dict, dict[str, float]]:
     """Per kind, a regressor of log(measured / base) on (op, its context, measured
     seconds) samples (units last: their base is their reference ops predicted by the other
-    kinds' models, a dynamic block's plus its type's fixed cost, :func:`fit_sparse`);
+    kinds' models, a dynamic block's plus its type's fixed cost, :func:`fit_sparse`; a unit
+    with a body is predicted as its body's ops plus that fixed cost, with no factor, and
+    is no sample of the units' regressor: fitted on calibration's small blocks, whose
+    torch path is mostly Python between operators, the factor put the zoo's ConvFirst
+    blocks 1.4-3.7x above their body's operators, and those within 10-25% of measured);
     returns (models, stats, the fixed costs by dynamic unit type) with each kind's sample
     count and in-sample median absolute relative error."""
     models: dict[str, Any] = {}
@@ -276,7 +287,6 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
             models[k] = None
             stats[k] = {"samples": len(mine)}
             continue
-        x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
         if k == "unit":
             # per dynamic unit type: the tile kernel's fixed cost is not the torch path's
             for t in sorted({op.name for op, _, _ in mine if _sparse(op)}):
@@ -286,6 +296,12 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
                 sparse_s[t.removeprefix(UNIT_PREFIX)] = fit_sparse(
                     work, np.array([mine[i][2] for i in dyn]), overhead_s)
             stats["sparse_s"] = dict(sparse_s)
+            mine = [(op, w, s) for op, w, s in mine if not op.body]   # no factor: above
+            if len(mine) < 8:
+                models[k] = None
+                stats[k] = {"samples": len(mine)}
+                continue
+        x = np.array([features(op, w) for op, w, _ in mine], dtype=np.float64)
         base = _bases([op for op, _, _ in mine], models, roofs, overhead_s, sparse_s)
         y = np.log(np.array([s for *_, s in mine]) / base)
         model = _regressor(k).fit(x, y)

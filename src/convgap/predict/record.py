@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConvgapError
 from ..ops.layouts import memory_format
-from .units import PREPARED, describe, outermost, unit_type
+from .units import PREPARED, TORCH_UNITS, describe, outermost, seed, unit_type
 
 __all__ = ["TensorSpec", "Op", "record", "replay"]
 
@@ -90,7 +90,11 @@ class Op:
     outputs' specs; ``reads`` / ``writes``: which tensors its inputs / outputs are (in the
     order of :attr:`inputs` / ``outputs``; the same number is the same tensor within one
     recording); ``detail``: a unit's (reference FLOPs, reference bytes, reference op count,
-    density, granularity), empty for an ATen op; ``inner``: a unit's reference ops."""
+    density, granularity), empty for an ATen op; ``inner``: a unit's reference ops;
+    ``body``: the operators a unit that runs torch operators dispatches at its masks (a
+    spatial dynamic block's torch path, :meth:`~convgap.layers.dynamic.DynamicBlock.
+    sparse_shapes`: its gathers, GEMMs on the kept rows and scatters), empty for other
+    units."""
 
     name: str
     module: str
@@ -101,6 +105,7 @@ class Op:
     writes: tuple[int, ...] = ()
     detail: tuple[float, ...] = ()
     inner: tuple["Op", ...] = ()
+    body: tuple["Op", ...] = ()
 
     @property
     def unit(self) -> bool:
@@ -173,10 +178,19 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
                        tuple(TensorSpec.of(t) for t in outs), reads, writes))
         return out
 
+    def ops_of(self, run: Callable[[], Any]) -> list[Op]:
+        """The ops ``run()`` dispatches, kept apart from the pass's."""
+        kept, self.inner = self.inner, []
+        try:
+            run()
+            return self.inner
+        finally:
+            self.inner = kept
+
     def unit(self, name: str, kind: str, x: torch.Tensor, out: Any, inner: list[Op],
-             describe: tuple[float, float, float]) -> None:
+             describe: tuple[float, float, float], body: Sequence[Op] = ()) -> None:
         """Keep the unit ``name`` (registered type ``kind``) that read ``x`` and returned
-        ``out`` as one op, from its reference ops ``inner``."""
+        ``out`` as one op, from its reference ops ``inner`` (``body``: see :class:`Op`)."""
         from .features import work
         written = {t for op in inner for t in op.writes}
         first = self._number(x)
@@ -191,7 +205,8 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         self.ops.append(Op(UNIT_PREFIX + kind, name, tuple(reads.values()), None,
                            tuple(TensorSpec.of(t) for t in outs), tuple(reads),
                            tuple(self._number(t) for t in outs),
-                           (flops, nbytes, float(len(inner))) + describe, tuple(inner)))
+                           (flops, nbytes, float(len(inner))) + describe, tuple(inner),
+                           tuple(body)))
 
 
 def _example(input_shape: Sequence[int], dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -244,9 +259,20 @@ def _record(model: nn.Module, x: torch.Tensor, meta: bool, density: Density) -> 
         if m in units and recorder.inner is not None:
             inner, recorder.inner = recorder.inner, None
             d = density.get(name) if isinstance(density, Mapping) else density
+            kind, x = unit_type(m), args[0]
+            body: Sequence[Op] = ()
             with _disable_current_modes():   # its work share's ops are not the model's
-                unit = describe(m, d, tuple(args[0].shape))
-            recorder.unit(name, unit_type(m), args[0], out, inner, unit)
+                unit = describe(m, d, tuple(x.shape))
+                # a torch-path unit's operators at its masks (meta tensors only: under fake
+                # tensors the positions it keeps, read from the mask, are not known)
+                torch_path = kind in TORCH_UNITS and meta
+                if torch_path:
+                    mask = m.seeded_mask(unit[0], int(x.shape[0]), tuple(x.shape[-2:]),
+                                         seed(m))
+                    weights = m.weight_shapes(x.device)
+            if torch_path:
+                body = recorder.ops_of(lambda: m.sparse_shapes(x, mask, weights))
+            recorder.unit(name, kind, x, out, inner, unit, body)
 
     hooks = [m.register_forward_pre_hook(pre) for m in names] + [
         m.register_forward_hook(post, always_call=True) for m in names]

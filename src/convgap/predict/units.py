@@ -31,8 +31,8 @@ from ..layers.fused_blocks import FusedBlock
 from ..layers.network import FusedNetwork
 from ..layers.tensorial import TensorialConv2d
 
-__all__ = ["UNIT_TYPES", "PREPARED", "is_unit", "unit_type", "describe", "measured",
-           "outermost"]
+__all__ = ["UNIT_TYPES", "PREPARED", "TORCH_UNITS", "is_unit", "unit_type", "describe",
+           "seed", "measured", "outermost"]
 
 # the registered unit classes by name, most specific first; 'other': an unregistered
 # FusedBlock subclass; a dynamic block's by its mode and kernel ('DynamicBlock': spatial in
@@ -46,6 +46,9 @@ UNIT_TYPES = ("FusedConvAct", "FusedBasicBlock", "FusedBottleneck", "FusedConvFi
               "DynamicBlock-channel", "DynamicBlock-layer", "FusedPoolLinear", "FusedStemBlock",
               "DynamicBlock-torch", "DynamicBlock-depthwise")
 PREPARED = (AlgoConv2d,)
+# unit types that run torch operators (recorded as the unit's body, :class:`~convgap.
+# predict.record.Op`): their base is those operators as predicted, not the reference's
+TORCH_UNITS = ("DynamicBlock-torch",)
 
 
 def is_unit(m: nn.Module) -> bool:
@@ -94,9 +97,14 @@ def describe(m: nn.Module, density: float | None = None,
         density = forced[0] if forced is not None else 1.0
     # a forced masker's masks are seeded: the share at the same masks
     share = float(density) if shape is None else m.work_share(
-        density, int(shape[0]), (int(shape[-2]), int(shape[-1])),
-        seed=forced[1] if forced is not None else 0)
+        density, int(shape[0]), (int(shape[-2]), int(shape[-1])), seed=seed(m))
     return (float(density), float(m.granularity() or 0), share)
+
+
+def seed(m: DynamicBlock) -> int:
+    """The seed of the masks a dynamic block is predicted at: its forced masker's, else 0."""
+    forced = m.masker.forced
+    return forced[1] if forced is not None else 0
 
 
 def measured(m: nn.Module) -> tuple[float, float] | None:
