@@ -83,6 +83,51 @@ def test_record_sees_what_the_forward_pass_runs(layout):
     assert any(features.kind(o) == "matmul" and o.module == "7" for o in ops)
 
 
+class _Acts(nn.Module):
+    """Every activation, in place and not, a same-shape add in place, a broadcast
+    multiply, a LayerNorm over a non-contiguous last dimension and a 3-d linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        a = F.relu(h, inplace=True) + F.hardtanh(h, 0.0, 6.0)
+        a = a + F.gelu(h) + F.silu(h) + torch.sigmoid(h) + F.hardswish(h) + F.hardsigmoid(h)
+        F.hardtanh_(a, -1.0, 1.0)
+        F.silu(a, inplace=True)
+        F.hardswish(a, inplace=True)
+        F.hardsigmoid(a, inplace=True)
+        a.add_(h)
+        a = a * a.mean((2, 3), keepdim=True)
+        return self.fc(self.ln(a.permute(0, 2, 3, 1)))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_outputs_made_without_meta_kernels_are_the_kernels(layout, monkeypatch):
+    """The operators record makes outputs for without their (slow) meta kernels record
+    exactly what the kernels give: names, arguments, outputs, tensor identities."""
+    import sys
+    from convgap.models import create
+    rec = sys.modules["convgap.predict.record"]
+    models = [(_Acts().eval(), (2, 3, 12, 10))] + [
+        (create(n).eval(), (1, 3, 64, 64)) for n in ("mobilenet_v2", "convnext_tiny")]
+
+    def fields(ops):
+        return [(op.name, op.module, op.leaves, op.outputs, op.reads, op.writes)
+                for op in ops]
+
+    fast = [fields(record(m, s, layout=layout)) for m, s in models]
+    monkeypatch.setattr(rec, "_outputs", lambda func, args: None)
+    slow = [fields(record(m, s, layout=layout)) for m, s in models]
+    assert fast == slow
+    names = {f[0] for ops in fast for f in ops}
+    assert {"aten.relu_.default", "aten.native_layer_norm.default", "aten.addmm.default",
+            "aten.add_.Tensor", "aten.hardsigmoid_.default"} <= names
+
+
 def test_fake_tensors_when_meta_fails():
     ops = record(MakesCpuTensors(), (1, 3, 8, 8))
     assert [features.kind(o) for o in ops].count("conv") == 1
