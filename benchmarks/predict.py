@@ -278,7 +278,8 @@ def main() -> None:
     cal_probe_s = probe()
     console.print(f"probe after calibration: {cal_probe_s * 1e3:.3f} ms")
     console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
-                  f"{'' if args.recalibrate else ', possibly cached'}); whole-network "
+                  f"{'' if args.recalibrate else ', possibly cached'}; "
+                  f"{cal.stats.get('networks_run', '?')} random networks); whole-network "
                   f"weights {cal.weights}, fit {cal.stats.get('network_fit_mape', 0):.1%}")
     if args.quick and not args.recalibrate:
         console.print("(--quick without --recalibrate: a cached full calibration is used "

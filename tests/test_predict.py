@@ -241,6 +241,25 @@ def tiny_calibration(tmp_path_factory):
     return cal, cache
 
 
+def test_quick_calibration_stops_starting_networks_after_its_time(tiny_calibration,
+                                                                   tmp_path):
+    """quick: once QUICK_MIN networks have run, none starts after QUICK_S seconds."""
+    full, _ = tiny_calibration
+    assert full.stats["networks_run"] == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVGAP_CACHE", str(tmp_path))
+        mp.setitem(calibration.NETWORKS, True, 2)
+        mp.setattr(calibration, "BATCHES", (1,))
+        mp.setattr(calibration, "QUICK_S", 0.0)
+        mp.setattr(calibration, "QUICK_MIN", 1)
+        real = synthetic.network
+        mp.setattr(calibration, "network", lambda seed: real(seed, 32))
+        cal = predict.calibrate(quick=True, refresh=True, quiet=True)
+    assert cal.stats["networks_run"] == 1
+    assert 0 < len(cal.stats["networks"]) < len(full.stats["networks"])
+    assert len(cal.stats["plans"]) < len(full.stats["plans"])
+
+
 @pytest.fixture
 def tiny(tiny_calibration, monkeypatch):
     """The tiny calibration, its cache this test's."""

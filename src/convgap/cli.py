@@ -769,7 +769,8 @@ def _cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
                   f"{w.get('ops', 0):.2f} x its operators' predictions + "
                   f"{w.get('op', 0) * 1e6:.1f} us per operator + "
                   f"{w.get('module', 0) * 1e6:.1f} us per module (fit to the calibration "
-                  f"networks within {cal.stats.get('network_fit_mape', 0):.1%} mean error)")
+                  f"networks within {cal.stats.get('network_fit_mape', 0):.1%} mean error; "
+                  f"{cal.stats.get('networks_run', '?')} random networks)")
     if cal.stats.get("plans"):
         console.print(f"a whole-network oneDNN plan: its steps' predictions + "
                       f"{cal.plan_overhead_s * 1e6:.1f} us per call "

@@ -44,6 +44,7 @@ import hashlib
 import pickle
 import random
 import statistics
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -74,6 +75,11 @@ CACHE_DIR = "predict"
 NETWORK_TIMING = timing.TimingConfig(warmup=2, min_repeats=5, max_repeats=25, min_time=0.2)
 PROFILE_REPEATS = 7                   # profiled runs per network: each op's median
 NETWORKS = {True: 24, False: 80}     # quick: networks recorded and timed
+# quick: no network's runs start after this many seconds of measuring, once QUICK_MIN have
+# run (a slower host than this one, measured at 306-332 s for the 24, fits on fewer; the
+# count is in stats["networks_run"])
+QUICK_S = 230.0
+QUICK_MIN = 12
 # networks also bound as whole-network plans (a plan is cheap to time: about 0.25 s per
 # network here), each at every batch in a seeded layout (the layout changes only the
 # reorder of the input)
@@ -311,19 +317,22 @@ def fit(samples: Sequence[tuple[Op, tuple, float]], roofs: hardware.Roofs,
     return models, stats, sparse_s
 
 
-def _networks(quick: bool) -> list[tuple[int, str, int, str, int]]:
-    """(seed, variant, batch, layout, the variant's own seed) of the calibration runs."""
+def _networks(quick: bool) -> list[list[tuple[int, str, int, str, int]]]:
+    """Per calibration network, its runs: (seed, variant, batch, layout, the variant's own
+    seed)."""
     out = []
     for seed in range(NETWORKS[quick]):
+        runs = []
         # plans spread over the whole calibration, not timed in one window of it (small
         # two-thread runs here change speed for minutes at a time)
         for plan in range(seed * PLANS[quick], (seed + 1) * PLANS[quick]):
             rng = random.Random(-1 - plan)
-            out += [(plan, "network", b, rng.choice(LAYOUTS), 0) for b in BATCHES]
-        out += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
+            runs += [(plan, "network", b, rng.choice(LAYOUTS), 0) for b in BATCHES]
+        runs += [(seed, "plain", b, lay, 0) for b in BATCHES for lay in LAYOUTS]
         rng = random.Random(seed)
-        out += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
-                for i, v in enumerate(VARIANTS[1:])]
+        runs += [(seed, v, rng.choice(BATCHES), rng.choice(LAYOUTS), seed * 100 + i)
+                 for i, v in enumerate(VARIANTS[1:])]
+        out.append(runs)
     return out
 
 
@@ -404,8 +413,9 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
               quiet: bool = False) -> Calibration:
     """The latency models of ``device`` for ``dtype`` under ``threads`` (default: the
     current count): from the cache unless ``refresh``, else measured now (``quick``: fewer
-    calibration networks, a few minutes on 2 CPU cores) and cached. Shows a progress bar
-    unless ``quiet``."""
+    calibration networks, a few minutes on 2 CPU cores: no network starts after
+    :data:`QUICK_S` seconds once :data:`QUICK_MIN` have run) and cached. Shows a progress
+    bar unless ``quiet``."""
     dev = hardware.check_device(device)
     if dev.type != "cpu":
         raise ConvgapError("calibration runs on the CPU for now (device='cpu'); GPU "
@@ -417,14 +427,27 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
     with timing.threads(threads) as n:
         key = _key(dev, dtype, n)
         roofs = hardware.roofs(dev, dtype)
-        runs = _networks(quick)
+        groups = _networks(quick)
+        runs = [r for g in groups for r in g]
+        # the index of each network's first run: how many networks ran before it
+        firsts, at = {}, 0
+        for k, g in enumerate(groups):
+            firsts[at] = k
+            at += len(g)
+        ran = len(groups)
+        start = time.perf_counter()
         samples: list[tuple[Op, tuple, float]] = []
         recorded = []     # (ops, module count, whole seconds, profiled op sum)
         planned = []      # whole-network plans: (whole seconds, their steps' sum)
         skipped: list[str] = []
         with make_progress(quiet) as progress:
             task = progress.add_task("calibrating: random networks", total=len(runs))
-            for seed, variant, batch, layout, own in runs:
+            for i, (seed, variant, batch, layout, own) in enumerate(runs):
+                if (quick and firsts.get(i, 0) >= QUICK_MIN
+                        and time.perf_counter() - start > QUICK_S):
+                    ran = firsts[i]
+                    progress.update(task, completed=len(runs))
+                    break
                 net, side = network(seed)
                 net = _variant(net, own, variant)
                 if net is None:
@@ -484,6 +507,7 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
              "ops_predicted_s": float(t[0]), "ops_profiled_s": profiled}
             for (ops, modules, whole, profiled), t, f in zip(recorded, terms, fitted)]
         cal.stats["skipped"] = skipped
+        cal.stats["networks_run"] = ran
         cal.stats["plans"] = [{"whole_s": w, "steps_s": st} for w, st in planned]
         cal.stats["network_fit_mape"] = float(np.mean(np.abs(fitted / wholes - 1)))
         path = _path(key)
