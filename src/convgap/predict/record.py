@@ -177,8 +177,8 @@ def _outputs(func, args: tuple) -> Any:
                 and y.dtype == x.dtype and y.device == x.device and _dense(x)):
             return x if _BINARY[func] else torch.empty_like(x)
         return None
-    if func in _GEMMS:
-        a, b = args[-2], args[-1]
+    if func in _GEMMS:     # addmm(bias, a, b, ...), mm(a, b)
+        a, b = args[1:3] if func is _aten.addmm.default else args[:2]
         if a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype == x.dtype:
             return a.new_empty((a.shape[0], b.shape[1]))
         return None
