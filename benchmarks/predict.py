@@ -19,6 +19,9 @@ run, which layers timed alone do not):
 - a probe (:func:`probe`: a fixed small plan) timed after calibration and after each
   model's measurement: the share of rows measured while the machine ran it over 1.25x
   slower than at calibration, and the MAPE of the other rows;
+- a memory probe (:func:`memory_probe`: one batch norm over 14.5 MB of activations)
+  beside it: the two probes' medians over the rows against their calibration-time
+  values (a host whose memory slows while small runs do not shows in the second only);
 - summary: whole-model MAPE, the share of models within +-10% (nn-Meter's measure),
   per-layer MAPE (plain, and weighted by measured time), Spearman's rank correlation of
   predicted and measured over all models; per variant; and the dynamic blocks' own MAPE
@@ -49,6 +52,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 RESULTS = Path(__file__).parent / "results"
 ZOO = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "convfirst")
@@ -188,6 +192,23 @@ def probe():
             warmup=3, min_repeats=10, max_repeats=2000, min_time=0.2), "cpu").median
 
 
+def memory_probe():
+    """The machine's memory-bound speed now: a batch norm (inference) over a fixed
+    channels-last (8, 144, 56, 56) float32 map (14.5 MB in, 14.5 MB out: past this host's
+    L2, like the zoo's activations) timed, seconds (the median of 0.2 s of runs)."""
+    from convgap import timing
+    global _MEMORY_PROBE
+    if "_MEMORY_PROBE" not in globals():
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(144).eval()
+        x = torch.randn(8, 144, 56, 56).contiguous(memory_format=torch.channels_last)
+        _MEMORY_PROBE = (bn, x)
+    bn, x = _MEMORY_PROBE
+    with torch.no_grad():
+        return timing.measure(lambda: bn(x), timing.TimingConfig(
+            warmup=3, min_repeats=10, max_repeats=2000, min_time=0.2), "cpu").median
+
+
 def run_one(name, model, side, batch, layout, cal):
     """(the row, the prediction)."""
     from convgap import predict_latency
@@ -202,7 +223,7 @@ def run_one(name, model, side, batch, layout, cal):
     # models measures it again minutes later: main)
     a, b = measure(model, side, batch, layout, pair=True)
     measured_s = (a + b) / 2
-    probe_s = probe()
+    probe_s, memory_s = probe(), memory_probe()
     prof, measured = layer_times(model, pred, side, batch, layout)
     layers = [{"name": r.name, "type": r.type, "predicted_s": r.seconds,
                "measured_s": measured[r.name]}
@@ -210,6 +231,7 @@ def run_one(name, model, side, batch, layout, cal):
     return {"model": name, "batch": batch, "layout": layout, "side": side,
             "predicted_s": pred.total_s, "measured_s": measured_s,
             "profiled_s": sum(prof), "repeat": a / b - 1, "probe_s": probe_s,
+            "memory_probe_s": memory_s,
             "error": pred.total_s / measured_s - 1, "predict_s": predict_s,
             "ops": len(pred.ops), "layers": layers}, pred
 
@@ -229,6 +251,9 @@ def summary(rows):
             "mape_probe_as_calibration": statistics.mean(
                 abs(r["error"]) for r in rows if r not in slow) if len(slow) < len(rows)
             else None,
+            "probe_ratio": statistics.median(r["probe_s"] / r["cal_probe_s"] for r in rows),
+            "memory_probe_ratio": statistics.median(
+                r["memory_probe_s"] / r["cal_memory_probe_s"] for r in rows),
             "within_10": sum(e <= 0.10 for e in errs) / len(errs),
             "layer_mape": statistics.mean(e for e, _ in layer),
             "layer_weighted_mape": sum(e * w for e, w in layer) / sum(w for _, w in layer),
@@ -275,8 +300,9 @@ def main() -> None:
     t0 = time.perf_counter()
     cal = predict.calibrate(quick=args.quick, refresh=args.recalibrate)
     cal_s = time.perf_counter() - t0
-    cal_probe_s = probe()
-    console.print(f"probe after calibration: {cal_probe_s * 1e3:.3f} ms")
+    cal_probe_s, cal_memory_s = probe(), memory_probe()
+    console.print(f"probes after calibration: plan {cal_probe_s * 1e3:.3f} ms, memory "
+                  f"{cal_memory_s * 1e3:.3f} ms")
     console.print(f"calibration: {cal_s:.0f} s ({'quick' if args.quick else 'full'}"
                   f"{'' if args.recalibrate else ', possibly cached'}; "
                   f"{cal.stats.get('networks_run', '?')} random networks); whole-network "
@@ -287,7 +313,8 @@ def main() -> None:
     rows, preds = [], []
     for name, var, model, side, batch, layout in cases(args):
         r, pred = run_one(name, model, side, batch, layout, cal)
-        r["variant"], r["cal_probe_s"] = var, cal_probe_s
+        r["variant"], r["cal_probe_s"], r["cal_memory_probe_s"] = (var, cal_probe_s,
+                                                                   cal_memory_s)
         rows.append(r)
         preds.append(pred)
         console.print(f"{name} {var} b{batch} {layout}: predicted "
@@ -325,7 +352,8 @@ def main() -> None:
               "dynamic blocks MAPE", "Spearman", "predict ms (median)",
               "repeat |error| (noise)", "re-measured: MAPE / within 10%",
               "layers re-measured: MAPE (time-weighted)",
-              "probe > 1.25x calibration's: rows / MAPE of the others"):
+              "probe > 1.25x calibration's: rows / MAPE of the others",
+              "probes / calibration's (median): plan / memory"):
         s.add_column(c, justify="right")
     sums = {}
     for g, rs in groups.items():
@@ -342,12 +370,14 @@ def main() -> None:
                   f"{v['layer_drift_mape']:.1%} ({v['layer_drift_weighted_mape']:.1%})",
                   f"{v['probe_slow_share']:.0%} / " + (
                       "-" if v["mape_probe_as_calibration"] is None
-                      else f"{v['mape_probe_as_calibration']:.1%}"))
+                      else f"{v['mape_probe_as_calibration']:.1%}"),
+                  f"{v['probe_ratio']:.2f} / {v['memory_probe_ratio']:.2f}")
     console.print(s)
     out = {"benchmark": "predict", "cpu": cpu, "threads": args.threads, "batches": args.batch,
            "malloc": args.malloc,
            "torch": torch.__version__, "calibration_s": cal_s, "quick": args.quick,
            "probe_after_calibration_s": cal_probe_s,
+           "memory_probe_after_calibration_s": cal_memory_s,
            "weights": cal.weights, "calibration_stats": {
                k: v for k, v in cal.stats.items() if k != "networks"},
            "summary": sums, "rows": rows}
