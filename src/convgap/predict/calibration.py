@@ -428,68 +428,63 @@ def calibrate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
         key = _key(dev, dtype, n)
         roofs = hardware.roofs(dev, dtype)
         groups = _networks(quick)
-        runs = [r for g in groups for r in g]
-        # the index of each network's first run: how many networks ran before it
-        firsts, at = {}, 0
-        for k, g in enumerate(groups):
-            firsts[at] = k
-            at += len(g)
-        ran = len(groups)
+        total = sum(len(g) for g in groups)
+        ran = 0           # networks whose runs started
         start = time.perf_counter()
         samples: list[tuple[Op, tuple, float]] = []
         recorded = []     # (ops, module count, whole seconds, profiled op sum)
         planned = []      # whole-network plans: (whole seconds, their steps' sum)
         skipped: list[str] = []
         with make_progress(quiet) as progress:
-            task = progress.add_task("calibrating: random networks", total=len(runs))
-            for i, (seed, variant, batch, layout, own) in enumerate(runs):
-                if (quick and firsts.get(i, 0) >= QUICK_MIN
-                        and time.perf_counter() - start > QUICK_S):
-                    ran = firsts[i]
-                    progress.update(task, completed=len(runs))
+            task = progress.add_task("calibrating: random networks", total=total)
+            for group in groups:
+                if quick and ran >= QUICK_MIN and time.perf_counter() - start > QUICK_S:
+                    progress.update(task, completed=total)
                     break
-                net, side = network(seed)
-                net = _variant(net, own, variant)
-                if net is None:
-                    progress.advance(task)
-                    continue
-                fmt = memory_format(layout)
-                net = net.to(dtype=dtype, memory_format=fmt)
-                shape = (batch, 3, side, side)
-                x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
-                if variant == "network":
+                ran += 1
+                for seed, variant, batch, layout, own in group:
+                    net, side = network(seed)
+                    net = _variant(net, own, variant)
+                    if net is None:
+                        progress.advance(task)
+                        continue
+                    fmt = memory_format(layout)
+                    net = net.to(dtype=dtype, memory_format=fmt)
+                    shape = (batch, 3, side, side)
+                    x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+                    if variant == "network":
+                        try:
+                            ops = plan_ops(net, shape, layout, dtype)
+                            seconds = plan_times(net, x, PROFILE_REPEATS)
+                        except ConvgapError as exc:   # no plan for this input
+                            skipped.append(f"{seed} {variant} b{batch} {layout}: {exc}")
+                            progress.advance(task)
+                            continue
+                        samples += list(zip(ops, context(ops), seconds))
+                        with choice.forced({FusedNetwork.KIND: "plan"}), torch.no_grad():
+                            net(x)          # bound as its plan: the whole call timed next
+                        with torch.no_grad():
+                            whole = timing.measure(lambda: net(x), NETWORK_TIMING,
+                                                   dev.type).median
+                        planned.append((whole, sum(seconds)))
+                        progress.advance(task)
+                        continue
+                    ops = record(net, shape, dtype, layout)
                     try:
-                        ops = plan_ops(net, shape, layout, dtype)
-                        seconds = plan_times(net, x, PROFILE_REPEATS)
-                    except ConvgapError as exc:   # no plan for this input
+                        prof = profile(net, x, PROFILE_REPEATS)
+                        ops = with_densities(ops, prof)
+                        seconds = align(ops, prof)
+                    except ConvgapError as exc:  # ran other operators than recorded: no labels
                         skipped.append(f"{seed} {variant} b{batch} {layout}: {exc}")
                         progress.advance(task)
                         continue
-                    samples += list(zip(ops, context(ops), seconds))
-                    with choice.forced({FusedNetwork.KIND: "plan"}), torch.no_grad():
-                        net(x)          # bound as its plan: the whole call timed next
+                    samples += [(op, w, s) for op, w, s in zip(ops, context(ops), seconds)
+                                if s is not None]
                     with torch.no_grad():
-                        whole = timing.measure(lambda: net(x), NETWORK_TIMING,
-                                               dev.type).median
-                    planned.append((whole, sum(seconds)))
+                        whole = timing.measure(lambda: net(x), NETWORK_TIMING, dev.type).median
+                    recorded.append((ops, sum(1 for _ in net.modules()), whole,
+                                     sum(s for s in seconds if s is not None)))
                     progress.advance(task)
-                    continue
-                ops = record(net, shape, dtype, layout)
-                try:
-                    prof = profile(net, x, PROFILE_REPEATS)
-                    ops = with_densities(ops, prof)
-                    seconds = align(ops, prof)
-                except ConvgapError as exc:  # ran other operators than recorded: no labels
-                    skipped.append(f"{seed} {variant} b{batch} {layout}: {exc}")
-                    progress.advance(task)
-                    continue
-                samples += [(op, w, s) for op, w, s in zip(ops, context(ops), seconds)
-                            if s is not None]
-                with torch.no_grad():
-                    whole = timing.measure(lambda: net(x), NETWORK_TIMING, dev.type).median
-                recorded.append((ops, sum(1 for _ in net.modules()), whole,
-                                 sum(s for s in seconds if s is not None)))
-                progress.advance(task)
         calls = [s for op, _, s in samples if kind(op) == "call"]
         overhead = statistics.median(calls) if calls else 1e-6
         models, stats, sparse_s = fit(samples, roofs, overhead)
